@@ -1,0 +1,71 @@
+/*
+ * The forwarding information base: a MAC learning table keyed by (MAC, VLAN),
+ * read and written by PMD threads once per burst under a spinlock, and by the
+ * control plane through the locked vs_fib_* calls.
+ *
+ * Semantics follow OVS mac-learning: learn on ingress, an entry moves when
+ * its MAC appears on another port, idle entries age out, static entries are
+ * never learned over or aged, and when the table is full the port holding the
+ * most dynamic entries gives up its least recently seen one, so that one
+ * port flooding random source MACs cannot push out the other ports' entries.
+ */
+
+#define VS_FIB_NONE 4294967295   /* "no entry" in chains and lists */
+#define VS_FIB_NO_PORT -1
+#define VS_FIB_F_STATIC 1
+
+struct vs_fib_entry {
+    uint64_t key;                /* MAC in the low 48 bits (first octet highest), VLAN above */
+    uint64_t last_seen;          /* seconds, vs_now_sec() */
+    uint32_t port_no;
+    uint32_t flags;              /* VS_FIB_F_STATIC */
+    uint32_t hash_next;          /* bucket chain */
+    uint32_t lru_prev;           /* per-port list, oldest first; free list uses lru_next */
+    uint32_t lru_next;
+    uint32_t in_use;
+};
+
+struct vs_fib_stats {
+    uint64_t learned;
+    uint64_t moved;
+    uint64_t aged;
+    uint64_t evicted;
+    uint64_t lookups;
+    uint64_t hits;
+};
+
+struct vs_fib {
+    int lock;                    /* spinlock, see vs_fib_lock() */
+    uint32_t capacity;           /* entries allocated */
+    uint32_t max_entries;        /* current limit, at most capacity */
+    uint32_t n_entries;
+    uint32_t aging_seconds;
+    uint32_t bucket_mask;
+    uint32_t *buckets;
+    struct vs_fib_entry *entries;
+    uint32_t free_head;
+    uint32_t port_count[VS_MAX_PORTS];    /* dynamic entries per port */
+    uint32_t lru_head[VS_MAX_PORTS];
+    uint32_t lru_tail[VS_MAX_PORTS];
+    struct vs_fib_stats stats;
+};
+
+uint64_t vs_now_sec(void);
+uint64_t vs_fib_key(const uint8_t *mac, uint16_t vlan);
+struct vs_fib *vs_fib_create(uint32_t capacity, uint32_t max_entries, uint32_t aging_seconds);
+void vs_fib_destroy(struct vs_fib *fib);
+void vs_fib_lock(struct vs_fib *fib);
+void vs_fib_unlock(struct vs_fib *fib);
+
+/* Control plane: each takes the lock itself. */
+int vs_fib_add_static(struct vs_fib *fib, uint64_t key, uint32_t port_no);
+int vs_fib_remove(struct vs_fib *fib, uint64_t key);
+uint32_t vs_fib_flush(struct vs_fib *fib, int port_no);
+uint32_t vs_fib_age(struct vs_fib *fib, uint64_t now);
+uint32_t vs_fib_dump(struct vs_fib *fib, struct vs_fib_entry *out, uint32_t max);
+int vs_fib_set_max(struct vs_fib *fib, uint32_t max_entries);
+int vs_fib_lookup_locked(struct vs_fib *fib, uint64_t key);
+
+/* Fast path: the caller holds the lock. */
+void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t now);
+int vs_fib_lookup(struct vs_fib *fib, uint64_t key);

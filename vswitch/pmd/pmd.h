@@ -1,0 +1,57 @@
+/*
+ * A PMD (poll-mode driver) thread: the whole per-packet loop.  It polls the
+ * receive queues in its table, learns source MACs, looks up destinations,
+ * copies each frame once into the destination port, and counts.
+ *
+ * The control plane never changes a table the PMD is reading: it builds a
+ * new vs_port_table, publishes it with vs_pmd_publish() (one pointer swap),
+ * and calls vs_pmd_quiesce() before freeing the old one.
+ */
+
+#define VS_MAX_POLL 512
+
+struct vs_pollq {
+    struct vs_port *port;
+    uint32_t queue;              /* queue pair index */
+};
+
+struct vs_port_table {
+    struct vs_port *ports[VS_MAX_PORTS]; /* by port_no; NULL where free */
+    uint32_t n_live;
+    uint16_t live[VS_MAX_PORTS];         /* port_no of each port, for flooding */
+    uint32_t n_poll;
+    struct vs_pollq poll[VS_MAX_POLL];   /* what this PMD polls */
+};
+
+struct vs_pmd_stats {
+    uint64_t loops;              /* passes over the poll list */
+    uint64_t packets;            /* frames received */
+    uint64_t bursts;             /* non-empty receive bursts */
+    uint64_t busy_cycles;        /* TSC cycles in passes that moved packets */
+    uint64_t idle_cycles;        /* TSC cycles in passes that moved none */
+    uint64_t sleeps;             /* times the thread went to sleep */
+    uint64_t flooded;            /* frames flooded (unknown, broadcast, multicast) */
+    uint64_t unicast;            /* frames sent to one learned port */
+    uint64_t dropped_same_port;  /* destination learned on the ingress port */
+};
+
+struct vs_pmd {
+    struct vs_port_table *table; /* shared: vs_pmd_publish() */
+    struct vs_fib *fib;
+    uint64_t epoch;              /* shared: bumped once per pass, see vs_pmd_quiesce() */
+    int stop;                    /* shared: set to end vs_pmd_run() */
+    int running;                 /* shared: set while vs_pmd_run() loops */
+    int wakefd;                  /* eventfd that wakes a sleeping PMD */
+    uint32_t max_sleep_us;       /* longest idle sleep */
+    uint32_t idle_passes;        /* consecutive empty passes */
+    uint32_t sleep_us;           /* current backoff */
+    struct vs_pmd_stats stats;
+};
+
+int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib);
+void vs_pmd_fini(struct vs_pmd *pmd);
+void vs_pmd_publish(struct vs_pmd *pmd, struct vs_port_table *table);
+int vs_pmd_quiesce(struct vs_pmd *pmd, uint32_t timeout_ms);
+void vs_pmd_stop(struct vs_pmd *pmd);
+void vs_pmd_run(struct vs_pmd *pmd);
+uint32_t vs_pmd_poll_once(struct vs_pmd *pmd);

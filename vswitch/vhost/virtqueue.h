@@ -1,0 +1,145 @@
+/*
+ * The virtqueue ring engine: split virtqueues (virtio 1.x, section 2.7) of a
+ * vhost-user device, as the fast path reads and writes them.
+ *
+ * Everything the guest writes (descriptors, indexes, lengths, addresses) is
+ * untrusted; see virtqueue.c for the checks.  The control plane (Python)
+ * writes the fields marked "control" only while the ring is disabled and the
+ * PMD threads have passed a quiescent point (vs_pmd_quiesce in pmd.h).
+ */
+
+#define VS_MAX_MEM_REGIONS 8     /* vhost-user limit without CONFIGURE_MEM_SLOTS */
+#define VS_MAX_QUEUE_PAIRS 16    /* answered to GET_QUEUE_NUM */
+#define VS_MAX_VRINGS 32         /* two per queue pair: even = guest RX, odd = guest TX */
+#define VS_MAX_RING_SIZE 32768
+
+/* Descriptor flags (virtio 1.x, 2.7.5). */
+#define VIRTQ_DESC_F_NEXT 1
+#define VIRTQ_DESC_F_WRITE 2
+#define VIRTQ_DESC_F_INDIRECT 4
+#define VIRTQ_AVAIL_F_NO_INTERRUPT 1
+#define VIRTQ_USED_F_NO_NOTIFY 1
+
+/* Feature bits the ring engine looks at. */
+#define VIRTIO_NET_F_MRG_RXBUF 15
+#define VIRTIO_RING_F_INDIRECT_DESC 28
+#define VIRTIO_RING_F_EVENT_IDX 29
+#define VIRTIO_F_VERSION_1 32
+
+/* The guest's rings, exactly as laid out in guest memory. */
+struct virtq_desc {
+    uint64_t addr;               /* guest-physical address of the buffer */
+    uint32_t len;
+    uint16_t flags;              /* VIRTQ_DESC_F_* */
+    uint16_t next;
+};
+
+struct virtq_avail {
+    uint16_t flags;              /* VIRTQ_AVAIL_F_NO_INTERRUPT */
+    uint16_t idx;
+    uint16_t ring[];             /* size entries, then used_event */
+};
+
+struct virtq_used_elem {
+    uint32_t id;                 /* descriptor head */
+    uint32_t len;                /* bytes written into the buffer */
+};
+
+struct virtq_used {
+    uint16_t flags;              /* VIRTQ_USED_F_NO_NOTIFY */
+    uint16_t idx;
+    struct virtq_used_elem ring[]; /* size entries, then avail_event */
+};
+
+/* One region of guest memory, mapped into this process. */
+struct vs_mem_region {
+    uint64_t guest_phys_addr;    /* where descriptors point */
+    uint64_t user_addr;          /* the front-end's virtual address (ring addresses) */
+    uint64_t size;
+    uint8_t *host_addr;          /* our mapping of guest_phys_addr */
+};
+
+struct vs_memtable {
+    uint32_t nregions;
+    struct vs_mem_region regions[VS_MAX_MEM_REGIONS];
+};
+
+/* Why a descriptor chain or a ring was refused; names in vs_vq_error_name(). */
+enum vs_vq_error {
+    VS_VQ_OK = 0,
+    VS_VQ_ERR_ADDR = 1,              /* buffer not inside the guest's memory */
+    VS_VQ_ERR_LOOP = 2,              /* chain longer than the ring: a loop */
+    VS_VQ_ERR_NEXT = 3,              /* next index past the ring or table */
+    VS_VQ_ERR_NESTED_INDIRECT = 4,   /* indirect table inside an indirect table */
+    VS_VQ_ERR_INDIRECT_LEN = 5,      /* indirect table length not a multiple of 16, or empty */
+    VS_VQ_ERR_HEAD = 6,              /* avail ring names a head past the ring */
+    VS_VQ_ERR_AVAIL_JUMP = 7,        /* avail index moved by more than the ring size */
+    VS_VQ_ERR_NO_READABLE = 8,       /* TX chain with no readable bytes past the header */
+    VS_VQ_ERR_NO_WRITABLE = 9,       /* RX chain with no writable buffer */
+    VS_VQ_ERR_WRITE_IN_TX = 10,      /* writable descriptor in a TX chain */
+    VS_VQ_ERR_TOO_LONG = 11,         /* frame longer than VS_MAX_FRAME */
+    VS_VQ_ERR_TOO_MANY_SEGS = 12,    /* more than VS_PKT_MAX_SEGS pieces */
+    VS_VQ_ERR_SHORT_HEADER = 13,     /* chain shorter than the virtio-net header */
+    VS_VQ_ERR_RING_ADDR = 14,        /* ring not inside the guest's memory */
+    VS_VQ_ERR_RING_SIZE = 15,        /* ring size zero, too big or not a power of two */
+    VS_VQ_ERR_MAX = 16
+};
+
+struct vs_queue_stats {
+    uint64_t packets;            /* frames moved through this ring */
+    uint64_t bytes;
+    uint64_t dropped;            /* RX ring: no guest buffer (or too small) */
+    uint64_t errors;             /* malformed chains, enum vs_vq_error */
+    uint64_t notifications;      /* eventfd writes to the guest */
+    uint64_t bursts;             /* non-empty bursts */
+};
+
+struct vs_vring {
+    /* control: set by vs_vring_setup() while disabled. */
+    struct virtq_desc *desc;
+    struct virtq_avail *avail;
+    struct virtq_used *used;
+    uint32_t size;               /* descriptors, a power of two */
+    int callfd;                  /* eventfd to interrupt the guest; -1: the guest polls */
+    int kickfd;                  /* eventfd the guest kicks; -1 if none */
+    uint16_t last_avail_idx;     /* next avail entry to consume */
+    uint16_t last_used_idx;      /* used->idx as we last published it */
+    uint16_t pending_used;       /* used entries written but not yet published */
+    uint16_t signalled_used;     /* used idx at our last notification (event idx) */
+    uint8_t signalled_used_valid;
+    /* shared: atomics. */
+    uint8_t enabled;             /* the PMD touches the ring only while set */
+    uint8_t broken;              /* the guest broke the ring; stays stopped until restarted */
+    int lock;                    /* spinlock: enqueues from several PMD threads */
+    uint32_t last_error;         /* enum vs_vq_error of the latest error, read by the control plane */
+    uint32_t last_error_index;   /* descriptor or avail index involved */
+    uint64_t error_count[VS_VQ_ERR_MAX]; /* per reason */
+    struct vs_queue_stats stats;
+};
+
+struct vs_vhost_dev {
+    struct vs_memtable *mem;     /* control: replaced only with all rings disabled and quiesced */
+    uint64_t features;           /* control: negotiated virtio features */
+    uint32_t hdr_len;            /* control: virtio-net header, 12 or 10 bytes */
+    uint32_t nr_queue_pairs;     /* control: queue pairs the port offers */
+    struct vs_vring vrings[VS_MAX_VRINGS];
+};
+
+/* Control plane. */
+const char *vs_vq_error_name(uint32_t err);
+uint8_t *vs_mem_translate_uva(const struct vs_memtable *mem, uint64_t uva, uint64_t len);
+void vs_vhost_dev_init(struct vs_vhost_dev *dev, uint32_t nr_queue_pairs);
+void vs_vhost_dev_set_features(struct vs_vhost_dev *dev, uint64_t features);
+int vs_vring_setup(struct vs_vhost_dev *dev, uint32_t index, uint32_t size,
+                   uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva,
+                   uint16_t base);
+void vs_vring_set_enabled(struct vs_vring *vr, int enabled);
+int vs_vring_is_enabled(const struct vs_vring *vr);
+
+/* Fast path. */
+uint32_t vs_vring_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
+                                struct vs_pkt *pkts, uint32_t max);
+void vs_vring_dequeue_done(struct vs_vhost_dev *dev, struct vs_vring *vr,
+                           const struct vs_pkt *pkts, uint32_t n);
+uint32_t vs_vring_enqueue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
+                                struct vs_pkt **pkts, uint32_t n);
