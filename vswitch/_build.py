@@ -26,4 +26,10 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(HERE.parent), verbose=True)
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        built = pathlib.Path(ffibuilder.compile(tmpdir=tmp, verbose=False))
+        shutil.copy2(built, HERE / built.name)
+        print(f"built {HERE / built.name}")

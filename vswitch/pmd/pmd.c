@@ -1,0 +1,292 @@
+/*
+ * The packet loop.  One pass over the poll list:
+ *
+ *   for each receive queue: take a burst (at most VS_BURST frames) that
+ *   still sits in the source guest's memory; under the FIB lock, learn each
+ *   source MAC and look up each destination; group the frames by output
+ *   port (a flooded frame joins every other port's group); hand each group
+ *   to its port in one call, which copies each frame once, straight into
+ *   the destination guest's buffers, and notifies that guest once; finally
+ *   return the burst's buffers to the source guest and notify it once.
+ *
+ * Idle passes back off into a sleep on wakefd, so that an idle switch does
+ * not burn a core; vs_pmd_quiesce() writes wakefd to cut the sleep short.
+ * The epoch counter, bumped at the top of every pass, is how the control
+ * plane knows the PMD no longer holds pointers it read before a change.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vswitch.h"
+
+#define IDLE_PASSES_BEFORE_SLEEP 256
+#define FIRST_SLEEP_US 8
+
+int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib)
+{
+    memset(pmd, 0, sizeof *pmd);
+    pmd->fib = fib;
+    pmd->max_sleep_us = 1000;
+    pmd->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    return pmd->wakefd < 0 ? -errno : 0;
+}
+
+void vs_pmd_fini(struct vs_pmd *pmd)
+{
+    if (pmd->wakefd >= 0) {
+        close(pmd->wakefd);
+        pmd->wakefd = -1;
+    }
+}
+
+void vs_pmd_publish(struct vs_pmd *pmd, struct vs_port_table *table)
+{
+    __atomic_store_n(&pmd->table, table, __ATOMIC_SEQ_CST);
+}
+
+static void wake(struct vs_pmd *pmd)
+{
+    uint64_t one = 1;
+    ssize_t r = write(pmd->wakefd, &one, sizeof one);
+    (void)r;  /* EAGAIN: a wake-up is already pending. */
+}
+
+int vs_pmd_quiesce(struct vs_pmd *pmd, uint32_t timeout_ms)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint64_t start = __atomic_load_n(&pmd->epoch, __ATOMIC_SEQ_CST);
+    struct timespec pause = { .tv_sec = 0, .tv_nsec = 20000 };
+    uint64_t waited_us = 0;
+    /* A pass that began before our change has ended once the epoch moves. */
+    while (__atomic_load_n(&pmd->running, __ATOMIC_SEQ_CST) &&
+           __atomic_load_n(&pmd->epoch, __ATOMIC_SEQ_CST) == start) {
+        wake(pmd);
+        nanosleep(&pause, NULL);
+        waited_us += 20;
+        if (waited_us > (uint64_t)timeout_ms * 1000) {
+            return -ETIMEDOUT;
+        }
+    }
+    return 0;
+}
+
+void vs_pmd_stop(struct vs_pmd *pmd)
+{
+    __atomic_store_n(&pmd->stop, 1, __ATOMIC_SEQ_CST);
+    wake(pmd);
+}
+
+/* Reads the destination and source MACs, which may span segments. */
+static inline const uint8_t *eth_addrs(const struct vs_pkt *pkt, uint8_t *scratch)
+{
+    if (likely(pkt->segs[0].len >= 12)) {
+        return pkt->segs[0].addr;
+    }
+    uint32_t copied = 0;
+    for (uint32_t s = 0; s < pkt->nsegs && copied < 12; s++) {
+        uint32_t n = pkt->segs[s].len < 12 - copied ? pkt->segs[s].len : 12 - copied;
+        memcpy(scratch + copied, pkt->segs[s].addr, n);
+        copied += n;
+    }
+    return scratch;
+}
+
+static inline uint64_t mac_key(const uint8_t *mac)
+{
+    return vs_fib_key(mac, 0);
+}
+
+/* The receive queue of a port that a frame from ingress queue `hint` uses. */
+static struct vs_vring *pick_rx_vring(struct vs_vhost_dev *dev, uint32_t hint)
+{
+    uint32_t pairs = dev->nr_queue_pairs ? dev->nr_queue_pairs : 1;
+    struct vs_vring *vr = &dev->vrings[2 * (hint % pairs)];
+    if (likely(vs_vring_is_enabled(vr))) {
+        return vr;
+    }
+    /* A guest may enable fewer queues than the port offers. */
+    for (uint32_t q = 0; q < pairs; q++) {
+        vr = &dev->vrings[2 * q];
+        if (vs_vring_is_enabled(vr)) {
+            return vr;
+        }
+    }
+    return NULL;
+}
+
+struct out_group {
+    uint32_t n;
+    uint32_t unicast;            /* frames sent here because the FIB said so */
+    struct vs_pkt *pkts[VS_BURST];
+};
+
+static void transmit(struct vs_port *out, uint32_t queue_hint, struct out_group *g)
+{
+    if (unlikely(!__atomic_load_n(&out->link_up, __ATOMIC_ACQUIRE))) {
+        out->stats.tx_dropped_down += g->unicast;
+        return;
+    }
+    switch (out->type) {
+    case VS_PORT_VHOST_USER: {
+        struct vs_vring *vr = pick_rx_vring(out->vhost, queue_hint);
+        if (likely(vr)) {
+            vs_vring_enqueue_burst(out->vhost, vr, g->pkts, g->n);
+        } else {
+            out->stats.tx_dropped_down += g->unicast;
+        }
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, struct vs_port *in,
+                          uint32_t queue, struct vs_pkt *pkts, uint32_t n, uint64_t now)
+{
+    int dest[VS_BURST];
+    uint8_t scratch[12];
+    struct vs_fib *fib = pmd->fib;
+
+    vs_fib_lock(fib);
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *eth = eth_addrs(&pkts[i], scratch);
+        if (likely(!(eth[6] & 1))) {
+            vs_fib_learn(fib, mac_key(eth + 6), in->port_no, now);
+        }
+        dest[i] = (eth[0] & 1) ? VS_FIB_NO_PORT : vs_fib_lookup(fib, mac_key(eth));
+    }
+    vs_fib_unlock(fib);
+
+    struct out_group groups[VS_MAX_PORTS];
+    uint16_t touched[VS_MAX_PORTS];
+    uint8_t seen[VS_MAX_PORTS];
+    uint32_t n_touched = 0;
+    memset(seen, 0, sizeof seen);
+
+#define ADD_TO_GROUP(port_no, pkt, is_unicast) do {                       \
+        uint32_t p_ = (port_no);                                          \
+        if (!seen[p_]) {                                                  \
+            seen[p_] = 1;                                                 \
+            groups[p_].n = 0;                                             \
+            groups[p_].unicast = 0;                                       \
+            touched[n_touched++] = (uint16_t)p_;                          \
+        }                                                                 \
+        groups[p_].pkts[groups[p_].n++] = (pkt);                          \
+        groups[p_].unicast += (is_unicast);                               \
+    } while (0)
+
+    for (uint32_t i = 0; i < n; i++) {
+        int d = dest[i];
+        if (d >= 0 && t->ports[d]) {
+            if (unlikely((uint32_t)d == in->port_no)) {
+                /* The destination lives behind the port it came from. */
+                pmd->stats.dropped_same_port++;
+                continue;
+            }
+            ADD_TO_GROUP((uint32_t)d, &pkts[i], 1);
+            pmd->stats.unicast++;
+            continue;
+        }
+        /* Unknown, broadcast or multicast: every port but the ingress one. */
+        for (uint32_t j = 0; j < t->n_live; j++) {
+            uint32_t p = t->live[j];
+            if (p != in->port_no) {
+                ADD_TO_GROUP(p, &pkts[i], 0);
+            }
+        }
+        pmd->stats.flooded++;
+    }
+#undef ADD_TO_GROUP
+
+    for (uint32_t k = 0; k < n_touched; k++) {
+        transmit(t->ports[touched[k]], queue, &groups[touched[k]]);
+    }
+}
+
+static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
+                           const struct vs_pollq *pq, uint64_t now)
+{
+    struct vs_port *in = pq->port;
+    struct vs_pkt pkts[VS_BURST];
+
+    switch (in->type) {
+    case VS_PORT_VHOST_USER: {
+        struct vs_vhost_dev *dev = in->vhost;
+        struct vs_vring *vr = &dev->vrings[2 * pq->queue + 1];
+        if (!vs_vring_is_enabled(vr)) {
+            return 0;
+        }
+        uint32_t n = vs_vring_dequeue_burst(dev, vr, pkts, VS_BURST);
+        if (n) {
+            forward_burst(pmd, t, in, pq->queue, pkts, n, now);
+        }
+        /* Also publishes chains dropped as malformed, if any. */
+        vs_vring_dequeue_done(dev, vr, pkts, n);
+        return n;
+    }
+    default:
+        return 0;
+    }
+}
+
+uint32_t vs_pmd_poll_once(struct vs_pmd *pmd)
+{
+    const struct vs_port_table *t = __atomic_load_n(&pmd->table, __ATOMIC_SEQ_CST);
+    if (!t) {
+        return 0;
+    }
+    uint64_t now = vs_now_sec();
+    uint32_t total = 0;
+    for (uint32_t i = 0; i < t->n_poll; i++) {
+        uint32_t n = poll_queue(pmd, t, &t->poll[i], now);
+        total += n;
+        pmd->stats.bursts += n != 0;
+    }
+    pmd->stats.packets += total;
+    return total;
+}
+
+static void idle_sleep(struct vs_pmd *pmd)
+{
+    pmd->sleep_us = pmd->sleep_us ? pmd->sleep_us * 2 : FIRST_SLEEP_US;
+    if (pmd->sleep_us > pmd->max_sleep_us) {
+        pmd->sleep_us = pmd->max_sleep_us;
+    }
+    struct timespec ts = { .tv_sec = pmd->sleep_us / 1000000, .tv_nsec = (pmd->sleep_us % 1000000) * 1000L };
+    struct pollfd pfd = { .fd = pmd->wakefd, .events = POLLIN };
+    if (ppoll(&pfd, 1, &ts, NULL) > 0) {
+        uint64_t count;
+        ssize_t r = read(pmd->wakefd, &count, sizeof count);
+        (void)r;
+    }
+    pmd->stats.sleeps++;
+}
+
+void vs_pmd_run(struct vs_pmd *pmd)
+{
+    __atomic_store_n(&pmd->running, 1, __ATOMIC_SEQ_CST);
+    while (!__atomic_load_n(&pmd->stop, __ATOMIC_ACQUIRE)) {
+        __atomic_add_fetch(&pmd->epoch, 1, __ATOMIC_SEQ_CST);
+        uint64_t t0 = vs_rdtsc();
+        uint32_t n = vs_pmd_poll_once(pmd);
+        uint64_t cycles = vs_rdtsc() - t0;
+        pmd->stats.loops++;
+        if (n) {
+            pmd->stats.busy_cycles += cycles;
+            pmd->idle_passes = 0;
+            pmd->sleep_us = 0;
+        } else {
+            pmd->stats.idle_cycles += cycles;
+            if (++pmd->idle_passes > IDLE_PASSES_BEFORE_SLEEP) {
+                idle_sleep(pmd);
+            }
+        }
+    }
+    __atomic_add_fetch(&pmd->epoch, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pmd->running, 0, __ATOMIC_SEQ_CST);
+}
