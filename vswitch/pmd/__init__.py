@@ -1,0 +1,79 @@
+"""PMD threads: the C packet loop (pmd.c) running on its own thread.
+
+`cffi` releases the GIL for the whole of `vs_pmd_run`, so the loop runs in
+parallel with the Python control plane and never calls back into Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from vswitch.native import ffi, lib
+
+log = logging.getLogger(__name__)
+
+QUIESCE_TIMEOUT_MS = 2000
+
+
+class PmdThread:
+    def __init__(self, index: int, fib, cpu: int | None = None):
+        self.index = index
+        self.cpu = cpu
+        self.c = ffi.new("struct vs_pmd *")
+        rc = lib.vs_pmd_init(self.c, fib.c)
+        if rc != 0:
+            raise OSError(-rc, f"PMD {index}: cannot create its wake-up eventfd")
+        self._thread: threading.Thread | None = None
+        # The published table and every port it points to stay referenced here.
+        self._table = None
+        self._table_refs: list = []
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"pmd{self.index}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})
+        lib.vs_pmd_run(self.c)
+
+    def stop(self) -> None:
+        if self._thread:
+            lib.vs_pmd_stop(self.c)
+            self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                log.error("PMD %d did not stop within 5 s", self.index)
+            self._thread = None
+        lib.vs_pmd_fini(self.c)
+
+    def quiesce(self) -> None:
+        """Returns once the PMD has finished any pass that began before the call."""
+        if lib.vs_pmd_quiesce(self.c, QUIESCE_TIMEOUT_MS) != 0:
+            log.error("PMD %d did not pass a quiescent point within %d ms",
+                      self.index, QUIESCE_TIMEOUT_MS)
+
+    def publish(self, ports: list, poll: list[tuple[object, int]]) -> None:
+        """Swaps in a new port table: `ports` are Port objects, `poll` (port, queue) pairs."""
+        table = ffi.new("struct vs_port_table *")
+        for port in ports:
+            table.ports[port.port_no] = port.c
+            table.live[table.n_live] = port.port_no
+            table.n_live += 1
+        for port, queue in poll:
+            table.poll[table.n_poll].port = port.c
+            table.poll[table.n_poll].queue = queue
+            table.n_poll += 1
+        lib.vs_pmd_publish(self.c, table)
+        self.quiesce()
+        # Only now is the old table (and any port only it referenced) unused.
+        self._table = table
+        self._table_refs = list(ports)
+
+    def stats(self) -> dict:
+        s = self.c.stats
+        return {"pmd": self.index, "cpu": self.cpu, "loops": s.loops, "packets": s.packets,
+                "bursts": s.bursts, "busy_cycles": s.busy_cycles, "idle_cycles": s.idle_cycles,
+                "sleeps": s.sleeps, "flooded": s.flooded, "unicast": s.unicast,
+                "dropped_same_port": s.dropped_same_port}

@@ -1,0 +1,15 @@
+"""Port types, one module each, behind the Port interface in base.py."""
+
+from __future__ import annotations
+
+PORT_TYPES = ("vhost-user",)
+
+
+def create_port(spec: dict, port_no: int, emit, quiesce, on_rarp):
+    """Builds the port object for a validated spec (see vswitch.config)."""
+    kind = spec["type"]
+    if kind == "vhost-user":
+        from vswitch.ports.vhost_user import VhostUserPort
+
+        return VhostUserPort(spec["name"], port_no, spec, emit, quiesce, on_rarp)
+    raise ValueError(f"port '{spec['name']}': unknown type '{kind}'")

@@ -1,0 +1,161 @@
+"""The YAML configuration: schema, validation and defaults.
+
+Validation collects every problem, each as one line naming the file, the
+key and what is wrong, so that a user fixes a broken file in one go.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+from vswitch.fib import CAPACITY, DEFAULT_AGING_SECONDS, DEFAULT_MAX_ENTRIES
+
+DEFAULT_CONTROL_SOCKET = "/run/vswitch/vswitchd.sock"
+PORT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
+PORT_TYPES = ("vhost-user",)
+VHOST_MODES = ("server", "client")
+MAX_QUEUES = 16
+
+
+class ConfigError(ValueError):
+    """One or more problems, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass
+class Config:
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    fdb_aging_seconds: int = DEFAULT_AGING_SECONDS
+    fdb_max_entries: int = DEFAULT_MAX_ENTRIES
+    pmd_cpus: list[int] = field(default_factory=list)
+    ports: list[dict] = field(default_factory=list)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_port(spec, where: str, problems: list[str]) -> dict | None:
+    """Checks one port entry; returns it with defaults filled in, or None."""
+    if not isinstance(spec, dict):
+        problems.append(f"{where}: must be a mapping with name, type, ...")
+        return None
+    before = len(problems)
+    name = spec.get("name")
+    if not isinstance(name, str) or not PORT_NAME.match(name):
+        problems.append(f"{where}.name: {name!r} is not a port name "
+                        "(a letter, then up to 14 letters, digits, '-' or '_')")
+        name = None
+    label = f"{where} ({name})" if name else where
+    kind = spec.get("type")
+    if kind not in PORT_TYPES:
+        problems.append(f"{label}.type: {kind!r} is not a port type (one of: {', '.join(PORT_TYPES)})")
+        return None
+    out = {"name": name, "type": kind}
+    known = {"name", "type", "path", "mode", "queues"}
+    for key in spec:
+        if key not in known:
+            problems.append(f"{label}: unknown key '{key}' for a {kind} port")
+    path = spec.get("path")
+    if not isinstance(path, str) or not path.startswith("/"):
+        problems.append(f"{label}.path: {path!r} must be an absolute path to a UNIX socket")
+    elif len(path.encode()) > 107:
+        problems.append(f"{label}.path: {path} is longer than a UNIX socket path may be (107 bytes)")
+    elif not os.path.isdir(os.path.dirname(path)):
+        problems.append(f"{label}.path: directory {os.path.dirname(path)} does not exist")
+    mode = spec.get("mode", "server")
+    if mode not in VHOST_MODES:
+        problems.append(f"{label}.mode: {mode!r} must be 'server' or 'client'")
+    queues = spec.get("queues", 1)
+    if not _is_int(queues) or not 1 <= queues <= MAX_QUEUES:
+        problems.append(f"{label}.queues: {queues!r} must be a whole number from 1 to {MAX_QUEUES}")
+    out.update(path=path, mode=mode, queues=queues)
+    return out if len(problems) == before else None
+
+
+def parse(data, source: str = "<config>") -> Config:
+    """Validates already-loaded YAML data."""
+    problems: list[str] = []
+    cfg = Config()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping (control_socket, fdb, ports)"])
+    for key in data:
+        if key not in ("control_socket", "fdb", "pmd", "ports"):
+            problems.append(f"{source}: unknown key '{key}'")
+    sock = data.get("control_socket", DEFAULT_CONTROL_SOCKET)
+    if not isinstance(sock, str) or not sock.startswith("/"):
+        problems.append(f"{source}: control_socket: {sock!r} must be an absolute path")
+    else:
+        cfg.control_socket = sock
+
+    fdb = data.get("fdb", {}) or {}
+    if not isinstance(fdb, dict):
+        problems.append(f"{source}: fdb: must be a mapping (aging_seconds, max_entries)")
+        fdb = {}
+    for key in fdb:
+        if key not in ("aging_seconds", "max_entries"):
+            problems.append(f"{source}: fdb: unknown key '{key}'")
+    aging = fdb.get("aging_seconds", DEFAULT_AGING_SECONDS)
+    if not _is_int(aging) or not 1 <= aging <= 10**6:
+        problems.append(f"{source}: fdb.aging_seconds: {aging!r} must be a whole number from 1 to 1000000")
+    else:
+        cfg.fdb_aging_seconds = aging
+    max_entries = fdb.get("max_entries", DEFAULT_MAX_ENTRIES)
+    if not _is_int(max_entries) or not 1 <= max_entries <= CAPACITY:
+        problems.append(f"{source}: fdb.max_entries: {max_entries!r} must be a whole number from 1 to {CAPACITY}")
+    else:
+        cfg.fdb_max_entries = max_entries
+
+    pmd = data.get("pmd", {}) or {}
+    cpus = pmd.get("cpus", []) if isinstance(pmd, dict) else None
+    ncpu = os.cpu_count() or 1
+    if not isinstance(cpus, list) or not all(_is_int(c) and 0 <= c < ncpu for c in cpus) \
+            or len(set(cpus)) != len(cpus):
+        problems.append(f"{source}: pmd.cpus: {cpus!r} must be a list of distinct CPU numbers below {ncpu}")
+    else:
+        cfg.pmd_cpus = cpus
+
+    ports = data.get("ports", []) or []
+    if not isinstance(ports, list):
+        problems.append(f"{source}: ports: must be a list")
+        ports = []
+    names, paths = {}, {}
+    for i, spec in enumerate(ports):
+        port = validate_port(spec, f"{source}: ports[{i}]", problems)
+        if port is None:
+            continue
+        if port["name"] in names:
+            problems.append(f"{source}: ports[{i}]: port name '{port['name']}' is already used by ports[{names[port['name']]}]")
+            continue
+        if port["path"] in paths:
+            problems.append(f"{source}: ports[{i}] ({port['name']}): path {port['path']} is already used by port '{paths[port['path']]}'")
+            continue
+        names[port["name"]] = i
+        paths[port["path"]] = port["name"]
+        cfg.ports.append(port)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{path}:{where}: not valid YAML: {problem}"]) from None
+    return parse(data, path)

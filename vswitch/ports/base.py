@@ -1,0 +1,72 @@
+"""The Port interface every port type implements.
+
+A port is two things: a `struct vs_port` (port.h) that the PMD threads read,
+and a Python object that opens, configures and closes whatever feeds it (a
+vhost-user socket, a TAP fd ...).  The PMD calls the C receive and transmit
+functions for the port's type directly; Python is never on the packet path.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable
+
+from vswitch.native import ffi
+
+EventSink = Callable[[str, dict], None]
+
+STAT_KEYS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_errors",
+             "tx_packets", "tx_bytes", "tx_dropped", "tx_errors")
+
+
+class Port(abc.ABC):
+    """Base class: the C struct, the link state and the event plumbing."""
+
+    type: str = ""
+    c_type: int = 0
+
+    def __init__(self, name: str, port_no: int, spec: dict, emit: EventSink):
+        self.name = name
+        self.port_no = port_no
+        self.spec = dict(spec)
+        self._emit = emit
+        self.c = ffi.new("struct vs_port *")
+        self.c.port_no = port_no
+        self.c.type = self.c_type
+
+    @property
+    def link_up(self) -> bool:
+        return bool(self.c.link_up)
+
+    def set_link(self, up: bool) -> None:
+        if bool(self.c.link_up) != up:
+            self.c.link_up = 1 if up else 0
+            self.emit("link", {"state": "up" if up else "down"})
+
+    def emit(self, kind: str, fields: dict) -> None:
+        self._emit(kind, {"port": self.name, **fields})
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Opens the port (listen, connect, create the interface)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Closes the port; the switch has already unpublished it."""
+
+    @abc.abstractmethod
+    def poll_queues(self) -> list[int]:
+        """The receive queues a PMD must poll."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict:
+        """Counters named as in STAT_KEYS, plus type-specific ones."""
+
+    def errors(self) -> list[str]:
+        """New error reports since the last call, one line each, for the log."""
+        return []
+
+    def info(self) -> dict:
+        """What `vswitchctl show` prints about the port."""
+        return {"name": self.name, "type": self.type, "port_no": self.port_no,
+                "link": "up" if self.link_up else "down", "stats": self.stats()}

@@ -1,0 +1,102 @@
+"""vhost-user ports: a QEMU guest or a DPDK virtio-user app on a UNIX socket.
+
+The protocol lives in vswitch.vhost; this module ties one backend to one
+`struct vs_vhost_dev` and turns its rings' counters into port counters.
+Switch terms: rx is what the guest transmits (its odd, TX rings), tx is
+what the switch delivers into the guest (its even, RX rings).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vswitch.native import ffi, lib
+from vswitch.ports.base import Port
+from vswitch.vhost.backend import VhostUserBackend
+
+log = logging.getLogger(__name__)
+
+
+class VhostUserPort(Port):
+    type = "vhost-user"
+    c_type = lib.VS_PORT_VHOST_USER
+
+    def __init__(self, name, port_no, spec, emit, quiesce, on_rarp=None):
+        super().__init__(name, port_no, spec, emit)
+        self.queues = spec.get("queues", 1)
+        self.dev = ffi.new("struct vs_vhost_dev *")
+        lib.vs_vhost_dev_init(self.dev, self.queues)
+        self.c.vhost = self.dev
+        self._on_rarp = on_rarp
+        self._reported_errors = [0] * lib.VS_MAX_VRINGS
+        self.backend = VhostUserBackend(name, spec["path"], spec.get("mode", "server"), self.queues,
+                                        self.dev, quiesce, self._on_backend_event)
+
+    def _on_backend_event(self, kind: str, fields: dict) -> None:
+        if kind == "link":
+            self.set_link(fields["up"])
+        elif kind == "queue":
+            index = fields["queue"]
+            self.emit("queue", {"queue": index // 2, "direction": "tx" if index % 2 else "rx",
+                                "vring": index, "state": "enabled" if fields["enabled"] else "disabled"})
+        elif kind == "rarp":
+            if self._on_rarp:
+                self._on_rarp(self, fields["mac"])
+        else:
+            self.emit(kind, fields)
+
+    def start(self) -> None:
+        self.backend.start()
+
+    async def stop(self) -> None:
+        await self.backend.stop()
+        self.set_link(False)
+
+    def poll_queues(self) -> list[int]:
+        return list(range(self.queues))
+
+    def _rings(self, parity: int):
+        return [self.dev.vrings[i] for i in range(parity, 2 * self.queues, 2)]
+
+    def stats(self) -> dict:
+        guest_tx, guest_rx = self._rings(1), self._rings(0)
+        return {
+            "rx_packets": sum(r.stats.packets for r in guest_tx),
+            "rx_bytes": sum(r.stats.bytes for r in guest_tx),
+            "rx_dropped": sum(r.stats.dropped for r in guest_tx),
+            "rx_errors": sum(r.stats.errors for r in guest_tx),
+            "tx_packets": sum(r.stats.packets for r in guest_rx),
+            "tx_bytes": sum(r.stats.bytes for r in guest_rx),
+            "tx_dropped": sum(r.stats.dropped for r in guest_rx) + self.c.stats.tx_dropped_down,
+            "tx_errors": sum(r.stats.errors for r in guest_rx),
+            "notifications": sum(r.stats.notifications for r in guest_tx + guest_rx),
+        }
+
+    def queue_stats(self) -> list[dict]:
+        out = []
+        for i in range(2 * self.queues):
+            r = self.dev.vrings[i]
+            out.append({"vring": i, "queue": i // 2, "direction": "tx" if i % 2 else "rx",
+                        "enabled": bool(r.enabled), "broken": bool(r.broken), "size": r.size,
+                        "packets": r.stats.packets, "bytes": r.stats.bytes, "dropped": r.stats.dropped,
+                        "errors": r.stats.errors, "notifications": r.stats.notifications})
+        return out
+
+    def errors(self) -> list[str]:
+        lines = []
+        for i in range(2 * self.queues):
+            r = self.dev.vrings[i]
+            if r.stats.errors != self._reported_errors[i]:
+                new = r.stats.errors - self._reported_errors[i]
+                self._reported_errors[i] = r.stats.errors
+                reason = ffi.string(lib.vs_vq_error_name(r.last_error)).decode()
+                state = " (ring stopped)" if r.broken else ""
+                lines.append(f"port '{self.name}' vring {i}: {new} bad descriptor chain(s), last: "
+                             f"{reason} at index {r.last_error_index}{state}")
+        return lines
+
+    def info(self) -> dict:
+        info = super().info()
+        info.update({"mode": self.backend.mode, "path": self.spec["path"], "queues": self.queues,
+                     "vhost": self.backend.info(), "queue_stats": self.queue_stats()})
+        return info

@@ -1,0 +1,446 @@
+"""The vhost-user wire format: requests, header, payloads and their validation.
+
+Reference: QEMU docs/interop/vhost-user.rst.  A message is a 12-byte header
+(u32 request, u32 flags, u32 size) followed by `size` bytes of payload, in the
+machine's native byte order, with file descriptors passed as SCM_RIGHTS
+ancillary data.
+
+This module knows the syntax only: what a request's payload looks like, how
+many file descriptors it may carry, and whether the numbers in it are
+well-formed.  Whether a request makes sense in the current device state is
+the back-end's business (vswitch/vhost/backend.py).  Every failure raises
+ProtocolError with a one-line message that names the request, so that a log
+line says exactly what the front-end got wrong.
+
+It is shared by the back-end (parse_header, parse_payload, encode_reply) and
+by the test front-end (encode_message, the pack_* helpers, parse_reply).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol; the back-end closes the connection."""
+
+
+class RequestRefused(ProtocolError):
+    """A well-formed request the back-end will not perform (unknown request,
+    features it did not offer, a value out of range).  With NEED_REPLY the
+    front-end gets a failure ack and the connection stays open; without it,
+    the connection is closed, as DPDK does."""
+
+
+class Request(enum.IntEnum):
+    """Front-end to back-end request codes (vhost-user.rst, "Front-end message types")."""
+
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    SEND_RARP = 19
+    NET_SET_MTU = 20
+    SET_BACKEND_REQ_FD = 21
+    IOTLB_MSG = 22
+    SET_VRING_ENDIAN = 23
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+    CREATE_CRYPTO_SESSION = 26
+    CLOSE_CRYPTO_SESSION = 27
+    POSTCOPY_ADVISE = 28
+    POSTCOPY_LISTEN = 29
+    POSTCOPY_END = 30
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
+    GPU_SET_SOCKET = 33
+    RESET_DEVICE = 34
+    VRING_KICK = 35
+    GET_MAX_MEM_SLOTS = 36
+    ADD_MEM_REG = 37
+    REM_MEM_REG = 38
+    SET_STATUS = 39
+    GET_STATUS = 40
+
+
+def request_name(code: int) -> str:
+    """A printable name for any request code, known or not."""
+    try:
+        return Request(code).name
+    except ValueError:
+        return f"request {code}"
+
+
+# Header flags.
+VERSION = 0x1
+VERSION_MASK = 0x3
+FLAG_REPLY = 0x4
+FLAG_NEED_REPLY = 0x8
+KNOWN_FLAGS = VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY
+
+HEADER = struct.Struct("=III")
+HEADER_SIZE = HEADER.size  # 12
+
+# SET_VRING_KICK / CALL / ERR payload: bits 0-7 vring index, bit 8 "no fd".
+VRING_INDEX_MASK = 0xFF
+VRING_NOFD = 0x100
+
+MAX_MEM_REGIONS = 8          # without CONFIGURE_MEM_SLOTS
+MAX_FDS_PER_MESSAGE = MAX_MEM_REGIONS
+# Largest payload we read: big enough for every request the spec defines
+# (GET_CONFIG carries up to 256 bytes of config space plus 12), so that an
+# unsupported request can still be read whole and refused politely.
+MAX_PAYLOAD_SIZE = 4096
+
+U64 = struct.Struct("=Q")
+VRING_STATE = struct.Struct("=II")
+VRING_ADDR = struct.Struct("=IIQQQQ")      # index, flags, desc, used, avail, log
+MEMORY_HEADER = struct.Struct("=II")       # nregions, padding
+MEMORY_REGION = struct.Struct("=QQQQ")     # guest_phys_addr, size, user_addr, mmap_offset
+
+
+# --- virtio feature bits (virtio 1.x and vhost-user) --------------------------
+
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_F_CTRL_VQ = 17
+VIRTIO_NET_F_CTRL_RX = 18
+VIRTIO_NET_F_GUEST_ANNOUNCE = 21
+VIRTIO_NET_F_MQ = 22
+VHOST_F_LOG_ALL = 26
+VIRTIO_F_ANY_LAYOUT = 27
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VHOST_USER_F_PROTOCOL_FEATURES = 30
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_IOMMU_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+VIRTIO_F_IN_ORDER = 35
+
+
+def bits(*numbers: int) -> int:
+    """A mask with the given bit numbers set."""
+    mask = 0
+    for number in numbers:
+        mask |= 1 << number
+    return mask
+
+
+# What the back-end offers.  No IN_ORDER or RING_PACKED (the ring engine is
+# split-only and completes out of order), no checksum or GSO offloads yet.
+OFFERED_FEATURES = bits(
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_F_ANY_LAYOUT,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+)
+
+
+class ProtocolFeature(enum.IntEnum):
+    """vhost-user protocol feature bit numbers (GET/SET_PROTOCOL_FEATURES)."""
+
+    MQ = 0
+    LOG_SHMFD = 1
+    RARP = 2
+    REPLY_ACK = 3
+    NET_MTU = 4
+    BACKEND_REQ = 5
+    CROSS_ENDIAN = 6
+    CRYPTO_SESSION = 7
+    PAGEFAULT = 8
+    CONFIG = 9
+    BACKEND_SEND_FD = 10
+    HOST_NOTIFIER = 11
+    INFLIGHT_SHMFD = 12
+    RESET_DEVICE = 13
+    INBAND_NOTIFICATIONS = 14
+    CONFIGURE_MEM_SLOTS = 15
+    STATUS = 16
+
+
+OFFERED_PROTOCOL_FEATURES = bits(
+    ProtocolFeature.MQ,
+    ProtocolFeature.RARP,
+    ProtocolFeature.REPLY_ACK,
+    ProtocolFeature.NET_MTU,
+    ProtocolFeature.BACKEND_REQ,
+    ProtocolFeature.STATUS,
+)
+
+# Virtio device status bits (virtio 1.x, 2.1), carried by SET/GET_STATUS.
+STATUS_ACKNOWLEDGE = 0x1
+STATUS_DRIVER = 0x2
+STATUS_DRIVER_OK = 0x4
+STATUS_FEATURES_OK = 0x8
+STATUS_NEEDS_RESET = 0x40
+STATUS_FAILED = 0x80
+
+
+# --- payloads ----------------------------------------------------------------
+
+class Payload(enum.Enum):
+    """The payload shapes of vhost-user.rst, "Payload"."""
+
+    NONE = "none"
+    U64 = "u64"
+    VRING_STATE = "vring state"
+    VRING_ADDR = "vring address"
+    VRING_FD = "u64 vring index and flags"    # SET_VRING_KICK / CALL / ERR
+    MEMORY = "memory regions"
+
+
+class Fds(enum.Enum):
+    """How many file descriptors a request carries."""
+
+    NONE = "none"
+    ONE = "exactly one"
+    VRING_FD = "one unless the NOFD bit is set"
+    PER_REGION = "one per memory region"
+
+
+@dataclass(frozen=True)
+class MessageRule:
+    payload: Payload
+    fds: Fds = Fds.NONE
+
+
+# The syntax of every request the back-end handles.  Requests missing here
+# are unsupported: the back-end refuses them without parsing the payload.
+MESSAGE_RULES: dict[Request, MessageRule] = {
+    Request.GET_FEATURES: MessageRule(Payload.NONE),
+    Request.SET_FEATURES: MessageRule(Payload.U64),
+    Request.SET_OWNER: MessageRule(Payload.NONE),
+    Request.RESET_OWNER: MessageRule(Payload.NONE),
+    Request.SET_MEM_TABLE: MessageRule(Payload.MEMORY, Fds.PER_REGION),
+    Request.SET_VRING_NUM: MessageRule(Payload.VRING_STATE),
+    Request.SET_VRING_ADDR: MessageRule(Payload.VRING_ADDR),
+    Request.SET_VRING_BASE: MessageRule(Payload.VRING_STATE),
+    Request.GET_VRING_BASE: MessageRule(Payload.VRING_STATE),
+    Request.SET_VRING_KICK: MessageRule(Payload.VRING_FD, Fds.VRING_FD),
+    Request.SET_VRING_CALL: MessageRule(Payload.VRING_FD, Fds.VRING_FD),
+    Request.SET_VRING_ERR: MessageRule(Payload.VRING_FD, Fds.VRING_FD),
+    Request.GET_PROTOCOL_FEATURES: MessageRule(Payload.NONE),
+    Request.SET_PROTOCOL_FEATURES: MessageRule(Payload.U64),
+    Request.GET_QUEUE_NUM: MessageRule(Payload.NONE),
+    Request.SET_VRING_ENABLE: MessageRule(Payload.VRING_STATE),
+    Request.SEND_RARP: MessageRule(Payload.U64),
+    Request.NET_SET_MTU: MessageRule(Payload.U64),
+    Request.SET_BACKEND_REQ_FD: MessageRule(Payload.NONE, Fds.ONE),
+    Request.SET_STATUS: MessageRule(Payload.U64),
+    Request.GET_STATUS: MessageRule(Payload.NONE),
+}
+
+
+@dataclass(frozen=True)
+class Header:
+    request: int          # the raw code: it may be one we do not know
+    flags: int
+    size: int
+
+    @property
+    def name(self) -> str:
+        return request_name(self.request)
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & FLAG_NEED_REPLY)
+
+
+@dataclass(frozen=True)
+class VringState:
+    index: int
+    num: int
+
+
+@dataclass(frozen=True)
+class VringAddr:
+    index: int
+    flags: int
+    desc: int             # front-end virtual addresses of the three rings
+    used: int
+    avail: int
+    log: int
+
+
+@dataclass(frozen=True)
+class VringFd:
+    index: int
+    nofd: bool            # no fd attached: the ring is polled
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    guest_phys_addr: int
+    size: int
+    user_addr: int
+    mmap_offset: int
+
+
+@dataclass(frozen=True)
+class MemoryTable:
+    regions: tuple[MemoryRegion, ...]
+
+
+U64_MAX = (1 << 64) - 1
+
+
+def parse_header(data: bytes) -> Header:
+    """Decode and check a request header: version 1, no reply bit, no unknown
+    flags, and a payload size we are willing to read."""
+    request, flags, size = HEADER.unpack(data)
+    name = request_name(request)
+    if flags & VERSION_MASK != VERSION:
+        raise ProtocolError(f"{name}: bad version {flags & VERSION_MASK} in flags {flags:#x} (expected 1)")
+    if flags & FLAG_REPLY:
+        raise ProtocolError(f"{name}: a request must not carry the reply flag (flags {flags:#x})")
+    if flags & ~KNOWN_FLAGS:
+        raise ProtocolError(f"{name}: unknown flag bits {flags & ~KNOWN_FLAGS:#x}")
+    if size > MAX_PAYLOAD_SIZE:
+        raise ProtocolError(f"{name}: payload size {size} exceeds the {MAX_PAYLOAD_SIZE}-byte limit")
+    return Header(request, flags, size)
+
+
+def _expect_size(name: str, payload: bytes, expected: int, what: str) -> None:
+    if len(payload) != expected:
+        raise ProtocolError(f"{name}: payload is {len(payload)} bytes, expected {expected} ({what})")
+
+
+def parse_payload(request: Request, payload: bytes, nfds: int):
+    """Check the payload size and the number of attached fds of a known
+    request, and decode the payload.  Returns None, an int, or one of the
+    payload dataclasses above."""
+    rule = MESSAGE_RULES[request]
+    name = request.name
+    body = _decode(rule.payload, name, payload)
+    expected_fds = _expected_fds(rule.fds, body)
+    if nfds != expected_fds:
+        raise ProtocolError(f"{name}: {nfds} file descriptors attached, expected {expected_fds} ({rule.fds.value})")
+    return body
+
+
+def _decode(shape: Payload, name: str, payload: bytes):
+    if shape is Payload.NONE:
+        _expect_size(name, payload, 0, "no payload")
+        return None
+    if shape is Payload.U64:
+        _expect_size(name, payload, U64.size, "u64")
+        return U64.unpack(payload)[0]
+    if shape is Payload.VRING_STATE:
+        _expect_size(name, payload, VRING_STATE.size, "vring state")
+        return VringState(*VRING_STATE.unpack(payload))
+    if shape is Payload.VRING_ADDR:
+        _expect_size(name, payload, VRING_ADDR.size, "vring address")
+        index, flags, desc, used, avail, log = VRING_ADDR.unpack(payload)
+        return VringAddr(index, flags, desc, used, avail, log)
+    if shape is Payload.VRING_FD:
+        _expect_size(name, payload, U64.size, "u64 vring index and flags")
+        value = U64.unpack(payload)[0]
+        if value & ~(VRING_INDEX_MASK | VRING_NOFD):
+            raise ProtocolError(f"{name}: unknown bits {value & ~(VRING_INDEX_MASK | VRING_NOFD):#x} in {value:#x}")
+        return VringFd(value & VRING_INDEX_MASK, bool(value & VRING_NOFD))
+    if shape is Payload.MEMORY:
+        return _decode_memory(name, payload)
+    raise AssertionError(shape)
+
+
+def _decode_memory(name: str, payload: bytes) -> MemoryTable:
+    if len(payload) < MEMORY_HEADER.size:
+        raise ProtocolError(f"{name}: payload is {len(payload)} bytes, too short for a memory table")
+    nregions, _padding = MEMORY_HEADER.unpack_from(payload)
+    if not 1 <= nregions <= MAX_MEM_REGIONS:
+        raise ProtocolError(f"{name}: {nregions} memory regions, expected 1 to {MAX_MEM_REGIONS}")
+    _expect_size(name, payload, MEMORY_HEADER.size + nregions * MEMORY_REGION.size,
+                 f"{nregions} memory regions")
+    regions = []
+    for i in range(nregions):
+        region = MemoryRegion(*MEMORY_REGION.unpack_from(payload, MEMORY_HEADER.size + i * MEMORY_REGION.size))
+        if region.size == 0:
+            raise ProtocolError(f"{name}: region {i} has size 0")
+        # The end of a region must be representable, in every address space it lives in.
+        for what, start in (("guest address", region.guest_phys_addr), ("user address", region.user_addr),
+                            ("mmap offset", region.mmap_offset)):
+            if start + region.size - 1 > U64_MAX:
+                raise ProtocolError(f"{name}: region {i} {what} {start:#x} + size {region.size:#x} overflows")
+        regions.append(region)
+    return MemoryTable(tuple(regions))
+
+
+def _expected_fds(rule: Fds, body) -> int:
+    if rule is Fds.NONE:
+        return 0
+    if rule is Fds.ONE:
+        return 1
+    if rule is Fds.VRING_FD:
+        return 0 if body.nofd else 1
+    if rule is Fds.PER_REGION:
+        return len(body.regions)
+    raise AssertionError(rule)
+
+
+# --- encoding (replies from the back-end, requests from the test front-end) ----
+
+def encode_reply(request: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(request, VERSION | FLAG_REPLY, len(payload)) + payload
+
+
+def encode_message(request: int, payload: bytes = b"", *, flags: int = VERSION, size: int | None = None) -> bytes:
+    """A request as a front-end sends it.  `size` overrides the header's size
+    field, so tests can lie about it."""
+    return HEADER.pack(request, flags, len(payload) if size is None else size) + payload
+
+
+def pack_u64(value: int) -> bytes:
+    return U64.pack(value)
+
+
+def pack_vring_state(index: int, num: int) -> bytes:
+    return VRING_STATE.pack(index, num)
+
+
+def pack_vring_addr(index: int, desc: int, used: int, avail: int, *, flags: int = 0, log: int = 0) -> bytes:
+    return VRING_ADDR.pack(index, flags, desc, used, avail, log)
+
+
+def pack_vring_fd(index: int, nofd: bool = False) -> bytes:
+    return U64.pack(index | (VRING_NOFD if nofd else 0))
+
+
+def pack_memory_table(regions: list[MemoryRegion] | tuple[MemoryRegion, ...]) -> bytes:
+    return MEMORY_HEADER.pack(len(regions), 0) + b"".join(
+        MEMORY_REGION.pack(r.guest_phys_addr, r.size, r.user_addr, r.mmap_offset) for r in regions)
+
+
+def parse_reply(expected_request: int, data: bytes) -> bytes:
+    """Check a reply header against the request it answers; return its payload."""
+    request, flags, size = HEADER.unpack_from(data)
+    if request != expected_request:
+        raise ProtocolError(f"{request_name(expected_request)}: reply is for {request_name(request)}")
+    if flags & VERSION_MASK != VERSION or not flags & FLAG_REPLY:
+        raise ProtocolError(f"{request_name(expected_request)}: bad reply flags {flags:#x}")
+    if len(data) != HEADER_SIZE + size:
+        raise ProtocolError(f"{request_name(expected_request)}: reply size {size} does not match {len(data) - HEADER_SIZE}")
+    return data[HEADER_SIZE:]
