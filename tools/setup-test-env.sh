@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 machine to run every vswitch test, including the system
+# tests with real peers (DPDK testpmd, QEMU guests, network namespaces).
+#
+# Run as root. Idempotent: each step checks first and does nothing when its
+# work is already done, so tools/run-tests calls it on every run. Quiet on
+# success; on failure it prints what failed with the command's full output and
+# exits non-zero.
+#
+#   * apt packages (apt-get update only when one is missing);
+#   * 1024 hugepages of 2 MB for DPDK (testpmd --in-memory);
+#   * the project itself, editable, with its test extra (pip install -e '.[test]'),
+#     rebuilt when the C sources changed.
+#
+# Environment: PYTHON (default python3) is the interpreter to install into. If
+# it is an externally managed system Python (PEP 668), a virtualenv is made in
+# .venv instead and tools/run-tests uses it.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HUGEPAGES=1024
+
+# What the tests need, by Debian package: the DPDK testpmd peer, QEMU guests
+# and their initramfs, namespaces and traffic tools, AF_XDP headers, and a C
+# toolchain with Python headers for the cffi extension.
+PACKAGES=(
+    dpdk-dev coreutils
+    qemu-system-x86 busybox-static cpio
+    iproute2 iperf3 tcpdump
+    libxdp-dev libbpf-dev
+    gcc libc6-dev python3-dev python3-venv
+)
+
+LOG=$(mktemp /tmp/setup-test-env.XXXXXX)
+trap 'rm -f "$LOG"' EXIT
+
+die() {
+    echo "setup-test-env: $*" >&2
+    exit 1
+}
+
+# Run a step with its output in $LOG; show that output only if it fails.
+run() {
+    local what=$1
+    shift
+    if ! "$@" >"$LOG" 2>&1; then
+        echo "setup-test-env: $what failed: $*" >&2
+        cat "$LOG" >&2
+        exit 1
+    fi
+}
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and reserves hugepages)"
+
+# --- apt packages --------------------------------------------------------
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup-test-env: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    run "apt-get update" apt-get update -q
+    run "apt-get install" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox cpio ip iperf3 tcpdump gcc; do
+    command -v "$tool" >/dev/null || die "$tool is still missing after installing packages"
+done
+
+# --- hugepages -----------------------------------------------------------
+meminfo() { awk -v key="$1:" '$1 == key { print $2 }' /proc/meminfo; }
+if [ "$(meminfo HugePages_Total)" -lt "$HUGEPAGES" ]; then
+    echo "$HUGEPAGES" >/proc/sys/vm/nr_hugepages
+    if [ "$(meminfo HugePages_Total)" -lt "$HUGEPAGES" ]; then
+        # Fragmented memory: free the page cache, compact, and try once more.
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+        echo 1 >/proc/sys/vm/compact_memory
+        echo "$HUGEPAGES" >/proc/sys/vm/nr_hugepages
+    fi
+    total=$(meminfo HugePages_Total)
+    [ "$total" -ge "$HUGEPAGES" ] ||
+        die "asked for $HUGEPAGES hugepages, the kernel reserved $total (grep -i huge /proc/meminfo)"
+fi
+
+# --- Python: the project, editable, with its test extra --------------------
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null || die "$PY not found"
+if [ -x "$REPO/.venv/bin/python" ]; then
+    PY=$REPO/.venv/bin/python
+elif "$PY" -c 'import sys, sysconfig, os; sys.exit(sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+    : # A virtualenv or a Python that pip may install into (e.g. pyenv).
+else
+    run "python -m venv" "$PY" -m venv "$REPO/.venv"
+    PY=$REPO/.venv/bin/python
+fi
+
+# cffi compiles the fast path against this interpreter's headers.
+"$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+    die "Python.h for $PY is missing (Debian: python3-dev), the C fast path cannot be built"
+
+# Up to date means: vswitch imports from this checkout, its C build matches
+# the sources (vswitch.native checks), and the test tools import.
+installed_ok() {
+    (cd /tmp && "$PY" - "$REPO" <<'EOF'
+import pathlib, sys
+import vswitch, vswitch.native, pytest, scapy, yaml, psutil, cffi  # noqa: F401
+sys.exit(pathlib.Path(vswitch.__file__).resolve().parent != pathlib.Path(sys.argv[1]) / "vswitch")
+EOF
+    ) >/dev/null 2>&1
+}
+if ! installed_ok; then
+    run "pip install -e '.[test]'" "$PY" -m pip install -q -e "$REPO[test]"
+    installed_ok || {
+        (cd /tmp && "$PY" -c 'import vswitch.native') >&2 || true
+        die "vswitch is installed but does not import from $REPO (see the error above)"
+    }
+fi
