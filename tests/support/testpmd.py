@@ -171,10 +171,18 @@ class TestPmd:
         """Wait for the first prompt; on failure the process is killed and the log tail raised."""
         try:
             self._wait_prompt(self.start_timeout if timeout is None else timeout, "start-up")
+            self._ready = True
+            # A vdev that fails to probe (e.g. no socket at its path) is only
+            # a log line and testpmd carries on without it: count the ports.
+            summary = self.cmd("show port summary all")
+            found = re.search(r"Number of available ports:\s*(\d+)", summary)
+            if found is None or int(found.group(1)) != len(self.vdevs):
+                raise TestPmdError(f"testpmd started with {found and found.group(1)} of "
+                                   f"{len(self.vdevs)} ports\n{self.tail()}")
         except TestPmdError:
+            self._ready = False
             self.kill()
             raise
-        self._ready = True
         return self
 
     def __enter__(self) -> "TestPmd":
