@@ -27,7 +27,7 @@ PACKAGES=(
     dpdk-dev coreutils
     qemu-system-x86 busybox-static cpio
     iproute2 iperf3 tcpdump
-    libxdp-dev libbpf-dev
+    libxdp-dev libbpf-dev xdp-tools
     gcc libc6-dev python3-dev python3-venv
 )
 
@@ -59,10 +59,15 @@ for pkg in "${PACKAGES[@]}"; do
         missing+=("$pkg")
     fi
 done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "setup-test-env: installing ${missing[*]}"
+# The QEMU guest kit (tools/vmkit.py) downloads the kernel package with apt, so
+# the package lists must be there even when nothing needs installing.
+no_lists() { ! apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; }
+if [ ${#missing[@]} -gt 0 ] || no_lists; then
     export DEBIAN_FRONTEND=noninteractive
     run "apt-get update" apt-get update -q
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup-test-env: installing ${missing[*]}"
     run "apt-get install" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox cpio ip iperf3 tcpdump gcc; do
