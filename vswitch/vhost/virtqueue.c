@@ -437,11 +437,11 @@ static enum rx_result enqueue_one(struct vs_vhost_dev *dev, struct vs_vring *vr,
     uint16_t next_avail = vr->last_avail_idx;
 
     while (have < need) {
-        if (next_avail == avail_idx) {
-            return RX_RING_EMPTY;
-        }
         if (nbufs == max_bufs) {
             return RX_TOO_SMALL;
+        }
+        if (next_avail == avail_idx) {
+            return RX_RING_EMPTY;
         }
         uint16_t head = read_avail_entry(vr, next_avail);
         if (unlikely(head >= vr->size)) {
