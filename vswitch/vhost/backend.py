@@ -1,0 +1,843 @@
+"""The vhost-user back-end of one port: socket, messages, device state.
+
+Security model: the front-end is untrusted.  It is one step removed from the
+guest (QEMU may be compromised by the guest it runs, and a virtio-user
+process is simply another program), so every message is treated as hostile
+input.  Before any handler runs, a message's header (version, flags, size
+limit), its payload size, the number of fds attached to it and the syntax
+of its fields are checked (protocol.py), and vring indexes are checked
+against the port's queue count.  A message that breaks the protocol closes
+that connection only: fds it carried are closed, the device is torn down,
+`protocol_errors` goes up, and the listening socket keeps accepting.  Guest
+memory is mapped only after its file is seen to be large enough, and the
+C side is given new memory tables and ring addresses only while the rings
+are disabled and the PMD threads have passed a quiescent point.
+
+Error policy (DPDK lib/vhost, vhost_user_msg_handler): a request the
+back-end refuses (an unknown or unsupported request, features it did not
+offer, an MTU out of range) gets a failure ack when the front-end set
+NEED_REPLY, and the connection stays open; without NEED_REPLY the
+connection is closed, since the front-end would otherwise carry on with a
+device that silently differs from what it asked for.  A malformed message
+(ProtocolError) always closes the connection.
+
+Ring life cycle.  A ring *starts* (vs_vring_setup, then enabled) once it has
+a size, addresses, a kick fd (or NOFD), a call fd (or NOFD), the memory
+table is installed, and it is enabled: by SET_VRING_ENABLE 1 when
+VHOST_USER_F_PROTOCOL_FEATURES was negotiated, by SET_VRING_KICK otherwise.
+Like DPDK, the call fd is waited for too, since QEMU sends it right after
+the kick.  A ring is *halted* (disabled, PMDs quiesced, last_avail_idx read
+back) by SET_VRING_ENABLE 0 and while its configuration changes; it keeps
+its fds and restarts where it stopped.  It is *stopped* (halted, fds closed,
+addresses forgotten) by GET_VRING_BASE, RESET_OWNER, disconnect and stop().
+
+Threading: everything here runs on the daemon's asyncio loop.  Sockets are
+non-blocking and a message is assembled from as many reads as it takes, so
+a front-end that sends half a message cannot stall the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import mmap
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from typing import Callable
+
+from vswitch.native import ffi, lib
+from vswitch.vhost import protocol
+from vswitch.vhost.protocol import (
+    Header, MemoryTable, ProtocolError, ProtocolFeature, Request, RequestRefused,
+    VringAddr, VringFd, VringState,
+)
+
+log = logging.getLogger(__name__)
+
+RECONNECT_MIN_DELAY = 0.1      # seconds; doubled after each failed attempt
+RECONNECT_MAX_DELAY = 2.0
+# Messages handled per wake-up before yielding to the rest of the loop, so
+# that a front-end flooding us cannot starve the other ports.
+MAX_MESSAGES_PER_WAKEUP = 64
+# Room for one more fd than any message may carry, so that too many fds
+# shows up as a count we can report rather than only as MSG_CTRUNC.
+_ANCILLARY_SPACE = socket.CMSG_SPACE((protocol.MAX_FDS_PER_MESSAGE + 1) * 4)
+_FD_SIZE = 4
+
+EventSink = Callable[[str, dict], None]
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        if fd is not None and fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@dataclass
+class Handler:
+    """One row of the dispatch table."""
+    name: str
+    method: Callable                  # unbound VhostUserBackend method (self, header, body, fds)
+    accepts_fds: bool
+
+
+class _Message:
+    """A message being read, and then handled.  Owns the fds received with
+    it: a handler that keeps an fd takes it out of `fds`; whatever is left
+    is closed when the message is done with."""
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.fds: list[int] = []
+        self.header: Header | None = None
+        self.replied = False
+
+    def close_fds(self) -> None:
+        fds, self.fds = self.fds, []
+        _close_fds(fds)
+
+    def take_fd(self) -> int:
+        return self.fds.pop(0)
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, on_closed: asyncio.Future | None):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.message = _Message()
+        self.on_closed = on_closed      # client mode: resolved when this connection ends
+
+
+@dataclass
+class _MemRegion:
+    """One mapped region: the mmap, the cffi buffer over it (keeps the pointer
+    valid), and the region as the front-end described it."""
+    mapping: mmap.mmap
+    buffer: object
+    desc: protocol.MemoryRegion
+    file_id: tuple[int, int]          # (st_dev, st_ino) of the file it maps
+
+    def unmap(self) -> None:
+        ffi.release(self.buffer)
+        self.mapping.close()
+
+
+class _Ring:
+    """What the front-end told us about one vring, and whether it runs."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.size: int | None = None
+        self.addr: VringAddr | None = None
+        self.base = 0                 # where to start: SET_VRING_BASE, or last_avail_idx after a halt
+        self.kick_set = False         # SET_VRING_KICK seen (fd or NOFD)
+        self.kickfd = -1
+        self.call_set = False
+        self.callfd = -1
+        self.errfd = -1
+        self.enabled = False          # the front-end's wish (SET_VRING_ENABLE or the kick)
+        self.started = False          # running in C
+
+    def forget_fds(self) -> list[int]:
+        fds = [self.kickfd, self.callfd, self.errfd]
+        self.kickfd = self.callfd = self.errfd = -1
+        self.kick_set = self.call_set = False
+        return fds
+
+
+class VhostUserBackend:
+    """The vhost-user back-end of one port.
+
+    name:    the port name, used in log lines.
+    path:    the UNIX socket; created by us in "server" mode, by the
+             front-end (e.g. QEMU `server=on`) in "client" mode.
+    queues:  queue pairs offered (GET_QUEUE_NUM); vrings 0 .. 2*queues-1.
+    dev:     the port's `struct vs_vhost_dev *`, already vs_vhost_dev_init'ed.
+    quiesce: blocks until the PMD threads no longer use anything they read
+             before the call.
+    on_event(kind, fields): "connected" {}, "disconnected" {},
+             "link" {"up": bool}, "queue" {"queue": vring, "enabled": bool},
+             "rarp" {"mac": "aa:bb:cc:dd:ee:ff"}.
+    on_rarp(mac_bytes): optional, called on SEND_RARP as well.
+    """
+
+    def __init__(self, name: str, path: str, mode: str, queues: int, dev,
+                 quiesce: Callable[[], None], on_event: EventSink,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 on_rarp: Callable[[bytes], None] | None = None):
+        if mode not in ("server", "client"):
+            raise ValueError(f"vhost-user port '{name}': mode must be 'server' or 'client', not {mode!r}")
+        if not 1 <= queues <= lib.VS_MAX_QUEUE_PAIRS:
+            raise ValueError(f"vhost-user port '{name}': queues must be 1 to {lib.VS_MAX_QUEUE_PAIRS}, not {queues}")
+        self.name = name
+        self.path = os.fspath(path)
+        self.mode = mode
+        self.queues = queues
+        self.dev = dev
+        self._quiesce = quiesce
+        self._on_event = on_event
+        self._on_rarp = on_rarp
+        self._loop = loop
+        self.protocol_errors = 0
+        self._listener: socket.socket | None = None
+        self._listener_ino: tuple[int, int] | None = None
+        self._client_task: asyncio.Task | None = None
+        self._conn: _Connection | None = None
+        self._stopping = False
+        self._reset_session()
+
+    # ------------------------------------------------------------------ state
+
+    def _reset_session(self) -> None:
+        """Forgets everything a front-end negotiated (the C side is handled by _teardown)."""
+        self.features = 0
+        self.features_set = False
+        self.protocol_features = 0
+        self.status = 0
+        self.mtu: int | None = None
+        self.rarp_mac: bytes | None = None
+        self.backend_req_fd = -1
+        self._regions: list[_MemRegion] = []
+        self._memtable = None
+        self._rings = [_Ring(i) for i in range(2 * self.queues)]
+        self._link_up = False
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def info(self) -> dict:
+        """State for `vswitchctl show`."""
+        rings = []
+        for ring in self._rings:
+            vr = self._vring(ring.index)
+            rings.append({
+                "index": ring.index,
+                "size": ring.size or 0,
+                "enabled": ring.started,
+                "last_avail_idx": int(vr.last_avail_idx) if ring.started else ring.base,
+                "kick": "fd" if ring.kickfd >= 0 else ("polled" if ring.kick_set else "none"),
+                "call": "fd" if ring.callfd >= 0 else ("none" if not ring.call_set else "polled"),
+            })
+        return {
+            "connected": self.connected,
+            "mode": self.mode,
+            "path": self.path,
+            "features": f"{self.features:#x}",
+            "protocol_features": f"{self.protocol_features:#x}",
+            "mtu": self.mtu,
+            "status": f"{self.status:#x}",
+            "link_up": self._link_up,
+            "memory_regions": len(self._regions),
+            "rings": rings,
+            "protocol_errors": self.protocol_errors,
+        }
+
+    def _emit(self, kind: str, fields: dict) -> None:
+        try:
+            self._on_event(kind, fields)
+        except Exception:  # a broken listener must not break the protocol
+            log.exception("vhost-user port '%s': event handler failed on %s", self.name, kind)
+
+    def _vring(self, index: int):
+        """A `struct vs_vring *` (the C functions take pointers, not struct values)."""
+        return self.dev.vrings + index
+
+    def _has_protocol_feature(self, bit: ProtocolFeature) -> bool:
+        return bool(self.protocol_features & (1 << bit))
+
+    @property
+    def _protocol_features_negotiated(self) -> bool:
+        return bool(self.features & (1 << protocol.VHOST_USER_F_PROTOCOL_FEATURES))
+
+    # ------------------------------------------------------------ start / stop
+
+    def start(self) -> None:
+        """Listens (server) or starts connecting (client).  Must be called on the loop's thread."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        if self.mode == "server":
+            self._listen()
+        else:
+            self._client_task = self._loop.create_task(self._client_loop(), name=f"vhost-user {self.name}")
+
+    async def stop(self) -> None:
+        """Tears the device down, closes the sockets and, in server mode,
+        removes the socket file.  Returns promptly."""
+        self._stopping = True
+        if self._client_task is not None:
+            self._client_task.cancel()
+            try:
+                await self._client_task
+            except asyncio.CancelledError:
+                pass
+            self._client_task = None
+        if self._conn is not None:
+            self._close_connection("port stopped")
+        if self._listener is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            self._remove_own_socket_file()
+
+    def _listen(self) -> None:
+        self._clear_socket_path()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.path)
+            sock.listen(8)
+            sock.setblocking(False)
+            st = os.stat(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self._listener_ino = (st.st_dev, st.st_ino)
+        self._loop.add_reader(sock.fileno(), self._on_accept)
+        log.info("vhost-user port '%s': listening on %s", self.name, self.path)
+
+    def _clear_socket_path(self) -> None:
+        """Removes a stale socket left by a crashed daemon; refuses to touch a
+        file that is not a socket or a socket someone still listens on."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(errno.EEXIST, f"vhost-user port '{self.name}': {self.path} exists "
+                                  "and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(self.path)
+        except ConnectionRefusedError:
+            os.unlink(self.path)
+            log.info("vhost-user port '%s': removed stale socket %s", self.name, self.path)
+            return
+        except OSError as exc:
+            raise OSError(exc.errno, f"vhost-user port '{self.name}': cannot probe {self.path}: {exc.strerror}")
+        finally:
+            probe.close()
+        raise FileExistsError(errno.EADDRINUSE, f"vhost-user port '{self.name}': {self.path} is in use "
+                              "by another process")
+
+    def _remove_own_socket_file(self) -> None:
+        # Only unlink the file we created: another process may have replaced it.
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._listener_ino:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _on_accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("vhost-user port '%s': accept failed: %s", self.name, exc)
+            return
+        if self._conn is not None:
+            log.warning("vhost-user port '%s': refusing a second front-end on %s while one is connected",
+                        self.name, self.path)
+            sock.close()
+            return
+        self._attach(sock, None)
+
+    async def _client_loop(self) -> None:
+        delay = RECONNECT_MIN_DELAY
+        failures = 0
+        while not self._stopping:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                await self._loop.sock_connect(sock, self.path)
+            except OSError as exc:
+                sock.close()
+                if failures == 0:
+                    log.info("vhost-user port '%s': cannot connect to %s (%s); retrying",
+                             self.name, self.path, exc.strerror or exc)
+                failures += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                continue
+            failures = 0
+            delay = RECONNECT_MIN_DELAY
+            closed = self._loop.create_future()
+            self._attach(sock, closed)
+            try:
+                await closed
+            except asyncio.CancelledError:
+                raise
+            await asyncio.sleep(delay)
+
+    def _attach(self, sock: socket.socket, on_closed) -> None:
+        sock.setblocking(False)
+        self._conn = _Connection(sock, on_closed)
+        self._loop.add_reader(self._conn.fd, self._on_readable)
+        log.info("vhost-user port '%s': front-end connected on %s (%s mode)", self.name, self.path, self.mode)
+        self._emit("connected", {})
+
+    def _close_connection(self, why: str) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        self._loop.remove_reader(conn.fd)
+        conn.message.close_fds()
+        conn.sock.close()
+        self._teardown()
+        log.info("vhost-user port '%s': front-end disconnected: %s", self.name, why)
+        self._emit("disconnected", {})
+        if conn.on_closed is not None and not conn.on_closed.done():
+            conn.on_closed.set_result(None)
+
+    def _teardown(self) -> None:
+        """Stops every ring, unmaps guest memory and forgets the session."""
+        self._stop_rings([r for r in self._rings], close=True)
+        self._update_link()
+        if self._memtable is not None:
+            # The rings are disabled and quiesced: nothing in C reads dev.mem now.
+            self.dev.mem = ffi.NULL
+            for region in self._regions:
+                region.unmap()
+        _close_fds([self.backend_req_fd])
+        self._reset_session()
+
+    # ---------------------------------------------------------------- reading
+
+    def _on_readable(self) -> None:
+        conn = self._conn
+        for _ in range(MAX_MESSAGES_PER_WAKEUP):
+            if conn is not self._conn:
+                return
+            try:
+                complete = self._read_some(conn)
+            except ProtocolError as exc:
+                self._protocol_failure(str(exc))
+                return
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionError as exc:
+                self._close_connection(str(exc))
+                return
+            if complete is None:
+                return
+            conn.message = _Message()
+            self._handle(conn, complete)
+
+    def _read_some(self, conn: _Connection) -> _Message | None:
+        """Reads what the current message still needs (never past its end, so
+        fds always belong to the message they arrived with).  Returns the
+        message once it is whole, else None; raises BlockingIOError when the
+        socket is drained and ConnectionError at end of file."""
+        msg = conn.message
+        while True:
+            if msg.header is None:
+                want = protocol.HEADER_SIZE - len(msg.buf)
+            else:
+                want = protocol.HEADER_SIZE + msg.header.size - len(msg.buf)
+            if want == 0:
+                return msg
+            data, ancdata, flags, _ = conn.sock.recvmsg(want, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    count = len(payload) // _FD_SIZE
+                    msg.fds.extend(int.from_bytes(payload[i * _FD_SIZE:(i + 1) * _FD_SIZE], "little", signed=True)
+                                   for i in range(count))
+            name = msg.header.name if msg.header else "message"
+            if flags & socket.MSG_CTRUNC or len(msg.fds) > protocol.MAX_FDS_PER_MESSAGE:
+                raise ProtocolError(f"{name}: more than {protocol.MAX_FDS_PER_MESSAGE} file descriptors attached")
+            if not data:
+                if msg.buf or msg.fds:
+                    raise ConnectionError(f"connection closed in the middle of a {name}")
+                raise ConnectionError("connection closed by the front-end")
+            msg.buf += data
+            if msg.header is None and len(msg.buf) == protocol.HEADER_SIZE:
+                msg.header = protocol.parse_header(bytes(msg.buf))
+
+    def _protocol_failure(self, why: str) -> None:
+        self.protocol_errors += 1
+        log.warning("vhost-user port '%s': protocol error, closing the connection: %s", self.name, why)
+        self._close_connection(f"protocol error: {why}")
+
+    # --------------------------------------------------------------- dispatch
+
+    def _handle(self, conn: _Connection, msg: _Message) -> None:
+        header = msg.header
+        payload = bytes(msg.buf[protocol.HEADER_SIZE:])
+        try:
+            try:
+                self._dispatch(conn, msg, header, payload)
+                ok = True
+            except RequestRefused as exc:
+                if not header.need_reply:
+                    raise
+                self.protocol_errors += 1
+                log.warning("vhost-user port '%s': request refused: %s", self.name, exc)
+                ok = False
+            if header.need_reply and not msg.replied:
+                self._reply(conn, header.request, protocol.pack_u64(0 if ok else 1))
+            self._update_link()
+        except ProtocolError as exc:
+            msg.close_fds()
+            if conn is self._conn:
+                self._protocol_failure(str(exc))
+            return
+        except Exception as exc:  # a bug here must cost one connection, not the daemon
+            log.exception("vhost-user port '%s': internal error handling %s", self.name, header.name)
+            msg.close_fds()
+            if conn is self._conn:
+                self._close_connection(f"internal error handling {header.name}: {exc}")
+            return
+        msg.close_fds()
+
+    def _dispatch(self, conn: _Connection, msg: _Message, header: Header, payload: bytes) -> None:
+        try:
+            request = Request(header.request)
+            handler = HANDLERS[request]
+        except (ValueError, KeyError):
+            raise RequestRefused(f"{header.name}: not supported") from None
+        if msg.fds and not handler.accepts_fds:
+            raise ProtocolError(f"{handler.name}: {len(msg.fds)} unexpected file descriptors attached")
+        body = protocol.parse_payload(request, payload, len(msg.fds))
+        log.debug("vhost-user port '%s': %s %s", self.name, handler.name, body)
+        reply = handler.method(self, msg, body)
+        if reply is not None:
+            self._reply(conn, header.request, reply)
+            msg.replied = True
+
+    def _reply(self, conn: _Connection, request: int, payload: bytes) -> None:
+        data = protocol.encode_reply(request, payload)
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            raise ProtocolError(f"{protocol.request_name(request)}: cannot send the reply: {exc}") from None
+        # Replies are tiny; a socket too full to take one means the front-end
+        # is not reading them, and queueing more for it would only grow.
+        if sent != len(data):
+            raise ProtocolError(f"{protocol.request_name(request)}: the front-end is not reading replies")
+
+    def _ring(self, request: Request, index: int) -> _Ring:
+        if index >= len(self._rings):
+            raise ProtocolError(f"{request.name}: vring index {index} out of range "
+                                f"(the port has {len(self._rings)} vrings)")
+        return self._rings[index]
+
+    # --------------------------------------------------------------- handlers
+    # Each takes (msg, body) and returns reply payload bytes or None.
+
+    def _get_features(self, msg, body):
+        return protocol.pack_u64(protocol.OFFERED_FEATURES)
+
+    def _set_features(self, msg, features: int):
+        unknown = features & ~protocol.OFFERED_FEATURES
+        if unknown:
+            raise RequestRefused(f"SET_FEATURES: features {unknown:#x} were not offered")
+        if features != self.features and any(r.started for r in self._rings):
+            # The header length the PMD uses may not change under it.
+            raise RequestRefused(f"SET_FEATURES: cannot change features {self.features:#x} -> {features:#x} "
+                                 "while rings are running")
+        self.features = features
+        self.features_set = True
+        lib.vs_vhost_dev_set_features(self.dev, features)
+
+    def _get_protocol_features(self, msg, body):
+        return protocol.pack_u64(protocol.OFFERED_PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, msg, features: int):
+        unknown = features & ~protocol.OFFERED_PROTOCOL_FEATURES
+        if unknown:
+            raise RequestRefused(f"SET_PROTOCOL_FEATURES: protocol features {unknown:#x} were not offered")
+        self.protocol_features = features
+
+    def _set_owner(self, msg, body):
+        return None
+
+    def _reset_owner(self, msg, body):
+        # Deprecated; DPDK resets the device, and so do we, keeping the connection.
+        log.info("vhost-user port '%s': RESET_OWNER: resetting the device", self.name)
+        self._teardown()
+
+    def _get_queue_num(self, msg, body):
+        return protocol.pack_u64(self.queues)
+
+    def _set_mem_table(self, msg, table: MemoryTable):
+        if self._same_memory(table, msg.fds):
+            # QEMU resends an unchanged table (e.g. after a device restart); keep the mappings.
+            log.debug("vhost-user port '%s': SET_MEM_TABLE unchanged", self.name)
+            return None
+        new_regions = []
+        try:
+            for i, (region, fd) in enumerate(zip(table.regions, msg.fds)):
+                new_regions.append(self._map_region(i, region, fd))
+        except ProtocolError:
+            for mapped in new_regions:
+                mapped.unmap()
+            raise
+        memtable = ffi.new("struct vs_memtable *")
+        memtable.nregions = len(new_regions)
+        for i, mapped in enumerate(new_regions):
+            c_region = memtable.regions[i]
+            c_region.guest_phys_addr = mapped.desc.guest_phys_addr
+            c_region.user_addr = mapped.desc.user_addr
+            c_region.size = mapped.desc.size
+            c_region.host_addr = ffi.cast("uint8_t *", mapped.buffer) + mapped.desc.mmap_offset
+
+        running = [r for r in self._rings if r.started]
+        self._halt_rings(running, emit=False)
+        self.dev.mem = memtable
+        old_regions = self._regions
+        self._memtable, self._regions = memtable, new_regions
+        for region in old_regions:
+            region.unmap()
+        log.info("vhost-user port '%s': memory table: %s", self.name,
+                 ", ".join(f"gpa {r.guest_phys_addr:#x} size {r.size:#x} uva {r.user_addr:#x}" for r in table.regions))
+        for ring in running:
+            self._start_ring(ring, Request.SET_MEM_TABLE, emit=False)
+        for ring in self._rings:
+            self._try_start(ring, Request.SET_MEM_TABLE)
+
+    def _same_memory(self, table: MemoryTable, fds: list[int]) -> bool:
+        """True if the table describes the regions already mapped, backed by the same files."""
+        if len(table.regions) != len(self._regions):
+            return False
+        for region, fd, mapped in zip(table.regions, fds, self._regions):
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                return False
+            if region != mapped.desc or (st.st_dev, st.st_ino) != mapped.file_id:
+                return False
+        return True
+
+    def _map_region(self, i: int, region: protocol.MemoryRegion, fd: int) -> _MemRegion:
+        need = region.mmap_offset + region.size
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise ProtocolError(f"SET_MEM_TABLE: region {i}: fstat failed: {exc.strerror}") from None
+        length = (need + st.st_blksize - 1) // st.st_blksize * st.st_blksize
+        if stat.S_ISREG(st.st_mode):
+            # Touching a mapping past the end of its file raises SIGBUS in the PMD.
+            if st.st_size < need:
+                raise ProtocolError(f"SET_MEM_TABLE: region {i}: offset {region.mmap_offset:#x} + size "
+                                    f"{region.size:#x} is past the end of its file ({st.st_size:#x} bytes)")
+            length = min(length, st.st_size)
+        try:
+            mapping = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise ProtocolError(f"SET_MEM_TABLE: region {i}: mmap of {length:#x} bytes failed: {exc}") from None
+        return _MemRegion(mapping, ffi.from_buffer(mapping), region, (st.st_dev, st.st_ino))
+
+    def _set_vring_num(self, msg, state: VringState):
+        ring = self._ring(Request.SET_VRING_NUM, state.index)
+        size = state.num
+        if size == 0 or size > lib.VS_MAX_RING_SIZE or size & (size - 1):
+            raise ProtocolError(f"SET_VRING_NUM: vring {ring.index}: size {size} is not a power of two "
+                                f"up to {lib.VS_MAX_RING_SIZE}")
+        self._reconfigure(ring, Request.SET_VRING_NUM, lambda: setattr(ring, "size", size))
+
+    def _set_vring_addr(self, msg, addr: VringAddr):
+        ring = self._ring(Request.SET_VRING_ADDR, addr.index)
+        self._reconfigure(ring, Request.SET_VRING_ADDR, lambda: setattr(ring, "addr", addr))
+
+    def _set_vring_base(self, msg, state: VringState):
+        ring = self._ring(Request.SET_VRING_BASE, state.index)
+        if state.num > 0xFFFF:
+            raise ProtocolError(f"SET_VRING_BASE: vring {ring.index}: base {state.num} exceeds 65535")
+        self._reconfigure(ring, Request.SET_VRING_BASE, lambda: setattr(ring, "base", state.num))
+
+    def _get_vring_base(self, msg, state: VringState):
+        ring = self._ring(Request.GET_VRING_BASE, state.index)
+        self._stop_rings([ring], close=True)
+        if not self._protocol_features_negotiated:
+            ring.enabled = False      # it was enabled by its kick, which is gone
+        return protocol.pack_vring_state(ring.index, ring.base)
+
+    def _set_vring_kick(self, msg, body: VringFd):
+        ring = self._ring(Request.SET_VRING_KICK, body.index)
+        fd = -1 if body.nofd else msg.take_fd()
+
+        def apply():
+            _close_fds([ring.kickfd])
+            ring.kickfd = fd
+            ring.kick_set = True
+            if not self._protocol_features_negotiated:
+                ring.enabled = True   # vhost-user.rst: "the ring starts directly in the enabled state"
+
+        self._reconfigure(ring, Request.SET_VRING_KICK, apply)
+
+    def _set_vring_call(self, msg, body: VringFd):
+        ring = self._ring(Request.SET_VRING_CALL, body.index)
+        fd = -1 if body.nofd else msg.take_fd()
+        old = ring.callfd
+        if ring.started:
+            # QEMU swaps the call fd whenever the guest masks or unmasks the
+            # queue's interrupt; the ring keeps running, with a brief pause.
+            vr = self._vring(ring.index)
+            lib.vs_vring_set_enabled(vr, 0)
+            self._quiesce()
+            vr.callfd = fd
+            lib.vs_vring_set_enabled(vr, 1)
+        ring.callfd = fd
+        ring.call_set = True
+        _close_fds([old])
+        self._try_start(ring, Request.SET_VRING_CALL)
+
+    def _set_vring_err(self, msg, body: VringFd):
+        ring = self._ring(Request.SET_VRING_ERR, body.index)
+        fd = -1 if body.nofd else msg.take_fd()
+        _close_fds([ring.errfd])
+        ring.errfd = fd
+
+    def _set_vring_enable(self, msg, state: VringState):
+        ring = self._ring(Request.SET_VRING_ENABLE, state.index)
+        if state.num not in (0, 1):
+            raise ProtocolError(f"SET_VRING_ENABLE: vring {ring.index}: value {state.num} is not 0 or 1")
+        ring.enabled = bool(state.num)
+        if ring.enabled:
+            self._try_start(ring, Request.SET_VRING_ENABLE)
+        elif ring.started:
+            self._halt_rings([ring])
+
+    def _set_backend_req_fd(self, msg, body):
+        old, self.backend_req_fd = self.backend_req_fd, msg.take_fd()
+        _close_fds([old])
+
+    def _get_status(self, msg, body):
+        return protocol.pack_u64(self.status)
+
+    def _set_status(self, msg, status: int):
+        if status > 0xFF:
+            raise ProtocolError(f"SET_STATUS: status {status:#x} is wider than 8 bits")
+        self.status = status
+
+    def _net_set_mtu(self, msg, mtu: int):
+        if not 68 <= mtu <= 65535:
+            raise RequestRefused(f"NET_SET_MTU: MTU {mtu} is outside 68..65535")
+        self.mtu = mtu
+        log.info("vhost-user port '%s': MTU %d", self.name, mtu)
+
+    def _send_rarp(self, msg, value: int):
+        mac = protocol.pack_u64(value)[:6]
+        self.rarp_mac = mac
+        text = ":".join(f"{b:02x}" for b in mac)
+        log.info("vhost-user port '%s': SEND_RARP for %s", self.name, text)
+        if self._on_rarp is not None:
+            try:
+                self._on_rarp(mac)
+            except Exception:
+                log.exception("vhost-user port '%s': on_rarp failed", self.name)
+        self._emit("rarp", {"mac": text})
+
+    # ------------------------------------------------------------------ rings
+
+    def _reconfigure(self, ring: _Ring, request: Request, apply: Callable[[], None]) -> None:
+        """Changes a ring's configuration; a running ring is halted first and
+        restarted afterwards from where it stopped."""
+        if ring.started:
+            self._halt_rings([ring])
+        apply()
+        self._try_start(ring, request)
+
+    def _ready(self, ring: _Ring) -> bool:
+        return (not ring.started and ring.enabled and ring.size is not None and ring.addr is not None
+                and ring.kick_set and ring.call_set and self._memtable is not None)
+
+    def _try_start(self, ring: _Ring, request: Request) -> None:
+        if self._ready(ring):
+            self._start_ring(ring, request)
+
+    def _start_ring(self, ring: _Ring, request: Request, emit: bool = True) -> None:
+        vr = ffi.addressof(self.dev.vrings, ring.index)
+        vr.kickfd = ring.kickfd
+        vr.callfd = ring.callfd
+        addr = ring.addr
+        rc = lib.vs_vring_setup(self.dev, ring.index, ring.size, addr.desc, addr.avail, addr.used, ring.base)
+        if rc != 0:
+            reason = ffi.string(lib.vs_vq_error_name(rc)).decode()
+            raise ProtocolError(f"{request.name}: vring {ring.index}: cannot start: {reason} (size {ring.size}, "
+                                f"desc {addr.desc:#x}, avail {addr.avail:#x}, used {addr.used:#x})")
+        lib.vs_vring_set_enabled(vr, 1)
+        ring.started = True
+        log.info("vhost-user port '%s': vring %d started (size %d, base %d)", self.name, ring.index,
+                 ring.size, ring.base)
+        if emit:
+            self._emit("queue", {"queue": ring.index, "enabled": True})
+
+    def _halt_rings(self, rings: list[_Ring], emit: bool = True) -> None:
+        """Disables running rings and waits for the PMDs; records where each stopped."""
+        running = [r for r in rings if r.started]
+        if not running:
+            return
+        for ring in running:
+            lib.vs_vring_set_enabled(ffi.addressof(self.dev.vrings, ring.index), 0)
+        self._quiesce()
+        for ring in running:
+            ring.base = int(self._vring(ring.index).last_avail_idx)
+            ring.started = False
+            log.info("vhost-user port '%s': vring %d stopped at %d", self.name, ring.index, ring.base)
+            if emit:
+                self._emit("queue", {"queue": ring.index, "enabled": False})
+
+    def _stop_rings(self, rings: list[_Ring], close: bool) -> None:
+        """Halts rings and forgets their fds and addresses (GET_VRING_BASE, teardown)."""
+        self._halt_rings(rings)
+        for ring in rings:
+            vr = self._vring(ring.index)
+            vr.kickfd = -1
+            vr.callfd = -1
+            ring.addr = None
+            if close:
+                _close_fds(ring.forget_fds())
+
+    def _update_link(self) -> None:
+        """The device is up once the first queue pair runs and, with
+        PROTOCOL_F_STATUS, the driver has said DRIVER_OK (DPDK virtio_is_ready)."""
+        up = self._rings[0].started and self._rings[1].started
+        if up and self._has_protocol_feature(ProtocolFeature.STATUS):
+            up = bool(self.status & protocol.STATUS_DRIVER_OK)
+        if up != self._link_up:
+            self._link_up = up
+            log.info("vhost-user port '%s': device %s", self.name, "ready" if up else "not ready")
+            self._emit("link", {"up": up})
+
+
+def _row(request: Request, method: Callable) -> tuple[Request, Handler]:
+    rule = protocol.MESSAGE_RULES[request]
+    return request, Handler(request.name, method, rule.fds is not protocol.Fds.NONE)
+
+
+# The one dispatch table.  Anything missing is refused (see the module docstring).
+HANDLERS: dict[Request, Handler] = dict([
+    _row(Request.GET_FEATURES, VhostUserBackend._get_features),
+    _row(Request.SET_FEATURES, VhostUserBackend._set_features),
+    _row(Request.SET_OWNER, VhostUserBackend._set_owner),
+    _row(Request.RESET_OWNER, VhostUserBackend._reset_owner),
+    _row(Request.SET_MEM_TABLE, VhostUserBackend._set_mem_table),
+    _row(Request.SET_VRING_NUM, VhostUserBackend._set_vring_num),
+    _row(Request.SET_VRING_ADDR, VhostUserBackend._set_vring_addr),
+    _row(Request.SET_VRING_BASE, VhostUserBackend._set_vring_base),
+    _row(Request.GET_VRING_BASE, VhostUserBackend._get_vring_base),
+    _row(Request.SET_VRING_KICK, VhostUserBackend._set_vring_kick),
+    _row(Request.SET_VRING_CALL, VhostUserBackend._set_vring_call),
+    _row(Request.SET_VRING_ERR, VhostUserBackend._set_vring_err),
+    _row(Request.GET_PROTOCOL_FEATURES, VhostUserBackend._get_protocol_features),
+    _row(Request.SET_PROTOCOL_FEATURES, VhostUserBackend._set_protocol_features),
+    _row(Request.GET_QUEUE_NUM, VhostUserBackend._get_queue_num),
+    _row(Request.SET_VRING_ENABLE, VhostUserBackend._set_vring_enable),
+    _row(Request.SEND_RARP, VhostUserBackend._send_rarp),
+    _row(Request.NET_SET_MTU, VhostUserBackend._net_set_mtu),
+    _row(Request.SET_BACKEND_REQ_FD, VhostUserBackend._set_backend_req_fd),
+    _row(Request.SET_STATUS, VhostUserBackend._set_status),
+    _row(Request.GET_STATUS, VhostUserBackend._get_status),
+])
