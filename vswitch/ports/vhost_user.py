@@ -28,7 +28,7 @@ class VhostUserPort(Port):
         lib.vs_vhost_dev_init(self.dev, self.queues)
         self.c.vhost = self.dev
         self._on_rarp = on_rarp
-        self._reported_errors = [0] * lib.VS_MAX_VRINGS
+        self._reported_errors = [[0] * lib.VS_VQ_ERR_MAX for _ in range(lib.VS_MAX_VRINGS)]
         self.backend = VhostUserBackend(name, spec["path"], spec.get("mode", "server"), self.queues,
                                         self.dev, quiesce, self._on_backend_event)
 
@@ -86,13 +86,16 @@ class VhostUserPort(Port):
         lines = []
         for i in range(2 * self.queues):
             r = self.dev.vrings[i]
-            if r.stats.errors != self._reported_errors[i]:
-                new = r.stats.errors - self._reported_errors[i]
-                self._reported_errors[i] = r.stats.errors
-                reason = ffi.string(lib.vs_vq_error_name(r.last_error)).decode()
-                state = " (ring stopped)" if r.broken else ""
-                lines.append(f"port '{self.name}' vring {i}: {new} bad descriptor chain(s), last: "
-                             f"{reason} at index {r.last_error_index}{state}")
+            counts = [r.error_count[e] for e in range(lib.VS_VQ_ERR_MAX)]
+            seen = self._reported_errors[i]
+            if counts == seen:
+                continue
+            self._reported_errors[i] = counts
+            reasons = ", ".join(f"{now - before} x {ffi.string(lib.vs_vq_error_name(e)).decode()}"
+                                for e, (now, before) in enumerate(zip(counts, seen)) if now != before)
+            state = " (ring stopped)" if r.broken else ""
+            lines.append(f"port '{self.name}' vring {i}: dropped malformed descriptor chains: {reasons}; "
+                         f"last at index {r.last_error_index}{state}")
         return lines
 
     def info(self) -> dict:
