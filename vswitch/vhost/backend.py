@@ -451,6 +451,9 @@ class VhostUserBackend:
                     count = len(payload) // _FD_SIZE
                     msg.fds.extend(int.from_bytes(payload[i * _FD_SIZE:(i + 1) * _FD_SIZE], "little", signed=True)
                                    for i in range(count))
+            msg.buf += data
+            if msg.header is None and len(msg.buf) == protocol.HEADER_SIZE:
+                msg.header = protocol.parse_header(bytes(msg.buf))
             name = msg.header.name if msg.header else "message"
             if flags & socket.MSG_CTRUNC or len(msg.fds) > protocol.MAX_FDS_PER_MESSAGE:
                 raise ProtocolError(f"{name}: more than {protocol.MAX_FDS_PER_MESSAGE} file descriptors attached")
@@ -458,9 +461,6 @@ class VhostUserBackend:
                 if msg.buf or msg.fds:
                     raise ConnectionError(f"connection closed in the middle of a {name}")
                 raise ConnectionError("connection closed by the front-end")
-            msg.buf += data
-            if msg.header is None and len(msg.buf) == protocol.HEADER_SIZE:
-                msg.header = protocol.parse_header(bytes(msg.buf))
 
     def _protocol_failure(self, why: str) -> None:
         self.protocol_errors += 1
