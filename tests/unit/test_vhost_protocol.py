@@ -750,3 +750,28 @@ def test_frames_flow_through_the_configured_rings(server, frontends, disable, tx
     assert len(received.header) == fe.hdr_len
     if fe.hdr_len == 12 and rx_options.get("size") == 100:
         assert received.num_buffers == 3
+
+
+def test_virtio_user_order_call_and_err_first(server, frontends):
+    """DPDK virtio-user sends SET_VRING_CALL before the ring's size and
+    addresses; QEMU also sends SET_VRING_ERR.  Every fd is closed on disconnect."""
+    fds_before = open_fds()
+    fe = frontends(server.path).connect()
+    fe.handshake(stop_before=Request.SET_VRING_NUM)
+    for ring in fe.rings:
+        i = ring.index
+        fe.request(Request.SET_VRING_CALL, protocol.pack_vring_fd(i), [fe.callfds[i]])
+        err = os.eventfd(0)
+        fe.request(Request.SET_VRING_ERR, protocol.pack_vring_fd(i), [err])
+        os.close(err)
+        fe.request(Request.SET_VRING_NUM, protocol.pack_vring_state(i, ring.size))
+        fe.request(Request.SET_VRING_BASE, protocol.pack_vring_state(i, 0))
+        fe.request(Request.SET_VRING_ADDR, protocol.pack_vring_addr(i, ring.desc_uva, ring.used_uva, ring.avail_uva))
+        fe.request(Request.SET_VRING_KICK, protocol.pack_vring_fd(i), [fe.kickfds[i]])
+        fe.set_vring_enable(i, True)
+    fe.set_u64(Request.SET_STATUS, 0x0F)
+    check_rings_running(server.dev, fe)
+    assert server.link_events() == [True]
+    fe.close()
+    server.wait_connected(False)
+    assert open_fds() == fds_before
