@@ -212,3 +212,35 @@ def test_malformed_message_closes_only_that_connection(three, tmp_path, request_
     again.handshake()
     wait_for(lambda: link(d, "vm0") == "up", what="vm0 up again")
     again.close()
+
+
+@pytest.mark.parametrize("disabled", ["none", "MRG_RXBUF", "INDIRECT_DESC", "EVENT_IDX", "VERSION_1"])
+def test_features_turned_off_by_the_front_end(tmp_path, disabled):
+    from vswitch.vhost import protocol
+    bit = {"none": 0, "MRG_RXBUF": protocol.VIRTIO_NET_F_MRG_RXBUF,
+           "INDIRECT_DESC": protocol.VIRTIO_RING_F_INDIRECT_DESC,
+           "EVENT_IDX": protocol.VIRTIO_RING_F_EVENT_IDX, "VERSION_1": protocol.VIRTIO_F_VERSION_1}[disabled]
+    mask = 0 if disabled == "none" else 1 << bit
+    with Vswitchd(tmp_path, ports=vhost_ports(tmp_path, 2)) as d:
+        guests = []
+        for i in range(2):
+            fe = VhostUserFrontend(tmp_path / f"vm{i}.sock", disable_features=mask).connect()
+            fe.handshake()
+            assert not fe.features & mask
+            fe.post_rx(0, 32, size=1024)
+            guests.append(fe)
+        wait_for(lambda: link(d, "vm0") == "up" and link(d, "vm1") == "up", what="links up")
+        big = frame(BROADCAST, mac(1), os.urandom(1400))  # needs 2 buffers with MRG_RXBUF
+        guests[0].send_frame(0, big, indirect=disabled != "INDIRECT_DESC", segments=3)
+        small = frame(BROADCAST, mac(1))
+        for _ in range(40):
+            guests[0].send_frame(0, small)
+        got = guests[1].receive(0, 41, timeout=3)
+        if mask & (1 << protocol.VIRTIO_NET_F_MRG_RXBUF):
+            # Without mergeable buffers a 1 KiB buffer cannot hold the big frame: dropped and counted.
+            assert [g.data for g in got] == [small] * 32
+            assert d.port("vm1")["stats"]["tx_dropped"] >= 1
+        else:
+            assert [g.data for g in got] == [big] + [small] * 30
+        for fe in guests:
+            fe.close()
