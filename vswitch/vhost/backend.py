@@ -96,7 +96,6 @@ class _Message:
         self.buf = bytearray()
         self.fds: list[int] = []
         self.header: Header | None = None
-        self.replied = False
 
     def close_fds(self) -> None:
         fds, self.fds = self.fds, []
@@ -473,8 +472,9 @@ class VhostUserBackend:
         header = msg.header
         payload = bytes(msg.buf[protocol.HEADER_SIZE:])
         try:
+            reply = None
             try:
-                self._dispatch(conn, msg, header, payload)
+                reply = self._dispatch(msg, header, payload)
                 ok = True
             except RequestRefused as exc:
                 if not header.need_reply:
@@ -482,9 +482,13 @@ class VhostUserBackend:
                 self.protocol_errors += 1
                 log.warning("vhost-user port '%s': request refused: %s", self.name, exc)
                 ok = False
-            if header.need_reply and not msg.replied:
-                self._reply(conn, header.request, protocol.pack_u64(0 if ok else 1))
+            # Readiness first, so that a request's effects are visible once its reply arrives.
             self._update_link()
+            if reply is not None:
+                self._reply(conn, header.request, reply)
+            elif header.need_reply:
+                # REPLY_ACK: only for requests that have no reply of their own.
+                self._reply(conn, header.request, protocol.pack_u64(0 if ok else 1))
         except ProtocolError as exc:
             msg.close_fds()
             if conn is self._conn:
@@ -498,7 +502,8 @@ class VhostUserBackend:
             return
         msg.close_fds()
 
-    def _dispatch(self, conn: _Connection, msg: _Message, header: Header, payload: bytes) -> None:
+    def _dispatch(self, msg: _Message, header: Header, payload: bytes) -> bytes | None:
+        """Validates a message and runs its handler; returns the reply payload, if any."""
         try:
             request = Request(header.request)
             handler = HANDLERS[request]
@@ -508,10 +513,7 @@ class VhostUserBackend:
             raise ProtocolError(f"{handler.name}: {len(msg.fds)} unexpected file descriptors attached")
         body = protocol.parse_payload(request, payload, len(msg.fds))
         log.debug("vhost-user port '%s': %s %s", self.name, handler.name, body)
-        reply = handler.method(self, msg, body)
-        if reply is not None:
-            self._reply(conn, header.request, reply)
-            msg.replied = True
+        return handler.method(self, msg, body)
 
     def _reply(self, conn: _Connection, request: int, payload: bytes) -> None:
         data = protocol.encode_reply(request, payload)
