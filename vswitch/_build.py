@@ -15,11 +15,14 @@ import native_sources  # noqa: E402  (a sibling module, not yet importable as vs
 
 ffibuilder = FFI()
 ffibuilder.cdef(native_sources.cdef_text(HERE))
+# setuptools wants source paths relative to setup.py; an in-place build
+# (below) compiles in a temporary directory and needs them absolute.
+_base = HERE if __name__ == "__main__" else pathlib.Path("vswitch")
 ffibuilder.set_source(
     "vswitch._native",
     '#include "vswitch.h"\n'
     f'const char *vs_source_hash(void) {{ return "{native_sources.source_hash(HERE)}"; }}\n',
-    sources=[str(HERE / s) for s in native_sources.SOURCES],
+    sources=[str(_base / s) for s in native_sources.SOURCES],
     include_dirs=[str(HERE)],
     extra_compile_args=["-O3", "-march=x86-64-v2", "-std=gnu11", "-Wall", "-Wextra",
                         "-Wno-unused-parameter", "-Werror", "-fno-strict-aliasing"],
@@ -29,7 +32,11 @@ if __name__ == "__main__":
     import shutil
     import tempfile
 
+    # The same file name pip's build gives it, so the two never shadow each other.
     with tempfile.TemporaryDirectory() as tmp:
-        built = pathlib.Path(ffibuilder.compile(tmpdir=tmp, verbose=False))
-        shutil.copy2(built, HERE / built.name)
-        print(f"built {HERE / built.name}")
+        built = pathlib.Path(ffibuilder.compile(tmpdir=tmp, target="_native.abi3.so", verbose=False))
+        shutil.copy2(built, HERE / "_native.abi3.so")
+    for stale in HERE.glob("_native.*.so"):
+        if stale.name != "_native.abi3.so":
+            stale.unlink()
+    print(f"built {HERE / '_native.abi3.so'}")

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Install vswitch from this checkout (editable), building its C fast path.
+#
+#   tools/install.sh            # the switch: vswitchd, vswitchctl
+#   tools/install.sh test       # plus the test extra (pytest, scapy)
+#
+# Run as root on Debian 12. Idempotent and quiet when there is nothing to do.
+# It installs the C toolchain and Python headers cffi needs when they are
+# missing, then `pip install -e .` into $PYTHON (default python3). An
+# externally managed system Python (PEP 668) gets a virtualenv in .venv
+# instead; tools/run-switch and tools/run-tests use it. Prints the path of
+# the Python it installed into on its last line.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+EXTRA=${1:-}
+BUILD_PACKAGES=(gcc libc6-dev python3-dev python3-venv)
+
+LOG=$(mktemp /tmp/vswitch-install.XXXXXX)
+trap 'rm -f "$LOG"' EXIT
+die() { echo "install: $*" >&2; exit 1; }
+run() {
+    local what=$1
+    shift
+    if ! "$@" >"$LOG" 2>&1; then
+        echo "install: $what failed: $*" >&2
+        cat "$LOG" >&2
+        exit 1
+    fi
+}
+
+missing=()
+for pkg in "${BUILD_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" -eq 0 ] || die "needs root to install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    run "apt-get update" apt-get update -q
+    run "apt-get install" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null || die "$PY not found"
+if [ -x "$REPO/.venv/bin/python" ]; then
+    PY=$REPO/.venv/bin/python
+elif ! "$PY" -c 'import sys, sysconfig, os; sys.exit(sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+    run "python -m venv" "$PY" -m venv "$REPO/.venv"
+    PY=$REPO/.venv/bin/python
+fi
+
+# cffi compiles the fast path against this interpreter's headers.
+"$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+    die "Python.h for $PY is missing (Debian: python3-dev): the C fast path cannot be built"
+
+# Up to date means: vswitch imports from this checkout and its C build
+# matches the sources (vswitch.native checks), and the extra's tools import.
+imports="import vswitch, vswitch.native, yaml, psutil, cffi"
+[ "$EXTRA" = test ] && imports="$imports, pytest, scapy"
+installed_ok() {
+    (cd /tmp && "$PY" - "$REPO" <<PYEOF
+import pathlib, sys
+$imports  # noqa
+sys.exit(pathlib.Path(vswitch.__file__).resolve().parent != pathlib.Path(sys.argv[1]) / "vswitch")
+PYEOF
+    ) >/dev/null 2>&1
+}
+if ! installed_ok; then
+    target=$REPO
+    [ -n "$EXTRA" ] && target="$REPO[$EXTRA]"
+    run "pip install -e $target" "$PY" -m pip install -q -e "$target"
+    installed_ok || {
+        (cd /tmp && "$PY" -c 'import vswitch.native') >&2 || true
+        die "vswitch is installed but does not import from $REPO (see the error above)"
+    }
+fi
+echo "$PY"
