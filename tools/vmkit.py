@@ -384,7 +384,9 @@ def _die_with_parent() -> None:
     """Runs in the QEMU child before exec: if the test runner dies, so does QEMU.
 
     Only async-signal-safe work happens here (one prctl call), which is what
-    makes preexec_fn acceptable even with reader threads running.
+    makes preexec_fn acceptable even with reader threads running. The kernel
+    sends the signal when the *thread* that started QEMU exits, so call
+    Guest.start() from a thread that outlives the guest (normally the main one).
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -397,6 +399,8 @@ class Guest:
     server mode) and QEMU connects to it, so the switch must listen first.
     ``qemu_server=True``: QEMU creates and listens on the socket
     (``server=on,wait=off``) and the switch port must be in client mode.
+    Even with ``wait=off`` QEMU's vhost-user netdev holds the boot until the
+    switch has connected, so ``wait_ready`` only succeeds once it has.
     """
 
     _ids = itertools.count(1)
@@ -501,6 +505,8 @@ class Guest:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
+            # Ctrl-C on the test runner must not kill QEMU before stop() powers it off.
+            start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read_output, name=f"qemu-{self.name}", daemon=True)
         self._reader.start()

@@ -5,8 +5,9 @@ cached by tools/vmkit.py) with one virtio-net-pci NIC on a vhost-user socket
 of the switch. The guests' addresses (10.200.0.0/24) exist only inside their
 own virtual network: nothing here sends traffic anywhere else.
 
-* test_kit_against_dpdk_vhost: the same ping through DPDK's own vhost backend
-  (testpmd, io forwarding). It proves the kit itself, independent of vswitchd.
+* test_kit_against_dpdk_vhost: the same pings through DPDK's own vhost backend
+  (testpmd, io forwarding), in server, client and two-queue variants. It
+  proves the kit itself, independent of vswitchd.
 * test_ping[server|client]: two guests ping each other both ways with no loss,
   with the switch owning the sockets (server) or QEMU owning them (client:
   the switch connects, and must keep retrying until QEMU listens).
@@ -78,9 +79,10 @@ def switch_ports(tmp_path: Path, *, client: bool, queues: int = 1) -> list[dict]
 
 
 def boot(guests: list[vmkit.Guest], stack: contextlib.ExitStack) -> None:
-    """Starts all guests at once (they boot in parallel), then waits for each."""
+    """Starts the guests not yet started (they boot in parallel), then waits for each."""
     for guest in guests:
-        stack.enter_context(guest)
+        if guest.process is None:
+            stack.enter_context(guest)
     for guest in guests:
         guest.wait_ready(BOOT_TIMEOUT)
 
@@ -119,6 +121,21 @@ def assert_ping_both_ways(a: vmkit.Guest, b: vmkit.Guest, count: int = PING_COUN
     assert b.ping(a_ip, count) == (count, count), f"{b.name} -> {a.name} lost pings"
 
 
+def assert_ping_from_each_queue(a: vmkit.Guest, b: vmkit.Guest, queues: int, count: int = PING_COUNT) -> None:
+    """Both guests use `queues` TX queues, and pings sent from each vCPU all come back.
+
+    The guest kernel picks a TX queue by CPU (virtio-net sets XPS one queue
+    per vCPU), so pinning ping to each vCPU in turn sends on each queue.
+    """
+    for guest in (a, b):
+        used = guest.run("ls -d /sys/class/net/eth0/queues/tx-* | wc -l").strip()
+        assert used == str(queues), f"{guest.name} uses {used} TX queues, expected {queues}"
+    for cpu in range(queues):
+        for src, dst in ((a, b), (b, a)):
+            out = src.run(f"taskset {1 << cpu:x} ping -c {count} -i 0.2 -W 2 {dst.ip.split('/')[0]}", timeout=60)
+            assert f"{count} packets received" in out, f"{src.name} on vCPU {cpu} lost pings:\n{out}"
+
+
 def log_tail(path: Path, lines: int = 60) -> str:
     try:
         with open(path, errors="replace") as log:
@@ -145,30 +162,42 @@ def switch_and_guests(tmp_path: Path, kit: Path, *, client: bool, queues: int = 
     with diagnostics(tmp_path), contextlib.ExitStack() as stack:
         guests = [make_guest(name, tmp_path, kit, qemu_server=client, queues=queues) for name in GUESTS]
         # Either way the switch starts first: in server mode QEMU needs its
-        # socket; in client mode the switch must retry until QEMU listens.
+        # socket; in client mode the switch must retry until QEMU listens
+        # (QEMU then holds the guest's boot until the switch has connected).
         switch = stack.enter_context(Vswitchd(tmp_path, ports=switch_ports(tmp_path, client=client, queues=queues)))
         boot(guests, stack)
         wait_links(switch, list(GUESTS))
         yield switch, guests
 
 
-def test_kit_against_dpdk_vhost(tmp_path, kit, require_tool):
-    """Two guests ping each other through DPDK's vhost PMD: the kit works without vswitchd."""
-    from tests.conftest import require_hugepages
+KIT_VARIANTS = {
+    "server": {"client": False, "queues": 1},
+    "client": {"client": True, "queues": 1},
+    "queues=2": {"client": False, "queues": 2},
+}
 
-    require_tool("dpdk-testpmd", "dpdk-dev")
-    require_hugepages()
-    guests = [make_guest(name, tmp_path, kit, qemu_server=False) for name in GUESTS]
+
+@pytest.mark.dpdk
+@pytest.mark.parametrize("variant", KIT_VARIANTS.values(), ids=KIT_VARIANTS.keys())
+def test_kit_against_dpdk_vhost(tmp_path, kit, variant):
+    """Two guests ping each other through DPDK's vhost PMD: the kit works without vswitchd."""
+    client, queues = variant["client"], variant["queues"]
+    guests = [make_guest(name, tmp_path, kit, qemu_server=client, queues=queues) for name in GUESTS]
     backend = TestPmd(
-        [vhost_vdev(i, guest.socket_path) for i, guest in enumerate(guests)],
-        ["--forward-mode=io", "--disable-link-check"],
+        [vhost_vdev(i, guest.socket_path, queues=queues, client=client or None) for i, guest in enumerate(guests)],
+        ["--forward-mode=io", "--disable-link-check", f"--rxq={queues}", f"--txq={queues}"],
         main_lcore=0, log_path=tmp_path / "vhost-testpmd.log",
     )
     with diagnostics(tmp_path), contextlib.ExitStack() as stack:
+        # testpmd first in both modes: as a vhost client it retries each
+        # second until QEMU listens, and its prompt is read before vhost-user
+        # messages start interleaving log lines with it.
         stack.enter_context(backend)
         backend.start()
         boot(guests, stack)
         assert_ping_both_ways(*guests)
+        if queues > 1:
+            assert_ping_from_each_queue(*guests, queues=queues)
 
 
 @pytest.mark.parametrize("mode", ["server", "client"])
@@ -201,12 +230,5 @@ def test_guest_restart(tmp_path, kit, mode):
 def test_multiqueue_ping(tmp_path, kit):
     """queues=2 guests with two vCPUs ping from each vCPU, so both TX queues carry frames."""
     with switch_and_guests(tmp_path, kit, client=False, queues=2) as (switch, (vm1, vm2)):
-        for guest in (vm1, vm2):
-            queues = guest.run("ls -d /sys/class/net/eth0/queues/tx-* | wc -l").strip()
-            assert queues == "2", f"{guest.name} uses {queues} TX queues, expected 2"
         assert_ping_both_ways(vm1, vm2)
-        # The kernel picks the TX queue by CPU (XPS), so pin ping to each vCPU.
-        for cpu_mask in ("1", "2"):
-            for a, b in ((vm1, vm2), (vm2, vm1)):
-                out = a.run(f"taskset {cpu_mask} ping -c {PING_COUNT} -i 0.2 -W 2 {b.ip.split('/')[0]}", timeout=60)
-                assert f"{PING_COUNT} packets received" in out, f"{a.name} on cpu mask {cpu_mask}:\n{out}"
+        assert_ping_from_each_queue(vm1, vm2, queues=2)
