@@ -6,13 +6,16 @@ key and what is wrong, so that a user fixes a broken file in one go.
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 
 import yaml
 
-from vswitch.fib import CAPACITY, DEFAULT_AGING_SECONDS, DEFAULT_MAX_ENTRIES
+from vswitch.fib import CAPACITY, DEFAULT_AGING_SECONDS, DEFAULT_MAX_ENTRIES, FibError, parse_mac
 
 DEFAULT_CONTROL_SOCKET = "/run/vswitch/vswitchd.sock"
 PORT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
@@ -32,50 +35,75 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     control_socket: str = DEFAULT_CONTROL_SOCKET
+    control_group: str | None = None
+    persist: bool = False
     fdb_aging_seconds: int = DEFAULT_AGING_SECONDS
     fdb_max_entries: int = DEFAULT_MAX_ENTRIES
+    fdb_static: list[dict] = field(default_factory=list)
     pmd_cpus: list[int] = field(default_factory=list)
     ports: list[dict] = field(default_factory=list)
+
+    def to_yaml_data(self) -> dict:
+        """The config as a YAML document would hold it (defaults written out)."""
+        data: dict = {"control_socket": self.control_socket}
+        if self.control_group:
+            data["control_group"] = self.control_group
+        if self.persist:
+            data["persist"] = True
+        data["fdb"] = {"aging_seconds": self.fdb_aging_seconds, "max_entries": self.fdb_max_entries}
+        if self.fdb_static:
+            data["fdb"]["static"] = [dict(e) for e in self.fdb_static]
+        if self.pmd_cpus:
+            data["pmd"] = {"cpus": list(self.pmd_cpus)}
+        data["ports"] = [dict(p) for p in self.ports]
+        return data
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def validate_port(spec, where: str, problems: list[str]) -> dict | None:
-    """Checks one port entry; returns it with defaults filled in, or None."""
+def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
+    """Checks one port entry; returns it with defaults filled in, or None.
+
+    `where` names the entry in a file ("my.yaml: ports[2]"); None means it
+    came from the control socket, and messages start "port 'NAME': ".
+    """
     if not isinstance(spec, dict):
-        problems.append(f"{where}: must be a mapping with name, type, ...")
+        problems.append(f"{where or 'port'}: must be a mapping with name, type, ...")
         return None
     before = len(problems)
     name = spec.get("name")
     if not isinstance(name, str) or not PORT_NAME.match(name):
-        problems.append(f"{where}.name: {name!r} is not a port name "
+        problems.append(f"{where + '.name' if where else 'port name'}: {name!r} is not a port name "
                         "(a letter, then up to 14 letters, digits, '-' or '_')")
         name = None
-    label = f"{where} ({name})" if name else where
+    if where:
+        label = f"{where} ({name})." if name else f"{where}."
+    else:
+        label = f"port '{name}': " if name else "port: "
     kind = spec.get("type")
     if kind not in PORT_TYPES:
-        problems.append(f"{label}.type: {kind!r} is not a port type (one of: {', '.join(PORT_TYPES)})")
+        problems.append(f"{label}type: {kind!r} is not a port type (one of: {', '.join(PORT_TYPES)})")
         return None
     out = {"name": name, "type": kind}
     known = {"name", "type", "path", "mode", "queues"}
     for key in spec:
         if key not in known:
-            problems.append(f"{label}: unknown key '{key}' for a {kind} port")
+            problems.append(f"{label.rstrip('.: ')}: unknown key '{key}' for a {kind} port")
     path = spec.get("path")
     if not isinstance(path, str) or not path.startswith("/"):
-        problems.append(f"{label}.path: {path!r} must be an absolute path to a UNIX socket")
+        problems.append(f"{label}path: {path!r} must be an absolute path to a UNIX socket")
     elif len(path.encode()) > 107:
-        problems.append(f"{label}.path: {path} is longer than a UNIX socket path may be (107 bytes)")
+        problems.append(f"{label}path: {path} is longer than a UNIX socket path may be (107 bytes)")
     elif not os.path.isdir(os.path.dirname(path)):
-        problems.append(f"{label}.path: directory {os.path.dirname(path)} does not exist")
+        problems.append(f"{label}path: directory {os.path.dirname(path)} does not exist")
     mode = spec.get("mode", "server")
     if mode not in VHOST_MODES:
-        problems.append(f"{label}.mode: {mode!r} must be 'server' or 'client'")
+        problems.append(f"{label}mode: {mode!r} must be 'server' or 'client'")
     queues = spec.get("queues", 1)
     if not _is_int(queues) or not 1 <= queues <= MAX_QUEUES:
-        problems.append(f"{label}.queues: {queues!r} must be a whole number from 1 to {MAX_QUEUES}")
+        problems.append(f"{label}queues: {queues!r} must be a whole number from 1 to {MAX_QUEUES}")
     out.update(path=path, mode=mode, queues=queues)
     return out if len(problems) == before else None
 
@@ -89,7 +117,7 @@ def parse(data, source: str = "<config>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping (control_socket, fdb, ports)"])
     for key in data:
-        if key not in ("control_socket", "fdb", "pmd", "ports"):
+        if key not in ("control_socket", "control_group", "persist", "fdb", "pmd", "ports"):
             problems.append(f"{source}: unknown key '{key}'")
     sock = data.get("control_socket", DEFAULT_CONTROL_SOCKET)
     if not isinstance(sock, str) or not sock.startswith("/"):
@@ -97,12 +125,28 @@ def parse(data, source: str = "<config>") -> Config:
     else:
         cfg.control_socket = sock
 
+    group = data.get("control_group")
+    if group is not None:
+        if not isinstance(group, str):
+            problems.append(f"{source}: control_group: {group!r} must be a group name")
+        else:
+            try:
+                grp.getgrnam(group)
+                cfg.control_group = group
+            except KeyError:
+                problems.append(f"{source}: control_group: no group named '{group}'")
+    persist = data.get("persist", False)
+    if not isinstance(persist, bool):
+        problems.append(f"{source}: persist: {persist!r} must be true or false")
+    else:
+        cfg.persist = persist
+
     fdb = data.get("fdb", {}) or {}
     if not isinstance(fdb, dict):
         problems.append(f"{source}: fdb: must be a mapping (aging_seconds, max_entries)")
         fdb = {}
     for key in fdb:
-        if key not in ("aging_seconds", "max_entries"):
+        if key not in ("aging_seconds", "max_entries", "static"):
             problems.append(f"{source}: fdb: unknown key '{key}'")
     aging = fdb.get("aging_seconds", DEFAULT_AGING_SECONDS)
     if not _is_int(aging) or not 1 <= aging <= 10**6:
@@ -114,6 +158,11 @@ def parse(data, source: str = "<config>") -> Config:
         problems.append(f"{source}: fdb.max_entries: {max_entries!r} must be a whole number from 1 to {CAPACITY}")
     else:
         cfg.fdb_max_entries = max_entries
+
+    static = fdb.get("static", []) or []
+    if not isinstance(static, list):
+        problems.append(f"{source}: fdb.static: must be a list of {{mac, port}}")
+        static = []
 
     pmd = data.get("pmd", {}) or {}
     cpus = pmd.get("cpus", []) if isinstance(pmd, dict) else None
@@ -142,9 +191,46 @@ def parse(data, source: str = "<config>") -> Config:
         names[port["name"]] = i
         paths[port["path"]] = port["name"]
         cfg.ports.append(port)
+    for i, entry in enumerate(static):
+        where = f"{source}: fdb.static[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"mac", "port"}:
+            problems.append(f"{where}: must be a mapping with exactly mac and port")
+            continue
+        try:
+            parse_mac(str(entry["mac"]))
+        except FibError as exc:
+            problems.append(f"{where}.mac: {exc}")
+            continue
+        if entry["port"] not in names:
+            problems.append(f"{where}.port: no port named {entry['port']!r}")
+            continue
+        cfg.fdb_static.append({"mac": str(entry["mac"]).lower(), "port": entry["port"]})
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def save(path: str, cfg: Config) -> None:
+    """Writes the config atomically: a crash leaves the old file or the new one, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    text = "# Written by vswitchd (persist: true): changes made with vswitchctl are saved here.\n" + \
+        yaml.safe_dump(cfg.to_yaml_data(), sort_keys=False, default_flow_style=None)
+    fd, tmp = tempfile.mkstemp(prefix=".vswitchd-config-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load(path: str) -> Config:

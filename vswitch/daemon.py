@@ -16,7 +16,8 @@ import signal
 import sys
 
 from vswitch import __version__
-from vswitch.config import ConfigError, load
+from vswitch.config import ConfigError, load, save
+from vswitch.fib import FibError
 from vswitch.control.server import ControlServer
 from vswitch.switch import Switch, SwitchError
 
@@ -32,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config file (default {DEFAULT_CONFIG})")
     p.add_argument("--control-socket", help="control socket path (overrides the config and $VSWITCH_SOCKET)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--persist", action="store_true",
+                   help="write every change made over the control socket back to the config file")
     p.add_argument("--version", action="version", version=f"vswitchd {__version__}")
     return p.parse_args(argv)
 
@@ -47,25 +50,32 @@ async def run(args) -> int:
         return 2
     control_path = args.control_socket or os.environ.get("VSWITCH_SOCKET") or cfg.control_socket
 
-    switch = Switch(cfg.fdb_max_entries, cfg.fdb_aging_seconds, cfg.pmd_cpus)
+    switch = Switch(cfg)
     switch.start()
-    control = ControlServer(switch, control_path)
+    control = ControlServer(switch, control_path, cfg.control_group)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     try:
         for spec in cfg.ports:
-            switch.add_port(spec)
+            await switch.add_port(spec)
+        for entry in cfg.fdb_static:
+            switch.fdb_add_static(entry["mac"], entry["port"])
         await control.start()
-    except (SwitchError, OSError) as exc:
+    except (SwitchError, FibError, OSError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         await control.stop()
         await switch.stop()
         return 1
+    if args.persist or cfg.persist:
+        switch.config.persist = cfg.persist
+        switch.on_change = lambda: save(args.config, switch.config)
+        log.info("persisting changes to %s", args.config)
     log.info("vswitchd %s running: %d ports, config %s", __version__, len(switch.ports), args.config)
     await stopping.wait()
     log.info("shutting down")
+    switch.on_change = None  # shutting down removes ports; that is not a user's change
     await control.stop()
     await switch.stop()
     log.info("stopped")

@@ -8,10 +8,12 @@ PMD to pass a quiescent point, and only then close what it no longer reads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Callable
 
+from vswitch.config import Config, validate_port
 from vswitch.fib import MacTable
 from vswitch.native import lib
 from vswitch.pmd import PmdThread
@@ -27,13 +29,25 @@ class SwitchError(ValueError):
 
 
 class Switch:
-    def __init__(self, fdb_max_entries: int, fdb_aging_seconds: int, pmd_cpus: list[int] | None = None):
-        self.fib = MacTable(fdb_max_entries, fdb_aging_seconds)
-        cpus = pmd_cpus or [None]
+    """The running switch; `config` always describes it as it is now.
+
+    `on_change`, if set, is called after every change a user made (ports,
+    MAC table settings, static entries): the daemon persists the config there.
+    """
+
+    def __init__(self, config: Config):
+        self.config = dataclasses.replace(config, ports=[], fdb_static=[])
+        self.fib = MacTable(config.fdb_max_entries, config.fdb_aging_seconds)
+        cpus = config.pmd_cpus or [None]
         self.pmds = [PmdThread(i, self.fib, cpu) for i, cpu in enumerate(cpus)]
         self.ports: dict[str, Port] = {}
+        self.on_change: Callable[[], None] | None = None
         self._subscribers: list[Callable[[dict], None]] = []
         self._housekeeping: asyncio.Task | None = None
+
+    def _changed(self) -> None:
+        if self.on_change:
+            self.on_change()
 
     # Lifecycle.
 
@@ -73,30 +87,42 @@ class Switch:
                 return n
         raise SwitchError(f"no room for another port (at most {lib.VS_MAX_PORTS})")
 
-    def check_new_port(self, spec: dict) -> None:
-        """Refuses a port that clashes with a running one, before anything is created."""
-        name = spec["name"]
+    def check_new_port(self, spec: dict) -> dict:
+        """Validates a port spec against the schema and the running ports.
+
+        Returns the spec with defaults filled in; refuses, before anything is
+        created, a bad field, a name or a path that is already in use.
+        """
+        problems: list[str] = []
+        port = validate_port(spec, None, problems)
+        if problems:
+            raise SwitchError(problems[0])
+        name = port["name"]
         if name in self.ports:
             raise SwitchError(f"port '{name}' already exists")
-        path = spec.get("path")
+        path = port.get("path")
         for other in self.ports.values():
             if path and other.spec.get("path") == path:
                 raise SwitchError(f"port '{name}': path {path} is already used by port '{other.name}'")
+        return port
 
-    def add_port(self, spec: dict) -> Port:
+    async def add_port(self, spec: dict) -> Port:
         from vswitch.ports import create_port
 
-        self.check_new_port(spec)
+        spec = self.check_new_port(spec)
         port = create_port(spec, self._free_port_no(), emit=self._emit_port_event,
                            quiesce=self.quiesce, on_rarp=self._on_rarp)
         try:
             port.start()
         except OSError as exc:
+            await port.stop()  # nothing half-created
             raise SwitchError(f"port '{spec['name']}': {exc.strerror or exc}") from None
         self.ports[port.name] = port
+        self.config.ports.append(spec)
         self._publish()
         self.emit({"event": "port-added", "port": port.name, "type": port.type})
         log.info("port '%s' added (%s)", port.name, port.type)
+        self._changed()
         return port
 
     async def del_port(self, name: str) -> None:
@@ -104,11 +130,45 @@ class Switch:
         if port is None:
             raise SwitchError(f"no port named '{name}'")
         del self.ports[name]
+        self.config.ports = [p for p in self.config.ports if p["name"] != name]
+        self.config.fdb_static = [e for e in self.config.fdb_static if e["port"] != name]
         self._publish()
         await port.stop()
         self.fib.flush(port.port_no, include_static=True)
         self.emit({"event": "port-removed", "port": name})
         log.info("port '%s' removed", name)
+        self._changed()
+
+    # MAC table settings, kept in the running config.
+
+    def fdb_add_static(self, mac: str, port_name: str) -> None:
+        port = self.ports.get(port_name)
+        if port is None:
+            raise SwitchError(f"no port named '{port_name}'")
+        self.fib.add_static(mac, port.port_no)
+        mac = mac.lower()
+        self.config.fdb_static = [e for e in self.config.fdb_static if e["mac"] != mac]
+        self.config.fdb_static.append({"mac": mac, "port": port_name})
+        self._changed()
+
+    def fdb_remove(self, mac: str) -> bool:
+        removed = self.fib.remove(mac)
+        mac = mac.lower()
+        before = len(self.config.fdb_static)
+        self.config.fdb_static = [e for e in self.config.fdb_static if e["mac"] != mac]
+        if len(self.config.fdb_static) != before:
+            self._changed()
+        return removed
+
+    def set_fdb_aging(self, seconds: int) -> None:
+        self.fib.aging_seconds = seconds
+        self.config.fdb_aging_seconds = seconds
+        self._changed()
+
+    def set_fdb_max(self, n: int) -> None:
+        self.fib.max_entries = n
+        self.config.fdb_max_entries = n
+        self._changed()
 
     def _publish(self) -> None:
         ports = sorted(self.ports.values(), key=lambda p: p.port_no)

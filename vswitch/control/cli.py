@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 from vswitch.config import DEFAULT_CONTROL_SOCKET
 
@@ -88,6 +89,41 @@ def print_kv(result: dict) -> None:
         print(f"{k}: {v}")
 
 
+STATS_COLUMNS = ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_dropped", "tx_dropped",
+                 "rx_errors", "tx_errors"]
+
+
+def watch_stats(sock: str, args) -> None:
+    """Prints counters once, or every --watch seconds with per-second rates."""
+    if args.watch is not None and args.watch <= 0:
+        raise ControlError("--watch takes a positive number of seconds")
+    previous, before = None, 0.0
+    while True:
+        result = call(sock, "stats/show", {"name": args.name})
+        now = time.monotonic()
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            rows = []
+            for p in result["ports"]:
+                row = [p["name"]] + [p[c] for c in STATS_COLUMNS]
+                if previous is not None and p["name"] in previous:
+                    dt = now - before
+                    row += [f"{(p['rx_packets'] - previous[p['name']]['rx_packets']) / dt:.0f}",
+                            f"{(p['tx_packets'] - previous[p['name']]['tx_packets']) / dt:.0f}"]
+                rows.append(row)
+            headers = ["PORT"] + [c.upper().replace("_", "-") for c in STATS_COLUMNS]
+            if previous is not None:
+                headers += ["RX-PPS", "TX-PPS"]
+            print(table(rows, headers[:max(len(r) for r in rows)] if rows else headers), flush=True)
+        if args.watch is None:
+            return
+        previous, before = {p["name"]: p for p in result["ports"]}, now
+        time.sleep(args.watch)
+        if not args.json:
+            print()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vswitchctl", description="control a running vswitchd")
     p.add_argument("--socket", default=os.environ.get("VSWITCH_SOCKET", DEFAULT_CONTROL_SOCKET),
@@ -97,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="ports with mode, link, queues and counters")
     show.add_argument("name", nargs="?")
     sub.add_parser("list-ports", help="port names, types and link states")
+    add = sub.add_parser("add-port", help="add a port to the running switch")
+    add.add_argument("name")
+    add.add_argument("--type", required=True, choices=["vhost-user"])
+    add.add_argument("--path", help="vhost-user socket path")
+    add.add_argument("--mode", choices=["server", "client"], help="vhost-user mode (default server)")
+    add.add_argument("--queues", type=int, help="queue pairs (default 1)")
+    delete = sub.add_parser("del-port", help="remove a port")
+    delete.add_argument("name")
+    stats = sub.add_parser("stats", help="port counters")
+    stats.add_argument("name", nargs="?")
+    stats.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS, with rates")
+    setp = sub.add_parser("set", help="change a setting")
+    set_sub = setp.add_subparsers(dest="set_cmd", required=True, metavar="setting")
+    aging = set_sub.add_parser("fdb-aging", help="MAC entry idle lifetime")
+    aging.add_argument("seconds", type=int)
+    fdb_max = set_sub.add_parser("fdb-max", help="MAC table size limit")
+    fdb_max.add_argument("entries", type=int)
+    config = sub.add_parser("config", help="the running configuration")
+    config_sub = config.add_subparsers(dest="config_cmd", required=True, metavar="config-command")
+    config_sub.add_parser("dump", help="print it as YAML")
     fdb = sub.add_parser("fdb", help="the MAC table")
     fdb_sub = fdb.add_subparsers(dest="fdb_cmd", required=True, metavar="fdb-command")
     fdb_show = fdb_sub.add_parser("show", help="list the entries")
@@ -104,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     fdb_flush = fdb_sub.add_parser("flush", help="remove learned entries")
     fdb_flush.add_argument("--port")
     fdb_sub.add_parser("stats", help="learned, moved, aged, evicted")
+    fdb_add = fdb_sub.add_parser("add", help="add a static entry")
+    fdb_add.add_argument("mac")
+    fdb_add.add_argument("port")
+    fdb_del = fdb_sub.add_parser("del", help="remove an entry")
+    fdb_del.add_argument("mac")
     sub.add_parser("pmd-stats", help="per PMD thread counters")
     sub.add_parser("events", help="stream port, link and queue events")
     sub.add_parser("list-commands", help="every control command with its usage")
@@ -124,11 +185,31 @@ def run(args) -> None:
     elif args.cmd == "list-ports":
         emit(call(sock, "port/list"),
              lambda r: print(table([[p["name"], p["type"], p["link"]] for p in r["ports"]], ["PORT", "TYPE", "LINK"])))
+    elif args.cmd == "add-port":
+        spec = {"name": args.name, "type": args.type, "path": args.path, "mode": args.mode, "queues": args.queues}
+        emit(call(sock, "port/add", {k: v for k, v in spec.items() if v is not None}),
+             lambda r: print(f"added port {r['name']} ({r['type']})"))
+    elif args.cmd == "del-port":
+        emit(call(sock, "port/del", {"name": args.name}), lambda r: print(f"removed port {r['removed']}"))
+    elif args.cmd == "stats":
+        watch_stats(sock, args)
+    elif args.cmd == "set":
+        if args.set_cmd == "fdb-aging":
+            emit(call(sock, "fdb/set-aging", {"seconds": args.seconds}), print_kv)
+        else:
+            emit(call(sock, "fdb/set-max", {"entries": args.entries}), print_kv)
+    elif args.cmd == "config":
+        emit(call(sock, "config/dump"), lambda r: print(r["yaml"], end=""))
     elif args.cmd == "fdb":
         if args.fdb_cmd == "show":
             emit(call(sock, "fdb/show", {"port": args.port}), print_fdb)
         elif args.fdb_cmd == "flush":
             emit(call(sock, "fdb/flush", {"port": args.port}), lambda r: print(f"flushed {r['flushed']} entries"))
+        elif args.fdb_cmd == "add":
+            emit(call(sock, "fdb/add", {"mac": args.mac, "port": args.port}),
+                 lambda r: print(f"added static entry {r['mac']} -> {r['port']}"))
+        elif args.fdb_cmd == "del":
+            emit(call(sock, "fdb/del", {"mac": args.mac}), lambda r: print(f"removed {r['removed']}"))
         else:
             emit(call(sock, "fdb/stats"), print_kv)
     elif args.cmd == "pmd-stats":

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import yaml
+
 import vswitch
 from vswitch.control.registry import Arg, CommandError, Registry
 from vswitch.fib import FibError
 from vswitch.switch import Switch, SwitchError
 
 registry = Registry()
+
+
+@contextlib.contextmanager
+def refused():
+    """Turns the switch's own refusals into one-line command errors."""
+    try:
+        yield
+    except (SwitchError, FibError) as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _port(switch: Switch, name: str):
@@ -42,10 +55,8 @@ async def port_show(switch: Switch, name: str | None = None):
 
 @registry.command("fdb/show", "Show the MAC table.", Arg("port", str, help="only entries on this port"))
 async def fdb_show(switch: Switch, port: str | None = None):
-    try:
+    with refused():
         return {"entries": switch.fdb_entries(port)}
-    except SwitchError as exc:
-        raise CommandError(str(exc)) from None
 
 
 @registry.command("fdb/flush", "Remove learned MAC entries.", Arg("port", str, help="only on this port"))
@@ -64,3 +75,61 @@ async def pmd_stats(switch: Switch):
     return {"pmds": [p.stats() for p in switch.pmds]}
 
 
+
+
+@registry.command("port/add", "Add a port; the other ports keep forwarding.",
+                  Arg("name", str, True, "a short identifier"), Arg("type", str, True, "vhost-user"),
+                  Arg("path", str, help="vhost-user socket"), Arg("mode", str, help="server or client"),
+                  Arg("queues", int, help="queue pairs"))
+async def port_add(switch: Switch, **spec):
+    with refused():
+        port = await switch.add_port(spec)
+    return port.info()
+
+
+@registry.command("port/del", "Remove a port; its guest sees the link go down.", Arg("name", str, True))
+async def port_del(switch: Switch, name: str):
+    with refused():
+        await switch.del_port(name)
+    return {"removed": name}
+
+
+@registry.command("stats/show", "Per-port counters, or one port's.", Arg("name", str, help="only this port"))
+async def stats_show(switch: Switch, name: str | None = None):
+    ports = [_port(switch, name)] if name else sorted(switch.ports.values(), key=lambda p: p.port_no)
+    return {"ports": [{"name": p.name, **p.stats()} for p in ports]}
+
+
+@registry.command("fdb/add", "Add a static MAC entry.", Arg("mac", str, True), Arg("port", str, True))
+async def fdb_add(switch: Switch, mac: str, port: str):
+    with refused():
+        switch.fdb_add_static(mac, port)
+    return {"mac": mac.lower(), "port": port, "static": True}
+
+
+@registry.command("fdb/del", "Remove a MAC entry, learned or static.", Arg("mac", str, True))
+async def fdb_del(switch: Switch, mac: str):
+    with refused():
+        if not switch.fdb_remove(mac):
+            raise CommandError(f"no MAC table entry for {mac}")
+    return {"removed": mac.lower()}
+
+
+@registry.command("fdb/set-aging", "Set how long an idle MAC entry lives.", Arg("seconds", int, True))
+async def fdb_set_aging(switch: Switch, seconds: int):
+    with refused():
+        switch.set_fdb_aging(seconds)
+    return {"aging_seconds": seconds}
+
+
+@registry.command("fdb/set-max", "Set the MAC table's size limit.", Arg("entries", int, True))
+async def fdb_set_max(switch: Switch, entries: int):
+    with refused():
+        switch.set_fdb_max(entries)
+    return {"max_entries": entries}
+
+
+@registry.command("config/dump", "The running configuration, as YAML.")
+async def config_dump(switch: Switch):
+    data = switch.config.to_yaml_data()
+    return {"config": data, "yaml": yaml.safe_dump(data, sort_keys=False, default_flow_style=None)}

@@ -83,7 +83,7 @@ def _close_fds(fds) -> None:
 class Handler:
     """One row of the dispatch table."""
     name: str
-    method: Callable                  # unbound VhostUserBackend method (self, header, body, fds)
+    method: Callable                  # unbound VhostUserBackend method (self, msg, body) -> reply or None
     accepts_fds: bool
 
 
@@ -358,6 +358,9 @@ class VhostUserBackend:
             sock.setblocking(False)
             try:
                 await self._loop.sock_connect(sock, self.path)
+            except asyncio.CancelledError:
+                sock.close()
+                raise
             except OSError as exc:
                 sock.close()
                 if failures == 0:
@@ -371,10 +374,7 @@ class VhostUserBackend:
             delay = RECONNECT_MIN_DELAY
             closed = self._loop.create_future()
             self._attach(sock, closed)
-            try:
-                await closed
-            except asyncio.CancelledError:
-                raise
+            await closed
             await asyncio.sleep(delay)
 
     def _attach(self, sock: socket.socket, on_closed) -> None:
