@@ -305,11 +305,15 @@ def _pack_initramfs(busybox: bytes, modules: dict[str, bytes]) -> bytes:
     return gzip.compress(archive.finish(), compresslevel=6, mtime=0)
 
 
+def _init_sha256() -> str:
+    return hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()
+
+
 def _inputs_stamp(kernel_package: str, kernel_version: str, busybox_version: str) -> dict:
     """Everything the built files depend on; a change in any of it rebuilds."""
     return {
         "kit_format": KIT_FORMAT,
-        "init_sha256": hashlib.sha256(INIT_SCRIPT.encode()).hexdigest(),
+        "init_sha256": _init_sha256(),
         "modules": VIRTIO_NET_MODULES,
         "kernel_package": kernel_package,
         "kernel_version": kernel_version,
@@ -334,16 +338,22 @@ def build(directory: Path | None = None, force: bool = False, log=print) -> tupl
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        kernel_package = kernel_package_name()
-        wanted = _inputs_stamp(
-            kernel_package, candidate_version(kernel_package), candidate_version(BUSYBOX_PACKAGE)
-        )
-        if (
-            not force
-            and _read_stamp(directory) == wanted
-            and kernel_path(directory).exists()
-            and initramfs_path(directory).exists()
-        ):
+        have = _read_stamp(directory)
+        complete = have is not None and kernel_path(directory).exists() and initramfs_path(directory).exists()
+        try:
+            kernel_package = kernel_package_name()
+            wanted = _inputs_stamp(
+                kernel_package, candidate_version(kernel_package), candidate_version(BUSYBOX_PACKAGE)
+            )
+        except VmkitError as exc:
+            # Without apt's package lists (offline, no apt-get update) a cache
+            # built from this same kit is still good: only package updates are missed.
+            ours = have and have.get("kit_format") == KIT_FORMAT and have.get("init_sha256") == _init_sha256()
+            if complete and ours and not force:
+                log(f"vmkit: cannot check package versions ({exc}); using the cache in {directory}")
+                return kernel_path(directory), initramfs_path(directory)
+            raise
+        if not force and complete and have == wanted:
             return kernel_path(directory), initramfs_path(directory)
 
         log(f"vmkit: building guest kernel+initramfs from {kernel_package} {wanted['kernel_version']} in {directory}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import subprocess
 import time
 from pathlib import Path
 
@@ -88,7 +89,11 @@ def boot(guests: list[vmkit.Guest], stack: contextlib.ExitStack) -> None:
 
 
 def link_states(switch: Vswitchd) -> dict[str, object]:
-    return {port["name"]: port.get("link") for port in switch.ctl("show")["ports"]}
+    """Each port's link state as `vswitchctl show` reports it."""
+    try:
+        return {port["name"]: port.get("link") for port in switch.ctl("show")["ports"]}
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"vswitchctl {' '.join(exc.cmd[-2:])} failed ({exc.returncode}): {exc.stderr.strip()}")
 
 
 def wait_links(switch: Vswitchd, names: list[str], up: bool = True, timeout: float = LINK_TIMEOUT) -> None:
