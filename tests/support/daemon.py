@@ -34,6 +34,7 @@ class Vswitchd:
         if extra:
             self.config.update(extra)
         self.log_level = log_level
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "Vswitchd":
@@ -41,7 +42,7 @@ class Vswitchd:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vswitch.daemon", "--config", str(self.config_path),
-             "--log-level", self.log_level],
+             "--log-level", self.log_level, *self.extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
