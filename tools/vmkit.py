@@ -448,6 +448,7 @@ class Guest:
         self._reader: threading.Thread | None = None
         self._log_file = None
         self._marker_ids = itertools.count(1)
+        self._booted = False  # the shell is up, so "poweroff -f" can be typed
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -573,6 +574,7 @@ class Guest:
         match = self._wait_for(pattern, 0, timeout, READY_MARKER)
         if match.group(1) == ERROR_MARKER:
             raise VmkitError(f"guest {self.name} failed to boot: {match.group(0)}{self._tail()}")
+        self._booted = True
         return match.group(0)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -581,21 +583,15 @@ class Guest:
         if process is None:
             return
         try:
-            if process.poll() is None:
+            # Without a shell to type into (still booting, or QEMU still
+            # waiting for the switch to connect) go straight to SIGTERM.
+            if process.poll() is None and not (self._booted and self._power_off(timeout)):
+                process.terminate()
                 try:
-                    # -no-reboot turns the guest's power-off into a QEMU exit.
-                    self._write("\npoweroff -f\n")
-                except (BrokenPipeError, OSError):
-                    pass
-                try:
-                    process.wait(timeout)
+                    process.wait(5)
                 except subprocess.TimeoutExpired:
-                    process.terminate()
-                    try:
-                        process.wait(5)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
-                        process.wait(5)
+                    process.kill()
+                    process.wait(5)
         finally:
             if process.stdin:
                 try:
@@ -618,6 +614,17 @@ class Guest:
                     pass
             self.process = None
             self._reader = None
+            self._booted = False
+
+    def _power_off(self, timeout: float) -> bool:
+        """Types "poweroff -f" on the console; True if QEMU exited within timeout."""
+        try:
+            # -no-reboot turns the guest's power-off into a QEMU exit.
+            self._write("\npoweroff -f\n")
+            self.process.wait(timeout)
+            return True
+        except (OSError, subprocess.TimeoutExpired):
+            return False
 
     def __enter__(self) -> "Guest":
         try:
