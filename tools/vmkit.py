@@ -450,6 +450,11 @@ class Guest:
         self._marker_ids = itertools.count(1)
         self._booted = False  # the shell is up, so "poweroff -f" can be typed
 
+    @property
+    def address(self) -> str:
+        """The guest's IPv4 address without the prefix length."""
+        return self.ip.split("/")[0]
+
     # ---- lifecycle -------------------------------------------------------
 
     def command_line(self) -> list[str]:

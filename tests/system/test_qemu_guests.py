@@ -119,11 +119,10 @@ def prime(guest: vmkit.Guest, peer_ip: str) -> None:
 
 def assert_ping_both_ways(a: vmkit.Guest, b: vmkit.Guest, count: int = PING_COUNT) -> None:
     """a and b ping each other with no loss once ARP is resolved."""
-    a_ip, b_ip = a.ip.split("/")[0], b.ip.split("/")[0]
-    prime(a, b_ip)
-    prime(b, a_ip)
-    assert a.ping(b_ip, count) == (count, count), f"{a.name} -> {b.name} lost pings"
-    assert b.ping(a_ip, count) == (count, count), f"{b.name} -> {a.name} lost pings"
+    prime(a, b.address)
+    prime(b, a.address)
+    assert a.ping(b.address, count) == (count, count), f"{a.name} -> {b.name} lost pings"
+    assert b.ping(a.address, count) == (count, count), f"{b.name} -> {a.name} lost pings"
 
 
 def assert_ping_from_each_queue(a: vmkit.Guest, b: vmkit.Guest, queues: int, count: int = PING_COUNT) -> None:
@@ -137,7 +136,7 @@ def assert_ping_from_each_queue(a: vmkit.Guest, b: vmkit.Guest, queues: int, cou
         assert used == str(queues), f"{guest.name} uses {used} TX queues, expected {queues}"
     for cpu in range(queues):
         for src, dst in ((a, b), (b, a)):
-            out = src.run(f"taskset {1 << cpu:x} ping -c {count} -i 0.2 -W 2 {dst.ip.split('/')[0]}", timeout=60)
+            out = src.run(f"taskset {1 << cpu:x} ping -c {count} -i 0.2 -W 2 {dst.address}", timeout=60)
             assert f"{count} packets received" in out, f"{src.name} on vCPU {cpu} lost pings:\n{out}"
 
 
