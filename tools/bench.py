@@ -1,0 +1,835 @@
+"""Forwarding benchmark: vswitchd against DPDK testpmd and OVS-DPDK, same generator, same run.
+
+Run from the repository root, as root, with hugepages reserved:
+
+    python -m tools.bench                      # 64/512/1518-byte frames, 3 repetitions, all systems
+    python -m tools.bench --smoke --systems vswitchd,testpmd-io
+
+Method
+------
+Every system under test (SUT) is a two-port middle box between the two ports
+of one traffic generator:
+
+    generator port 0 (virtio-user) <-> SUT port A ... SUT port B <-> generator port 1 (virtio-user)
+
+* The generator is one `dpdk-testpmd` with two `net_virtio_user` ports in
+  `mac` forwarding mode with `--eth-peer` set, so every frame it sends out of
+  port 0 carries port 0's MAC as source and port 1's MAC as destination (and
+  the other way round): real, learnable addresses. It is seeded with the
+  interactive `start tx_first 32` (32 bursts of 32 frames per port); from
+  then on a fixed population of frames loops generator -> SUT -> generator.
+  The sum of the generator's Rx over both ports is the SUT's forwarding rate.
+* The systems, each started fresh for every measurement:
+  - `vswitchd`: this project, two vhost-user ports in server mode, MAC
+    learning on (the default, as users run it), `pmd: {cpus: [SUT core]}`.
+  - `testpmd-io`: `dpdk-testpmd` with two `net_vhost` ports, `io` forwarding
+    (port 0 <-> port 1, no header touched): DPDK's own vhost at its fastest.
+  - `testpmd-mac`: the same with `mac` forwarding (rewrites both MACs of
+    every frame, a per-packet header write like a switch's).
+  - `ovs-dpdk`: Open vSwitch's DPDK build (`ovs-vswitchd-dpdk`) with a
+    private ovsdb-server and run directory, under `unshare --net`, a
+    `datapath_type=netdev` bridge with its default NORMAL (learning) flow,
+    and two `dpdkvhostuserclient` ports (OVS is the vhost-user client, the
+    generator's virtio-user ports are servers: `server=1`).
+* Cores: the generator forwards on `--gen-core` (default 0), the SUT's
+  packet thread (PMD / forwarding lcore) runs on `--sut-core` (default 1).
+  Everything else (the SUT's control threads, testpmd main lcores) is idle
+  during a measurement; the SUT's process is pinned to the generator core
+  with taskset so only its packet thread uses the SUT core (its threads pin
+  themselves to the SUT core).
+* Frame size: sizes are Ethernet frame sizes including the 4-byte FCS, as
+  RFC 2544 counts them. virtio carries no FCS, so the generator is told
+  `set txpkts <size - 4>` (testpmd's txpkts is the length of the frame it
+  builds in the mbuf: Ethernet header to end of payload, no CRC). Gbit/s
+  counts the line rate those frames would need on a wire: (size + 20 bytes
+  of preamble, start delimiter and inter-frame gap) x 8 x frames/s.
+* A measurement: start the SUT, start the generator, set the frame size,
+  `start tx_first 32`, wait `--warmup` seconds, read the generator's port
+  counters (`show port stats all`), wait `--window` seconds, read them again.
+  Mpps = (RX-packets delta, both ports) / the time between the two reads.
+  Cycles per packet, where the system reports them: the generator's from
+  testpmd `--record-core-cycles` (`show fwd stats all`: busy cycles /
+  received packets over the window), testpmd SUT's the same way, vswitchd's
+  from `pmd/stats` (busy_cycles / packets), OVS's from
+  `dpif-netdev/pmd-stats-show` (processing cycles / packets received).
+* The host this was written on has slow spells (both processes 1.5-2.3x
+  slower for tens of seconds), so every repetition measures every system at
+  every size, interleaved (the system order rotates each repetition), and
+  the table reports the median with min and max. Cycles per packet show
+  whether a slow sample was a slow spell (the generator's cycles go up too).
+* A system that cannot be started is reported as unavailable with the
+  reason, in the table and the JSON; it is never silently dropped.
+
+Every process is started by this tool and stopped by its PID (quit, then
+SIGTERM, then SIGKILL), on failure and on Ctrl-C too; DPDK runs with
+`--in-memory` (no hugepage files), OVS in its own network namespace that dies
+with it, sockets in a temporary directory that is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    # `python tools/bench.py` works as well as `python -m tools.bench`.
+    sys.path.insert(0, str(REPO))
+
+from tests.support.testpmd import (TESTPMD, TestPmd, TestPmdError, hugepages_free,  # noqa: E402
+                                   vhost_vdev, virtio_user_vdev)
+
+SYSTEMS = ("vswitchd", "testpmd-io", "testpmd-mac", "ovs-dpdk")
+BASELINE = "testpmd-io"
+DEFAULT_SIZES = (64, 512, 1518)
+FCS_BYTES = 4
+# Preamble (7) + start frame delimiter (1) + minimum inter-frame gap (12).
+WIRE_OVERHEAD_BYTES = 20
+# `start tx_first N`: bursts per port that seed the loop. One burst is
+# latency-bound (~12 vs ~24 Mpps on the reference machine, PEERS.md); 32
+# bursts keep every ring in the loop busy.
+TX_FIRST_BURSTS = 32
+GEN_MAC = ("02:00:00:00:00:01", "02:00:00:00:00:02")
+# Enough mbufs for 2 x 32 x 32 frames in flight plus both ports' rings.
+GEN_MBUFS = 32768
+
+OVS_DPDK_BINARY = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk"
+OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+OVS_PACKAGE = "openvswitch-switch-dpdk"
+
+
+class Unavailable(Exception):
+    """A system cannot be run on this machine; the message says why and how to fix it."""
+
+
+# --------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(argv: list[str], env: dict | None = None, timeout: float = 30.0) -> str:
+    """Run a short command; returns its stdout, raises RuntimeError with its output on failure."""
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited with {done.returncode}: "
+                           f"{(done.stderr or done.stdout).strip()[-800:]}")
+    return done.stdout
+
+
+def stop_process(proc: subprocess.Popen | None, name: str, grace: float = 10.0) -> None:
+    """SIGTERM by PID, then SIGKILL if it does not exit within `grace` seconds; reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            log(f"bench: {name} (pid {proc.pid}) ignored signal {sig.name}")
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None,
+             log_path: Path | None = None) -> None:
+    """Poll `predicate` until true; fail early if `proc` exits, with the tail of its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}{log_tail(log_path)}")
+        time.sleep(0.1)
+    raise RuntimeError(f"{what}: not done within {timeout:.0f} s{log_tail(log_path)}")
+
+
+def log_tail(path: Path | None, lines: int = 15) -> str:
+    if path is None or not path.exists():
+        return ""
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- last lines of {path} ---\n" + "\n".join(text)
+
+
+def package_version(package: str) -> str | None:
+    done = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def git_revision() -> str | None:
+    done = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def parse_fwd_cycles(text: str) -> tuple[int, int] | None:
+    """(busy cycles, packets) from testpmd's `show fwd stats all` with --record-core-cycles.
+
+    DPDK 22.11 prints "total cycles=", later releases "busy cycles="; both
+    count only polls that received packets.
+    """
+    found = re.search(r"CPU cycles/packet=[\d.]+ \((?:busy|total) cycles=(\d+) / total \w+ packets=(\d+)\)",
+                      text)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def per_packet(delta: tuple[int, int] | None) -> float | None:
+    if delta is None or delta[1] <= 0:
+        return None
+    return delta[0] / delta[1]
+
+
+def delta(before: tuple[int, int] | None, after: tuple[int, int] | None) -> tuple[int, int] | None:
+    if before is None or after is None:
+        return None
+    return after[0] - before[0], after[1] - before[1]
+
+
+# --------------------------------------------------------------------------
+# Systems under test
+# --------------------------------------------------------------------------
+
+class System:
+    """One system under test, started fresh for one measurement in its own directory.
+
+    `socket_paths` are the two vhost-user sockets; `generator_is_server` says
+    whether the generator's virtio-user ports must listen (server=1) because
+    the SUT connects to them.
+    """
+
+    name = ""
+    generator_is_server = False
+
+    def __init__(self, workdir: Path, gen_core: int, sut_core: int):
+        self.dir = workdir
+        self.gen_core = gen_core
+        self.sut_core = sut_core
+        self.socket_paths = [workdir / "a.sock", workdir / "b.sock"]
+
+    @classmethod
+    def check(cls, install: bool) -> None:
+        """Raise Unavailable with the reason if this system cannot run here."""
+
+    @classmethod
+    def version(cls) -> str | None:
+        return None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def cycles(self) -> tuple[int, int] | None:
+        """Cumulative (busy cycles, packets) of the SUT's packet thread, if it reports them."""
+        return None
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class Vswitchd(System):
+    name = "vswitchd"
+
+    @classmethod
+    def check(cls, install: bool) -> None:
+        try:
+            import vswitch.native  # noqa: F401  (the C fast path must be built)
+            import yaml  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not installed"
+            raise Unavailable(f"vswitch does not import ({exc}); run tools/install.sh or "
+                              "pip install -e . in the repository") from None
+
+    @classmethod
+    def version(cls) -> str | None:
+        from vswitch import __version__
+        return f"{__version__} ({git_revision()})"
+
+    def start(self) -> None:
+        import yaml
+        self.control_socket = str(self.dir / "vswitchd.ctl")
+        self.log_path = self.dir / "vswitchd.log"
+        config = {
+            "control_socket": self.control_socket,
+            "pmd": {"cpus": [self.sut_core]},
+            "ports": [{"name": f"vm{i}", "type": "vhost-user", "path": str(path), "mode": "server"}
+                      for i, path in enumerate(self.socket_paths)],
+        }
+        config_path = self.dir / "vswitchd.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        self._log = open(self.log_path, "ab")
+        # The control plane lives on the generator core; the PMD thread pins
+        # itself to the SUT core (pmd.cpus).
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", str(self.gen_core), sys.executable, "-m", "vswitch.daemon",
+             "--config", str(config_path), "--log-level", "info"],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        wait_for(lambda: all(p.exists() for p in self.socket_paths) and self._answers(), 30,
+                 "vswitchd start-up", self.proc, self.log_path)
+
+    def _answers(self) -> bool:
+        try:
+            self._call("version")
+            return True
+        except Exception:  # noqa: BLE001 - not ready yet
+            return False
+
+    def _call(self, command: str):
+        from vswitch.control.cli import call
+        return call(self.control_socket, command, timeout=5)
+
+    def cycles(self) -> tuple[int, int] | None:
+        pmds = self._call("pmd/stats")["pmds"]
+        return (sum(p["busy_cycles"] for p in pmds), sum(p["packets"] for p in pmds))
+
+    def stop(self) -> None:
+        stop_process(getattr(self, "proc", None), "vswitchd")
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+class TestPmdVhost(System):
+    """DPDK testpmd with two net_vhost ports: DPDK's own vhost-user backend as the middle box."""
+
+    __test__ = False
+    forward_mode = "io"
+
+    @classmethod
+    def check(cls, install: bool) -> None:
+        if shutil.which(TESTPMD) is None:
+            raise Unavailable(f"{TESTPMD} not found: apt-get install dpdk-dev (tools/setup-test-env.sh)")
+
+    @classmethod
+    def version(cls) -> str | None:
+        return package_version("dpdk")
+
+    def start(self) -> None:
+        # Forwarding lcore on the SUT core, main lcore (the idle prompt) on the generator core.
+        self.pmd = TestPmd(
+            [vhost_vdev(i, path) for i, path in enumerate(self.socket_paths)],
+            [f"--forward-mode={self.forward_mode}", "--nb-cores=1", "--record-core-cycles",
+             "--disable-link-check"],
+            log_path=self.dir / "sut-testpmd.log", lcores=f"{self.gen_core},{self.sut_core}",
+            main_lcore=self.gen_core)
+        self.pmd.spawn().wait_ready()
+        self.pmd.start()
+        wait_for(lambda: all(p.exists() for p in self.socket_paths), 10, "testpmd vhost sockets")
+
+    def cycles(self) -> tuple[int, int] | None:
+        return parse_fwd_cycles(self.pmd.cmd("show fwd stats all"))
+
+    def stop(self) -> None:
+        if getattr(self, "pmd", None):
+            self.pmd.close()
+
+
+class TestPmdIo(TestPmdVhost):
+    name = "testpmd-io"
+    forward_mode = "io"
+
+
+class TestPmdMac(TestPmdVhost):
+    name = "testpmd-mac"
+    forward_mode = "mac"
+
+
+class OvsDpdk(System):
+    """Open vSwitch with the DPDK datapath, private database and run directory, own network namespace."""
+
+    name = "ovs-dpdk"
+    generator_is_server = True
+
+    @classmethod
+    def check(cls, install: bool) -> None:
+        if not os.access(OVS_DPDK_BINARY, os.X_OK) and install:
+            log(f"bench: installing {OVS_PACKAGE} (apt-get)")
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            argv = ["apt-get", "install", "-y", "-q", "--no-install-recommends", OVS_PACKAGE]
+            if subprocess.run(argv, env=env, capture_output=True).returncode != 0:
+                subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+                done = subprocess.run(argv, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise Unavailable(f"apt-get install {OVS_PACKAGE} failed: {done.stderr.strip()[-300:]}")
+        if not os.access(OVS_DPDK_BINARY, os.X_OK):
+            raise Unavailable(f"{OVS_DPDK_BINARY} not found: apt-get install {OVS_PACKAGE} "
+                              "(or run the benchmark with --install)")
+        for tool in ("ovsdb-tool", "ovsdb-server", "ovs-vsctl", "ovs-appctl", "unshare", "taskset"):
+            if shutil.which(tool) is None:
+                raise Unavailable(f"{tool} not found (apt-get install {OVS_PACKAGE})")
+        if not Path(OVS_SCHEMA).exists():
+            raise Unavailable(f"{OVS_SCHEMA} not found (apt-get install {OVS_PACKAGE})")
+
+    @classmethod
+    def version(cls) -> str | None:
+        try:
+            first = run([OVS_DPDK_BINARY, "--version"]).splitlines()
+        except Exception:  # noqa: BLE001
+            return package_version(OVS_PACKAGE)
+        return "; ".join(line.strip() for line in first if line.strip())
+
+    def start(self) -> None:
+        run_dir = self.dir / "ovs"
+        run_dir.mkdir()
+        self.run_dir = run_dir
+        # Every path OVS derives from these lives in run_dir: nothing touches
+        # /var/run/openvswitch or /etc/openvswitch of a system OVS.
+        self.env = dict(os.environ, OVS_RUNDIR=str(run_dir), OVS_DBDIR=str(run_dir),
+                        OVS_LOGDIR=str(run_dir), OVS_SYSCONFDIR=str(run_dir),
+                        OVS_PKGDATADIR=str(Path(OVS_SCHEMA).parent))
+        db = run_dir / "conf.db"
+        self.db_socket = run_dir / "db.sock"
+        self.ctl_socket = run_dir / "ovs-vswitchd.ctl"
+        run(["ovsdb-tool", "create", str(db), OVS_SCHEMA], self.env)
+        self.ovsdb = subprocess.Popen(
+            ["taskset", "-c", str(self.gen_core), "ovsdb-server", str(db),
+             f"--remote=punix:{self.db_socket}", f"--unixctl={run_dir / 'ovsdb-server.ctl'}",
+             f"--pidfile={run_dir / 'ovsdb-server.pid'}", f"--log-file={run_dir / 'ovsdb-server.log'}",
+             "-vconsole:off"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(self.db_socket.exists, 10, "ovsdb-server start-up", self.ovsdb, run_dir / "ovsdb-server.log")
+        prefix = f"vswitch-bench-ovs-{os.getpid()}"
+        self.vsctl("init")
+        self.vsctl("set", "Open_vSwitch", ".",
+                   "other_config:dpdk-init=true",
+                   f'other_config:dpdk-extra="--no-pci --in-memory --file-prefix={prefix}"',
+                   f"other_config:dpdk-lcore-mask={1 << self.gen_core:#x}",
+                   f"other_config:pmd-cpu-mask={1 << self.sut_core:#x}",
+                   # Pools sized for these two ports instead of one shared
+                   # 256k-mbuf pool: hugepages are shared with the generator.
+                   "other_config:per-port-memory=true")
+        # The bridge's default flow is NORMAL: MAC learning, like vswitchd.
+        self.vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev")
+        for i, path in enumerate(self.socket_paths):
+            self.vsctl("add-port", "br0", f"vhu{i}", "--", "set", "Interface", f"vhu{i}",
+                       "type=dpdkvhostuserclient", f"options:vhost-server-path={path}")
+        self.log_path = run_dir / "ovs-vswitchd.log"
+        # unshare --net: the bridge's internal tap device is made in a
+        # namespace that disappears with the process. taskset puts OVS's
+        # non-PMD threads on the generator core; the PMD pins itself.
+        self.vswitchd = subprocess.Popen(
+            ["taskset", "-c", str(self.gen_core), "unshare", "--net", OVS_DPDK_BINARY,
+             f"unix:{self.db_socket}", "--disable-system", f"--unixctl={self.ctl_socket}",
+             f"--pidfile={run_dir / 'ovs-vswitchd.pid'}", f"--log-file={self.log_path}", "-vconsole:off"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(self._ports_ready, 60, "ovs-vswitchd-dpdk start-up", self.vswitchd, self.log_path)
+
+    def vsctl(self, *args: str) -> str:
+        return run(["ovs-vsctl", f"--db=unix:{self.db_socket}", "--no-wait", "--timeout=20", *args], self.env)
+
+    def appctl(self, *args: str) -> str:
+        return run(["ovs-appctl", "-t", str(self.ctl_socket), *args], self.env)
+
+    def _ports_ready(self) -> bool:
+        if not self.ctl_socket.exists():
+            return False
+        try:
+            ofports = [self.vsctl("get", "Interface", f"vhu{i}", "ofport").strip() for i in range(2)]
+        except RuntimeError:
+            return False
+        return all(p.isdigit() and int(p) > 0 for p in ofports)
+
+    def cycles(self) -> tuple[int, int] | None:
+        text = self.appctl("dpif-netdev/pmd-stats-show")
+        busy = re.search(r"processing cycles:\s*(\d+)", text)
+        packets = re.search(r"packets received:\s*(\d+)", text)
+        return (int(busy.group(1)), int(packets.group(1))) if busy and packets else None
+
+    def stop(self) -> None:
+        vswitchd = getattr(self, "vswitchd", None)
+        if vswitchd is not None and vswitchd.poll() is None:
+            try:
+                # A clean exit releases the DPDK ports; signals are the fallback.
+                run(["ovs-appctl", "-t", str(self.ctl_socket), "exit", "--cleanup"], self.env, timeout=15)
+                vswitchd.wait(10)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass
+        stop_process(vswitchd, "ovs-vswitchd")
+        stop_process(getattr(self, "ovsdb", None), "ovsdb-server")
+
+
+SYSTEM_CLASSES: dict[str, type[System]] = {cls.name: cls for cls in (Vswitchd, TestPmdIo, TestPmdMac, OvsDpdk)}
+
+
+# --------------------------------------------------------------------------
+# One measurement
+# --------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    system: str
+    size: int
+    rep: int
+    mpps: float | None = None
+    rx_packets: int | None = None          # both generator ports, over the window
+    window_seconds: float | None = None
+    testpmd_rx_pps: int | None = None      # testpmd's own Rx-pps (sum), for cross-checking
+    generator_cycles_per_packet: float | None = None
+    sut_cycles_per_packet: float | None = None
+    generator_rx_missed: int | None = None
+    started_at: str = ""
+    error: str | None = None
+
+
+class Generator(TestPmd):
+    """The traffic generator: testpmd, two virtio-user ports, mac forwarding towards each other."""
+
+    __test__ = False
+
+    def __init__(self, sockets: list[Path], server: bool, workdir: Path, gen_core: int, sut_core: int):
+        vdevs = [virtio_user_vdev(i, path, mac=GEN_MAC[i], server=server or None)
+                 for i, path in enumerate(sockets)]
+        args = ["--forward-mode=mac", f"--eth-peer=0,{GEN_MAC[1]}", f"--eth-peer=1,{GEN_MAC[0]}",
+                "--nb-cores=1", "--record-core-cycles"]
+        # Forwarding lcore on the generator core; the main lcore (the prompt,
+        # busy only while answering a command) on the SUT core.
+        super().__init__(vdevs, args, log_path=workdir / "generator.log", lcores=f"{gen_core},{sut_core}",
+                         main_lcore=sut_core, total_num_mbufs=GEN_MBUFS, start_timeout=60)
+
+
+def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) -> Sample:
+    """Start the system and a generator, loop frames of `size` bytes through it, read the rate."""
+    sample = Sample(system_cls.name, size, rep, started_at=datetime.datetime.now().isoformat(timespec="seconds"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{system_cls.name}-{size}-", dir=scratch))
+    system = system_cls(workdir, args.gen_core, args.sut_core)
+    generator = Generator(system.socket_paths, system.generator_is_server, workdir, args.gen_core, args.sut_core)
+    try:
+        if system.generator_is_server:
+            # The SUT connects to the generator's listening sockets.
+            generator.spawn()
+            system.start()
+            generator.wait_ready()
+        else:
+            system.start()
+            generator.spawn().wait_ready()
+        reply = generator.cmd(f"set txpkts {size - FCS_BYTES}")
+        if reply.strip():
+            raise RuntimeError(f"testpmd rejected 'set txpkts {size - FCS_BYTES}': {reply.strip()}")
+        generator.start(tx_first=args.tx_first)
+        time.sleep(args.warmup)
+
+        # Cycle counters are cumulative: read them around the window too.
+        sut_before = system.cycles()
+        gen_before = parse_fwd_cycles(generator.cmd("show fwd stats all"))
+        t0 = time.monotonic()
+        before = generator.port_stats()
+        time.sleep(args.window)
+        t1 = time.monotonic()
+        after = generator.port_stats()
+        gen_after = parse_fwd_cycles(generator.cmd("show fwd stats all"))
+        sut_after = system.cycles()
+
+        if set(after) != {0, 1}:
+            raise RuntimeError(f"generator reported ports {sorted(after)}, expected 0 and 1")
+        sample.rx_packets = sum(after[p]["rx_packets"] - before[p]["rx_packets"] for p in (0, 1))
+        sample.window_seconds = round(t1 - t0, 4)
+        sample.mpps = sample.rx_packets / (t1 - t0) / 1e6
+        sample.testpmd_rx_pps = sum(after[p].get("rx_pps", 0) for p in (0, 1))
+        sample.generator_rx_missed = sum(after[p].get("rx_missed", 0) for p in (0, 1))
+        sample.generator_cycles_per_packet = per_packet(delta(gen_before, gen_after))
+        sample.sut_cycles_per_packet = per_packet(delta(sut_before, sut_after))
+        if sample.rx_packets <= 0:
+            raise RuntimeError("no frame came back through the system during the window")
+    except Exception as exc:  # noqa: BLE001 - one failed sample must not end the benchmark
+        sample.error = f"{type(exc).__name__}: {exc}"
+        log(f"bench: {system_cls.name} {size} B rep {rep + 1} failed: {sample.error}")
+        log(f"bench: logs kept in {workdir}")
+    finally:
+        generator.close()
+        system.stop()
+    if sample.error is None and not args.keep_logs:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return sample
+
+
+# --------------------------------------------------------------------------
+# Summary, table, JSON, plot
+# --------------------------------------------------------------------------
+
+def gbits(mpps: float, size: int) -> float:
+    return mpps * 1e6 * (size + WIRE_OVERHEAD_BYTES) * 8 / 1e9
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
+              unavailable: dict[str, str]) -> list[dict]:
+    """One row per (system, size): medians, min/max, Gbit/s, ratio to the baseline."""
+    rows = []
+    medians: dict[tuple[str, int], float] = {}
+    for system in systems:
+        for size in sizes:
+            mine = [s for s in samples if s.system == system and s.size == size]
+            good = [s.mpps for s in mine if s.mpps is not None]
+            row = {"system": system, "size": size, "samples": len(good), "failed": len(mine) - len(good)}
+            if system in unavailable:
+                row["status"] = f"unavailable: {unavailable[system]}"
+            elif not good:
+                errors = [s.error for s in mine if s.error]
+                row["status"] = f"failed: {errors[0] if errors else 'no sample'}"
+            else:
+                row["status"] = "ok" if not row["failed"] else f"ok ({row['failed']} failed sample(s))"
+                row["mpps_median"] = statistics.median(good)
+                row["mpps_min"] = min(good)
+                row["mpps_max"] = max(good)
+                row["gbit_s_median"] = gbits(row["mpps_median"], size)
+                row["generator_cycles_per_packet"] = median_or_none([s.generator_cycles_per_packet for s in mine])
+                row["sut_cycles_per_packet"] = median_or_none([s.sut_cycles_per_packet for s in mine])
+                medians[(system, size)] = row["mpps_median"]
+            rows.append(row)
+    for row in rows:
+        base = medians.get((BASELINE, row["size"]))
+        mpps = row.get("mpps_median")
+        row["ratio_to_testpmd_io"] = (mpps / base) if (mpps is not None and base) else None
+    return rows
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_table(rows: list[dict]) -> str:
+    headers = ["system", "frame B", "Mpps", "min-max Mpps", "Gbit/s*", "x testpmd-io",
+               "SUT cyc/pkt", "gen cyc/pkt", "status"]
+    cells = [headers]
+    for r in rows:
+        cells.append([r["system"], str(r["size"]), fmt(r.get("mpps_median")),
+                      "-" if "mpps_min" not in r else f"{r['mpps_min']:.2f}-{r['mpps_max']:.2f}",
+                      fmt(r.get("gbit_s_median")), fmt(r.get("ratio_to_testpmd_io")),
+                      fmt(r.get("sut_cycles_per_packet"), 0), fmt(r.get("generator_cycles_per_packet"), 0),
+                      r["status"]])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if 0 < i < len(headers) - 1 else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"* Gbit/s counts {WIRE_OVERHEAD_BYTES} bytes of preamble + inter-frame gap per frame; "
+                 f"frame sizes include the {FCS_BYTES}-byte FCS (testpmd txpkts = size - {FCS_BYTES}).")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], systems: list[str], sizes: list[int], path: Path, title: str) -> str | None:
+    """Grouped bars of median Mpps per frame size per system; returns an error text instead of raising."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ("matplotlib is not installed, so no plot was drawn: pip install matplotlib "
+                "(a benchmark-only dependency)")
+    by_key = {(r["system"], r["size"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(9, 5))
+    width = 0.8 / max(1, len(systems))
+    for i, system in enumerate(systems):
+        xs, heights, low, high = [], [], [], []
+        for j, size in enumerate(sizes):
+            r = by_key[(system, size)]
+            if r.get("mpps_median") is None:
+                continue
+            xs.append(j + (i - (len(systems) - 1) / 2) * width)
+            heights.append(r["mpps_median"])
+            low.append(r["mpps_median"] - r["mpps_min"])
+            high.append(r["mpps_max"] - r["mpps_median"])
+        label = system if xs else f"{system} (unavailable)"
+        bars = ax.bar(xs, heights, width, yerr=[low, high] if xs else None, capsize=3, label=label)
+        for bar, value in zip(bars, heights):
+            ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(sizes)), [f"{s} B" for s in sizes])
+    ax.set_xlabel("frame size (including FCS)")
+    ax.set_ylabel("Mpps (median; bars: min-max)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0],
+                                epilog="Run from the repository root, as root, with hugepages "
+                                       "(echo 1024 > /proc/sys/vm/nr_hugepages).")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated systems to measure (default all: {','.join(SYSTEMS)})")
+    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+                   help="comma-separated frame sizes in bytes, FCS included (default 64,512,1518)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported (default 3)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before the window (default 2)")
+    p.add_argument("--window", type=float, default=5.0, help="measurement window in seconds (default 5)")
+    p.add_argument("--gen-core", type=int, default=0, help="generator forwarding core (default 0)")
+    p.add_argument("--sut-core", type=int, default=1, help="system-under-test PMD core (default 1)")
+    p.add_argument("--tx-first", type=int, default=TX_FIRST_BURSTS,
+                   help=f"bursts per port that seed the loop (default {TX_FIRST_BURSTS})")
+    p.add_argument("--json-out", default="results/bench.json", help="JSON results (default results/bench.json)")
+    p.add_argument("--plot-out", default="results/bench.png", help="PNG plot (default results/bench.png)")
+    p.add_argument("--install", action="store_true",
+                   help=f"apt-get install {OVS_PACKAGE} if it is missing (otherwise OVS-DPDK is "
+                        "reported as unavailable)")
+    p.add_argument("--keep-logs", action="store_true", help="keep every measurement's logs and print where")
+    p.add_argument("--smoke", action="store_true",
+                   help="short run for the test suite: 64-byte frames, 1 rep, 1 s warm-up, 1 s window")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.reps, args.warmup, args.window = "64", 1, 1.0, 1.0
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in args.systems if s not in SYSTEMS]
+    if unknown or not args.systems:
+        p.error(f"unknown system(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
+    try:
+        args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
+    # testpmd's txonly frame needs Ethernet + IPv4 + UDP headers (42 bytes) and fits one 2 KB mbuf.
+    if not args.sizes or any(not 64 <= s <= 1518 for s in args.sizes):
+        p.error("--sizes must be between 64 and 1518 bytes")
+    ncpu = os.cpu_count() or 1
+    if args.gen_core == args.sut_core or not (0 <= args.gen_core < ncpu and 0 <= args.sut_core < ncpu):
+        p.error(f"--gen-core and --sut-core must be two different CPUs below {ncpu}")
+    if args.reps < 1 or args.warmup < 0 or args.window <= 0:
+        p.error("--reps must be >= 1, --warmup >= 0 and --window > 0")
+    return args
+
+
+def machine_info(args) -> dict:
+    return {
+        "cpu_model": cpu_model(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "generator_core": args.gen_core,
+        "sut_core": args.sut_core,
+        "hugepages_free_at_start": hugepages_free(),
+        "dpdk": package_version("dpdk"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        log("bench: must run as root (hugepages, vhost-user sockets, network namespace for OVS)")
+        return 2
+    for tool in (TESTPMD, "stdbuf", "taskset"):
+        if shutil.which(tool) is None:
+            log(f"bench: {tool} not found; the generator needs it (apt-get install dpdk-dev coreutils "
+                "util-linux, or tools/setup-test-env.sh)")
+            return 2
+    if hugepages_free() < 256:
+        log(f"bench: only {hugepages_free()} free hugepages; echo 1024 > /proc/sys/vm/nr_hugepages")
+        return 2
+
+    unavailable: dict[str, str] = {}
+    versions: dict[str, str | None] = {}
+    for name in args.systems:
+        try:
+            SYSTEM_CLASSES[name].check(args.install)
+            versions[name] = SYSTEM_CLASSES[name].version()
+        except Unavailable as exc:
+            unavailable[name] = str(exc)
+            log(f"bench: {name} is unavailable: {exc}")
+    runnable = [s for s in args.systems if s not in unavailable]
+
+    scratch = Path(tempfile.mkdtemp(prefix="vswitch-bench-"))
+    samples: list[Sample] = []
+    started = datetime.datetime.now().astimezone()
+    try:
+        for rep in range(args.reps):
+            # Rotate the order each repetition so no system always runs first
+            # (or always right after a particular other one).
+            order = runnable[rep % len(runnable):] + runnable[:rep % len(runnable)] if runnable else []
+            for size in args.sizes:
+                for name in order:
+                    log(f"bench: rep {rep + 1}/{args.reps}, {size} B, {name} ...")
+                    sample = measure(SYSTEM_CLASSES[name], size, rep, args, scratch)
+                    samples.append(sample)
+                    if sample.mpps is not None:
+                        log(f"bench:   {sample.mpps:.2f} Mpps (SUT {fmt(sample.sut_cycles_per_packet, 0)}, "
+                            f"generator {fmt(sample.generator_cycles_per_packet, 0)} cycles/packet)")
+    except KeyboardInterrupt:
+        log("bench: interrupted; reporting the samples taken so far")
+    finally:
+        if not args.keep_logs:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if any(s.error for s in samples):
+                log("bench: failed measurements' logs were removed; rerun with --keep-logs to keep them")
+
+    rows = summarise(args.systems, args.sizes, samples, unavailable)
+    print(render_table(rows))
+
+    title = (f"{cpu_model()}, generator core {args.gen_core}, SUT core {args.sut_core}, "
+             f"{args.reps} rep(s) x {args.window:g} s, {started:%Y-%m-%d}")
+    plot_path = Path(args.plot_out)
+    plot_error = plot(rows, args.systems, args.sizes, plot_path, title)
+    if plot_error:
+        log(f"bench: {plot_error}")
+    else:
+        print(f"plot: {plot_path}")
+
+    result = {
+        "tool": "tools/bench.py",
+        "command": " ".join([Path(sys.executable).name, "-m", "tools.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "date": started.isoformat(timespec="seconds"),
+        "method": {
+            "summary": __doc__.split("Method\n------\n", 1)[1].split("\nEvery process")[0].strip(),
+            "generator": "dpdk-testpmd, 2 x net_virtio_user, --forward-mode=mac with --eth-peer, "
+                         f"interactive 'start tx_first {args.tx_first}'",
+            "frame_size": f"Ethernet frame incl. {FCS_BYTES}-byte FCS; testpmd 'set txpkts <size - {FCS_BYTES}>'",
+            "gbit_s": f"Mpps x (frame size + {WIRE_OVERHEAD_BYTES} bytes preamble/SFD/IFG) x 8",
+            "mpps": "sum over both generator ports of RX-packets delta / window",
+            "ratio": f"median Mpps / median Mpps of {BASELINE} at the same frame size",
+            "warmup_seconds": args.warmup,
+            "window_seconds": args.window,
+            "repetitions": args.reps,
+            "interleaved": True,
+            "smoke": args.smoke,
+        },
+        "machine": machine_info(args),
+        "versions": versions,
+        "systems": args.systems,
+        "sizes": args.sizes,
+        "unavailable": unavailable,
+        "results": rows,
+        "samples": [asdict(s) for s in samples],
+        "plot": None if plot_error else str(plot_path),
+        "plot_error": plot_error,
+    }
+    json_path = Path(args.json_out)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"json: {json_path}")
+
+    complete = all(r.get("mpps_median") is not None for r in rows)
+    return 0 if complete and plot_error is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
