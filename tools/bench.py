@@ -106,6 +106,9 @@ GEN_MAC = ("02:00:00:00:00:01", "02:00:00:00:00:02")
 # Enough mbufs for 2 x 32 x 32 frames in flight plus both ports' rings.
 GEN_MBUFS = 32768
 
+# sockaddr_un.sun_path is 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
+
 OVS_DPDK_BINARY = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk"
 OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 OVS_PACKAGE = "openvswitch-switch-dpdk"
@@ -511,8 +514,15 @@ class Generator(TestPmd):
 def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) -> Sample:
     """Start the system and a generator, loop frames of `size` bytes through it, read the rate."""
     sample = Sample(system_cls.name, size, rep, started_at=datetime.datetime.now().isoformat(timespec="seconds"))
-    workdir = Path(tempfile.mkdtemp(prefix=f"{system_cls.name}-{size}-", dir=scratch))
+    # Short names: a vhost-user socket path must fit sockaddr_un (107 bytes),
+    # and DPDK silently truncates a longer one.
+    workdir = scratch / f"{system_cls.name}-{size}-r{rep + 1}"
+    workdir.mkdir()
     system = system_cls(workdir, args.gen_core, args.sut_core)
+    too_long = [str(p) for p in system.socket_paths if len(os.fsencode(p)) > MAX_SOCKET_PATH]
+    if too_long:
+        sample.error = f"socket path longer than {MAX_SOCKET_PATH} bytes: {too_long[0]} (set TMPDIR shorter)"
+        return sample
     generator = Generator(system.socket_paths, system.generator_is_server, workdir, args.gen_core, args.sut_core)
     try:
         if system.generator_is_server:
@@ -554,7 +564,8 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) 
     except Exception as exc:  # noqa: BLE001 - one failed sample must not end the benchmark
         sample.error = f"{type(exc).__name__}: {exc}"
         log(f"bench: {system_cls.name} {size} B rep {rep + 1} failed: {sample.error}")
-        log(f"bench: logs kept in {workdir}")
+        if args.keep_logs:
+            log(f"bench: logs kept in {workdir}")
     finally:
         generator.close()
         system.stop()
@@ -758,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"bench: {name} is unavailable: {exc}")
     runnable = [s for s in args.systems if s not in unavailable]
 
-    scratch = Path(tempfile.mkdtemp(prefix="vswitch-bench-"))
+    scratch = Path(tempfile.mkdtemp(prefix="vsb-"))
     samples: list[Sample] = []
     started = datetime.datetime.now().astimezone()
     try:
@@ -781,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
             if any(s.error for s in samples):
                 log("bench: failed measurements' logs were removed; rerun with --keep-logs to keep them")
+        else:
+            log(f"bench: logs are in {scratch}")
 
     rows = summarise(args.systems, args.sizes, samples, unavailable)
     print(render_table(rows))
