@@ -334,6 +334,33 @@ static void publish_used(const struct vs_vhost_dev *dev, struct vs_vring *vr)
     notify_guest(dev, vr, new_idx);
 }
 
+/*
+ * The common case, checked first: the whole chain is one readable
+ * descriptor (header and frame together) inside one memory region.
+ * Anything else, including every malformed chain, takes walk_chain().
+ */
+static inline bool dequeue_simple(const struct vs_vhost_dev *dev, const struct vs_vring *vr,
+                                  uint16_t head, struct vs_pkt *pkt)
+{
+    struct virtq_desc d = read_desc(vr->desc, head);
+    uint32_t hdr_len = dev->hdr_len;
+    if (d.flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) ||
+        d.len < hdr_len + 14 || d.len > VS_MAX_FRAME + hdr_len) {
+        return false;
+    }
+    uint8_t *p = gpa_to_hva_range(dev->mem, d.addr, d.len);
+    if (unlikely(!p)) {
+        return false;
+    }
+    pkt->segs[0].addr = p + hdr_len;
+    pkt->segs[0].len = d.len - hdr_len;
+    pkt->nsegs = 1;
+    pkt->len = d.len - hdr_len;
+    pkt->head = head;
+    __builtin_prefetch(p + hdr_len);
+    return true;
+}
+
 uint32_t vs_vring_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
                                 struct vs_pkt *pkts, uint32_t max)
 {
@@ -358,6 +385,11 @@ uint32_t vs_vring_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
         }
         vr->last_avail_idx++;
         struct vs_pkt *pkt = &pkts[got];
+        if (likely(dequeue_simple(dev, vr, head, pkt))) {
+            bytes += pkt->len;
+            got++;
+            continue;
+        }
         uint32_t nsegs = 0;
         uint64_t total = 0;
         int err = walk_chain(dev, vr, head, false, pkt->segs, VS_PKT_MAX_SEGS, &nsegs, &total,
@@ -421,7 +453,53 @@ static void copy_frame(const struct vs_seg *dst, const uint8_t *hdr, uint32_t hd
     }
 }
 
-enum rx_result { RX_DELIVERED, RX_RING_EMPTY, RX_TOO_SMALL, RX_BAD_CHAIN, RX_BROKEN };
+enum rx_result { RX_DELIVERED, RX_RING_EMPTY, RX_TOO_SMALL, RX_BAD_CHAIN, RX_BROKEN, RX_NOT_SIMPLE };
+
+/* The virtio-net header a receiving guest gets in front of the frame. */
+static inline void fill_net_hdr(uint8_t *hdr, const struct vs_vhost_dev *dev, const struct vs_pkt *pkt,
+                                uint32_t num_buffers)
+{
+    memset(hdr, 0, 10);
+    if (dev->hdr_len == 12) {
+        hdr[10] = (uint8_t)num_buffers;  /* num_buffers, little endian */
+        hdr[11] = (uint8_t)(num_buffers >> 8);
+    }
+}
+
+/*
+ * The common case, checked first: the next buffer is one writable
+ * descriptor inside one region and large enough for the whole frame.
+ */
+static inline enum rx_result enqueue_simple(struct vs_vhost_dev *dev, struct vs_vring *vr,
+                                            const struct vs_pkt *pkt, uint16_t avail_idx)
+{
+    if (vr->last_avail_idx == avail_idx) {
+        return RX_RING_EMPTY;
+    }
+    uint16_t head = read_avail_entry(vr, vr->last_avail_idx);
+    if (unlikely(head >= vr->size)) {
+        return RX_NOT_SIMPLE;
+    }
+    struct virtq_desc d = read_desc(vr->desc, head);
+    uint32_t need = dev->hdr_len + pkt->len;
+    if ((d.flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE)) != VIRTQ_DESC_F_WRITE ||
+        d.len < need) {
+        return RX_NOT_SIMPLE;
+    }
+    uint8_t *p = gpa_to_hva_range(dev->mem, d.addr, need);
+    if (unlikely(!p)) {
+        return RX_NOT_SIMPLE;
+    }
+    fill_net_hdr(p, dev, pkt, 1);
+    p += dev->hdr_len;
+    for (uint32_t s = 0; s < pkt->nsegs; s++) {
+        memcpy(p, pkt->segs[s].addr, pkt->segs[s].len);
+        p += pkt->segs[s].len;
+    }
+    vr->last_avail_idx++;
+    put_used(vr, head, need);
+    return RX_DELIVERED;
+}
 
 /* Finds guest buffers for one frame, copies it, and writes the used entries. */
 static enum rx_result enqueue_one(struct vs_vhost_dev *dev, struct vs_vring *vr,
@@ -470,11 +548,8 @@ static enum rx_result enqueue_one(struct vs_vhost_dev *dev, struct vs_vring *vr,
         have += cap;
     }
 
-    uint8_t hdr[12] = { 0 };
-    if (dev->hdr_len == 12) {
-        hdr[10] = (uint8_t)nbufs;  /* num_buffers, little endian */
-        hdr[11] = (uint8_t)(nbufs >> 8);
-    }
+    uint8_t hdr[12];
+    fill_net_hdr(hdr, dev, pkt, nbufs);
     copy_frame(segs, hdr, dev->hdr_len, pkt);
     vr->last_avail_idx = next_avail;
     uint64_t left = need;
@@ -508,7 +583,10 @@ uint32_t vs_vring_enqueue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
     }
     uint32_t i;
     for (i = 0; i < n; i++) {
-        enum rx_result r = enqueue_one(dev, vr, pkts[i], avail_idx, mergeable);
+        enum rx_result r = enqueue_simple(dev, vr, pkts[i], avail_idx);
+        if (r == RX_NOT_SIMPLE) {
+            r = enqueue_one(dev, vr, pkts[i], avail_idx, mergeable);
+        }
         if (likely(r == RX_DELIVERED)) {
             delivered++;
             bytes += pkts[i]->len;
