@@ -117,6 +117,10 @@ EOF
     ) >/dev/null 2>&1
 }
 if ! installed_ok; then
+    # An in-place build (python vswitch/_build.py) names its module
+    # _native.cpython-*.so, which Python prefers over pip's _native.abi3.so:
+    # remove old builds so a stale one cannot shadow the fresh one.
+    rm -f "$REPO"/vswitch/_native.*.so
     run "pip install -e '.[test]'" "$PY" -m pip install -q -e "$REPO[test]"
     installed_ok || {
         (cd /tmp && "$PY" -c 'import vswitch.native') >&2 || true
