@@ -106,6 +106,8 @@ GEN_MAC = ("02:00:00:00:00:01", "02:00:00:00:00:02")
 # Enough mbufs for 2 x 32 x 32 frames in flight plus both ports' rings.
 GEN_MBUFS = 32768
 
+# Repetitions of one system and size further apart than this are flagged under the table.
+NOISY_SPREAD = 1.25
 # sockaddr_un.sun_path is 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -249,6 +251,10 @@ class System:
         """Cumulative (busy cycles, packets) of the SUT's packet thread, if it reports them."""
         return None
 
+    def start_window(self) -> tuple[int, int] | None:
+        """Called as the window opens; returns the counters that `cycles()` at its end is compared with."""
+        return self.cycles()
+
     def stop(self) -> None:
         raise NotImplementedError
 
@@ -258,12 +264,14 @@ class Vswitchd(System):
 
     @classmethod
     def check(cls, install: bool) -> None:
-        try:
-            import vswitch.native  # noqa: F401  (the C fast path must be built)
-            import yaml  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - any import failure means "not installed"
-            raise Unavailable(f"vswitch does not import ({exc}); run tools/install.sh or "
-                              "pip install -e . in the repository") from None
+        # In a child process: the benchmark itself never maps the fast path's
+        # shared object, which a rebuild in the same tree would pull from under it.
+        done = subprocess.run([sys.executable, "-c", "import vswitch.native, yaml"], cwd=REPO,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise Unavailable(f"vswitch does not import ({last}); run tools/install.sh or "
+                              "pip install -e . in the repository")
 
     @classmethod
     def version(cls) -> str | None:
@@ -453,6 +461,13 @@ class OvsDpdk(System):
             return False
         return all(p.isdigit() and int(p) > 0 for p in ofports)
 
+    def start_window(self) -> tuple[int, int] | None:
+        # Two reads of pmd-stats-show are not always monotonic (a delta came
+        # out negative), so count from a clear instead. The PMD applies the
+        # clear on its next iteration, microseconds later.
+        self.appctl("dpif-netdev/pmd-stats-clear")
+        return (0, 0)
+
     def cycles(self) -> tuple[int, int] | None:
         text = self.appctl("dpif-netdev/pmd-stats-show")
         busy = re.search(r"processing cycles:\s*(\d+)", text)
@@ -491,6 +506,7 @@ class Sample:
     generator_cycles_per_packet: float | None = None
     sut_cycles_per_packet: float | None = None
     generator_rx_missed: int | None = None
+    mean_rx_frame_bytes: float | None = None  # frame size less FCS, checked
     started_at: str = ""
     error: str | None = None
 
@@ -540,7 +556,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) 
         time.sleep(args.warmup)
 
         # Cycle counters are cumulative: read them around the window too.
-        sut_before = system.cycles()
+        sut_before = system.start_window()
         gen_before = parse_fwd_cycles(generator.cmd("show fwd stats all"))
         t0 = time.monotonic()
         before = generator.port_stats()
@@ -553,6 +569,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) 
         if set(after) != {0, 1}:
             raise RuntimeError(f"generator reported ports {sorted(after)}, expected 0 and 1")
         sample.rx_packets = sum(after[p]["rx_packets"] - before[p]["rx_packets"] for p in (0, 1))
+        rx_bytes = sum(after[p]["rx_bytes"] - before[p]["rx_bytes"] for p in (0, 1))
         sample.window_seconds = round(t1 - t0, 4)
         sample.mpps = sample.rx_packets / (t1 - t0) / 1e6
         sample.testpmd_rx_pps = sum(after[p].get("rx_pps", 0) for p in (0, 1))
@@ -561,6 +578,12 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) 
         sample.sut_cycles_per_packet = per_packet(delta(sut_before, sut_after))
         if sample.rx_packets <= 0:
             raise RuntimeError("no frame came back through the system during the window")
+        # virtio-user counts frame bytes without the virtio-net header and
+        # without FCS: every frame must come back exactly as long as sent.
+        sample.mean_rx_frame_bytes = round(rx_bytes / sample.rx_packets, 2)
+        if abs(sample.mean_rx_frame_bytes - (size - FCS_BYTES)) > 0.5:
+            raise RuntimeError(f"frames came back with {sample.mean_rx_frame_bytes} bytes on average, "
+                               f"expected {size - FCS_BYTES} (the frame size less the FCS)")
     except Exception as exc:  # noqa: BLE001 - one failed sample must not end the benchmark
         sample.error = f"{type(exc).__name__}: {exc}"
         log(f"bench: {system_cls.name} {size} B rep {rep + 1} failed: {sample.error}")
@@ -637,6 +660,12 @@ def render_table(rows: list[dict]) -> str:
     lines = ["  ".join(c.rjust(w) if 0 < i < len(headers) - 1 else c.ljust(w)
                        for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    noisy = [f"{r['system']} {r['size']} B ({r['mpps_max'] / r['mpps_min']:.1f}x)" for r in rows
+             if r.get("mpps_min") and r["mpps_max"] / r["mpps_min"] > NOISY_SPREAD]
+    if noisy:
+        lines.append(f"! max/min over repetitions above {NOISY_SPREAD}x for: {', '.join(noisy)}. "
+                     "The host was probably in a slow spell or busy: compare cycles/packet, "
+                     "rerun on a quiet machine or with more --reps.")
     lines.append(f"* Gbit/s counts {WIRE_OVERHEAD_BYTES} bytes of preamble + inter-frame gap per frame; "
                  f"frame sizes include the {FCS_BYTES}-byte FCS (testpmd txpkts = size - {FCS_BYTES}).")
     return "\n".join(lines)
@@ -664,7 +693,9 @@ def plot(rows: list[dict], systems: list[str], sizes: list[int], path: Path, tit
             heights.append(r["mpps_median"])
             low.append(r["mpps_median"] - r["mpps_min"])
             high.append(r["mpps_max"] - r["mpps_median"])
-        label = system if xs else f"{system} (unavailable)"
+        # A system without a number still gets a legend entry that says why.
+        status = by_key[(system, sizes[0])]["status"].split(":")[0]
+        label = system if xs else f"{system} ({status}, see the table)"
         bars = ax.bar(xs, heights, width, yerr=[low, high] if xs else None, capsize=3, label=label)
         for bar, value in zip(bars, heights):
             ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -672,6 +703,7 @@ def plot(rows: list[dict], systems: list[str], sizes: list[int], path: Path, tit
     ax.set_xticks(range(len(sizes)), [f"{s} B" for s in sizes])
     ax.set_xlabel("frame size (including FCS)")
     ax.set_ylabel("Mpps (median; bars: min-max)")
+    ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=9)
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
@@ -740,8 +772,14 @@ def machine_info(args) -> dict:
         "generator_core": args.gen_core,
         "sut_core": args.sut_core,
         "hugepages_free_at_start": hugepages_free(),
+        # Other work on the host skews every figure; the load average tells a reader it was there.
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "dpdk": package_version("dpdk"),
     }
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -758,6 +796,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"bench: only {hugepages_free()} free hugepages; echo 1024 > /proc/sys/vm/nr_hugepages")
         return 2
 
+    # SIGTERM (a test's timeout, a CI runner) unwinds like Ctrl-C, so every
+    # measurement's finally block still stops its processes by PID.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
     unavailable: dict[str, str] = {}
     versions: dict[str, str | None] = {}
     for name in args.systems:
@@ -769,6 +811,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"bench: {name} is unavailable: {exc}")
     runnable = [s for s in args.systems if s not in unavailable]
 
+    machine = machine_info(args)
     scratch = Path(tempfile.mkdtemp(prefix="vsb-"))
     samples: list[Sample] = []
     started = datetime.datetime.now().astimezone()
@@ -825,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
             "interleaved": True,
             "smoke": args.smoke,
         },
-        "machine": machine_info(args),
+        "machine": machine,
         "versions": versions,
         "systems": args.systems,
         "sizes": args.sizes,
@@ -835,6 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         "plot": None if plot_error else str(plot_path),
         "plot_error": plot_error,
     }
+    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     json_path = Path(args.json_out)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")

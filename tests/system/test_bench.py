@@ -41,7 +41,19 @@ def test_bench_smoke(tmp_path):
     env = dict(os.environ, TMPDIR=str(scratch))
     argv = [sys.executable, "-m", "tools.bench", "--smoke", "--systems", ",".join(systems),
             "--json-out", str(json_out), "--plot-out", str(plot_out)]
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets the benchmark stop its testpmd/vswitchd/OVS processes by PID first.
+        proc.terminate()
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"the benchmark did not finish within {TIMEOUT_SECONDS} s\n{stdout}\n{stderr}")
+    done = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
     report = f"$ {' '.join(argv)}\nexit {done.returncode}\n--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
     assert done.returncode == 0, report
 
