@@ -35,9 +35,12 @@ if __name__ == "__main__":
     import tempfile
 
     # The same file name pip's build gives it, so the two never shadow each other.
+    # Renamed into place, never rewritten: a running vswitchd keeps the old file's code.
     with tempfile.TemporaryDirectory() as tmp:
         built = pathlib.Path(ffibuilder.compile(tmpdir=tmp, target="_native.abi3.so", verbose=False))
-        shutil.copy2(built, HERE / "_native.abi3.so")
+        staged = HERE / ".native.so.new"
+        shutil.copy2(built, staged)
+        staged.replace(HERE / "_native.abi3.so")
     for stale in HERE.glob("_native.*.so"):
         if stale.name != "_native.abi3.so":
             stale.unlink()

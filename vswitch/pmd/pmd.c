@@ -31,6 +31,7 @@ int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib)
     memset(pmd, 0, sizeof *pmd);
     pmd->fib = fib;
     pmd->max_sleep_us = 1000;
+    pmd->max_notify_sleep_ms = 100;
     pmd->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     return pmd->wakefd < 0 ? -errno : 0;
 }
@@ -256,20 +257,80 @@ uint32_t vs_pmd_poll_once(struct vs_pmd *pmd)
     return total;
 }
 
+/*
+ * An idle PMD sleeps until a guest kicks.  It turns guest notifications on
+ * for every ring it polls, checks once more that no ring got work meanwhile
+ * (the guest may have added a buffer before it saw notifications enabled),
+ * then waits on the rings' kick eventfds and its own wakefd.  A queue that
+ * cannot wake it (no kick fd, a port type without one) limits the sleep to
+ * max_sleep_us, with an exponential backoff from FIRST_SLEEP_US.
+ */
 static void idle_sleep(struct vs_pmd *pmd)
 {
-    pmd->sleep_us = pmd->sleep_us ? pmd->sleep_us * 2 : FIRST_SLEEP_US;
-    if (pmd->sleep_us > pmd->max_sleep_us) {
-        pmd->sleep_us = pmd->max_sleep_us;
+    const struct vs_port_table *t = __atomic_load_n(&pmd->table, __ATOMIC_SEQ_CST);
+    struct pollfd fds[VS_MAX_POLL + 1];
+    struct vs_vring *notifying[VS_MAX_POLL];
+    struct vs_vhost_dev *devs[VS_MAX_POLL];
+    uint32_t nfds = 0, nnotify = 0;
+    bool every_queue_wakes_us = true;
+    bool work = false;
+
+    fds[nfds++] = (struct pollfd){ .fd = pmd->wakefd, .events = POLLIN };
+    for (uint32_t i = 0; t && i < t->n_poll; i++) {
+        const struct vs_pollq *pq = &t->poll[i];
+        if (pq->port->type != VS_PORT_VHOST_USER) {
+            every_queue_wakes_us = false;
+            continue;
+        }
+        struct vs_vhost_dev *dev = pq->port->vhost;
+        struct vs_vring *vr = &dev->vrings[2 * pq->queue + 1];
+        if (!vs_vring_is_enabled(vr)) {
+            continue;
+        }
+        if (vr->kickfd < 0) {
+            every_queue_wakes_us = false;
+            continue;
+        }
+        vs_vring_enable_notify(dev, vr, 1);
+        notifying[nnotify] = vr;
+        devs[nnotify++] = dev;
+        fds[nfds++] = (struct pollfd){ .fd = vr->kickfd, .events = POLLIN };
     }
-    struct timespec ts = { .tv_sec = pmd->sleep_us / 1000000, .tv_nsec = (pmd->sleep_us % 1000000) * 1000L };
-    struct pollfd pfd = { .fd = pmd->wakefd, .events = POLLIN };
-    if (ppoll(&pfd, 1, &ts, NULL) > 0) {
-        uint64_t count;
-        ssize_t r = read(pmd->wakefd, &count, sizeof count);
-        (void)r;
+    /* Our notification flags must be visible before we look at the avail indexes. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    for (uint32_t i = 0; i < nnotify && !work; i++) {
+        work = vs_vring_has_avail(notifying[i]);
     }
-    pmd->stats.sleeps++;
+
+    if (!work) {
+        struct timespec ts;
+        if (every_queue_wakes_us) {
+            ts = (struct timespec){ .tv_sec = pmd->max_notify_sleep_ms / 1000,
+                                    .tv_nsec = (pmd->max_notify_sleep_ms % 1000) * 1000000L };
+        } else {
+            pmd->sleep_us = pmd->sleep_us ? pmd->sleep_us * 2 : FIRST_SLEEP_US;
+            if (pmd->sleep_us > pmd->max_sleep_us) {
+                pmd->sleep_us = pmd->max_sleep_us;
+            }
+            ts = (struct timespec){ .tv_sec = pmd->sleep_us / 1000000, .tv_nsec = (pmd->sleep_us % 1000000) * 1000L };
+        }
+        if (ppoll(fds, nfds, &ts, NULL) > 0) {
+            /* Drain what woke us, so the next sleep does not return at once. */
+            for (uint32_t i = 0; i < nfds; i++) {
+                if (fds[i].revents & POLLIN) {
+                    uint64_t count;
+                    ssize_t r = read(fds[i].fd, &count, sizeof count);
+                    (void)r;
+                    pmd->stats.kick_wakeups += i > 0;
+                }
+            }
+        }
+        pmd->stats.sleeps++;
+    }
+    /* Busy again: the guests need not kick while we poll. */
+    for (uint32_t i = 0; i < nnotify; i++) {
+        vs_vring_enable_notify(devs[i], notifying[i], 0);
+    }
 }
 
 void vs_pmd_run(struct vs_pmd *pmd)

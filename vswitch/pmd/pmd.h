@@ -30,6 +30,7 @@ struct vs_pmd_stats {
     uint64_t busy_cycles;        /* TSC cycles in passes that moved packets */
     uint64_t idle_cycles;        /* TSC cycles in passes that moved none */
     uint64_t sleeps;             /* times the thread went to sleep */
+    uint64_t kick_wakeups;       /* sleeps ended by a guest's kick */
     uint64_t flooded;            /* frames flooded (unknown, broadcast, multicast) */
     uint64_t unicast;            /* frames sent to one learned port */
     uint64_t dropped_same_port;  /* destination learned on the ingress port */
@@ -42,7 +43,8 @@ struct vs_pmd {
     int stop;                    /* shared: set to end vs_pmd_run() */
     int running;                 /* shared: set while vs_pmd_run() loops */
     int wakefd;                  /* eventfd that wakes a sleeping PMD */
-    uint32_t max_sleep_us;       /* longest idle sleep */
+    uint32_t max_sleep_us;       /* longest sleep when some queue cannot wake us */
+    uint32_t max_notify_sleep_ms; /* longest sleep when every queue can wake us */
     uint32_t idle_passes;        /* consecutive empty passes */
     uint32_t sleep_us;           /* current backoff */
     struct vs_pmd_stats stats;

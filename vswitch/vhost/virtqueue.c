@@ -147,6 +147,25 @@ int vs_vring_is_enabled(const struct vs_vring *vr)
     return __atomic_load_n(&vr->enabled, __ATOMIC_ACQUIRE) && !__atomic_load_n(&vr->broken, __ATOMIC_RELAXED);
 }
 
+void vs_vring_enable_notify(const struct vs_vhost_dev *dev, struct vs_vring *vr, int enable)
+{
+    if (dev->features & (1ULL << VIRTIO_RING_F_EVENT_IDX)) {
+        /* Ask for a kick once the guest makes anything past what we consumed available.
+         * Disabling leaves avail_event behind, so the guest will not cross it again soon. */
+        if (enable) {
+            uint16_t *avail_event = (uint16_t *)&vr->used->ring[vr->size];
+            __atomic_store_n(avail_event, vr->last_avail_idx, __ATOMIC_RELAXED);
+        }
+    } else {
+        __atomic_store_n(&vr->used->flags, enable ? 0 : VIRTQ_USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+    }
+}
+
+int vs_vring_has_avail(const struct vs_vring *vr)
+{
+    return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
+}
+
 static void record_error(struct vs_vring *vr, uint32_t err, uint32_t index)
 {
     vr->stats.errors++;

@@ -136,6 +136,10 @@ int vs_vring_setup(struct vs_vhost_dev *dev, uint32_t index, uint32_t size,
 void vs_vring_set_enabled(struct vs_vring *vr, int enabled);
 int vs_vring_is_enabled(const struct vs_vring *vr);
 
+/* Guest notifications, for a PMD that goes to sleep on the kick eventfds. */
+void vs_vring_enable_notify(const struct vs_vhost_dev *dev, struct vs_vring *vr, int enable);
+int vs_vring_has_avail(const struct vs_vring *vr);
+
 /* Fast path. */
 uint32_t vs_vring_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
                                 struct vs_pkt *pkts, uint32_t max);

@@ -1,0 +1,56 @@
+"""An idle switch sleeps on its guests' kick eventfds instead of burning a core."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+
+from tests.support.daemon import Vswitchd
+from tests.support.frontend import VhostUserFrontend
+
+IDLE_SECONDS = int(__import__("os").environ.get("IDLE_SECONDS", 10))
+MAX_CPU_PERCENT = 2.0
+
+
+def frame(n: int) -> bytes:
+    return b"\xff" * 6 + bytes([2, 0, 0, 0, 0, n]) + b"\x08\x00" + b"i" * 50
+
+
+def test_idle_guests_cost_under_2_percent_and_the_first_frame_is_prompt(tmp_path):
+    ports = [{"name": f"vm{i}", "type": "vhost-user", "path": str(tmp_path / f"vm{i}.sock")} for i in range(2)]
+    with Vswitchd(tmp_path, ports=ports, log_level="info") as d:
+        guests = []
+        for i in range(2):
+            fe = VhostUserFrontend(tmp_path / f"vm{i}.sock").connect()
+            fe.handshake()
+            fe.post_rx(0, 32)
+            guests.append(fe)
+        deadline = time.monotonic() + 5
+        while any(p["link"] != "up" for p in d.ctl("show")["ports"]):
+            assert time.monotonic() < deadline, "links did not come up"
+            time.sleep(0.05)
+        # Some traffic first, so the PMD has been busy and must back off again.
+        for n in range(20):
+            guests[0].send_frame(0, frame(1))
+        assert len(guests[1].receive(0, 20, timeout=2)) == 20
+
+        proc = psutil.Process(d.proc.pid)
+        time.sleep(1)
+        proc.cpu_percent(None)
+        time.sleep(IDLE_SECONDS)
+        cpu = proc.cpu_percent(None)
+        print(f"vswitchd idle CPU over {IDLE_SECONDS} s: {cpu:.2f}% of one core")
+        assert cpu < MAX_CPU_PERCENT
+
+        # The first frame after the long idle period: the kick wakes the PMD.
+        start = time.monotonic()
+        guests[0].send_frame(0, frame(1))
+        got = guests[1].receive(0, 1, timeout=2)
+        latency = time.monotonic() - start
+        print(f"first frame after idle forwarded in {latency * 1000:.1f} ms")
+        assert len(got) == 1 and latency < 0.05, (d.ctl("pmd-stats"), d.ctl("show"))
+        stats = d.ctl("pmd-stats")["pmds"][0]
+        assert stats["kick_wakeups"] >= 1 and stats["sleeps"] >= 1
+        for fe in guests:
+            fe.close()
