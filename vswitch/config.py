@@ -19,7 +19,17 @@ from vswitch.fib import CAPACITY, DEFAULT_AGING_SECONDS, DEFAULT_MAX_ENTRIES, Fi
 
 DEFAULT_CONTROL_SOCKET = "/run/vswitch/vswitchd.sock"
 PORT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
-PORT_TYPES = ("vhost-user",)
+PORT_TYPES = ("vhost-user", "tap", "af-packet")
+PORT_KEYS = {
+    "vhost-user": {"name", "type", "path", "mode", "queues"},
+    "tap": {"name", "type", "ifname", "netns", "queues"},
+    "af-packet": {"name", "type", "ifname", "netns"},
+}
+# Interface names as the kernel takes them (IFNAMSIZ - 1), without the
+# characters `ip` and sysfs trip over.
+IFNAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,15}$")
+NETNS_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,64}$")
+NETNS_DIR = "/run/netns"
 VHOST_MODES = ("server", "client")
 MAX_QUEUES = 16
 
@@ -87,10 +97,13 @@ def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
         problems.append(f"{label}type: {kind!r} is not a port type (one of: {', '.join(PORT_TYPES)})")
         return None
     out = {"name": name, "type": kind}
-    known = {"name", "type", "path", "mode", "queues"}
+    known = PORT_KEYS[kind]
     for key in spec:
         if key not in known:
             problems.append(f"{label.rstrip('.: ')}: unknown key '{key}' for a {kind} port")
+    if kind in ("tap", "af-packet"):
+        _validate_kernel_port(spec, kind, name, label, out, problems)
+        return out if len(problems) == before else None
     path = spec.get("path")
     if not isinstance(path, str) or not path.startswith("/"):
         problems.append(f"{label}path: {path!r} must be an absolute path to a UNIX socket")
@@ -106,6 +119,30 @@ def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
         problems.append(f"{label}queues: {queues!r} must be a whole number from 1 to {MAX_QUEUES}")
     out.update(path=path, mode=mode, queues=queues)
     return out if len(problems) == before else None
+
+
+def _validate_kernel_port(spec: dict, kind: str, name, label: str, out: dict, problems: list[str]) -> None:
+    """The keys of a TAP or AF_PACKET port: ifname, netns and (TAP) queues."""
+    ifname = spec.get("ifname", name if kind == "tap" else None)
+    if ifname is None:
+        problems.append(f"{label}ifname: required: the interface to attach to (e.g. veth0)")
+    elif not isinstance(ifname, str) or not IFNAME.match(ifname):
+        problems.append(f"{label}ifname: {ifname!r} is not an interface name "
+                        "(1 to 15 letters, digits, '_', '-' or '.')")
+    out["ifname"] = ifname
+    netns = spec.get("netns")
+    if netns is not None:
+        if not isinstance(netns, str) or not NETNS_NAME.match(netns):
+            problems.append(f"{label}netns: {netns!r} is not a network namespace name")
+        elif not os.path.exists(os.path.join(NETNS_DIR, netns)):
+            problems.append(f"{label}netns: no network namespace named '{netns}' "
+                            f"(create it with: ip netns add {netns})")
+        out["netns"] = netns
+    if kind == "tap":
+        queues = spec.get("queues", 1)
+        if not _is_int(queues) or not 1 <= queues <= MAX_QUEUES:
+            problems.append(f"{label}queues: {queues!r} must be a whole number from 1 to {MAX_QUEUES}")
+        out["queues"] = queues
 
 
 def parse(data, source: str = "<config>") -> Config:
@@ -177,7 +214,7 @@ def parse(data, source: str = "<config>") -> Config:
     if not isinstance(ports, list):
         problems.append(f"{source}: ports: must be a list")
         ports = []
-    names, paths = {}, {}
+    names, paths, interfaces = {}, {}, {}
     for i, spec in enumerate(ports):
         port = validate_port(spec, f"{source}: ports[{i}]", problems)
         if port is None:
@@ -185,11 +222,19 @@ def parse(data, source: str = "<config>") -> Config:
         if port["name"] in names:
             problems.append(f"{source}: ports[{i}]: port name '{port['name']}' is already used by ports[{names[port['name']]}]")
             continue
-        if port["path"] in paths:
+        if port.get("path") in paths:
             problems.append(f"{source}: ports[{i}] ({port['name']}): path {port['path']} is already used by port '{paths[port['path']]}'")
             continue
+        interface = (port.get("ifname"), port.get("netns"))
+        if interface in interfaces:
+            problems.append(f"{source}: ports[{i}] ({port['name']}): interface {port['ifname']} is already "
+                            f"attached by port '{interfaces[interface]}'")
+            continue
         names[port["name"]] = i
-        paths[port["path"]] = port["name"]
+        if port.get("path"):
+            paths[port["path"]] = port["name"]
+        if port.get("ifname"):
+            interfaces[interface] = port["name"]
         cfg.ports.append(port)
     for i, entry in enumerate(static):
         where = f"{source}: fdb.static[{i}]"

@@ -13,6 +13,8 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 HEADERS = [
     "pmd/packet.h",
     "vhost/virtqueue.h",
+    "pmd/offload.h",
+    "ports/kernel.h",
     "ports/port.h",
     "fib/fib.h",
     "pmd/pmd.h",
@@ -21,6 +23,8 @@ SOURCES = [
     "vhost/virtqueue.c",
     "fib/fib.c",
     "pmd/pmd.c",
+    "ports/kernel.c",
+    "pmd/offload.c",
 ]
 # Included by the .c files only (inline helpers, system headers).
 PRIVATE_HEADERS = ["vswitch.h"]

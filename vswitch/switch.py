@@ -73,6 +73,7 @@ class Switch:
                 if aged:
                     log.debug("aged out %d MAC entries", aged)
                 for port in self.ports.values():
+                    port.housekeep()
                     for line in port.errors():
                         log.warning("%s", line)
             except Exception:  # housekeeping must never die
@@ -101,9 +102,12 @@ class Switch:
         if name in self.ports:
             raise SwitchError(f"port '{name}' already exists")
         path = port.get("path")
+        ifname = port.get("ifname")
         for other in self.ports.values():
             if path and other.spec.get("path") == path:
                 raise SwitchError(f"port '{name}': path {path} is already used by port '{other.name}'")
+            if ifname and (other.spec.get("ifname"), other.spec.get("netns")) == (ifname, port.get("netns")):
+                raise SwitchError(f"port '{name}': interface {ifname} is already attached by port '{other.name}'")
         return port
 
     async def add_port(self, spec: dict) -> Port:

@@ -12,6 +12,8 @@
 
 #include "pmd/packet.h"
 #include "vhost/virtqueue.h"
+#include "pmd/offload.h"
+#include "ports/kernel.h"
 #include "ports/port.h"
 #include "fib/fib.h"
 #include "pmd/pmd.h"

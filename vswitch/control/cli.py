@@ -84,6 +84,19 @@ def print_fdb(result: dict) -> None:
     print(table(rows, ["PORT", "VLAN", "MAC", "AGE"]))
 
 
+def print_pmd_stats(result: dict) -> None:
+    """Like OVS's dpif-netdev/pmd-perf-show: one block per PMD thread."""
+    for p in result["pmds"]:
+        queues = ", ".join(f"{q['port']}/{q['queue']}" for q in p["rx_queues"]) or "none"
+        cpu = "any" if p["cpu"] is None else p["cpu"]
+        print(f"pmd thread {p['pmd']} (cpu {cpu}), polling: {queues}")
+        print(f"  packets: {p['packets']}  bursts: {p['bursts']}  packets/burst: {p['packets_per_burst']}")
+        print(f"  busy cycles: {p['busy_cycles']} ({p['busy_percent']}%)  idle cycles: {p['idle_cycles']}")
+        print(f"  cycles/packet (busy): {p['cycles_per_packet']}")
+        print(f"  sleeps: {p['sleeps']} (woken by a guest: {p['kick_wakeups']})")
+        print(f"  unicast: {p['unicast']}  flooded: {p['flooded']}  dropped (same port): {p['dropped_same_port']}")
+
+
 def print_kv(result: dict) -> None:
     for k, v in result.items():
         print(f"{k}: {v}")
@@ -135,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list-ports", help="port names, types and link states")
     add = sub.add_parser("add-port", help="add a port to the running switch")
     add.add_argument("name")
-    add.add_argument("--type", required=True, choices=["vhost-user"])
+    add.add_argument("--type", required=True, choices=["vhost-user", "tap", "af-packet"])
     add.add_argument("--path", help="vhost-user socket path")
+    add.add_argument("--ifname", help="tap: interface to create (default the port name); "
+                                      "af-packet: interface to attach to")
+    add.add_argument("--netns", help="tap, af-packet: network namespace of the interface (ip netns)")
     add.add_argument("--mode", choices=["server", "client"], help="vhost-user mode (default server)")
     add.add_argument("--queues", type=int, help="queue pairs (default 1)")
     delete = sub.add_parser("del-port", help="remove a port")
@@ -186,7 +202,8 @@ def run(args) -> None:
         emit(call(sock, "port/list"),
              lambda r: print(table([[p["name"], p["type"], p["link"]] for p in r["ports"]], ["PORT", "TYPE", "LINK"])))
     elif args.cmd == "add-port":
-        spec = {"name": args.name, "type": args.type, "path": args.path, "mode": args.mode, "queues": args.queues}
+        spec = {"name": args.name, "type": args.type, "path": args.path, "mode": args.mode, "queues": args.queues,
+                "ifname": args.ifname, "netns": args.netns}
         emit(call(sock, "port/add", {k: v for k, v in spec.items() if v is not None}),
              lambda r: print(f"added port {r['name']} ({r['type']})"))
     elif args.cmd == "del-port":
@@ -213,7 +230,7 @@ def run(args) -> None:
         else:
             emit(call(sock, "fdb/stats"), print_kv)
     elif args.cmd == "pmd-stats":
-        emit(call(sock, "pmd/stats"), lambda r: [print_kv(p) or print() for p in r["pmds"]])
+        emit(call(sock, "pmd/stats"), print_pmd_stats)
     elif args.cmd == "events":
         for event in stream_events(sock):
             if args.json:

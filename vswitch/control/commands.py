@@ -78,9 +78,12 @@ async def pmd_stats(switch: Switch):
 
 
 @registry.command("port/add", "Add a port; the other ports keep forwarding.",
-                  Arg("name", str, True, "a short identifier"), Arg("type", str, True, "vhost-user"),
+                  Arg("name", str, True, "a short identifier"),
+                  Arg("type", str, True, "vhost-user, tap or af-packet"),
                   Arg("path", str, help="vhost-user socket"), Arg("mode", str, help="server or client"),
-                  Arg("queues", int, help="queue pairs"))
+                  Arg("queues", int, help="queue pairs"),
+                  Arg("ifname", str, help="tap, af-packet: the interface"),
+                  Arg("netns", str, help="tap, af-packet: the interface's network namespace"))
 async def port_add(switch: Switch, **spec):
     with refused():
         port = await switch.add_port(spec)

@@ -29,6 +29,7 @@ class PmdThread:
         # The published table and every port it points to stay referenced here.
         self._table = None
         self._table_refs: list = []
+        self._polls: list = []
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"pmd{self.index}", daemon=True)
@@ -70,10 +71,19 @@ class PmdThread:
         # Only now is the old table (and any port only it referenced) unused.
         self._table = table
         self._table_refs = list(ports)
+        self._polls = list(poll)
 
     def stats(self) -> dict:
+        """Counters since start, plus the derived figures OVS's pmd-perf-show prints."""
         s = self.c.stats
-        return {"pmd": self.index, "cpu": self.cpu, "loops": s.loops, "packets": s.packets,
-                "bursts": s.bursts, "busy_cycles": s.busy_cycles, "idle_cycles": s.idle_cycles,
-                "sleeps": s.sleeps, "flooded": s.flooded, "unicast": s.unicast,
-                "dropped_same_port": s.dropped_same_port}
+        busy, idle = s.busy_cycles, s.idle_cycles
+        return {
+            "pmd": self.index, "cpu": self.cpu, "loops": s.loops, "packets": s.packets, "bursts": s.bursts,
+            "busy_cycles": busy, "idle_cycles": idle,
+            "busy_percent": round(100.0 * busy / (busy + idle), 1) if busy + idle else 0.0,
+            "cycles_per_packet": round(busy / s.packets, 1) if s.packets else 0.0,
+            "packets_per_burst": round(s.packets / s.bursts, 1) if s.bursts else 0.0,
+            "sleeps": s.sleeps, "kick_wakeups": s.kick_wakeups, "flooded": s.flooded, "unicast": s.unicast,
+            "dropped_same_port": s.dropped_same_port,
+            "rx_queues": [{"port": port.name, "queue": queue} for port, queue in self._polls],
+        }

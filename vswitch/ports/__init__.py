@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-PORT_TYPES = ("vhost-user",)
+PORT_TYPES = ("vhost-user", "tap", "af-packet")
 
 
 def create_port(spec: dict, port_no: int, emit, quiesce, on_rarp):
@@ -12,4 +12,12 @@ def create_port(spec: dict, port_no: int, emit, quiesce, on_rarp):
         from vswitch.ports.vhost_user import VhostUserPort
 
         return VhostUserPort(spec["name"], port_no, spec, emit, quiesce, on_rarp)
+    if kind == "tap":
+        from vswitch.ports.tap import TapPort
+
+        return TapPort(spec["name"], port_no, spec, emit)
+    if kind == "af-packet":
+        from vswitch.ports.af_packet import AfPacketPort
+
+        return AfPacketPort(spec["name"], port_no, spec, emit)
     raise ValueError(f"port '{spec['name']}': unknown type '{kind}'")

@@ -62,6 +62,9 @@ class Port(abc.ABC):
     def stats(self) -> dict:
         """Counters named as in STAT_KEYS, plus type-specific ones."""
 
+    def housekeep(self) -> None:
+        """Called once a second by the switch (link state checks and the like)."""
+
     def errors(self) -> list[str]:
         """New error reports since the last call, one line each, for the log."""
         return []

@@ -68,7 +68,7 @@ class VhostUserPort(Port):
             "tx_packets": sum(r.stats.packets for r in guest_rx),
             "tx_bytes": sum(r.stats.bytes for r in guest_rx),
             "tx_dropped": sum(r.stats.dropped for r in guest_rx) + self.c.stats.tx_dropped_down,
-            "tx_errors": sum(r.stats.errors for r in guest_rx),
+            "tx_errors": sum(r.stats.errors for r in guest_rx) + self.c.stats.tx_dropped_offload,
             "notifications": sum(r.stats.notifications for r in guest_tx + guest_rx),
         }
 

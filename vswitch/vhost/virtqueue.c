@@ -277,8 +277,9 @@ static int walk_chain(const struct vs_vhost_dev *dev, const struct vs_vring *vr,
     }
 }
 
-/* Drops the first n bytes (the virtio-net header) from a packet's segments. */
-static int strip_header(struct vs_pkt *pkt, uint32_t n)
+/* Drops the first n bytes (the virtio-net header) from a packet's segments,
+ * copying them to hdr (which has room for 12). */
+static int strip_header(struct vs_pkt *pkt, uint32_t n, uint8_t *hdr)
 {
     if (pkt->len < n) {
         return VS_VQ_ERR_SHORT_HEADER;
@@ -287,6 +288,9 @@ static int strip_header(struct vs_pkt *pkt, uint32_t n)
     uint32_t first = 0;
     while (n) {
         struct vs_seg *s = &pkt->segs[first];
+        uint32_t take = s->len < n ? s->len : n;
+        memcpy(hdr, s->addr, take);
+        hdr += take;
         if (s->len <= n) {
             n -= s->len;
             first++;
@@ -353,6 +357,44 @@ static void publish_used(const struct vs_vhost_dev *dev, struct vs_vring *vr)
     notify_guest(dev, vr, new_idx);
 }
 
+/* Offload feature bits (virtio 1.x, 5.1.3) the header capture looks at. */
+#define VIRTIO_NET_F_CSUM 0
+#define VIRTIO_NET_F_GUEST_CSUM 1
+#define VIRTIO_NET_F_GUEST_TSO4 7
+#define VIRTIO_NET_F_GUEST_TSO6 8
+#define VIRTIO_NET_F_GUEST_ECN 9
+#define VIRTIO_NET_F_HOST_TSO4 11
+#define VIRTIO_NET_F_HOST_TSO6 12
+#define VIRTIO_NET_F_HOST_ECN 13
+
+/*
+ * Keeps what the guest may ask of us in its TX header: a partial checksum
+ * only with CSUM negotiated, a GSO type only with the matching HOST_TSO
+ * feature.  Anything else is cleared, so a header a guest was not allowed
+ * to send never reaches another port.
+ */
+static inline void capture_net_hdr(const struct vs_vhost_dev *dev, struct vs_pkt *pkt, const uint8_t *h)
+{
+    memset(&pkt->vnet, 0, sizeof pkt->vnet);
+    uint64_t f = dev->features;
+    if (likely(!(f & (1ULL << VIRTIO_NET_F_CSUM))) || (h[0] | h[1]) == 0) {
+        return;
+    }
+    if (h[0] & VS_NET_HDR_F_NEEDS_CSUM) {
+        pkt->vnet.flags = VS_NET_HDR_F_NEEDS_CSUM;
+        memcpy(&pkt->vnet.csum_start, h + 6, 2);
+        memcpy(&pkt->vnet.csum_offset, h + 8, 2);
+    }
+    uint8_t kind = h[1] & (uint8_t)~VS_NET_HDR_GSO_ECN;
+    bool allowed = (kind == VS_NET_HDR_GSO_TCPV4 && (f & (1ULL << VIRTIO_NET_F_HOST_TSO4))) ||
+                   (kind == VS_NET_HDR_GSO_TCPV6 && (f & (1ULL << VIRTIO_NET_F_HOST_TSO6)));
+    if (allowed && (!(h[1] & VS_NET_HDR_GSO_ECN) || (f & (1ULL << VIRTIO_NET_F_HOST_ECN)))) {
+        pkt->vnet.gso_type = h[1];
+        memcpy(&pkt->vnet.hdr_len, h + 2, 2);
+        memcpy(&pkt->vnet.gso_size, h + 4, 2);
+    }
+}
+
 /*
  * The common case, checked first: the whole chain is one readable
  * descriptor (header and frame together) inside one memory region.
@@ -376,6 +418,7 @@ static inline bool dequeue_simple(const struct vs_vhost_dev *dev, const struct v
     pkt->nsegs = 1;
     pkt->len = d.len - hdr_len;
     pkt->head = head;
+    capture_net_hdr(dev, pkt, p);
     __builtin_prefetch(p + hdr_len);
     return true;
 }
@@ -416,8 +459,12 @@ uint32_t vs_vring_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
         pkt->nsegs = nsegs;
         pkt->len = (uint32_t)total;
         pkt->head = head;
+        uint8_t hdr[12];
         if (likely(!err)) {
-            err = strip_header(pkt, dev->hdr_len);
+            err = strip_header(pkt, dev->hdr_len, hdr);
+        }
+        if (likely(!err)) {
+            capture_net_hdr(dev, pkt, hdr);
         }
         if (likely(!err) && unlikely(pkt->len < 14)) {
             err = VS_VQ_ERR_NO_READABLE;
@@ -479,6 +526,20 @@ static inline void fill_net_hdr(uint8_t *hdr, const struct vs_vhost_dev *dev, co
                                 uint32_t num_buffers)
 {
     memset(hdr, 0, 10);
+    /* Only what this guest negotiated; vs_offload_fit() did the rest in software. */
+    if (unlikely(pkt->vnet.flags | pkt->vnet.gso_type) && (dev->features & (1ULL << VIRTIO_NET_F_GUEST_CSUM))) {
+        const struct vs_net_hdr *v = &pkt->vnet;
+        hdr[0] = v->flags & (VS_NET_HDR_F_NEEDS_CSUM | VS_NET_HDR_F_DATA_VALID);
+        if (v->flags & VS_NET_HDR_F_NEEDS_CSUM) {
+            memcpy(hdr + 6, &v->csum_start, 2);
+            memcpy(hdr + 8, &v->csum_offset, 2);
+        }
+        if (v->gso_type) {
+            hdr[1] = v->gso_type;
+            memcpy(hdr + 2, &v->hdr_len, 2);
+            memcpy(hdr + 4, &v->gso_size, 2);
+        }
+    }
     if (dev->hdr_len == 12) {
         hdr[10] = (uint8_t)num_buffers;  /* num_buffers, little endian */
         hdr[11] = (uint8_t)(num_buffers >> 8);

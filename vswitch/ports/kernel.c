@@ -1,0 +1,667 @@
+/*
+ * Kernel-side ports: TAP interfaces and AF_PACKET sockets, read and written
+ * by the PMD in bursts.
+ *
+ * TAP: the kernel offers no batch read on a TAP fd, so a receive burst is
+ * one read() per frame into the port's buffer pool (stopped by EAGAIN), and
+ * a transmit is one writev() per frame, straight from the source segments:
+ * no copy besides the kernel's own.  Every frame carries a virtio-net
+ * header (IFF_VNET_HDR), so checksum and TSO offloads pass between a guest
+ * and the host stack untouched when both sides can handle them.
+ *
+ * AF_PACKET: mmap'd rings, no syscall per frame.  Received frames are read
+ * in place in the RX ring (TPACKET_V2 frames or TPACKET_V3 blocks) and the
+ * slots go back to the kernel at the next poll of the queue, after the PMD
+ * has forwarded them.  Transmitted frames are copied into the TX ring and
+ * sent with one sendto() per burst; PACKET_QDISC_BYPASS skips the qdisc
+ * layer (a switch port queues nothing), PACKET_IGNORE_OUTGOING keeps our
+ * own frames out of the RX ring, and PACKET_MR_PROMISC holds the interface
+ * promiscuous for exactly as long as the socket lives.
+ *
+ * An fd that reports the interface gone (EBADF, EBADFD, ENXIO, ENODEV,
+ * ENETDOWN, EIO) sets kp->fault; the port then neither reads nor writes
+ * until the control plane closes it, and the control plane reports the
+ * link down.  Nothing here ever blocks.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <linux/if_tun.h>
+#include <sched.h>
+#include <stdio.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+
+#include "vswitch.h"
+
+/* AF_PACKET ring geometry. */
+#define V2_RX_FRAME_SIZE 2048         /* without a virtio-net header: one MTU-sized frame */
+#define V2_RX_FRAMES 1024
+#define V2_RX_VNET_FRAME_SIZE (65536 + 4096) /* with offloads a frame may be a 64 KiB GSO frame */
+#define V2_RX_VNET_FRAMES 64
+#define V3_BLOCK_SIZE (1 << 20)       /* holds a 64 KiB GSO frame many times over */
+#define V3_BLOCKS 8
+#define V3_RETIRE_MS 1                /* a partly filled block reaches us after at most 1 ms */
+#define TX_FRAME_SIZE 16384           /* a 9000-byte jumbo frame plus headers */
+#define TX_FRAMES 256
+#define TX_VNET_FRAME_SIZE (65536 + 4096) /* with offloads: a 64 KiB GSO frame */
+#define TX_VNET_FRAMES 64
+
+/* Where frame data starts in a TX slot (the kernel's tp_hdrlen - sizeof(sockaddr_ll)). */
+#define V2_TX_DATA_OFF TPACKET_ALIGN(sizeof(struct tpacket2_hdr))
+#define V3_TX_DATA_OFF TPACKET_ALIGN(sizeof(struct tpacket3_hdr))
+
+void vs_kport_init(struct vs_kport *kp)
+{
+    memset(kp, 0, sizeof *kp);
+    for (uint32_t q = 0; q < VS_KPORT_MAX_QUEUES; q++) {
+        kp->fds[q] = -1;
+    }
+}
+
+/* The calling thread enters netns_fd (if >= 0); *saved is where it came from. */
+static int enter_netns(int netns_fd, int *saved)
+{
+    *saved = -1;
+    if (netns_fd < 0) {
+        return 0;
+    }
+    *saved = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (*saved < 0) {
+        return -errno;
+    }
+    if (setns(netns_fd, CLONE_NEWNET) < 0) {
+        int err = -errno;
+        close(*saved);
+        *saved = -1;
+        return err;
+    }
+    return 0;
+}
+
+static void leave_netns(int saved)
+{
+    if (saved >= 0) {
+        /* Cannot fail for a namespace we were in a moment ago. */
+        if (setns(saved, CLONE_NEWNET) < 0) {
+            perror("vswitch: setns back to the switch's network namespace");
+        }
+        close(saved);
+    }
+}
+
+static int set_if_up(const char *ifname)
+{
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) {
+        return -errno;
+    }
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+    int rc = ioctl(s, SIOCGIFFLAGS, &ifr);
+    if (rc == 0 && !(ifr.ifr_flags & IFF_UP)) {
+        ifr.ifr_flags |= IFF_UP;
+        rc = ioctl(s, SIOCSIFFLAGS, &ifr);
+    }
+    int err = rc < 0 ? -errno : 0;
+    close(s);
+    return err;
+}
+
+static int open_tap_queues(struct vs_kport *kp, const char *ifname, uint32_t nqueues, int offloads)
+{
+    for (uint32_t q = 0; q < nqueues; q++) {
+        int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0) {
+            return -errno;
+        }
+        kp->fds[q] = fd;
+        struct ifreq ifr;
+        memset(&ifr, 0, sizeof ifr);
+        ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (nqueues > 1 ? IFF_MULTI_QUEUE : 0);
+        /* The first queue creates the interface; the others attach to it by its real name. */
+        snprintf(ifr.ifr_name, IFNAMSIZ, "%s", q == 0 ? ifname : kp->ifname);
+        if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+            return -errno;
+        }
+        if (q == 0) {
+            snprintf(kp->ifname, sizeof kp->ifname, "%s", ifr.ifr_name);
+        }
+        int hdr_len = VS_KPORT_NET_HDR_LEN;
+        if (ioctl(fd, TUNSETVNETHDRSZ, &hdr_len) < 0) {
+            return -errno;
+        }
+        /* Without TUN_F_CSUM the kernel completes checksums before handing us
+         * a frame and never sends GSO frames; with it, both pass through. */
+        unsigned int flags = offloads ? TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN : 0;
+        if (ioctl(fd, TUNSETOFFLOAD, flags) < 0) {
+            return -errno;
+        }
+    }
+    return 0;
+}
+
+int vs_kport_open_tap(struct vs_kport *kp, const char *ifname, uint32_t nqueues, int netns_fd,
+                      int offloads)
+{
+    if (nqueues == 0 || nqueues > VS_KPORT_MAX_QUEUES) {
+        return -EINVAL;
+    }
+    kp->kind = VS_KPORT_TAP;
+    kp->nqueues = nqueues;
+    kp->vnet_hdr = 1;
+    for (uint32_t q = 0; q < nqueues; q++) {
+        kp->pool[q] = mmap(NULL, (size_t)VS_BURST * VS_KPORT_BUF_SIZE, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (kp->pool[q] == MAP_FAILED) {
+            kp->pool[q] = NULL;
+            return -ENOMEM;
+        }
+    }
+    int saved;
+    int err = enter_netns(netns_fd, &saved);
+    if (err) {
+        return err;
+    }
+    kp->offload_caps = offloads ? VS_OFFLOAD_ALL : 0;
+    err = open_tap_queues(kp, ifname, nqueues, offloads);
+    if (!err) {
+        err = set_if_up(kp->ifname);
+    }
+    if (!err) {
+        kp->ifindex = (int)if_nametoindex(kp->ifname);
+    }
+    leave_netns(saved);
+    return err;
+}
+
+static int setsockopt_int(int fd, int level, int name, int value)
+{
+    return setsockopt(fd, level, name, &value, sizeof value) < 0 ? -errno : 0;
+}
+
+/* Sets up the RX and TX rings of one AF_PACKET socket and maps them. */
+static int setup_rings(int fd, struct vs_kport_ring *r, uint32_t version, int vnet_hdr)
+{
+    struct tpacket_req3 rx;
+    memset(&rx, 0, sizeof rx);
+    if (version == TPACKET_V3) {
+        rx.tp_block_size = V3_BLOCK_SIZE;
+        rx.tp_block_nr = V3_BLOCKS;
+        rx.tp_frame_size = V2_RX_FRAME_SIZE;   /* nominal: V3 frames are variable-sized */
+        rx.tp_frame_nr = (V3_BLOCK_SIZE / V2_RX_FRAME_SIZE) * V3_BLOCKS;
+        rx.tp_retire_blk_tov = V3_RETIRE_MS;
+        r->rx_slots = V3_BLOCKS;
+        r->rx_slot_size = V3_BLOCK_SIZE;
+    } else {
+        uint32_t frame = vnet_hdr ? V2_RX_VNET_FRAME_SIZE : V2_RX_FRAME_SIZE;
+        uint32_t frames = vnet_hdr ? V2_RX_VNET_FRAMES : V2_RX_FRAMES;
+        rx.tp_block_size = frame;               /* a multiple of the page size */
+        rx.tp_block_nr = frames;
+        rx.tp_frame_size = frame;
+        rx.tp_frame_nr = frames;
+        r->rx_slots = frames;
+        r->rx_slot_size = frame;
+    }
+    /* V2 takes a struct tpacket_req, the first four fields of tpacket_req3. */
+    socklen_t rx_len = version == TPACKET_V3 ? sizeof rx : sizeof(struct tpacket_req);
+    if (setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &rx, rx_len) < 0) {
+        return -errno;
+    }
+    uint32_t tx_frame = vnet_hdr ? TX_VNET_FRAME_SIZE : TX_FRAME_SIZE;
+    uint32_t tx_frames = vnet_hdr ? TX_VNET_FRAMES : TX_FRAMES;
+    struct tpacket_req3 tx;
+    memset(&tx, 0, sizeof tx);
+    tx.tp_block_size = tx_frame;
+    tx.tp_block_nr = tx_frames;
+    tx.tp_frame_size = tx_frame;
+    tx.tp_frame_nr = tx_frames;
+    if (setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &tx, rx_len) < 0) {
+        return -errno;
+    }
+    uint64_t rx_bytes = (uint64_t)rx.tp_block_size * rx.tp_block_nr;
+    uint64_t tx_bytes = (uint64_t)tx_frame * tx_frames;
+    void *map = mmap(NULL, rx_bytes + tx_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    if (map == MAP_FAILED) {
+        return -errno;
+    }
+    r->map = map;
+    r->map_len = rx_bytes + tx_bytes;
+    r->version = version;
+    r->rx = map;
+    r->tx = (uint8_t *)map + rx_bytes;
+    r->tx_frames = tx_frames;
+    r->tx_frame_size = tx_frame;
+    return 0;
+}
+
+static int open_packet_socket(struct vs_kport *kp, uint32_t version, int vnet_hdr)
+{
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);  /* 0: nothing until bind */
+    if (fd < 0) {
+        return -errno;
+    }
+    kp->fds[0] = fd;
+    int err = setsockopt_int(fd, SOL_PACKET, PACKET_VERSION, (int)version);
+    if (!err && vnet_hdr) {
+        err = setsockopt_int(fd, SOL_PACKET, PACKET_VNET_HDR, 1);
+    }
+    if (!err) {
+        err = setsockopt_int(fd, SOL_PACKET, PACKET_QDISC_BYPASS, 1);
+    }
+    if (!err) {
+        err = setsockopt_int(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, 1);
+    }
+    if (!err) {
+        err = setup_rings(fd, &kp->rings[0], version, vnet_hdr);
+    }
+    if (err) {
+        return err;
+    }
+    struct sockaddr_ll sll;
+    memset(&sll, 0, sizeof sll);
+    sll.sll_family = AF_PACKET;
+    sll.sll_protocol = htons(ETH_P_ALL);
+    sll.sll_ifindex = kp->ifindex;
+    if (bind(fd, (struct sockaddr *)&sll, sizeof sll) < 0) {
+        return -errno;
+    }
+    struct packet_mreq mreq;
+    memset(&mreq, 0, sizeof mreq);
+    mreq.mr_ifindex = kp->ifindex;
+    mreq.mr_type = PACKET_MR_PROMISC;
+    if (setsockopt(fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mreq, sizeof mreq) < 0) {
+        return -errno;
+    }
+    return 0;
+}
+
+int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_fd,
+                            uint32_t tpacket_version, int vnet_hdr)
+{
+    if (tpacket_version != TPACKET_V2 && tpacket_version != TPACKET_V3) {
+        return -EINVAL;
+    }
+    kp->kind = VS_KPORT_AF_PACKET;
+    kp->nqueues = 1;
+    kp->vnet_hdr = vnet_hdr ? 1 : 0;
+    /* The kernel segments and checksums what we send with a virtio-net header. */
+    kp->offload_caps = vnet_hdr ? VS_OFFLOAD_ALL : 0;
+    snprintf(kp->ifname, sizeof kp->ifname, "%s", ifname);
+    int saved;
+    int err = enter_netns(netns_fd, &saved);
+    if (err) {
+        return err;
+    }
+    kp->ifindex = (int)if_nametoindex(ifname);
+    if (kp->ifindex == 0) {
+        err = -ENODEV;
+    } else {
+        err = open_packet_socket(kp, tpacket_version, vnet_hdr);
+    }
+    leave_netns(saved);
+    return err;
+}
+
+void vs_kport_close(struct vs_kport *kp)
+{
+    for (uint32_t q = 0; q < VS_KPORT_MAX_QUEUES; q++) {
+        struct vs_kport_ring *r = &kp->rings[q];
+        if (r->map) {
+            munmap(r->map, r->map_len);
+            r->map = NULL;
+        }
+        if (kp->fds[q] >= 0) {
+            /* Closing the last TAP fd deletes the interface; closing a
+             * packet socket drops its promiscuous membership. */
+            close(kp->fds[q]);
+            kp->fds[q] = -1;
+        }
+        if (kp->pool[q]) {
+            munmap(kp->pool[q], (size_t)VS_BURST * VS_KPORT_BUF_SIZE);
+            kp->pool[q] = NULL;
+        }
+    }
+}
+
+int vs_kport_link_state(struct vs_kport *kp)
+{
+    if (__atomic_load_n(&kp->fault, __ATOMIC_ACQUIRE)) {
+        return -__atomic_load_n(&kp->fault_errno, __ATOMIC_RELAXED);
+    }
+    if (kp->fds[0] < 0) {
+        return -EBADF;
+    }
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_ifindex = kp->ifindex;
+    /* A socket asks in its own namespace; a TAP fd is no socket, so ask
+     * the tun driver which device it is attached to. */
+    int s;
+    if (kp->kind == VS_KPORT_AF_PACKET) {
+        s = kp->fds[0];
+        if (ioctl(s, SIOCGIFNAME, &ifr) < 0) {
+            return -errno;   /* ENODEV: the interface was deleted */
+        }
+    } else {
+        if (ioctl(kp->fds[0], TUNGETIFF, &ifr) < 0) {
+            return -errno;   /* EBADFD: the interface was deleted */
+        }
+        return 1;            /* the switch owns the TAP and keeps it up */
+    }
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) {
+        return -errno;
+    }
+    return (ifr.ifr_flags & IFF_UP) && (ifr.ifr_flags & IFF_RUNNING) ? 1 : 0;
+}
+
+/* Errors that mean the interface is gone or down for good: stop using the fd. */
+static inline bool fatal_errno(int err)
+{
+    return err == EBADF || err == EBADFD || err == ENXIO || err == ENODEV || err == ENETDOWN ||
+           err == EIO || err == EPIPE;
+}
+
+static void set_fault(struct vs_kport *kp, int err)
+{
+    __atomic_store_n(&kp->fault_errno, err, __ATOMIC_RELAXED);
+    __atomic_store_n(&kp->fault, VS_KPORT_GONE, __ATOMIC_RELEASE);
+}
+
+static inline void hdr_from_wire(struct vs_net_hdr *h, const uint8_t *p)
+{
+    h->flags = p[0];
+    h->gso_type = p[1];
+    memcpy(&h->hdr_len, p + 2, 2);    /* little endian on x86, as the tun driver's default */
+    memcpy(&h->gso_size, p + 4, 2);
+    memcpy(&h->csum_start, p + 6, 2);
+    memcpy(&h->csum_offset, p + 8, 2);
+}
+
+static inline void hdr_to_wire(uint8_t *p, const struct vs_net_hdr *h)
+{
+    p[0] = h->flags;
+    p[1] = h->gso_type;
+    memcpy(p + 2, &h->hdr_len, 2);
+    memcpy(p + 4, &h->gso_size, 2);
+    memcpy(p + 6, &h->csum_start, 2);
+    memcpy(p + 8, &h->csum_offset, 2);
+}
+
+/* --- TAP ------------------------------------------------------------------ */
+
+static uint32_t tap_rx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt *pkts, uint32_t max)
+{
+    struct vs_kport_stats *st = &kp->stats[q];
+    uint8_t *pool = kp->pool[q];
+    uint32_t got = 0;
+    uint64_t bytes = 0;
+    /* One read per frame: a TAP fd has no batch receive. */
+    for (uint32_t tries = 0; got < max && tries < max; tries++) {
+        uint8_t *buf = pool + (size_t)got * VS_KPORT_BUF_SIZE;
+        ssize_t n = read(kp->fds[q], buf, VS_KPORT_BUF_SIZE);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EINTR) {
+                st->rx_errors++;
+                if (fatal_errno(errno)) {
+                    set_fault(kp, errno);
+                }
+            }
+            break;
+        }
+        if (unlikely(n < VS_KPORT_NET_HDR_LEN + 14)) {
+            st->rx_dropped++;
+            continue;
+        }
+        struct vs_pkt *pkt = &pkts[got++];
+        hdr_from_wire(&pkt->vnet, buf);
+        pkt->len = (uint32_t)n - VS_KPORT_NET_HDR_LEN;
+        pkt->nsegs = 1;
+        pkt->head = 0;
+        pkt->segs[0].addr = buf + VS_KPORT_NET_HDR_LEN;
+        pkt->segs[0].len = pkt->len;
+        bytes += pkt->len;
+    }
+    st->rx_packets += got;
+    st->rx_bytes += bytes;
+    return got;
+}
+
+static void tap_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkts, uint32_t n)
+{
+    struct vs_kport_stats *st = &kp->stats[q];
+    struct iovec iov[VS_PKT_MAX_SEGS + 1];
+    uint8_t hdr[VS_KPORT_NET_HDR_LEN];
+    iov[0].iov_base = hdr;
+    iov[0].iov_len = sizeof hdr;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct vs_pkt *pkt = pkts[i];
+        hdr_to_wire(hdr, &pkt->vnet);
+        for (uint32_t s = 0; s < pkt->nsegs; s++) {
+            iov[s + 1].iov_base = pkt->segs[s].addr;
+            iov[s + 1].iov_len = pkt->segs[s].len;
+        }
+        /* One writev per frame, from the source's memory: the only copy is the kernel's. */
+        ssize_t w = writev(kp->fds[q], iov, (int)pkt->nsegs + 1);
+        if (likely(w >= 0)) {
+            st->tx_packets++;
+            st->tx_bytes += pkt->len;
+        } else if (errno == EAGAIN) {
+            st->tx_dropped++;
+        } else {
+            st->tx_errors++;
+            if (fatal_errno(errno)) {
+                set_fault(kp, errno);
+                st->tx_dropped += n - i - 1;
+                return;
+            }
+        }
+    }
+}
+
+/* --- AF_PACKET ------------------------------------------------------------- */
+
+/* Gives the slots the PMD has finished with back to the kernel. */
+static inline void release_held(struct vs_kport_ring *r)
+{
+    for (uint32_t i = 0; i < r->rx_hold_n; i++) {
+        uint8_t *slot = r->rx + (size_t)((r->rx_hold_first + i) % r->rx_slots) * r->rx_slot_size;
+        if (r->version == TPACKET_V3) {
+            struct tpacket_block_desc *bd = (void *)slot;
+            __atomic_store_n(&bd->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+        } else {
+            struct tpacket2_hdr *h = (void *)slot;
+            __atomic_store_n(&h->tp_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+        }
+    }
+    r->rx_hold_n = 0;
+}
+
+/* Turns one received frame (at mac, snaplen of len bytes) into pkt; false if dropped. */
+static inline bool take_frame(struct vs_kport *kp, struct vs_kport_stats *st, struct vs_pkt *pkt,
+                              uint8_t *mac, uint32_t snaplen, uint32_t len)
+{
+    if (unlikely(snaplen < len || snaplen < 14)) {
+        st->rx_dropped++;     /* truncated: bigger than a ring slot */
+        return false;
+    }
+    if (kp->vnet_hdr) {
+        hdr_from_wire(&pkt->vnet, mac - VS_KPORT_NET_HDR_LEN);
+    } else {
+        memset(&pkt->vnet, 0, sizeof pkt->vnet);
+    }
+    pkt->len = snaplen;
+    pkt->nsegs = 1;
+    pkt->head = 0;
+    pkt->segs[0].addr = mac;
+    pkt->segs[0].len = snaplen;
+    return true;
+}
+
+static uint32_t v2_rx_burst(struct vs_kport *kp, struct vs_kport_ring *r, struct vs_kport_stats *st,
+                            struct vs_pkt *pkts, uint32_t max)
+{
+    uint32_t got = 0;
+    r->rx_hold_first = r->rx_next;
+    for (uint32_t seen = 0; got < max && seen < r->rx_slots; seen++) {
+        struct tpacket2_hdr *h = (void *)(r->rx + (size_t)r->rx_next * r->rx_slot_size);
+        uint32_t status = __atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE);
+        if (!(status & TP_STATUS_USER)) {
+            break;
+        }
+        r->rx_next = (r->rx_next + 1) % r->rx_slots;
+        r->rx_hold_n++;
+        if (take_frame(kp, st, &pkts[got], (uint8_t *)h + h->tp_mac, h->tp_snaplen, h->tp_len)) {
+            got++;
+        }
+    }
+    return got;
+}
+
+static uint32_t v3_rx_burst(struct vs_kport *kp, struct vs_kport_ring *r, struct vs_kport_stats *st,
+                            struct vs_pkt *pkts, uint32_t max)
+{
+    uint32_t got = 0;
+    /* Blocks consumed whole are held until the next poll; the current one stays ours. */
+    r->rx_hold_first = r->rx_next;
+    while (got < max) {
+        struct tpacket_block_desc *bd = (void *)(r->rx + (size_t)r->rx_next * r->rx_slot_size);
+        if (!r->v3_pkt) {
+            if (!(__atomic_load_n(&bd->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER)) {
+                break;
+            }
+            r->v3_left = bd->hdr.bh1.num_pkts;
+            r->v3_pkt = (uint8_t *)bd + bd->hdr.bh1.offset_to_first_pkt;
+        }
+        while (got < max && r->v3_left) {
+            struct tpacket3_hdr *h = (void *)r->v3_pkt;
+            if (take_frame(kp, st, &pkts[got], (uint8_t *)h + h->tp_mac, h->tp_snaplen, h->tp_len)) {
+                got++;
+            }
+            r->v3_pkt += h->tp_next_offset;
+            r->v3_left--;
+        }
+        if (r->v3_left) {
+            break;
+        }
+        r->v3_pkt = NULL;
+        r->rx_next = (r->rx_next + 1) % r->rx_slots;
+        r->rx_hold_n++;
+    }
+    return got;
+}
+
+static uint32_t packet_rx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt *pkts, uint32_t max)
+{
+    struct vs_kport_ring *r = &kp->rings[q];
+    struct vs_kport_stats *st = &kp->stats[q];
+    release_held(r);
+    uint32_t got = r->version == TPACKET_V3 ? v3_rx_burst(kp, r, st, pkts, max)
+                                            : v2_rx_burst(kp, r, st, pkts, max);
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < got; i++) {
+        bytes += pkts[i].len;
+    }
+    st->rx_packets += got;
+    st->rx_bytes += bytes;
+    return got;
+}
+
+static void packet_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkts, uint32_t n)
+{
+    struct vs_kport_ring *r = &kp->rings[q];
+    struct vs_kport_stats *st = &kp->stats[q];
+    uint32_t data_off = r->version == TPACKET_V3 ? V3_TX_DATA_OFF : V2_TX_DATA_OFF;
+    uint32_t hdr_len = kp->vnet_hdr ? VS_KPORT_NET_HDR_LEN : 0;
+    uint32_t room = r->tx_frame_size - data_off - hdr_len;
+    uint32_t queued = 0;
+    uint64_t bytes = 0;
+
+    for (uint32_t i = 0; i < n; i++) {
+        const struct vs_pkt *pkt = pkts[i];
+        uint8_t *slot = r->tx + (size_t)r->tx_next * r->tx_frame_size;
+        /* tp_status, tp_len and tp_snaplen sit at the same offsets in both versions. */
+        struct tpacket2_hdr *h = (void *)slot;
+        uint32_t status = __atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE);
+        if (status == TP_STATUS_WRONG_FORMAT) {
+            st->tx_errors++;   /* the kernel refused the frame we left here */
+        } else if (status != TP_STATUS_AVAILABLE) {
+            st->tx_dropped += n - i;   /* ring full: the kernel is still sending */
+            break;
+        }
+        if (unlikely(pkt->len > room)) {
+            st->tx_errors++;
+            continue;
+        }
+        uint8_t *p = slot + data_off;
+        if (hdr_len) {
+            hdr_to_wire(p, &pkt->vnet);
+            p += hdr_len;
+        }
+        for (uint32_t s = 0; s < pkt->nsegs; s++) {
+            memcpy(p, pkt->segs[s].addr, pkt->segs[s].len);
+            p += pkt->segs[s].len;
+        }
+        if (r->version == TPACKET_V3) {
+            struct tpacket3_hdr *h3 = (void *)slot;
+            h3->tp_len = pkt->len + hdr_len;
+            h3->tp_snaplen = pkt->len + hdr_len;
+            h3->tp_next_offset = 0;
+        } else {
+            h->tp_len = pkt->len + hdr_len;
+            h->tp_snaplen = pkt->len + hdr_len;
+        }
+        __atomic_store_n(&h->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+        r->tx_next = (r->tx_next + 1) % r->tx_frames;
+        queued++;
+        bytes += pkt->len;
+    }
+    if (!queued) {
+        return;
+    }
+    /* One kick sends every frame queued in the ring. */
+    if (sendto(kp->fds[q], NULL, 0, MSG_DONTWAIT, NULL, 0) < 0 && errno != EAGAIN && errno != ENOBUFS) {
+        st->tx_errors++;
+        if (fatal_errno(errno)) {
+            set_fault(kp, errno);
+        }
+        return;
+    }
+    st->tx_packets += queued;
+    st->tx_bytes += bytes;
+}
+
+/* --- Dispatch ---------------------------------------------------------------- */
+
+uint32_t vs_kport_rx_burst(struct vs_kport *kp, uint32_t queue, struct vs_pkt *pkts, uint32_t max)
+{
+    if (unlikely(queue >= kp->nqueues || __atomic_load_n(&kp->fault, __ATOMIC_ACQUIRE))) {
+        return 0;
+    }
+    return kp->kind == VS_KPORT_TAP ? tap_rx_burst(kp, queue, pkts, max)
+                                    : packet_rx_burst(kp, queue, pkts, max);
+}
+
+void vs_kport_tx_burst(struct vs_kport *kp, uint32_t queue, struct vs_pkt **pkts, uint32_t n)
+{
+    uint32_t q = queue % kp->nqueues;
+    if (unlikely(__atomic_load_n(&kp->fault, __ATOMIC_ACQUIRE))) {
+        kp->stats[q].tx_dropped += n;
+        return;
+    }
+    vs_spin_lock(&kp->tx_lock[q]);
+    if (kp->kind == VS_KPORT_TAP) {
+        tap_tx_burst(kp, q, pkts, n);
+    } else {
+        packet_tx_burst(kp, q, pkts, n);
+    }
+    vs_spin_unlock(&kp->tx_lock[q]);
+}

@@ -1,0 +1,40 @@
+"""TAP ports: a TAP interface the switch creates for the host stack (or a
+container's network namespace) to sit on the switch's L2 segment.
+
+`type: tap`, `ifname` (default: the port name), `netns` (an `ip netns`
+namespace to create it in), `queues` (IFF_MULTI_QUEUE when more than one).
+The interface is created up; removing the port deletes it (the switch holds
+the only fds and the interface is not persistent).  Frames carry a
+virtio-net header, with checksum and TSO offloads enabled (TUNSETOFFLOAD),
+so a guest's TSO frames reach the host stack as they are.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from vswitch.native import lib
+from vswitch.ports.kernel import KernelPort
+
+
+class TapPort(KernelPort):
+    type = "tap"
+    c_type = lib.VS_PORT_TAP
+
+    def start(self) -> None:
+        def describe(err: int) -> str:
+            if err == errno.EBUSY:
+                return f"interface {self.ifname} exists and is in use"
+            if err == errno.EINVAL:
+                return f"interface {self.ifname} exists and is not a TAP interface"
+            return f"cannot create TAP interface {self.ifname}: {os.strerror(err)}"
+
+        self._open(lambda netns_fd: lib.vs_kport_open_tap(self.kp, self.ifname.encode(), self.queues,
+                                                          netns_fd, 1), describe)
+        self.set_link(True)
+
+    def info(self) -> dict:
+        info = super().info()
+        info["mode"] = "tap"
+        return info
