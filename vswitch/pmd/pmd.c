@@ -130,25 +130,66 @@ struct out_group {
     struct vs_pkt *pkts[VS_BURST];
 };
 
+/* Hands frames to the port type's transmit function. */
+static void deliver(struct vs_port *out, uint32_t queue_hint, struct vs_pkt **pkts, uint32_t n,
+                    uint32_t unicast)
+{
+    switch (out->type) {
+    case VS_PORT_VHOST_USER: {
+        struct vs_vring *vr = pick_rx_vring(out->vhost, queue_hint);
+        if (likely(vr)) {
+            vs_vring_enqueue_burst(out->vhost, vr, pkts, n);
+        } else {
+            out->stats.tx_dropped_down += unicast;
+        }
+        break;
+    }
+    case VS_PORT_TAP:
+    case VS_PORT_AF_PACKET:
+        vs_kport_tx_burst(out->kport, queue_hint, pkts, n);
+        break;
+    default:
+        break;
+    }
+}
+
+/* Which virtio-net header offloads the port takes (VS_OFFLOAD_*). */
+static inline uint32_t offload_caps(const struct vs_port *out)
+{
+    switch (out->type) {
+    case VS_PORT_VHOST_USER:
+        return vs_offload_caps_from_features(out->vhost->features);
+    case VS_PORT_TAP:
+    case VS_PORT_AF_PACKET:
+        return out->kport->offload_caps;
+    default:
+        return 0;
+    }
+}
+
 static void transmit(struct vs_port *out, uint32_t queue_hint, struct out_group *g)
 {
     if (unlikely(!__atomic_load_n(&out->link_up, __ATOMIC_ACQUIRE))) {
         out->stats.tx_dropped_down += g->unicast;
         return;
     }
-    switch (out->type) {
-    case VS_PORT_VHOST_USER: {
-        struct vs_vring *vr = pick_rx_vring(out->vhost, queue_hint);
-        if (likely(vr)) {
-            vs_vring_enqueue_burst(out->vhost, vr, g->pkts, g->n);
-        } else {
-            out->stats.tx_dropped_down += g->unicast;
-        }
-        break;
+    uint32_t caps = offload_caps(out);
+    if (likely(!vs_offload_needed(g->pkts, g->n, caps))) {
+        deliver(out, queue_hint, g->pkts, g->n, g->unicast);
+        return;
     }
-    default:
-        break;
+    /* A partial checksum or a GSO frame the port cannot take: fix copies in software. */
+    struct vs_offload_batch *b = vs_offload_thread_batch();
+    if (unlikely(!b)) {
+        out->stats.tx_dropped_offload += g->n;
+        return;
     }
+    for (uint32_t next = 0; next < g->n;) {
+        next = vs_offload_fit(b, g->pkts, g->n, next, caps);
+        deliver(out, queue_hint, b->out, b->n, next == g->n ? g->unicast : 0);
+    }
+    out->stats.tx_dropped_offload += b->errors;
+    b->errors = 0;
 }
 
 static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, struct vs_port *in,
@@ -233,6 +274,15 @@ static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
         }
         /* Also publishes chains dropped as malformed, if any. */
         vs_vring_dequeue_done(dev, vr, pkts, n);
+        return n;
+    }
+    case VS_PORT_TAP:
+    case VS_PORT_AF_PACKET: {
+        /* The frames stay in the port's buffers until its next receive. */
+        uint32_t n = vs_kport_rx_burst(in->kport, pq->queue, pkts, VS_BURST);
+        if (n) {
+            forward_burst(pmd, t, in, pq->queue, pkts, n, now);
+        }
         return n;
     }
     default:
