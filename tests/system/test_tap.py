@@ -1,0 +1,245 @@
+"""TAP ports: a vswitchd with a TAP port whose interface sits in a network
+namespace with an address, and a vhost-user port with a Python front-end.
+
+They exchange ARP, ICMP and TCP both ways; learning and counters behave as
+on vhost-user ports; TSO frames and partial checksums cross in both
+directions (segmented in software for the front-end, which does not take
+GSO); the port is removed and added again under traffic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.l2 import ARP, Ether
+
+from tests.support.daemon import Vswitchd
+from tests.support.frontend import DRIVER_FEATURES, VhostUserFrontend
+from tests.support.netns import in_ns, link_mac, python_in_ns, sh
+from tests.support.virtio_driver import NET_HDR
+from vswitch.vhost import protocol
+from vswitch.vhost.protocol import bits
+
+pytestmark = pytest.mark.system
+
+NS_IP, GUEST_IP = "10.250.0.1", "10.250.0.2"
+GUEST_MAC = "02:00:00:00:00:42"
+
+
+@pytest.fixture
+def switch(tmp_path, netns):
+    """vswitchd with `guest` (vhost-user) and `tap0` (TAP in netns, 10.250.0.1/24)."""
+    ifname = f"vst{netns.split('-')[-2][-5:]}{netns.split('-')[-1]}"[:15]
+    ports = [{"name": "guest", "type": "vhost-user", "path": str(tmp_path / "guest.sock")},
+             {"name": "tap0", "type": "tap", "ifname": ifname, "netns": netns}]
+    with Vswitchd(tmp_path, ports=ports) as d:
+        in_ns(netns, "ip", "addr", "add", f"{NS_IP}/24", "dev", ifname)
+        in_ns(netns, "ip", "link", "set", "lo", "up")
+        d.ifname, d.netns = ifname, netns
+        yield d
+
+
+def guest(d, features: int = DRIVER_FEATURES) -> VhostUserFrontend:
+    fe = VhostUserFrontend(d.dir / "guest.sock", features=features)
+    fe.connect()
+    fe.handshake()
+    fe.post_rx(0, 128)
+    return fe
+
+
+def rx(fe, timeout=0.2):
+    """Frames received so far (waiting up to `timeout` for one); their buffers are posted again."""
+    frames = fe.receive(0, 1, timeout=timeout)
+    if frames:
+        fe.post_rx(0, len(frames))
+    return frames
+
+
+def wait_for(fe, match, timeout=5.0):
+    """Receives frames until one satisfies `match`; returns it (parsed)."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        for f in rx(fe):
+            p = Ether(f.data)
+            seen.append(p.summary())
+            if match(p):
+                return p, f
+    raise AssertionError(f"no matching frame in {timeout} s; saw: {seen[-10:]}")
+
+
+def arp_resolve(fe) -> str:
+    fe.send_frame(0, bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") /
+                           ARP(op=1, hwsrc=GUEST_MAC, psrc=GUEST_IP, pdst=NS_IP)))
+    p, _ = wait_for(fe, lambda p: ARP in p and p[ARP].op == 2 and p[ARP].psrc == NS_IP)
+    return p[ARP].hwsrc
+
+
+def checksums_valid(p) -> bool:
+    q = Ether(bytes(p))
+    for layer in (IP, TCP, ICMP):
+        if layer in q:
+            del q[layer].chksum
+    return bytes(Ether(bytes(q))) == bytes(p)
+
+
+def test_arp_and_ping_both_ways_learning_and_counters(switch):
+    d = switch
+    fe = guest(d)
+    ns_mac = arp_resolve(fe)
+    assert ns_mac == link_mac(d.netns, d.ifname)
+    # Guest -> namespace: ICMP echo.
+    fe.send_frame(0, bytes(Ether(src=GUEST_MAC, dst=ns_mac) / IP(src=GUEST_IP, dst=NS_IP) /
+                           ICMP(id=7, seq=1) / b"hello"))
+    p, _ = wait_for(fe, lambda p: ICMP in p and p[ICMP].type == 0 and p[ICMP].id == 7)
+    assert checksums_valid(p)
+    # Namespace -> guest: the kernel pings; the front-end answers.
+    proc = python_in_ns(d.netns, "-c", "import subprocess,sys;sys.exit(subprocess.call("
+                        f"['busybox','ping','-c','3','-W','2','{GUEST_IP}']))")
+    answered = 0
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and time.monotonic() < deadline:
+        for f in rx(fe, 0.1):
+            q = Ether(f.data)
+            if ARP in q and q[ARP].op == 1 and q[ARP].pdst == GUEST_IP:
+                fe.send_frame(0, bytes(Ether(src=GUEST_MAC, dst=q.src) /
+                                       ARP(op=2, hwsrc=GUEST_MAC, psrc=GUEST_IP, hwdst=q.src, pdst=q[ARP].psrc)))
+            elif ICMP in q and q[ICMP].type == 8:
+                assert checksums_valid(q)
+                reply = Ether(src=GUEST_MAC, dst=q.src) / IP(src=GUEST_IP, dst=q[IP].src) / \
+                    ICMP(type=0, id=q[ICMP].id, seq=q[ICMP].seq) / bytes(q[ICMP].payload)
+                fe.send_frame(0, bytes(reply))
+                answered += 1
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, f"ping from the namespace failed: {out} {err}"
+    assert answered >= 3
+    fdb = {e["mac"]: e["port"] for e in d.ctl("fdb", "show")["entries"]}
+    assert fdb[GUEST_MAC] == "guest" and fdb[ns_mac] == "tap0"
+    tap = d.port("tap0")
+    assert tap["type"] == "tap" and tap["link"] == "up" and tap["ifname"] == d.ifname
+    s = tap["stats"]
+    assert s["rx_packets"] >= 5 and s["tx_packets"] >= 5 and s["rx_bytes"] > 0 and s["tx_bytes"] > 0
+    assert s["rx_errors"] == s["tx_errors"] == 0
+    human = d.ctl_raw("show").stdout
+    assert "tap0" in human and "tap" in human
+    fe.close()
+
+
+def gso_header(frame_pkt, mss: int) -> bytes:
+    """A virtio-net header (12 bytes) for a TCP/IPv4 frame with TSO and a partial checksum."""
+    l4 = len(frame_pkt) - len(frame_pkt[TCP])
+    hdr_len = l4 + len(frame_pkt[TCP]) - len(frame_pkt[TCP].payload)
+    return NET_HDR.pack(1, 1, hdr_len, mss, l4, 16) + b"\0\0"
+
+
+def pseudo_partial(p) -> bytes:
+    """The frame with the TCP checksum field holding only the pseudo-header sum."""
+    raw = bytearray(bytes(p))
+    ip = p[IP]
+    tcp_len = len(p[TCP])
+    words = bytes(ip)[12:20] + bytes([0, 6]) + tcp_len.to_bytes(2, "big")
+    s = sum(int.from_bytes(words[i:i + 2], "big") for i in range(0, len(words), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    off = len(raw) - tcp_len + 16
+    raw[off:off + 2] = s.to_bytes(2, "big")
+    return bytes(raw)
+
+
+NS_SERVER = r"""
+import hashlib, socket, sys
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", 5001)); ls.listen(1); ls.settimeout(20)
+print("listening", flush=True)
+c, _ = ls.accept(); c.settimeout(20)
+data = b""
+while len(data) < int(sys.argv[1]):
+    chunk = c.recv(65536)
+    if not chunk: break
+    data += chunk
+print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
+c.sendall(bytes(range(256)) * 40)   # 10240 bytes: TSO frames from the kernel
+c.recv(1)
+"""
+
+
+def test_tso_both_ways_between_guest_and_tap(switch):
+    """The guest sends a 4000-byte TSO frame with a partial checksum: the
+    namespace's TCP stack takes it (so its checksums are right).  The
+    namespace answers with 10240 bytes, which its kernel hands the TAP as
+    TSO frames: the front-end, which did not negotiate GUEST_TSO4, gets them
+    cut into MSS-sized frames with valid checksums."""
+    d = switch
+    features = DRIVER_FEATURES | bits(protocol.VIRTIO_NET_F_CSUM, protocol.VIRTIO_NET_F_HOST_TSO4)
+    fe = guest(d, features)
+    assert fe.features & bits(protocol.VIRTIO_NET_F_HOST_TSO4)
+    payload = bytes((i * 13) & 0xFF for i in range(4000))
+    server = python_in_ns(d.netns, "-c", NS_SERVER, str(len(payload)))
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        ns_mac = arp_resolve(fe)
+        eth = Ether(src=GUEST_MAC, dst=ns_mac) / IP(src=GUEST_IP, dst=NS_IP)
+        fe.send_frame(0, bytes(eth / TCP(sport=40000, dport=5001, flags="S", seq=1000,
+                                         options=[("MSS", 1460)])))
+        synack, _ = wait_for(fe, lambda p: TCP in p and p[TCP].flags == "SA")
+        ack = synack[TCP].seq + 1
+        fe.send_frame(0, bytes(eth / TCP(sport=40000, dport=5001, flags="A", seq=1001, ack=ack)))
+        big = eth / TCP(sport=40000, dport=5001, flags="PA", seq=1001, ack=ack, window=65535) / payload
+        fe.send_frame(0, pseudo_partial(big), header=gso_header(big, 1448))
+        line = server.stdout.readline().split()
+        assert line == [str(len(payload)), __import__("hashlib").sha256(payload).hexdigest()], \
+            f"namespace got {line}; stderr: {server.stderr.read() if server.poll() is not None else ''}"
+        # The answer: 10240 bytes in MSS-sized, checksum-valid frames.
+        got, frames = b"", 0
+        deadline = time.monotonic() + 10
+        while len(got) < 10240 and time.monotonic() < deadline:
+            for f in rx(fe):
+                p = Ether(f.data)
+                if TCP in p and p[TCP].sport == 5001 and len(p[TCP].payload):
+                    assert len(f.data) <= 1514, f"a {len(f.data)}-byte frame reached a guest without TSO"
+                    assert f.header[:2] == b"\0\0", "a GSO/checksum header for a guest that did not negotiate it"
+                    assert checksums_valid(p)
+                    got += bytes(p[TCP].payload)
+                    frames += 1
+        assert got == bytes(range(256)) * 40
+        assert frames >= 8
+    finally:
+        server.kill()
+        server.communicate()
+        fe.close()
+
+
+def test_remove_and_readd_tap_under_traffic(switch):
+    """The TAP port goes away (its interface with it) and comes back while the
+    guest keeps sending broadcasts; nothing crashes, the interface returns."""
+    d = switch
+    fe = guest(d)
+    ifname, netns = d.ifname, d.netns
+    counter = itertools.count()
+    for round_ in range(3):
+        for _ in range(50):
+            fe.send_frame(0, bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") /
+                                   ARP(op=1, hwsrc=GUEST_MAC, psrc=GUEST_IP, pdst=f"10.250.0.{100 + next(counter) % 50}")))
+        d.ctl("del-port", "tap0")
+        assert sh("ip", "-n", netns, "link", "show", ifname, check=False).returncode != 0, "interface not deleted"
+        fe.send_frame(0, bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(pdst=NS_IP)))
+        d.ctl("add-port", "tap0", "--type", "tap", "--ifname", ifname, "--netns", netns)
+        assert sh("ip", "-n", netns, "link", "show", ifname).returncode == 0
+    in_ns(netns, "ip", "addr", "add", f"{NS_IP}/24", "dev", ifname)
+    assert arp_resolve(fe) == link_mac(netns, ifname)
+    assert d.proc.poll() is None
+    fe.close()
+
+
+def test_bad_tap_requests_are_one_line_errors(switch):
+    d = switch
+    r = d.ctl_raw("add-port", "t2", "--type", "tap", "--netns", "no-such-ns-xyz")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "no network namespace named 'no-such-ns-xyz'" in r.stderr
+    r = d.ctl_raw("add-port", "t3", "--type", "tap", "--ifname", "bad name!")
+    assert r.returncode != 0 and "port 't3': ifname" in r.stderr
+    r = d.ctl_raw("add-port", "t4", "--type", "tap", "--ifname", d.ifname, "--netns", d.netns)
+    assert r.returncode != 0 and f"interface {d.ifname} is already attached by port 'tap0'" in r.stderr
+    assert [p["name"] for p in d.ctl("list-ports")["ports"]] == ["guest", "tap0"]
