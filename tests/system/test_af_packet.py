@@ -1,0 +1,191 @@
+"""AF_PACKET ports: a veth pair, one end in a test namespace with an address,
+the other attached to vswitchd next to two vhost-user Python front-ends.
+
+Frames cross both ways, broadcast floods and learning behave as on
+vhost-user ports, the interface is promiscuous only while attached, and an
+interface that goes down or is deleted under the switch gives a link-down
+event while the other ports keep forwarding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import ARP, Ether
+
+from tests.support.daemon import Vswitchd
+from tests.support.frontend import VhostUserFrontend
+from tests.support.netns import in_ns, link_mac, sh, unique
+
+pytestmark = pytest.mark.system
+
+NS_IP = "10.250.1.1"
+G1 = ("02:00:00:00:01:01", "10.250.1.2")
+G2 = ("02:00:00:00:01:02", "10.250.1.3")
+_ids = itertools.count()
+
+
+@pytest.fixture
+def veth(netns):
+    """(host end, namespace end); the namespace end has 10.250.1.1/24."""
+    n = next(_ids)
+    host, peer = unique("vsa", n), unique("vsb", n)
+    sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
+    try:
+        sh("ip", "link", "set", peer, "netns", netns)
+        sh("ip", "link", "set", host, "up")
+        in_ns(netns, "ip", "addr", "add", f"{NS_IP}/24", "dev", peer)
+        in_ns(netns, "ip", "link", "set", peer, "up")
+        yield host, peer
+    finally:
+        sh("ip", "link", "del", host, check=False)
+
+
+@pytest.fixture
+def switch(tmp_path, veth, netns):
+    host, peer = veth
+    ports = [{"name": "g1", "type": "vhost-user", "path": str(tmp_path / "g1.sock")},
+             {"name": "g2", "type": "vhost-user", "path": str(tmp_path / "g2.sock")},
+             {"name": "veth", "type": "af-packet", "ifname": host}]
+    with Vswitchd(tmp_path, ports=ports) as d:
+        d.host, d.peer, d.netns = host, peer, netns
+        d.fe = {}
+        for name in ("g1", "g2"):
+            fe = VhostUserFrontend(tmp_path / f"{name}.sock")
+            fe.connect()
+            fe.handshake()
+            fe.post_rx(0, 128)
+            d.fe[name] = fe
+        yield d
+        for fe in d.fe.values():
+            fe.close()
+
+
+def rx(fe, timeout=0.2):
+    frames = fe.receive(0, 1, timeout=timeout)
+    if frames:
+        fe.post_rx(0, len(frames))
+    return [Ether(f.data) for f in frames]
+
+
+def drain(fe, seconds=0.3):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        rx(fe, 0.05)
+
+
+def arp_request(mac, ip, target):
+    return bytes(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=mac, psrc=ip, pdst=target))
+
+
+def wait_for(fe, match, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in rx(fe):
+            if match(p):
+                return p
+    raise AssertionError("no matching frame")
+
+
+def promiscuity(ifname: str) -> int:
+    out = sh("ip", "-d", "link", "show", ifname).stdout.split()
+    return int(out[out.index("promiscuity") + 1])
+
+
+def test_frames_both_ways_broadcast_and_learning(switch):
+    d = switch
+    g1, g2 = d.fe["g1"], d.fe["g2"]
+    ns_mac = link_mac(d.netns, d.peer)
+    # g1 broadcasts an ARP request: g2 and the namespace get it; the namespace answers g1 only.
+    g1.send_frame(0, arp_request(G1[0], G1[1], NS_IP))
+    reply = wait_for(g1, lambda p: ARP in p and p[ARP].op == 2)
+    assert reply[ARP].hwsrc == ns_mac and reply.dst == G1[0]
+    assert wait_for(g2, lambda p: ARP in p and p[ARP].op == 1 and p.src == G1[0])
+    # The reply was unicast to a learned MAC: g2 must not see it.
+    drain(g2)
+    # g1 pings the namespace.
+    g1.send_frame(0, bytes(Ether(src=G1[0], dst=ns_mac) / IP(src=G1[1], dst=NS_IP) / ICMP(id=3) / (b"x" * 64)))
+    echo = wait_for(g1, lambda p: ICMP in p and p[ICMP].type == 0)
+    assert echo[IP].src == NS_IP
+    assert not [p for p in rx(g2, 0.3) if ICMP in p]
+    fdb = {e["mac"]: e["port"] for e in d.ctl("fdb", "show")["entries"]}
+    assert fdb[ns_mac] == "veth" and fdb[G1[0]] == "g1"
+    # The namespace's broadcast (an ARP request for g2) reaches both guests.
+    sh("ip", "netns", "exec", d.netns, "busybox", "arping", "-I", d.peer, "-c", "1", "-w", "1", G2[1], check=False)
+    assert wait_for(g2, lambda p: ARP in p and p.src == ns_mac and p[ARP].pdst == G2[1])
+    assert wait_for(g1, lambda p: ARP in p and p.src == ns_mac and p[ARP].pdst == G2[1])
+    port = d.port("veth")
+    assert port["type"] == "af-packet" and port["link"] == "up" and port["ifname"] == d.host
+    s = port["stats"]
+    assert s["rx_packets"] >= 2 and s["tx_packets"] >= 2 and s["rx_errors"] == s["tx_errors"] == 0
+
+
+def test_promiscuous_only_while_attached(switch):
+    d = switch
+    assert promiscuity(d.host) == 1
+    d.ctl("del-port", "veth")
+    assert promiscuity(d.host) == 0
+    d.ctl("add-port", "veth", "--type", "af-packet", "--ifname", d.host)
+    assert promiscuity(d.host) == 1
+
+
+def wait_link(d, name, state, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if d.port(name)["link"] == state:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"port {name} link not {state} after {timeout} s: {d.port(name)}")
+
+
+def test_interface_down_then_deleted_under_the_switch(switch):
+    d = switch
+    g1, g2 = d.fe["g1"], d.fe["g2"]
+    sh("ip", "link", "set", d.host, "down")
+    wait_link(d, "veth", "down")
+    sh("ip", "link", "set", d.host, "up")
+    wait_link(d, "veth", "up")
+    sh("ip", "link", "del", d.host)
+    wait_link(d, "veth", "down")
+    info = d.port("veth")
+    assert "gone" in info.get("link_reason", "")
+    # The other ports keep forwarding; frames for the dead port are dropped, counted.
+    for _ in range(20):
+        g1.send_frame(0, arp_request(G1[0], G1[1], G2[1]))
+    got = 0
+    deadline = time.monotonic() + 5
+    while got < 20 and time.monotonic() < deadline:
+        got += len([p for p in rx(g2) if ARP in p and p.src == G1[0]])
+    assert got == 20
+    assert d.proc.poll() is None
+    assert "is gone" in d.log() and "link state=down" in d.log()
+    d.ctl("del-port", "veth")
+
+
+def test_missing_and_already_attached_interfaces_are_refused(switch):
+    d = switch
+    r = d.ctl_raw("add-port", "p2", "--type", "af-packet", "--ifname", "vsnosuchif0")
+    assert r.returncode != 0 and r.stderr.strip() == "vswitchctl: port 'p2': interface vsnosuchif0 does not exist"
+    r = d.ctl_raw("add-port", "p3", "--type", "af-packet", "--ifname", d.host)
+    assert r.returncode != 0 and f"port 'p3': interface {d.host} is already attached by port 'veth'" in r.stderr
+    r = d.ctl_raw("add-port", "p4", "--type", "af-packet")
+    assert r.returncode != 0 and "port 'p4': ifname: required" in r.stderr
+    assert [p["name"] for p in d.ctl("list-ports")["ports"]] == ["g1", "g2", "veth"]
+
+
+def test_remove_and_readd_under_traffic(switch):
+    d = switch
+    g1 = d.fe["g1"]
+    for _ in range(5):
+        for _ in range(30):
+            g1.send_frame(0, arp_request(G1[0], G1[1], NS_IP))
+        d.ctl("del-port", "veth")
+        g1.send_frame(0, arp_request(G1[0], G1[1], NS_IP))
+        d.ctl("add-port", "veth", "--type", "af-packet", "--ifname", d.host)
+    drain(g1)
+    g1.send_frame(0, arp_request(G1[0], G1[1], NS_IP))
+    assert wait_for(g1, lambda p: ARP in p and p[ARP].op == 2 and p[ARP].psrc == NS_IP)
+    assert d.proc.poll() is None
