@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Iterable
 
 PROMPT = "testpmd> "
+# Lines testpmd prints before its first prompt when a port could not be used.
+STARTUP_FAILURES = ("Start ports failed", "Fail to configure port", "Fail to start port")
 TESTPMD = "dpdk-testpmd"
 
 
@@ -170,8 +172,12 @@ class TestPmd:
     def wait_ready(self, timeout: float | None = None) -> "TestPmd":
         """Wait for the first prompt; on failure the process is killed and the log tail raised."""
         try:
-            self._wait_prompt(self.start_timeout if timeout is None else timeout, "start-up")
+            startup = self._wait_prompt(self.start_timeout if timeout is None else timeout, "start-up")
             self._ready = True
+            # testpmd reaches its prompt even when a port failed to configure or start.
+            for failure in STARTUP_FAILURES:
+                if failure in startup:
+                    raise TestPmdError(f"testpmd start-up: {failure!r}\n{self.tail()}")
             # A vdev that fails to probe (e.g. no socket at its path) is only
             # a log line and testpmd carries on without it: count the ports.
             summary = self.cmd("show port summary all")
@@ -268,9 +274,10 @@ class TestPmd:
 
     def start(self, tx_first: int | None = None) -> str:
         """Start forwarding; with tx_first, first send that many bursts on every port to seed a loop."""
-        if tx_first is None:
-            return self.cmd("start")
-        return self.cmd(f"start tx_first {tx_first}")
+        reply = self.cmd("start" if tx_first is None else f"start tx_first {tx_first}")
+        if "forwarding not started" in reply or "Not all ports were started" in reply:
+            raise TestPmdError(f"testpmd did not start forwarding: {reply.strip()}\n{self.tail()}")
+        return reply
 
     def stop(self, timeout: float = 15.0) -> dict[int, dict[str, int]]:
         """Stop forwarding; returns the forwarding statistics per port."""
