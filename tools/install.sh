@@ -56,7 +56,7 @@ fi
 # Up to date means: vswitch imports from this checkout and its C build
 # matches the sources (vswitch.native checks), and the extra's tools import.
 imports="import vswitch, vswitch.native, yaml, psutil, cffi"
-[ "$EXTRA" = test ] && imports="$imports, pytest, scapy"
+[ "$EXTRA" = test ] && imports="$imports, pytest, pytest_timeout, scapy, matplotlib"
 installed_ok() {
     (cd /tmp && "$PY" - "$REPO" <<PYEOF
 import pathlib, sys
@@ -66,6 +66,8 @@ PYEOF
     ) >/dev/null 2>&1
 }
 if ! installed_ok; then
+    # An old in-place build must not shadow the one pip is about to make.
+    rm -f "$REPO"/vswitch/_native.*.so
     target=$REPO
     [ -n "$EXTRA" ] && target="$REPO[$EXTRA]"
     run "pip install -e $target" "$PY" -m pip install -q -e "$target"

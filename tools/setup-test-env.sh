@@ -91,39 +91,13 @@ if [ "$(meminfo HugePages_Total)" -lt "$HUGEPAGES" ]; then
 fi
 
 # --- Python: the project, editable, with its test extra --------------------
-PY=${PYTHON:-python3}
-command -v "$PY" >/dev/null || die "$PY not found"
-if [ -x "$REPO/.venv/bin/python" ]; then
-    PY=$REPO/.venv/bin/python
-elif "$PY" -c 'import sys, sysconfig, os; sys.exit(sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
-    : # A virtualenv or a Python that pip may install into (e.g. pyenv).
-else
-    run "python -m venv" "$PY" -m venv "$REPO/.venv"
-    PY=$REPO/.venv/bin/python
-fi
+# tools/install.sh is the one place that knows how (also used by tools/run-switch).
+PY=$(bash "$REPO/tools/install.sh" test | tail -n 1)
 
-# cffi compiles the fast path against this interpreter's headers.
-"$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
-    die "Python.h for $PY is missing (Debian: python3-dev), the C fast path cannot be built"
-
-# Up to date means: vswitch imports from this checkout, its C build matches
-# the sources (vswitch.native checks), and the test tools import.
-installed_ok() {
-    (cd /tmp && "$PY" - "$REPO" <<'EOF'
-import pathlib, sys
-import vswitch, vswitch.native, pytest, scapy, yaml, psutil, cffi  # noqa: F401
-sys.exit(pathlib.Path(vswitch.__file__).resolve().parent != pathlib.Path(sys.argv[1]) / "vswitch")
-EOF
-    ) >/dev/null 2>&1
-}
-if ! installed_ok; then
-    # An in-place build (python vswitch/_build.py) names its module
-    # _native.cpython-*.so, which Python prefers over pip's _native.abi3.so:
-    # remove old builds so a stale one cannot shadow the fresh one.
-    rm -f "$REPO"/vswitch/_native.*.so
-    run "pip install -e '.[test]'" "$PY" -m pip install -q -e "$REPO[test]"
-    installed_ok || {
-        (cd /tmp && "$PY" -c 'import vswitch.native') >&2 || true
-        die "vswitch is installed but does not import from $REPO (see the error above)"
-    }
+# --- QEMU guest kit ----------------------------------------------------------
+# The guest kernel is downloaded here rather than in the middle of a test, so a
+# machine that cannot get it fails early and says so.
+if ! (cd "$REPO" && "$PY" -m tools.vmkit build) >"$LOG" 2>&1; then
+    run "apt-get update" apt-get update -q
+    run "QEMU guest kit (python -m tools.vmkit build)" bash -c "cd '$REPO' && '$PY' -m tools.vmkit build"
 fi

@@ -91,7 +91,10 @@ class Vswitchd:
         return self.ctl("show", name)["ports"][0]
 
     def __enter__(self):
-        return self.start()
+        # `with d.start():` and `with d:` both mean one daemon.
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        return self
 
     def __exit__(self, *exc):
         self.stop()
