@@ -203,6 +203,26 @@ def parse_fwd_cycles(text: str) -> tuple[int, int] | None:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process (all its threads) so far, from /proc/PID/stat."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # The command name is in parentheses and may hold spaces: split after it.
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_share(before: float | None, after: float | None, seconds: float) -> float | None:
+    if before is None or after is None:
+        return None
+    return round((after - before) / seconds, 3)
+
+
 def per_packet(delta: tuple[int, int] | None) -> float | None:
     if delta is None or delta[1] <= 0:
         return None
@@ -249,6 +269,11 @@ class System:
 
     def cycles(self) -> tuple[int, int] | None:
         """Cumulative (busy cycles, packets) of the SUT's packet thread, if it reports them."""
+        return None
+
+    @property
+    def pid(self) -> int | None:
+        """The process whose CPU time is the SUT's (its packet thread's and the rest)."""
         return None
 
     def start_window(self) -> tuple[int, int] | None:
@@ -300,6 +325,11 @@ class Vswitchd(System):
         wait_for(lambda: all(p.exists() for p in self.socket_paths) and self._answers(), 30,
                  "vswitchd start-up", self.proc, self.log_path)
 
+    @property
+    def pid(self) -> int | None:
+        # taskset execs the daemon: same PID.
+        return self.proc.pid if getattr(self, "proc", None) else None
+
     def _answers(self) -> bool:
         try:
             self._call("version")
@@ -347,6 +377,10 @@ class TestPmdVhost(System):
         self.pmd.spawn().wait_ready()
         self.pmd.start()
         wait_for(lambda: all(p.exists() for p in self.socket_paths), 10, "testpmd vhost sockets")
+
+    @property
+    def pid(self) -> int | None:
+        return self.pmd.pid if getattr(self, "pmd", None) else None
 
     def cycles(self) -> tuple[int, int] | None:
         return parse_fwd_cycles(self.pmd.cmd("show fwd stats all"))
@@ -446,6 +480,11 @@ class OvsDpdk(System):
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for(self._ports_ready, 60, "ovs-vswitchd-dpdk start-up", self.vswitchd, self.log_path)
 
+    @property
+    def pid(self) -> int | None:
+        # taskset and unshare exec ovs-vswitchd: same PID.
+        return self.vswitchd.pid if getattr(self, "vswitchd", None) else None
+
     def vsctl(self, *args: str) -> str:
         return run(["ovs-vsctl", f"--db=unix:{self.db_socket}", "--no-wait", "--timeout=20", *args], self.env)
 
@@ -507,6 +546,10 @@ class Sample:
     sut_cycles_per_packet: float | None = None
     generator_rx_missed: int | None = None
     mean_rx_frame_bytes: float | None = None  # frame size less FCS, checked
+    # CPU time of each process over the window / window length: a busy-polling
+    # thread that had its core to itself is at 1.0; less means the host took it.
+    sut_cpu_share: float | None = None
+    generator_cpu_share: float | None = None
     started_at: str = ""
     error: str | None = None
 
@@ -558,11 +601,13 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) 
         # Cycle counters are cumulative: read them around the window too.
         sut_before = system.start_window()
         gen_before = parse_fwd_cycles(generator.cmd("show fwd stats all"))
+        cpu_before = cpu_seconds(system.pid), cpu_seconds(generator.pid)
         t0 = time.monotonic()
         before = generator.port_stats()
         time.sleep(args.window)
         t1 = time.monotonic()
         after = generator.port_stats()
+        cpu_after = cpu_seconds(system.pid), cpu_seconds(generator.pid)
         gen_after = parse_fwd_cycles(generator.cmd("show fwd stats all"))
         sut_after = system.cycles()
 
@@ -576,6 +621,8 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) 
         sample.generator_rx_missed = sum(after[p].get("rx_missed", 0) for p in (0, 1))
         sample.generator_cycles_per_packet = per_packet(delta(gen_before, gen_after))
         sample.sut_cycles_per_packet = per_packet(delta(sut_before, sut_after))
+        sample.sut_cpu_share = cpu_share(cpu_before[0], cpu_after[0], t1 - t0)
+        sample.generator_cpu_share = cpu_share(cpu_before[1], cpu_after[1], t1 - t0)
         if sample.rx_packets <= 0:
             raise RuntimeError("no frame came back through the system during the window")
         # virtio-user counts frame bytes without the virtio-net header and
@@ -633,6 +680,8 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
                 row["gbit_s_median"] = gbits(row["mpps_median"], size)
                 row["generator_cycles_per_packet"] = median_or_none([s.generator_cycles_per_packet for s in mine])
                 row["sut_cycles_per_packet"] = median_or_none([s.sut_cycles_per_packet for s in mine])
+                row["sut_cpu_share"] = median_or_none([s.sut_cpu_share for s in mine])
+                row["generator_cpu_share"] = median_or_none([s.generator_cpu_share for s in mine])
                 medians[(system, size)] = row["mpps_median"]
             rows.append(row)
     for row in rows:
@@ -648,14 +697,14 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 def render_table(rows: list[dict]) -> str:
     headers = ["system", "frame B", "Mpps", "min-max Mpps", "Gbit/s*", "x testpmd-io",
-               "SUT cyc/pkt", "gen cyc/pkt", "status"]
+               "SUT cyc/pkt", "gen cyc/pkt", "SUT CPU", "gen CPU", "status"]
     cells = [headers]
     for r in rows:
         cells.append([r["system"], str(r["size"]), fmt(r.get("mpps_median")),
                       "-" if "mpps_min" not in r else f"{r['mpps_min']:.2f}-{r['mpps_max']:.2f}",
                       fmt(r.get("gbit_s_median")), fmt(r.get("ratio_to_testpmd_io")),
                       fmt(r.get("sut_cycles_per_packet"), 0), fmt(r.get("generator_cycles_per_packet"), 0),
-                      r["status"]])
+                      fmt(r.get("sut_cpu_share")), fmt(r.get("generator_cpu_share")), r["status"]])
     widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
     lines = ["  ".join(c.rjust(w) if 0 < i < len(headers) - 1 else c.ljust(w)
                        for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells]
@@ -666,6 +715,8 @@ def render_table(rows: list[dict]) -> str:
         lines.append(f"! max/min over repetitions above {NOISY_SPREAD}x for: {', '.join(noisy)}. "
                      "The host was probably in a slow spell or busy: compare cycles/packet, "
                      "rerun on a quiet machine or with more --reps.")
+    lines.append("  CPU: CPU time of the process over the window / window (1.00 = one core all the time; "
+                 "a busy poller below that lost its core to other work on the host).")
     lines.append(f"* Gbit/s counts {WIRE_OVERHEAD_BYTES} bytes of preamble + inter-frame gap per frame; "
                  f"frame sizes include the {FCS_BYTES}-byte FCS (testpmd txpkts = size - {FCS_BYTES}).")
     return "\n".join(lines)
@@ -681,7 +732,7 @@ def plot(rows: list[dict], systems: list[str], sizes: list[int], path: Path, tit
         return ("matplotlib is not installed, so no plot was drawn: pip install matplotlib "
                 "(a benchmark-only dependency)")
     by_key = {(r["system"], r["size"]): r for r in rows}
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / max(1, len(systems))
     for i, system in enumerate(systems):
         xs, heights, low, high = [], [], [], []
@@ -697,15 +748,17 @@ def plot(rows: list[dict], systems: list[str], sizes: list[int], path: Path, tit
         status = by_key[(system, sizes[0])]["status"].split(":")[0]
         label = system if xs else f"{system} ({status}, see the table)"
         bars = ax.bar(xs, heights, width, yerr=[low, high] if xs else None, capsize=3, label=label)
-        for bar, value in zip(bars, heights):
-            ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        # The value goes above the error bar's top so neither hides the other.
+        for bar, value, above in zip(bars, heights, high):
+            ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value + above),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(sizes)), [f"{s} B" for s in sizes])
     ax.set_xlabel("frame size (including FCS)")
     ax.set_ylabel("Mpps (median; bars: min-max)")
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=9)
-    ax.legend()
+    # Outside the axes, so it never covers a bar or its label.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -862,6 +915,7 @@ def main(argv: list[str] | None = None) -> int:
             "gbit_s": f"Mpps x (frame size + {WIRE_OVERHEAD_BYTES} bytes preamble/SFD/IFG) x 8",
             "mpps": "sum over both generator ports of RX-packets delta / window",
             "ratio": f"median Mpps / median Mpps of {BASELINE} at the same frame size",
+            "cpu_share": "process CPU time (utime+stime, /proc/PID/stat) over the window / window length",
             "warmup_seconds": args.warmup,
             "window_seconds": args.window,
             "repetitions": args.reps,
