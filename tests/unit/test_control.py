@@ -130,3 +130,27 @@ def test_sigterm_shuts_down_cleanly(tmp_path):
     assert d.stop() == 0
     assert not os.path.exists(d.control_socket)
     assert "stopped" in d.log()
+
+
+def test_control_group_owns_the_socket(tmp_path):
+    import grp
+    group = "daemon"  # present on every Debian system
+    with Vswitchd(tmp_path, ports=[], extra={"control_group": group}) as d:
+        st = os.stat(d.control_socket)
+        assert st.st_gid == grp.getgrnam(group).gr_gid
+        assert stat.S_IMODE(st.st_mode) == 0o660
+
+
+def test_unknown_control_group_is_a_config_error(tmp_path):
+    d = Vswitchd(tmp_path, ports=[], extra={"control_group": "no-such-group-here"})
+    with pytest.raises(RuntimeError, match="control_group: no group named 'no-such-group-here'"):
+        d.start()
+
+
+def test_vswitch_socket_environment_variable(tmp_path, daemon):
+    from tests.support.daemon import REPO
+    import subprocess, sys
+    env = dict(os.environ, VSWITCH_SOCKET=daemon.control_socket)
+    out = subprocess.run([sys.executable, "-m", "vswitch.control.cli", "version"], capture_output=True,
+                         text=True, cwd=REPO, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == daemon.ctl("version")["version"]
