@@ -728,37 +728,49 @@ def plot(rows: list[dict], systems: list[str], sizes: list[int], path: Path, tit
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         return ("matplotlib is not installed, so no plot was drawn: pip install matplotlib "
                 "(a benchmark-only dependency)")
     by_key = {(r["system"], r["size"]): r for r in rows}
     fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / max(1, len(systems))
+    colors = plt.get_cmap("tab10").colors
+    # Legend entries are drawn by hand: an empty bar group has no colour of its own.
+    legend = []
     for i, system in enumerate(systems):
-        xs, heights, low, high = [], [], [], []
+        xs, heights, low, high, missing = [], [], [], [], []
         for j, size in enumerate(sizes):
+            x = j + (i - (len(systems) - 1) / 2) * width
             r = by_key[(system, size)]
             if r.get("mpps_median") is None:
+                missing.append(x)
                 continue
-            xs.append(j + (i - (len(systems) - 1) / 2) * width)
+            xs.append(x)
             heights.append(r["mpps_median"])
             low.append(r["mpps_median"] - r["mpps_min"])
             high.append(r["mpps_max"] - r["mpps_median"])
-        # A system without a number still gets a legend entry that says why.
+        # A system without a number keeps its slot, marked n/a, and a legend entry that says why.
         status = by_key[(system, sizes[0])]["status"].split(":")[0]
         label = system if xs else f"{system} ({status}, see the table)"
-        bars = ax.bar(xs, heights, width, yerr=[low, high] if xs else None, capsize=3, label=label)
+        color = colors[i % len(colors)] if xs else "lightgrey"
+        legend.append(Patch(facecolor=color, hatch=None if xs else "//", label=label))
+        bars = ax.bar(xs, heights, width, yerr=[low, high] if xs else None, capsize=3, color=color)
         # The value goes above the error bar's top so neither hides the other.
         for bar, value, above in zip(bars, heights, high):
             ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value + above),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+        for x in missing:
+            ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize=7, rotation=90,
+                        xytext=(0, 2), textcoords="offset points")
+    ax.set_xlim(-0.5, len(sizes) - 0.5)
     ax.set_xticks(range(len(sizes)), [f"{s} B" for s in sizes])
     ax.set_xlabel("frame size (including FCS)")
     ax.set_ylabel("Mpps (median; bars: min-max)")
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=9)
     # Outside the axes, so it never covers a bar or its label.
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
