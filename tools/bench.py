@@ -81,7 +81,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ if str(REPO) not in sys.path:
     # `python tools/bench.py` works as well as `python -m tools.bench`.
     sys.path.insert(0, str(REPO))
 
-from tests.support.testpmd import (TESTPMD, TestPmd, TestPmdError, hugepages_free,  # noqa: E402
+from tests.support.testpmd import (TESTPMD, TestPmd, hugepages_free,  # noqa: E402
                                    vhost_vdev, virtio_user_vdev)
 
 SYSTEMS = ("vswitchd", "testpmd-io", "testpmd-mac", "ovs-dpdk")
