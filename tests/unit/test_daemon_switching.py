@@ -8,33 +8,12 @@ with the switch, like DPDK virtio-user does.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
+from tests.support.frames import BROADCAST, frame, mac, wait_for
 from tests.support.daemon import Vswitchd
-from tests.support.frontend import BackendClosed, VhostUserFrontend
-
-
-def mac(n: int) -> bytes:
-    return bytes([0x02, 0, 0, 0, 0, n])
-
-
-def frame(dst: bytes, src: bytes, payload: bytes = b"x" * 50) -> bytes:
-    return dst + src + b"\x08\x00" + payload
-
-
-BROADCAST = b"\xff" * 6
-
-
-def wait_for(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.frontend import VhostUserFrontend
 
 
 def vhost_ports(tmp_path, n, mode="server", queues=1):

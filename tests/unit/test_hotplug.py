@@ -13,30 +13,10 @@ import psutil
 import pytest
 import yaml
 
+from tests.support.frames import frame, mac, wait_for
 from tests.support.daemon import REPO, Vswitchd
 from tests.support.frontend import VhostUserFrontend
 from vswitch.config import load
-
-
-def mac(n: int) -> bytes:
-    return bytes([0x02, 0, 0, 0, 0, n])
-
-
-BROADCAST = b"\xff" * 6
-
-
-def frame(dst, src, payload=b"x" * 50):
-    return dst + src + b"\x08\x00" + payload
-
-
-def wait_for(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

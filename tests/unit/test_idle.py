@@ -7,14 +7,11 @@ import time
 import psutil
 
 from tests.support.daemon import Vswitchd
+from tests.support.frames import BROADCAST, frame, mac, wait_for
 from tests.support.frontend import VhostUserFrontend
 
 IDLE_SECONDS = int(__import__("os").environ.get("IDLE_SECONDS", 10))
 MAX_CPU_PERCENT = 2.0
-
-
-def frame(n: int) -> bytes:
-    return b"\xff" * 6 + bytes([2, 0, 0, 0, 0, n]) + b"\x08\x00" + b"i" * 50
 
 
 def test_idle_guests_cost_under_2_percent_and_the_first_frame_is_prompt(tmp_path):
@@ -26,13 +23,10 @@ def test_idle_guests_cost_under_2_percent_and_the_first_frame_is_prompt(tmp_path
             fe.handshake()
             fe.post_rx(0, 32)
             guests.append(fe)
-        deadline = time.monotonic() + 5
-        while any(p["link"] != "up" for p in d.ctl("show")["ports"]):
-            assert time.monotonic() < deadline, "links did not come up"
-            time.sleep(0.05)
+        wait_for(lambda: all(p["link"] == "up" for p in d.ctl("show")["ports"]), what="links up")
         # Some traffic first, so the PMD has been busy and must back off again.
         for n in range(20):
-            guests[0].send_frame(0, frame(1))
+            guests[0].send_frame(0, frame(BROADCAST, mac(1)))
         assert len(guests[1].receive(0, 20, timeout=2)) == 20
 
         proc = psutil.Process(d.proc.pid)
@@ -45,7 +39,7 @@ def test_idle_guests_cost_under_2_percent_and_the_first_frame_is_prompt(tmp_path
 
         # The first frame after the long idle period: the kick wakes the PMD.
         start = time.monotonic()
-        guests[0].send_frame(0, frame(1))
+        guests[0].send_frame(0, frame(BROADCAST, mac(1)))
         got = guests[1].receive(0, 1, timeout=2)
         latency = time.monotonic() - start
         print(f"first frame after idle forwarded in {latency * 1000:.1f} ms")

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import os
-import time
 
 from tests.support.daemon import Vswitchd
+from tests.support.frames import BROADCAST, frame, mac, wait_for
 from tests.support.frontend import VhostUserFrontend
-
-
-def frame(dst: int, src: int) -> bytes:
-    return bytes([2, 0, 0, 0, 0, dst]) + bytes([2, 0, 0, 0, 0, src]) + b"\x08\x00" + b"p" * 50
 
 
 def connect(tmp_path, d, n, queues):
@@ -21,10 +17,7 @@ def connect(tmp_path, d, n, queues):
         for q in range(queues):
             fe.post_rx(q, 64)
         guests.append(fe)
-    deadline = time.monotonic() + 5
-    while any(p["link"] != "up" for p in d.ctl("show")["ports"]):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: all(p["link"] == "up" for p in d.ctl("show")["ports"]), what="links up")
     return guests
 
 
@@ -40,11 +33,11 @@ def test_two_pmd_threads_split_the_queues_and_both_forward(tmp_path):
         # Every receive queue is polled by exactly one thread, and both threads have work.
         assert sorted(polled) == [("vm0", 0), ("vm0", 1), ("vm1", 0), ("vm1", 1)]
         assert all(p["rx_queues"] for p in pmds)
-        guests[1].send_frame(0, frame(0xff, 2))  # vm1's MAC is learned
+        guests[1].send_frame(0, frame(BROADCAST, mac(2)))  # vm1's MAC is learned
         guests[1].receive(0, 1, timeout=0.2)
         for q in range(2):
             for _ in range(10):
-                guests[0].send_frame(q, frame(2, 1))
+                guests[0].send_frame(q, frame(mac(2), mac(1)))
         got = [len(guests[1].receive(q, 10, timeout=2)) for q in range(2)]
         assert got == [10, 10]
         pmds = d.ctl("pmd-stats")["pmds"]
@@ -58,7 +51,7 @@ def test_pmd_stats_human_and_json(tmp_path):
     with Vswitchd(tmp_path, ports=ports) as d:
         guests = connect(tmp_path, d, 2, queues=1)
         for _ in range(64):
-            guests[0].send_frame(0, frame(0xff, 1))
+            guests[0].send_frame(0, frame(BROADCAST, mac(1)))
         assert len(guests[1].receive(0, 64, timeout=2)) == 64
         [p] = d.ctl("pmd-stats")["pmds"]
         assert p["packets"] == 64 and p["busy_cycles"] > 0

@@ -13,7 +13,8 @@ import struct
 
 import pytest
 
-from tests.support.virtio_driver import (NET_HDR_LEN_LEGACY, NET_HDR_LEN_MRG, VIRTQ_DESC_F_INDIRECT,
+from tests.support.frames import BROADCAST, frame, mac
+from tests.support.virtio_driver import (NET_HDR_LEN_LEGACY, VIRTQ_DESC_F_INDIRECT,
                                          VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_AVAIL_F_NO_INTERRUPT,
                                          GuestMemory, SplitQueue, memtable_for)
 from vswitch.fib import MacTable
@@ -24,17 +25,6 @@ F_INDIRECT = 1 << lib.VIRTIO_RING_F_INDIRECT_DESC
 F_EVENT_IDX = 1 << lib.VIRTIO_RING_F_EVENT_IDX
 F_V1 = 1 << lib.VIRTIO_F_VERSION_1
 DEFAULT_FEATURES = F_V1 | F_MRG | F_INDIRECT | F_EVENT_IDX
-
-
-def mac(n: int) -> bytes:
-    return bytes([0x02, 0, 0, 0, 0, n])
-
-
-def frame(dst: bytes, src: bytes, payload: bytes = b"x" * 50) -> bytes:
-    return dst + src + b"\x08\x00" + payload
-
-
-BROADCAST = b"\xff" * 6
 
 
 class Guest:
@@ -269,7 +259,8 @@ def test_buffers_crossing_two_regions_are_split(make_rig):
 
 def test_one_interrupt_per_burst(make_rig):
     rig, a, b = two_guests(make_rig, features=F_V1 | F_MRG)
-    fd_rx, fd_tx = b.add_callfd(0), a.add_callfd(1)
+    b.add_callfd(0)
+    a.add_callfd(1)
     b.rx[0].post_rx(40)
     for _ in range(20):
         a.tx[0].post_tx(frame(mac(2), mac(1)))
