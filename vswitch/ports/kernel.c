@@ -588,9 +588,11 @@ static void packet_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkt
     for (uint32_t i = 0; i < n; i++) {
         const struct vs_pkt *pkt = pkts[i];
         uint8_t *slot = r->tx + (size_t)r->tx_next * r->tx_frame_size;
-        /* tp_status, tp_len and tp_snaplen sit at the same offsets in both versions. */
-        struct tpacket2_hdr *h = (void *)slot;
-        uint32_t status = __atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE);
+        /* The two versions order their header fields differently. */
+        struct tpacket2_hdr *h2 = (void *)slot;
+        struct tpacket3_hdr *h3 = (void *)slot;
+        uint32_t *status_word = r->version == TPACKET_V3 ? &h3->tp_status : &h2->tp_status;
+        uint32_t status = __atomic_load_n(status_word, __ATOMIC_ACQUIRE);
         if (status == TP_STATUS_WRONG_FORMAT) {
             st->tx_errors++;   /* the kernel refused the frame we left here */
         } else if (status != TP_STATUS_AVAILABLE) {
@@ -611,15 +613,14 @@ static void packet_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkt
             p += pkt->segs[s].len;
         }
         if (r->version == TPACKET_V3) {
-            struct tpacket3_hdr *h3 = (void *)slot;
             h3->tp_len = pkt->len + hdr_len;
             h3->tp_snaplen = pkt->len + hdr_len;
             h3->tp_next_offset = 0;
         } else {
-            h->tp_len = pkt->len + hdr_len;
-            h->tp_snaplen = pkt->len + hdr_len;
+            h2->tp_len = pkt->len + hdr_len;
+            h2->tp_snaplen = pkt->len + hdr_len;
         }
-        __atomic_store_n(&h->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+        __atomic_store_n(status_word, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
         r->tx_next = (r->tx_next + 1) % r->tx_frames;
         queued++;
         bytes += pkt->len;
