@@ -321,13 +321,27 @@ static void idle_sleep(struct vs_pmd *pmd)
     struct pollfd fds[VS_MAX_POLL + 1];
     struct vs_vring *notifying[VS_MAX_POLL];
     struct vs_vhost_dev *devs[VS_MAX_POLL];
-    uint32_t nfds = 0, nnotify = 0;
+    int kernel_fds[VS_MAX_POLL];
+    uint32_t nfds = 0, nnotify = 0, nkernel = 0;
     bool every_queue_wakes_us = true;
     bool work = false;
 
     fds[nfds++] = (struct pollfd){ .fd = pmd->wakefd, .events = POLLIN };
     for (uint32_t i = 0; t && i < t->n_poll; i++) {
         const struct vs_pollq *pq = &t->poll[i];
+        if (pq->port->type == VS_PORT_TAP || pq->port->type == VS_PORT_AF_PACKET) {
+            /* A kernel port's fd turns readable when a frame arrives. */
+            if (__atomic_load_n(&pq->port->kport->fault, __ATOMIC_RELAXED)) {
+                continue;  /* a dead fd would report an error at once, forever */
+            }
+            int fd = pq->queue < pq->port->kport->nqueues ? pq->port->kport->fds[pq->queue] : -1;
+            if (fd >= 0) {
+                kernel_fds[nkernel++] = fd;
+            } else {
+                every_queue_wakes_us = false;
+            }
+            continue;
+        }
         if (pq->port->type != VS_PORT_VHOST_USER) {
             every_queue_wakes_us = false;
             continue;
@@ -345,6 +359,9 @@ static void idle_sleep(struct vs_pmd *pmd)
         notifying[nnotify] = vr;
         devs[nnotify++] = dev;
         fds[nfds++] = (struct pollfd){ .fd = vr->kickfd, .events = POLLIN };
+    }
+    for (uint32_t i = 0; i < nkernel; i++) {
+        fds[nfds++] = (struct pollfd){ .fd = kernel_fds[i], .events = POLLIN };
     }
     /* Our notification flags must be visible before we look at the avail indexes. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -365,8 +382,9 @@ static void idle_sleep(struct vs_pmd *pmd)
             ts = (struct timespec){ .tv_sec = pmd->sleep_us / 1000000, .tv_nsec = (pmd->sleep_us % 1000000) * 1000L };
         }
         if (ppoll(fds, nfds, &ts, NULL) > 0) {
-            /* Drain what woke us, so the next sleep does not return at once. */
-            for (uint32_t i = 0; i < nfds; i++) {
+            /* Drain the eventfds that woke us, so the next sleep does not return at
+             * once; a kernel port's fd is drained by receiving from it. */
+            for (uint32_t i = 0; i < 1 + nnotify; i++) {
                 if (fds[i].revents & POLLIN) {
                     uint64_t count;
                     ssize_t r = read(fds[i].fd, &count, sizeof count);
