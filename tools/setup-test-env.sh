@@ -20,12 +20,14 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HUGEPAGES=1024
 
-# What the tests need, by Debian package: the DPDK testpmd peer, QEMU guests
+# What the tests need, by Debian package: the DPDK testpmd peer, OVS-DPDK (a
+# peer in the benchmark's smoke test; the system OVS service is never used), QEMU guests
 # and their initramfs, namespaces and traffic tools, AF_XDP headers, and a C
 # toolchain with Python headers for the cffi extension.
 PACKAGES=(
     dpdk-dev coreutils
-    qemu-system-x86 busybox-static cpio
+    openvswitch-switch-dpdk
+    qemu-system-x86 busybox-static
     iproute2 iperf3 tcpdump
     libxdp-dev libbpf-dev xdp-tools
     gcc libc6-dev python3-dev python3-venv
@@ -70,7 +72,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup-test-env: installing ${missing[*]}"
     run "apt-get install" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox cpio ip iperf3 tcpdump gcc; do
+for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump gcc; do
     command -v "$tool" >/dev/null || die "$tool is still missing after installing packages"
 done
 
