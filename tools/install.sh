@@ -16,18 +16,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EXTRA=${1:-}
 BUILD_PACKAGES=(gcc libc6-dev python3-dev python3-venv)
 
-LOG=$(mktemp /tmp/vswitch-install.XXXXXX)
-trap 'rm -f "$LOG"' EXIT
-die() { echo "install: $*" >&2; exit 1; }
-run() {
-    local what=$1
-    shift
-    if ! "$@" >"$LOG" 2>&1; then
-        echo "install: $what failed: $*" >&2
-        cat "$LOG" >&2
-        exit 1
-    fi
-}
+STEP_NAME=install
+# shellcheck source=tools/steps.sh
+. "$REPO/tools/steps.sh"
 
 missing=()
 for pkg in "${BUILD_PACKAGES[@]}"; do

@@ -33,24 +33,9 @@ PACKAGES=(
     gcc libc6-dev python3-dev python3-venv
 )
 
-LOG=$(mktemp /tmp/setup-test-env.XXXXXX)
-trap 'rm -f "$LOG"' EXIT
-
-die() {
-    echo "setup-test-env: $*" >&2
-    exit 1
-}
-
-# Run a step with its output in $LOG; show that output only if it fails.
-run() {
-    local what=$1
-    shift
-    if ! "$@" >"$LOG" 2>&1; then
-        echo "setup-test-env: $what failed: $*" >&2
-        cat "$LOG" >&2
-        exit 1
-    fi
-}
+STEP_NAME=setup-test-env
+# shellcheck source=tools/steps.sh
+. "$REPO/tools/steps.sh"
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and reserves hugepages)"
 
