@@ -5,6 +5,12 @@ Frames cross both ways, broadcast floods and learning behave as on
 vhost-user ports, the interface is promiscuous only while attached, and an
 interface that goes down or is deleted under the switch gives a link-down
 event while the other ports keep forwarding.
+
+test_namespace_pings_dpdk_virtio_user puts a real DPDK guest on the other
+side instead: dpdk-testpmd with one net_virtio_user port on a vhost-user port
+of the switch, in icmpecho mode (it answers every ARP request with its port's
+MAC and every ICMP echo request by swapping addresses; see DPDK's
+app/test-pmd/icmpecho.c). The namespace resolves and pings an address on it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from scapy.layers.l2 import ARP, Ether
 from tests.support.daemon import Vswitchd
 from tests.support.frontend import VhostUserFrontend
 from tests.support.netns import in_ns, link_mac, sh, unique
+from tests.support.testpmd import TestPmd, virtio_user_vdev
+from tests.system.test_testpmd import GUEST_ERROR_COUNTERS, SWITCH_ERROR_COUNTERS, settle, switch_stats, wait_links
 
 pytestmark = pytest.mark.system
 
@@ -189,3 +197,63 @@ def test_remove_and_readd_under_traffic(switch):
     g1.send_frame(0, arp_request(G1[0], G1[1], NS_IP))
     assert wait_for(g1, lambda p: ARP in p and p[ARP].op == 2 and p[ARP].psrc == NS_IP)
     assert d.proc.poll() is None
+
+
+# testpmd answers for any address; this one is in the namespace's subnet.
+TESTPMD_MAC, TESTPMD_IP = "02:00:00:00:01:09", "10.250.1.9"
+PINGS = 5
+
+
+def ping_ns(netns: str, ip: str, count: int) -> str:
+    """busybox ping from the namespace (iputils ping is not installed everywhere); its output."""
+    return in_ns(netns, "busybox", "ping", "-c", str(count), "-i", "0.2", "-W", "2", ip, check=False).stdout
+
+
+@pytest.mark.dpdk
+def test_namespace_pings_dpdk_virtio_user(tmp_path, veth, netns):
+    host, peer = veth
+    ns_mac = link_mac(netns, peer)
+    # No IPv6 chatter (router solicitations, MLD) in the namespace: the counters below count ARP and ICMP only.
+    in_ns(netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+    ports = [{"name": "dpdk", "type": "vhost-user", "path": str(tmp_path / "dpdk.sock")},
+             {"name": "veth", "type": "af-packet", "ifname": host}]
+    with Vswitchd(tmp_path, ports=ports) as d:
+        guest = TestPmd([virtio_user_vdev(0, tmp_path / "dpdk.sock", mac=TESTPMD_MAC)],
+                        ["--forward-mode=icmpecho", "--port-topology=loop"],
+                        main_lcore=1, log_path=tmp_path / "testpmd.log")
+        with guest:
+            wait_links(d, ["dpdk", "veth"])
+            guest.start()
+            guest.clear_port_stats()
+            before = switch_stats(d)
+
+            # Broadcast: the namespace's ARP request floods to the DPDK port, whose reply comes back unicast.
+            in_ns(netns, "ip", "neigh", "flush", "dev", peer)
+            arping = in_ns(netns, "busybox", "arping", "-I", peer, "-c", "1", "-w", "3", TESTPMD_IP, check=False)
+            assert arping.returncode == 0 and TESTPMD_MAC.upper() in arping.stdout.upper(), arping.stdout
+            # ICMP both ways: every echo request answered.
+            out = ping_ns(netns, TESTPMD_IP, PINGS)
+            assert f"{PINGS} packets transmitted, {PINGS} packets received, 0% packet loss" in out, out
+
+            # Learning: each MAC on the port it came from.
+            fdb = {e["mac"]: e["port"] for e in d.ctl("fdb", "show")["entries"]}
+            assert fdb.get(ns_mac) == "veth" and fdb.get(TESTPMD_MAC) == "dpdk", fdb
+
+            after = settle(lambda: switch_stats(d))
+            nic = settle(guest.port_stats)[0]
+            sw = {name: {k: v - before[name].get(k, 0) for k, v in counters.items()}
+                  for name, counters in after.items()}
+            print(f"switch deltas: {sw}\ntestpmd port 0: {nic}")
+            for name in ("veth", "dpdk"):
+                for counter in SWITCH_ERROR_COUNTERS:
+                    assert sw[name][counter] == 0, f"vswitchd port {name} {counter}: {sw[name]}"
+            for counter in GUEST_ERROR_COUNTERS:
+                assert nic.get(counter, 0) == 0, f"testpmd {counter}: {nic}"
+            # At least the ARP request and the echo requests came in from the namespace
+            # (the kernel may add a unicast ARP probe or two), and all of it reached testpmd.
+            assert PINGS + 1 <= sw["veth"]["rx_packets"] <= PINGS + 5, sw
+            assert sw["veth"]["rx_packets"] == sw["dpdk"]["tx_packets"] == nic["rx_packets"], (sw, nic)
+            # Everything testpmd answered went back to the namespace.
+            assert nic["tx_packets"] >= PINGS + 1, nic
+            assert nic["tx_packets"] == sw["dpdk"]["rx_packets"] == sw["veth"]["tx_packets"], (sw, nic)
+            assert guest.quit() == 0
