@@ -7,9 +7,11 @@ The kit has two halves.
   is Debian 12's own (``apt-get download`` of the package that
   ``linux-image-amd64`` depends on, unpacked with ``dpkg-deb -x``); the
   initramfs holds static busybox, the virtio-net modules from that same
-  package and an ``/init`` script. A stamp file records a hash of every
-  input (init script, module list, package versions), so a second build is a
-  no-op and a changed input rebuilds.
+  package, the host's ``/usr/bin/iperf3`` with every shared library ``ldd``
+  lists for it (and the dynamic loader) at the same paths, and an ``/init``
+  script. A stamp file records a hash of every input (init script, module
+  list, package versions, the SHA-256 of each copied host file), so a second
+  build is a no-op and a changed input rebuilds.
 
 * ``Guest`` boots that kernel in ``qemu-system-x86_64`` with one
   virtio-net-pci device on a vhost-user socket, waits for the init script's
@@ -54,13 +56,18 @@ from pathlib import Path
 
 # Bump when the layout of the cache or the way it is built changes, so old
 # caches are rebuilt rather than trusted.
-KIT_FORMAT = 1
+KIT_FORMAT = 2
 
 DEFAULT_CACHE_DIR = "/var/cache/vswitch/vmkit"
 CACHE_DIR_ENV = "VSWITCH_VMKIT_DIR"
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
+
+# Dynamically linked host programs copied into the guest together with their
+# shared libraries (same paths as on the host, so the ELF interpreter path and
+# the loader's default search directories just work). (path, Debian package).
+GUEST_PROGRAMS = [("/usr/bin/iperf3", "iperf3")]
 
 # Load order matters: each module needs the symbols of the ones before it.
 VIRTIO_NET_MODULES = [
@@ -243,6 +250,47 @@ def _busybox_binary(workdir: Path, version: str) -> Path:
     return _download_and_extract(BUSYBOX_PACKAGE, workdir) / "bin" / "busybox"
 
 
+def _ldd_paths(program: str) -> list[str]:
+    """The absolute paths of the shared objects ldd lists for a program, loader included."""
+    paths = []
+    for line in _run(["ldd", program]).splitlines():
+        line = line.strip()
+        if "not found" in line:
+            raise VmkitError(f"ldd {program}: a library is missing: {line}")
+        # "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)";
+        # linux-vdso.so.1 has no file.
+        match = re.match(r"(?:\S+\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)$", line)
+        if match:
+            paths.append(match.group(1))
+    return paths
+
+
+def guest_program_files() -> dict[str, Path]:
+    """{path in the guest: host file} for GUEST_PROGRAMS that are installed, with their libraries.
+
+    A program that is not installed is left out (its tests then say how to
+    install it); its absence is part of the stamp, so installing it later
+    rebuilds the kit. Symlinks are resolved: the guest gets plain files.
+    """
+    files: dict[str, Path] = {}
+    for program, _package in GUEST_PROGRAMS:
+        if not Path(program).exists():
+            continue
+        for path in [program, *_ldd_paths(program)]:
+            files[path] = Path(path).resolve()
+    return dict(sorted(files.items()))
+
+
+def _guest_programs_stamp(files: dict[str, Path]) -> dict:
+    """Package versions and SHA-256 of every host file copied into the initramfs."""
+    versions = {}
+    for program, package in GUEST_PROGRAMS:
+        done = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True)
+        versions[package] = done.stdout.strip() if done.returncode == 0 and program in files else None
+    hashes = {path: hashlib.sha256(source.read_bytes()).hexdigest() for path, source in files.items()}
+    return {"versions": versions, "files": hashes}
+
+
 class _NewcArchive:
     """Writes a cpio archive in the kernel's "newc" format.
 
@@ -290,9 +338,17 @@ class _NewcArchive:
         return self._out.getvalue()
 
 
-def _pack_initramfs(busybox: bytes, modules: dict[str, bytes]) -> bytes:
+def _pack_initramfs(busybox: bytes, modules: dict[str, bytes], host_files: dict[str, bytes] | None = None) -> bytes:
     archive = _NewcArchive()
-    for directory in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "tmp", "root"):
+    directories = ["bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "tmp", "root"]
+    # Parents of the copied host files, each once, parents before children.
+    for path in sorted(host_files or {}):
+        parts = path.strip("/").split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            parent = "/".join(parts[:depth])
+            if parent not in directories:
+                directories.append(parent)
+    for directory in directories:
         archive.directory(directory)
     archive.char_device("dev/console", 5, 1)
     archive.char_device("dev/null", 1, 3, mode=0o666)
@@ -301,6 +357,9 @@ def _pack_initramfs(busybox: bytes, modules: dict[str, bytes]) -> bytes:
     archive.file("init", INIT_SCRIPT.encode(), mode=0o755)
     for name, data in modules.items():
         archive.file(f"lib/modules/{name}.ko", data)
+    # Sorted so the archive does not depend on discovery order.
+    for path, data in sorted((host_files or {}).items()):
+        archive.file(path.strip("/"), data, mode=0o755)
     # mtime=0 keeps the gzip output identical for identical inputs.
     return gzip.compress(archive.finish(), compresslevel=6, mtime=0)
 
@@ -309,7 +368,7 @@ def _init_sha256() -> str:
     return hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()
 
 
-def _inputs_stamp(kernel_package: str, kernel_version: str, busybox_version: str) -> dict:
+def _inputs_stamp(kernel_package: str, kernel_version: str, busybox_version: str, programs: dict) -> dict:
     """Everything the built files depend on; a change in any of it rebuilds."""
     return {
         "kit_format": KIT_FORMAT,
@@ -318,6 +377,7 @@ def _inputs_stamp(kernel_package: str, kernel_version: str, busybox_version: str
         "kernel_package": kernel_package,
         "kernel_version": kernel_version,
         "busybox_version": busybox_version,
+        "guest_programs": programs,
     }
 
 
@@ -340,15 +400,18 @@ def build(directory: Path | None = None, force: bool = False, log=print) -> tupl
         fcntl.flock(lock, fcntl.LOCK_EX)
         have = _read_stamp(directory)
         complete = have is not None and kernel_path(directory).exists() and initramfs_path(directory).exists()
+        host_files = guest_program_files()
+        programs = _guest_programs_stamp(host_files)
         try:
             kernel_package = kernel_package_name()
             wanted = _inputs_stamp(
-                kernel_package, candidate_version(kernel_package), candidate_version(BUSYBOX_PACKAGE)
+                kernel_package, candidate_version(kernel_package), candidate_version(BUSYBOX_PACKAGE), programs
             )
         except VmkitError as exc:
             # Without apt's package lists (offline, no apt-get update) a cache
             # built from this same kit is still good: only package updates are missed.
-            ours = have and have.get("kit_format") == KIT_FORMAT and have.get("init_sha256") == _init_sha256()
+            ours = (have and have.get("kit_format") == KIT_FORMAT and have.get("init_sha256") == _init_sha256()
+                    and have.get("guest_programs") == programs)
             if complete and ours and not force:
                 log(f"vmkit: cannot check package versions ({exc}); using the cache in {directory}")
                 return kernel_path(directory), initramfs_path(directory)
@@ -365,7 +428,12 @@ def build(directory: Path | None = None, force: bool = False, log=print) -> tupl
                 raise VmkitError(f"{kernel_package} has no boot/vmlinuz-*")
             modules = {name: _module_bytes(_find_module(kernel_tree, name)) for name in VIRTIO_NET_MODULES}
             busybox = _busybox_binary(workdir, wanted["busybox_version"]).read_bytes()
-            initramfs = _pack_initramfs(busybox, modules)
+            # Read once: the stamp's hashes were taken from these same files
+            # and a mismatch now (a package upgraded mid-build) must not be stamped.
+            copied = {path: source.read_bytes() for path, source in host_files.items()}
+            if {path: hashlib.sha256(data).hexdigest() for path, data in copied.items()} != programs["files"]:
+                raise VmkitError("host files for the guest changed during the build; run it again")
+            initramfs = _pack_initramfs(busybox, modules, copied)
 
             shutil.copyfile(vmlinuz[0], workdir / "vmlinuz")
             (workdir / "initramfs.gz").write_bytes(initramfs)

@@ -7,21 +7,29 @@ The guest negotiates checksum and TSO offloads (the test checks), so its
 64 KiB TCP frames reach the namespace's stack as they are, and the
 namespace's TSO frames reach the guest whole: the offload path end to end.
 
-The guest's initramfs has busybox only (no iperf3), so the transfer is
-busybox `nc` on the guest side and tests/support/tcpxfer.py in the
-namespace, with the data checked by SHA-256 on both ends.
+test_ping_and_tcp_both_ways moves a known payload with busybox `nc` on the
+guest side and tests/support/tcpxfer.py in the namespace, checked by SHA-256
+on both ends.  test_iperf3_both_ways runs iperf3 (copied into the guest's
+initramfs by tools/vmkit.py) each way: the namespace serves and the guest
+sends, then the guest serves and the namespace sends.  Both ends' JSON
+reports are parsed; the throughput is printed and written to
+iperf3.json in the test's tmp_path.  Only completion and bytes moved are
+asserted: the guest runs under TCG, so its speed says little about the switch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.daemon import Vswitchd
+from tests.support.frames import wait_for
 from tests.support.netns import in_ns, python_in_ns
 from tests.system.test_qemu_guests import BOOT_TIMEOUT, diagnostics, kit, wait_links  # noqa: F401 (fixtures)
 from tools import vmkit
@@ -31,6 +39,9 @@ pytestmark = [pytest.mark.system, pytest.mark.qemu]
 
 GUEST_IP, NS_IP = "10.200.1.2", "10.200.1.1"
 TRANSFER_BYTES = 16 << 20
+IPERF_SECONDS = 3
+# Per direction, for start-up, the run and the reports under TCG.
+IPERF_TIMEOUT = 60.0
 
 
 @pytest.fixture
@@ -96,6 +107,96 @@ def test_ping_and_tcp_both_ways(host_and_vm, request):
         receiver.communicate()
     assert (int(got), got_digest) == (TRANSFER_BYTES, digest)
     record(request, "guest->namespace", int(got), float(seconds))
+
+    stats = switch.port("host")["stats"]
+    assert stats["rx_errors"] == stats["tx_errors"] == 0
+
+
+def iperf_summary(report: dict, what: str) -> dict:
+    """Bytes and rates of a finished iperf3 -J run; fails on an error or a missing summary."""
+    assert "error" not in report, f"{what}: iperf3 reported an error: {report['error']}"
+    end = report.get("end", {})
+    assert "sum_sent" in end and "sum_received" in end, f"{what}: iperf3 report has no end summary: {report}"
+    return {
+        "sent_bytes": end["sum_sent"]["bytes"],
+        "received_bytes": end["sum_received"]["bytes"],
+        "seconds": end["sum_received"]["seconds"],
+        "sender_mbit_s": end["sum_sent"]["bits_per_second"] / 1e6,
+        "receiver_mbit_s": end["sum_received"]["bits_per_second"] / 1e6,
+        "retransmits": end["sum_sent"].get("retransmits"),
+    }
+
+
+def guest_json(text: str, what: str) -> dict:
+    """The JSON object in a guest command's console output (kernel lines may surround it)."""
+    start, stop = text.find("{"), text.rfind("}")
+    assert start >= 0 and stop > start, f"{what}: no JSON in the guest's output:\n{text}"
+    return json.loads(text[start : stop + 1])
+
+
+def ns_listening(netns: str, port: int) -> bool:
+    return bool(in_ns(netns, "ss", "-ltnH", f"sport = :{port}", check=False).stdout.strip())
+
+
+def test_iperf3_both_ways(host_and_vm, request, tmp_path, require_tool):
+    require_tool("iperf3")
+    require_tool("ss", "iproute2")
+    switch, guest, netns = host_and_vm
+    guest.run("iperf3 --version", timeout=30)  # the kit has it (else: a clear failure here)
+    for _ in range(10):
+        if guest.ping(NS_IP, count=1)[1] == 1:
+            break
+    results = {}
+
+    # Guest -> namespace: the server in the namespace, the client in the guest.
+    server = subprocess.Popen(["ip", "netns", "exec", netns, "iperf3", "-s", "-1", "-B", NS_IP, "-p", "5201", "-J"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: server.poll() is not None or ns_listening(netns, 5201), 10, "iperf3 server in the namespace")
+        assert server.poll() is None, server.communicate()
+        out = guest.run(f"iperf3 -c {NS_IP} -p 5201 -t {IPERF_SECONDS} -i 0 -J", timeout=IPERF_TIMEOUT)
+        client_report = guest_json(out, "guest client")
+        server_out, server_err = server.communicate(timeout=IPERF_TIMEOUT)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0, server_err
+    results["guest->namespace"] = {"client": iperf_summary(client_report, "guest client"),
+                                   "server": iperf_summary(json.loads(server_out), "namespace server")}
+
+    # Namespace -> guest: the server in the guest, a background job of the console shell, the client in
+    # the namespace. Not iperf3 -D: with a daemonised server (re-parented to the shell, which is PID 1
+    # here) one run of three ended with the shell exiting and the guest kernel panicking ("Attempted to
+    # kill init"); the cause was not pinned down, and a plain background job has not shown it.
+    guest.run("rm -f /tmp/iperf3-server.json; "
+              f"iperf3 -s -1 -B {GUEST_IP} -p 5202 -J </dev/null >/tmp/iperf3-server.json 2>&1 & IPERF_PID=$!",
+              timeout=30)
+    guest.run("i=0; until netstat -ltn | grep -q ':5202 '; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done; "
+              "netstat -ltn | grep ':5202 '", timeout=30)
+    client = subprocess.run(["ip", "netns", "exec", netns, "iperf3", "-c", GUEST_IP, "-p", "5202",
+                             "-t", str(IPERF_SECONDS), "-i", "0", "-J"],
+                            capture_output=True, text=True, timeout=IPERF_TIMEOUT)
+    if client.returncode != 0:
+        guest.run("kill $IPERF_PID", check=False)
+        pytest.fail(f"iperf3 client in the namespace failed ({client.returncode}):\n{client.stdout}\n{client.stderr}")
+    # -1: the server exits once the test is over and its report is complete.
+    out = guest.run("wait $IPERF_PID; cat /tmp/iperf3-server.json", timeout=IPERF_TIMEOUT)
+    results["namespace->guest"] = {"client": iperf_summary(json.loads(client.stdout), "namespace client"),
+                                   "server": iperf_summary(guest_json(out, "guest server"), "guest server")}
+
+    (tmp_path / "iperf3.json").write_text(json.dumps(results, indent=2) + "\n")
+    for direction, ends in results.items():
+        client_sum, server_sum = ends["client"], ends["server"]
+        line = (f"iperf3 {direction}: {client_sum['sent_bytes']} bytes sent, {server_sum['received_bytes']} received "
+                f"in {server_sum['seconds']:.2f} s = {server_sum['receiver_mbit_s']:.1f} Mbit/s "
+                f"(sender {client_sum['sender_mbit_s']:.1f} Mbit/s, {client_sum['retransmits']} retransmits)")
+        print(line)
+        request.node.user_properties.append((f"iperf3 {direction}", f"{server_sum['receiver_mbit_s']:.1f} Mbit/s"))
+        # Completed, and data moved: the receiving server counted bytes, as many as the client was told.
+        assert client_sum["sent_bytes"] > 0 and server_sum["received_bytes"] > 0, (direction, ends)
+        assert server_sum["received_bytes"] == client_sum["received_bytes"], (direction, ends)
+    print(f"iperf3 results written to {tmp_path / 'iperf3.json'}")
 
     stats = switch.port("host")["stats"]
     assert stats["rx_errors"] == stats["tx_errors"] == 0
