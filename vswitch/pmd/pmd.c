@@ -25,6 +25,23 @@
 
 #define IDLE_PASSES_BEFORE_SLEEP 256
 #define FIRST_SLEEP_US 8
+/* Gaps in a busy guest's traffic are microseconds long: sleeping through
+ * them would make it kick (a syscall) and wait for us to wake.  So after
+ * traffic the PMD keeps polling for this long before it may sleep. */
+#define LINGER_US 1000
+
+/* TSC ticks per second, measured against CLOCK_MONOTONIC over a few ms. */
+static uint64_t measure_tsc_hz(void)
+{
+    struct timespec a, b, pause = { .tv_sec = 0, .tv_nsec = 5000000 };
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    uint64_t t0 = vs_rdtsc();
+    nanosleep(&pause, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    uint64_t t1 = vs_rdtsc();
+    uint64_t ns = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000ULL + (uint64_t)(b.tv_nsec - a.tv_nsec);
+    return ns ? (t1 - t0) * 1000000000ULL / ns : 1000000000ULL;
+}
 
 int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib)
 {
@@ -32,6 +49,8 @@ int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib)
     pmd->fib = fib;
     pmd->max_sleep_us = 1000;
     pmd->max_notify_sleep_ms = 100;
+    pmd->tsc_hz = measure_tsc_hz();
+    pmd->linger_cycles = pmd->tsc_hz / 1000000 * LINGER_US;
     pmd->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     return pmd->wakefd < 0 ? -errno : 0;
 }
@@ -255,8 +274,16 @@ static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, str
     }
 }
 
+static inline uint64_t pass_clock(uint64_t *now)
+{
+    if (!*now) {
+        *now = vs_now_sec();
+    }
+    return *now;
+}
+
 static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
-                           const struct vs_pollq *pq, uint64_t now)
+                           const struct vs_pollq *pq, uint64_t *now)
 {
     struct vs_port *in = pq->port;
     struct vs_pkt pkts[VS_BURST];
@@ -270,7 +297,7 @@ static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
         }
         uint32_t n = vs_vring_dequeue_burst(dev, vr, pkts, VS_BURST);
         if (n) {
-            forward_burst(pmd, t, in, pq->queue, pkts, n, now);
+            forward_burst(pmd, t, in, pq->queue, pkts, n, pass_clock(now));
         }
         /* Also publishes chains dropped as malformed, if any. */
         vs_vring_dequeue_done(dev, vr, pkts, n);
@@ -281,7 +308,7 @@ static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
         /* The frames stay in the port's buffers until its next receive. */
         uint32_t n = vs_kport_rx_burst(in->kport, pq->queue, pkts, VS_BURST);
         if (n) {
-            forward_burst(pmd, t, in, pq->queue, pkts, n, now);
+            forward_burst(pmd, t, in, pq->queue, pkts, n, pass_clock(now));
         }
         return n;
     }
@@ -296,10 +323,10 @@ uint32_t vs_pmd_poll_once(struct vs_pmd *pmd)
     if (!t) {
         return 0;
     }
-    uint64_t now = vs_now_sec();
+    uint64_t now = 0;  /* read once per pass, and only by a pass that moves packets */
     uint32_t total = 0;
     for (uint32_t i = 0; i < t->n_poll; i++) {
-        uint32_t n = poll_queue(pmd, t, &t->poll[i], now);
+        uint32_t n = poll_queue(pmd, t, &t->poll[i], &now);
         total += n;
         pmd->stats.bursts += n != 0;
     }
@@ -414,10 +441,13 @@ void vs_pmd_run(struct vs_pmd *pmd)
             pmd->stats.busy_cycles += cycles;
             pmd->idle_passes = 0;
             pmd->sleep_us = 0;
+            pmd->last_work_tsc = t0 + cycles;
         } else {
             pmd->stats.idle_cycles += cycles;
-            if (++pmd->idle_passes > IDLE_PASSES_BEFORE_SLEEP) {
+            if (++pmd->idle_passes > IDLE_PASSES_BEFORE_SLEEP &&
+                t0 + cycles - pmd->last_work_tsc > pmd->linger_cycles) {
                 idle_sleep(pmd);
+                pmd->idle_passes = 0;
             }
         }
     }

@@ -46,6 +46,9 @@ struct vs_pmd {
     uint32_t max_sleep_us;       /* longest sleep when some queue cannot wake us */
     uint32_t max_notify_sleep_ms; /* longest sleep when every queue can wake us */
     uint32_t idle_passes;        /* consecutive empty passes */
+    uint64_t tsc_hz;             /* TSC ticks per second, measured at init */
+    uint64_t last_work_tsc;      /* when a pass last moved packets */
+    uint64_t linger_cycles;      /* after traffic, poll through gaps this long before sleeping */
     uint32_t sleep_us;           /* current backoff */
     struct vs_pmd_stats stats;
 };
