@@ -33,6 +33,7 @@ Nothing here depends on vswitch; `memtable_for` needs only an `ffi` with
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -105,7 +106,12 @@ class GuestMemory:
         return U16.unpack_from(self.mm, self._offset(gpa, 2))[0]
 
     def write_u16(self, gpa: int, value: int) -> None:
-        U16.pack_into(self.mm, self._offset(gpa, 2), value & 0xFFFF)
+        """One 16-bit store, as a guest does: the device may read it at any moment.
+
+        struct.pack_into would not do: it zero-fills the field first and then
+        writes it byte by byte, so the device could see a made-up index.
+        """
+        ctypes.c_uint16.from_buffer(self.mm, self._offset(gpa, 2)).value = value & 0xFFFF
 
     # -- allocation
     def alloc(self, length: int, align: int = 16) -> int:

@@ -195,7 +195,13 @@ def test_remove_and_readd_under_traffic(switch):
         d.ctl("add-port", "veth", "--type", "af-packet", "--ifname", d.host)
     drain(g1)
     g1.send_frame(0, arp_request(G1[0], G1[1], NS_IP))
-    assert wait_for(g1, lambda p: ARP in p and p[ARP].op == 2 and p[ARP].psrc == NS_IP)
+    try:
+        assert wait_for(g1, lambda p: ARP in p and p[ARP].op == 2 and p[ARP].psrc == NS_IP)
+    except AssertionError:
+        ring = g1.tx_ring(0)
+        raise AssertionError(f"no ARP reply after re-adding the port: g1 tx avail idx in memory "
+                             f"{ring.mem.read_u16(ring.avail_gpa + 2)}, driver's {ring.avail_idx}, "
+                             f"{d.port('g1')['queue_stats']}\n{d.log()[-3000:]}") from None
     assert d.proc.poll() is None
 
 
