@@ -73,6 +73,16 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _whole_number(section: dict, key: str, default: int, low: int, high: int, where: str,
+                  problems: list[str]) -> int:
+    """section[key] if it is a whole number in [low, high]; else a problem is noted and the default kept."""
+    value = section.get(key, default)
+    if not _is_int(value) or not low <= value <= high:
+        problems.append(f"{where}{key}: {value!r} must be a whole number from {low} to {high}")
+        return default
+    return value
+
+
 def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
     """Checks one port entry; returns it with defaults filled in, or None.
 
@@ -185,16 +195,10 @@ def parse(data, source: str = "<config>") -> Config:
     for key in fdb:
         if key not in ("aging_seconds", "max_entries", "static"):
             problems.append(f"{source}: fdb: unknown key '{key}'")
-    aging = fdb.get("aging_seconds", DEFAULT_AGING_SECONDS)
-    if not _is_int(aging) or not 1 <= aging <= 10**6:
-        problems.append(f"{source}: fdb.aging_seconds: {aging!r} must be a whole number from 1 to 1000000")
-    else:
-        cfg.fdb_aging_seconds = aging
-    max_entries = fdb.get("max_entries", DEFAULT_MAX_ENTRIES)
-    if not _is_int(max_entries) or not 1 <= max_entries <= CAPACITY:
-        problems.append(f"{source}: fdb.max_entries: {max_entries!r} must be a whole number from 1 to {CAPACITY}")
-    else:
-        cfg.fdb_max_entries = max_entries
+    cfg.fdb_aging_seconds = _whole_number(fdb, "aging_seconds", DEFAULT_AGING_SECONDS, 1, 10**6,
+                                          f"{source}: fdb.", problems)
+    cfg.fdb_max_entries = _whole_number(fdb, "max_entries", DEFAULT_MAX_ENTRIES, 1, CAPACITY,
+                                        f"{source}: fdb.", problems)
 
     static = fdb.get("static", []) or []
     if not isinstance(static, list):
