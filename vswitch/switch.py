@@ -186,8 +186,8 @@ class Switch:
             pmd.quiesce()
 
     def _on_rarp(self, port: Port, mac: str) -> None:
-        # A migrated guest announces itself: point its MAC at its new port.
-        self.fib.remove(mac)
+        # A migrated guest announces itself (vhost-user SEND_RARP): its MAC now lives behind this port.
+        self.fib.learn(mac, port.port_no)
         log.info("port '%s': RARP for %s", port.name, mac)
 
     # Events.

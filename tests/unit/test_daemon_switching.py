@@ -225,3 +225,16 @@ def test_features_turned_off_by_the_front_end(tmp_path, disabled):
             assert [g.data for g in got] == [big] + [small] * 30
         for fe in guests:
             fe.close()
+
+
+def test_send_rarp_moves_the_mac_to_the_announcing_port(three):
+    """After a live migration QEMU sends SEND_RARP: the guest's MAC now lives behind this port."""
+    from vswitch.vhost.protocol import Request
+    d, (g0, g1, g2) = three
+    g0.send_frame(0, frame(BROADCAST, mac(7)))
+    wait_for(lambda: {e["mac"]: e["port"] for e in d.ctl("fdb", "show")["entries"]}.get("02:00:00:00:00:07") == "vm0",
+             what="mac learned on vm0")
+    g2.request(Request.SEND_RARP, mac(7) + b"\0\0")
+    g2.sync()
+    wait_for(lambda: {e["mac"]: e["port"] for e in d.ctl("fdb", "show")["entries"]}.get("02:00:00:00:00:07") == "vm2",
+             what="mac moved to vm2")

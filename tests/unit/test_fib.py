@@ -139,3 +139,10 @@ def test_struct_sizes_match_the_header():
     assert ffi.sizeof("struct virtq_desc") == 16
     assert ffi.sizeof("struct virtq_used_elem") == 8
     assert ffi.offsetof("struct vs_fib_entry", "port_no") == 16
+
+
+def test_control_plane_learn_moves_an_entry(table):
+    learn(table, "02:00:00:00:00:01", 1)
+    table.learn("02:00:00:00:00:01", 5)
+    assert table.lookup("02:00:00:00:00:01") == 5
+    assert table.stats()["moved"] == 1

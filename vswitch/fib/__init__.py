@@ -90,6 +90,10 @@ class MacTable:
         if lib.vs_fib_add_static(self._fib, key, port_no) != 0:
             raise FibError(f"cannot add {mac}: the table is full of static entries")
 
+    def learn(self, mac: str, port_no: int, vlan: int = 0) -> None:
+        """Learns (or moves) a dynamic entry, as if a frame from `mac` arrived on the port."""
+        lib.vs_fib_learn_locked(self._fib, lib.vs_fib_key(parse_mac(mac), vlan), port_no)
+
     def remove(self, mac: str, vlan: int = 0) -> bool:
         return lib.vs_fib_remove(self._fib, lib.vs_fib_key(parse_mac(mac), vlan)) == 0
 

@@ -239,6 +239,13 @@ int vs_fib_lookup_locked(struct vs_fib *fib, uint64_t key)
     return port;
 }
 
+void vs_fib_learn_locked(struct vs_fib *fib, uint64_t key, uint32_t port_no)
+{
+    vs_fib_lock(fib);
+    vs_fib_learn(fib, key, port_no, vs_now_sec());
+    vs_fib_unlock(fib);
+}
+
 int vs_fib_add_static(struct vs_fib *fib, uint64_t key, uint32_t port_no)
 {
     if (port_no >= VS_MAX_PORTS) {

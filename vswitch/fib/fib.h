@@ -65,6 +65,7 @@ uint32_t vs_fib_age(struct vs_fib *fib, uint64_t now);
 uint32_t vs_fib_dump(struct vs_fib *fib, struct vs_fib_entry *out, uint32_t max);
 int vs_fib_set_max(struct vs_fib *fib, uint32_t max_entries);
 int vs_fib_lookup_locked(struct vs_fib *fib, uint64_t key);
+void vs_fib_learn_locked(struct vs_fib *fib, uint64_t key, uint32_t port_no);
 
 /* Fast path: the caller holds the lock. */
 void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t now);
