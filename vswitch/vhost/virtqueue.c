@@ -396,21 +396,6 @@ static inline void capture_net_hdr(const struct vs_vhost_dev *dev, struct vs_pkt
 }
 
 /*
- * Starts loading the descriptors of the next n avail entries.  The guest
- * wrote them on another core: fetching a whole burst's worth at once lets
- * the cache misses overlap instead of stalling one after the other.
- */
-static inline void prefetch_descs(const struct vs_vring *vr, uint16_t from, uint32_t n)
-{
-    for (uint32_t i = 0; i < n; i++) {
-        uint16_t head = read_avail_entry(vr, (uint16_t)(from + i));
-        if (likely(head < vr->size)) {
-            __builtin_prefetch(&vr->desc[head]);
-        }
-    }
-}
-
-/*
  * The common case, checked first: the whole chain is one readable
  * descriptor (header and frame together) inside one memory region.
  * Anything else, including every malformed chain, takes walk_chain().
@@ -453,7 +438,6 @@ uint32_t vs_vring_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
     uint32_t n = pending < max ? pending : max;
     uint32_t got = 0;
     uint64_t bytes = 0;
-    prefetch_descs(vr, vr->last_avail_idx, n);
     for (uint32_t i = 0; i < n; i++) {
         uint16_t head = read_avail_entry(vr, vr->last_avail_idx);
         if (unlikely(head >= vr->size)) {
@@ -559,25 +543,6 @@ static inline void fill_net_hdr(uint8_t *hdr, const struct vs_vhost_dev *dev, co
     if (dev->hdr_len == 12) {
         hdr[10] = (uint8_t)num_buffers;  /* num_buffers, little endian */
         hdr[11] = (uint8_t)(num_buffers >> 8);
-    }
-}
-
-/* Starts fetching, for writing, the guest buffers the next n frames will most likely use. */
-static inline void prefetch_rx_buffers(const struct vs_vhost_dev *dev, const struct vs_vring *vr, uint32_t n)
-{
-    prefetch_descs(vr, vr->last_avail_idx, n);
-    for (uint32_t i = 0; i < n; i++) {
-        uint16_t head = read_avail_entry(vr, (uint16_t)(vr->last_avail_idx + i));
-        if (unlikely(head >= vr->size)) {
-            return;
-        }
-        struct virtq_desc d = read_desc(vr->desc, head);
-        uint64_t contig;
-        uint8_t *p = gpa_to_hva(dev->mem, d.addr, &contig);
-        if (p) {
-            __builtin_prefetch(p, 1);
-            __builtin_prefetch(p + 64, 1);
-        }
     }
 }
 
@@ -696,8 +661,6 @@ uint32_t vs_vring_enqueue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
         vs_spin_unlock(&vr->lock);
         return 0;
     }
-    uint16_t ready = avail_idx - vr->last_avail_idx;
-    prefetch_rx_buffers(dev, vr, ready < n ? ready : n);
     uint32_t i;
     for (i = 0; i < n; i++) {
         enum rx_result r = enqueue_simple(dev, vr, pkts[i], avail_idx);
