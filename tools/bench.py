@@ -552,6 +552,8 @@ class Sample:
     generator_cpu_share: float | None = None
     started_at: str = ""
     error: str | None = None
+    # --profile: where the system's time went over the window, [(percent, symbol)], hottest first.
+    profile: list | None = None
 
 
 class Generator(TestPmd):
@@ -568,6 +570,24 @@ class Generator(TestPmd):
         # busy only while answering a command) on the SUT core.
         super().__init__(vdevs, args, log_path=workdir / "generator.log", lcores=f"{gen_core},{sut_core}",
                          main_lcore=sut_core, total_num_mbufs=GEN_MBUFS, start_timeout=60)
+
+
+def profile_window(pid: int, seconds: float, workdir: Path, top: int = 15) -> list:
+    """Samples the process with `perf record` for the window; returns its hottest symbols.
+
+    perf's cpu-clock sampling works where hardware counters do not (as in this VM).
+    """
+    data = workdir / "perf.data"
+    subprocess.run(["perf", "record", "-q", "-o", str(data), "-p", str(pid), "--", "sleep", str(seconds)],
+                   capture_output=True, check=True, timeout=seconds + 30)
+    report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "symbol",
+                             "-g", "none"], capture_output=True, text=True, check=True, timeout=120).stdout
+    rows = []
+    for line in report.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].endswith("%") and not line.lstrip().startswith("#"):
+            rows.append((float(parts[0].rstrip("%")), parts[2]))
+    return rows[:top]
 
 
 def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) -> Sample:
@@ -604,7 +624,10 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) 
         cpu_before = cpu_seconds(system.pid), cpu_seconds(generator.pid)
         t0 = time.monotonic()
         before = generator.port_stats()
-        time.sleep(args.window)
+        if args.profile:
+            sample.profile = profile_window(system.pid, args.window, workdir)
+        else:
+            time.sleep(args.window)
         t1 = time.monotonic()
         after = generator.port_stats()
         cpu_after = cpu_seconds(system.pid), cpu_seconds(generator.pid)
@@ -804,6 +827,9 @@ def parse_args(argv: list[str] | None = None):
                    help=f"apt-get install {OVS_PACKAGE} if it is missing (otherwise OVS-DPDK is "
                         "reported as unavailable)")
     p.add_argument("--keep-logs", action="store_true", help="keep every measurement's logs and print where")
+    p.add_argument("--profile", action="store_true",
+                   help="sample each system under test with perf (Debian package linux-perf) over the "
+                        "window; the hottest symbols are printed and stored in the JSON")
     p.add_argument("--smoke", action="store_true",
                    help="short run for the test suite: 64-byte frames, 1 rep, 1 s warm-up, 1 s window")
     args = p.parse_args(argv)
@@ -893,6 +919,8 @@ def main(argv: list[str] | None = None) -> int:
                     if sample.mpps is not None:
                         log(f"bench:   {sample.mpps:.2f} Mpps (SUT {fmt(sample.sut_cycles_per_packet, 0)}, "
                             f"generator {fmt(sample.generator_cycles_per_packet, 0)} cycles/packet)")
+                    for percent, symbol in sample.profile or []:
+                        log(f"bench:     {percent:5.1f}%  {symbol}")
     except KeyboardInterrupt:
         log("bench: interrupted; reporting the samples taken so far")
     finally:

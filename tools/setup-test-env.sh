@@ -22,13 +22,14 @@ HUGEPAGES=1024
 
 # What the tests need, by Debian package: the DPDK testpmd peer, OVS-DPDK (a
 # peer in the benchmark's smoke test; the system OVS service is never used), QEMU guests
-# and their initramfs, namespaces and traffic tools, AF_XDP headers, and a C
+# and their initramfs, namespaces and traffic tools, perf (the benchmark's
+# --profile), AF_XDP headers, and a C
 # toolchain with Python headers for the cffi extension.
 PACKAGES=(
     dpdk-dev coreutils
     openvswitch-switch-dpdk
     qemu-system-x86 busybox-static
-    iproute2 iperf3 tcpdump
+    iproute2 iperf3 tcpdump linux-perf
     libxdp-dev libbpf-dev xdp-tools
     gcc libc6-dev python3-dev python3-venv
 )
@@ -57,7 +58,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup-test-env: installing ${missing[*]}"
     run "apt-get install" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump gcc; do
+for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc; do
     command -v "$tool" >/dev/null || die "$tool is still missing after installing packages"
 done
 

@@ -39,7 +39,7 @@ def test_bench_smoke(tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     env = dict(os.environ, TMPDIR=str(scratch))
-    argv = [sys.executable, "-m", "tools.bench", "--smoke", "--systems", ",".join(systems),
+    argv = [sys.executable, "-m", "tools.bench", "--smoke", "--profile", "--systems", ",".join(systems),
             "--json-out", str(json_out), "--plot-out", str(plot_out)]
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -69,6 +69,10 @@ def test_bench_smoke(tmp_path):
         assert row["gbit_s_median"] > 0, f"{row}\n{report}"
     assert rows["testpmd-io"]["ratio_to_testpmd_io"] == pytest.approx(1.0)
     assert len(result["samples"]) == len(systems), report
+    # --profile: perf sampled each system; vswitchd's time is in its ring engine and packet loop.
+    vswitchd_profile = next(x for x in result["samples"] if x["system"] == "vswitchd")["profile"]
+    assert vswitchd_profile and all(0 < pct <= 100 for pct, _ in vswitchd_profile), report
+    assert {"vs_vring_enqueue_burst", "vs_vring_dequeue_burst"} & {sym for _, sym in vswitchd_profile}, report
     assert result["machine"]["sut_core"] != result["machine"]["generator_core"]
     # The terminal table names every system.
     for system in systems:
