@@ -90,6 +90,26 @@ class Vswitchd:
     def port(self, name: str) -> dict:
         return self.ctl("show", name)["ports"][0]
 
+    def connect_guests(self, names: list[str], queues: int = 1, rx_buffers: int = 32, timeout: float = 5.0):
+        """In-process front-ends on these vhost-user ports (server mode), handshaken, with receive
+        buffers posted on every queue; returns them once the switch reports every link up."""
+        from tests.support.frontend import VhostUserFrontend
+
+        paths = {p["name"]: p["path"] for p in self.config["ports"]}
+        guests = []
+        for name in names:
+            fe = VhostUserFrontend(paths[name], queues=queues).connect()
+            fe.handshake()
+            for q in range(queues):
+                fe.post_rx(q, rx_buffers)
+            guests.append(fe)
+        deadline = time.monotonic() + timeout
+        while any(self.port(name)["link"] != "up" for name in names):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"links of {names} not up within {timeout} s:\n{self.log()[-2000:]}")
+            time.sleep(0.02)
+        return guests
+
     def __enter__(self):
         # `with d.start():` and `with d:` both mean one daemon.
         if self.proc is None or self.proc.poll() is not None:

@@ -28,14 +28,7 @@ def link(d: Vswitchd, name: str) -> str:
 @pytest.fixture
 def three(tmp_path):
     with Vswitchd(tmp_path, ports=vhost_ports(tmp_path, 3)) as d:
-        guests = []
-        for i in range(3):
-            fe = VhostUserFrontend(tmp_path / f"vm{i}.sock").connect()
-            fe.handshake()
-            fe.post_rx(0, 32)
-            guests.append(fe)
-        for i in range(3):
-            wait_for(lambda i=i: link(d, f"vm{i}") == "up", what=f"vm{i} link up")
+        guests = d.connect_guests(["vm0", "vm1", "vm2"])
         yield d, guests
         for fe in guests:
             fe.close()

@@ -7,8 +7,7 @@ import time
 import psutil
 
 from tests.support.daemon import Vswitchd
-from tests.support.frames import BROADCAST, frame, mac, wait_for
-from tests.support.frontend import VhostUserFrontend
+from tests.support.frames import BROADCAST, frame, mac
 
 IDLE_SECONDS = int(__import__("os").environ.get("IDLE_SECONDS", 10))
 MAX_CPU_PERCENT = 2.0
@@ -17,13 +16,7 @@ MAX_CPU_PERCENT = 2.0
 def test_idle_guests_cost_under_2_percent_and_the_first_frame_is_prompt(tmp_path):
     ports = [{"name": f"vm{i}", "type": "vhost-user", "path": str(tmp_path / f"vm{i}.sock")} for i in range(2)]
     with Vswitchd(tmp_path, ports=ports, log_level="info") as d:
-        guests = []
-        for i in range(2):
-            fe = VhostUserFrontend(tmp_path / f"vm{i}.sock").connect()
-            fe.handshake()
-            fe.post_rx(0, 32)
-            guests.append(fe)
-        wait_for(lambda: all(p["link"] == "up" for p in d.ctl("show")["ports"]), what="links up")
+        guests = d.connect_guests(["vm0", "vm1"])
         # Some traffic first, so the PMD has been busy and must back off again.
         for n in range(20):
             guests[0].send_frame(0, frame(BROADCAST, mac(1)))

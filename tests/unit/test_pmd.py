@@ -5,20 +5,7 @@ from __future__ import annotations
 import os
 
 from tests.support.daemon import Vswitchd
-from tests.support.frames import BROADCAST, frame, mac, wait_for
-from tests.support.frontend import VhostUserFrontend
-
-
-def connect(tmp_path, d, n, queues):
-    guests = []
-    for i in range(n):
-        fe = VhostUserFrontend(tmp_path / f"vm{i}.sock", queues=queues).connect()
-        fe.handshake()
-        for q in range(queues):
-            fe.post_rx(q, 64)
-        guests.append(fe)
-    wait_for(lambda: all(p["link"] == "up" for p in d.ctl("show")["ports"]), what="links up")
-    return guests
+from tests.support.frames import BROADCAST, frame, mac
 
 
 def test_two_pmd_threads_split_the_queues_and_both_forward(tmp_path):
@@ -26,7 +13,7 @@ def test_two_pmd_threads_split_the_queues_and_both_forward(tmp_path):
     ports = [{"name": f"vm{i}", "type": "vhost-user", "path": str(tmp_path / f"vm{i}.sock"), "queues": 2}
              for i in range(2)]
     with Vswitchd(tmp_path, ports=ports, extra={"pmd": {"cpus": cpus}}) as d:
-        guests = connect(tmp_path, d, 2, queues=2)
+        guests = d.connect_guests(["vm0", "vm1"], queues=2, rx_buffers=64)
         pmds = d.ctl("pmd-stats")["pmds"]
         assert [p["cpu"] for p in pmds] == cpus
         polled = [(q["port"], q["queue"]) for p in pmds for q in p["rx_queues"]]
@@ -49,7 +36,7 @@ def test_two_pmd_threads_split_the_queues_and_both_forward(tmp_path):
 def test_pmd_stats_human_and_json(tmp_path):
     ports = [{"name": f"vm{i}", "type": "vhost-user", "path": str(tmp_path / f"vm{i}.sock")} for i in range(2)]
     with Vswitchd(tmp_path, ports=ports) as d:
-        guests = connect(tmp_path, d, 2, queues=1)
+        guests = d.connect_guests(["vm0", "vm1"], rx_buffers=64)
         for _ in range(64):
             guests[0].send_frame(0, frame(BROADCAST, mac(1)))
         assert len(guests[1].receive(0, 64, timeout=2)) == 64

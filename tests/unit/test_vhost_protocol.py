@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.support.frontend import BackendClosed, RequestFailed, VhostUserFrontend
+from tests.support.frontend import RequestFailed, VhostUserFrontend
 from tests.support.virtio_driver import GuestMemory
 from vswitch.native import ffi, lib
 from vswitch.vhost import protocol
