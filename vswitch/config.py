@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import yaml
 
 from vswitch.fib import CAPACITY, DEFAULT_AGING_SECONDS, DEFAULT_MAX_ENTRIES, FibError, parse_mac
+from vswitch.ports import PORT_TYPES
 
 DEFAULT_CONTROL_SOCKET = "/run/vswitch/vswitchd.sock"
 PORT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
-PORT_TYPES = ("vhost-user", "tap", "af-packet")
 PORT_KEYS = {
     "vhost-user": {"name", "type", "path", "mode", "queues"},
     "tap": {"name", "type", "ifname", "netns", "queues"},

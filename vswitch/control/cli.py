@@ -14,6 +14,7 @@ import sys
 import time
 
 from vswitch.config import DEFAULT_CONTROL_SOCKET
+from vswitch.ports import PORT_TYPES
 
 
 class ControlError(Exception):
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list-ports", help="port names, types and link states")
     add = sub.add_parser("add-port", help="add a port to the running switch")
     add.add_argument("name")
-    add.add_argument("--type", required=True, choices=["vhost-user", "tap", "af-packet"])
+    add.add_argument("--type", required=True, choices=PORT_TYPES)
     add.add_argument("--path", help="vhost-user socket path")
     add.add_argument("--ifname", help="tap: interface to create (default the port name); "
                                       "af-packet: interface to attach to")

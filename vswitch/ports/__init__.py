@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# The one list of port types: config validation and vswitchctl read it.
 PORT_TYPES = ("vhost-user", "tap", "af-packet")
 
 
