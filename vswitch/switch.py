@@ -208,18 +208,13 @@ class Switch:
 
     # Views.
 
-    def port_name(self, port_no: int) -> str | None:
-        for port in self.ports.values():
-            if port.port_no == port_no:
-                return port.name
-        return None
-
     def fdb_entries(self, port: str | None = None) -> list[dict]:
         port_no = None
         if port is not None:
             if port not in self.ports:
                 raise SwitchError(f"no port named '{port}'")
             port_no = self.ports[port].port_no
-        return [{"mac": e.mac, "vlan": e.vlan, "port": self.port_name(e.port_no), "age": e.age,
+        names = {p.port_no: p.name for p in self.ports.values()}
+        return [{"mac": e.mac, "vlan": e.vlan, "port": names.get(e.port_no), "age": e.age,
                  "static": e.static}
                 for e in self.fib.entries() if port_no is None or e.port_no == port_no]
