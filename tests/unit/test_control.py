@@ -154,3 +154,152 @@ def test_vswitch_socket_environment_variable(tmp_path, daemon):
     out = subprocess.run([sys.executable, "-m", "vswitch.control.cli", "version"], capture_output=True,
                          text=True, cwd=REPO, env=env)
     assert out.returncode == 0 and out.stdout.strip() == daemon.ctl("version")["version"]
+
+
+# --------------------------------------------------------------------------- peer credentials
+
+NOBODY = 65534          # uid nobody and gid nogroup on Debian
+DAEMON_GROUP = "daemon"  # present on every Debian system; nobody is not in it
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory an unprivileged user can reach (pytest's own tmp is root-only)."""
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="vswitch-ctl-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def request_as(path: str, payload: bytes, uid: int, gid: int, groups=(), timeout: float = 10.0) -> tuple[dict, bool]:
+    """Sends one request from a forked child running as uid/gid/groups.
+
+    Returns the reply and whether the daemon closed the connection after it.
+    """
+    import select
+    import signal
+    import time
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges, talk, report through the pipe, never return
+        status = 1
+        try:
+            os.close(r)
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(timeout / 2)
+                s.connect(path)
+                s.sendall(payload)
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                try:
+                    closed = s.recv(1) == b""
+                except socket.timeout:
+                    closed = False
+            os.write(w, json.dumps({"reply": buf.decode(), "closed": closed}).encode())
+            status = 0
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            os.write(w, json.dumps({"exception": repr(exc)}).encode())
+        finally:
+            os._exit(status)
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    out = b""
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                continue
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            out += chunk
+        else:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    result = json.loads(out or b'{"exception": "child timed out"}')
+    assert "exception" not in result, result["exception"]
+    return json.loads(result["reply"]), result["closed"]
+
+
+def info_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if " INFO " in line or " WARNING " in line]
+
+
+def test_client_outside_the_control_group_is_refused(shared_dir):
+    with Vswitchd(shared_dir, ports=[], extra={"control_group": DAEMON_GROUP}) as d:
+        # The kernel already keeps others out of a 0660 socket; open it up to reach our own check.
+        os.chmod(d.control_socket, 0o666)
+        reply, closed = request_as(d.control_socket, b'{"command": "version"}\n', NOBODY, NOBODY)
+        assert reply == {"ok": False,
+                         "error": f"permission denied: uid {NOBODY} is not root and not in group '{DAEMON_GROUP}'"}
+        assert closed
+        # A change is refused the same way and changes nothing.
+        reply, _ = request_as(d.control_socket, b'{"command": "fdb/set-aging", "args": {"seconds": 77}}\n',
+                              NOBODY, NOBODY)
+        assert reply["ok"] is False and "permission denied" in reply["error"]
+        assert "aging_seconds: 77" not in d.ctl_raw("config", "dump", check=True).stdout
+        assert d.ctl("control-stats")["refused_clients"] == 2
+        assert f"refused a control client: uid {NOBODY}" in d.log()
+        assert d.proc.poll() is None
+
+
+def test_members_of_the_control_group_are_accepted(shared_dir):
+    import grp
+    gid = grp.getgrnam(DAEMON_GROUP).gr_gid
+    with Vswitchd(shared_dir, ports=[], extra={"control_group": DAEMON_GROUP}) as d:
+        # A supplementary group, and the primary group, both count.
+        for primary, groups in ((NOBODY, [gid]), (gid, [])):
+            reply, _ = request_as(d.control_socket, b'{"command": "version"}\n', NOBODY, primary, groups)
+            assert reply["ok"] is True, reply
+        reply, _ = request_as(d.control_socket, b'{"command": "fdb/set-aging", "args": {"seconds": 77}}\n',
+                              NOBODY, NOBODY, [gid])
+        assert reply == {"ok": True, "result": {"aging_seconds": 77}}
+        assert any(f"uid {NOBODY} pid " in line and "fdb/set-aging seconds=77" in line
+                   for line in info_lines(d.log())), d.log()
+        assert d.ctl("control-stats")["refused_clients"] == 0
+
+
+def test_only_root_without_a_control_group(shared_dir):
+    with Vswitchd(shared_dir, ports=[]) as d:
+        os.chmod(d.control_socket, 0o666)
+        reply, closed = request_as(d.control_socket, b'{"command": "version"}\n', NOBODY, NOBODY)
+        assert reply["ok"] is False and closed
+        assert reply["error"] == f"permission denied: uid {NOBODY} is not root and no control_group is configured"
+
+
+def test_changes_are_logged_with_the_peer_uid_and_pid(daemon):
+    reply = json.loads(request(daemon.control_socket,
+                               b'{"command": "fdb/set-max", "args": {"entries": 4096}}\n'))
+    assert reply["ok"] is True
+    reply = json.loads(request(daemon.control_socket, b'{"command": "port/list"}\n'))
+    assert reply["ok"] is True
+    lines = info_lines(daemon.log())
+    change = [line for line in lines if "fdb/set-max" in line]
+    assert len(change) == 1 and f"uid 0 pid {os.getpid()}: fdb/set-max entries=4096" in change[0], lines
+    assert not [line for line in lines if "port/list" in line], "a read-only command was logged at info"
+    # A refused change is logged too, with its error.
+    reply = json.loads(request(daemon.control_socket, b'{"command": "port/del", "args": {"name": "ghost"}}\n'))
+    assert reply["ok"] is False
+    assert any(f"uid 0 pid {os.getpid()}: port/del name=ghost" in line and "no port named" in line
+               for line in info_lines(daemon.log())), daemon.log()
+
+
+def test_control_stats_count_requests(daemon):
+    before = daemon.ctl("control-stats")
+    request(daemon.control_socket, b"not json\n")
+    after = daemon.ctl("control-stats")
+    assert after["bad_requests"] == before["bad_requests"] + 1
+    assert after["connections"] >= before["connections"] + 2
+    human = daemon.ctl_raw("control-stats")
+    assert human.returncode == 0 and "refused_clients: " in human.stdout

@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     fdb_del = fdb_sub.add_parser("del", help="remove an entry")
     fdb_del.add_argument("mac")
     sub.add_parser("pmd-stats", help="per PMD thread counters")
+    sub.add_parser("control-stats", help="control socket counters: connections, refused clients, changes")
     sub.add_parser("events", help="stream port, link and queue events")
     sub.add_parser("list-commands", help="every control command with its usage")
     sub.add_parser("version", help="the daemon's version")
@@ -232,6 +233,8 @@ def run(args) -> None:
             emit(call(sock, "fdb/stats"), print_kv)
     elif args.cmd == "pmd-stats":
         emit(call(sock, "pmd/stats"), print_pmd_stats)
+    elif args.cmd == "control-stats":
+        emit(call(sock, "control/stats"), print_kv)
     elif args.cmd == "events":
         for event in stream_events(sock):
             if args.json:

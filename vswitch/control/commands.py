@@ -59,7 +59,8 @@ async def fdb_show(switch: Switch, port: str | None = None):
         return {"entries": switch.fdb_entries(port)}
 
 
-@registry.command("fdb/flush", "Remove learned MAC entries.", Arg("port", str, help="only on this port"))
+@registry.command("fdb/flush", "Remove learned MAC entries.", Arg("port", str, help="only on this port"),
+                  changes=True)
 async def fdb_flush(switch: Switch, port: str | None = None):
     port_no = _port(switch, port).port_no if port else None
     return {"flushed": switch.fib.flush(port_no)}
@@ -75,6 +76,12 @@ async def pmd_stats(switch: Switch):
     return {"pmds": [p.stats() for p in switch.pmds]}
 
 
+@registry.command("control/stats", "Show control socket counters: connections, refused clients, bad requests, "
+                  "changes.", wants_server=True)
+async def control_stats(switch: Switch, server):
+    return server.stats()
+
+
 
 
 @registry.command("port/add", "Add a port; the other ports keep forwarding.",
@@ -83,14 +90,15 @@ async def pmd_stats(switch: Switch):
                   Arg("path", str, help="vhost-user socket"), Arg("mode", str, help="server or client"),
                   Arg("queues", int, help="queue pairs"),
                   Arg("ifname", str, help="tap, af-packet: the interface"),
-                  Arg("netns", str, help="tap, af-packet: the interface's network namespace"))
+                  Arg("netns", str, help="tap, af-packet: the interface's network namespace"), changes=True)
 async def port_add(switch: Switch, **spec):
     with refused():
         port = await switch.add_port(spec)
     return port.info()
 
 
-@registry.command("port/del", "Remove a port; its guest sees the link go down.", Arg("name", str, True))
+@registry.command("port/del", "Remove a port; its guest sees the link go down.", Arg("name", str, True),
+                  changes=True)
 async def port_del(switch: Switch, name: str):
     with refused():
         await switch.del_port(name)
@@ -103,14 +111,15 @@ async def stats_show(switch: Switch, name: str | None = None):
     return {"ports": [{"name": p.name, **p.stats()} for p in ports]}
 
 
-@registry.command("fdb/add", "Add a static MAC entry.", Arg("mac", str, True), Arg("port", str, True))
+@registry.command("fdb/add", "Add a static MAC entry.", Arg("mac", str, True), Arg("port", str, True),
+                  changes=True)
 async def fdb_add(switch: Switch, mac: str, port: str):
     with refused():
         switch.fdb_add_static(mac, port)
     return {"mac": mac.lower(), "port": port, "static": True}
 
 
-@registry.command("fdb/del", "Remove a MAC entry, learned or static.", Arg("mac", str, True))
+@registry.command("fdb/del", "Remove a MAC entry, learned or static.", Arg("mac", str, True), changes=True)
 async def fdb_del(switch: Switch, mac: str):
     with refused():
         if not switch.fdb_remove(mac):
@@ -118,14 +127,15 @@ async def fdb_del(switch: Switch, mac: str):
     return {"removed": mac.lower()}
 
 
-@registry.command("fdb/set-aging", "Set how long an idle MAC entry lives.", Arg("seconds", int, True))
+@registry.command("fdb/set-aging", "Set how long an idle MAC entry lives.", Arg("seconds", int, True),
+                  changes=True)
 async def fdb_set_aging(switch: Switch, seconds: int):
     with refused():
         switch.set_fdb_aging(seconds)
     return {"aging_seconds": seconds}
 
 
-@registry.command("fdb/set-max", "Set the MAC table's size limit.", Arg("entries", int, True))
+@registry.command("fdb/set-max", "Set the MAC table's size limit.", Arg("entries", int, True), changes=True)
 async def fdb_set_max(switch: Switch, entries: int):
     with refused():
         switch.set_fdb_max(entries)

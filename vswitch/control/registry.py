@@ -28,6 +28,8 @@ class Command:
     handler: Callable[..., Awaitable[Any]]
     args: tuple[Arg, ...]
     help: str
+    changes: bool = False     # changes the switch: the server logs who asked for it
+    wants_server: bool = False  # the handler also gets server=<the ControlServer>
 
     @property
     def usage(self) -> str:
@@ -65,12 +67,12 @@ class Registry:
     def __init__(self):
         self.commands: dict[str, Command] = {}
 
-    def command(self, name: str, help: str, *args: Arg):
+    def command(self, name: str, help: str, *args: Arg, changes: bool = False, wants_server: bool = False):
         """Decorator: registers an async handler(switch, **args)."""
         def register(handler):
             if name in self.commands:
                 raise ValueError(f"command {name} registered twice")
-            self.commands[name] = Command(name, handler, tuple(args), help)
+            self.commands[name] = Command(name, handler, tuple(args), help, changes, wants_server)
             return handler
         return register
 
