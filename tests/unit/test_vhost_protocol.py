@@ -10,6 +10,7 @@ the ring engine to move an index it calls the C burst functions itself.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import threading
@@ -17,7 +18,7 @@ import time
 
 import pytest
 
-from tests.support.frontend import RequestFailed, VhostUserFrontend
+from tests.support.frontend import BackendClosed, RequestFailed, VhostUserFrontend
 from tests.support.virtio_driver import GuestMemory
 from vswitch.native import ffi, lib
 from vswitch.vhost import protocol
@@ -780,3 +781,76 @@ def test_virtio_user_order_call_and_err_first(server, frontends):
     fe.close()
     server.wait_connected(False)
     assert open_fds() == fds_before
+
+
+# ------------------------------------------------------------------ floods of refused requests
+
+class FrozenClock:
+    """Stands in for the back-end's clock, so that budgets and log rate limits do not depend on the machine's speed."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def backend_lines(caplog, level=logging.INFO) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "vswitch.vhost.backend" and r.levelno >= level and "'vhost0'" in r.getMessage()]
+
+
+def test_a_flood_of_refused_requests_is_cut_off(make_harness, frontends, caplog):
+    from vswitch.vhost.backend import MAX_PROTOCOL_VIOLATIONS
+    caplog.set_level(logging.INFO)
+    flooded, other = make_harness(), make_harness(name="other.sock")
+    flooded.backend.clock = FrozenClock()
+    good = frontends(other.path).connect()
+    good.handshake()
+    fe = frontends(flooded.path).connect()
+    fe.handshake()
+    fe.sync()
+    sent = 0
+    with pytest.raises(BackendClosed):
+        for _ in range(1000):
+            fe.send_message(Request.NET_SET_MTU, protocol.pack_u64(20),
+                            flags=protocol.VERSION | protocol.FLAG_NEED_REPLY)
+            sent += 1
+    assert fe.wait_closed(), "the back-end kept a front-end that sent 1000 refused requests"
+    flooded.wait_connected(False)
+    # The bound's worth of requests were answered (a failure ack each), the next one closed the connection.
+    assert flooded.protocol_errors == MAX_PROTOCOL_VIOLATIONS + 1
+    warnings = backend_lines(caplog, logging.WARNING)
+    assert len(warnings) <= 4, warnings
+    assert len(backend_lines(caplog)) <= 30, backend_lines(caplog)
+    assert any(f"{MAX_PROTOCOL_VIOLATIONS - 1} more similar log lines suppressed" in w for w in warnings), warnings
+    assert any("too many refused requests" in w for w in warnings), warnings
+    # The other port saw nothing of it.
+    assert other.backend.connected and other.protocol_errors == 0
+    check_rings_running(other.dev, good)
+    good.sync()
+    # The flooded port takes a new front-end.
+    again = frontends(flooded.path).connect()
+    again.handshake()
+    again.sync()
+    check_rings_running(flooded.dev, again)
+
+
+def test_an_occasional_refused_request_keeps_the_connection(server, frontends):
+    from vswitch.vhost.backend import MAX_PROTOCOL_VIOLATIONS, VIOLATION_FORGIVEN_AFTER
+    clock = server.backend.clock = FrozenClock()
+    fe = frontends(server.path).connect()
+    fe.handshake()
+    refused = 0
+    for _ in range(3):   # three bursts, each up to the bound, far enough apart
+        for _ in range(MAX_PROTOCOL_VIOLATIONS):
+            with pytest.raises(RequestFailed):
+                fe.set_u64(Request.NET_SET_MTU, 70000, need_reply=True)
+            refused += 1
+        clock.now += MAX_PROTOCOL_VIOLATIONS * VIOLATION_FORGIVEN_AFTER
+    fe.set_u64(Request.NET_SET_MTU, 9000, need_reply=True)
+    fe.sync()
+    assert server.backend.connected
+    assert server.protocol_errors == refused
+    assert server.info()["mtu"] == 9000
+    check_rings_running(server.dev, fe)

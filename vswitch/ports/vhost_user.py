@@ -70,6 +70,7 @@ class VhostUserPort(Port):
             "tx_dropped": sum(r.stats.dropped for r in guest_rx) + self.c.stats.tx_dropped_down,
             "tx_errors": sum(r.stats.errors for r in guest_rx) + self.c.stats.tx_dropped_offload,
             "notifications": sum(r.stats.notifications for r in guest_tx + guest_rx),
+            "protocol_errors": self.backend.protocol_errors,
         }
 
     def queue_stats(self) -> list[dict]:

@@ -19,7 +19,11 @@ offer, an MTU out of range) gets a failure ack when the front-end set
 NEED_REPLY, and the connection stays open; without NEED_REPLY the
 connection is closed, since the front-end would otherwise carry on with a
 device that silently differs from what it asked for.  A malformed message
-(ProtocolError) always closes the connection.
+(ProtocolError) always closes the connection.  Refusals are budgeted: a
+connection that keeps sending refused requests is closed after
+MAX_PROTOCOL_VIOLATIONS in a burst, and the log lines they cause are
+rate-limited per port, so that a front-end cannot flood the log or make us
+write replies for ever.
 
 Ring life cycle.  A ring *starts* (vs_vring_setup, then enabled) once it has
 a size, addresses, a kick fd (or NOFD), a call fd (or NOFD), the memory
@@ -45,10 +49,12 @@ import mmap
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 from vswitch.native import ffi, lib
+from vswitch.ratelimit import RateLimitedLog
 from vswitch.vhost import protocol
 from vswitch.vhost.protocol import (
     Header, MemoryTable, ProtocolError, ProtocolFeature, Request, RequestRefused,
@@ -62,6 +68,16 @@ RECONNECT_MAX_DELAY = 2.0
 # Messages handled per wake-up before yielding to the rest of the loop, so
 # that a front-end flooding us cannot starve the other ports.
 MAX_MESSAGES_PER_WAKEUP = 64
+# Refused requests a connection may make in a burst before it is closed; one
+# is forgiven every VIOLATION_FORGIVEN_AFTER seconds.  A correct front-end
+# meets a refusal only when it probes something we do not support or sends
+# a value we cannot take, a few times per device start (QEMU sends its
+# MTU each time the device starts), so 16 is well above what it
+# needs; a hostile one gets 16 failure acks and log lines (rate-limited)
+# at most, instead of one each for as long as it likes.  The slow refill
+# keeps a long-lived VM's occasional refusals from adding up over days.
+MAX_PROTOCOL_VIOLATIONS = 16
+VIOLATION_FORGIVEN_AFTER = 1.0
 # Room for one more fd than any message may carry, so that too many fds
 # shows up as a count we can report rather than only as MSG_CTRUNC.
 _ANCILLARY_SPACE = socket.CMSG_SPACE((protocol.MAX_FDS_PER_MESSAGE + 1) * 4)
@@ -111,6 +127,19 @@ class _Connection:
         self.fd = sock.fileno()
         self.message = _Message()
         self.on_closed = on_closed      # client mode: resolved when this connection ends
+        self.violation_budget = float(MAX_PROTOCOL_VIOLATIONS)
+        self.budget_checked_at: float | None = None
+
+    def spend_violation(self, now: float) -> bool:
+        """Counts one refused request; False once the budget is used up."""
+        if self.budget_checked_at is not None:
+            self.violation_budget = min(float(MAX_PROTOCOL_VIOLATIONS), self.violation_budget
+                                        + (now - self.budget_checked_at) / VIOLATION_FORGIVEN_AFTER)
+        self.budget_checked_at = now
+        if self.violation_budget < 1.0:
+            return False
+        self.violation_budget -= 1.0
+        return True
 
 
 @dataclass
@@ -184,6 +213,10 @@ class VhostUserBackend:
         self._on_rarp = on_rarp
         self._loop = loop
         self.protocol_errors = 0
+        self.clock: Callable[[], float] = time.monotonic   # replaceable by tests
+        # A front-end decides how often these lines happen, so they are rate-limited.
+        self._refusal_log = RateLimitedLog(log, f"vhost-user port '{name}'", clock=lambda: self.clock())
+        self._failure_log = RateLimitedLog(log, f"vhost-user port '{name}'", clock=lambda: self.clock())
         self._listener: socket.socket | None = None
         self._listener_ino: tuple[int, int] | None = None
         self._client_task: asyncio.Task | None = None
@@ -285,6 +318,8 @@ class VhostUserBackend:
             self._listener.close()
             self._listener = None
             self._remove_own_socket_file()
+        self._refusal_log.flush()
+        self._failure_log.flush()
 
     def _listen(self) -> None:
         self._clear_socket_path()
@@ -463,7 +498,9 @@ class VhostUserBackend:
 
     def _protocol_failure(self, why: str) -> None:
         self.protocol_errors += 1
-        log.warning("vhost-user port '%s': protocol error, closing the connection: %s", self.name, why)
+        self._refusal_log.flush()
+        self._failure_log.log(logging.WARNING, "vhost-user port '%s': protocol error, closing the connection: %s",
+                              self.name, why)
         self._close_connection(f"protocol error: {why}")
 
     # --------------------------------------------------------------- dispatch
@@ -479,8 +516,11 @@ class VhostUserBackend:
             except RequestRefused as exc:
                 if not header.need_reply:
                     raise
+                if not conn.spend_violation(self.clock()):
+                    raise ProtocolError(f"too many refused requests (more than {MAX_PROTOCOL_VIOLATIONS} "
+                                        f"in a burst), the last: {exc}") from None
                 self.protocol_errors += 1
-                log.warning("vhost-user port '%s': request refused: %s", self.name, exc)
+                self._refusal_log.log(logging.WARNING, "vhost-user port '%s': request refused: %s", self.name, exc)
                 ok = False
             # Readiness first, so that a request's effects are visible once its reply arrives.
             self._update_link()
