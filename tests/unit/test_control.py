@@ -303,3 +303,29 @@ def test_control_stats_count_requests(daemon):
     assert after["connections"] >= before["connections"] + 2
     human = daemon.ctl_raw("control-stats")
     assert human.returncode == 0 and "refused_clients: " in human.stdout
+
+
+def test_rate_limited_log_counts_what_it_holds_back(caplog):
+    import asyncio
+    import logging
+    from vswitch.ratelimit import RateLimitedLog
+    now = [100.0]
+    logger = logging.getLogger("test.ratelimit")
+    caplog.set_level(logging.INFO, logger="test.ratelimit")
+    limited = RateLimitedLog(logger, "port 'p'", interval=1.0, clock=lambda: now[0])
+    assert limited.log(logging.WARNING, "refused %d", 1) is True
+    assert not any(limited.log(logging.WARNING, "refused %d", i) for i in range(2, 1001))
+    now[0] += 1.0
+    assert limited.log(logging.WARNING, "refused %d", 1001) is True
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 1", "refused 1001 (999 similar lines suppressed before this one)"]
+    # On a loop, a flood that stops still leaves its count in the log, once the interval is over.
+    caplog.clear()
+
+    async def flood_then_stop():
+        timed = RateLimitedLog(logger, "port 'p'", interval=0.05)
+        for i in range(10):
+            timed.log(logging.WARNING, "refused %d", i)
+        await asyncio.sleep(0.5)
+    asyncio.run(flood_then_stop())
+    assert [r.getMessage() for r in caplog.records] == ["refused 0", "port 'p': 9 more similar log lines suppressed"]
