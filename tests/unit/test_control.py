@@ -45,7 +45,7 @@ def test_list_commands_is_generated_from_the_registry(daemon):
 
 
 @pytest.mark.parametrize("args", [["show"], ["list-ports"], ["fdb", "show"], ["fdb", "stats"],
-                                  ["fdb", "flush"], ["pmd-stats"], ["version"]])
+                                  ["fdb", "flush"], ["pmd-stats"], ["control-stats"], ["version"]])
 def test_every_command_in_human_and_json(daemon, args):
     human = daemon.ctl_raw(*args)
     assert human.returncode == 0, human.stderr
