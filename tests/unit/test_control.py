@@ -293,6 +293,11 @@ def test_changes_are_logged_with_the_peer_uid_and_pid(daemon):
     assert reply["ok"] is False
     assert any(f"uid 0 pid {os.getpid()}: port/del name=ghost" in line and "no port named" in line
                for line in info_lines(daemon.log())), daemon.log()
+    # A client cannot forge log lines through its arguments.
+    reply = json.loads(request(daemon.control_socket,
+                               b'{"command": "port/del", "args": {"name": "x\\n2026 INFO forged"}}\n'))
+    assert reply["ok"] is False
+    assert not [line for line in daemon.log().splitlines() if line.startswith("2026 INFO forged")]
 
 
 def test_control_stats_count_requests(daemon):

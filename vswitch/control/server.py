@@ -218,7 +218,9 @@ class ControlServer:
         reply = await self._run(command, raw_args)
         if command.changes:
             self.changes += reply["ok"]
-            outcome = "done" if reply["ok"] else f"failed: {reply['error']}"
+            error = reply.get("error", "")
+            # An error may quote the client's own words: keep them on one line.
+            outcome = "done" if reply["ok"] else f"failed: {error if error.isprintable() else json.dumps(error)}"
             log.info("control client uid %d pid %d: %s %s: %s", peer.uid, peer.pid, command.name,
                      _show_args(raw_args), outcome)
         return reply
