@@ -23,6 +23,7 @@ import time
 import pytest
 
 from tests.support.testpmd import TestPmd, vhost_vdev, virtio_user_vdev
+from vswitch.vhost.protocol import VIRTIO_F_IN_ORDER
 
 pytestmark = [pytest.mark.system, pytest.mark.dpdk]
 
@@ -218,6 +219,12 @@ def check_switch(setup: Setup, switch, nic: dict, before: dict | None = None) ->
         for port in (0, 1):
             assert nic[port]["rx_bytes"] == nic[port]["rx_packets"] * setup.frame, \
                 f"port {port} should have received only {setup.frame}-byte frames: {nic[port]}"
+    # virtio-user asks for IN_ORDER unless in_order=0, and the switch offers it.
+    want_in_order = setup.devargs.get("in_order", True)
+    for port in switch.ctl("show")["ports"]:
+        features = int(port["vhost"]["features"], 16)
+        assert bool(features >> VIRTIO_F_IN_ORDER & 1) == want_in_order, \
+            f"vswitchd port {port['name']} features {features:#x}: IN_ORDER should be {want_in_order}"
     learned = {e["mac"].lower(): e["port"] for e in switch.ctl("fdb", "show")["entries"]}
     assert learned.get(MAC0) == "vm1", f"{MAC0} should be learned on vm1: {learned}"
     assert learned.get(MAC1) == "vm2", f"{MAC1} should be learned on vm2: {learned}"

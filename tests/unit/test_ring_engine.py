@@ -483,6 +483,29 @@ def test_bad_tx_chain_is_dropped_counted_and_returned(hostile, case, reason):
     assert_still_forwards(rig, a, b)
 
 
+@pytest.mark.parametrize("bad_at", [0, 1, 3])
+def test_used_entries_keep_the_avail_order_around_a_bad_chain(hostile, bad_at):
+    """VIRTIO_F_IN_ORDER: chains come back in the order they were made
+    available, a malformed one included, wherever it sits in the burst."""
+    rig, a, b = hostile
+    b.rx[0].post_rx(8)
+    q = a.tx[0]
+    heads = []
+    for i in range(4):
+        if i == bad_at:
+            gpa, length = good_buffer(a)
+            q.write_desc(RAW, gpa, length, VIRTQ_DESC_F_WRITE, 0)  # writable: refused in TX
+            q.publish_raw(RAW)
+            heads.append(RAW)
+        else:
+            heads.append(q.post_tx(frame(mac(2), mac(1), bytes([i]) * 50)))
+    rig.poll(2)
+    used = q.get_used()
+    assert [h for h, _ in used] == heads
+    assert errors(a, 1, lib.VS_VQ_ERR_WRITE_IN_TX) == 1
+    assert len(b.rx[0].read_rx_frames()) == 3
+
+
 def test_avail_index_jump_stops_only_that_ring(make_rig):
     guests = [Guest(n) for n in range(3)]
     rig = make_rig(*guests)

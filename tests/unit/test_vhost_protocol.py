@@ -201,9 +201,9 @@ def test_handler_table_matches_the_wire_rules():
 
 def test_offered_features():
     offered = protocol.OFFERED_FEATURES
-    for bit in (32, 15, 28, 29, 17, 22, 27, 30):
+    for bit in (32, 15, 28, 29, 17, 22, 27, 30, protocol.VIRTIO_F_IN_ORDER):
         assert offered & (1 << bit)
-    for bit in (protocol.VIRTIO_F_IN_ORDER, protocol.VIRTIO_F_RING_PACKED, protocol.VHOST_F_LOG_ALL):
+    for bit in (protocol.VIRTIO_F_RING_PACKED, protocol.VHOST_F_LOG_ALL):
         assert not offered & (1 << bit)
     # Checksum and TCP segmentation offloads, both ways (the switch does them in
     # software for a destination that lacks them: vswitch/pmd/offload.c).

@@ -152,8 +152,9 @@ def bits(*numbers: int) -> int:
     return mask
 
 
-# What the back-end offers.  No IN_ORDER or RING_PACKED (the ring engine is
-# split-only and completes out of order).  Checksum and TCP segmentation
+# What the back-end offers.  IN_ORDER: the ring engine uses buffers in the
+# order they were made available (virtqueue.c).  No RING_PACKED yet (the ring
+# engine is split-only).  Checksum and TCP segmentation
 # offloads both ways (CSUM/HOST_TSO*: the guest may send partial checksums
 # and 64 KiB TCP frames; GUEST_*: it takes them): a destination that did not
 # negotiate one gets the work done in software (vswitch/pmd/offload.c).  No
@@ -174,6 +175,7 @@ OFFERED_FEATURES = bits(
     VIRTIO_NET_F_CTRL_VQ,
     VIRTIO_NET_F_MQ,
     VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_IN_ORDER,
     VHOST_USER_F_PROTOCOL_FEATURES,
 )
 
