@@ -36,10 +36,10 @@ uint64_t vs_fib_key(const uint8_t *mac, uint16_t vlan)
  * SipHash-1-3 (Aumasson and Bernstein) of one 8-byte message, the key as
  * little-endian bytes.  Why keyed: any hash an attacker can compute lets a
  * guest send source MACs that all land in one bucket (an unkeyed multiply
- * put 8000 of them in one chain and made every lookup 30 times slower).
+ * put 8000 of them in one chain and made each lookup 30 to 40 times slower).
  * Why SipHash: a PRF built for short inputs; 1-3 rounds, as in Rust's and
- * Python's hash tables, cost some 25 cycles here.  Written out, not taken
- * from a library, because the PMD needs it inlined.
+ * Python's hash tables, are a few tens of cycles for 8 bytes.  Written out,
+ * not taken from a library, so that the PMD's calls inline it.
  */
 #define SIPROUND(v0, v1, v2, v3) do {                                             \
         v0 += v1; v1 = rotl64(v1, 13); v1 ^= v0; v0 = rotl64(v0, 32);             \
