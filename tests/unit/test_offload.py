@@ -215,8 +215,8 @@ def huge_gso_frame():
 
 
 def gso_kw(v6=False, mss=1448, **kw):
-    return dict(flags=lib.VS_NET_HDR_F_NEEDS_CSUM, gso_type=lib.VS_NET_HDR_GSO_TCPV6 if v6 else lib.VS_NET_HDR_GSO_TCPV4,
-                gso_size=mss, **kw)
+    gso_type = lib.VS_NET_HDR_GSO_TCPV6 if v6 else lib.VS_NET_HDR_GSO_TCPV4
+    return dict(flags=lib.VS_NET_HDR_F_NEEDS_CSUM, gso_type=gso_type, gso_size=mss, **kw)
 
 
 def bad_header_case(bad):

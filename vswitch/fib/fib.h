@@ -18,7 +18,7 @@
 #define VS_FIB_NONE 4294967295   /* "no entry" in chains and lists */
 #define VS_FIB_NO_PORT -1
 #define VS_FIB_F_STATIC 1
-#define VS_FIB_MAX_CHAIN 12      /* entries per bucket: random keys in a full table exceed it about once in 10^9 tables */
+#define VS_FIB_MAX_CHAIN 12      /* per bucket; random keys fill a full table past it once in 10^9 */
 
 struct vs_fib_entry {
     uint64_t key;                /* MAC in the low 48 bits (first octet highest), VLAN above */
