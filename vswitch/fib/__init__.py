@@ -54,7 +54,7 @@ class MacTable:
             raise FibError(f"fdb max_entries must be between 1 and {CAPACITY}, not {max_entries}")
         self._fib = lib.vs_fib_create(CAPACITY, max_entries, aging_seconds)
         if self._fib == ffi.NULL:
-            raise MemoryError("cannot allocate the MAC table")
+            raise MemoryError("cannot create the MAC table (out of memory, or no random hash key)")
 
     @property
     def c(self):
@@ -88,7 +88,7 @@ class MacTable:
     def add_static(self, mac: str, port_no: int, vlan: int = 0) -> None:
         key = lib.vs_fib_key(parse_mac(mac), vlan)
         if lib.vs_fib_add_static(self._fib, key, port_no) != 0:
-            raise FibError(f"cannot add {mac}: the table is full of static entries")
+            raise FibError(f"cannot add {mac}: the table is full of static entries, or its hash bucket is full")
 
     def learn(self, mac: str, port_no: int, vlan: int = 0) -> None:
         """Learns (or moves) a dynamic entry, as if a frame from `mac` arrived on the port."""
@@ -120,4 +120,4 @@ class MacTable:
         s = self._fib.stats
         return {"entries": self._fib.n_entries, "max_entries": self._fib.max_entries,
                 "aging_seconds": self._fib.aging_seconds, "learned": s.learned, "moved": s.moved,
-                "aged": s.aged, "evicted": s.evicted, "lookups": s.lookups, "hits": s.hits}
+                "aged": s.aged, "evicted": s.evicted, "refused": s.refused, "lookups": s.lookups, "hits": s.hits}

@@ -8,11 +8,17 @@
  * never learned over or aged, and when the table is full the port holding the
  * most dynamic entries gives up its least recently seen one, so that one
  * port flooding random source MACs cannot push out the other ports' entries.
+ *
+ * Buckets are chosen by SipHash-1-3 under a random key drawn when the table
+ * is created, so MACs that collide cannot be computed offline, and a bucket
+ * holds at most VS_FIB_MAX_CHAIN entries: a learn into a full bucket is
+ * refused and counted, so no lookup ever compares more than that.
  */
 
 #define VS_FIB_NONE 4294967295   /* "no entry" in chains and lists */
 #define VS_FIB_NO_PORT -1
 #define VS_FIB_F_STATIC 1
+#define VS_FIB_MAX_CHAIN 12      /* per bucket; random keys fill a full table past it once in 10^9 */
 
 struct vs_fib_entry {
     uint64_t key;                /* MAC in the low 48 bits (first octet highest), VLAN above */
@@ -32,6 +38,8 @@ struct vs_fib_stats {
     uint64_t evicted;
     uint64_t lookups;
     uint64_t hits;
+    uint64_t refused;            /* learns refused: the key's bucket held VS_FIB_MAX_CHAIN entries */
+    uint64_t probes;             /* entries compared by vs_fib_lookup, for tests and tuning */
 };
 
 struct vs_fib {
@@ -41,6 +49,7 @@ struct vs_fib {
     uint32_t n_entries;
     uint32_t aging_seconds;
     uint32_t bucket_mask;
+    uint64_t hash_key[2];        /* SipHash key, from getrandom() at creation (tests set it while empty) */
     uint32_t *buckets;
     struct vs_fib_entry *entries;
     uint32_t free_head;
@@ -52,6 +61,7 @@ struct vs_fib {
 
 uint64_t vs_now_sec(void);
 uint64_t vs_fib_key(const uint8_t *mac, uint16_t vlan);
+uint64_t vs_fib_hash(const struct vs_fib *fib, uint64_t key);
 struct vs_fib *vs_fib_create(uint32_t capacity, uint32_t max_entries, uint32_t aging_seconds);
 void vs_fib_destroy(struct vs_fib *fib);
 void vs_fib_lock(struct vs_fib *fib);

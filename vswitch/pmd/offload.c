@@ -15,7 +15,11 @@
  * only) and a complete TCP checksum; its payload points into the source.
  *
  * Everything in the header is untrusted: offsets are checked against the
- * frame, unknown layouts are dropped and counted, never guessed at.
+ * frame, unknown layouts are dropped and counted, never guessed at.  A port
+ * that takes offloads gets the header as it came, so the same checks
+ * (vs_offload_hdr_valid) run before it does: the kernel behind a TAP or an
+ * AF_PACKET socket, or another guest, would otherwise trust whatever a guest
+ * wrote there.
  */
 #include <arpa/inet.h>
 #include <stdlib.h>
@@ -66,10 +70,17 @@ static inline bool gso_needs_fix(uint8_t gso, uint32_t caps)
     return (caps & need) != need;
 }
 
+/* True if the frame must go through vs_offload_fit: fixed in software, or dropped. */
 static inline bool needs_fix(const struct vs_pkt *pkt, uint32_t caps)
 {
-    return gso_needs_fix(pkt->vnet.gso_type, caps) ||
-           ((pkt->vnet.flags & VS_NET_HDR_F_NEEDS_CSUM) && !(caps & VS_OFFLOAD_CSUM));
+    const struct vs_net_hdr *h = &pkt->vnet;
+    /* No offload asked for: the checksum and GSO fields mean nothing to anyone. */
+    if (likely((h->flags | h->gso_type | h->hdr_len) == 0)) {
+        return false;
+    }
+    return gso_needs_fix(h->gso_type, caps) ||
+           ((h->flags & VS_NET_HDR_F_NEEDS_CSUM) && !(caps & VS_OFFLOAD_CSUM)) ||
+           !vs_offload_hdr_valid(pkt);
 }
 
 int vs_offload_needed(struct vs_pkt **pkts, uint32_t n, uint32_t caps)
@@ -210,10 +221,18 @@ static struct vs_pkt *new_out(struct vs_offload_batch *b, uint8_t **hdr)
 
 /* --- Checksum fill ---------------------------------------------------------- */
 
+/* A checksum request names a TCP (16) or UDP (6) checksum field, after an
+ * Ethernet and an IP header, and inside the frame. */
+static bool csum_fields_ok(const struct vs_pkt *pkt)
+{
+    uint32_t start = pkt->vnet.csum_start, offset = pkt->vnet.csum_offset;
+    return start >= ETH_HLEN + 20 && (offset == 6 || offset == 16) && start + offset + 2 <= pkt->len;
+}
+
 static bool fill_csum(struct vs_offload_batch *b, const struct vs_pkt *pkt)
 {
     uint32_t start = pkt->vnet.csum_start, field = start + pkt->vnet.csum_offset;
-    if (field + 2 > pkt->len || field + 2 > VS_OFFLOAD_HDR_MAX) {
+    if (!csum_fields_ok(pkt) || field + 2 > VS_OFFLOAD_HDR_MAX) {
         return false;
     }
     uint8_t *hdr;
@@ -327,6 +346,12 @@ static bool segment_tcp(struct vs_offload_batch *b, const struct vs_pkt *pkt)
         return false;
     }
     uint32_t hlen = o.payload;
+    /* The IP length of the largest segment must fit its 16-bit field (IPv6's
+     * excludes the fixed header): a wrapped length is a different packet. */
+    uint32_t largest_l4 = hlen - o.l4 + (total < mss ? total : mss);
+    if ((o.v6 ? largest_l4 : o.l4 - o.l3 + largest_l4) > 0xffff) {
+        return false;
+    }
     uint32_t seq0;
     memcpy(&seq0, first + o.l4 + 4, 4);
     seq0 = ntohl(seq0);
@@ -394,6 +419,45 @@ static bool segment_tcp(struct vs_offload_batch *b, const struct vs_pkt *pkt)
     return true;
 }
 
+/* --- What a port that takes offloads may be handed ---------------------------- */
+
+/* A GSO request: TCP over the IP version it names, segments of a size the
+ * receiver can take, and lengths that fit the IP header's 16-bit fields. */
+static bool gso_ok(const struct vs_pkt *pkt)
+{
+    const struct vs_net_hdr *h = &pkt->vnet;
+    uint8_t kind = h->gso_type & (uint8_t)~VS_NET_HDR_GSO_ECN;
+    if (kind != VS_NET_HDR_GSO_TCPV4 && kind != VS_NET_HDR_GSO_TCPV6) {
+        return false;
+    }
+    uint8_t first[VS_OFFLOAD_HDR_MAX];
+    uint32_t avail = pkt->len < VS_OFFLOAD_HDR_MAX ? pkt->len : VS_OFFLOAD_HDR_MAX;
+    struct l3l4 o;
+    if (!gather(first, pkt, avail) || !parse_tcp(first, avail, &o) || o.v6 != (kind == VS_NET_HDR_GSO_TCPV6)) {
+        return false;
+    }
+    /* IPv4's total length counts its header; IPv6's payload length does not. */
+    uint32_t not_counted = o.l3 + (o.v6 ? 40 : 0);
+    if (h->gso_size < VS_OFFLOAD_MIN_MSS || pkt->len - not_counted > 0xffff ||
+        o.payload - not_counted + h->gso_size > 0xffff) {
+        return false;
+    }
+    /* A checksum request with GSO is for the TCP checksum, nothing else. */
+    return !(h->flags & VS_NET_HDR_F_NEEDS_CSUM) || (h->csum_start == o.l4 && h->csum_offset == 16);
+}
+
+int vs_offload_hdr_valid(const struct vs_pkt *pkt)
+{
+    const struct vs_net_hdr *h = &pkt->vnet;
+    if ((h->flags & ~(VS_NET_HDR_F_NEEDS_CSUM | VS_NET_HDR_F_DATA_VALID)) || h->hdr_len > pkt->len) {
+        return 0;
+    }
+    if ((h->flags & VS_NET_HDR_F_NEEDS_CSUM) && !csum_fields_ok(pkt)) {
+        return 0;
+    }
+    return h->gso_type == VS_NET_HDR_GSO_NONE || gso_ok(pkt);
+}
+
 uint32_t vs_offload_fit(struct vs_offload_batch *b, struct vs_pkt **pkts, uint32_t n, uint32_t start,
                         uint32_t caps)
 {
@@ -408,6 +472,10 @@ uint32_t vs_offload_fit(struct vs_offload_batch *b, struct vs_pkt **pkts, uint32
         struct vs_pkt *pkt = pkts[i];
         if (!needs_fix(pkt, caps)) {
             b->out[b->n++] = pkt;
+            continue;
+        }
+        if (!vs_offload_hdr_valid(pkt)) {
+            b->errors++;
             continue;
         }
         uint8_t kind = pkt->vnet.gso_type & (uint8_t)~VS_NET_HDR_GSO_ECN;

@@ -18,6 +18,7 @@
 #define VS_OFFLOAD_ALL 15
 
 #define VS_OFFLOAD_MAX_SEGS 128      /* segments one GSO frame may become; more is refused */
+#define VS_OFFLOAD_MIN_MSS 48        /* smallest gso_size taken: Linux's own floor (TCP_MIN_SND_MSS) */
 #define VS_OFFLOAD_HDR_MAX 256       /* headers copied per output frame (Ethernet .. L4) */
 #define VS_OFFLOAD_MAX_OUT 160       /* VS_BURST + VS_OFFLOAD_MAX_SEGS */
 
@@ -32,8 +33,15 @@ struct vs_offload_batch {
 
 /* Destination capabilities of a vhost-user device, from its negotiated features. */
 uint32_t vs_offload_caps_from_features(uint64_t features);
-/* Non-zero if some frame in pkts needs work before a port with `caps` may take it. */
+/* Non-zero if some frame in pkts needs work before a port with `caps` may take it,
+ * or has a header no port may be handed (vs_offload_fit then drops it). */
 int vs_offload_needed(struct vs_pkt **pkts, uint32_t n, uint32_t caps);
+/* 1 if the frame's virtio-net header may be handed as it is to a port that
+ * takes offloads (a TAP, an AF_PACKET socket, a guest): known flags, hdr_len
+ * within the frame, a TCP/UDP checksum field inside it, a GSO type that matches
+ * the frame's TCP/IPv4 or TCP/IPv6 headers with a sane gso_size and lengths
+ * that fit their 16-bit IP fields.  0 otherwise. */
+int vs_offload_hdr_valid(const struct vs_pkt *pkt);
 /* Fills b (reset first) with pkts[start..], fixed for `caps`, until b could
  * overflow; returns the index of the first frame not taken. */
 uint32_t vs_offload_fit(struct vs_offload_batch *b, struct vs_pkt **pkts, uint32_t n, uint32_t start,
