@@ -52,7 +52,7 @@ from typing import Callable
 
 from tests.support.frontend import DRIVER_FEATURES, BackendClosed, RequestFailed, VhostUserFrontend
 from tests.support.virtio_driver import (
-    NET_HDR, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, SplitQueue,
+    NET_HDR, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, SplitQueue,
 )
 from vswitch.vhost import protocol
 from vswitch.vhost.protocol import Request, bits
@@ -82,18 +82,30 @@ class AttackTimeout(AttackError):
 @dataclass
 class Attack:
     name: str
+    group: str
     description: str
     run: Callable[["Context"], str]
 
 
 ATTACKS: dict[str, Attack] = {}
+# --all and --list go from what a switch survives by design to what may stall
+# or kill it, so that one run reports as much as it can.
+GROUPS = ("ring", "cve", "protocol", "mac-table", "offload", "fds", "memory")
+# Within a group, these go last: before issue 8's fixes they stall or kill the switch.
+DEADLY = ("blocking-callfd", "truncate-before-start", "truncate-running")
 
 
-def attack(name: str, description: str):
+def attack(name: str, group: str, description: str):
+    assert group in GROUPS, group
+
     def register(func):
-        ATTACKS[name] = Attack(name, description, func)
+        ATTACKS[name] = Attack(name, group, description, func)
         return func
     return register
+
+
+def ordered_attacks() -> list[Attack]:
+    return sorted(ATTACKS.values(), key=lambda a: (GROUPS.index(a.group), a.name in DEADLY))
 
 
 def parse_mac(text: str) -> bytes:
@@ -261,7 +273,7 @@ def good_packet(fe: VhostUserFrontend, dst: bytes = ATTACKER_MAC) -> bytes:
 
 # -------------------------------------------------------------------- memory
 
-@attack("truncate-running", "ftruncate the guest memfd to 0 while the rings run")
+@attack("truncate-running", "memory", "ftruncate the guest memfd to 0 while the rings run")
 def truncate_running(ctx: Context) -> str:
     fe = ctx.guest()
     fe.send_frame(0, eth_frame(ATTACKER_MAC, ATTACKER_MAC))
@@ -272,10 +284,10 @@ def truncate_running(ctx: Context) -> str:
         fe.kick(index)
     closed = is_closed(fe, max(ctx.hold, 2.0))
     return ("memfd truncated to 0 with rings running; "
-            + ("the switch closed the connection" if closed else "the connection stayed open"))
+            + ("the connection ended (closed or the switch died)" if closed else "the connection stayed open"))
 
 
-@attack("truncate-before-start", "ftruncate the guest memfd after SET_MEM_TABLE, before the rings start")
+@attack("truncate-before-start", "memory", "ftruncate the guest memfd after SET_MEM_TABLE, before the rings start")
 def truncate_before_start(ctx: Context) -> str:
     fe = ctx.frontend()
     try:
@@ -291,7 +303,7 @@ def truncate_before_start(ctx: Context) -> str:
     except RequestFailed as exc:
         outcome = f"refused ({exc})"
     except BackendClosed:
-        outcome = "the switch closed the connection"
+        outcome = "the connection ended (closed or the switch died)"
     except OSError as exc:
         outcome = f"no answer ({exc})"
     closed = is_closed(fe, max(ctx.hold, 1.0))
@@ -299,7 +311,7 @@ def truncate_before_start(ctx: Context) -> str:
         "connection closed" if closed else "connection still open")
 
 
-@attack("huge-region", "a SET_MEM_TABLE region of 4 TiB on a sparse memfd")
+@attack("huge-region", "memory", "a SET_MEM_TABLE region of 4 TiB on a sparse memfd")
 def huge_region(ctx: Context) -> str:
     fe = ctx.frontend()
     huge = 4 * TIB
@@ -342,7 +354,14 @@ def notify_until_stuck(fe: VhostUserFrontend, frames: int) -> str:
     return f"all {frames} frames consumed"
 
 
-def callfd_attack(ctx: Context, fd: int, what: str, frames: int = 600) -> str:
+def make_blocking(fd: int) -> None:
+    """Clears O_NONBLOCK on the file description we share with the switch: a
+    back-end that set it when it got the fd does not keep it."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+
+
+def callfd_attack(ctx: Context, fd: int, what: str, after_handover: Callable[[int], None],
+                  frames: int = 600) -> str:
     # Without EVENT_IDX, every published burst is a notification.
     fe = ctx.guest(features=DRIVER_FEATURES & ~bits(protocol.VIRTIO_RING_F_EVENT_IDX))
     for ring in fe.rings:
@@ -350,27 +369,38 @@ def callfd_attack(ctx: Context, fd: int, what: str, frames: int = 600) -> str:
         if failed:
             ctx.hold_state()
             return f"{what} as call fd: {failed}"
+    after_handover(fd)
     outcome = notify_until_stuck(fe, frames)
     ctx.hold_state()
     return f"{what} as call fd of every ring; {outcome}"
 
 
-@attack("pipe-callfd", "the write end of a 4 KiB pipe, never read, as call fd")
+@attack("pipe-callfd", "fds", "the write end of a 4 KiB pipe, never read, as call fd")
 def pipe_callfd(ctx: Context) -> str:
     rd, wr = os.pipe2(os.O_CLOEXEC)
     ctx.fd(rd), ctx.fd(wr)
     fcntl.fcntl(wr, F_SETPIPE_SZ, 4096)
-    return callfd_attack(ctx, wr, "pipe (4096 bytes)")
+    return callfd_attack(ctx, wr, "pipe (4096 bytes)", make_blocking)
 
 
-@attack("blocking-callfd", "a blocking eventfd saturated at 0xfffffffffffffffe as call fd")
+@attack("blocking-callfd", "fds", "a blocking eventfd saturated at 0xfffffffffffffffe as call fd")
 def blocking_callfd(ctx: Context) -> str:
-    fd = ctx.fd(os.eventfd(0, os.EFD_CLOEXEC))
-    os.eventfd_write(fd, EVENTFD_MAX)
-    return callfd_attack(ctx, fd, "saturated blocking eventfd", frames=50)
+    fd = ctx.fd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+
+    def saturate(fd):
+        # Non-blocking while we fill it (the switch may have written already), then blocking.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        os.eventfd_write(fd, EVENTFD_MAX)
+        make_blocking(fd)
+
+    return callfd_attack(ctx, fd, "saturated blocking eventfd", saturate, frames=50)
 
 
-@attack("blocking-kickfd", "a blocking kick eventfd that the front-end keeps draining")
+@attack("blocking-kickfd", "fds", "a blocking kick eventfd that the front-end keeps draining")
 def blocking_kickfd(ctx: Context) -> str:
     fe = ctx.guest()
     fd = ctx.fd(os.eventfd(0, os.EFD_CLOEXEC))
@@ -379,6 +409,7 @@ def blocking_kickfd(ctx: Context) -> str:
         if failed:
             ctx.hold_state()
             return f"blocking eventfd as kick fd: {failed}"
+    make_blocking(fd)
     # Kick and drain at once, so that a back-end that waits on the fd and then
     # reads it blocks.  A blocking read here could hang: drain from a thread.
     stop = threading.Event()
@@ -440,7 +471,7 @@ def send_many(fe: VhostUserFrontend, frames: list[bytes], batch: int = 128) -> i
     return consumed
 
 
-@attack("mac-hash-flood", "thousands of source MACs that share one bucket of the old unkeyed FIB hash")
+@attack("mac-hash-flood", "mac-table", "thousands of source MACs that share one bucket of the old unkeyed FIB hash")
 def mac_hash_flood(ctx: Context) -> str:
     fe = ctx.guest()
     macs = colliding_macs(ctx.count, ctx.fib_buckets)
@@ -479,7 +510,7 @@ def bad_offload_headers(hdr_len: int, frame_len: int) -> list[tuple[str, bytes]]
     ]
 
 
-@attack("bad-offload", "frames with impossible checksum/GSO virtio-net headers, to --dst-mac")
+@attack("bad-offload", "offload", "frames with impossible checksum/GSO virtio-net headers, to --dst-mac")
 def bad_offload(ctx: Context) -> str:
     fe = ctx.guest(features=DRIVER_FEATURES | OFFLOAD_FEATURES)
     frame = tcp4_frame(ctx.dst_mac, ATTACKER_MAC)
@@ -521,12 +552,12 @@ def refused_flood(fe: VhostUserFrontend, messages: list[tuple[int, bytes]], wind
     return f"{sent} sent, {refused} refused, {accepted} accepted, connection kept"
 
 
-@attack("message-flood", "thousands of NEED_REPLY requests the switch refuses")
+@attack("message-flood", "protocol", "thousands of NEED_REPLY requests the switch refuses")
 def message_flood(ctx: Context) -> str:
     fe = ctx.frontend()
     fe.handshake(stop_before=Request.SET_FEATURES)
-    messages = [(Request.SET_VRING_ENDIAN, protocol.pack_vring_state(0, 0)), (99, b""),
-                (Request.GET_INFLIGHT_FD, b"")] * (ctx.count // 6 + 1)
+    kinds = [(Request.SET_VRING_ENDIAN, protocol.pack_vring_state(0, 0)), (99, b""), (Request.GET_INFLIGHT_FD, b"")]
+    messages = [kinds[i % len(kinds)] for i in range(max(ctx.count // 2, 1))]
     return "refused-request flood: " + refused_flood(fe, messages)
 
 
@@ -554,7 +585,7 @@ def one_message_each(ctx: Context, cases: list[tuple[str, Callable[[VhostUserFro
     return "; ".join(results)
 
 
-@attack("malformed-messages", "bad versions, flags, sizes and fd counts in message headers")
+@attack("malformed-messages", "protocol", "bad versions, flags, sizes and fd counts in message headers")
 def malformed_messages(ctx: Context) -> str:
     u64 = protocol.pack_u64(0)
     ack = protocol.VERSION | protocol.FLAG_NEED_REPLY
@@ -603,7 +634,7 @@ def mem_table_case(regions, nfds=None, fd_size=8 << 20):
     return send
 
 
-@attack("bad-mem-table", "memory tables with wrapping, overlapping, oversized or missing regions")
+@attack("bad-mem-table", "protocol", "memory tables with wrapping, overlapping, oversized or missing regions")
 def bad_mem_table(ctx: Context) -> str:
     mib = 1 << 20
     top = (1 << 64) - mib
@@ -634,7 +665,8 @@ def vring_case(request: Request, payload: bytes, fds: int = 0):
     return send
 
 
-@attack("bad-vring-messages", "vring indexes past the queues, ring addresses outside guest memory or misaligned")
+@attack("bad-vring-messages", "protocol",
+        "vring indexes past the queues, ring addresses outside guest memory or misaligned")
 def bad_vring_messages(ctx: Context) -> str:
     def addr_case(delta_desc=0, delta_used=0, delta_avail=0, absolute=None):
         def send(fe):
@@ -662,7 +694,7 @@ def bad_vring_messages(ctx: Context) -> str:
 
 # ---------------------------------------------------------------- the CVEs
 
-@attack("cve-2020-10722", "descriptor lengths near 2^32 and buffer addresses that wrap (address translation)")
+@attack("cve-2020-10722", "cve", "descriptor lengths near 2^32 and buffer addresses that wrap (address translation)")
 def cve_2020_10722(ctx: Context) -> str:
     def build(fe, ring):
         mem_end = fe.mem.gpa_base + fe.mem.size
@@ -676,7 +708,7 @@ def cve_2020_10722(ctx: Context) -> str:
     return inject_chains(ctx, "4 chains with lengths near 2^32 / wrapping addresses", build)
 
 
-@attack("cve-2020-10722-log-base", "SET_LOG_BASE with a mapping size and offset that overflow")
+@attack("cve-2020-10722-log-base", "cve", "SET_LOG_BASE with a mapping size and offset that overflow")
 def cve_2020_10722_log_base(ctx: Context) -> str:
     def log_base(size, offset):
         def send(fe):
@@ -691,7 +723,7 @@ def cve_2020_10722_log_base(ctx: Context) -> str:
                             stop_before=Request.SET_MEM_TABLE)
 
 
-@attack("cve-2020-10723", "vring indexes whose low 16 bits are valid (index truncation)")
+@attack("cve-2020-10723", "cve", "vring indexes whose low 16 bits are valid (index truncation)")
 def cve_2020_10723(ctx: Context) -> str:
     cases = [
         ("SET_VRING_NUM index 0x10001", vring_case(Request.SET_VRING_NUM, protocol.pack_vring_state(0x10001, 256))),
@@ -704,7 +736,7 @@ def cve_2020_10723(ctx: Context) -> str:
     return one_message_each(ctx, cases, stop_before=Request.SET_VRING_NUM)
 
 
-@attack("cve-2020-10723-chain", "descriptor chains whose next index lies past the ring")
+@attack("cve-2020-10723-chain", "cve", "descriptor chains whose next index lies past the ring")
 def cve_2020_10723_chain(ctx: Context) -> str:
     def build(fe, ring):
         d = take_high(ring, 2)
@@ -720,7 +752,7 @@ def indirect(fe, ring, d, table_gpa, length):
     return d
 
 
-@attack("cve-2020-10724", "indirect tables with lengths 0, odd, huge or longer than the ring")
+@attack("cve-2020-10724", "cve", "indirect tables with lengths 0, odd, huge or longer than the ring")
 def cve_2020_10724(ctx: Context) -> str:
     def build(fe, ring):
         pkt = good_packet(fe)
@@ -739,7 +771,7 @@ def cve_2020_10724(ctx: Context) -> str:
                          build)
 
 
-@attack("cve-2020-10725", "nested indirect tables and tables outside or across guest memory")
+@attack("cve-2020-10725", "cve", "nested indirect tables and tables outside or across guest memory")
 def cve_2020_10725(ctx: Context) -> str:
     def build(fe, ring):
         pkt = good_packet(fe)
@@ -756,7 +788,7 @@ def cve_2020_10725(ctx: Context) -> str:
     return inject_chains(ctx, "nested indirect, tables across/outside memory, misaligned, empty chain", build)
 
 
-@attack("cve-2020-10726", "a GET_INFLIGHT_FD flood and ring sizes 0, odd and oversized")
+@attack("cve-2020-10726", "cve", "a GET_INFLIGHT_FD flood and ring sizes 0, odd and oversized")
 def cve_2020_10726(ctx: Context) -> str:
     fe = ctx.frontend()
     fe.handshake(stop_before=Request.SET_FEATURES)
@@ -767,7 +799,7 @@ def cve_2020_10726(ctx: Context) -> str:
     return f"GET_INFLIGHT_FD flood: {flood}; ring sizes: {sizes}"
 
 
-@attack("cve-2022-2132", "virtio-net headers split over tiny descriptors, short and over-segmented chains")
+@attack("cve-2022-2132", "cve", "virtio-net headers split over tiny descriptors, short and over-segmented chains")
 def cve_2022_2132(ctx: Context) -> str:
     def build(fe, ring):
         hdr = ring.net_header()
@@ -812,7 +844,7 @@ def cve_2022_2132(ctx: Context) -> str:
                               "header at the end of memory", build)
 
 
-@attack("cve-2024-11614", "forged headers and buffers that point the back-end past the packet")
+@attack("cve-2024-11614", "cve", "forged headers and buffers that point the back-end past the packet")
 def cve_2024_11614(ctx: Context) -> str:
     def build(fe, ring):
         csum = VIRTIO_NET_HDR_F_NEEDS_CSUM
@@ -839,7 +871,7 @@ def cve_2024_11614(ctx: Context) -> str:
 
 # ------------------------------------------------------------ ring indexes
 
-@attack("looping-chain", "descriptor chains that loop (self, two-cycle, inside an indirect table)")
+@attack("looping-chain", "ring", "descriptor chains that loop (self, two-cycle, inside an indirect table)")
 def looping_chain(ctx: Context) -> str:
     def build(fe, ring):
         pkt = buf(fe, good_packet(fe))
@@ -853,7 +885,7 @@ def looping_chain(ctx: Context) -> str:
     return inject_chains(ctx, "3 looping chains", build)
 
 
-@attack("chain-longer-than-ring", "a chain through every descriptor of the ring and back again")
+@attack("chain-longer-than-ring", "ring", "a chain through every descriptor of the ring and back again")
 def chain_longer_than_ring(ctx: Context) -> str:
     def build(fe, ring):
         pkt = buf(fe, good_packet(fe))
@@ -866,7 +898,7 @@ def chain_longer_than_ring(ctx: Context) -> str:
     return inject_chains(ctx, "a chain of 128 descriptors that wraps round to its head", build)
 
 
-@attack("avail-index-jump", "avail->idx moved by more than the ring size")
+@attack("avail-index-jump", "ring", "avail->idx moved by more than the ring size")
 def avail_index_jump(ctx: Context) -> str:
     def build(fe, ring):
         ring.set_avail_idx(ring.avail_idx + ring.size + 5)
@@ -874,7 +906,7 @@ def avail_index_jump(ctx: Context) -> str:
     return inject_chains(ctx, "avail index jumped by ring size + 5", build)
 
 
-@attack("head-past-ring", "an avail ring entry naming a head past the descriptor table")
+@attack("head-past-ring", "ring", "an avail ring entry naming a head past the descriptor table")
 def head_past_ring(ctx: Context) -> str:
     def build(fe, ring):
         return publish(ring, ring.size + 3)
@@ -916,11 +948,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold", type=float, default=0.5,
                    help="seconds to keep the hostile state before disconnecting (default %(default)s)")
     p.add_argument("--count", type=int, default=8000,
-                   help="MACs for mac-hash-flood, requests for message-flood (default %(default)s)")
+                   help="MACs for mac-hash-flood; message-flood sends half as many requests (default %(default)s)")
     p.add_argument("--fib-buckets", type=int, default=DEFAULT_FIB_BUCKETS,
                    help="bucket count of the FIB hash to collide in (default %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0, help="time limit per attack (default %(default)s)")
+    p.add_argument("--control", metavar="SOCK",
+                   help="vswitchd's control socket: print how PORT's counters changed after each attack")
+    p.add_argument("--port", help="the attacked port's name, with --control")
     return p
+
+
+def port_counters(control: str, port: str) -> dict[str, int]:
+    """Every number in `vswitchctl --json show PORT`, by dotted path ({} if there is no answer)."""
+    from vswitch.control.cli import ControlError, call
+    try:
+        info = call(control, "port/show", {"name": port}, timeout=5)["ports"][0]
+    except (ControlError, LookupError) as exc:
+        return {"(no answer)": str(exc)}
+    flat: dict[str, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else key)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}.{i}")
+        elif isinstance(node, int) and not isinstance(node, bool):
+            flat[path] = node
+
+    walk(info, "")
+    return flat
+
+
+def counter_changes(before: dict, after: dict) -> str:
+    if "(no answer)" in after:
+        return f"no answer from the switch ({after['(no answer)']})"
+    changes = [f"{k} {after[k] - before.get(k, 0):+d}" for k in sorted(after)
+               if isinstance(after[k], int) and after[k] != before.get(k, 0)
+               and not k.startswith(("vhost.rings.", "queue_stats."))]
+    return ", ".join(changes) or "no counter changed"
 
 
 def main(argv=None) -> int:
@@ -928,18 +995,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         width = max(map(len, ATTACKS))
-        for item in ATTACKS.values():
-            print(f"{item.name:<{width}}  {item.description}")
+        for item in ordered_attacks():
+            print(f"{item.name:<{width}}  {item.group:<9}  {item.description}")
         return 0
     if not args.socket:
         parser.error("--socket is required")
     if args.fib_buckets <= 0 or args.fib_buckets & (args.fib_buckets - 1):
         parser.error("--fib-buckets must be a power of two")
-    names = list(ATTACKS) if args.all else args.attack
+    if bool(args.control) != bool(args.port):
+        parser.error("--control and --port go together")
+    names = [a.name for a in ordered_attacks()] if args.all else args.attack
     ctx = Context(args)
     status = 0
     for name in names:
+        before = port_counters(args.control, args.port) if args.control else None
         ok, result = run_one(ctx, ATTACKS[name], args.timeout)
+        if before is not None:
+            time.sleep(0.2)     # the PMD counts as it goes; give the last burst a moment
+            result += f" [counters: {counter_changes(before, port_counters(args.control, args.port))}]"
         print(f"{name}: {result}", flush=True)
         status |= 0 if ok else 1
     return status
