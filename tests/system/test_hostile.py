@@ -43,6 +43,11 @@ HOLD = 1.5
 # The a/b loop forwards millions of frames a second; this long without one is a stall.
 STALL_LIMIT = 1.0
 ATTACK_TIMEOUT = 60
+# Attacks that must not slow the a/b loop down for good: its rate after the
+# attack must stay above this fraction of the rate before (the host's slow
+# spells cost 2-3x; a MAC table that degrades to a list costs 10x and more).
+RATE_CHECKED = {"mac-hash-flood"}
+MIN_RATE_RATIO = 0.25
 
 # What each attack must be counted as: (port, counter in `vswitchctl --json show PORT`).
 # A counter name matches that key anywhere in the port's JSON (stats, vhost, ...).
@@ -116,11 +121,21 @@ def loop_packets(control: str) -> int | None:
     return sum(p["stats"]["rx_packets"] for p in ports if p["name"] in ("a", "b"))
 
 
+def loop_rate(control: str, seconds: float = 1.0) -> float:
+    """Frames a second through a and b, measured over `seconds`."""
+    first, started = loop_packets(control), time.monotonic()
+    time.sleep(seconds)
+    last = loop_packets(control)
+    if first is None or last is None:
+        return 0.0
+    return (last - first) / (time.monotonic() - started)
+
+
 def run_attack(switch: Vswitchd, name: str) -> dict:
     """Runs one attack while watching the a/b loop; returns what happened."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.hostile", "--socket", switch.paths["c"], "--attack", name,
-         "--dst-mac", TAP_DST_MAC, "--hold", str(HOLD), "--timeout", str(ATTACK_TIMEOUT)],
+         "--dst-mac", TAP_DST_MAC, "--victim-mac", MAC0, "--hold", str(HOLD), "--timeout", str(ATTACK_TIMEOUT)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last, last_change, longest = loop_packets(switch.control_socket), time.monotonic(), 0.0
     while True:
@@ -202,8 +217,17 @@ def test_hostile_frontend_against_one_port(tmp_path, netns):
                     results[name] = ({"output": "", "stall": 0.0, "status": None},
                                      [f"not run: vswitchctl show failed: {exc}"])
                     continue
+                rate_before = loop_rate(switch.control_socket) if name in RATE_CHECKED else None
                 result = run_attack(switch, name)
-                results[name] = (result, verdict(switch, pid, name, before, result))
+                problems = verdict(switch, pid, name, before, result)
+                if rate_before is not None and switch.proc.poll() is None:
+                    rate_after = loop_rate(switch.control_socket)
+                    result["counted"] += f", a/b loop {rate_before:.0f} -> {rate_after:.0f} frames/s"
+                    if rate_after < MIN_RATE_RATIO * rate_before:
+                        problems.append(f"the a/b loop slowed from {rate_before:.0f} to {rate_after:.0f} frames/s")
+                    # What the attack left in the MAC table would slow down the attacks after it.
+                    switch.ctl("fdb", "flush", "--port", "c")
+                results[name] = (result, problems)
 
             alive = switch.proc.poll() is None
             if alive:
