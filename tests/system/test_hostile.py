@@ -49,8 +49,8 @@ ATTACK_TIMEOUT = 60
 RATE_CHECKED = {"mac-hash-flood"}
 MIN_RATE_RATIO = 0.25
 
-# What each attack must be counted as: (port, counter in `vswitchctl --json show PORT`).
-# A counter name matches that key anywhere in the port's JSON (stats, vhost, ...).
+# What each attack must be counted as: (port, counter in `vswitchctl --json show PORT`[, at least
+# this much, default 1]). A counter name matches that key anywhere in the port's JSON (stats, vhost, ...).
 # Some counters are added by fixes in other branches; adjust the names here when merging.
 MEM_FAULT = [("c", "mem_faults")]
 REFUSED_FD = [("c", "refused_fds")]
@@ -76,7 +76,8 @@ EXPECTED = {
     "bad-vring-messages": PROTOCOL,
     "message-flood": PROTOCOL,
     "mac-hash-flood": [("c", "rx_packets")],
-    "bad-offload": [("tap", "tx_errors")],
+    # Ten frames whose headers are all invalid; before the fix the kernel refused 7 of them.
+    "bad-offload": [("tap", "tx_errors", 10)],
     # Attacks that need fixes from issue 8 (address-space cap, fd checks,
     # non-blocking notifications, guest memory faults); the stalling and
     # killing ones last, so that a run before those fixes still reports the rest.
@@ -131,6 +132,28 @@ def loop_rate(control: str, seconds: float = 1.0) -> float:
     return (last - first) / (time.monotonic() - started)
 
 
+def check_rate(switch: Vswitchd, rate_before: float, result: dict) -> list[str]:
+    """After an attack on the MAC table: is the a/b loop as fast as before it?
+
+    Other work on the host can slow the loop for a while, so the rate under
+    attack is the better of two windows, and it is compared with the lower
+    of the rates before the attack and after its MAC entries are flushed: only
+    a slowdown that starts with the attack and ends with the flush counts. On
+    a host busy all along, the loop is bound by scheduling and this check can
+    miss the attack (it does not fail then)."""
+    control = switch.control_socket
+    rate_under = max(loop_rate(control), loop_rate(control))
+    # What the attack left in the MAC table would slow down the attacks after it.
+    switch.ctl("fdb", "flush", "--port", "c")
+    rate_after = loop_rate(control)
+    result["counted"] = result.get("counted", "") + (
+        f", a/b loop {rate_before:.0f} -> {rate_under:.0f} -> (flushed) {rate_after:.0f} frames/s")
+    if rate_under < MIN_RATE_RATIO * min(rate_before, rate_after):
+        return [f"the a/b loop slowed from {rate_before:.0f} to {rate_under:.0f} frames/s "
+                f"({rate_after:.0f} once c's MAC entries were flushed)"]
+    return []
+
+
 def run_attack(switch: Vswitchd, name: str) -> dict:
     """Runs one attack while watching the a/b loop; returns what happened."""
     proc = subprocess.Popen(
@@ -168,13 +191,14 @@ def verdict(switch: Vswitchd, pid: int, name: str, before: dict, result: dict) -
     except ControlError as exc:
         return problems + [f"vswitchctl show failed: {exc}"]
     counted = []
-    for port, name_ in EXPECTED[name]:
+    for port, name_, *least in EXPECTED[name]:
+        least = least[0] if least else 1
         old, new = counter(before[port], name_), counter(after[port], name_)
         counted.append(f"{port} {name_} {old} -> {new}")
         if new is None:
             problems.append(f"port {port} reports no counter {name_}")
-        elif new <= (old or 0):
-            problems.append(f"port {port} {name_} did not go up ({old} -> {new})")
+        elif new - (old or 0) < least:
+            problems.append(f"port {port} {name_} went up by {new - (old or 0)}, not by {least} ({old} -> {new})")
     result["counted"] = ", ".join(counted)
     return problems
 
@@ -221,12 +245,7 @@ def test_hostile_frontend_against_one_port(tmp_path, netns):
                 result = run_attack(switch, name)
                 problems = verdict(switch, pid, name, before, result)
                 if rate_before is not None and switch.proc.poll() is None:
-                    rate_after = loop_rate(switch.control_socket)
-                    result["counted"] += f", a/b loop {rate_before:.0f} -> {rate_after:.0f} frames/s"
-                    if rate_after < MIN_RATE_RATIO * rate_before:
-                        problems.append(f"the a/b loop slowed from {rate_before:.0f} to {rate_after:.0f} frames/s")
-                    # What the attack left in the MAC table would slow down the attacks after it.
-                    switch.ctl("fdb", "flush", "--port", "c")
+                    problems += check_rate(switch, rate_before, result)
                 results[name] = (result, problems)
 
             alive = switch.proc.poll() is None
