@@ -4,6 +4,8 @@ compromised QEMU or a malicious virtio-user container could.
     python -m tools.hostile --socket /run/vswitch/vm3.sock --attack looping-chain
     python -m tools.hostile --socket S --all [--dst-mac 02:00:00:00:0c:ff] [--hold 1]
     python -m tools.hostile --list
+    python -m tools.hostile --socket S --attack mac-hash-flood --victim-mac 52:54:00:00:00:01 \
+        --control /run/vswitch/vswitchd.sock --port vm3      # and print vm3's counter changes
 
 The switch owns the socket (a port in server mode); every attack opens its
 own connection, does its damage, keeps the hostile state for --hold seconds
@@ -955,7 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--all", action="store_true", help="run every attack, one after another")
     what.add_argument("--list", action="store_true", help="list the attacks")
     p.add_argument("--dst-mac", type=parse_mac, default=parse_mac(DEFAULT_DST_MAC),
-                   help="destination of frames whose offload header matters (default %(default)s)")
+                   help=f"destination of frames whose offload header matters (default {DEFAULT_DST_MAC})")
     p.add_argument("--hold", type=float, default=0.5,
                    help="seconds to keep the hostile state before disconnecting (default %(default)s)")
     p.add_argument("--count", type=int, default=8000,
