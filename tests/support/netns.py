@@ -155,3 +155,82 @@ class EventStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def kport_open(opener, netns: str | None = None) -> int:
+    """Runs `opener(netns_fd)` (a vs_kport_open_* call) on a helper thread, as the daemon does:
+    the C side enters the namespace with setns(), which would otherwise move the test's thread."""
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC) if netns else -1
+    result: list[int] = []
+    try:
+        helper = threading.Thread(target=lambda: result.append(opener(fd)))
+        helper.start()
+        helper.join()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return result[0]
+
+
+def kport_transmit(kp, frames: list[bytes]) -> None:
+    """Hands frames to a struct vs_kport's transmit path (queue 0) in one burst, as the PMD does."""
+    from vswitch.native import ffi, lib
+
+    keep = [ffi.from_buffer(f) for f in frames]
+    pkts = ffi.new("struct vs_pkt[]", len(frames))
+    for pkt, buf, frame in zip(pkts, keep, frames):
+        pkt.len = len(frame)
+        pkt.nsegs = 1
+        pkt.segs[0].addr = ffi.cast("uint8_t *", buf)
+        pkt.segs[0].len = len(frame)
+    ptrs = ffi.new("struct vs_pkt *[]", [pkts + i for i in range(len(frames))])
+    lib.vs_kport_tx_burst(kp, 0, ptrs, len(frames))
+
+
+def kport_stats(kp) -> dict:
+    """The counters of queue 0 of a struct vs_kport, and whether it is marked gone."""
+    s = kp.stats[0]
+    return {"tx_packets": s.tx_packets, "tx_dropped": s.tx_dropped, "tx_errors": s.tx_errors,
+            "rx_packets": s.rx_packets, "rx_errors": s.rx_errors, "fault": kp.fault}
+
+
+TEST_ETHERTYPE = 0x88B5   # IEEE local experimental: nothing else on a test link sends it
+
+_CAPTURE = r"""
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+s.bind((sys.argv[1], 0x88B5))
+s.settimeout(15)
+print("ready", flush=True)
+seen = []
+while True:
+    try:
+        frame = s.recv(65536)
+    except socket.timeout:
+        break
+    payload = frame[14:].rstrip(b"\0").decode(errors="replace")
+    if payload == "end":
+        break
+    seen.append(payload)
+print(" ".join(seen), flush=True)
+"""
+
+
+def marked_frame(payload: str) -> bytes:
+    """A broadcast frame of TEST_ETHERTYPE carrying `payload` (what `Capture` reports)."""
+    return b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x99" + TEST_ETHERTYPE.to_bytes(2, "big") + payload.encode().ljust(46, b"\0")
+
+
+class Capture:
+    """Collects the payloads of TEST_ETHERTYPE frames arriving on `ifname` in namespace `ns`
+    until a frame says "end"; `result()` returns them in order."""
+
+    def __init__(self, ns: str, ifname: str):
+        self.proc = python_in_ns(ns, "-c", _CAPTURE, ifname)
+        line = self.proc.stdout.readline().strip()
+        assert line == "ready", f"capture did not start: {line} {self.proc.stderr.read() if not line else ''}"
+
+    def result(self, timeout: float = 20.0) -> list[str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, err
+        return out.split()

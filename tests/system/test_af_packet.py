@@ -28,8 +28,11 @@ from scapy.layers.l2 import ARP, Ether
 
 from tests.support.daemon import Vswitchd
 from tests.support.frontend import VhostUserFrontend
-from tests.support.netns import EventStream, in_ns, link_mac, namespaces, sh, unique
+from tests.support.netns import (Capture, EventStream, in_ns, kport_open, kport_stats, kport_transmit, link_mac,
+                                 marked_frame, namespaces, sh, unique)
 from tests.support.testpmd import TestPmd, virtio_user_vdev
+from vswitch.native import ffi, lib
+from vswitch.ports.af_packet import TPACKET_V2, TPACKET_V3
 from tests.system.test_testpmd import GUEST_ERROR_COUNTERS, SWITCH_ERROR_COUNTERS, settle, switch_stats, wait_links
 
 pytestmark = pytest.mark.system
@@ -270,6 +273,42 @@ def test_interface_moved_to_another_namespace_is_gone(switch):
 def wait_link_info(d, name, state, timeout=10.0) -> dict:
     wait_link(d, name, state, timeout)
     return d.port(name)
+
+
+@pytest.mark.parametrize("version", [TPACKET_V2, TPACKET_V3])
+def test_sends_to_a_down_interface_are_dropped_not_a_fault(veth, netns, version):
+    """The transmit path by itself, as a PMD meets an interface that went
+    down before the control plane noticed: the kick fails with ENETDOWN,
+    now and (the socket keeps the error pending) once more after the
+    interface is up again.  Each time the burst is taken back out of the TX
+    ring and counted as dropped, not a fault; then frames go through, and
+    none of the dropped ones ever reach the wire late."""
+    host, peer = veth
+    kp = ffi.new("struct vs_kport *")
+    lib.vs_kport_init(kp)
+    assert kport_open(lambda fd: lib.vs_kport_open_af_packet(kp, host.encode(), fd, version, 1)) == 0
+    try:
+        capture = Capture(netns, peer)
+        sh("ip", "link", "set", host, "down")
+        kport_transmit(kp, [marked_frame(f"down{i}") for i in range(3)])
+        assert kport_stats(kp) == {"tx_packets": 0, "tx_dropped": 3, "tx_errors": 0,
+                                   "rx_packets": 0, "rx_errors": 0, "fault": 0}
+        sh("ip", "link", "set", host, "up")
+        time.sleep(0.2)   # the carrier comes up asynchronously
+        kport_transmit(kp, [marked_frame(f"stale{i}") for i in range(3)])   # meets the pending error
+        assert kport_stats(kp)["tx_dropped"] == 6 and kp.fault == 0, kport_stats(kp)
+        for i in range(3):   # more frames than the TX ring has slots, so it wraps around
+            kport_transmit(kp, [marked_frame(f"up{i}.{j}") for j in range(30)])
+            time.sleep(0.1)   # the kernel frees the slots once the peer has taken the frames
+        kport_transmit(kp, [marked_frame("end")])
+        assert capture.result() == [f"up{i}.{j}" for i in range(3) for j in range(30)]
+        stats = kport_stats(kp)
+        assert stats["tx_packets"] == 91 and stats["tx_dropped"] == 6 and stats["tx_errors"] == 0, stats
+        assert lib.vs_kport_link_state(kp) == 1
+        sh("ip", "link", "del", host)
+        assert lib.vs_kport_link_state(kp) < 0 and kp.fault == lib.VS_KPORT_GONE
+    finally:
+        lib.vs_kport_close(kp)
 
 
 def test_missing_and_already_attached_interfaces_are_refused(switch):

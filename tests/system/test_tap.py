@@ -24,9 +24,10 @@ from scapy.layers.l2 import ARP, Ether
 
 from tests.support.daemon import Vswitchd
 from tests.support.frontend import DRIVER_FEATURES, VhostUserFrontend
-from tests.support.netns import (EventStream, delete_namespace, in_ns, link_mac, namespaces, ping, ping_until,
-                                 python_in_ns, sh, unique)
+from tests.support.netns import (Capture, EventStream, delete_namespace, in_ns, kport_open, kport_stats, kport_transmit,
+                                 link_mac, marked_frame, namespaces, ping, ping_until, python_in_ns, sh, unique)
 from tests.support.virtio_driver import NET_HDR
+from vswitch.native import ffi, lib
 from vswitch.vhost import protocol
 from vswitch.vhost.protocol import bits
 
@@ -349,11 +350,13 @@ def test_tap_moved_into_another_namespace_keeps_working(three_taps):
     namespace (going down on the way) and is brought up there with an
     address.  The port follows it: link down, then up; the container's
     namespace pings b through the switch; down and up inside that namespace
-    are seen too; when the namespace is deleted (and the TAP with it) the
-    port reports the interface gone.  b <-> c never notice."""
+    are seen too, and so is a second move, from there into a namespace the
+    switch hears no link notifications from; when that namespace is deleted
+    (and the TAP with it) the port reports the interface gone.  b <-> c
+    never notice."""
     d = three_taps
     ns, ifname = d.ns, d.ifname
-    with namespaces(1) as (container,), EventStream(d) as events:
+    with namespaces(2) as (container, elsewhere), EventStream(d) as events:
         sh("ip", "-n", ns["a"], "link", "set", ifname["a"], "netns", container)
         down = events.wait_link("a", "down")
         # Frames for a meet an interface that is down, in a namespace the switch never opened.
@@ -377,13 +380,56 @@ def test_tap_moved_into_another_namespace_keeps_working(three_taps):
         ping_until(container, TAP_IPS["b"])
         assert ping(ns["b"], TAP_IPS["c"])
 
-        # The container goes away, its namespace and the TAP with it: now the interface is gone.
-        delete_namespace(container)
+        # Moved on from the container: the kernel gives `elsewhere` an id in the container's
+        # namespace, not in the switch's, so only the TAP's fd tells when it comes up there.
+        in_ns(container, "ip", "link", "set", ifname["a"], "netns", elsewhere)
+        down = events.wait_link("a", "down", after=up["time"])
+        in_ns(elsewhere, "ip", "addr", "add", f"{TAP_IPS['a']}/24", "dev", ifname["a"])
+        before_up = time.time()
+        in_ns(elsewhere, "ip", "link", "set", ifname["a"], "up")
+        up = events.wait_link("a", "up", after=down["time"])
+        latency = up["time"] - before_up
+        print(f"link up seen {latency * 1000:.0f} ms after `ip link set up` after a second move")
+        assert latency < 0.5, "not woken by the TAP's fd: waited for housekeeping?"
+        ping_until(elsewhere, TAP_IPS["b"])
+
+        # Its namespace goes away, and the TAP with it: now the interface is gone.
+        delete_namespace(elsewhere)
         events.wait_link("a", "down", after=up["time"], timeout=20)
         info = wait_port(d, "a", lambda p: "gone" in p.get("link_reason", ""))
         assert info["link_reason"].startswith(f"interface {ifname['a']} is gone"), info
         assert ping(ns["b"], TAP_IPS["c"])
-        assert [e["state"] for e in events.links("a")] == ["down", "up", "down", "up", "down"], events.links("a")
+        assert [e["state"] for e in events.links("a")] == ["down", "up"] * 3 + ["down"], events.links("a")
         assert not events.links("b") and not events.links("c"), events.events
     assert "is gone" in d.log()
     assert d.proc.poll() is None
+
+
+def test_writes_to_a_down_tap_are_dropped_not_a_fault(netns):
+    """The transmit path by itself, as a PMD meets an interface that went
+    down before the control plane noticed: the tun driver refuses the write
+    with EIO; the frames are dropped and counted, the port is not marked
+    gone, and once the TAP is up the next frames go through.  Only a
+    deleted TAP is gone."""
+    ifname = unique("vtw", next(_tap_ids))
+    kp = ffi.new("struct vs_kport *")
+    lib.vs_kport_init(kp)
+    assert kport_open(lambda fd: lib.vs_kport_open_tap(kp, ifname.encode(), 1, fd, 1), netns) == 0
+    try:
+        sh("ip", "-n", netns, "link", "set", ifname, "down")
+        assert lib.vs_kport_link_state(kp) == 0
+        kport_transmit(kp, [marked_frame(f"down{i}") for i in range(3)])
+        assert kport_stats(kp) == {"tx_packets": 0, "tx_dropped": 3, "tx_errors": 0,
+                                   "rx_packets": 0, "rx_errors": 0, "fault": 0}
+        sh("ip", "-n", netns, "link", "set", ifname, "up")
+        assert lib.vs_kport_link_state(kp) == 1
+        capture = Capture(netns, ifname)
+        kport_transmit(kp, [marked_frame(f"up{i}") for i in range(3)] + [marked_frame("end")])
+        assert capture.result() == ["up0", "up1", "up2"]
+        stats = kport_stats(kp)
+        assert stats["tx_packets"] == 4 and stats["tx_dropped"] == 3 and stats["fault"] == 0, stats
+        sh("ip", "-n", netns, "link", "del", ifname)
+        kport_transmit(kp, [marked_frame("gone")])
+        assert kp.fault == lib.VS_KPORT_GONE and lib.vs_kport_link_state(kp) < 0
+    finally:
+        lib.vs_kport_close(kp)

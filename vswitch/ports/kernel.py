@@ -87,10 +87,10 @@ class KernelPort(Port):
 
     def _on_link_notification(self) -> None:
         if lib.vs_kport_link_events(self.kp) < 0:
-            self._unwatch("reader")   # a broken socket: housekeeping still looks once a second
+            self._unwatch("reader", self.kp.link_fd)   # broken: housekeeping still looks once a second
         self._check_link()
 
-    def _on_writable(self) -> None:
+    def _on_fd_event(self) -> None:
         self._check_link()
 
     def _check_link(self) -> None:
@@ -98,19 +98,24 @@ class KernelPort(Port):
         for line in self.errors():
             log.warning("%s", line)
 
-    def _wait_for_up(self, waiting: bool) -> None:
-        """While a TAP's link is down, wait for its fd to turn writable: the TAP came up."""
+    def _watch_fd_while_down(self, down: bool) -> None:
+        """While the link is down, wait on the port's own fd too.  A TAP's turns
+        writable when the TAP comes up, wherever it lives by then; a packet
+        socket's reports the error the kernel sets on it when its interface
+        goes down, which may come after the notification, and which the link
+        check takes (kernel.c).  Never while up: the fd is the PMD's and busy."""
         fd = self.kp.fds[0]
-        if self._loop is None or self.kp.kind != lib.VS_KPORT_TAP or fd < 0:
+        if self._loop is None or fd < 0:
             return
-        if waiting and ("writer", fd) not in self._watched:
-            self._loop.add_writer(fd, self._on_writable)
-            self._watched.append(("writer", fd))
-        elif not waiting:
-            self._unwatch("writer")
+        kind = "writer" if self.kp.kind == lib.VS_KPORT_TAP else "reader"
+        if down and (kind, fd) not in self._watched:
+            (self._loop.add_writer if kind == "writer" else self._loop.add_reader)(fd, self._on_fd_event)
+            self._watched.append((kind, fd))
+        elif not down:
+            self._unwatch(kind, fd)
 
-    def _unwatch(self, kind: str | None = None) -> None:
-        for entry in [w for w in self._watched if kind in (None, w[0])]:
+    def _unwatch(self, kind: str | None = None, fd: int | None = None) -> None:
+        for entry in [w for w in self._watched if kind in (None, w[0]) and fd in (None, w[1])]:
             (self._loop.remove_reader if entry[0] == "reader" else self._loop.remove_writer)(entry[1])
             self._watched.remove(entry)
 
@@ -146,7 +151,7 @@ class KernelPort(Port):
         if state < 0:
             self._unwatch()   # gone for good: nothing more to hear
         else:
-            self._wait_for_up(state == 0)
+            self._watch_fd_while_down(state == 0)
 
     def errors(self) -> list[str]:
         lines, self._pending_errors = self._pending_errors, []
