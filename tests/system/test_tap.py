@@ -380,13 +380,14 @@ def test_tap_moved_into_another_namespace_keeps_working(three_taps):
         ping_until(container, TAP_IPS["b"])
         assert ping(ns["b"], TAP_IPS["c"])
 
-        # Moved on from the container: the kernel gives `elsewhere` an id in the container's
-        # namespace, not in the switch's, so only the TAP's fd tells when it comes up there.
-        in_ns(container, "ip", "link", "set", ifname["a"], "netns", elsewhere)
+        # Moved on from the container, and renamed as container tools do: the kernel gives
+        # `elsewhere` an id in the container's namespace, not in the switch's, so only the
+        # TAP's fd tells when it comes up there.
+        in_ns(container, "ip", "link", "set", ifname["a"], "netns", elsewhere, "name", "eth0")
         down = events.wait_link("a", "down", after=up["time"])
-        in_ns(elsewhere, "ip", "addr", "add", f"{TAP_IPS['a']}/24", "dev", ifname["a"])
+        in_ns(elsewhere, "ip", "addr", "add", f"{TAP_IPS['a']}/24", "dev", "eth0")
         before_up = time.time()
-        in_ns(elsewhere, "ip", "link", "set", ifname["a"], "up")
+        in_ns(elsewhere, "ip", "link", "set", "eth0", "up")
         up = events.wait_link("a", "up", after=down["time"])
         latency = up["time"] - before_up
         print(f"link up seen {latency * 1000:.0f} ms after `ip link set up` after a second move")
