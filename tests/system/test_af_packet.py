@@ -31,9 +31,9 @@ from tests.support.frontend import VhostUserFrontend
 from tests.support.netns import (Capture, EventStream, in_ns, kport_open, kport_stats, kport_transmit, link_mac,
                                  marked_frame, namespaces, sh, unique)
 from tests.support.testpmd import TestPmd, virtio_user_vdev
+from tests.system.test_testpmd import GUEST_ERROR_COUNTERS, SWITCH_ERROR_COUNTERS, settle, switch_stats, wait_links
 from vswitch.native import ffi, lib
 from vswitch.ports.af_packet import TPACKET_V2, TPACKET_V3
-from tests.system.test_testpmd import GUEST_ERROR_COUNTERS, SWITCH_ERROR_COUNTERS, settle, switch_stats, wait_links
 
 pytestmark = pytest.mark.system
 
