@@ -4,7 +4,10 @@ the other attached to vswitchd next to two vhost-user Python front-ends.
 Frames cross both ways, broadcast floods and learning behave as on
 vhost-user ports, the interface is promiscuous only while attached, and an
 interface that goes down or is deleted under the switch gives a link-down
-event while the other ports keep forwarding.
+event while the other ports keep forwarding.  An interface that goes down
+and comes back up resumes forwarding at once, with no action on the switch;
+one that moves into another namespace is gone for the switch's socket (the
+kernel unbinds it), as is a deleted one.
 
 test_namespace_pings_dpdk_virtio_user puts a real DPDK guest on the other
 side instead: dpdk-testpmd with one net_virtio_user port on a vhost-user port
@@ -16,6 +19,7 @@ app/test-pmd/icmpecho.c). The namespace resolves and pings an address on it.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 
 import pytest
@@ -24,9 +28,12 @@ from scapy.layers.l2 import ARP, Ether
 
 from tests.support.daemon import Vswitchd
 from tests.support.frontend import VhostUserFrontend
-from tests.support.netns import in_ns, link_mac, sh, unique
+from tests.support.netns import (Capture, EventStream, in_ns, kport_open, kport_stats, kport_transmit, link_mac,
+                                 marked_frame, namespaces, sh, unique)
 from tests.support.testpmd import TestPmd, virtio_user_vdev
 from tests.system.test_testpmd import GUEST_ERROR_COUNTERS, SWITCH_ERROR_COUNTERS, settle, switch_stats, wait_links
+from vswitch.native import ffi, lib
+from vswitch.ports.af_packet import TPACKET_V2, TPACKET_V3
 
 pytestmark = pytest.mark.system
 
@@ -171,6 +178,137 @@ def test_interface_down_then_deleted_under_the_switch(switch):
     assert d.proc.poll() is None
     assert "is gone" in d.log() and "link state=down" in d.log()
     d.ctl("del-port", "veth")
+
+
+def ping_ns_from(fe, mac, ip, ns_mac, ident, timeout):
+    """The front-end sends ICMP echo requests to the namespace until one is answered (True) or
+    `timeout` s pass (False), answering the namespace's ARP requests on the way."""
+    deadline = time.monotonic() + timeout
+    seq = 0
+    while time.monotonic() < deadline:
+        seq += 1
+        fe.send_frame(0, bytes(Ether(src=mac, dst=ns_mac) / IP(src=ip, dst=NS_IP) / ICMP(id=ident, seq=seq)))
+        for p in rx(fe, 0.2):
+            if ICMP in p and p[ICMP].type == 0 and p[ICMP].id == ident:
+                return True
+            if ARP in p and p[ARP].op == 1 and p[ARP].pdst == ip:   # the namespace asks where we are
+                fe.send_frame(0, bytes(Ether(src=mac, dst=p.src) /
+                                       ARP(op=2, hwsrc=mac, psrc=ip, hwdst=p.src, pdst=p[ARP].psrc)))
+    return False
+
+
+def g1_to_g2_all_delivered(d, count=20) -> None:
+    g1, g2 = d.fe["g1"], d.fe["g2"]
+    drain(g2, 0.1)
+    for i in range(count):
+        g1.send_frame(0, bytes(Ether(src=G1[0], dst=G2[0]) / IP(src=G1[1], dst=G2[1]) / ICMP(id=99, seq=i)))
+    got = 0
+    deadline = time.monotonic() + 5
+    while got < count and time.monotonic() < deadline:
+        got += len([p for p in rx(g2) if ICMP in p and p[ICMP].id == 99])
+    assert got == count, f"g2 got {got} of {count} frames from g1"
+
+
+def test_interface_down_up_resumes_forwarding(switch):
+    """The host end goes down while g1 pings the namespace: the pings go
+    unanswered, the frames are dropped and counted (no fault), the link goes
+    down; the host end comes back up and the pings are answered again at
+    once, with no action on the switch.  g1 <-> g2 never notice.  Three
+    rounds."""
+    d = switch
+    g1 = d.fe["g1"]
+    ns_mac = link_mac(d.netns, d.peer)
+    d.fe["g2"].send_frame(0, arp_request(G2[0], G2[1], G1[1]))   # the switch learns where g2 is
+    assert ping_ns_from(g1, G1[0], G1[1], ns_mac, 1, 5)
+    latencies = []
+    with EventStream(d) as events:
+        since = 0.0
+        for round_ in range(3):
+            sh("ip", "link", "set", d.host, "down")
+            assert not ping_ns_from(g1, G1[0], G1[1], ns_mac, 10 + round_, 1.0)
+            down = events.wait_link("veth", "down", after=since)
+            info = wait_link_info(d, "veth", "down")
+            assert info["link_reason"] == f"interface {d.host} is down", info
+            dropped = info["stats"]["tx_dropped"]
+            assert not ping_ns_from(g1, G1[0], G1[1], ns_mac, 20 + round_, 0.5)
+            info = d.port("veth")
+            assert info["stats"]["tx_dropped"] > dropped, info
+            g1_to_g2_all_delivered(d)
+            before_up = time.time()
+            sh("ip", "link", "set", d.host, "up")
+            up = events.wait_link("veth", "up", after=down["time"])
+            latencies.append(up["time"] - before_up)
+            since = up["time"]
+            assert ping_ns_from(g1, G1[0], G1[1], ns_mac, 30 + round_, 5), f"no answer after up: {d.port('veth')}"
+            assert "link_reason" not in d.port("veth")
+        assert [e["state"] for e in events.links("veth")] == ["down", "up"] * 3, events.links("veth")
+        assert not events.links("g1") and not events.links("g2")
+    print(f"link up seen {', '.join(f'{s * 1000:.0f}' for s in latencies)} ms after `ip link set up`")
+    assert sorted(latencies)[1] < 0.5 and max(latencies) < 2.0, latencies
+    assert "is gone" not in d.log()
+    assert d.port("veth")["stats"]["tx_errors"] == 0
+
+
+def test_interface_moved_to_another_namespace_is_gone(switch):
+    """The kernel unbinds a packet socket from an interface that leaves the
+    socket's namespace, so for the switch a moved interface is gone (unlike
+    a TAP, whose fd follows it): the port says so, and g1 <-> g2 go on."""
+    d = switch
+    with namespaces(1) as (elsewhere,), EventStream(d) as events:
+        sh("ip", "link", "set", d.host, "netns", elsewhere)
+        events.wait_link("veth", "down")
+        info = wait_link_info(d, "veth", "down")
+        assert info["link_reason"] == f"interface {d.host} is gone (deleted or moved to another network namespace)", info
+        g1_to_g2_all_delivered(d)
+        # Back home it is still gone for this socket: the port must be added again.
+        sh("ip", "-n", elsewhere, "link", "set", d.host, "netns", str(os.getpid()))
+        time.sleep(0.5)
+        assert d.port("veth")["link"] == "down"
+    d.ctl("del-port", "veth")
+    d.ctl("add-port", "veth", "--type", "af-packet", "--ifname", d.host)
+    sh("ip", "link", "set", d.host, "up")
+    wait_link(d, "veth", "up")
+
+
+def wait_link_info(d, name, state, timeout=10.0) -> dict:
+    wait_link(d, name, state, timeout)
+    return d.port(name)
+
+
+@pytest.mark.parametrize("version", [TPACKET_V2, TPACKET_V3])
+def test_sends_to_a_down_interface_are_dropped_not_a_fault(veth, netns, version):
+    """The transmit path by itself, as a PMD meets an interface that went
+    down before the control plane noticed: the kick fails with ENETDOWN,
+    now and (the socket keeps the error pending) once more after the
+    interface is up again.  Each time the burst is taken back out of the TX
+    ring and counted as dropped, not a fault; then frames go through, and
+    none of the dropped ones ever reach the wire late."""
+    host, peer = veth
+    kp = ffi.new("struct vs_kport *")
+    lib.vs_kport_init(kp)
+    assert kport_open(lambda fd: lib.vs_kport_open_af_packet(kp, host.encode(), fd, version, 1)) == 0
+    try:
+        capture = Capture(netns, peer)
+        sh("ip", "link", "set", host, "down")
+        kport_transmit(kp, [marked_frame(f"down{i}") for i in range(3)])
+        assert kport_stats(kp) == {"tx_packets": 0, "tx_dropped": 3, "tx_errors": 0,
+                                   "rx_packets": 0, "rx_errors": 0, "fault": 0}
+        sh("ip", "link", "set", host, "up")
+        time.sleep(0.2)   # the carrier comes up asynchronously
+        kport_transmit(kp, [marked_frame(f"stale{i}") for i in range(3)])   # meets the pending error
+        assert kport_stats(kp)["tx_dropped"] == 6 and kp.fault == 0, kport_stats(kp)
+        for i in range(3):   # more frames than the TX ring has slots, so it wraps around
+            kport_transmit(kp, [marked_frame(f"up{i}.{j}") for j in range(30)])
+            time.sleep(0.1)   # the kernel frees the slots once the peer has taken the frames
+        kport_transmit(kp, [marked_frame("end")])
+        assert capture.result() == [f"up{i}.{j}" for i in range(3) for j in range(30)]
+        stats = kport_stats(kp)
+        assert stats["tx_packets"] == 91 and stats["tx_dropped"] == 6 and stats["tx_errors"] == 0, stats
+        assert lib.vs_kport_link_state(kp) == 1
+        sh("ip", "link", "del", host)
+        assert lib.vs_kport_link_state(kp) < 0 and kp.fault == lib.VS_KPORT_GONE
+    finally:
+        lib.vs_kport_close(kp)
 
 
 def test_missing_and_already_attached_interfaces_are_refused(switch):

@@ -5,6 +5,12 @@ They exchange ARP, ICMP and TCP both ways; learning and counters behave as
 on vhost-user ports; TSO frames and partial checksums cross in both
 directions (segmented in software for the front-end, which does not take
 GSO); the port is removed and added again under traffic.
+
+The link follows the interface: with three TAP ports, each in its own
+namespace, one interface goes down and up, or moves into another namespace
+(as container tools do), while the others ping on: the port reports the
+link down and up again (events, `show`) and forwards again without any
+action on the switch; only a deleted interface is gone.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from scapy.layers.l2 import ARP, Ether
 
 from tests.support.daemon import Vswitchd
 from tests.support.frontend import DRIVER_FEATURES, VhostUserFrontend
-from tests.support.netns import in_ns, link_mac, python_in_ns, sh
+from tests.support.netns import (Capture, EventStream, delete_namespace, in_ns, kport_open, kport_stats, kport_transmit,
+                                 link_mac, marked_frame, namespaces, ping, ping_until, python_in_ns, sh, unique)
 from tests.support.virtio_driver import NET_HDR
+from vswitch.native import ffi, lib
 from vswitch.vhost import protocol
 from vswitch.vhost.protocol import bits
 
@@ -262,3 +270,167 @@ def test_idle_with_a_tap_port_sleeps_and_wakes_on_a_frame(switch):
     frame, _ = wait_for(fe, lambda p: p.haslayer(ARP) and p[ARP].pdst == GUEST_IP, timeout=2)
     assert switch.ctl("pmd-stats")["pmds"][0]["sleeps"] > sleeps
     fe.close()
+
+
+# Three TAP ports, a, b and c, each in its own namespace with one address.
+TAP_IPS = {"a": "10.250.3.1", "b": "10.250.3.2", "c": "10.250.3.3"}
+_tap_ids = itertools.count()
+
+
+@pytest.fixture
+def three_taps(tmp_path, netns):
+    """vswitchd with TAP ports a, b, c; d.ns[name] is the namespace, d.ifname[name] the interface."""
+    with namespaces(2) as (ns_b, ns_c):
+        n = next(_tap_ids)
+        ns = {"a": netns, "b": ns_b, "c": ns_c}
+        ifname = {name: unique(f"vt{name}", n) for name in ns}
+        ports = [{"name": name, "type": "tap", "ifname": ifname[name], "netns": ns[name]} for name in ns]
+        with Vswitchd(tmp_path, ports=ports) as d:
+            for name in ns:
+                in_ns(ns[name], "ip", "addr", "add", f"{TAP_IPS[name]}/24", "dev", ifname[name])
+            d.ns, d.ifname = ns, ifname
+            # Every namespace reaches every other through the switch.
+            ping_until(ns["b"], TAP_IPS["a"])
+            ping_until(ns["b"], TAP_IPS["c"])
+            yield d
+
+
+def wait_port(d, name, match, timeout=10.0) -> dict:
+    """`show NAME` once it satisfies `match`; raises with the last one after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = d.port(name)
+        if match(info):
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"port {name} never matched in {timeout} s: {info}")
+        time.sleep(0.05)
+
+
+def test_tap_down_up_resumes_forwarding(three_taps):
+    """`ip link set a down; ... up`: pings to a fail while it is down and are
+    dropped and counted (not a fault); the link goes down and comes back up
+    (events, show); pings succeed again without any action on the switch,
+    and b <-> c never notice.  Three rounds, to see it is no one-off."""
+    d = three_taps
+    ns, ifname = d.ns, d.ifname
+    latencies = []
+    with EventStream(d) as events:
+        since = 0.0
+        for round_ in range(3):
+            sh("ip", "-n", ns["a"], "link", "set", ifname["a"], "down")
+            down = events.wait_link("a", "down", after=since)
+            info = wait_port(d, "a", lambda p: p["link"] == "down")
+            assert info["link_reason"] == f"interface {ifname['a']} is down", info
+            dropped = info["stats"]["tx_dropped"]
+            assert not ping(ns["b"], TAP_IPS["a"], count=2), "a answered while its interface was down"
+            assert ping(ns["b"], TAP_IPS["c"]), "b could not reach c while a was down"
+            info = d.port("a")
+            assert info["link"] == "down" and info["stats"]["tx_dropped"] > dropped, info
+            assert info["stats"]["tx_errors"] == 0, info
+            before_up = time.time()
+            sh("ip", "-n", ns["a"], "link", "set", ifname["a"], "up")
+            up = events.wait_link("a", "up", after=down["time"])
+            latencies.append(up["time"] - before_up)
+            since = up["time"]
+            assert "link_reason" not in d.port("a")
+            ping_until(ns["b"], TAP_IPS["a"])
+            assert ping(ns["c"], TAP_IPS["a"])
+        states = [e["state"] for e in events.links("a")]
+        assert states == ["down", "up"] * 3, events.links("a")
+        assert not events.links("b") and not events.links("c"), events.events
+    print(f"link up seen {', '.join(f'{s * 1000:.0f}' for s in latencies)} ms after `ip link set up`")
+    assert sorted(latencies)[1] < 0.5 and max(latencies) < 2.0, latencies
+    assert "is gone" not in d.log()
+    assert all(d.port(name)["link"] == "up" for name in ("a", "b", "c"))
+
+
+def test_tap_moved_into_another_namespace_keeps_working(three_taps):
+    """A container tool's sequence: the TAP moves into the container's
+    namespace (going down on the way) and is brought up there with an
+    address.  The port follows it: link down, then up; the container's
+    namespace pings b through the switch; down and up inside that namespace
+    are seen too, and so is a second move, from there into a namespace the
+    switch hears no link notifications from; when that namespace is deleted
+    (and the TAP with it) the port reports the interface gone.  b <-> c
+    never notice."""
+    d = three_taps
+    ns, ifname = d.ns, d.ifname
+    with namespaces(2) as (container, elsewhere), EventStream(d) as events:
+        sh("ip", "-n", ns["a"], "link", "set", ifname["a"], "netns", container)
+        down = events.wait_link("a", "down")
+        # Frames for a meet an interface that is down, in a namespace the switch never opened.
+        assert not ping(ns["b"], TAP_IPS["a"], count=2)
+        in_ns(container, "ip", "addr", "add", f"{TAP_IPS['a']}/24", "dev", ifname["a"])
+        before_up = time.time()
+        in_ns(container, "ip", "link", "set", ifname["a"], "up")
+        up = events.wait_link("a", "up", after=down["time"])
+        print(f"link up seen {(up['time'] - before_up) * 1000:.0f} ms after `ip link set up` in the new namespace")
+        ping_until(container, TAP_IPS["b"])
+        assert ping(ns["b"], TAP_IPS["a"]) and ping(ns["c"], TAP_IPS["a"])
+        assert d.port("a")["link"] == "up"
+
+        # Down and up where the interface lives now.
+        in_ns(container, "ip", "link", "set", ifname["a"], "down")
+        down = events.wait_link("a", "down", after=up["time"])
+        assert wait_port(d, "a", lambda p: p["link"] == "down")["link_reason"] == f"interface {ifname['a']} is down"
+        assert not ping(container, TAP_IPS["b"], count=2)
+        in_ns(container, "ip", "link", "set", ifname["a"], "up")
+        up = events.wait_link("a", "up", after=down["time"])
+        ping_until(container, TAP_IPS["b"])
+        assert ping(ns["b"], TAP_IPS["c"])
+
+        # Moved on from the container, and renamed as container tools do: the kernel gives
+        # `elsewhere` an id in the container's namespace, not in the switch's, so only the
+        # TAP's fd tells when it comes up there.
+        in_ns(container, "ip", "link", "set", ifname["a"], "netns", elsewhere, "name", "eth0")
+        down = events.wait_link("a", "down", after=up["time"])
+        in_ns(elsewhere, "ip", "addr", "add", f"{TAP_IPS['a']}/24", "dev", "eth0")
+        before_up = time.time()
+        in_ns(elsewhere, "ip", "link", "set", "eth0", "up")
+        up = events.wait_link("a", "up", after=down["time"])
+        latency = up["time"] - before_up
+        print(f"link up seen {latency * 1000:.0f} ms after `ip link set up` after a second move")
+        assert latency < 0.5, "not woken by the TAP's fd: waited for housekeeping?"
+        ping_until(elsewhere, TAP_IPS["b"])
+
+        # Its namespace goes away, and the TAP with it: now the interface is gone.
+        delete_namespace(elsewhere)
+        events.wait_link("a", "down", after=up["time"], timeout=20)
+        info = wait_port(d, "a", lambda p: "gone" in p.get("link_reason", ""))
+        assert info["link_reason"].startswith(f"interface {ifname['a']} is gone"), info
+        assert ping(ns["b"], TAP_IPS["c"])
+        assert [e["state"] for e in events.links("a")] == ["down", "up"] * 3 + ["down"], events.links("a")
+        assert not events.links("b") and not events.links("c"), events.events
+    assert "is gone" in d.log()
+    assert d.proc.poll() is None
+
+
+def test_writes_to_a_down_tap_are_dropped_not_a_fault(netns):
+    """The transmit path by itself, as a PMD meets an interface that went
+    down before the control plane noticed: the tun driver refuses the write
+    with EIO; the frames are dropped and counted, the port is not marked
+    gone, and once the TAP is up the next frames go through.  Only a
+    deleted TAP is gone."""
+    ifname = unique("vtw", next(_tap_ids))
+    kp = ffi.new("struct vs_kport *")
+    lib.vs_kport_init(kp)
+    assert kport_open(lambda fd: lib.vs_kport_open_tap(kp, ifname.encode(), 1, fd, 1), netns) == 0
+    try:
+        sh("ip", "-n", netns, "link", "set", ifname, "down")
+        assert lib.vs_kport_link_state(kp) == 0
+        kport_transmit(kp, [marked_frame(f"down{i}") for i in range(3)])
+        assert kport_stats(kp) == {"tx_packets": 0, "tx_dropped": 3, "tx_errors": 0,
+                                   "rx_packets": 0, "rx_errors": 0, "fault": 0}
+        sh("ip", "-n", netns, "link", "set", ifname, "up")
+        assert lib.vs_kport_link_state(kp) == 1
+        capture = Capture(netns, ifname)
+        kport_transmit(kp, [marked_frame(f"up{i}") for i in range(3)] + [marked_frame("end")])
+        assert capture.result() == ["up0", "up1", "up2"]
+        stats = kport_stats(kp)
+        assert stats["tx_packets"] == 4 and stats["tx_dropped"] == 3 and stats["fault"] == 0, stats
+        sh("ip", "-n", netns, "link", "del", ifname)
+        kport_transmit(kp, [marked_frame("gone")])
+        assert kp.fault == lib.VS_KPORT_GONE and lib.vs_kport_link_state(kp) < 0
+    finally:
+        lib.vs_kport_close(kp)

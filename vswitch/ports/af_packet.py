@@ -6,6 +6,12 @@ interface lives in).  The interface is promiscuous while attached; the
 kernel drops that when the socket closes, so a crashed switch leaves no
 trace.  Received frames carry a virtio-net header (PACKET_VNET_HDR), so TSO
 frames and partial checksums from the host stack pass through to guests.
+
+The link follows the interface down and up again.  The socket is bound to
+the interface in its namespace: when the interface is deleted or moves to
+another namespace the kernel unbinds the socket for good, so the port
+reports it gone either way; remove and add it again (with the new `netns`)
+to follow a moved interface.
 """
 
 from __future__ import annotations
@@ -35,7 +41,14 @@ class AfPacketPort(KernelPort):
 
         self._open(lambda netns_fd: lib.vs_kport_open_af_packet(self.kp, self.ifname.encode(), netns_fd,
                                                                 TPACKET_VERSION, 1), describe)
+        self._follow_link()
         self.housekeep()
+
+    def gone_reason(self, err: int) -> str:
+        # The kernel unbinds the socket either way and the socket cannot tell which.
+        if err in (errno.ENODEV, errno.ENXIO):
+            return "deleted or moved to another network namespace"
+        return super().gone_reason(err)
 
     def info(self) -> dict:
         info = super().info()

@@ -18,10 +18,14 @@
  * own frames out of the RX ring, and PACKET_MR_PROMISC holds the interface
  * promiscuous for exactly as long as the socket lives.
  *
- * An fd that reports the interface gone (EBADF, EBADFD, ENXIO, ENODEV,
- * ENETDOWN, EIO) sets kp->fault; the port then neither reads nor writes
- * until the control plane closes it, and the control plane reports the
- * link down.  Nothing here ever blocks.
+ * Down is not gone.  A write that meets a down interface (EIO from the tun
+ * driver, ENETDOWN from a packet socket) drops its frames and counts them
+ * in tx_dropped; the control plane follows the link (vs_kport_link_state,
+ * woken by the notifications described there) and the PMD stops sending
+ * while it is down.  Only an fd that reports the interface gone for good
+ * (EBADF, EBADFD: the TAP was deleted; ENXIO, ENODEV: the packet socket
+ * lost its interface) sets kp->fault; the port then neither reads nor
+ * writes until the control plane closes it.  Nothing here ever blocks.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,6 +34,9 @@
 #include <linux/if_ether.h>
 #include <linux/if_packet.h>
 #include <linux/if_tun.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <poll.h>
 #include <sched.h>
 #include <stdio.h>
 #include <sys/ioctl.h>
@@ -64,6 +71,7 @@ void vs_kport_init(struct vs_kport *kp)
     for (uint32_t q = 0; q < VS_KPORT_MAX_QUEUES; q++) {
         kp->fds[q] = -1;
     }
+    kp->link_fd = -1;
 }
 
 /* The calling thread enters netns_fd (if >= 0); *saved is where it came from. */
@@ -114,6 +122,46 @@ static int set_if_up(const char *ifname)
     int err = rc < 0 ? -errno : 0;
     close(s);
     return err;
+}
+
+/*
+ * Following the link without polling it.  The control plane waits on
+ * kp->link_fd, an rtnetlink socket subscribed to link changes in the
+ * namespace the port's fds were opened in, and looks at the link
+ * (vs_kport_link_state) when one arrives; its once-a-second housekeeping
+ * looks too, as a backstop.  That namespace is already held alive by the
+ * port's own fds, so the socket pins nothing new.
+ *
+ * A TAP may move into another namespace (container tools do this) and
+ * its fd stays valid there.  NETLINK_LISTEN_ALL_NSID also brings the link
+ * changes of the namespaces that have an id here, and the kernel gives the
+ * target one when it moves an interface out of here.  Wherever the TAP
+ * is, its fd itself tells whether it is up (POLLOUT, see tap_link_state),
+ * and it turns writable when the TAP comes up (the tun driver wakes
+ * writers then, for writers that met EIO), which the control plane waits
+ * for while the link is down.  No socket is ever opened in the TAP's new
+ * namespace: it would keep that namespace, and the TAP in it, alive after
+ * its container is gone.
+ *
+ * Failing to open the socket costs promptness only, so it is not an error.
+ */
+static void open_link_watch(struct vs_kport *kp)
+{
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (fd < 0) {
+        return;
+    }
+    struct sockaddr_nl snl;
+    memset(&snl, 0, sizeof snl);
+    snl.nl_family = AF_NETLINK;
+    snl.nl_groups = RTMGRP_LINK;
+    if (bind(fd, (struct sockaddr *)&snl, sizeof snl) < 0) {
+        close(fd);
+        return;
+    }
+    int one = 1;
+    (void)setsockopt(fd, SOL_NETLINK, NETLINK_LISTEN_ALL_NSID, &one, sizeof one);
+    kp->link_fd = fd;
 }
 
 static int open_tap_queues(struct vs_kport *kp, const char *ifname, uint32_t nqueues, int offloads)
@@ -178,6 +226,7 @@ int vs_kport_open_tap(struct vs_kport *kp, const char *ifname, uint32_t nqueues,
     }
     if (!err) {
         kp->ifindex = (int)if_nametoindex(kp->ifname);
+        open_link_watch(kp);
     }
     leave_netns(saved);
     return err;
@@ -307,6 +356,9 @@ int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_f
     } else {
         err = open_packet_socket(kp, tpacket_version, vnet_hdr);
     }
+    if (!err) {
+        open_link_watch(kp);
+    }
     leave_netns(saved);
     return err;
 }
@@ -330,6 +382,77 @@ void vs_kport_close(struct vs_kport *kp)
             kp->pool[q] = NULL;
         }
     }
+    if (kp->link_fd >= 0) {
+        close(kp->link_fd);
+        kp->link_fd = -1;
+    }
+}
+
+static void set_fault(struct vs_kport *kp, int err)
+{
+    __atomic_store_n(&kp->fault_errno, err, __ATOMIC_RELAXED);
+    __atomic_store_n(&kp->fault, VS_KPORT_GONE, __ATOMIC_RELEASE);
+}
+
+/* A TAP, wherever it lives now: its fd answers, no socket in its namespace needed. */
+static int tap_link_state(struct vs_kport *kp)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (ioctl(kp->fds[0], TUNGETIFF, &ifr) < 0) {
+        return -errno;   /* EBADFD: the interface was deleted */
+    }
+    /* The tun driver reports POLLOUT exactly while the interface is up
+     * (a TAP's send buffer is unlimited), POLLERR while it is going away. */
+    struct pollfd p = { .fd = kp->fds[0], .events = POLLOUT };
+    if (poll(&p, 1, 0) < 0) {
+        return -errno;
+    }
+    if (p.revents & (POLLERR | POLLNVAL)) {
+        return -EBADFD;
+    }
+    return (p.revents & POLLOUT) ? 1 : 0;
+}
+
+/* A packet socket asks about its interface in the socket's own namespace. */
+static int packet_link_state(struct vs_kport *kp)
+{
+    int s = kp->fds[0];
+    struct sockaddr_ll sll;
+    socklen_t len = sizeof sll;
+    if (getsockname(s, (struct sockaddr *)&sll, &len) < 0) {
+        return -errno;
+    }
+    /* The kernel unbinds the socket (ifindex -1) when its interface is
+     * deleted or leaves the namespace, and never binds it again. */
+    if (sll.sll_ifindex != kp->ifindex) {
+        return -ENODEV;
+    }
+    /* Since the interface went down the socket holds ENETDOWN as a pending
+     * error: take it, or the PMD's poll reports it over and over, and the
+     * first send after the link returns fails on it. */
+    int pending;
+    len = sizeof pending;
+    (void)getsockopt(s, SOL_SOCKET, SO_ERROR, &pending, &len);
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_ifindex = kp->ifindex;
+    if (ioctl(s, SIOCGIFNAME, &ifr) < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) < 0) {
+        return -errno;   /* ENODEV: deleted this very moment */
+    }
+    return (ifr.ifr_flags & IFF_UP) && (ifr.ifr_flags & IFF_RUNNING) ? 1 : 0;
+}
+
+/* The interface is gone for this fd for good. */
+static inline bool gone_errno(int err)
+{
+    return err == EBADF || err == EBADFD || err == ENXIO || err == ENODEV;
+}
+
+/* The interface is there but down: the frames are dropped, the link follows. */
+static inline bool down_errno(int err)
+{
+    return err == EIO || err == ENETDOWN;
 }
 
 int vs_kport_link_state(struct vs_kport *kp)
@@ -340,40 +463,34 @@ int vs_kport_link_state(struct vs_kport *kp)
     if (kp->fds[0] < 0) {
         return -EBADF;
     }
-    struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    ifr.ifr_ifindex = kp->ifindex;
-    /* A socket asks in its own namespace; a TAP fd is no socket, so ask
-     * the tun driver which device it is attached to. */
-    int s;
-    if (kp->kind == VS_KPORT_AF_PACKET) {
-        s = kp->fds[0];
-        if (ioctl(s, SIOCGIFNAME, &ifr) < 0) {
-            return -errno;   /* ENODEV: the interface was deleted */
-        }
-    } else {
-        if (ioctl(kp->fds[0], TUNGETIFF, &ifr) < 0) {
-            return -errno;   /* EBADFD: the interface was deleted */
-        }
-        return 1;            /* the switch owns the TAP and keeps it up */
+    int state = kp->kind == VS_KPORT_AF_PACKET ? packet_link_state(kp) : tap_link_state(kp);
+    if (state < 0 && gone_errno(-state)) {
+        /* The PMD stops polling an fd that would only report errors from now on. */
+        set_fault(kp, -state);
     }
-    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) {
-        return -errno;
-    }
-    return (ifr.ifr_flags & IFF_UP) && (ifr.ifr_flags & IFF_RUNNING) ? 1 : 0;
+    return state;
 }
 
-/* Errors that mean the interface is gone or down for good: stop using the fd. */
-static inline bool fatal_errno(int err)
+int vs_kport_link_events(struct vs_kport *kp)
 {
-    return err == EBADF || err == EBADFD || err == ENXIO || err == ENODEV || err == ENETDOWN ||
-           err == EIO || err == EPIPE;
-}
-
-static void set_fault(struct vs_kport *kp, int err)
-{
-    __atomic_store_n(&kp->fault_errno, err, __ATOMIC_RELAXED);
-    __atomic_store_n(&kp->fault, VS_KPORT_GONE, __ATOMIC_RELEASE);
+    if (kp->link_fd < 0) {
+        return -EBADF;
+    }
+    /* Only "something changed" matters, as the caller then looks at the
+     * link itself: the messages are not parsed.  ENOBUFS (the socket
+     * overflowed and lost some) says the same. */
+    char buf[8192];
+    int n = 0;
+    /* Bounded: a storm of link changes must not hold the event loop; it calls again. */
+    while (n < 64) {
+        ssize_t r = recv(kp->link_fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (r >= 0 || errno == ENOBUFS || errno == EINTR) {
+            n++;
+            continue;
+        }
+        return errno == EAGAIN ? n : -errno;
+    }
+    return n;
 }
 
 static inline void hdr_from_wire(struct vs_net_hdr *h, const uint8_t *p)
@@ -411,7 +528,7 @@ static uint32_t tap_rx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt *pkt
         if (n < 0) {
             if (errno != EAGAIN && errno != EINTR) {
                 st->rx_errors++;
-                if (fatal_errno(errno)) {
+                if (gone_errno(errno)) {
                     set_fault(kp, errno);
                 }
             }
@@ -456,9 +573,12 @@ static void tap_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkts, 
             st->tx_bytes += pkt->len;
         } else if (errno == EAGAIN) {
             st->tx_dropped++;
+        } else if (down_errno(errno)) {
+            st->tx_dropped += n - i;   /* the rest of the burst would meet the same */
+            return;
         } else {
             st->tx_errors++;
-            if (fatal_errno(errno)) {
+            if (gone_errno(errno)) {
                 set_fault(kp, errno);
                 st->tx_dropped += n - i - 1;
                 return;
@@ -575,6 +695,35 @@ static uint32_t packet_rx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt *
     return got;
 }
 
+/*
+ * After a kick that failed because the interface is down, takes back the
+ * frames of this burst the kernel left unsent, the latest first, so they
+ * are dropped now rather than sent stale whenever the link returns.  Safe:
+ * the kernel reads TX slots only inside our send calls (serialised by the
+ * port's TX lock), and it stops at its first unsent slot, which becomes
+ * our next one again.  Returns how many frames (and bytes) were taken back.
+ */
+static uint32_t take_back_unsent(struct vs_kport_ring *r, uint32_t queued, uint32_t hdr_len,
+                                 uint64_t *bytes)
+{
+    uint32_t taken = 0;
+    while (taken < queued) {
+        uint32_t prev = (r->tx_next + r->tx_frames - 1) % r->tx_frames;
+        uint8_t *slot = r->tx + (size_t)prev * r->tx_frame_size;
+        struct tpacket2_hdr *h2 = (void *)slot;
+        struct tpacket3_hdr *h3 = (void *)slot;
+        uint32_t *status_word = r->version == TPACKET_V3 ? &h3->tp_status : &h2->tp_status;
+        if (__atomic_load_n(status_word, __ATOMIC_ACQUIRE) != TP_STATUS_SEND_REQUEST) {
+            break;
+        }
+        *bytes += (r->version == TPACKET_V3 ? h3->tp_len : h2->tp_len) - hdr_len;
+        __atomic_store_n(status_word, TP_STATUS_AVAILABLE, __ATOMIC_RELEASE);
+        r->tx_next = prev;
+        taken++;
+    }
+    return taken;
+}
+
 static void packet_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkts, uint32_t n)
 {
     struct vs_kport_ring *r = &kp->rings[q];
@@ -630,9 +779,18 @@ static void packet_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkt
     }
     /* One kick sends every frame queued in the ring. */
     if (sendto(kp->fds[q], NULL, 0, MSG_DONTWAIT, NULL, 0) < 0 && errno != EAGAIN && errno != ENOBUFS) {
+        int err = errno;
+        if (down_errno(err)) {
+            uint64_t dropped_bytes = 0;
+            uint32_t dropped = take_back_unsent(r, queued, hdr_len, &dropped_bytes);
+            st->tx_dropped += dropped;
+            st->tx_packets += queued - dropped;
+            st->tx_bytes += bytes - dropped_bytes;
+            return;
+        }
         st->tx_errors++;
-        if (fatal_errno(errno)) {
-            set_fault(kp, errno);
+        if (gone_errno(err)) {
+            set_fault(kp, err);
         }
         return;
     }

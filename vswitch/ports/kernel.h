@@ -22,10 +22,12 @@ enum vs_kport_kind {
     VS_KPORT_AF_PACKET = 2
 };
 
-/* Why a kernel port stopped: set by the PMD, read by the control plane. */
+/* Why a kernel port stopped for good: set by the PMD or the link check, read
+ * by the control plane.  Only a deleted interface (or, for AF_PACKET, one
+ * that left the socket's namespace) is gone; one that is down is not. */
 enum vs_kport_fault {
     VS_KPORT_OK = 0,
-    VS_KPORT_GONE = 1                     /* EBADF/ENXIO/ENODEV/ENETDOWN on the fd */
+    VS_KPORT_GONE = 1                     /* EBADF/EBADFD/ENXIO/ENODEV on the fd */
 };
 
 /* Counters per queue, from the switch's point of view (rx: from the kernel). */
@@ -36,7 +38,7 @@ struct vs_kport_stats {
     uint64_t rx_errors;                   /* read errors, bad virtio-net headers */
     uint64_t tx_packets;
     uint64_t tx_bytes;
-    uint64_t tx_dropped;                  /* kernel queue full (EAGAIN), TX ring full */
+    uint64_t tx_dropped;                  /* kernel queue full (EAGAIN), TX ring full, interface down */
     uint64_t tx_errors;                   /* write errors, frames too big for the TX ring */
 };
 
@@ -67,6 +69,7 @@ struct vs_kport {
     int fds[VS_KPORT_MAX_QUEUES];         /* one per queue; the PMD may sleep on them */
     int ifindex;                          /* AF_PACKET: the attached interface */
     char ifname[VS_KPORT_IFNAMSIZ];
+    int link_fd;                          /* rtnetlink socket: link notifications, or -1 */
     uint8_t vnet_hdr;                     /* frames carry a virtio-net header (offloads) */
     uint32_t offload_caps;                /* VS_OFFLOAD_* the port takes on transmit */
     uint32_t fault;                       /* shared: enum vs_kport_fault, set by the PMD */
@@ -87,6 +90,7 @@ int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_f
                             uint32_t tpacket_version, int vnet_hdr);
 void vs_kport_close(struct vs_kport *kp);
 int vs_kport_link_state(struct vs_kport *kp);   /* 1 up and running, 0 down, -errno gone */
+int vs_kport_link_events(struct vs_kport *kp);  /* reads link_fd dry: notifications read, or -errno */
 
 /* Fast path. */
 uint32_t vs_kport_rx_burst(struct vs_kport *kp, uint32_t queue, struct vs_pkt *pkts, uint32_t max);

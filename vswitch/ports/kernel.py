@@ -2,13 +2,23 @@
 
 The C side does the work (opening the fds, the rings, the packet path);
 this class opens it in the right network namespace, turns its per-queue
-counters into port counters and watches the link once a second.  A port
-whose interface goes down or disappears reports the link down; the PMD
-stops using an fd that failed (kernel.c) and the other ports never notice.
+counters into port counters and makes the link follow the interface.
+
+The link is looked at (vs_kport_link_state) when the kernel says something
+changed, not on a timer: on a link notification from the port's rtnetlink
+socket, and, for a TAP whose link is down, when its fd turns writable,
+which the tun driver makes it when the TAP comes up, in whatever namespace
+it lives by then (kernel.c says why both).  The switch's once-a-second
+housekeeping looks too, as a backstop.  A port whose interface is down
+reports the link down and why, and the PMD drops (and counts) what it
+would send there; when the interface comes back up the link does too.
+Only an interface that is gone (deleted; for AF_PACKET also moved to
+another namespace) stops the port for good.  The other ports never notice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -35,6 +45,8 @@ class KernelPort(Port):
         self.c.kport = self.kp
         self._reason: str | None = None       # why the link is down, reported once
         self._pending_errors: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watched: list[tuple[str, int]] = []   # ("reader" | "writer", fd) on the loop
 
     def _open(self, opener, describe) -> None:
         """Runs `opener(netns_fd)` (a C open call) on a helper thread.
@@ -63,19 +75,68 @@ class KernelPort(Port):
             lib.vs_kport_close(self.kp)
             raise OSError(-rc, describe(-rc))
 
+    def _follow_link(self) -> None:
+        """Looks at the link whenever the port's rtnetlink socket reports a change (kernel.c)."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:   # no event loop (a port opened outside the daemon): housekeeping only
+            return
+        if self.kp.link_fd >= 0:
+            self._loop.add_reader(self.kp.link_fd, self._on_link_notification)
+            self._watched.append(("reader", self.kp.link_fd))
+
+    def _on_link_notification(self) -> None:
+        if lib.vs_kport_link_events(self.kp) < 0:
+            self._unwatch("reader", self.kp.link_fd)   # broken: housekeeping still looks once a second
+        self._check_link()
+
+    def _on_fd_event(self) -> None:
+        self._check_link()
+
+    def _check_link(self) -> None:
+        self.housekeep()
+        for line in self.errors():
+            log.warning("%s", line)
+
+    def _watch_fd_while_down(self, down: bool) -> None:
+        """While the link is down, wait on the port's own fd too.  A TAP's turns
+        writable when the TAP comes up, wherever it lives by then; a packet
+        socket's reports the error the kernel sets on it when its interface
+        goes down, which may come after the notification, and which the link
+        check takes (kernel.c).  Never while up: the fd is the PMD's and busy."""
+        fd = self.kp.fds[0]
+        if self._loop is None or fd < 0:
+            return
+        kind = "writer" if self.kp.kind == lib.VS_KPORT_TAP else "reader"
+        if down and (kind, fd) not in self._watched:
+            (self._loop.add_writer if kind == "writer" else self._loop.add_reader)(fd, self._on_fd_event)
+            self._watched.append((kind, fd))
+        elif not down:
+            self._unwatch(kind, fd)
+
+    def _unwatch(self, kind: str | None = None, fd: int | None = None) -> None:
+        for entry in [w for w in self._watched if kind in (None, w[0]) and fd in (None, w[1])]:
+            (self._loop.remove_reader if entry[0] == "reader" else self._loop.remove_writer)(entry[1])
+            self._watched.remove(entry)
+
     async def stop(self) -> None:
         # The switch has unpublished the port and the PMDs have passed a quiescent point.
+        self._unwatch()
         self.set_link(False)
         lib.vs_kport_close(self.kp)
 
     def poll_queues(self) -> list[int]:
         return list(range(self.kp.nqueues))
 
+    def gone_reason(self, err: int) -> str:
+        """Why the interface is gone, from the errno the link check got."""
+        return os.strerror(err)
+
     def housekeep(self) -> None:
-        """Once a second: follow the interface's state into the link state."""
+        """Follows the interface's state into the link state (once a second, and on notifications)."""
         state = lib.vs_kport_link_state(self.kp)
         if state < 0:
-            reason = f"interface {self.ifname} is gone ({os.strerror(-state)})"
+            reason = f"interface {self.ifname} is gone ({self.gone_reason(-state)})"
         elif state == 0:
             reason = f"interface {self.ifname} is down"
         else:
@@ -83,8 +144,14 @@ class KernelPort(Port):
         if reason != self._reason:
             if reason:
                 self._pending_errors.append(f"port '{self.name}': {reason}; link down")
+            elif self._reason:
+                log.info("port '%s': interface %s is up again", self.name, self.ifname)
             self._reason = reason
         self.set_link(state == 1)
+        if state < 0:
+            self._unwatch()   # gone for good: nothing more to hear
+        else:
+            self._watch_fd_while_down(state == 0)
 
     def errors(self) -> list[str]:
         lines, self._pending_errors = self._pending_errors, []

@@ -4,7 +4,9 @@ container's network namespace) to sit on the switch's L2 segment.
 `type: tap`, `ifname` (default: the port name), `netns` (an `ip netns`
 namespace to create it in), `queues` (IFF_MULTI_QUEUE when more than one).
 The interface is created up; removing the port deletes it (the switch holds
-the only fds and the interface is not persistent).  Frames carry a
+the only fds and the interface is not persistent).  The link follows the
+interface: down and up again, even after it moved into another namespace
+(a container's), where the fd keeps working; only a deleted TAP is gone.  Frames carry a
 virtio-net header, with checksum and TSO offloads enabled (TUNSETOFFLOAD),
 so a guest's TSO frames reach the host stack as they are.
 """
@@ -32,7 +34,12 @@ class TapPort(KernelPort):
 
         self._open(lambda netns_fd: lib.vs_kport_open_tap(self.kp, self.ifname.encode(), self.queues,
                                                           netns_fd, 1), describe)
-        self.set_link(True)
+        self._follow_link()
+        self.housekeep()
+
+    def gone_reason(self, err: int) -> str:
+        # The tun driver detaches the fds of a deleted TAP (EBADFD); a move leaves them attached.
+        return "deleted" if err in (errno.EBADFD, errno.EBADF) else super().gone_reason(err)
 
     def info(self) -> dict:
         info = super().info()
