@@ -6,6 +6,7 @@ parallel with the Python control plane and never calls back into Python.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -15,6 +16,7 @@ from vswitch.native import ffi, lib
 log = logging.getLogger(__name__)
 
 QUIESCE_TIMEOUT_MS = 2000
+CALL_WATCHDOG_SECONDS = 0.02   # how often CallWatchdog looks; stalls are cut after VS_PMD_CALL_STALL_MS
 
 
 class PmdThread:
@@ -30,6 +32,7 @@ class PmdThread:
         self._table = None
         self._table_refs: list = []
         self._polls: list = []
+        self._interrupted_seq = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"pmd{self.index}", daemon=True)
@@ -48,6 +51,15 @@ class PmdThread:
                 log.error("PMD %d did not stop within 5 s", self.index)
             self._thread = None
         lib.vs_pmd_fini(self.c)
+
+    def cut_blocked_call(self) -> None:
+        """Interrupts a write to a guest's call eventfd that has blocked too long (CallWatchdog)."""
+        if lib.vs_pmd_call_watchdog(self.c, lib.VS_PMD_CALL_STALL_MS):
+            seq = self.c.call_watch.interrupt_seq
+            if seq != self._interrupted_seq:   # signals for one write may repeat; say it once
+                self._interrupted_seq = seq
+                log.warning("PMD %d: a guest's call eventfd blocked for over %d ms; write interrupted, "
+                            "that ring is not notified again", self.index, lib.VS_PMD_CALL_STALL_MS)
 
     def quiesce(self) -> None:
         """Returns once the PMD has finished any pass that began before the call."""
@@ -84,6 +96,39 @@ class PmdThread:
             "cycles_per_packet": round(busy / s.packets, 1) if s.packets else 0.0,
             "packets_per_burst": round(s.packets / s.bursts, 1) if s.bursts else 0.0,
             "sleeps": s.sleeps, "kick_wakeups": s.kick_wakeups, "flooded": s.flooded, "unicast": s.unicast,
-            "dropped_same_port": s.dropped_same_port,
+            "dropped_same_port": s.dropped_same_port, "calls_blocked": self.c.call_watch.blocked,
             "rx_queues": [{"port": port.name, "queue": queue} for port, queue in self._polls],
         }
+
+
+class CallWatchdog:
+    """Keeps a front-end from stalling a PMD through its call eventfd.
+
+    A front-end shares each call eventfd with us; it can clear O_NONBLOCK and
+    fill the counter, and our next write() to it then blocks.  Every
+    CALL_WATCHDOG_SECONDS this looks at each PMD's pending call write (a
+    cffi call reading two words) and interrupts one older than
+    VS_PMD_CALL_STALL_MS; the PMD then stops notifying that ring and sets the
+    device's VS_DEV_FAULT_CALL_BLOCKED.
+    """
+
+    def __init__(self, pmds: list[PmdThread]):
+        self._pmds = pmds
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(CALL_WATCHDOG_SECONDS)
+            for pmd in self._pmds:
+                try:
+                    pmd.cut_blocked_call()
+                except Exception:  # the watchdog must never die
+                    log.exception("PMD %d: call watchdog failed", pmd.index)

@@ -9,6 +9,8 @@
  */
 
 #define VS_MAX_POLL 512
+/* A call write pending this long is cut short (vs_pmd_call_watchdog). */
+#define VS_PMD_CALL_STALL_MS 50
 
 struct vs_pollq {
     struct vs_port *port;
@@ -50,6 +52,8 @@ struct vs_pmd {
     uint64_t last_work_tsc;      /* when a pass last moved packets */
     uint64_t linger_cycles;      /* after traffic, poll through gaps this long before sleeping */
     uint32_t sleep_us;           /* current backoff */
+    unsigned long thread;        /* pthread_t of vs_pmd_run's thread, valid while running */
+    struct vs_call_watch call_watch; /* its guest notifications, for vs_pmd_call_watchdog() */
     struct vs_pmd_stats stats;
 };
 
@@ -60,3 +64,10 @@ int vs_pmd_quiesce(struct vs_pmd *pmd, uint32_t timeout_ms);
 void vs_pmd_stop(struct vs_pmd *pmd);
 void vs_pmd_run(struct vs_pmd *pmd);
 uint32_t vs_pmd_poll_once(struct vs_pmd *pmd);
+
+/* The signal vs_pmd_call_watchdog() sends; its handler, installed by
+ * vs_pmd_init(), does nothing (and without SA_RESTART, so a write fails). */
+int vs_pmd_watchdog_signal(void);
+/* Called by the control thread every few ms, and by vs_pmd_quiesce(): cuts
+ * short a call write pending longer than stall_ms.  Returns 1 if it did. */
+int vs_pmd_call_watchdog(struct vs_pmd *pmd, uint32_t stall_ms);
