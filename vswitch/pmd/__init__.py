@@ -6,7 +6,6 @@ parallel with the Python control plane and never calls back into Python.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -16,7 +15,7 @@ from vswitch.native import ffi, lib
 log = logging.getLogger(__name__)
 
 QUIESCE_TIMEOUT_MS = 2000
-CALL_WATCHDOG_SECONDS = 0.02   # how often CallWatchdog looks; stalls are cut after VS_PMD_CALL_STALL_MS
+CALL_WATCHDOG_MS = 20          # how often CallWatchdog looks; stalls are cut after VS_PMD_CALL_STALL_MS
 
 
 class PmdThread:
@@ -32,7 +31,6 @@ class PmdThread:
         self._table = None
         self._table_refs: list = []
         self._polls: list = []
-        self._interrupted_seq = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"pmd{self.index}", daemon=True)
@@ -51,15 +49,6 @@ class PmdThread:
                 log.error("PMD %d did not stop within 5 s", self.index)
             self._thread = None
         lib.vs_pmd_fini(self.c)
-
-    def cut_blocked_call(self) -> None:
-        """Interrupts a write to a guest's call eventfd that has blocked too long (CallWatchdog)."""
-        if lib.vs_pmd_call_watchdog(self.c, lib.VS_PMD_CALL_STALL_MS):
-            seq = self.c.call_watch.interrupt_seq
-            if seq != self._interrupted_seq:   # signals for one write may repeat; say it once
-                self._interrupted_seq = seq
-                log.warning("PMD %d: a guest's call eventfd blocked for over %d ms; write interrupted, "
-                            "that ring is not notified again", self.index, lib.VS_PMD_CALL_STALL_MS)
 
     def quiesce(self) -> None:
         """Returns once the PMD has finished any pass that began before the call."""
@@ -105,30 +94,31 @@ class CallWatchdog:
     """Keeps a front-end from stalling a PMD through its call eventfd.
 
     A front-end shares each call eventfd with us; it can clear O_NONBLOCK and
-    fill the counter, and our next write() to it then blocks.  Every
-    CALL_WATCHDOG_SECONDS this looks at each PMD's pending call write (a
-    cffi call reading two words) and interrupts one older than
-    VS_PMD_CALL_STALL_MS; the PMD then stops notifying that ring and sets the
-    device's VS_DEV_FAULT_CALL_BLOCKED.
+    fill the counter, and our next write() to it then blocks.  A C loop on a
+    thread of its own (vs_call_watchdog_run, GIL released) looks at each
+    PMD's pending call write every CALL_WATCHDOG_MS and interrupts one older
+    than VS_PMD_CALL_STALL_MS; the PMD then stops notifying that ring and
+    sets the device's VS_DEV_FAULT_CALL_BLOCKED, which the port reacts to.
+    Stop it before the PMD threads.
     """
 
     def __init__(self, pmds: list[PmdThread]):
-        self._pmds = pmds
-        self._task: asyncio.Task | None = None
+        self._pmd_ptrs = ffi.new("struct vs_pmd *[]", [p.c for p in pmds])
+        self.c = ffi.new("struct vs_call_watchdog *")
+        self.c.pmds = self._pmd_ptrs
+        self.c.n_pmds = len(pmds)
+        self.c.interval_ms = CALL_WATCHDOG_MS
+        self.c.stall_ms = lib.VS_PMD_CALL_STALL_MS
+        self._pmds = pmds        # the structs above point into these
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._thread = threading.Thread(target=lib.vs_call_watchdog_run, args=(self.c,),
+                                        name="call-watchdog", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(CALL_WATCHDOG_SECONDS)
-            for pmd in self._pmds:
-                try:
-                    pmd.cut_blocked_call()
-                except Exception:  # the watchdog must never die
-                    log.exception("PMD %d: call watchdog failed", pmd.index)
+        if self._thread:
+            self.c.stop = 1
+            self._thread.join(timeout=5)
+            self._thread = None

@@ -106,7 +106,7 @@ int vs_pmd_call_watchdog(struct vs_pmd *pmd, uint32_t stall_ms)
 {
     struct vs_call_watch *w = &pmd->call_watch;
     /* The thread cannot end meanwhile: only vs_pmd_stop() ends it, and the
-     * control thread that calls us is the one that calls that. */
+     * control plane stops the watchdog first. */
     if (!__atomic_load_n(&pmd->running, __ATOMIC_ACQUIRE)) {
         return 0;
     }
@@ -123,9 +123,21 @@ int vs_pmd_call_watchdog(struct vs_pmd *pmd, uint32_t stall_ms)
     /* Sent again on every call while the same write is pending: a signal that
      * arrived just before the write began did not interrupt it. */
     __atomic_store_n(&w->interrupt_seq, seq, __ATOMIC_SEQ_CST);
-    w->signals++;
+    __atomic_add_fetch(&w->signals, 1, __ATOMIC_RELAXED);
     pthread_kill((pthread_t)pmd->thread, vs_pmd_watchdog_signal());
     return 1;
+}
+
+void vs_call_watchdog_run(struct vs_call_watchdog *wd)
+{
+    struct timespec pause = { .tv_sec = wd->interval_ms / 1000,
+                              .tv_nsec = (wd->interval_ms % 1000) * 1000000L };
+    while (!__atomic_load_n(&wd->stop, __ATOMIC_ACQUIRE)) {
+        nanosleep(&pause, NULL);
+        for (uint32_t i = 0; i < wd->n_pmds; i++) {
+            vs_pmd_call_watchdog(wd->pmds[i], wd->stall_ms);
+        }
+    }
 }
 
 int vs_pmd_quiesce(struct vs_pmd *pmd, uint32_t timeout_ms)

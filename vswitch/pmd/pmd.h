@@ -68,6 +68,20 @@ uint32_t vs_pmd_poll_once(struct vs_pmd *pmd);
 /* The signal vs_pmd_call_watchdog() sends; its handler, installed by
  * vs_pmd_init(), does nothing (and without SA_RESTART, so a write fails). */
 int vs_pmd_watchdog_signal(void);
-/* Called by the control thread every few ms, and by vs_pmd_quiesce(): cuts
- * short a call write pending longer than stall_ms.  Returns 1 if it did. */
+/* Cuts short a call write pending longer than stall_ms (struct vs_call_watch);
+ * returns 1 if it did.  Called by vs_call_watchdog_run() and vs_pmd_quiesce(),
+ * never while vs_pmd_stop() may be ending the thread. */
 int vs_pmd_call_watchdog(struct vs_pmd *pmd, uint32_t stall_ms);
+
+/* A thread that looks at every PMD's pending call write each interval_ms.
+ * A thread of its own rather than a timer on the control loop: it costs a
+ * nanosleep per look, and works while the control loop is busy. */
+struct vs_call_watchdog {
+    struct vs_pmd **pmds;        /* control: set before vs_call_watchdog_run() */
+    uint32_t n_pmds;
+    uint32_t interval_ms;
+    uint32_t stall_ms;
+    int stop;                    /* shared: ends vs_call_watchdog_run() within interval_ms */
+};
+
+void vs_call_watchdog_run(struct vs_call_watchdog *wd);
