@@ -25,7 +25,7 @@ class PmdThread:
         self.c = ffi.new("struct vs_pmd *")
         rc = lib.vs_pmd_init(self.c, fib.c)
         if rc != 0:
-            raise OSError(-rc, f"PMD {index}: cannot create its wake-up eventfd")
+            raise OSError(-rc, f"PMD {index}: cannot create its wake-up eventfd or install its watchdog signal handler")
         self._thread: threading.Thread | None = None
         # The published table and every port it points to stay referenced here.
         self._table = None
