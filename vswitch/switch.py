@@ -16,7 +16,7 @@ from typing import Callable
 from vswitch.config import Config, validate_port
 from vswitch.fib import MacTable
 from vswitch.native import lib
-from vswitch.pmd import PmdThread
+from vswitch.pmd import CallWatchdog, PmdThread
 from vswitch.ports.base import Port
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Switch:
         self.fib = MacTable(config.fdb_max_entries, config.fdb_aging_seconds)
         cpus = config.pmd_cpus or [None]
         self.pmds = [PmdThread(i, self.fib, cpu) for i, cpu in enumerate(cpus)]
+        self._call_watchdog = CallWatchdog(self.pmds)
         self.ports: dict[str, Port] = {}
         self.on_change: Callable[[], None] | None = None
         self._subscribers: list[Callable[[dict], None]] = []
@@ -54,6 +55,7 @@ class Switch:
     def start(self) -> None:
         for pmd in self.pmds:
             pmd.start()
+        self._call_watchdog.start()
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
 
     async def stop(self) -> None:
@@ -61,6 +63,7 @@ class Switch:
             self._housekeeping.cancel()
         for name in list(self.ports):
             await self.del_port(name)
+        self._call_watchdog.stop()
         for pmd in self.pmds:
             pmd.stop()
         self.fib.close()

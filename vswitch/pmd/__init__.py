@@ -15,6 +15,7 @@ from vswitch.native import ffi, lib
 log = logging.getLogger(__name__)
 
 QUIESCE_TIMEOUT_MS = 2000
+CALL_WATCHDOG_MS = 20          # how often CallWatchdog looks; stalls are cut after VS_PMD_CALL_STALL_MS
 
 
 class PmdThread:
@@ -24,7 +25,7 @@ class PmdThread:
         self.c = ffi.new("struct vs_pmd *")
         rc = lib.vs_pmd_init(self.c, fib.c)
         if rc != 0:
-            raise OSError(-rc, f"PMD {index}: cannot create its wake-up eventfd")
+            raise OSError(-rc, f"PMD {index}: cannot create its wake-up eventfd or install its watchdog signal handler")
         self._thread: threading.Thread | None = None
         # The published table and every port it points to stay referenced here.
         self._table = None
@@ -84,6 +85,40 @@ class PmdThread:
             "cycles_per_packet": round(busy / s.packets, 1) if s.packets else 0.0,
             "packets_per_burst": round(s.packets / s.bursts, 1) if s.bursts else 0.0,
             "sleeps": s.sleeps, "kick_wakeups": s.kick_wakeups, "flooded": s.flooded, "unicast": s.unicast,
-            "dropped_same_port": s.dropped_same_port,
+            "dropped_same_port": s.dropped_same_port, "calls_blocked": self.c.call_watch.blocked,
             "rx_queues": [{"port": port.name, "queue": queue} for port, queue in self._polls],
         }
+
+
+class CallWatchdog:
+    """Keeps a front-end from stalling a PMD through its call eventfd.
+
+    A front-end shares each call eventfd with us; it can clear O_NONBLOCK and
+    fill the counter, and our next write() to it then blocks.  A C loop on a
+    thread of its own (vs_call_watchdog_run, GIL released) looks at each
+    PMD's pending call write every CALL_WATCHDOG_MS and interrupts one older
+    than VS_PMD_CALL_STALL_MS; the PMD then stops notifying that ring and
+    sets the device's VS_DEV_FAULT_CALL_BLOCKED, which the port reacts to.
+    Stop it before the PMD threads.
+    """
+
+    def __init__(self, pmds: list[PmdThread]):
+        self._pmd_ptrs = ffi.new("struct vs_pmd *[]", [p.c for p in pmds])
+        self.c = ffi.new("struct vs_call_watchdog *")
+        self.c.pmds = self._pmd_ptrs
+        self.c.n_pmds = len(pmds)
+        self.c.interval_ms = CALL_WATCHDOG_MS
+        self.c.stall_ms = lib.VS_PMD_CALL_STALL_MS
+        self._pmds = pmds        # the structs above point into these
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=lib.vs_call_watchdog_run, args=(self.c,),
+                                        name="call-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread:
+            self.c.stop = 1
+            self._thread.join(timeout=5)
+            self._thread = None

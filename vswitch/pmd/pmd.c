@@ -17,7 +17,10 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -43,6 +46,27 @@ static uint64_t measure_tsc_hz(void)
     return ns ? (t1 - t0) * 1000000000ULL / ns : 1000000000ULL;
 }
 
+static void interrupt_only(int sig)
+{
+    (void)sig;
+}
+
+int vs_pmd_watchdog_signal(void)
+{
+    return SIGRTMIN + 2;
+}
+
+/* The handler only has to exist: with it, the signal interrupts a blocking
+ * system call (no SA_RESTART) instead of killing the process. */
+static int install_watchdog_handler(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = interrupt_only;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(vs_pmd_watchdog_signal(), &sa, NULL) ? -errno : 0;
+}
+
 int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib)
 {
     memset(pmd, 0, sizeof *pmd);
@@ -52,7 +76,10 @@ int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib)
     pmd->tsc_hz = measure_tsc_hz();
     pmd->linger_cycles = pmd->tsc_hz / 1000000 * LINGER_US;
     pmd->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    return pmd->wakefd < 0 ? -errno : 0;
+    if (pmd->wakefd < 0) {
+        return -errno;
+    }
+    return install_watchdog_handler();
 }
 
 void vs_pmd_fini(struct vs_pmd *pmd)
@@ -75,6 +102,44 @@ static void wake(struct vs_pmd *pmd)
     (void)r;  /* EAGAIN: a wake-up is already pending. */
 }
 
+int vs_pmd_call_watchdog(struct vs_pmd *pmd, uint32_t stall_ms)
+{
+    struct vs_call_watch *w = &pmd->call_watch;
+    /* The thread cannot end meanwhile: only vs_pmd_stop() ends it, and the
+     * control plane stops the watchdog first. */
+    if (!__atomic_load_n(&pmd->running, __ATOMIC_ACQUIRE)) {
+        return 0;
+    }
+    /* seq read on both sides of since_tsc: the stamp belongs to that write. */
+    uint64_t seq = __atomic_load_n(&w->seq, __ATOMIC_ACQUIRE);
+    uint64_t since = __atomic_load_n(&w->since_tsc, __ATOMIC_ACQUIRE);
+    if (!since || __atomic_load_n(&w->seq, __ATOMIC_ACQUIRE) != seq) {
+        return 0;
+    }
+    uint64_t now = vs_rdtsc();
+    if (now < since || now - since < pmd->tsc_hz / 1000 * stall_ms) {
+        return 0;
+    }
+    /* Sent again on every call while the same write is pending: a signal that
+     * arrived just before the write began did not interrupt it. */
+    __atomic_store_n(&w->interrupt_seq, seq, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&w->signals, 1, __ATOMIC_RELAXED);
+    pthread_kill((pthread_t)pmd->thread, vs_pmd_watchdog_signal());
+    return 1;
+}
+
+void vs_call_watchdog_run(struct vs_call_watchdog *wd)
+{
+    struct timespec pause = { .tv_sec = wd->interval_ms / 1000,
+                              .tv_nsec = (wd->interval_ms % 1000) * 1000000L };
+    while (!__atomic_load_n(&wd->stop, __ATOMIC_ACQUIRE)) {
+        nanosleep(&pause, NULL);
+        for (uint32_t i = 0; i < wd->n_pmds; i++) {
+            vs_pmd_call_watchdog(wd->pmds[i], wd->stall_ms);
+        }
+    }
+}
+
 int vs_pmd_quiesce(struct vs_pmd *pmd, uint32_t timeout_ms)
 {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -85,6 +150,8 @@ int vs_pmd_quiesce(struct vs_pmd *pmd, uint32_t timeout_ms)
     while (__atomic_load_n(&pmd->running, __ATOMIC_SEQ_CST) &&
            __atomic_load_n(&pmd->epoch, __ATOMIC_SEQ_CST) == start) {
         wake(pmd);
+        /* A pass stuck in a guest's blocked call write would never end. */
+        vs_pmd_call_watchdog(pmd, VS_PMD_CALL_STALL_MS);
         nanosleep(&pause, NULL);
         waited_us += 20;
         if (waited_us > (uint64_t)timeout_ms * 1000) {
@@ -410,11 +477,15 @@ static void idle_sleep(struct vs_pmd *pmd)
         }
         if (ppoll(fds, nfds, &ts, NULL) > 0) {
             /* Drain the eventfds that woke us, so the next sleep does not return at
-             * once; a kernel port's fd is drained by receiving from it. */
+             * once; a kernel port's fd is drained by receiving from it.  A kick
+             * eventfd is the front-end's too: it may have made it blocking and
+             * emptied it since the poll (or two rings may share it), so the read
+             * must never wait. */
             for (uint32_t i = 0; i < 1 + nnotify; i++) {
                 if (fds[i].revents & POLLIN) {
                     uint64_t count;
-                    ssize_t r = read(fds[i].fd, &count, sizeof count);
+                    struct iovec iov = { .iov_base = &count, .iov_len = sizeof count };
+                    ssize_t r = preadv2(fds[i].fd, &iov, 1, -1, RWF_NOWAIT);
                     (void)r;
                     pmd->stats.kick_wakeups += i > 0;
                 }
@@ -430,6 +501,8 @@ static void idle_sleep(struct vs_pmd *pmd)
 
 void vs_pmd_run(struct vs_pmd *pmd)
 {
+    pmd->thread = (unsigned long)pthread_self();
+    vs_vring_watch_calls(&pmd->call_watch);
     __atomic_store_n(&pmd->running, 1, __ATOMIC_SEQ_CST);
     while (!__atomic_load_n(&pmd->stop, __ATOMIC_ACQUIRE)) {
         __atomic_add_fetch(&pmd->epoch, 1, __ATOMIC_SEQ_CST);
@@ -453,4 +526,5 @@ void vs_pmd_run(struct vs_pmd *pmd)
     }
     __atomic_add_fetch(&pmd->epoch, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pmd->running, 0, __ATOMIC_SEQ_CST);
+    vs_vring_watch_calls(NULL);
 }

@@ -9,6 +9,8 @@
  */
 
 #define VS_MAX_POLL 512
+/* A call write pending this long is cut short (vs_pmd_call_watchdog). */
+#define VS_PMD_CALL_STALL_MS 50
 
 struct vs_pollq {
     struct vs_port *port;
@@ -50,6 +52,8 @@ struct vs_pmd {
     uint64_t last_work_tsc;      /* when a pass last moved packets */
     uint64_t linger_cycles;      /* after traffic, poll through gaps this long before sleeping */
     uint32_t sleep_us;           /* current backoff */
+    unsigned long thread;        /* pthread_t of vs_pmd_run's thread, valid while running */
+    struct vs_call_watch call_watch; /* its guest notifications, for vs_pmd_call_watchdog() */
     struct vs_pmd_stats stats;
 };
 
@@ -60,3 +64,24 @@ int vs_pmd_quiesce(struct vs_pmd *pmd, uint32_t timeout_ms);
 void vs_pmd_stop(struct vs_pmd *pmd);
 void vs_pmd_run(struct vs_pmd *pmd);
 uint32_t vs_pmd_poll_once(struct vs_pmd *pmd);
+
+/* The signal vs_pmd_call_watchdog() sends; its handler, installed by
+ * vs_pmd_init(), does nothing (and without SA_RESTART, so a write fails). */
+int vs_pmd_watchdog_signal(void);
+/* Cuts short a call write pending longer than stall_ms (struct vs_call_watch);
+ * returns 1 if it did.  Called by vs_call_watchdog_run() and vs_pmd_quiesce(),
+ * never while vs_pmd_stop() may be ending the thread. */
+int vs_pmd_call_watchdog(struct vs_pmd *pmd, uint32_t stall_ms);
+
+/* A thread that looks at every PMD's pending call write each interval_ms.
+ * A thread of its own rather than a timer on the control loop: it costs a
+ * nanosleep per look, and works while the control loop is busy. */
+struct vs_call_watchdog {
+    struct vs_pmd **pmds;        /* control: set before vs_call_watchdog_run() */
+    uint32_t n_pmds;
+    uint32_t interval_ms;
+    uint32_t stall_ms;
+    int stop;                    /* shared: ends vs_call_watchdog_run() within interval_ms */
+};
+
+void vs_call_watchdog_run(struct vs_call_watchdog *wd);

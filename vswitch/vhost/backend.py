@@ -86,6 +86,24 @@ _FD_SIZE = 4
 EventSink = Callable[[str, dict], None]
 
 
+def _take_eventfd(msg: _Message, request: Request, index: int) -> int:
+    """Takes the message's fd, which must be an eventfd, and makes it non-blocking.
+
+    The PMD writes call fds and reads kick fds: a pipe or a socket could fill
+    up and block it.  The front-end shares the file description, so it can
+    still clear O_NONBLOCK; the PMD copes with that too (pmd.c, virtqueue.c).
+    """
+    fd = msg.fds[0]
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        kind = f"unknown: {exc.strerror}"
+    if kind != "anon_inode:[eventfd]":
+        raise RequestRefused(f"{request.name}: vring {index}: the fd is not an eventfd ({kind})")
+    os.set_blocking(fd, False)
+    return msg.take_fd()
+
+
 def _close_fds(fds) -> None:
     for fd in fds:
         if fd is not None and fd >= 0:
@@ -707,7 +725,7 @@ class VhostUserBackend:
 
     def _set_vring_kick(self, msg, body: VringFd):
         ring = self._ring(Request.SET_VRING_KICK, body.index)
-        fd = -1 if body.nofd else msg.take_fd()
+        fd = -1 if body.nofd else _take_eventfd(msg, Request.SET_VRING_KICK, ring.index)
 
         def apply():
             _close_fds([ring.kickfd])
@@ -720,16 +738,19 @@ class VhostUserBackend:
 
     def _set_vring_call(self, msg, body: VringFd):
         ring = self._ring(Request.SET_VRING_CALL, body.index)
-        fd = -1 if body.nofd else msg.take_fd()
+        fd = -1 if body.nofd else _take_eventfd(msg, Request.SET_VRING_CALL, ring.index)
         old = ring.callfd
+        vr = self._vring(ring.index)
         if ring.started:
             # QEMU swaps the call fd whenever the guest masks or unmasks the
             # queue's interrupt; the ring keeps running, with a brief pause.
-            vr = self._vring(ring.index)
             lib.vs_vring_set_enabled(vr, 0)
             self._quiesce()
             vr.callfd = fd
+            vr.call_broken = 0        # a new fd: the guest may be notified again
             lib.vs_vring_set_enabled(vr, 1)
+        else:
+            vr.call_broken = 0        # no PMD touches a ring that has not started
         ring.callfd = fd
         ring.call_set = True
         _close_fds([old])

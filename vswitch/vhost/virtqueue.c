@@ -13,10 +13,13 @@
  * writes outside the guest's mapped regions or the caller's buffers.
  *
  * Used-ring entries are written as buffers are consumed, but used->idx is
- * published, and the guest notified, once per burst.  Buffers are always
- * used in the order the guest made them available, so VIRTIO_F_IN_ORDER is
- * offered: the driver may then free descriptors in ring order instead of
- * walking each chain (a cost a DPDK virtio-user peer pays per frame).
+ * published, and the guest notified, once per burst.  The notification is
+ * decided under the ring lock and written after it is released: the call
+ * eventfd belongs to the front-end too, and a write to it can block.
+ * Buffers are always used in the order the guest made them available, so
+ * VIRTIO_F_IN_ORDER is offered: the driver may then free descriptors in
+ * ring order instead of walking each chain (a cost a DPDK virtio-user peer
+ * pays per frame).
  */
 #include <errno.h>
 #include <unistd.h>
@@ -324,7 +327,10 @@ static inline bool need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old
     return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
 }
 
-static void notify_guest(const struct vs_vhost_dev *dev, struct vs_vring *vr, uint16_t new_idx)
+/* Whether the guest wants an interrupt for used entries up to new_idx; called
+ * by the ring's owner (under the lock for a receive ring), as it updates
+ * signalled_used. */
+static bool want_notify(const struct vs_vhost_dev *dev, struct vs_vring *vr, uint16_t new_idx)
 {
     bool notify;
     /* Our used->idx store must be visible before we read the guest's wishes. */
@@ -338,26 +344,81 @@ static void notify_guest(const struct vs_vhost_dev *dev, struct vs_vring *vr, ui
     }
     vr->signalled_used = new_idx;
     vr->signalled_used_valid = 1;
-    if (notify && vr->callfd >= 0) {
-        uint64_t one = 1;
-        /* EAGAIN means the counter is already non-zero: the guest will wake. */
-        if (write(vr->callfd, &one, sizeof one) == sizeof one) {
-            vr->stats.notifications++;
+    return notify && vr->callfd >= 0 && !__atomic_load_n(&vr->call_broken, __ATOMIC_RELAXED);
+}
+
+/* The calling thread's watch over its call writes; NULL: not watched. */
+static __thread struct vs_call_watch *call_watch;
+
+void vs_vring_watch_calls(struct vs_call_watch *watch)
+{
+    call_watch = watch;
+}
+
+/* A write the watchdog cut short: this call fd is not written again. */
+static void call_blocked(struct vs_vhost_dev *dev, struct vs_vring *vr, struct vs_call_watch *w)
+{
+    __atomic_store_n(&vr->call_broken, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&vr->stats.calls_blocked, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_or(&dev->fault, VS_DEV_FAULT_CALL_BLOCKED, __ATOMIC_SEQ_CST);
+    w->blocked++;
+}
+
+/*
+ * Interrupts the guest.  Never called with a ring lock held: several PMDs
+ * may write the same call fd at once, and any write may block (see struct
+ * vs_call_watch); callfd itself cannot change while a pass is under way.
+ */
+static void notify_guest(struct vs_vhost_dev *dev, struct vs_vring *vr)
+{
+    uint64_t one = 1;
+    struct vs_call_watch *w = call_watch;
+    uint64_t seq = 0;
+    if (w) {
+        seq = w->seq + 1;
+        __atomic_store_n(&w->seq, seq, __ATOMIC_RELEASE);
+        __atomic_store_n(&w->since_tsc, vs_rdtsc(), __ATOMIC_RELEASE);
+    }
+    for (;;) {
+        ssize_t r = write(vr->callfd, &one, sizeof one);
+        if (r == sizeof one) {
+            __atomic_add_fetch(&vr->stats.notifications, 1, __ATOMIC_RELAXED);
+            break;
         }
+        if (r >= 0 || errno != EINTR) {
+            break;  /* EAGAIN: the counter is already non-zero, the guest will wake */
+        }
+        if (w && __atomic_load_n(&w->interrupt_seq, __ATOMIC_ACQUIRE) == seq) {
+            call_blocked(dev, vr, w);
+            break;
+        }
+        /* A signal meant for an earlier write, or not for us at all: try again. */
+    }
+    if (w) {
+        __atomic_store_n(&w->since_tsc, 0, __ATOMIC_RELEASE);
     }
 }
 
-/* Makes the used entries written so far visible to the guest, once. */
-static void publish_used(const struct vs_vhost_dev *dev, struct vs_vring *vr)
+/* Makes the used entries written so far visible to the guest, once; returns
+ * whether the guest must be notified (after any lock is dropped). */
+static bool publish_used_quietly(const struct vs_vhost_dev *dev, struct vs_vring *vr)
 {
     if (!vr->pending_used) {
-        return;
+        return false;
     }
     uint16_t new_idx = vr->last_used_idx + vr->pending_used;
     __atomic_store_n(&vr->used->idx, new_idx, __ATOMIC_RELEASE);
     vr->last_used_idx = new_idx;
     vr->pending_used = 0;
-    notify_guest(dev, vr, new_idx);
+    return want_notify(dev, vr, new_idx);
+}
+
+/* For a ring only one thread uses (a guest's TX ring): publish and notify. */
+static void publish_used(struct vs_vhost_dev *dev, struct vs_vring *vr)
+{
+    if (publish_used_quietly(dev, vr)) {
+        notify_guest(dev, vr);
+    }
 }
 
 /* Offload feature bits (virtio 1.x, 5.1.3) the header capture looks at. */
@@ -690,7 +751,10 @@ uint32_t vs_vring_enqueue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
     vr->stats.packets += delivered;
     vr->stats.bytes += bytes;
     vr->stats.bursts += delivered != 0;
-    publish_used(dev, vr);
+    bool notify = publish_used_quietly(dev, vr);
     vs_spin_unlock(&vr->lock);
+    if (notify) {
+        notify_guest(dev, vr);
+    }
     return delivered;
 }

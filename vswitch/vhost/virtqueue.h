@@ -92,6 +92,7 @@ struct vs_queue_stats {
     uint64_t errors;             /* malformed chains, enum vs_vq_error */
     uint64_t notifications;      /* eventfd writes to the guest */
     uint64_t bursts;             /* non-empty bursts */
+    uint64_t calls_blocked;      /* call writes that blocked and were cut short (vs_call_watch) */
 };
 
 struct vs_vring {
@@ -110,6 +111,8 @@ struct vs_vring {
     /* shared: atomics. */
     uint8_t enabled;             /* the PMD touches the ring only while set */
     uint8_t broken;              /* the guest broke the ring; stays stopped until restarted */
+    uint8_t call_broken;         /* a write to callfd blocked: the guest is not notified again
+                                    until the control plane installs a new call fd */
     int lock;                    /* spinlock: enqueues from several PMD threads */
     uint32_t last_error;         /* enum vs_vq_error of the latest error, read by the control plane */
     uint32_t last_error_index;   /* descriptor or avail index involved */
@@ -117,8 +120,15 @@ struct vs_vring {
     struct vs_queue_stats stats;
 };
 
+/* Bits of vs_vhost_dev.fault: why the control plane must disconnect the front-end. */
+#define VS_DEV_FAULT_MEMORY 1        /* guest memory faulted (truncated or unmapped by the front-end) */
+#define VS_DEV_FAULT_CALL_BLOCKED 2  /* writing a call fd would block */
+
 struct vs_vhost_dev {
     struct vs_memtable *mem;     /* control: replaced only with all rings disabled and quiesced */
+    uint32_t fault;              /* shared: VS_DEV_FAULT_* bits, set atomically by any thread; while
+                                  * non-zero the PMD forwards nothing from the device, and the control
+                                  * plane disconnects the front-end */
     uint64_t features;           /* control: negotiated virtio features */
     uint32_t hdr_len;            /* control: virtio-net header, 12 or 10 bytes */
     uint32_t nr_queue_pairs;     /* control: queue pairs the port offers */
@@ -140,7 +150,24 @@ int vs_vring_is_enabled(const struct vs_vring *vr);
 void vs_vring_enable_notify(const struct vs_vhost_dev *dev, struct vs_vring *vr, int enable);
 int vs_vring_has_avail(const struct vs_vring *vr);
 
+/*
+ * A guest's call eventfd is shared with its front-end, which can make it
+ * blocking and fill its counter, so that our next write() blocks.  A thread
+ * that registered a watch (vs_vring_watch_calls) stamps each call write in
+ * it; a watchdog that sees a write pending too long sets interrupt_seq and
+ * sends the thread a signal whose handler does nothing, so the write fails
+ * with EINTR.  The ring's call fd is then broken and its device faulted.
+ */
+struct vs_call_watch {
+    uint64_t since_tsc;          /* shared: when the pending write began; 0: none pending */
+    uint64_t seq;                /* shared: numbers the writes; the pending one's while since_tsc != 0 */
+    uint64_t interrupt_seq;      /* shared: the write the watchdog wants cut short */
+    uint64_t blocked;            /* writes cut short */
+    uint64_t signals;            /* signals the watchdog sent (it may repeat one) */
+};
+
 /* Fast path. */
+void vs_vring_watch_calls(struct vs_call_watch *watch);
 uint32_t vs_vring_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
                                 struct vs_pkt *pkts, uint32_t max);
 void vs_vring_dequeue_done(struct vs_vhost_dev *dev, struct vs_vring *vr,
