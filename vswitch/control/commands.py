@@ -82,6 +82,7 @@ async def pmd_stats(switch: Switch):
                   Arg("type", str, True, "vhost-user, tap or af-packet"),
                   Arg("path", str, help="vhost-user socket"), Arg("mode", str, help="server or client"),
                   Arg("queues", int, help="queue pairs"),
+                  Arg("max_memory", int, help="vhost-user: most bytes of guest memory the port maps"),
                   Arg("ifname", str, help="tap, af-packet: the interface"),
                   Arg("netns", str, help="tap, af-packet: the interface's network namespace"))
 async def port_add(switch: Switch, **spec):

@@ -117,8 +117,15 @@ struct vs_vring {
     struct vs_queue_stats stats;
 };
 
+/* Bits of vs_vhost_dev.fault: why the control plane must disconnect the front-end. */
+#define VS_DEV_FAULT_MEMORY 1        /* guest memory faulted (truncated or unmapped by the front-end) */
+#define VS_DEV_FAULT_CALL_BLOCKED 2  /* writing a call fd would block */
+
 struct vs_vhost_dev {
     struct vs_memtable *mem;     /* control: replaced only with all rings disabled and quiesced */
+    uint32_t fault;              /* shared: VS_DEV_FAULT_* bits, set atomically by any thread; while
+                                  * non-zero the PMD forwards nothing from the device, and the control
+                                  * plane disconnects the front-end */
     uint64_t features;           /* control: negotiated virtio features */
     uint32_t hdr_len;            /* control: virtio-net header, 12 or 10 bytes */
     uint32_t nr_queue_pairs;     /* control: queue pairs the port offers */
