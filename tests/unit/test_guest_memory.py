@@ -93,6 +93,31 @@ def test_a_fault_outside_guest_memory_still_crashes():
     assert out.returncode == -7, (out.returncode, out.stdout, out.stderr)
 
 
+def test_a_fault_in_hugetlb_guest_memory_is_recovered_too():
+    from tests.conftest import require_hugepages
+
+    require_hugepages(4)
+    out = run_child("""
+        import mmap, os
+        from vswitch.native import ffi, lib
+        from vswitch.vhost import guestmem
+        size = 4 << 20
+        fd = os.memfd_create("guest", os.MFD_HUGETLB)
+        os.ftruncate(fd, size)
+        m = mmap.mmap(fd, size)
+        m[0] = 1
+        dev = ffi.new("struct vs_vhost_dev *")
+        buf = ffi.from_buffer(m)
+        slot = guestmem.register(buf, size, dev, 0)
+        os.ftruncate(fd, 0)
+        p = ffi.cast("uint8_t *", buf)
+        print(p[0], p[size - 1], dev.fault)
+        guestmem.unregister(slot)
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "0", "1"]
+
+
 # --------------------------------------------------------------------------- faults with the daemon
 
 def send_and_receive(src, dst, n, dst_mac, src_mac, timeout=5.0) -> int:
@@ -177,6 +202,33 @@ def test_truncated_guest_memory_before_the_rings_start(tmp_path):
         assert d.stop() == 0
 
 
+def test_client_mode_reconnects_after_a_memory_fault(tmp_path):
+    path = tmp_path / "vm0.sock"
+    bad = VhostUserFrontend(path).listen()
+    port = {"name": "vm0", "type": "vhost-user", "path": str(path), "mode": "client"}
+    with Vswitchd(tmp_path, ports=[port]) as d:
+        good = VhostUserFrontend(path)
+        try:
+            bad.accept()
+            bad.handshake(stop_before=Request.SET_VRING_ENABLE)
+            os.ftruncate(bad.mem.fd, 0)
+            try:
+                bad.set_vring_enable(0, True)
+            except (BackendClosed, RequestFailed):
+                pass
+            assert bad.wait_closed(timeout=5)
+            # The switch connects again, to a front-end with memory that stays.
+            good._listener, bad._listener = bad._listener, None
+            good.accept()
+            good.handshake()
+            wait_for(lambda: d.port("vm0")["link"] == "up", what="vm0 up again")
+            assert d.port("vm0")["vhost"]["mem_faults"] == 1
+        finally:
+            bad.close()
+            good.close()
+        assert d.stop() == 0
+
+
 # --------------------------------------------------------------------------- deferred reclaim
 
 @pytest.fixture
@@ -200,7 +252,11 @@ def timed(fn):
     return result, time.monotonic() - t0
 
 
-def test_a_stuck_pmd_delays_reclaim_but_never_blocks_the_control_loop(stuck_switch, tmp_path):
+def test_a_stuck_pmd_delays_reclaim_but_never_blocks_the_control_loop(stuck_switch, tmp_path, monkeypatch,
+                                                                      caplog):
+    import vswitch.pmd
+
+    monkeypatch.setattr(vswitch.pmd, "RECLAIM_WARN_SECONDS", 0.3)
     lt, switch, pmd = stuck_switch
     path = str(tmp_path / "vm.sock")
     port, took = timed(lambda: lt.run(switch.add_port({"name": "vm", "type": "vhost-user", "path": path})))
@@ -233,6 +289,8 @@ def test_a_stuck_pmd_delays_reclaim_but_never_blocks_the_control_loop(stuck_swit
     assert not new_region.mapping.closed and not old_region.mapping.closed
     for fd in ring_fds:
         os.fstat(fd)                # still open
+    wait_for(lambda: "PMD 0 has not passed a quiescent point" in caplog.text, timeout=2,
+             what="the long wait logged")
 
     pmd.c.epoch += 1                # the PMD passes a quiescent point
     wait_for(lambda: old_region.mapping.closed and new_region.mapping.closed, timeout=2, what="unmapped")
