@@ -118,6 +118,31 @@ def test_a_fault_in_hugetlb_guest_memory_is_recovered_too():
     assert out.stdout.split() == ["0", "0", "1"]
 
 
+def test_any_fault_bit_raised_by_another_thread_disconnects_with_its_reason(tmp_path, caplog):
+    lt = LoopThread()
+    h = Harness(lt, tmp_path / "vhost.sock")
+    h.start()
+    fe = VhostUserFrontend(h.path).connect()
+    try:
+        fe.handshake()
+        # What the PMD does when a call fd write would block: any thread may raise a fault bit.
+        lib.vs_vhost_dev_raise_fault(h.dev, lib.VS_DEV_FAULT_CALL_BLOCKED)
+        assert fe.wait_closed(timeout=5)
+        info = h.info()
+        assert info["call_blocked_faults"] == 1 and info["mem_faults"] == 0 and h.dev.fault == 0
+        lines = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
+        assert len(lines) == 1 and "call fd write would block" in lines[0], lines
+        h.wait_connected(False)
+        fe2 = VhostUserFrontend(h.path).connect()       # server mode keeps listening
+        fe2.handshake()
+        assert h.info()["connected"]
+        fe2.close()
+    finally:
+        fe.close()
+        h.stop()
+        lt.close()
+
+
 # --------------------------------------------------------------------------- faults with the daemon
 
 def send_and_receive(src, dst, n, dst_mac, src_mac, timeout=5.0) -> int:

@@ -71,11 +71,12 @@ _FD_SIZE = 4
 EventSink = Callable[[str, dict], None]
 Reclaim = Callable[[str, Callable[[], None]], None]
 
-# Why the C side flagged a device (vs_vhost_dev.fault), by bit: counter name and what it means.
+# Why the C side flagged a device (vs_vhost_dev.fault): the counter of each bit.
 FAULT_BITS = {
     lib.VS_DEV_FAULT_MEMORY: "mem_faults",
     lib.VS_DEV_FAULT_CALL_BLOCKED: "call_blocked_faults",
 }
+KNOWN_FAULT_BITS = lib.VS_DEV_FAULT_MEMORY | lib.VS_DEV_FAULT_CALL_BLOCKED
 
 
 def _release_now(what: str, release: Callable[[], None]) -> None:
@@ -437,15 +438,20 @@ class VhostUserBackend:
         log.info("vhost-user port '%s': front-end connected on %s (%s mode)", self.name, self.path, self.mode)
         self._emit("connected", {})
 
-    def _close_connection(self, why: str, announce: bool = True) -> None:
+    def _close_connection(self, why: str) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        # A fault the C side flagged is the real reason, whoever closes first.
+        fault = self._describe_fault()
         self._loop.remove_reader(conn.fd)
         conn.message.close_fds()
         conn.sock.close()
         self._teardown()
-        if announce:
+        lib.vs_vhost_dev_take_fault(self.dev)    # answered by this disconnect
+        if fault:
+            log.warning("vhost-user port '%s': %s; disconnected", self.name, fault)
+        else:
             log.info("vhost-user port '%s': front-end disconnected: %s", self.name, why)
         self._emit("disconnected", {})
         if conn.on_closed is not None and not conn.on_closed.done():
@@ -462,30 +468,33 @@ class VhostUserBackend:
             self._reclaim(f"port '{self.name}': guest memory",
                           _unmap_all(self._regions, keep_alive=self._memtable))
         _close_fds([self.backend_req_fd])
-        # Faults of this session are answered by its end (the rings no longer run).
-        lib.vs_vhost_dev_take_fault(self.dev)
         self._reset_session()
 
     def check_fault(self) -> None:
         """Disconnects the front-end if the C side flagged the device (vs_vhost_dev.fault):
         its guest memory faulted, or it does not read its notifications.  One log line."""
+        if not self.dev.fault:
+            return
+        if self._conn is not None:
+            self._close_connection("device fault")
+        else:
+            fault = self._describe_fault()
+            lib.vs_vhost_dev_take_fault(self.dev)
+            log.warning("vhost-user port '%s': %s (no front-end connected)", self.name, fault)
+
+    def _describe_fault(self) -> str | None:
+        """Counts the fault bits set on the device and says what they mean; None if none."""
         bits = int(self.dev.fault)
         if not bits:
-            return
+            return None
         reasons = []
         for bit, counter in FAULT_BITS.items():
             if bits & bit:
                 self.fault_counts[counter] += 1
                 reasons.append(self._fault_reason(bit))
-        if bits & ~sum(FAULT_BITS):
-            reasons.append(f"unknown fault bits {bits & ~sum(FAULT_BITS):#x}")
-        why = "; ".join(reasons)
-        if self._conn is not None:
-            self._close_connection(why, announce=False)
-            log.warning("vhost-user port '%s': %s; disconnected", self.name, why)
-        else:
-            lib.vs_vhost_dev_take_fault(self.dev)
-            log.warning("vhost-user port '%s': %s (no front-end connected)", self.name, why)
+        if bits & ~KNOWN_FAULT_BITS:
+            reasons.append(f"unknown fault bits {bits & ~KNOWN_FAULT_BITS:#x}")
+        return "; ".join(reasons)
 
     def _fault_reason(self, bit: int) -> str:
         if bit == lib.VS_DEV_FAULT_MEMORY:
