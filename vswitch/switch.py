@@ -141,7 +141,7 @@ class Switch:
         self.config.ports = [p for p in self.config.ports if p["name"] != name]
         self.config.fdb_static = [e for e in self.config.fdb_static if e["port"] != name]
         unused = self._publish()
-        if unused or getattr(port, "reclaims_itself", False):
+        if unused or getattr(port, "reclaims_itself", False) or self.quiesce():
             await port.stop()
         else:
             # A PMD may still be receiving from it: close it once they have all moved on.

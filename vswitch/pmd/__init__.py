@@ -29,8 +29,11 @@ from vswitch.native import ffi, lib
 
 log = logging.getLogger(__name__)
 
-# The longest the control loop waits for the PMDs in one go.
+# The longest the control loop waits for the PMDs before deferring a free.
 QUICK_WAIT_SECONDS = 0.005
+# Halting a ring must know where the PMD left it, so that waits longer, but
+# not for a PMD already known to be stuck (a free waited this long for it).
+HALT_WAIT_SECONDS = 0.1
 # How often pending reclaims are retried, and when a pending one is logged.
 RECLAIM_RETRY_SECONDS = 0.02
 RECLAIM_WARN_SECONDS = 2.0
@@ -80,7 +83,7 @@ class PmdThread:
             self._thread = None
         lib.vs_pmd_fini(self.c)
 
-    def quiesce(self, timeout: float = QUICK_WAIT_SECONDS) -> bool:
+    def quiesce(self, timeout: float = HALT_WAIT_SECONDS) -> bool:
         """True once the PMD has finished any pass that began before the call;
         False if it has not within `timeout` seconds (it may be stuck)."""
         return wait_for_epochs([(self, self.epoch)], timeout)
@@ -160,8 +163,16 @@ class Reclaimer:
         return [(pmd, pmd.epoch) for pmd in self.pmds if pmd.running]
 
     def quiesce(self) -> bool:
-        """Waits briefly for every PMD to finish the pass it is in; False if one did not."""
-        return wait_for_epochs(self._epochs(), QUICK_WAIT_SECONDS)
+        """Waits (at most HALT_WAIT_SECONDS) for every PMD to finish the pass it
+        is in; False if one did not, at once for a PMD known to be stuck."""
+        stuck = self._known_stuck()
+        epochs = [(pmd, epoch) for pmd, epoch in self._epochs() if pmd not in stuck]
+        return wait_for_epochs(epochs, HALT_WAIT_SECONDS) and not stuck
+
+    def _known_stuck(self) -> set[PmdThread]:
+        now = time.monotonic()
+        return {pmd for entry in self._pending if now - entry.since > HALT_WAIT_SECONDS
+                for pmd, epoch in entry.epochs if pmd.running and pmd.epoch == epoch}
 
     def defer(self, what: str, release: Callable[[], None]) -> bool:
         """Calls release() once no PMD can use what it frees: at once if the PMDs

@@ -9,9 +9,17 @@ of its fields are checked (protocol.py), and vring indexes are checked
 against the port's queue count.  A message that breaks the protocol closes
 that connection only: fds it carried are closed, the device is torn down,
 `protocol_errors` goes up, and the listening socket keeps accepting.  Guest
-memory is mapped only after its file is seen to be large enough, and the
-C side is given new memory tables and ring addresses only while the rings
-are disabled and the PMD threads have passed a quiescent point.
+memory is mapped only after its file is seen to be large enough, only the
+pages a region covers, and at most `max_memory` bytes per port; the C side
+is given new memory tables and ring addresses only while the rings are
+disabled.  Memory and ring fds the PMD threads may still use are freed
+through `reclaim`, once they have passed a quiescent point.
+
+Faults.  The front-end may still cut its memory short later (truncate the
+file): every mapping is registered with guestmem, whose SIGBUS handler
+replaces the mapping with zeros and flags the device (vs_vhost_dev.fault).
+Any fault bit, whoever set it, disconnects the front-end with one log line
+and a counter per reason (`check_fault`).
 
 Error policy (DPDK lib/vhost, vhost_user_msg_handler): a request the
 back-end refuses (an unknown or unsupported request, features it did not
