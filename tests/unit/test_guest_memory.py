@@ -183,7 +183,7 @@ def test_truncated_guest_memory_while_forwarding_disconnects_only_that_port(tmp_
             traffic = Traffic(g0, g1, 100, mac(2), mac(1))
             traffic.start()
             wait_for(lambda: traffic.done_bursts >= 10, timeout=30, what="traffic flowing")
-            os.ftruncate(bad.mem.fd, 0)
+            bad.truncate_memory()
             # Its kick wakes the PMD onto its truncated TX ring; the broadcasts land in its RX ring.
             bad.kick(bad.tx_ring(0).index)
             assert traffic.is_alive(), "the traffic ended before the fault"
@@ -213,7 +213,7 @@ def test_truncated_guest_memory_while_forwarding_disconnects_only_that_port(tmp_
         finally:
             for fe in (g0, g1):
                 fe.close()
-            bad.close()      # only unmaps: the test never touches the truncated memory
+            bad.close()
         assert d.stop() == 0
 
 
@@ -224,7 +224,7 @@ def test_truncated_guest_memory_before_the_rings_start(tmp_path):
         bad = VhostUserFrontend(tmp_path / "vm1.sock").connect()
         try:
             bad.handshake(stop_before=Request.SET_VRING_ENABLE)
-            os.ftruncate(bad.mem.fd, 0)
+            bad.truncate_memory()
             try:
                 for ring in bad.rings:
                     bad.set_vring_enable(ring.index, True)
@@ -251,7 +251,7 @@ def test_client_mode_reconnects_after_a_memory_fault(tmp_path):
         try:
             bad.accept()
             bad.handshake(stop_before=Request.SET_VRING_ENABLE)
-            os.ftruncate(bad.mem.fd, 0)
+            bad.truncate_memory()
             try:
                 bad.set_vring_enable(0, True)
             except (BackendClosed, RequestFailed):
