@@ -21,7 +21,7 @@ from vswitch.ports import PORT_TYPES
 DEFAULT_CONTROL_SOCKET = "/run/vswitch/vswitchd.sock"
 PORT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
 PORT_KEYS = {
-    "vhost-user": {"name", "type", "path", "mode", "queues"},
+    "vhost-user": {"name", "type", "path", "mode", "queues", "max_memory"},
     "tap": {"name", "type", "ifname", "netns", "queues"},
     "af-packet": {"name", "type", "ifname", "netns"},
 }
@@ -32,6 +32,26 @@ NETNS_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,64}$")
 NETNS_DIR = "/run/netns"
 VHOST_MODES = ("server", "client")
 MAX_QUEUES = 16
+# Guest memory one vhost-user port may map, in bytes: large enough for real
+# VMs, small enough that sparse multi-terabyte files cannot use up the
+# switch's address space (128 TiB on x86-64).
+DEFAULT_MAX_MEMORY = 1 << 40
+MIN_MAX_MEMORY = 1 << 20
+MAX_MAX_MEMORY = 64 << 40
+SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value) -> int | None:
+    """A size in bytes: a whole number of bytes, or a string with a binary unit
+    ("512M", "64G", "1TiB"; K, M, G, T are powers of 1024).  None if neither."""
+    if _is_int(value):
+        return value
+    if isinstance(value, str):
+        m = SIZE.match(value)
+        if m:
+            return int(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
+    return None
 
 
 class ConfigError(ValueError):
@@ -128,6 +148,13 @@ def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
     if not _is_int(queues) or not 1 <= queues <= MAX_QUEUES:
         problems.append(f"{label}queues: {queues!r} must be a whole number from 1 to {MAX_QUEUES}")
     out.update(path=path, mode=mode, queues=queues)
+    if "max_memory" in spec:
+        size = parse_size(spec["max_memory"])
+        if size is None or not MIN_MAX_MEMORY <= size <= MAX_MAX_MEMORY:
+            problems.append(f"{label}max_memory: {spec['max_memory']!r} must be a size from 1M to 64T "
+                            "(bytes, or a number with K, M, G or T, e.g. 64G)")
+        else:
+            out["max_memory"] = size
     return out if len(problems) == before else None
 
 

@@ -13,6 +13,7 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 HEADERS = [
     "pmd/packet.h",
     "vhost/virtqueue.h",
+    "vhost/guestmem.h",
     "pmd/offload.h",
     "ports/kernel.h",
     "ports/port.h",
@@ -21,6 +22,7 @@ HEADERS = [
 ]
 SOURCES = [
     "vhost/virtqueue.c",
+    "vhost/guestmem.c",
     "fib/fib.c",
     "pmd/pmd.c",
     "ports/kernel.c",

@@ -1,8 +1,10 @@
 """Switch: the ports by name, the MAC table, the PMD threads, and events.
 
 Every change to the set of ports goes the same way: build the new port
-list, publish a fresh table to each PMD with one pointer swap, wait for the
-PMD to pass a quiescent point, and only then close what it no longer reads.
+list, publish a fresh table to each PMD with one pointer swap, and hand the
+old table (and whatever only it references) to the Reclaimer, which frees it
+once every PMD has passed a quiescent point.  The control loop never waits
+long for a PMD: a stuck one delays the freeing, not the switch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable
 from vswitch.config import Config, validate_port
 from vswitch.fib import MacTable
 from vswitch.native import lib
-from vswitch.pmd import CallWatchdog, PmdThread
+from vswitch.pmd import CallWatchdog, PmdThread, Reclaimer
 from vswitch.ports.base import Port
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class Switch:
         cpus = config.pmd_cpus or [None]
         self.pmds = [PmdThread(i, self.fib, cpu) for i, cpu in enumerate(cpus)]
         self._call_watchdog = CallWatchdog(self.pmds)
+        self.reclaimer = Reclaimer(self.pmds)
         self.ports: dict[str, Port] = {}
         self.on_change: Callable[[], None] | None = None
         self._subscribers: list[Callable[[dict], None]] = []
@@ -66,6 +69,7 @@ class Switch:
         self._call_watchdog.stop()
         for pmd in self.pmds:
             pmd.stop()
+        self.reclaimer.flush()
         self.fib.close()
 
     async def _housekeep(self) -> None:
@@ -118,7 +122,7 @@ class Switch:
 
         spec = self.check_new_port(spec)
         port = create_port(spec, self._free_port_no(), emit=self._emit_port_event,
-                           quiesce=self.quiesce, on_rarp=self._on_rarp)
+                           quiesce=self.quiesce, on_rarp=self._on_rarp, reclaim=self.reclaimer.defer)
         try:
             port.start()
         except OSError as exc:
@@ -139,8 +143,14 @@ class Switch:
         del self.ports[name]
         self.config.ports = [p for p in self.config.ports if p["name"] != name]
         self.config.fdb_static = [e for e in self.config.fdb_static if e["port"] != name]
-        self._publish()
-        await port.stop()
+        unused = self._publish()
+        if unused or getattr(port, "reclaims_itself", False) or self.quiesce():
+            await port.stop()
+        else:
+            # A PMD may still be receiving from it: close it once they have all moved on.
+            port.set_link(False)
+            loop = asyncio.get_running_loop()
+            self.reclaimer.defer(f"port '{name}'", lambda: loop.create_task(port.stop()))
         self.fib.flush(port.port_no, include_static=True)
         self.emit({"event": "port-removed", "port": name})
         log.info("port '%s' removed", name)
@@ -177,16 +187,17 @@ class Switch:
         self.config.fdb_max_entries = n
         self._changed()
 
-    def _publish(self) -> None:
+    def _publish(self) -> bool:
+        """Publishes the ports to the PMDs; True if the old tables are already unused (and freed)."""
         ports = sorted(self.ports.values(), key=lambda p: p.port_no)
         polls = [(p, q) for p in ports for q in p.poll_queues()]
         # Round-robin the receive queues over the PMD threads: each is polled by one.
-        for i, pmd in enumerate(self.pmds):
-            pmd.publish(ports, polls[i::len(self.pmds)])
+        old = [pmd.publish(ports, polls[i::len(self.pmds)]) for i, pmd in enumerate(self.pmds)]
+        return self.reclaimer.defer("the previous port table", old.clear)
 
-    def quiesce(self) -> None:
-        for pmd in self.pmds:
-            pmd.quiesce()
+    def quiesce(self) -> bool:
+        """Waits briefly for the PMDs to finish their current pass; False if one did not."""
+        return self.reclaimer.quiesce()
 
     def _on_rarp(self, port: Port, mac: str) -> None:
         # A migrated guest announces itself (vhost-user SEND_RARP): its MAC now lives behind this port.

@@ -12,6 +12,7 @@
 
 #include "pmd/packet.h"
 #include "vhost/virtqueue.h"
+#include "vhost/guestmem.h"
 #include "pmd/offload.h"
 #include "ports/kernel.h"
 #include "ports/port.h"

@@ -17,7 +17,8 @@ Typical use:
     fe.close()
 
 Fault injection: `handshake(stop_before=Request.SET_MEM_TABLE)` stops half
-way (close the front-end to disconnect mid-handshake); `send_message` sends
+way (close the front-end to disconnect mid-handshake); `truncate_memory`
+takes the guest memory away under the back-end's mappings; `send_message` sends
 anything, with any flags, any size field and any fds; `request` is the
 same plus reply handling.  Errors: BackendClosed when the back-end hung up,
 RequestFailed when it answered a NEED_REPLY request with a failure ack.
@@ -164,6 +165,14 @@ class VhostUserFrontend:
             self._backend_req_peer.close()
             self._backend_req_peer = None
         self.mem.close()
+
+    def truncate_memory(self, size: int = 0) -> None:
+        """Fault injection: cuts the guest memory file to `size` bytes, as a
+        hostile front-end may at any time.  Our own mapping goes first, so a
+        test that touches the guest memory afterwards gets an error, not SIGBUS."""
+        self.mem.mm.close()
+        self.mem.mm = None
+        os.ftruncate(self.mem.fd, size)
 
     def __enter__(self):
         return self

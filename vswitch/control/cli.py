@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 
-from vswitch.config import DEFAULT_CONTROL_SOCKET
+from vswitch.config import DEFAULT_CONTROL_SOCKET, parse_size
 from vswitch.ports import PORT_TYPES
 
 
@@ -63,6 +63,13 @@ def stream_events(path: str):
         yield json.loads(line)
 
 
+def _size(text: str) -> int:
+    size = parse_size(text)
+    if size is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or a number with K, M, G or T, e.g. 64G)")
+    return size
+
+
 def table(rows: list[list], headers: list[str]) -> str:
     cells = [headers] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -78,6 +85,10 @@ def print_ports(result: dict) -> None:
                      s["rx_dropped"] + s["tx_dropped"], s["rx_errors"] + s["tx_errors"]])
     print(table(rows, ["PORT", "TYPE", "MODE", "LINK", "QUEUES", "RX-PKTS", "RX-BYTES",
                        "TX-PKTS", "TX-BYTES", "DROPS", "ERRORS"]))
+    for p in result["ports"]:
+        if p["stats"].get("mem_faults"):
+            print(f"port {p['name']}: mem_faults {p['stats']['mem_faults']} "
+                  "(front-end disconnected: its guest memory faulted)")
 
 
 def print_fdb(result: dict) -> None:
@@ -156,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--netns", help="tap, af-packet: network namespace of the interface (ip netns)")
     add.add_argument("--mode", choices=["server", "client"], help="vhost-user mode (default server)")
     add.add_argument("--queues", type=int, help="queue pairs (default 1)")
+    add.add_argument("--max-memory", type=_size, metavar="SIZE",
+                     help="vhost-user: most guest memory the port maps, e.g. 64G (default 1T)")
     delete = sub.add_parser("del-port", help="remove a port")
     delete.add_argument("name")
     stats = sub.add_parser("stats", help="port counters")
@@ -205,7 +218,7 @@ def run(args) -> None:
              lambda r: print(table([[p["name"], p["type"], p["link"]] for p in r["ports"]], ["PORT", "TYPE", "LINK"])))
     elif args.cmd == "add-port":
         spec = {"name": args.name, "type": args.type, "path": args.path, "mode": args.mode, "queues": args.queues,
-                "ifname": args.ifname, "netns": args.netns}
+                "ifname": args.ifname, "netns": args.netns, "max_memory": args.max_memory}
         emit(call(sock, "port/add", {k: v for k, v in spec.items() if v is not None}),
              lambda r: print(f"added port {r['name']} ({r['type']})"))
     elif args.cmd == "del-port":

@@ -89,6 +89,7 @@ async def control_stats(switch: Switch, server):
                   Arg("type", str, True, "vhost-user, tap or af-packet"),
                   Arg("path", str, help="vhost-user socket"), Arg("mode", str, help="server or client"),
                   Arg("queues", int, help="queue pairs"),
+                  Arg("max_memory", int, help="vhost-user: most bytes of guest memory the port maps"),
                   Arg("ifname", str, help="tap, af-packet: the interface"),
                   Arg("netns", str, help="tap, af-packet: the interface's network namespace"), changes=True)
 async def port_add(switch: Switch, **spec):

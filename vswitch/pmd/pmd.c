@@ -359,10 +359,16 @@ static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
     case VS_PORT_VHOST_USER: {
         struct vs_vhost_dev *dev = in->vhost;
         struct vs_vring *vr = &dev->vrings[2 * pq->queue + 1];
-        if (!vs_vring_is_enabled(vr)) {
-            return 0;
+        if (!vs_vring_is_enabled(vr) || unlikely(__atomic_load_n(&dev->fault, __ATOMIC_RELAXED))) {
+            return 0;  /* a faulted device is being disconnected: leave its rings alone */
         }
         uint32_t n = vs_vring_dequeue_burst(dev, vr, pkts, VS_BURST);
+        if (unlikely(n && __atomic_load_n(&dev->fault, __ATOMIC_ACQUIRE))) {
+            /* Its guest memory faulted during the burst and now reads as zeros:
+             * the frames may be garbage, so they go nowhere. */
+            vr->stats.dropped += n;
+            return 0;
+        }
         if (n) {
             forward_burst(pmd, t, in, pq->queue, pkts, n, pass_clock(now));
         }

@@ -6,13 +6,13 @@ from __future__ import annotations
 PORT_TYPES = ("vhost-user", "tap", "af-packet")
 
 
-def create_port(spec: dict, port_no: int, emit, quiesce, on_rarp):
+def create_port(spec: dict, port_no: int, emit, quiesce, on_rarp, reclaim=None):
     """Builds the port object for a validated spec (see vswitch.config)."""
     kind = spec["type"]
     if kind == "vhost-user":
         from vswitch.ports.vhost_user import VhostUserPort
 
-        return VhostUserPort(spec["name"], port_no, spec, emit, quiesce, on_rarp)
+        return VhostUserPort(spec["name"], port_no, spec, emit, quiesce, on_rarp, reclaim)
     if kind == "tap":
         from vswitch.ports.tap import TapPort
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from vswitch.config import DEFAULT_MAX_MEMORY
 from vswitch.native import ffi, lib
 from vswitch.ports.base import Port
 from vswitch.vhost.backend import VhostUserBackend
@@ -21,7 +22,11 @@ class VhostUserPort(Port):
     type = "vhost-user"
     c_type = lib.VS_PORT_VHOST_USER
 
-    def __init__(self, name, port_no, spec, emit, quiesce, on_rarp=None):
+    # The back-end defers what the PMDs may still read (memory, ring fds) by
+    # itself, so the switch may stop the port right after unpublishing it.
+    reclaims_itself = True
+
+    def __init__(self, name, port_no, spec, emit, quiesce, on_rarp=None, reclaim=None):
         super().__init__(name, port_no, spec, emit)
         self.queues = spec.get("queues", 1)
         self.dev = ffi.new("struct vs_vhost_dev *")
@@ -29,8 +34,10 @@ class VhostUserPort(Port):
         self.c.vhost = self.dev
         self._on_rarp = on_rarp
         self._reported_errors = [[0] * lib.VS_VQ_ERR_MAX for _ in range(lib.VS_MAX_VRINGS)]
+        self.max_memory = spec.get("max_memory", DEFAULT_MAX_MEMORY)
         self.backend = VhostUserBackend(name, spec["path"], spec.get("mode", "server"), self.queues,
-                                        self.dev, quiesce, self._on_backend_event)
+                                        self.dev, quiesce, self._on_backend_event, reclaim=reclaim,
+                                        max_memory=self.max_memory)
 
     def _on_backend_event(self, kind: str, fields: dict) -> None:
         if kind == "link":
@@ -71,7 +78,14 @@ class VhostUserPort(Port):
             "tx_errors": sum(r.stats.errors for r in guest_rx) + self.c.stats.tx_dropped_offload,
             "notifications": sum(r.stats.notifications for r in guest_tx + guest_rx),
             "protocol_errors": self.backend.protocol_errors,
+            # Front-ends disconnected because their guest memory faulted (truncated, unmapped).
+            "mem_faults": self.backend.fault_counts["mem_faults"],
         }
+
+    def housekeep(self) -> None:
+        # The fault eventfd wakes the back-end at once; this catches a fault
+        # bit some thread set without writing it.
+        self.backend.check_fault()
 
     def queue_stats(self) -> list[dict]:
         out = []
@@ -102,5 +116,6 @@ class VhostUserPort(Port):
     def info(self) -> dict:
         info = super().info()
         info.update({"mode": self.backend.mode, "path": self.spec["path"], "queues": self.queues,
+                     "max_memory": self.max_memory,
                      "vhost": self.backend.info(), "queue_stats": self.queue_stats()})
         return info

@@ -9,9 +9,17 @@ of its fields are checked (protocol.py), and vring indexes are checked
 against the port's queue count.  A message that breaks the protocol closes
 that connection only: fds it carried are closed, the device is torn down,
 `protocol_errors` goes up, and the listening socket keeps accepting.  Guest
-memory is mapped only after its file is seen to be large enough, and the
-C side is given new memory tables and ring addresses only while the rings
-are disabled and the PMD threads have passed a quiescent point.
+memory is mapped only after its file is seen to be large enough, only the
+pages a region covers, and at most `max_memory` bytes per port; the C side
+is given new memory tables and ring addresses only while the rings are
+disabled.  Memory and ring fds the PMD threads may still use are freed
+through `reclaim`, once they have passed a quiescent point.
+
+Faults.  The front-end may still cut its memory short later (truncate the
+file): every mapping is registered with guestmem, whose SIGBUS handler
+replaces the mapping with zeros and flags the device (vs_vhost_dev.fault).
+Any fault bit, whoever set it, disconnects the front-end with one log line
+and a counter per reason (`check_fault`).
 
 Error policy (DPDK lib/vhost, vhost_user_msg_handler): a request the
 back-end refuses (an unknown or unsupported request, features it did not
@@ -53,9 +61,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from vswitch.config import DEFAULT_MAX_MEMORY
 from vswitch.native import ffi, lib
 from vswitch.ratelimit import RateLimitedLog
-from vswitch.vhost import protocol
+from vswitch.vhost import guestmem, protocol
 from vswitch.vhost.protocol import (
     Header, MemoryTable, ProtocolError, ProtocolFeature, Request, RequestRefused,
     VringAddr, VringFd, VringState,
@@ -84,6 +93,18 @@ _ANCILLARY_SPACE = socket.CMSG_SPACE((protocol.MAX_FDS_PER_MESSAGE + 1) * 4)
 _FD_SIZE = 4
 
 EventSink = Callable[[str, dict], None]
+Reclaim = Callable[[str, Callable[[], None]], None]
+
+# Why the C side flagged a device (vs_vhost_dev.fault): the counter of each bit.
+FAULT_BITS = {
+    lib.VS_DEV_FAULT_MEMORY: "mem_faults",
+    lib.VS_DEV_FAULT_CALL_BLOCKED: "call_blocked_faults",
+}
+KNOWN_FAULT_BITS = lib.VS_DEV_FAULT_MEMORY | lib.VS_DEV_FAULT_CALL_BLOCKED
+
+
+def _release_now(what: str, release: Callable[[], None]) -> None:
+    release()
 
 
 def _take_eventfd(msg: _Message, request: Request, index: int) -> int:
@@ -163,15 +184,38 @@ class _Connection:
 @dataclass
 class _MemRegion:
     """One mapped region: the mmap, the cffi buffer over it (keeps the pointer
-    valid), and the region as the front-end described it."""
+    valid), and the region as the front-end described it.  The mapping starts
+    at the page-aligned file offset at or below desc.mmap_offset, `skip`
+    bytes before the region itself."""
     mapping: mmap.mmap
     buffer: object
     desc: protocol.MemoryRegion
     file_id: tuple[int, int]          # (st_dev, st_ino) of the file it maps
+    skip: int = 0
+    slot: int = -1                    # in the guest memory fault registry (guestmem.c)
+    dev: object = None                # the device a fault flags: kept alive as long as the mapping
+
+    @property
+    def address(self) -> int:
+        return int(ffi.cast("uintptr_t", self.buffer))
 
     def unmap(self) -> None:
+        if self.slot >= 0:
+            guestmem.unregister(self.slot)
+            self.slot = -1
         ffi.release(self.buffer)
         self.mapping.close()
+
+
+def _unmap_all(regions: list[_MemRegion], keep_alive=None) -> Callable[[], None]:
+    """A release function for regions (and the memory table pointing into them)."""
+    refs = [keep_alive]
+
+    def release() -> None:
+        for region in regions:
+            region.unmap()
+        refs.clear()
+    return release
 
 
 class _Ring:
@@ -205,8 +249,11 @@ class VhostUserBackend:
              front-end (e.g. QEMU `server=on`) in "client" mode.
     queues:  queue pairs offered (GET_QUEUE_NUM); vrings 0 .. 2*queues-1.
     dev:     the port's `struct vs_vhost_dev *`, already vs_vhost_dev_init'ed.
-    quiesce: blocks until the PMD threads no longer use anything they read
-             before the call.
+    quiesce: waits (briefly) until the PMD threads no longer use anything
+             they read before the call.
+    reclaim(what, release): calls release() once no PMD thread can still
+             use what it frees (guest memory, ring fds); by default at once.
+    max_memory: the most bytes of guest memory the port maps.
     on_event(kind, fields): "connected" {}, "disconnected" {},
              "link" {"up": bool}, "queue" {"queue": vring, "enabled": bool},
              "rarp" {"mac": "aa:bb:cc:dd:ee:ff"}.
@@ -216,7 +263,8 @@ class VhostUserBackend:
     def __init__(self, name: str, path: str, mode: str, queues: int, dev,
                  quiesce: Callable[[], None], on_event: EventSink,
                  loop: asyncio.AbstractEventLoop | None = None,
-                 on_rarp: Callable[[bytes], None] | None = None):
+                 on_rarp: Callable[[bytes], None] | None = None,
+                 reclaim: Reclaim | None = None, max_memory: int = DEFAULT_MAX_MEMORY):
         if mode not in ("server", "client"):
             raise ValueError(f"vhost-user port '{name}': mode must be 'server' or 'client', not {mode!r}")
         if not 1 <= queues <= lib.VS_MAX_QUEUE_PAIRS:
@@ -229,12 +277,17 @@ class VhostUserBackend:
         self._quiesce = quiesce
         self._on_event = on_event
         self._on_rarp = on_rarp
+        self._reclaim = reclaim or _release_now
+        self.max_memory = max_memory
         self._loop = loop
         self.protocol_errors = 0
         self.clock: Callable[[], float] = time.monotonic   # replaceable by tests
         # A front-end decides how often these lines happen, so they are rate-limited.
         self._refusal_log = RateLimitedLog(log, f"vhost-user port '{name}'", clock=lambda: self.clock())
         self._failure_log = RateLimitedLog(log, f"vhost-user port '{name}'", clock=lambda: self.clock())
+        self.memory_refused = 0       # SET_MEM_TABLE over max_memory
+        self.fault_counts = {name: 0 for name in FAULT_BITS.values()}
+        self._unwatch_faults: Callable[[], None] | None = None
         self._listener: socket.socket | None = None
         self._listener_ino: tuple[int, int] | None = None
         self._client_task: asyncio.Task | None = None
@@ -285,6 +338,10 @@ class VhostUserBackend:
             "status": f"{self.status:#x}",
             "link_up": self._link_up,
             "memory_regions": len(self._regions),
+            "memory_mapped": sum(len(r.mapping) for r in self._regions),
+            "max_memory": self.max_memory,
+            "memory_refused": self.memory_refused,
+            **self.fault_counts,
             "rings": rings,
             "protocol_errors": self.protocol_errors,
         }
@@ -313,6 +370,8 @@ class VhostUserBackend:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self._stopping = False
+        if self._unwatch_faults is None:
+            self._unwatch_faults = guestmem.watch(self._loop, self.check_fault)
         if self.mode == "server":
             self._listen()
         else:
@@ -338,6 +397,9 @@ class VhostUserBackend:
             self._remove_own_socket_file()
         self._refusal_log.flush()
         self._failure_log.flush()
+        if self._unwatch_faults is not None:
+            self._unwatch_faults()
+            self._unwatch_faults = None
 
     def _listen(self) -> None:
         self._clear_socket_path()
@@ -441,11 +503,17 @@ class VhostUserBackend:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        # A fault the C side flagged is the real reason, whoever closes first.
+        fault = self._describe_fault()
         self._loop.remove_reader(conn.fd)
         conn.message.close_fds()
         conn.sock.close()
         self._teardown()
-        log.info("vhost-user port '%s': front-end disconnected: %s", self.name, why)
+        lib.vs_vhost_dev_take_fault(self.dev)    # answered by this disconnect
+        if fault:
+            log.warning("vhost-user port '%s': %s; disconnected", self.name, fault)
+        else:
+            log.info("vhost-user port '%s': front-end disconnected: %s", self.name, why)
         self._emit("disconnected", {})
         if conn.on_closed is not None and not conn.on_closed.done():
             conn.on_closed.set_result(None)
@@ -455,12 +523,52 @@ class VhostUserBackend:
         self._stop_rings([r for r in self._rings], close=True)
         self._update_link()
         if self._memtable is not None:
-            # The rings are disabled and quiesced: nothing in C reads dev.mem now.
+            # The rings are disabled: no new pass reads dev.mem, and the memory
+            # goes once the passes that may have read it are over.
             self.dev.mem = ffi.NULL
-            for region in self._regions:
-                region.unmap()
+            self._reclaim(f"port '{self.name}': guest memory",
+                          _unmap_all(self._regions, keep_alive=self._memtable))
         _close_fds([self.backend_req_fd])
         self._reset_session()
+
+    def check_fault(self) -> None:
+        """Disconnects the front-end if the C side flagged the device (vs_vhost_dev.fault):
+        its guest memory faulted, or it does not read its notifications.  One log line."""
+        if not self.dev.fault:
+            return
+        if self._conn is not None:
+            self._close_connection("device fault")
+        else:
+            fault = self._describe_fault()
+            lib.vs_vhost_dev_take_fault(self.dev)
+            log.warning("vhost-user port '%s': %s (no front-end connected)", self.name, fault)
+
+    def _describe_fault(self) -> str | None:
+        """Counts the fault bits set on the device and says what they mean; None if none."""
+        bits = int(self.dev.fault)
+        if not bits:
+            return None
+        reasons = []
+        for bit, counter in FAULT_BITS.items():
+            if bits & bit:
+                self.fault_counts[counter] += 1
+                reasons.append(self._fault_reason(bit))
+        if bits & ~KNOWN_FAULT_BITS:
+            reasons.append(f"unknown fault bits {bits & ~KNOWN_FAULT_BITS:#x}")
+        return "; ".join(reasons)
+
+    def _fault_reason(self, bit: int) -> str:
+        if bit == lib.VS_DEV_FAULT_MEMORY:
+            for i, region in enumerate(self._regions):
+                addr = guestmem.fault_addr(region.slot) if region.slot >= 0 else 0
+                if addr:
+                    gpa = region.desc.guest_phys_addr + addr - region.address - region.skip
+                    return (f"guest memory fault at {addr:#x} in region {i} (guest-physical {gpa:#x}; "
+                            "memory truncated or unmapped by the front-end)")
+            return "guest memory fault (memory truncated or unmapped by the front-end)"
+        if bit == lib.VS_DEV_FAULT_CALL_BLOCKED:
+            return "a call fd write would block (the front-end does not read its notifications)"
+        return f"fault bit {bit:#x}"
 
     # ---------------------------------------------------------------- reading
 
@@ -635,10 +743,16 @@ class VhostUserBackend:
             # QEMU resends an unchanged table (e.g. after a device restart); keep the mappings.
             log.debug("vhost-user port '%s': SET_MEM_TABLE unchanged", self.name)
             return None
+        plans = [self._plan_region(i, region, fd) for i, (region, fd) in enumerate(zip(table.regions, msg.fds))]
+        total = sum(length for _, length in plans)
+        if total > self.max_memory:
+            self.memory_refused += 1
+            raise RequestRefused(f"SET_MEM_TABLE: {total:#x} bytes of guest memory in {len(plans)} regions "
+                                 f"exceed the port's max_memory ({self.max_memory:#x} bytes); refused")
         new_regions = []
         try:
-            for i, (region, fd) in enumerate(zip(table.regions, msg.fds)):
-                new_regions.append(self._map_region(i, region, fd))
+            for i, ((start, length), region, fd) in enumerate(zip(plans, table.regions, msg.fds)):
+                new_regions.append(self._map_region(i, region, fd, start, length))
         except ProtocolError:
             for mapped in new_regions:
                 mapped.unmap()
@@ -650,15 +764,16 @@ class VhostUserBackend:
             c_region.guest_phys_addr = mapped.desc.guest_phys_addr
             c_region.user_addr = mapped.desc.user_addr
             c_region.size = mapped.desc.size
-            c_region.host_addr = ffi.cast("uint8_t *", mapped.buffer) + mapped.desc.mmap_offset
+            c_region.host_addr = ffi.cast("uint8_t *", mapped.buffer) + mapped.skip
 
         running = [r for r in self._rings if r.started]
         self._halt_rings(running, emit=False)
         self.dev.mem = memtable
-        old_regions = self._regions
+        old_regions, old_memtable = self._regions, self._memtable
         self._memtable, self._regions = memtable, new_regions
-        for region in old_regions:
-            region.unmap()
+        if old_regions:
+            self._reclaim(f"port '{self.name}': replaced guest memory",
+                          _unmap_all(old_regions, keep_alive=old_memtable))
         log.info("vhost-user port '%s': memory table: %s", self.name,
                  ", ".join(f"gpa {r.guest_phys_addr:#x} size {r.size:#x} uva {r.user_addr:#x}" for r in table.regions))
         for ring in running:
@@ -679,24 +794,45 @@ class VhostUserBackend:
                 return False
         return True
 
-    def _map_region(self, i: int, region: protocol.MemoryRegion, fd: int) -> _MemRegion:
+    def _plan_region(self, i: int, region: protocol.MemoryRegion, fd: int) -> tuple[int, int]:
+        """The file offset and length to map for a region: only the pages it
+        covers, from its offset rounded down to the file's page size
+        (hugetlbfs wants whole huge pages)."""
         need = region.mmap_offset + region.size
         try:
             st = os.fstat(fd)
         except OSError as exc:
             raise ProtocolError(f"SET_MEM_TABLE: region {i}: fstat failed: {exc.strerror}") from None
-        length = (need + st.st_blksize - 1) // st.st_blksize * st.st_blksize
+        page = st.st_blksize
+        if page < mmap.PAGESIZE or page & (page - 1):
+            page = mmap.PAGESIZE
+        start = region.mmap_offset - region.mmap_offset % page
+        end = (need + page - 1) // page * page
         if stat.S_ISREG(st.st_mode):
-            # Touching a mapping past the end of its file raises SIGBUS in the PMD.
+            # The file must hold the region; a file cut short later is a fault (guestmem.c).
             if st.st_size < need:
                 raise ProtocolError(f"SET_MEM_TABLE: region {i}: offset {region.mmap_offset:#x} + size "
                                     f"{region.size:#x} is past the end of its file ({st.st_size:#x} bytes)")
-            length = min(length, st.st_size)
+            end = min(end, st.st_size)
+        return start, end - start
+
+    def _map_region(self, i: int, region: protocol.MemoryRegion, fd: int, start: int,
+                    length: int) -> _MemRegion:
         try:
-            mapping = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            st = os.fstat(fd)
+            mapping = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         except (OSError, ValueError, OverflowError) as exc:
-            raise ProtocolError(f"SET_MEM_TABLE: region {i}: mmap of {length:#x} bytes failed: {exc}") from None
-        return _MemRegion(mapping, ffi.from_buffer(mapping), region, (st.st_dev, st.st_ino))
+            raise ProtocolError(f"SET_MEM_TABLE: region {i}: mmap of {length:#x} bytes at offset {start:#x} "
+                                f"failed: {exc}") from None
+        mapped = _MemRegion(mapping, ffi.from_buffer(mapping), region, (st.st_dev, st.st_ino),
+                            skip=region.mmap_offset - start, dev=self.dev)
+        try:
+            mapped.slot = guestmem.register(mapped.buffer, length, self.dev, i)
+        except OSError as exc:
+            mapped.unmap()
+            raise ProtocolError(f"SET_MEM_TABLE: region {i}: cannot watch the mapping for faults: "
+                                f"{exc.strerror}") from None
+        return mapped
 
     def _set_vring_num(self, msg, state: VringState):
         ring = self._ring(Request.SET_VRING_NUM, state.index)
@@ -728,7 +864,7 @@ class VhostUserBackend:
         fd = -1 if body.nofd else _take_eventfd(msg, Request.SET_VRING_KICK, ring.index)
 
         def apply():
-            _close_fds([ring.kickfd])
+            self._release_fds(f"vring {ring.index} kick fd", [ring.kickfd])
             ring.kickfd = fd
             ring.kick_set = True
             if not self._protocol_features_negotiated:
@@ -753,7 +889,7 @@ class VhostUserBackend:
             vr.call_broken = 0        # no PMD touches a ring that has not started
         ring.callfd = fd
         ring.call_set = True
-        _close_fds([old])
+        self._release_fds(f"vring {ring.index} call fd", [old])
         self._try_start(ring, Request.SET_VRING_CALL)
 
     def _set_vring_err(self, msg, body: VringFd):
@@ -855,13 +991,21 @@ class VhostUserBackend:
     def _stop_rings(self, rings: list[_Ring], close: bool) -> None:
         """Halts rings and forgets their fds and addresses (GET_VRING_BASE, teardown)."""
         self._halt_rings(rings)
+        fds = []
         for ring in rings:
             vr = self._vring(ring.index)
             vr.kickfd = -1
             vr.callfd = -1
             ring.addr = None
             if close:
-                _close_fds(ring.forget_fds())
+                fds += ring.forget_fds()
+        self._release_fds("ring fds", fds)
+
+    def _release_fds(self, what: str, fds: list[int]) -> None:
+        """Closes fds a PMD may have read from the ring (kick, call) once it cannot use them."""
+        fds = [fd for fd in fds if fd is not None and fd >= 0]
+        if fds:
+            self._reclaim(f"port '{self.name}': {what}", lambda: _close_fds(fds))
 
     def _update_link(self) -> None:
         """The device is up once the first queue pair runs and, with

@@ -360,7 +360,7 @@ static void call_blocked(struct vs_vhost_dev *dev, struct vs_vring *vr, struct v
 {
     __atomic_store_n(&vr->call_broken, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&vr->stats.calls_blocked, 1, __ATOMIC_RELAXED);
-    __atomic_fetch_or(&dev->fault, VS_DEV_FAULT_CALL_BLOCKED, __ATOMIC_SEQ_CST);
+    vs_vhost_dev_raise_fault(dev, VS_DEV_FAULT_CALL_BLOCKED);  /* the control plane disconnects it at once */
     w->blocked++;
 }
 
