@@ -80,6 +80,8 @@ class VhostUserPort(Port):
             "protocol_errors": self.backend.protocol_errors,
             # Front-ends disconnected because their guest memory faulted (truncated, unmapped).
             "mem_faults": self.backend.fault_counts["mem_faults"],
+            # Front-ends disconnected because a notification to them would block.
+            "call_blocked_faults": self.backend.fault_counts["call_blocked_faults"],
         }
 
     def housekeep(self) -> None:
