@@ -581,7 +581,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     guest_build(&txg, &in, false, txf);
     guest_build(&rxg, &in, true, rxf);
     bool racing = (mode & 15) == 15;
-    uint32_t rounds = racing ? 64 : 1 + (mode >> 4) % 16;
+    uint32_t rounds = racing ? 64 : 4 + (mode >> 4) % 29;
     if (racing) {
         race_arm(&txg, &rxg, in.rng ^ (uint64_t)size);
         stats.race_inputs++;

@@ -40,9 +40,10 @@ import struct
 import sys
 import time
 
+# The package under test: this checkout, or (tools/fuzz.py --sanitized-python)
+# a copy whose fast path was built with VSWITCH_SANITIZE=1.
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.environ.get("VSWITCH_FUZZ_PKG") or str(ROOT))
 
 QUEUES = 2
 MEM_SIZE = 64 << 10             # each guest memory file
