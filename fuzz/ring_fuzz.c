@@ -25,9 +25,10 @@
  *   - the counters add up: packets, bytes, dropped, errors per reason;
  *   - RX used lengths add up to the header plus the frame delivered.
  *
- * FUZZ_STATS_FILE=path makes it write its counts there at exit.
+ * FUZZ_STATS_FILE=path makes it write its counts there every second and at exit.
  */
 #include <pthread.h>
+#include <time.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -327,8 +328,9 @@ static void guest_build(struct guest *g, struct input *in, bool rx, uint64_t fea
     bool in_order = in_u8(in) & 1;
     for (uint32_t i = 0; i <= size; i++) {      /* the ring, then used_event */
         uint8_t m = in_u8(in);
+        /* Heads past the ring stop it for good, so they are the exception. */
         avail->ring[i] = in_order && m < 0xf0 ? (uint16_t)((i + base) & (size - 1))
-                       : m & 0x80 ? in_u16(in) : (uint16_t)(m % (size + 1));
+                       : m >= 0xfc ? in_u16(in) : m >= 0xf8 ? (uint16_t)size : (uint16_t)(m % size);
     }
     uint8_t m = in_u8(in);
     avail->idx = (uint16_t)(base + ((m & 0xe0) == 0xe0 ? in_u16(in) : m & 0x80 ? size : m % (size + 1)));
@@ -541,10 +543,11 @@ static void repost(struct guest *g, struct input *in)
     struct virtq_avail *a = (struct virtq_avail *)g->host[R_AVAIL];
     uint16_t outstanding = (uint16_t)(a->idx - g->vr->last_avail_idx);
     uint8_t m = in_u8(in);
-    if (m < 0xc0 && outstanding <= g->ring_size) {
+    if (m < 0xe0 && outstanding <= g->ring_size) {
         a->idx = (uint16_t)(g->vr->last_avail_idx + g->ring_size);
     } else {
-        a->idx = (uint16_t)(a->idx + (m & 1 ? in_u16(in) : m % 8));
+        /* A jump past the ring stops it for good, so it is the exception. */
+        a->idx = (uint16_t)(a->idx + (m >= 0xfe ? in_u16(in) : m % 8));
     }
 }
 
@@ -581,12 +584,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     guest_build(&txg, &in, false, txf);
     guest_build(&rxg, &in, true, rxf);
     bool racing = (mode & 15) == 15;
-    uint32_t rounds = racing ? 64 : 4 + (mode >> 4) % 29;
+    /* Many rounds per input: building the guests costs more than a burst. */
+    uint32_t rounds = racing ? 64 : 16 + (mode >> 4) % 49;
     if (racing) {
         race_arm(&txg, &rxg, in.rng ^ (uint64_t)size);
         stats.race_inputs++;
     }
     for (uint32_t r = 0; r < rounds; r++) {
+        if (!racing && !vs_vring_is_enabled(txg.vr) && !vs_vring_is_enabled(rxg.vr)) {
+            break;                              /* both rings stopped: nothing more can happen */
+        }
         uint8_t burst = in_u8(&in);
         pmd_pass(&txg, &rxg, burst & 0x80 ? VS_BURST : 1 + burst % VS_BURST, racing);
         if (!racing) {
@@ -601,8 +608,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     guest_free(&txg);
     guest_free(&rxg);
     stats.inputs++;
-    if ((stats.inputs & 0xfff) == 0) {
-        write_stats();
+    if ((stats.inputs & 0xff) == 0) {
+        /* About once a second, so a run stopped from outside leaves its counts. */
+        static time_t last;
+        time_t now = time(NULL);
+        if (now != last) {
+            last = now;
+            write_stats();
+        }
     }
     return 0;
 }

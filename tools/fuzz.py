@@ -2,7 +2,7 @@
 print what they did.
 
     python -m tools.fuzz --seconds 20            # each harness 20 s (what CI runs)
-    nice -n 10 python -m tools.fuzz --minutes 10 # the long run whose figures the README quotes
+    nice -n 10 python -m tools.fuzz --minutes 12 --until-figures  # the long run: the README's figures
 
 Harnesses, run side by side:
 
@@ -32,6 +32,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ class Run:
     elapsed: float = 0.0
     returncode: int | None = None
     counts: dict = field(default_factory=dict)
+    stopped_at_figure: bool = False
     reports: list[str] = field(default_factory=list)
 
 
@@ -177,21 +179,50 @@ def read_counts(path: pathlib.Path) -> dict:
     return counts
 
 
-def execute(runs: list[Run], deadline_slack: float) -> None:
+# libFuzzer's exit status when it stops on SIGTERM (-interrupted_exitcode).
+INTERRUPTED = 72
+
+
+def execute(runs: list[Run], deadline_slack: float, until_figures: bool = False) -> None:
+    try:
+        _execute(runs, deadline_slack, until_figures)
+    finally:
+        # Interrupted (Ctrl-C, SIGTERM): no harness outlives the tool.
+        for run in runs:
+            if run.proc is not None and run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+
+
+def _execute(runs: list[Run], deadline_slack: float, until_figures: bool) -> None:
     for run in runs:
         run.started = time.monotonic()
         with open(run.log_file, "wb") as log:
             run.proc = subprocess.Popen(run.cmd, env=run.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + deadline_slack
+    while any(run.proc.poll() is None for run in runs) and time.monotonic() < deadline:
+        time.sleep(1)
+        for run in runs:
+            if run.proc.poll() is not None and run.returncode is None:
+                run.returncode = run.proc.returncode
+                run.elapsed = time.monotonic() - run.started
+            elif until_figures and run.proc.poll() is None and not run.stopped_at_figure:
+                unit, target = FIGURES[run.name]
+                if read_counts(run.stats_file).get(unit, 0) >= target:
+                    # Enough for the figures: stop it, leaving the CPU to the others.
+                    run.stopped_at_figure = True
+                    run.proc.send_signal(signal.SIGTERM)
     for run in runs:
-        try:
-            run.returncode = run.proc.wait(timeout=deadline_slack)
-        except subprocess.TimeoutExpired:
+        if run.proc.poll() is None:
             run.proc.kill()
             run.proc.wait()
-            run.returncode = -9
             run.reports.append("did not stop by its deadline (hang?)")
-        run.elapsed = time.monotonic() - run.started
+        if run.returncode is None:
+            run.returncode = run.proc.returncode
+            run.elapsed = time.monotonic() - run.started
+        if run.stopped_at_figure and run.returncode in (INTERRUPTED, -signal.SIGTERM, 143):
+            run.returncode = 0
         run.counts = read_counts(run.stats_file)
         text = run.log_file.read_text(errors="replace")
         for line in text.splitlines():
@@ -212,7 +243,8 @@ def summary(runs: list[Run]) -> tuple[str, bool, bool]:
         ok &= not failed
         figures_ok &= count >= target
         extra = ", ".join(f"{k} {v:,}" for k, v in run.counts.items() if k != unit)
-        lines.append(f"{run.name:<11} {count:>13,} {unit:<9} in {run.elapsed:6.1f} s ({rate:,.0f}/s); "
+        lines.append(f"{run.name:<11} {count:>13,} {unit:<9} in {run.elapsed:6.1f} s ({rate:,.0f}/s"
+                     + (", stopped at its figure" if run.stopped_at_figure else "") + "); "
                      f"sanitizer reports / crashes / broken invariants: {len(run.reports)}"
                      + (f"  [{extra}]" if extra else ""))
         for rep in run.reports[:5]:
@@ -235,7 +267,11 @@ def main(argv=None) -> int:
                         help="run the vhost-user harness against a VSWITCH_SANITIZE=1 build")
     parser.add_argument("--require-figures", action="store_true",
                         help="fail unless the counts reach 10 M chains, 1 M messages, 1 M headers")
+    parser.add_argument("--until-figures", action="store_true",
+                        help="stop each harness once its count reaches its figure (at most the time given)")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the harnesses are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     seconds = int(args.minutes * 60) if args.minutes else (args.seconds or 20)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     for n in names:
@@ -248,7 +284,7 @@ def main(argv=None) -> int:
         runs = plan(workdir, names, seconds, args.sanitized_python)
         started = time.monotonic()
         print(f"fuzz: {', '.join(names)} for {seconds} s each, side by side (work directory {workdir})", flush=True)
-        execute(runs, deadline_slack=seconds + 120)
+        execute(runs, deadline_slack=seconds + 120, until_figures=args.until_figures)
         text, ok, figures_ok = summary(runs)
         print(text)
         print(f"fuzz: {'PASS' if ok else 'FAIL'} in {time.monotonic() - started:.0f} s"
