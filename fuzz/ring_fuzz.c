@@ -246,6 +246,14 @@ static void write_desc(struct input *in, const struct guest *g, struct virtq_des
         d->next = (uint16_t)((i + 1) % table_size);
         return;
     }
+    if (mode < 0x98) {
+        /* An empty link back to itself or on to the next: without the chain budget, a loop forever. */
+        d->addr = GPA_DATA;
+        d->len = 0;
+        d->flags = (uint16_t)(VIRTQ_DESC_F_NEXT | (rx ? VIRTQ_DESC_F_WRITE : 0));
+        d->next = (uint16_t)(mode & 1 ? i : (i + 1) % table_size);
+        return;
+    }
     d->addr = pick_addr(in, g, rx);
     if (rx && d->addr - GPA_USED < GPA_INDIRECT - GPA_USED) {
         d->addr -= GPA_USED - GPA_DESC;     /* see pick_addr: no RX buffer over the used ring */
