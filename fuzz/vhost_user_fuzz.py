@@ -175,9 +175,18 @@ class Session:
                 assert any(lo <= host and host + r.size <= hi for lo, hi in spans), \
                     f"memory region {i} (size {r.size:#x}) is not inside a mapping"
 
+        # Rings must lie inside one region as the front-end described it (not merely
+        # inside our mapping, which is rounded up to whole pages).
+        regions = []
+        if self.dev.mem != ffi.NULL:
+            for i in range(self.dev.mem.nregions):
+                r = self.dev.mem.regions[i]
+                host = int(ffi.cast("uintptr_t", r.host_addr))
+                regions.append((host, host + r.size))
+
         def inside(ptr, length):
             addr = int(ffi.cast("uintptr_t", ptr))
-            return any(lo <= addr and addr + length <= hi for lo, hi in spans)
+            return any(lo <= addr and addr + length <= hi for lo, hi in regions)
 
         for ring in backend._rings:
             vr = self.dev.vrings[ring.index]
@@ -296,9 +305,13 @@ class Generator:
             elif shape is p.Payload.VRING_ADDR:
                 index = r.u8() % 5
                 v = r.u8()
-                if v < 0xC0:
+                if v < 0xA0:
                     desc, avail, used = (self.ring_uvas[(v + k) % 4] + 0x100 * (r.u8() % 4) * (v & 1)
                                          for k in range(3))
+                elif v < 0xC0:
+                    # Just before a page boundary, where the regions above may end: rings straddling it.
+                    desc, avail, used = (UVA_BASE + (MEM_SIZE if r.u8() & 1 else 4096 * (1 + r.u8() % 16))
+                                         - 16 * (r.u8() % 64) for _ in range(3))
                 else:
                     desc, avail, used = r.uint(8), r.uint(8), r.uint(8)
                 payload = p.pack_vring_addr(index, desc, used, avail, flags=r.u8() & 1, log=0)
@@ -447,13 +460,18 @@ class Harness:
             os.replace(tmp, STATS_FILE)
 
 
-def run_random(harness: Harness, seconds: float, seed: int) -> None:
-    """A seeded mutational loop: random inputs, and mutations of earlier ones."""
+def run_random(harness: Harness, seconds: float, seed: int, seed_dirs: list[str] = ()) -> None:
+    """A seeded mutational loop: the seed files first, then random inputs and
+    mutations of earlier ones."""
     rnd = random.Random(seed)
-    pool: list[bytes] = []
+    pool: list[bytes] = [f.read_bytes() for d in seed_dirs for f in sorted(pathlib.Path(d).glob("*"))
+                         if f.is_file()]
+    queue = list(pool)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if pool and rnd.random() < 0.5:
+        if queue:
+            data = queue.pop(0)
+        elif pool and rnd.random() < 0.5:
             data = bytearray(rnd.choice(pool))
             for _ in range(rnd.randint(1, 8)):
                 if data:
@@ -480,6 +498,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="random engine: how long")
     parser.add_argument("--seed", type=int, default=1, help="random engine: seed")
     parser.add_argument("--reproduce", metavar="HEX", help="run one input given in hex, and stop")
+    parser.add_argument("corpus", nargs="*", help="random engine: seed directories (atheris: corpus directories)")
     args, rest = parser.parse_known_args(argv)
     engine = args.engine
     if engine is None:
@@ -493,7 +512,7 @@ def main(argv=None) -> int:
         print("vhost_user_fuzz: input passed")
         return 0
     if engine == "random":
-        run_random(Harness(), args.seconds, args.seed)
+        run_random(Harness(), args.seconds, args.seed, args.corpus)
         return 0
 
     import atheris
@@ -505,7 +524,7 @@ def main(argv=None) -> int:
     def test_one_input(data: bytes) -> None:
         harness.one(data)
 
-    atheris.Setup([sys.argv[0]] + rest, test_one_input)
+    atheris.Setup([sys.argv[0]] + rest + args.corpus, test_one_input)
     atheris.Fuzz()
     return 0
 

@@ -159,7 +159,7 @@ def plan(workdir: pathlib.Path, names: list[str], seconds: int, sanitized_python
                 pkg = build_sanitized_package(workdir)
                 env.update(VSWITCH_SANITIZE="1", VSWITCH_FUZZ_PKG=str(pkg), LD_PRELOAD=libasan(),
                            PYTHONMALLOC="malloc")
-                cmd = [sys.executable, script, "--engine", "random", "--seconds", str(seconds)]
+                cmd = [sys.executable, script, "--engine", "random", "--seconds", str(seconds), *seeds]
             else:
                 cmd = [sys.executable, script, f"-max_total_time={seconds}", "-max_len=4096", "-len_control=10",
                        "-timeout=20", f"-artifact_prefix={artifacts}/", str(corpus), *seeds]
