@@ -25,7 +25,8 @@
  *   - the counters add up: packets, bytes, dropped, errors per reason;
  *   - RX used lengths add up to the header plus the frame delivered.
  *
- * FUZZ_STATS_FILE=path makes it write its counts there every second and at exit.
+ * FUZZ_STATS_FILE=path makes it write its counts there every second and at exit;
+ * FUZZ_RACE_ONLY=1 makes every input a race.
  */
 #include <pthread.h>
 #include <time.h>
@@ -611,7 +612,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                    (rf & 128 ? 1ULL << 9 : 0);
     guest_build(&txg, &in, false, txf);
     guest_build(&rxg, &in, true, rxf);
-    bool racing = (mode & 15) == 15;
+    /* FUZZ_RACE_ONLY=1: every input races (to hunt double fetches). */
+    static int race_only = -1;
+    if (race_only < 0) {
+        race_only = getenv("FUZZ_RACE_ONLY") != NULL;
+    }
+    bool racing = race_only || (mode & 15) == 15;
     /* Many rounds per input: building the guests costs more than a burst. */
     uint32_t rounds = racing ? 64 : 16 + (mode >> 4) % 49;
     if (racing) {

@@ -3,7 +3,7 @@
 Each harness runs for a bounded time here (tools/fuzz.py builds them with
 clang -fsanitize=fuzzer,address,undefined); any sanitizer report, crash or
 broken invariant fails the test with the harness's own report.  The longer
-run that gives the README's figures is `python -m tools.fuzz --minutes 10`.
+run that gives the README's figures is `nice -n 10 python -m tools.fuzz --minutes 13 --until-figures`.
 
 Below them, a regression test for each bug the fuzzers found, in plain
 pytest against the normal build, so it runs without clang too.
