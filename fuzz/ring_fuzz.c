@@ -63,6 +63,7 @@ static struct {
     uint64_t inputs, chains_tx, chains_rx, frames_tx, frames_rx, bad_chains, race_inputs;
 } stats;
 static int callfd = -1;
+static uint64_t race_writes;            /* stores by the racing thread */
 
 static void write_stats(void)
 {
@@ -70,11 +71,12 @@ static void write_stats(void)
     FILE *f = path ? fopen(path, "w") : NULL;
     if (f) {
         fprintf(f, "inputs %llu\nchains %llu\nchains_tx %llu\nchains_rx %llu\nframes_tx %llu\n"
-                "frames_rx %llu\nbad_chains %llu\nrace_inputs %llu\n",
+                "frames_rx %llu\nbad_chains %llu\nrace_inputs %llu\nrace_writes %llu\n",
                 (unsigned long long)stats.inputs, (unsigned long long)(stats.chains_tx + stats.chains_rx),
                 (unsigned long long)stats.chains_tx, (unsigned long long)stats.chains_rx,
                 (unsigned long long)stats.frames_tx, (unsigned long long)stats.frames_rx,
-                (unsigned long long)stats.bad_chains, (unsigned long long)stats.race_inputs);
+                (unsigned long long)stats.bad_chains, (unsigned long long)stats.race_inputs,
+                (unsigned long long)__atomic_load_n(&race_writes, __ATOMIC_RELAXED));
         fclose(f);
     }
 }
@@ -96,7 +98,6 @@ static struct {
     uint32_t nareas;
     int headers_only;               /* flip the GSO bytes of the TX frames, nothing else */
     uint64_t seed;
-    uint64_t writes;
 } race = { .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER };
 
 static void *racer(void *arg)
@@ -126,7 +127,7 @@ static void *racer(void *arg)
                     __atomic_store_n(a->p + off, gso_bytes[(r + off) & 3], __ATOMIC_RELAXED);
                 }
             }
-            __atomic_fetch_add(&race.writes, 1, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&race_writes, 1, __ATOMIC_RELAXED);
         }
         while (__atomic_load_n(&race.armed, __ATOMIC_RELAXED)) {
             uint64_t r = rng_next(&s);
@@ -151,7 +152,7 @@ static void *racer(void *arg)
                 }
                 break;
             }
-            __atomic_fetch_add(&race.writes, 1, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&race_writes, 1, __ATOMIC_RELAXED);
         }
     }
     return NULL;
