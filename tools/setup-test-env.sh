@@ -23,8 +23,9 @@ HUGEPAGES=1024
 # What the tests need, by Debian package: the DPDK testpmd peer, OVS-DPDK (a
 # peer in the benchmark's smoke test; the system OVS service is never used), QEMU guests
 # and their initramfs, namespaces and traffic tools, perf (the benchmark's
-# --profile), AF_XDP headers, and a C
-# toolchain with Python headers for the cffi extension.
+# --profile), AF_XDP headers, a C
+# toolchain with Python headers for the cffi extension, and clang with its
+# libFuzzer and sanitizer runtimes for the fuzzers (tools/fuzz.py).
 PACKAGES=(
     dpdk-dev coreutils
     openvswitch-switch-dpdk
@@ -32,6 +33,7 @@ PACKAGES=(
     iproute2 iperf3 tcpdump linux-perf
     libxdp-dev libbpf-dev xdp-tools
     gcc libc6-dev python3-dev python3-venv
+    clang libclang-rt-14-dev
 )
 
 STEP_NAME=setup-test-env
