@@ -47,7 +47,7 @@ fi
 # Up to date means: vswitch imports from this checkout and its C build
 # matches the sources (vswitch.native checks), and the extra's tools import.
 imports="import vswitch, vswitch.native, yaml, psutil, cffi"
-[ "$EXTRA" = test ] && imports="$imports, pytest, pytest_timeout, scapy, matplotlib"
+[ "$EXTRA" = test ] && imports="$imports, pytest, pytest_timeout, scapy, matplotlib, atheris"
 installed_ok() {
     (cd /tmp && "$PY" - "$REPO" <<PYEOF
 import pathlib, sys

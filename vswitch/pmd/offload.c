@@ -329,11 +329,6 @@ static inline uint16_t get16(const uint8_t *p)
 
 /* Bytes an IP length field counts for a segment, less its payload:
  * IPv4 total length from the IP header on, IPv6 payload length after it. */
-static inline uint32_t hlen_l3_span(const struct l3l4 *o)
-{
-    return o->payload - o->l3 - (o->v6 ? 40 : 0);
-}
-
 static bool segment_tcp(struct vs_offload_batch *b, const struct vs_pkt *pkt)
 {
     uint8_t first[VS_OFFLOAD_HDR_MAX];
@@ -346,11 +341,6 @@ static bool segment_tcp(struct vs_offload_batch *b, const struct vs_pkt *pkt)
     uint32_t mss = pkt->vnet.gso_size;
     uint32_t total = pkt->len - o.payload;
     if (v6 != o.v6 || mss == 0) {
-        return false;
-    }
-    /* The IP length fields are 16 bits: a segment they cannot describe is refused, not wrapped. */
-    uint32_t largest = hlen_l3_span(&o) + (total < mss ? total : mss);
-    if (largest > 0xffff) {
         return false;
     }
     uint32_t nseg = total ? (total + mss - 1) / mss : 1;
