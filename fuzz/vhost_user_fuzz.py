@@ -390,7 +390,7 @@ class Generator:
 class Harness:
     def __init__(self):
         from vswitch import native
-        from vswitch.vhost import backend as backend_mod, protocol
+        from vswitch.vhost import backend as backend_mod, guestmem, protocol
 
         logging.getLogger("vswitch").setLevel(logging.ERROR)
         logging.getLogger("vswitch").propagate = False
@@ -400,6 +400,8 @@ class Harness:
         self.gen = Generator(protocol)
         self.inputs = 0
         self.last_stats = 0.0
+        # The fault handler's process-wide wake-up eventfd is made once, on first use: make it now.
+        guestmem.install()
         self.baseline = open_fds()
 
     def one(self, data: bytes) -> None:

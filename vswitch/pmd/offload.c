@@ -327,8 +327,6 @@ static inline uint16_t get16(const uint8_t *p)
     return (uint16_t)(p[0] << 8 | p[1]);
 }
 
-/* Bytes an IP length field counts for a segment, less its payload:
- * IPv4 total length from the IP header on, IPv6 payload length after it. */
 static bool segment_tcp(struct vs_offload_batch *b, const struct vs_pkt *pkt)
 {
     uint8_t first[VS_OFFLOAD_HDR_MAX];
