@@ -127,6 +127,20 @@ int vs_vring_setup(struct vs_vhost_dev *dev, uint32_t index, uint32_t size,
     vr->avail = avail;
     vr->used = used;
     vr->size = size;
+    /*
+     * Every buffer we consumed was returned on the used ring before the ring
+     * stopped, so the used index in guest memory is where we stopped.  A
+     * front-end that restarts against a new back-end (after a crash) may send
+     * another base (virtio-user sends 0): resume from the used index instead,
+     * as DPDK's vhost library does.  Frames in flight at the crash are resent
+     * (TX) or lost (RX).  The guest chooses the base either way, so this gives
+     * it nothing new, and an avail index past used + size still stops the ring.
+     */
+    uint16_t used_idx = __atomic_load_n(&vr->used->idx, __ATOMIC_ACQUIRE);
+    if (used_idx != base) {
+        base = used_idx;
+        vr->resumed_from_used++;
+    }
     vr->last_avail_idx = base;
     vr->last_used_idx = base;
     vr->pending_used = 0;
