@@ -12,8 +12,12 @@ seconds instead of hanging the run.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import struct
+import time
 
 import pytest
 
@@ -676,3 +680,73 @@ def test_random_descriptors_never_crash(make_rig):
                     g.tx[0] if idx == 1 else g.rx[0]), g.vring(idx).last_avail_idx)
                 (g.tx[0] if idx == 1 else g.rx[0]).set_avail_idx(g.vring(idx).last_avail_idx)
     assert a.vring(1).stats.errors + b.vring(0).stats.errors > 0
+
+
+# --- Double fetches ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def flipping(mem: GuestMemory, gpa: int, values: tuple[int, int]):
+    """A second CPU rewriting one byte of guest memory as fast as it can, as a hostile guest would."""
+    offset = gpa - mem.gpa_base
+    pid = os.fork()
+    if pid == 0:
+        try:
+            byte = ctypes.c_uint8.from_buffer(mem.mm, offset)
+            first, second = values
+            while True:
+                byte.value = first
+                byte.value = second
+        finally:
+            os._exit(0)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def hammer(rig: Rig, q: SplitQueue, gpa: int, length: int, seconds: float) -> None:
+    """Makes the same TX buffer available over and over, 32 at a time, and polls."""
+    for i in range(32):
+        q.write_desc(i, gpa, length)
+    for slot in range(q.size):
+        q.write_avail_entry(slot, slot % 32)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(100):
+            q.set_avail_idx(q.avail_idx + 32)
+            rig.poll()
+
+
+@in_child(timeout=60)
+def test_a_source_mac_rewritten_while_read_is_never_learned_as_multicast(make_rig):
+    """The multicast check and the learning must see the same source MAC: a guest flipping its
+    multicast bit at the right moment must not get a multicast address into the MAC table."""
+    rig, a, b = two_guests(make_rig)
+    q = a.tx[0]
+    data = q.net_header() + frame(BROADCAST, mac(1))
+    gpa = a.mem.alloc(len(data))
+    a.mem.write(gpa, data)
+    with flipping(a.mem, gpa + len(q.net_header()) + 6, (0x03, 0x02)):
+        hammer(rig, q, gpa, len(data), seconds=3.0)
+    assert a.vring(1).stats.packets > 100000
+    learned = [e.mac for e in rig.fib.entries()]
+    assert all(not int(m.split(":")[0], 16) & 1 for m in learned), f"multicast MAC learned: {learned}"
+
+
+@in_child(timeout=60)
+def test_a_gso_type_rewritten_while_read_is_never_taken_unchecked(make_rig):
+    """The sender negotiated TSO4 only: a guest flipping its header's gso_type between TCPV4 and
+    UDP must get either TCPV4 or nothing through, never the UDP type it was not allowed (which
+    the receiving port would have to drop, counted as tx_dropped_offload)."""
+    offloads = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 11)   # CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4
+    rig, a, b = two_guests(make_rig, features=F_V1 | offloads)
+    q = a.tx[0]
+    header = q.net_header(flags=lib.VS_NET_HDR_F_NEEDS_CSUM, gso_type=lib.VS_NET_HDR_GSO_TCPV4)
+    data = header + frame(mac(2), mac(1), b"t" * 100)
+    gpa = a.mem.alloc(len(data))
+    a.mem.write(gpa, data)
+    with flipping(a.mem, gpa + 1, (lib.VS_NET_HDR_GSO_UDP, lib.VS_NET_HDR_GSO_TCPV4)):
+        hammer(rig, q, gpa, len(data), seconds=3.0)
+    assert a.vring(1).stats.packets > 100000
+    assert b.port.stats.tx_dropped_offload == 0
