@@ -36,6 +36,18 @@ static inline void vs_spin_unlock(int *lock)
     __atomic_store_n(lock, 0, __ATOMIC_RELEASE);
 }
 
+/*
+ * Copies n bytes the guest may be rewriting into dst, exactly once.  The
+ * empty asm claims to change dst, so the compiler can neither read the
+ * guest's bytes again in place of the copy nor drop the copy.  vs_keep_copy
+ * alone does the same for a copy made piece by piece.
+ */
+#define vs_keep_copy(dst, n) __asm__("" : "+m"(*(uint8_t (*)[n])(void *)(dst)))
+#define vs_copy_once(dst, src, n) do {                                    \
+        memcpy((dst), (src), (n));                                        \
+        vs_keep_copy((dst), n);                                           \
+    } while (0)
+
 static inline uint64_t vs_rdtsc(void)
 {
     return __builtin_ia32_rdtsc();

@@ -72,6 +72,16 @@ class Vswitchd:
         rc = self.proc.returncode
         return rc
 
+    def kill(self) -> int | None:
+        """SIGKILL by PID, as a crash would end it: no cleanup runs.  start() may follow."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

@@ -4,15 +4,24 @@ A mock guest driver (tests/support/virtio_driver.py) writes descriptors into
 a memfd; the C side maps the same bytes through a memory table, exactly as it
 does for a real guest.  `vs_pmd_poll_once` runs one pass of the PMD loop in
 the test's own thread, so every step is deterministic.
+
+Hostile cases run in a forked child with a deadline (tests/support/child.py):
+should a bound in C go (the descriptor chain budget, say), they fail within
+seconds instead of hanging the run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import struct
+import time
 
 import pytest
 
+from tests.support.child import in_child
 from tests.support.frames import BROADCAST, frame, mac
 from tests.support.virtio_driver import (NET_HDR_LEN_LEGACY, VIRTQ_DESC_F_INDIRECT,
                                          VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -426,6 +435,8 @@ def good_buffer(g: Guest, payload: bytes = b"") -> tuple[int, int]:
     ("outside", lib.VS_VQ_ERR_ADDR),
     ("past_region_end", lib.VS_VQ_ERR_ADDR),
     ("loop", lib.VS_VQ_ERR_LOOP),
+    ("self_loop", lib.VS_VQ_ERR_LOOP),
+    ("indirect_loop", lib.VS_VQ_ERR_LOOP),
     ("next_past_ring", lib.VS_VQ_ERR_NEXT),
     ("nested_indirect", lib.VS_VQ_ERR_NESTED_INDIRECT),
     ("indirect_len", lib.VS_VQ_ERR_INDIRECT_LEN),
@@ -437,6 +448,7 @@ def good_buffer(g: Guest, payload: bytes = b"") -> tuple[int, int]:
     ("too_long", lib.VS_VQ_ERR_TOO_LONG),
     ("too_many_segs", lib.VS_VQ_ERR_TOO_MANY_SEGS),
 ])
+@in_child()
 def test_bad_tx_chain_is_dropped_counted_and_returned(hostile, case, reason):
     rig, a, b = hostile
     gpa, length = good_buffer(a)
@@ -448,6 +460,11 @@ def test_bad_tx_chain_is_dropped_counted_and_returned(hostile, case, reason):
         post_raw_tx(a, [(mem_end - 32, 64, 0, 0)], RAW)
     elif case == "loop":
         post_raw_tx(a, [(gpa, 0, VIRTQ_DESC_F_NEXT, RAW + 1), (gpa, 0, VIRTQ_DESC_F_NEXT, RAW)], RAW)
+    elif case == "self_loop":
+        post_raw_tx(a, [(gpa, 0, VIRTQ_DESC_F_NEXT, RAW)], RAW)
+    elif case == "indirect_loop":
+        table = q.write_indirect_table([(gpa, 0, VIRTQ_DESC_F_NEXT, 1), (gpa, 0, VIRTQ_DESC_F_NEXT, 0)])
+        post_raw_tx(a, [(table, 32, VIRTQ_DESC_F_INDIRECT, 0)], RAW)
     elif case == "next_past_ring":
         post_raw_tx(a, [(gpa, length, VIRTQ_DESC_F_NEXT, 5000)], RAW)
     elif case == "nested_indirect":
@@ -506,6 +523,25 @@ def test_used_entries_keep_the_avail_order_around_a_bad_chain(hostile, bad_at):
     assert len(b.rx[0].read_rx_frames()) == 3
 
 
+@in_child()
+def test_looping_rx_chain_is_counted_and_skipped(make_rig):
+    rig, a, b = two_guests(make_rig)
+    q = b.rx[0]
+    buf = q.mem.alloc(2048)
+    q.write_desc(RAW, buf, 0, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, RAW + 1)
+    q.write_desc(RAW + 1, buf, 0, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, RAW)
+    q.publish_raw(RAW)
+    q.post_rx(1)
+    for _ in range(2):
+        a.tx[0].post_tx(frame(mac(2), mac(1)))
+    rig.poll()
+    assert errors(b, 0, lib.VS_VQ_ERR_LOOP) == 1
+    # The looping chain comes back empty (its frame dropped); the good buffer holds the next one.
+    assert [len(f.data) for f in q.read_rx_frames()] == [0, 64]
+    assert b.vring(0).stats.dropped == 1
+
+
+@in_child()
 def test_avail_index_jump_stops_only_that_ring(make_rig):
     guests = [Guest(n) for n in range(3)]
     rig = make_rig(*guests)
@@ -524,6 +560,7 @@ def test_avail_index_jump_stops_only_that_ring(make_rig):
     assert errors(a, 1, lib.VS_VQ_ERR_AVAIL_JUMP) == 1
 
 
+@in_child()
 def test_head_past_the_ring_stops_the_ring(make_rig):
     rig, a, b = two_guests(make_rig)
     a.tx[0].publish_raw(60000)
@@ -531,6 +568,7 @@ def test_head_past_the_ring_stops_the_ring(make_rig):
     assert a.vring(1).broken and errors(a, 1, lib.VS_VQ_ERR_HEAD) == 1
 
 
+@in_child()
 def test_bad_rx_chain_is_counted_and_skipped(make_rig):
     rig, a, b = two_guests(make_rig)
     q = b.rx[0]
@@ -549,6 +587,7 @@ def test_bad_rx_chain_is_counted_and_skipped(make_rig):
     assert b.vring(0).stats.packets == 1 and b.vring(0).stats.dropped == 2
 
 
+@in_child()
 def test_rx_avail_jump_stops_the_rx_ring(make_rig):
     rig, a, b = two_guests(make_rig)
     b.rx[0].set_avail_idx(1000)
@@ -569,6 +608,78 @@ def test_ring_outside_memory_is_refused():
         assert lib.vs_vring_setup(g.dev, 99, 256, 0, 0, 0, 0) == lib.VS_VQ_ERR_RING_ADDR
     finally:
         g.close()
+
+
+@in_child(timeout=60)
+@pytest.mark.parametrize("part", ["desc", "avail", "used"])
+def test_ring_straddling_the_end_of_a_region_is_refused(part):
+    """Each ring part must lie wholly inside one region: starting inside is not enough."""
+    g = Guest(0)
+    try:
+        vq = g.rx[0]
+        end = g.mem.gpa_to_uva(g.mem.gpa_base + g.mem.size)
+        addrs = {"desc": vq.desc_uva, "avail": vq.avail_uva, "used": vq.used_uva}
+        # Aligned as each part must be, so only the length check can refuse it.
+        addrs[part] = end - {"desc": 2048, "avail": 256, "used": 1024}[part]
+        rc = lib.vs_vring_setup(g.dev, 0, vq.size, addrs["desc"], addrs["avail"], addrs["used"], 0)
+        assert rc == lib.VS_VQ_ERR_RING_ADDR, ffi.string(lib.vs_vq_error_name(rc))
+        # A part that ends exactly at the end of the region fits.
+        if part == "desc":
+            rc = lib.vs_vring_setup(g.dev, 0, vq.size, end - 16 * vq.size, vq.avail_uva, vq.used_uva, 0)
+            assert rc == 0, ffi.string(lib.vs_vq_error_name(rc))
+    finally:
+        g.close()
+
+
+# --- Restart ------------------------------------------------------------------------
+
+def restart_ring(g: Guest, vq: SplitQueue, base: int) -> None:
+    """What a new back-end does when a front-end (re)starts a ring with SET_VRING_BASE base."""
+    vr = ffi.addressof(g.dev.vrings[vq.index])
+    lib.vs_vring_set_enabled(vr, 0)
+    rc = lib.vs_vring_setup(g.dev, vq.index, vq.size, vq.desc_uva, vq.avail_uva, vq.used_uva, base)
+    assert rc == 0, ffi.string(lib.vs_vq_error_name(rc))
+    lib.vs_vring_set_enabled(vr, 1)
+
+
+def test_restarted_rings_resume_from_the_used_index(make_rig):
+    """After a back-end crash virtio-user sends base 0 while its rings are far along: the ring
+    engine resumes from the used index in guest memory, and frames waiting in the rings go on."""
+    rig, a, b = two_guests(make_rig)
+    b.rx[0].post_rx(8)
+    for _ in range(5):
+        a.tx[0].post_tx(frame(mac(2), mac(1)))
+    rig.poll()
+    assert len(b.rx[0].read_rx_frames()) == 5 and len(a.tx[0].get_used()) == 5
+    assert a.vring(1).resumed_from_used == 0 and b.vring(0).resumed_from_used == 0
+    # Frames the guest made available while the back-end was gone wait in its TX ring.
+    waiting = [frame(mac(2), mac(1), bytes([i]) * 50) for i in range(3)]
+    for f in waiting:
+        a.tx[0].post_tx(f)
+    restart_ring(a, a.tx[0], 0)
+    restart_ring(b, b.rx[0], 0)
+    assert (a.vring(1).last_avail_idx, a.vring(1).last_used_idx, a.vring(1).resumed_from_used) == (5, 5, 1)
+    assert (b.vring(0).last_avail_idx, b.vring(0).last_used_idx, b.vring(0).resumed_from_used) == (5, 5, 1)
+    rig.poll()
+    assert [x.data for x in b.rx[0].read_rx_frames()] == waiting
+    assert len(a.tx[0].get_used()) == 3
+    assert not a.vring(1).broken and not b.vring(0).broken and a.vring(1).stats.errors == 0
+    # A base that matches the used index is taken as it is.
+    restart_ring(a, a.tx[0], 8)
+    assert a.vring(1).resumed_from_used == 1
+
+
+def test_resumed_ring_still_stops_on_an_avail_jump(make_rig):
+    """Resuming from the used index trusts the guest no more than SET_VRING_BASE does: an avail
+    index more than a ring ahead of it still stops the ring."""
+    rig, a, b = two_guests(make_rig)
+    q = a.tx[0]
+    q.mem.write_u16(q.used_gpa + 2, 40000)  # the guest may write anything there
+    restart_ring(a, q, 0)
+    assert a.vring(1).last_avail_idx == 40000
+    q.set_avail_idx(40000 + q.size + 1)
+    rig.poll()
+    assert a.vring(1).broken and errors(a, 1, lib.VS_VQ_ERR_AVAIL_JUMP) == 1
 
 
 def test_random_descriptors_never_crash(make_rig):
@@ -592,3 +703,73 @@ def test_random_descriptors_never_crash(make_rig):
                     g.tx[0] if idx == 1 else g.rx[0]), g.vring(idx).last_avail_idx)
                 (g.tx[0] if idx == 1 else g.rx[0]).set_avail_idx(g.vring(idx).last_avail_idx)
     assert a.vring(1).stats.errors + b.vring(0).stats.errors > 0
+
+
+# --- Double fetches ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def flipping(mem: GuestMemory, gpa: int, values: tuple[int, int]):
+    """A second CPU rewriting one byte of guest memory as fast as it can, as a hostile guest would."""
+    offset = gpa - mem.gpa_base
+    pid = os.fork()
+    if pid == 0:
+        try:
+            byte = ctypes.c_uint8.from_buffer(mem.mm, offset)
+            first, second = values
+            while True:
+                byte.value = first
+                byte.value = second
+        finally:
+            os._exit(0)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def hammer(rig: Rig, q: SplitQueue, gpa: int, length: int, seconds: float) -> None:
+    """Makes the same TX buffer available over and over, 32 at a time, and polls."""
+    for i in range(32):
+        q.write_desc(i, gpa, length)
+    for slot in range(q.size):
+        q.write_avail_entry(slot, slot % 32)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(100):
+            q.set_avail_idx(q.avail_idx + 32)
+            rig.poll()
+
+
+@in_child(timeout=60)
+def test_a_source_mac_rewritten_while_read_is_never_learned_as_multicast(make_rig):
+    """The multicast check and the learning must see the same source MAC: a guest flipping its
+    multicast bit at the right moment must not get a multicast address into the MAC table."""
+    rig, a, b = two_guests(make_rig)
+    q = a.tx[0]
+    data = q.net_header() + frame(BROADCAST, mac(1))
+    gpa = a.mem.alloc(len(data))
+    a.mem.write(gpa, data)
+    with flipping(a.mem, gpa + len(q.net_header()) + 6, (0x03, 0x02)):
+        hammer(rig, q, gpa, len(data), seconds=3.0)
+    assert a.vring(1).stats.packets > 100000
+    learned = [e.mac for e in rig.fib.entries()]
+    assert all(not int(m.split(":")[0], 16) & 1 for m in learned), f"multicast MAC learned: {learned}"
+
+
+@in_child(timeout=60)
+def test_a_gso_type_rewritten_while_read_is_never_taken_unchecked(make_rig):
+    """The sender negotiated TSO4 only: a guest flipping its header's gso_type between TCPV4 and
+    UDP must get either TCPV4 or nothing through, never the UDP type it was not allowed (which
+    the receiving port would have to drop, counted as tx_dropped_offload)."""
+    offloads = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 11)   # CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4
+    rig, a, b = two_guests(make_rig, features=F_V1 | offloads)
+    q = a.tx[0]
+    header = q.net_header(flags=lib.VS_NET_HDR_F_NEEDS_CSUM, gso_type=lib.VS_NET_HDR_GSO_TCPV4)
+    data = header + frame(mac(2), mac(1), b"t" * 100)
+    gpa = a.mem.alloc(len(data))
+    a.mem.write(gpa, data)
+    with flipping(a.mem, gpa + 1, (lib.VS_NET_HDR_GSO_UDP, lib.VS_NET_HDR_GSO_TCPV4)):
+        hammer(rig, q, gpa, len(data), seconds=3.0)
+    assert a.vring(1).stats.packets > 100000
+    assert b.port.stats.tx_dropped_offload == 0

@@ -167,19 +167,24 @@ void vs_pmd_stop(struct vs_pmd *pmd)
     wake(pmd);
 }
 
-/* Reads the destination and source MACs, which may span segments. */
-static inline const uint8_t *eth_addrs(const struct vs_pkt *pkt, uint8_t *scratch)
+/*
+ * Copies the destination and source MACs, which may span segments, out of
+ * the frame once: a guest may rewrite its buffer while we learn and look
+ * up, and every decision must be made on the same bytes.
+ */
+static inline void eth_addrs(const struct vs_pkt *pkt, uint8_t *macs)
 {
     if (likely(pkt->segs[0].len >= 12)) {
-        return pkt->segs[0].addr;
+        vs_copy_once(macs, pkt->segs[0].addr, 12);
+        return;
     }
     uint32_t copied = 0;
     for (uint32_t s = 0; s < pkt->nsegs && copied < 12; s++) {
         uint32_t n = pkt->segs[s].len < 12 - copied ? pkt->segs[s].len : 12 - copied;
-        memcpy(scratch + copied, pkt->segs[s].addr, n);
+        memcpy(macs + copied, pkt->segs[s].addr, n);
         copied += n;
     }
-    return scratch;
+    vs_keep_copy(macs, 12);
 }
 
 /* vs_fib_key(mac, 0), inlined: two loads and two byte swaps. */
@@ -282,16 +287,16 @@ static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, str
                           uint32_t queue, struct vs_pkt *pkts, uint32_t n, uint64_t now)
 {
     int dest[VS_BURST];
-    uint8_t scratch[12];
+    uint8_t macs[12];
     struct vs_fib *fib = pmd->fib;
 
     vs_fib_lock(fib);
     for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *eth = eth_addrs(&pkts[i], scratch);
-        if (likely(!(eth[6] & 1))) {
-            vs_fib_learn(fib, mac_key(eth + 6), in->port_no, now);
+        eth_addrs(&pkts[i], macs);
+        if (likely(!(macs[6] & 1))) {
+            vs_fib_learn(fib, mac_key(macs + 6), in->port_no, now);
         }
-        dest[i] = (eth[0] & 1) ? VS_FIB_NO_PORT : vs_fib_lookup(fib, mac_key(eth));
+        dest[i] = (macs[0] & 1) ? VS_FIB_NO_PORT : vs_fib_lookup(fib, mac_key(macs));
     }
     vs_fib_unlock(fib);
 

@@ -327,6 +327,7 @@ class VhostUserBackend:
                 "last_avail_idx": int(vr.last_avail_idx) if ring.started else ring.base,
                 "kick": "fd" if ring.kickfd >= 0 else ("polled" if ring.kick_set else "none"),
                 "call": "fd" if ring.callfd >= 0 else ("none" if not ring.call_set else "polled"),
+                "resumed_from_used": int(vr.resumed_from_used),
             })
         return {
             "connected": self.connected,
@@ -966,6 +967,13 @@ class VhostUserBackend:
             reason = ffi.string(lib.vs_vq_error_name(rc)).decode()
             raise ProtocolError(f"{request.name}: vring {ring.index}: cannot start: {reason} (size {ring.size}, "
                                 f"desc {addr.desc:#x}, avail {addr.avail:#x}, used {addr.used:#x})")
+        started_at = int(vr.last_avail_idx)
+        if started_at != ring.base:
+            # vs_vring_setup took the index from the used ring in guest memory (and counted it).
+            log.warning("vhost-user port '%s': vring %d: base %d from the front-end, but the used index in "
+                        "guest memory is %d: resuming from the used index (a restarted switch or front-end; "
+                        "frames in flight may be resent or lost)", self.name, ring.index, ring.base, started_at)
+            ring.base = started_at
         lib.vs_vring_set_enabled(vr, 1)
         ring.started = True
         log.info("vhost-user port '%s': vring %d started (size %d, base %d)", self.name, ring.index,

@@ -133,6 +133,20 @@ int vs_vring_setup(struct vs_vhost_dev *dev, uint32_t index, uint32_t size,
     vr->avail = avail;
     vr->used = used;
     vr->size = size;
+    /*
+     * Every buffer we consumed was returned on the used ring before the ring
+     * stopped, so the used index in guest memory is where we stopped.  A
+     * front-end that restarts against a new back-end (after a crash) may send
+     * another base (virtio-user sends 0): resume from the used index instead,
+     * as DPDK's vhost library does.  Frames in flight at the crash are resent
+     * (TX) or lost (RX).  The guest chooses the base either way, so this gives
+     * it nothing new, and an avail index past used + size still stops the ring.
+     */
+    uint16_t used_idx = __atomic_load_n(&vr->used->idx, __ATOMIC_ACQUIRE);
+    if (used_idx != base) {
+        base = used_idx;
+        vr->resumed_from_used++;
+    }
     vr->last_avail_idx = base;
     vr->last_used_idx = base;
     vr->pending_used = 0;
@@ -431,17 +445,27 @@ static void publish_used(struct vs_vhost_dev *dev, struct vs_vring *vr)
 #define VIRTIO_NET_F_HOST_TSO6 12
 #define VIRTIO_NET_F_HOST_ECN 13
 
+/* The part of the virtio-net header a TX frame's offloads come from (flags .. csum_offset). */
+#define NET_HDR_OFFLOAD_LEN 10
+
 /*
  * Keeps what the guest may ask of us in its TX header: a partial checksum
  * only with CSUM negotiated, a GSO type only with the matching HOST_TSO
  * feature.  Anything else is cleared, so a header a guest was not allowed
- * to send never reaches another port.
+ * to send never reaches another port.  guest_hdr may be guest memory: it is
+ * copied once and every decision is made on the copy, so a guest rewriting
+ * it meanwhile cannot pass a field that differs from the one checked.
  */
-static inline void capture_net_hdr(const struct vs_vhost_dev *dev, struct vs_pkt *pkt, const uint8_t *h)
+static inline void capture_net_hdr(const struct vs_vhost_dev *dev, struct vs_pkt *pkt, const uint8_t *guest_hdr)
 {
     memset(&pkt->vnet, 0, sizeof pkt->vnet);
     uint64_t f = dev->features;
-    if (likely(!(f & (1ULL << VIRTIO_NET_F_CSUM))) || (h[0] | h[1]) == 0) {
+    if (likely(!(f & (1ULL << VIRTIO_NET_F_CSUM)))) {
+        return;
+    }
+    uint8_t h[NET_HDR_OFFLOAD_LEN];
+    vs_copy_once(h, guest_hdr, NET_HDR_OFFLOAD_LEN);
+    if ((h[0] | h[1]) == 0) {
         return;
     }
     if (h[0] & VS_NET_HDR_F_NEEDS_CSUM) {
@@ -449,11 +473,12 @@ static inline void capture_net_hdr(const struct vs_vhost_dev *dev, struct vs_pkt
         memcpy(&pkt->vnet.csum_start, h + 6, 2);
         memcpy(&pkt->vnet.csum_offset, h + 8, 2);
     }
-    uint8_t kind = h[1] & (uint8_t)~VS_NET_HDR_GSO_ECN;
+    uint8_t gso = h[1];
+    uint8_t kind = gso & (uint8_t)~VS_NET_HDR_GSO_ECN;
     bool allowed = (kind == VS_NET_HDR_GSO_TCPV4 && (f & (1ULL << VIRTIO_NET_F_HOST_TSO4))) ||
                    (kind == VS_NET_HDR_GSO_TCPV6 && (f & (1ULL << VIRTIO_NET_F_HOST_TSO6)));
-    if (allowed && (!(h[1] & VS_NET_HDR_GSO_ECN) || (f & (1ULL << VIRTIO_NET_F_HOST_ECN)))) {
-        pkt->vnet.gso_type = h[1];
+    if (allowed && (!(gso & VS_NET_HDR_GSO_ECN) || (f & (1ULL << VIRTIO_NET_F_HOST_ECN)))) {
+        pkt->vnet.gso_type = gso;
         memcpy(&pkt->vnet.hdr_len, h + 2, 2);
         memcpy(&pkt->vnet.gso_size, h + 4, 2);
     }

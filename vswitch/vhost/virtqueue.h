@@ -108,6 +108,7 @@ struct vs_vring {
     uint16_t pending_used;       /* used entries written but not yet published */
     uint16_t signalled_used;     /* used idx at our last notification (event idx) */
     uint8_t signalled_used_valid;
+    uint32_t resumed_from_used;  /* control: starts whose base the used index in guest memory overrode */
     /* shared: atomics. */
     uint8_t enabled;             /* the PMD touches the ring only while set */
     uint8_t broken;              /* the guest broke the ring; stays stopped until restarted */
