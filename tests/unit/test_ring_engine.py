@@ -20,6 +20,8 @@ import struct
 import time
 
 import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
 
 from tests.support.child import in_child
 from tests.support.frames import BROADCAST, frame, mac
@@ -765,8 +767,12 @@ def test_a_gso_type_rewritten_while_read_is_never_taken_unchecked(make_rig):
     offloads = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 11)   # CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4
     rig, a, b = two_guests(make_rig, features=F_V1 | offloads)
     q = a.tx[0]
-    header = q.net_header(flags=lib.VS_NET_HDR_F_NEEDS_CSUM, gso_type=lib.VS_NET_HDR_GSO_TCPV4)
-    data = header + frame(mac(2), mac(1), b"t" * 100)
+    # A header the receiving port can trust as it is (vs_offload_hdr_valid): TCP over IPv4,
+    # checksum at the TCP checksum field, 54 bytes of headers, 100-byte segments.
+    tcp = bytes(Ether(dst=mac(2), src=mac(1)) / IP(src="10.0.0.1", dst="10.0.0.2") / TCP() / (b"t" * 200))
+    header = struct.pack("<BBHHHH", lib.VS_NET_HDR_F_NEEDS_CSUM, lib.VS_NET_HDR_GSO_TCPV4, 54, 100, 34, 16)
+    header += bytes(q.hdr_len - len(header))
+    data = header + tcp
     gpa = a.mem.alloc(len(data))
     a.mem.write(gpa, data)
     with flipping(a.mem, gpa + 1, (lib.VS_NET_HDR_GSO_UDP, lib.VS_NET_HDR_GSO_TCPV4)):
