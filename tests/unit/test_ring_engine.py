@@ -707,6 +707,34 @@ def test_random_descriptors_never_crash(make_rig):
     assert a.vring(1).stats.errors + b.vring(0).stats.errors > 0
 
 
+@pytest.mark.parametrize("case", ["gso_not_negotiated", "udp_gso", "gso_without_partial_csum", "ecn_not_negotiated"])
+def test_tx_header_asking_for_an_offload_not_negotiated_is_refused(make_rig, case):
+    """A guest that negotiated CSUM and HOST_TSO4 only: a header asking for more is
+    dropped and counted on its TX ring, not passed on with the request cleared."""
+    offloads = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 11)   # CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4
+    rig, a, b = two_guests(make_rig, features=F_V1 | offloads)
+    b.rx[0].post_rx(4, size=4096)
+    tcp = bytes(Ether(dst=mac(2), src=mac(1)) / IP(src="10.0.0.1", dst="10.0.0.2") / TCP() / (b"t" * 200))
+    csum = lib.VS_NET_HDR_F_NEEDS_CSUM
+    flags, gso = {
+        "gso_not_negotiated": (csum, lib.VS_NET_HDR_GSO_TCPV6),
+        "udp_gso": (csum, lib.VS_NET_HDR_GSO_UDP),
+        "gso_without_partial_csum": (0, lib.VS_NET_HDR_GSO_TCPV4),
+        "ecn_not_negotiated": (csum, lib.VS_NET_HDR_GSO_TCPV4 | lib.VS_NET_HDR_GSO_ECN),
+    }[case]
+    q = a.tx[0]
+    for header_flags, header_gso in ((flags, gso), (csum, lib.VS_NET_HDR_GSO_TCPV4)):
+        header = struct.pack("<BBHHHH", header_flags, header_gso, 54, 100, 34, 16)
+        q.post_tx(tcp, header=header + bytes(q.hdr_len - len(header)))
+    rig.poll()
+    assert errors(a, 1, lib.VS_VQ_ERR_NET_HDR) == 1
+    assert not a.vring(1).broken
+    # Both chains come back; only the frame with the allowed header reached the other guest.
+    assert len(q.get_used()) == 2
+    [got] = b.rx[0].read_rx_frames()
+    assert got.data == tcp and got.header[1] == lib.VS_NET_HDR_GSO_TCPV4
+
+
 # --- Double fetches ---------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -739,7 +767,9 @@ def hammer(rig: Rig, q: SplitQueue, gpa: int, length: int, seconds: float) -> No
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         for _ in range(100):
-            q.set_avail_idx(q.avail_idx + 32)
+            # 32 chains outstanding: a refused chain ends its burst early (in-order), so
+            # only what came back is made available again, never more than the ring.
+            q.set_avail_idx((q.used_idx + 32) & 0xFFFF)
             rig.poll()
 
 
@@ -762,8 +792,8 @@ def test_a_source_mac_rewritten_while_read_is_never_learned_as_multicast(make_ri
 @in_child(timeout=60)
 def test_a_gso_type_rewritten_while_read_is_never_taken_unchecked(make_rig):
     """The sender negotiated TSO4 only: a guest flipping its header's gso_type between TCPV4 and
-    UDP must get either TCPV4 or nothing through, never the UDP type it was not allowed (which
-    the receiving port would have to drop, counted as tx_dropped_offload)."""
+    UDP must get either TCPV4 through or the frame refused at the source, never the UDP type it
+    was not allowed (which the receiving port would have to drop, counted as tx_dropped_offload)."""
     offloads = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 11)   # CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4
     rig, a, b = two_guests(make_rig, features=F_V1 | offloads)
     q = a.tx[0]
@@ -777,5 +807,6 @@ def test_a_gso_type_rewritten_while_read_is_never_taken_unchecked(make_rig):
     a.mem.write(gpa, data)
     with flipping(a.mem, gpa + 1, (lib.VS_NET_HDR_GSO_UDP, lib.VS_NET_HDR_GSO_TCPV4)):
         hammer(rig, q, gpa, len(data), seconds=3.0)
-    assert a.vring(1).stats.packets > 100000
+    # Frames read while the byte said UDP are refused at the source (VS_VQ_ERR_NET_HDR).
+    assert a.vring(1).stats.packets + a.vring(1).stats.errors > 100000
     assert b.port.stats.tx_dropped_offload == 0

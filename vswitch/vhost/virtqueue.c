@@ -46,6 +46,7 @@ static const char *const vq_error_names[VS_VQ_ERR_MAX] = {
     [VS_VQ_ERR_SHORT_HEADER] = "chain shorter than the virtio-net header",
     [VS_VQ_ERR_RING_ADDR] = "ring outside guest memory or misaligned",
     [VS_VQ_ERR_RING_SIZE] = "bad ring size",
+    [VS_VQ_ERR_NET_HDR] = "virtio-net header asks for an offload not negotiated",
 };
 
 const char *vs_vq_error_name(uint32_t err)
@@ -449,39 +450,48 @@ static void publish_used(struct vs_vhost_dev *dev, struct vs_vring *vr)
 #define NET_HDR_OFFLOAD_LEN 10
 
 /*
- * Keeps what the guest may ask of us in its TX header: a partial checksum
+ * Takes what the guest may ask of us from its TX header: a partial checksum
  * only with CSUM negotiated, a GSO type only with the matching HOST_TSO
- * feature.  Anything else is cleared, so a header a guest was not allowed
- * to send never reaches another port.  guest_hdr may be guest memory: it is
+ * feature (and ECN only with HOST_ECN), and only with a partial checksum, as
+ * virtio requires of TSO.  A header asking for more is refused
+ * (VS_VQ_ERR_NET_HDR): the frame is dropped and counted rather than passed
+ * on with its request silently cleared.  Without CSUM the header carries no
+ * offload at all and is ignored.  guest_hdr may be guest memory: it is
  * copied once and every decision is made on the copy, so a guest rewriting
  * it meanwhile cannot pass a field that differs from the one checked.
  */
-static inline void capture_net_hdr(const struct vs_vhost_dev *dev, struct vs_pkt *pkt, const uint8_t *guest_hdr)
+static inline int capture_net_hdr(const struct vs_vhost_dev *dev, struct vs_pkt *pkt, const uint8_t *guest_hdr)
 {
     memset(&pkt->vnet, 0, sizeof pkt->vnet);
     uint64_t f = dev->features;
     if (likely(!(f & (1ULL << VIRTIO_NET_F_CSUM)))) {
-        return;
+        return VS_VQ_OK;
     }
     uint8_t h[NET_HDR_OFFLOAD_LEN];
     vs_copy_once(h, guest_hdr, NET_HDR_OFFLOAD_LEN);
     if ((h[0] | h[1]) == 0) {
-        return;
+        return VS_VQ_OK;
     }
-    if (h[0] & VS_NET_HDR_F_NEEDS_CSUM) {
+    bool partial = h[0] & VS_NET_HDR_F_NEEDS_CSUM;
+    if (partial) {
         pkt->vnet.flags = VS_NET_HDR_F_NEEDS_CSUM;
         memcpy(&pkt->vnet.csum_start, h + 6, 2);
         memcpy(&pkt->vnet.csum_offset, h + 8, 2);
     }
     uint8_t gso = h[1];
+    if (gso == VS_NET_HDR_GSO_NONE) {
+        return VS_VQ_OK;
+    }
     uint8_t kind = gso & (uint8_t)~VS_NET_HDR_GSO_ECN;
     bool allowed = (kind == VS_NET_HDR_GSO_TCPV4 && (f & (1ULL << VIRTIO_NET_F_HOST_TSO4))) ||
                    (kind == VS_NET_HDR_GSO_TCPV6 && (f & (1ULL << VIRTIO_NET_F_HOST_TSO6)));
-    if (allowed && (!(gso & VS_NET_HDR_GSO_ECN) || (f & (1ULL << VIRTIO_NET_F_HOST_ECN)))) {
-        pkt->vnet.gso_type = gso;
-        memcpy(&pkt->vnet.hdr_len, h + 2, 2);
-        memcpy(&pkt->vnet.gso_size, h + 4, 2);
+    if (!allowed || !partial || ((gso & VS_NET_HDR_GSO_ECN) && !(f & (1ULL << VIRTIO_NET_F_HOST_ECN)))) {
+        return VS_VQ_ERR_NET_HDR;
     }
+    pkt->vnet.gso_type = gso;
+    memcpy(&pkt->vnet.hdr_len, h + 2, 2);
+    memcpy(&pkt->vnet.gso_size, h + 4, 2);
+    return VS_VQ_OK;
 }
 
 /*
@@ -507,7 +517,9 @@ static inline bool dequeue_simple(const struct vs_vhost_dev *dev, const struct v
     pkt->nsegs = 1;
     pkt->len = d.len - hdr_len;
     pkt->head = head;
-    capture_net_hdr(dev, pkt, p);
+    if (unlikely(capture_net_hdr(dev, pkt, p))) {
+        return false;  /* the full path refuses it and counts why */
+    }
     __builtin_prefetch(p + hdr_len);
     return true;
 }
@@ -553,7 +565,7 @@ uint32_t vs_vring_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
             err = strip_header(pkt, dev->hdr_len, hdr);
         }
         if (likely(!err)) {
-            capture_net_hdr(dev, pkt, hdr);
+            err = capture_net_hdr(dev, pkt, hdr);
         }
         if (likely(!err) && unlikely(pkt->len < 14)) {
             err = VS_VQ_ERR_NO_READABLE;

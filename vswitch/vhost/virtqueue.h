@@ -82,7 +82,8 @@ enum vs_vq_error {
     VS_VQ_ERR_SHORT_HEADER = 13,     /* chain shorter than the virtio-net header */
     VS_VQ_ERR_RING_ADDR = 14,        /* ring not inside the guest's memory */
     VS_VQ_ERR_RING_SIZE = 15,        /* ring size zero, too big or not a power of two */
-    VS_VQ_ERR_MAX = 16
+    VS_VQ_ERR_NET_HDR = 16,          /* TX header asks for an offload the guest did not negotiate */
+    VS_VQ_ERR_MAX = 17
 };
 
 struct vs_queue_stats {
