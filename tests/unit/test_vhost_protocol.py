@@ -178,8 +178,14 @@ def test_payload_parsing():
     with pytest.raises(ProtocolError, match="unknown bits"):
         protocol.parse_payload(Request.SET_VRING_CALL, protocol.pack_u64(0x200), 1)
     region = protocol.MemoryRegion(0x1000, 0x2000, 0x7000, 0)
-    table = protocol.parse_payload(Request.SET_MEM_TABLE, protocol.pack_memory_table([region, region]), 2)
-    assert table.regions == (region, region)
+    second = protocol.MemoryRegion(0x3000, 0x1000, 0x9000, 0)
+    table = protocol.parse_payload(Request.SET_MEM_TABLE, protocol.pack_memory_table([region, second]), 2)
+    assert table.regions == (region, second)
+    with pytest.raises(ProtocolError, match="region 1 overlaps region 0 in guest addresses"):
+        protocol.parse_payload(Request.SET_MEM_TABLE, protocol.pack_memory_table([region, region]), 2)
+    with pytest.raises(ProtocolError, match="region 1 overlaps region 0 in user addresses"):
+        protocol.parse_payload(Request.SET_MEM_TABLE, protocol.pack_memory_table(
+            [region, protocol.MemoryRegion(0x3000, 0x1000, 0x8000, 0)]), 2)
     with pytest.raises(ProtocolError, match="9 memory regions"):
         protocol.parse_payload(Request.SET_MEM_TABLE, protocol.pack_memory_table([region] * 9), 9)
     with pytest.raises(ProtocolError, match="overflows"):
@@ -528,6 +534,8 @@ HOSTILE = {
     "too many regions": lambda fe: send_with_pipe(fe, Request.SET_MEM_TABLE,
                                                   protocol.pack_memory_table([region_of(fe)] * 9)),
     "too many fds": too_many_fds,
+    "regions overlap": lambda fe: fe.send_message(
+        Request.SET_MEM_TABLE, protocol.pack_memory_table([region_of(fe)] * 2), [fe.mem.fd, fe.mem.fd]),
     "region count and fds differ": lambda fe: send_with_pipe(
         fe, Request.SET_MEM_TABLE, protocol.pack_memory_table([region_of(fe)] * 2)),
     "region size overflows": lambda fe: fe.send_message(

@@ -405,6 +405,12 @@ def _decode_memory(name: str, payload: bytes) -> MemoryTable:
                             ("mmap offset", region.mmap_offset)):
             if start + region.size - 1 > U64_MAX:
                 raise ProtocolError(f"{name}: region {i} {what} {start:#x} + size {region.size:#x} overflows")
+        # Overlapping regions would make an address mean two places; no front-end sends them.
+        for j, other in enumerate(regions):
+            for what, a, b in (("guest", region.guest_phys_addr, other.guest_phys_addr),
+                               ("user", region.user_addr, other.user_addr)):
+                if a < b + other.size and b < a + region.size:
+                    raise ProtocolError(f"{name}: region {i} overlaps region {j} in {what} addresses")
         regions.append(region)
     return MemoryTable(tuple(regions))
 
