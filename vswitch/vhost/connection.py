@@ -82,7 +82,6 @@ def close_fds(fds) -> None:
                 pass
 
 
-
 class Message:
     """A message being read, and then handled.  Owns the fds received with
     it: a handler that keeps an fd takes it out of `fds`; whatever is left

@@ -1,8 +1,11 @@
 /*
- * The virtio and vhost-user numbers both the C fast path and the Python
- * control plane use: feature bits, ring flags and this back-end's limits.
- * This is their one definition; Python reads them from cffi's `lib`
- * (vswitch/vhost/protocol.py names them for the protocol code).
+ * The virtio and vhost-user numbers of the switch: feature bits, ring flags
+ * and this back-end's limits.  This is their one definition, for the C fast
+ * path and the Python control plane alike: Python reads them from cffi's
+ * `lib` (vswitch/vhost/protocol.py names the feature bits for the protocol
+ * code), so the two sides cannot disagree.  Bits only Python looks at
+ * (what is offered, what a test front-end asks for) live here too, so that
+ * every feature bit has one home.
  *
  * cdef-clean: no #include, integer #defines only.
  */
