@@ -1,12 +1,13 @@
-"""Fuzzer for the vhost-user message handlers (vswitch/vhost/backend.py and
-protocol.py), with atheris when it is installed, else a seeded random loop.
+"""Fuzzer for the vhost-user message handlers (vswitch/vhost/connection.py,
+device.py and protocol.py), with atheris when it is installed, else a seeded
+random loop.
 
 Each input is a session: a front-end on one end of a socketpair sends a
 sequence of messages built from the input (mostly well-formed requests with
 chosen fields, some mutated, some raw bytes, some split across sends or sent
 two at a time) with real fds attached (memfds as guest memory, eventfds,
 pipes, sockets, /dev/null; sometimes too many or too few).  The back-end
-handles them exactly as in the daemon (VhostUserBackend._on_readable on a
+handles them exactly as in the daemon (VhostUserConnection._on_readable on a
 registered but never-run asyncio loop), and each input may start with a
 valid handshake so that the fuzzer works on a running device.
 
@@ -128,11 +129,11 @@ class Session:
         front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         front.setblocking(False)
         self.front = front
-        self.backend._attach(back, None)
+        self.backend.connection.attach(back)
 
     def disconnect(self) -> None:
         if self.backend.connected:
-            self.backend._close_connection("fuzz session over")
+            self.backend.connection.close("fuzz session over")
         if self.front is not None:
             self.front.close()
             self.front = None
@@ -147,7 +148,7 @@ class Session:
                 self.front.sendmsg([chunk], anc)
             except (BlockingIOError, BrokenPipeError, ConnectionResetError, OSError):
                 break
-            self.backend._on_readable()
+            self.backend.connection._on_readable()
             if not self.backend.connected:
                 break
         if drain and self.front is not None:
@@ -160,15 +161,15 @@ class Session:
     # ------------------------------------------------------------ invariants
 
     def check(self) -> None:
-        ffi, lib, backend = self.ffi, self.lib, self.backend
+        ffi, lib, device = self.ffi, self.lib, self.backend.device
         spans = []
-        for region in backend._regions:
+        for region in device._regions:
             base = int(ffi.cast("uintptr_t", region.buffer))
             spans.append((base, base + len(region.mapping)))
-        if backend._memtable is None:
+        if device._memtable is None:
             assert self.dev.mem == ffi.NULL, "dev.mem set without a memory table"
         else:
-            assert self.dev.mem == backend._memtable, "dev.mem is not the back-end's memory table"
+            assert self.dev.mem == device._memtable, "dev.mem is not the device's memory table"
             for i in range(self.dev.mem.nregions):
                 r = self.dev.mem.regions[i]
                 host = int(ffi.cast("uintptr_t", r.host_addr))
@@ -188,7 +189,7 @@ class Session:
             addr = int(ffi.cast("uintptr_t", ptr))
             return any(lo <= addr and addr + length <= hi for lo, hi in regions)
 
-        for ring in backend._rings:
+        for ring in device._rings:
             vr = self.dev.vrings[ring.index]
             enabled = bool(vr.enabled)
             assert enabled == ring.started, f"vring {ring.index}: C enabled {enabled}, back-end started {ring.started}"
@@ -210,7 +211,8 @@ class Session:
                 lib.vs_vring_enqueue_burst(self.dev, ptr, self.frame_ptrs, 1)
 
     def check_closed(self, baseline_fds: set[str]) -> None:
-        assert not self.backend._regions and self.backend._memtable is None, "mappings left after disconnect"
+        device = self.backend.device
+        assert not device._regions and device._memtable is None, "mappings left after disconnect"
         assert self.dev.mem == self.ffi.NULL, "dev.mem left after disconnect"
         for i in range(2 * QUEUES):
             assert not self.dev.vrings[i].enabled, f"vring {i} enabled after disconnect"
@@ -224,10 +226,11 @@ class Session:
 class Generator:
     """Turns a Reader into messages and fds."""
 
-    def __init__(self, protocol):
+    def __init__(self, protocol, messages):
         self.p = protocol
+        self.messages = messages
         P = protocol.Request
-        self.handled = sorted(protocol.MESSAGE_RULES)
+        self.handled = sorted(messages)
         self.all_requests = list(P)
         self.ring_uvas = [UVA_BASE + 0x1000, UVA_BASE + 0x3000, UVA_BASE + 0x5000, UVA_BASE + 0x7000]
 
@@ -283,7 +286,7 @@ class Generator:
 
         payload = b""
         fds: list[int] = []
-        rule = p.MESSAGE_RULES.get(request) if isinstance(request, p.Request) or request in p.MESSAGE_RULES else None
+        rule = self.messages.get(request) if isinstance(request, p.Request) or request in self.messages else None
         if rule is not None:
             shape = rule.payload
             if shape is p.Payload.U64:
@@ -391,13 +394,14 @@ class Harness:
     def __init__(self):
         from vswitch import native
         from vswitch.vhost import backend as backend_mod, guestmem, protocol
+        from vswitch.vhost.device import MESSAGES
 
         logging.getLogger("vswitch").setLevel(logging.ERROR)
         logging.getLogger("vswitch").propagate = False
         self.errors = InternalErrors()
         logging.getLogger("vswitch").addHandler(self.errors)
         self.session = Session(native, backend_mod, protocol)
-        self.gen = Generator(protocol)
+        self.gen = Generator(protocol, MESSAGES)
         self.inputs = 0
         self.last_stats = 0.0
         # The fault handler's process-wide wake-up eventfd is made once, on first use: make it now.
@@ -520,6 +524,8 @@ def main(argv=None) -> int:
     import atheris
     with atheris.instrument_imports(include=["vswitch.vhost"]):
         import vswitch.vhost.backend  # noqa: F401
+        import vswitch.vhost.connection  # noqa: F401
+        import vswitch.vhost.device  # noqa: F401
         import vswitch.vhost.protocol  # noqa: F401
     harness = Harness()
 

@@ -13,6 +13,7 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 # Headers in dependency order; each is free of #include so ffi.cdef() can read it.
 HEADERS = [
     "pmd/packet.h",
+    "vhost/virtio.h",
     "vhost/virtqueue.h",
     "vhost/guestmem.h",
     "pmd/offload.h",

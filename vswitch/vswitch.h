@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "pmd/packet.h"
+#include "vhost/virtio.h"
 #include "vhost/virtqueue.h"
 #include "vhost/guestmem.h"
 #include "pmd/offload.h"

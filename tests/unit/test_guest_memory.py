@@ -304,7 +304,7 @@ def test_a_stuck_pmd_delays_reclaim_but_never_blocks_the_control_loop(stuck_swit
     fe = VhostUserFrontend(path).connect()
     (_, took) = timed(fe.handshake)
     assert took < 2.0
-    backend = port.backend
+    backend = port.backend.device
     assert lt.call(lambda: all(r.started for r in backend._rings))
 
     # A new memory table: the old mapping stays until the PMD moves on.
@@ -402,7 +402,7 @@ def test_a_region_at_a_large_offset_maps_only_what_it_needs(harness):
         os.ftruncate(fd, offset + size)
         regions = [protocol.MemoryRegion(0x100000, size, 0x100000, offset)]
         fe.request(Request.SET_MEM_TABLE, protocol.pack_memory_table(regions), [fd])
-        lengths = harness.loop.call(lambda: [len(r.mapping) for r in harness.backend._regions])
+        lengths = harness.loop.call(lambda: [len(r.mapping) for r in harness.backend.device._regions])
         assert size < lengths[0] <= size + 0x1000
         host = harness.loop.call(lambda: int(ffi.cast("uintptr_t", harness.dev.mem.regions[0].host_addr)))
         with open("/proc/self/maps") as f:
@@ -417,7 +417,7 @@ def test_a_region_at_a_large_offset_maps_only_what_it_needs(harness):
 def test_max_memory_per_port_is_enforced(tmp_path):
     lt = LoopThread()
     h = Harness(lt, tmp_path / "vhost.sock")
-    h.backend.max_memory = 4 << 20
+    h.backend.device.max_memory = 4 << 20
     h.start()
     try:
         fe = VhostUserFrontend(h.path, mem_size=8 << 20).connect()

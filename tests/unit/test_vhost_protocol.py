@@ -10,8 +10,10 @@ the ring engine to move an index it calls the C burst functions itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -20,9 +22,11 @@ import pytest
 
 from tests.support.frontend import BackendClosed, RequestFailed, VhostUserFrontend
 from tests.support.virtio_driver import GuestMemory
+from vswitch import native_sources
 from vswitch.native import ffi, lib
 from vswitch.vhost import protocol
-from vswitch.vhost.backend import HANDLERS, VhostUserBackend
+from vswitch.vhost.backend import VhostUserBackend
+from vswitch.vhost.device import MESSAGES, VhostUserDevice
 from vswitch.vhost.protocol import ProtocolError, ProtocolFeature, Request, bits
 
 
@@ -166,43 +170,89 @@ def test_header_parsing_rejects_bad_flags_and_sizes():
 
 
 def test_payload_parsing():
-    assert protocol.parse_payload(Request.SET_FEATURES, protocol.pack_u64(7), 0) == 7
+    assert protocol.parse_payload(MESSAGES[Request.SET_FEATURES], protocol.pack_u64(7), 0) == 7
     with pytest.raises(ProtocolError, match="SET_FEATURES: payload is 4 bytes, expected 8"):
-        protocol.parse_payload(Request.SET_FEATURES, b"\0" * 4, 0)
+        protocol.parse_payload(MESSAGES[Request.SET_FEATURES], b"\0" * 4, 0)
     with pytest.raises(ProtocolError, match="SET_FEATURES: 1 file descriptors attached, expected 0"):
-        protocol.parse_payload(Request.SET_FEATURES, protocol.pack_u64(7), 1)
-    kick = protocol.parse_payload(Request.SET_VRING_KICK, protocol.pack_vring_fd(3, nofd=True), 0)
+        protocol.parse_payload(MESSAGES[Request.SET_FEATURES], protocol.pack_u64(7), 1)
+    kick = protocol.parse_payload(MESSAGES[Request.SET_VRING_KICK], protocol.pack_vring_fd(3, nofd=True), 0)
     assert (kick.index, kick.nofd) == (3, True)
     with pytest.raises(ProtocolError, match="expected 1"):
-        protocol.parse_payload(Request.SET_VRING_KICK, protocol.pack_vring_fd(3), 0)
+        protocol.parse_payload(MESSAGES[Request.SET_VRING_KICK], protocol.pack_vring_fd(3), 0)
     with pytest.raises(ProtocolError, match="unknown bits"):
-        protocol.parse_payload(Request.SET_VRING_CALL, protocol.pack_u64(0x200), 1)
+        protocol.parse_payload(MESSAGES[Request.SET_VRING_CALL], protocol.pack_u64(0x200), 1)
     region = protocol.MemoryRegion(0x1000, 0x2000, 0x7000, 0)
     second = protocol.MemoryRegion(0x3000, 0x1000, 0x9000, 0)
-    table = protocol.parse_payload(Request.SET_MEM_TABLE, protocol.pack_memory_table([region, second]), 2)
+    table = protocol.parse_payload(MESSAGES[Request.SET_MEM_TABLE], protocol.pack_memory_table([region, second]), 2)
     assert table.regions == (region, second)
     with pytest.raises(ProtocolError, match="region 1 overlaps region 0 in guest addresses"):
-        protocol.parse_payload(Request.SET_MEM_TABLE, protocol.pack_memory_table([region, region]), 2)
+        protocol.parse_payload(MESSAGES[Request.SET_MEM_TABLE], protocol.pack_memory_table([region, region]), 2)
     with pytest.raises(ProtocolError, match="region 1 overlaps region 0 in user addresses"):
-        protocol.parse_payload(Request.SET_MEM_TABLE, protocol.pack_memory_table(
+        protocol.parse_payload(MESSAGES[Request.SET_MEM_TABLE], protocol.pack_memory_table(
             [region, protocol.MemoryRegion(0x3000, 0x1000, 0x8000, 0)]), 2)
     with pytest.raises(ProtocolError, match="9 memory regions"):
-        protocol.parse_payload(Request.SET_MEM_TABLE, protocol.pack_memory_table([region] * 9), 9)
+        protocol.parse_payload(MESSAGES[Request.SET_MEM_TABLE], protocol.pack_memory_table([region] * 9), 9)
     with pytest.raises(ProtocolError, match="overflows"):
-        protocol.parse_payload(Request.SET_MEM_TABLE,
+        protocol.parse_payload(MESSAGES[Request.SET_MEM_TABLE],
                                protocol.pack_memory_table([protocol.MemoryRegion(2**64 - 0x1000, 0x2000, 0, 0)]), 1)
     with pytest.raises(ProtocolError, match="expected 40"):
-        protocol.parse_payload(Request.SET_MEM_TABLE, protocol.pack_memory_table([region])[:-1] + b"", 1)
+        protocol.parse_payload(MESSAGES[Request.SET_MEM_TABLE], protocol.pack_memory_table([region])[:-1] + b"", 1)
 
 
-def test_handler_table_matches_the_wire_rules():
-    assert set(HANDLERS) == set(protocol.MESSAGE_RULES)
-    for request, handler in HANDLERS.items():
-        assert handler.name == request.name
-        assert handler.accepts_fds == (protocol.MESSAGE_RULES[request].fds is not protocol.Fds.NONE)
-    assert {r for r, h in HANDLERS.items() if h.accepts_fds} == {
+def test_the_message_table_has_one_row_per_request():
+    assert all(request is row.request for request, row in MESSAGES.items())
+    assert all(getattr(VhostUserDevice, row.handler.__name__) is row.handler for row in MESSAGES.values())
+    assert {r for r, row in MESSAGES.items() if row.fds is not protocol.Fds.NONE} == {
         Request.SET_MEM_TABLE, Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR,
         Request.SET_BACKEND_REQ_FD}
+    assert {r: row.reply for r, row in MESSAGES.items() if row.reply is not protocol.Reply.ACK} == {
+        Request.GET_FEATURES: protocol.Reply.U64, Request.GET_PROTOCOL_FEATURES: protocol.Reply.U64,
+        Request.GET_QUEUE_NUM: protocol.Reply.U64, Request.GET_STATUS: protocol.Reply.U64,
+        Request.GET_VRING_BASE: protocol.Reply.VRING_STATE}
+    # What may change under the PMDs: memory, ring configuration and fds, and the device as a whole.
+    assert {r for r, row in MESSAGES.items() if row.quiesce} == {
+        Request.RESET_OWNER, Request.SET_MEM_TABLE, Request.SET_VRING_NUM, Request.SET_VRING_ADDR,
+        Request.SET_VRING_BASE, Request.GET_VRING_BASE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
+        Request.SET_VRING_ENABLE}
+
+
+def test_a_handler_may_wait_for_the_pmds_only_if_its_row_says_so(make_harness, frontends, monkeypatch, caplog):
+    """The table's quiesce column is enforced: a handler that waits for the
+    PMDs against its row is a bug, which costs its connection and no more."""
+    server = make_harness()
+    fe = frontends(server.path).connect()
+    fe.handshake()
+    fe.sync()
+    quiesces = server.quiesces
+    # Disabling a running ring waits for the PMDs; its row says so.
+    fe.request(Request.SET_VRING_ENABLE, protocol.pack_vring_state(0, 0), need_reply=True)
+    assert server.quiesces == quiesces + 1 and server.backend.connected
+    row = MESSAGES[Request.SET_VRING_ENABLE]
+    monkeypatch.setitem(MESSAGES, Request.SET_VRING_ENABLE, dataclasses.replace(row, quiesce=False))
+    fe.request(Request.SET_VRING_ENABLE, protocol.pack_vring_state(0, 1), need_reply=True)   # starts: no wait
+    with pytest.raises(BackendClosed):
+        fe.request(Request.SET_VRING_ENABLE, protocol.pack_vring_state(0, 0), need_reply=True)
+    server.wait_connected(False)
+    errors = [str(r.exc_info[1]) for r in caplog.records if r.exc_info and "internal error" in r.getMessage()]
+    assert errors == ["SET_VRING_ENABLE: the handler waits for the PMDs, but its row in MESSAGES says it does not"]
+
+
+def test_virtio_numbers_have_one_definition():
+    """Feature bits, ring flags and limits shared by C and Python are defined
+    in vswitch/vhost/virtio.h only: Python takes them from lib."""
+    root = native_sources.PACKAGE_DIR
+    names = re.compile(r"^\s*#\s*define\s+((?:VIRTIO|VIRTQ|VHOST)_\w+|VS_MAX_(?:MEM_REGIONS|QUEUE_PAIRS|VRINGS|RING_SIZE))\b",
+                       re.M)
+    defined = {name: names.findall((root / name).read_text())
+               for name in native_sources.HEADERS + native_sources.SOURCES + native_sources.PRIVATE_HEADERS}
+    assert {path for path, found in defined.items() if found} == {"vhost/virtio.h"}, defined
+    for path in sorted(root.rglob("*.py")):
+        literals = re.findall(r"^((?:VIRTIO|VIRTQ|VHOST)_\w+|MAX_MEM_REGIONS)\s*=\s*\d", path.read_text(), re.M)
+        assert not literals, f"{path}: {literals} restate numbers virtio.h defines"
+    for name in defined["vhost/virtio.h"]:
+        if hasattr(protocol, name):
+            assert getattr(protocol, name) == getattr(lib, name), name
+    assert protocol.MAX_MEM_REGIONS == lib.VS_MAX_MEM_REGIONS
 
 
 def test_offered_features():
@@ -805,14 +855,14 @@ class FrozenClock:
 
 def backend_lines(caplog, level=logging.INFO) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "vswitch.vhost.backend" and r.levelno >= level and "'vhost0'" in r.getMessage()]
+            if r.name.startswith("vswitch.vhost.") and r.levelno >= level and "'vhost0'" in r.getMessage()]
 
 
 def test_a_flood_of_refused_requests_is_cut_off(make_harness, frontends, caplog):
-    from vswitch.vhost.backend import MAX_PROTOCOL_VIOLATIONS
+    from vswitch.vhost.connection import MAX_PROTOCOL_VIOLATIONS
     caplog.set_level(logging.INFO)
     flooded, other = make_harness(), make_harness(name="other.sock")
-    flooded.backend.clock = FrozenClock()
+    flooded.backend.connection.clock = FrozenClock()
     good = frontends(other.path).connect()
     good.handshake()
     fe = frontends(flooded.path).connect()
@@ -845,8 +895,8 @@ def test_a_flood_of_refused_requests_is_cut_off(make_harness, frontends, caplog)
 
 
 def test_an_occasional_refused_request_keeps_the_connection(server, frontends):
-    from vswitch.vhost.backend import MAX_PROTOCOL_VIOLATIONS, VIOLATION_FORGIVEN_AFTER
-    clock = server.backend.clock = FrozenClock()
+    from vswitch.vhost.connection import MAX_PROTOCOL_VIOLATIONS, VIOLATION_FORGIVEN_AFTER
+    clock = server.backend.connection.clock = FrozenClock()
     fe = frontends(server.path).connect()
     fe.handshake()
     refused = 0

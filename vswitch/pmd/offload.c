@@ -39,15 +39,15 @@
 uint32_t vs_offload_caps_from_features(uint64_t features)
 {
     uint32_t caps = 0;
-    if (features & (1ULL << 1)) {          /* VIRTIO_NET_F_GUEST_CSUM */
+    if (features & (1ULL << VIRTIO_NET_F_GUEST_CSUM)) {
         caps |= VS_OFFLOAD_CSUM;
-        if (features & (1ULL << 7)) {      /* GUEST_TSO4 */
+        if (features & (1ULL << VIRTIO_NET_F_GUEST_TSO4)) {
             caps |= VS_OFFLOAD_TSO4;
         }
-        if (features & (1ULL << 8)) {      /* GUEST_TSO6 */
+        if (features & (1ULL << VIRTIO_NET_F_GUEST_TSO6)) {
             caps |= VS_OFFLOAD_TSO6;
         }
-        if (features & (1ULL << 9)) {      /* GUEST_ECN */
+        if (features & (1ULL << VIRTIO_NET_F_GUEST_ECN)) {
             caps |= VS_OFFLOAD_ECN;
         }
     }

@@ -8,12 +8,14 @@ ancillary data.
 This module knows the syntax only: what a request's payload looks like, how
 many file descriptors it may carry, and whether the numbers in it are
 well-formed.  Whether a request makes sense in the current device state is
-the back-end's business (vswitch/vhost/backend.py).  Every failure raises
+the device's business (vswitch/vhost/device.py).  Every failure raises
 ProtocolError with a one-line message that names the request, so that a log
 line says exactly what the front-end got wrong.
 
-It is shared by the back-end (parse_header, parse_payload, encode_reply) and
-by the test front-end (encode_message, the pack_* helpers, parse_reply).
+It is shared by the back-end (parse_header, parse_payload, encode_reply; the
+row type of its message table, MessageRule) and by the test front-end
+(encode_message, the pack_* helpers, parse_reply).  Feature bits and limits
+the C fast path uses too come from vswitch/vhost/virtio.h through `lib`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Callable
+
+from vswitch.native import lib
 
 
 class ProtocolError(Exception):
@@ -101,7 +106,7 @@ HEADER_SIZE = HEADER.size  # 12
 VRING_INDEX_MASK = 0xFF
 VRING_NOFD = 0x100
 
-MAX_MEM_REGIONS = 8          # without CONFIGURE_MEM_SLOTS
+MAX_MEM_REGIONS = lib.VS_MAX_MEM_REGIONS
 MAX_FDS_PER_MESSAGE = MAX_MEM_REGIONS
 # Largest payload we read: big enough for every request the spec defines
 # (GET_CONFIG carries up to 256 bytes of config space plus 12), so that an
@@ -116,32 +121,27 @@ MEMORY_REGION = struct.Struct("=QQQQ")     # guest_phys_addr, size, user_addr, m
 
 
 # --- virtio feature bits (virtio 1.x and vhost-user) --------------------------
+# Defined once, in vswitch/vhost/virtio.h, for C and Python alike.
 
-VIRTIO_NET_F_CSUM = 0
-VIRTIO_NET_F_GUEST_CSUM = 1
-VIRTIO_NET_F_GUEST_TSO4 = 7
-VIRTIO_NET_F_GUEST_TSO6 = 8
-VIRTIO_NET_F_GUEST_ECN = 9
-VIRTIO_NET_F_HOST_TSO4 = 11
-VIRTIO_NET_F_HOST_TSO6 = 12
-VIRTIO_NET_F_HOST_ECN = 13
-VIRTIO_NET_F_MTU = 3
-VIRTIO_NET_F_MAC = 5
-VIRTIO_NET_F_MRG_RXBUF = 15
-VIRTIO_NET_F_STATUS = 16
-VIRTIO_NET_F_CTRL_VQ = 17
-VIRTIO_NET_F_CTRL_RX = 18
-VIRTIO_NET_F_GUEST_ANNOUNCE = 21
-VIRTIO_NET_F_MQ = 22
-VHOST_F_LOG_ALL = 26
-VIRTIO_F_ANY_LAYOUT = 27
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
-VHOST_USER_F_PROTOCOL_FEATURES = 30
-VIRTIO_F_VERSION_1 = 32
-VIRTIO_F_IOMMU_PLATFORM = 33
-VIRTIO_F_RING_PACKED = 34
-VIRTIO_F_IN_ORDER = 35
+VIRTIO_NET_F_CSUM = lib.VIRTIO_NET_F_CSUM
+VIRTIO_NET_F_GUEST_CSUM = lib.VIRTIO_NET_F_GUEST_CSUM
+VIRTIO_NET_F_GUEST_TSO4 = lib.VIRTIO_NET_F_GUEST_TSO4
+VIRTIO_NET_F_GUEST_TSO6 = lib.VIRTIO_NET_F_GUEST_TSO6
+VIRTIO_NET_F_GUEST_ECN = lib.VIRTIO_NET_F_GUEST_ECN
+VIRTIO_NET_F_HOST_TSO4 = lib.VIRTIO_NET_F_HOST_TSO4
+VIRTIO_NET_F_HOST_TSO6 = lib.VIRTIO_NET_F_HOST_TSO6
+VIRTIO_NET_F_HOST_ECN = lib.VIRTIO_NET_F_HOST_ECN
+VIRTIO_NET_F_MRG_RXBUF = lib.VIRTIO_NET_F_MRG_RXBUF
+VIRTIO_NET_F_CTRL_VQ = lib.VIRTIO_NET_F_CTRL_VQ
+VIRTIO_NET_F_MQ = lib.VIRTIO_NET_F_MQ
+VHOST_F_LOG_ALL = lib.VHOST_F_LOG_ALL
+VIRTIO_F_ANY_LAYOUT = lib.VIRTIO_F_ANY_LAYOUT
+VIRTIO_RING_F_INDIRECT_DESC = lib.VIRTIO_RING_F_INDIRECT_DESC
+VIRTIO_RING_F_EVENT_IDX = lib.VIRTIO_RING_F_EVENT_IDX
+VHOST_USER_F_PROTOCOL_FEATURES = lib.VHOST_USER_F_PROTOCOL_FEATURES
+VIRTIO_F_VERSION_1 = lib.VIRTIO_F_VERSION_1
+VIRTIO_F_RING_PACKED = lib.VIRTIO_F_RING_PACKED
+VIRTIO_F_IN_ORDER = lib.VIRTIO_F_IN_ORDER
 
 
 def bits(*numbers: int) -> int:
@@ -216,8 +216,6 @@ STATUS_ACKNOWLEDGE = 0x1
 STATUS_DRIVER = 0x2
 STATUS_DRIVER_OK = 0x4
 STATUS_FEATURES_OK = 0x8
-STATUS_NEEDS_RESET = 0x40
-STATUS_FAILED = 0x80
 
 
 # --- payloads ----------------------------------------------------------------
@@ -242,37 +240,33 @@ class Fds(enum.Enum):
     PER_REGION = "one per memory region"
 
 
+class Reply(enum.Enum):
+    """What the back-end answers a request with."""
+
+    ACK = "a REPLY_ACK u64 (0: done), if the front-end set NEED_REPLY"
+    U64 = "u64"
+    VRING_STATE = "vring state"
+
+
 @dataclass(frozen=True)
 class MessageRule:
+    """One row of the message table (vswitch/vhost/device.py: MESSAGES): all
+    the back-end knows about a request it handles.
+
+    quiesce: the request may change what the PMD threads read (guest memory,
+    ring addresses, ring fds), so its handler halts or pauses the running
+    rings it changes and waits for the PMDs before it applies the change.  A
+    request without it must not touch anything a PMD reads; its handler is
+    not allowed to wait for the PMDs (the device checks).
+    handler: called as handler(device, message, body); returns the reply's
+    value (an int for U64, a VringState for VRING_STATE) or None (ACK)."""
+
+    request: Request
     payload: Payload
-    fds: Fds = Fds.NONE
-
-
-# The syntax of every request the back-end handles.  Requests missing here
-# are unsupported: the back-end refuses them without parsing the payload.
-MESSAGE_RULES: dict[Request, MessageRule] = {
-    Request.GET_FEATURES: MessageRule(Payload.NONE),
-    Request.SET_FEATURES: MessageRule(Payload.U64),
-    Request.SET_OWNER: MessageRule(Payload.NONE),
-    Request.RESET_OWNER: MessageRule(Payload.NONE),
-    Request.SET_MEM_TABLE: MessageRule(Payload.MEMORY, Fds.PER_REGION),
-    Request.SET_VRING_NUM: MessageRule(Payload.VRING_STATE),
-    Request.SET_VRING_ADDR: MessageRule(Payload.VRING_ADDR),
-    Request.SET_VRING_BASE: MessageRule(Payload.VRING_STATE),
-    Request.GET_VRING_BASE: MessageRule(Payload.VRING_STATE),
-    Request.SET_VRING_KICK: MessageRule(Payload.VRING_FD, Fds.VRING_FD),
-    Request.SET_VRING_CALL: MessageRule(Payload.VRING_FD, Fds.VRING_FD),
-    Request.SET_VRING_ERR: MessageRule(Payload.VRING_FD, Fds.VRING_FD),
-    Request.GET_PROTOCOL_FEATURES: MessageRule(Payload.NONE),
-    Request.SET_PROTOCOL_FEATURES: MessageRule(Payload.U64),
-    Request.GET_QUEUE_NUM: MessageRule(Payload.NONE),
-    Request.SET_VRING_ENABLE: MessageRule(Payload.VRING_STATE),
-    Request.SEND_RARP: MessageRule(Payload.U64),
-    Request.NET_SET_MTU: MessageRule(Payload.U64),
-    Request.SET_BACKEND_REQ_FD: MessageRule(Payload.NONE, Fds.ONE),
-    Request.SET_STATUS: MessageRule(Payload.U64),
-    Request.GET_STATUS: MessageRule(Payload.NONE),
-}
+    fds: Fds
+    reply: Reply
+    quiesce: bool
+    handler: Callable
 
 
 @dataclass(frozen=True)
@@ -349,12 +343,11 @@ def _expect_size(name: str, payload: bytes, expected: int, what: str) -> None:
         raise ProtocolError(f"{name}: payload is {len(payload)} bytes, expected {expected} ({what})")
 
 
-def parse_payload(request: Request, payload: bytes, nfds: int):
-    """Check the payload size and the number of attached fds of a known
-    request, and decode the payload.  Returns None, an int, or one of the
-    payload dataclasses above."""
-    rule = MESSAGE_RULES[request]
-    name = request.name
+def parse_payload(rule: MessageRule, payload: bytes, nfds: int):
+    """Check the payload size and the number of attached fds of a request
+    the back-end handles (its row in the message table), and decode the
+    payload.  Returns None, an int, or one of the payload dataclasses above."""
+    name = rule.request.name
     body = _decode(rule.payload, name, payload)
     expected_fds = _expected_fds(rule.fds, body)
     if nfds != expected_fds:
@@ -428,6 +421,19 @@ def _expected_fds(rule: Fds, body) -> int:
 
 
 # --- encoding (replies from the back-end, requests from the test front-end) ----
+
+def encode_reply_value(rule: MessageRule, value) -> bytes | None:
+    """The payload of a handler's reply, as its row says; None for ACK rows."""
+    if rule.reply is Reply.ACK:
+        if value is not None:
+            raise AssertionError(f"{rule.request.name}: the handler returned {value!r}, but its row says ACK")
+        return None
+    if rule.reply is Reply.U64:
+        return pack_u64(value)
+    if rule.reply is Reply.VRING_STATE:
+        return pack_vring_state(value.index, value.num)
+    raise AssertionError(rule.reply)
+
 
 def encode_reply(request: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(request, VERSION | FLAG_REPLY, len(payload)) + payload

@@ -436,16 +436,6 @@ static void publish_used(struct vs_vhost_dev *dev, struct vs_vring *vr)
     }
 }
 
-/* Offload feature bits (virtio 1.x, 5.1.3) the header capture looks at. */
-#define VIRTIO_NET_F_CSUM 0
-#define VIRTIO_NET_F_GUEST_CSUM 1
-#define VIRTIO_NET_F_GUEST_TSO4 7
-#define VIRTIO_NET_F_GUEST_TSO6 8
-#define VIRTIO_NET_F_GUEST_ECN 9
-#define VIRTIO_NET_F_HOST_TSO4 11
-#define VIRTIO_NET_F_HOST_TSO6 12
-#define VIRTIO_NET_F_HOST_ECN 13
-
 /* The part of the virtio-net header a TX frame's offloads come from (flags .. csum_offset). */
 #define NET_HDR_OFFLOAD_LEN 10
 

@@ -8,23 +8,7 @@
  * PMD threads have passed a quiescent point (vs_pmd_quiesce in pmd.h).
  */
 
-#define VS_MAX_MEM_REGIONS 8     /* vhost-user limit without CONFIGURE_MEM_SLOTS */
-#define VS_MAX_QUEUE_PAIRS 16    /* answered to GET_QUEUE_NUM */
-#define VS_MAX_VRINGS 32         /* two per queue pair: even = guest RX, odd = guest TX */
-#define VS_MAX_RING_SIZE 32768
-
-/* Descriptor flags (virtio 1.x, 2.7.5). */
-#define VIRTQ_DESC_F_NEXT 1
-#define VIRTQ_DESC_F_WRITE 2
-#define VIRTQ_DESC_F_INDIRECT 4
-#define VIRTQ_AVAIL_F_NO_INTERRUPT 1
-#define VIRTQ_USED_F_NO_NOTIFY 1
-
-/* Feature bits the ring engine looks at. */
-#define VIRTIO_NET_F_MRG_RXBUF 15
-#define VIRTIO_RING_F_INDIRECT_DESC 28
-#define VIRTIO_RING_F_EVENT_IDX 29
-#define VIRTIO_F_VERSION_1 32
+/* Limits, ring flags and feature bits: virtio.h. */
 
 /* The guest's rings, exactly as laid out in guest memory. */
 struct virtq_desc {

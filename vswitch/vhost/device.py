@@ -1,0 +1,667 @@
+"""The device side of a vhost-user port: what the front-end configured, and
+the message handlers that configure it.
+
+The state: negotiated features, the memory table (guest memory mapped only
+after its file is seen to be large enough, only the pages a region covers,
+at most `max_memory` bytes per port, each mapping registered with guestmem
+for faults), and the rings with their life cycle.  The handlers run only
+after vswitch/vhost/connection.py has checked the message's header, payload
+size, fds and syntax against its row in MESSAGES (the one message table, at
+the end of this file); what they check is whether the request makes sense
+for this device: vring indexes against the port's queue count, features
+against those offered, values against the limits.  The C side is given new
+memory tables and ring addresses only while the rings are disabled; memory
+and ring fds the PMD threads may still use are freed through `reclaim`,
+once they have passed a quiescent point.
+
+Faults.  The front-end may still cut its memory short later (truncate the
+file): guestmem's SIGBUS handler replaces the mapping with zeros and flags
+the device (vs_vhost_dev.fault).  describe_fault() counts the fault bits
+and names them; the back-end (backend.py) then disconnects the front-end.
+
+Ring life cycle.  A ring *starts* (vs_vring_setup, then enabled) once it has
+a size, addresses, a kick fd (or NOFD), a call fd (or NOFD), the memory
+table is installed, and it is enabled: by SET_VRING_ENABLE 1 when
+VHOST_USER_F_PROTOCOL_FEATURES was negotiated, by SET_VRING_KICK otherwise.
+Like DPDK, the call fd is waited for too, since QEMU sends it right after
+the kick.  A ring is *halted* (disabled, PMDs quiesced, last_avail_idx read
+back) by SET_VRING_ENABLE 0 and while its configuration changes; it keeps
+its fds and restarts where it stopped.  It is *stopped* (halted, fds closed,
+addresses forgotten) by GET_VRING_BASE, RESET_OWNER, disconnect and stop().
+Only the handlers of rows marked `quiesce` may wait for the PMDs.
+
+Threading: everything here runs on the daemon's asyncio loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import stat
+from dataclasses import dataclass
+from typing import Callable
+
+from vswitch.config import DEFAULT_MAX_MEMORY
+from vswitch.native import ffi, lib
+from vswitch.vhost import guestmem, protocol
+from vswitch.vhost.connection import Message, close_fds
+from vswitch.vhost.protocol import (
+    Fds, MemoryTable, MessageRule, Payload, ProtocolError, ProtocolFeature, Reply, Request, RequestRefused,
+    VringAddr, VringFd, VringState,
+)
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict], None]
+Reclaim = Callable[[str, Callable[[], None]], None]
+
+# Why the C side flagged a device (vs_vhost_dev.fault): the counter of each bit.
+FAULT_BITS = {
+    lib.VS_DEV_FAULT_MEMORY: "mem_faults",
+    lib.VS_DEV_FAULT_CALL_BLOCKED: "call_blocked_faults",
+}
+KNOWN_FAULT_BITS = lib.VS_DEV_FAULT_MEMORY | lib.VS_DEV_FAULT_CALL_BLOCKED
+
+
+def _release_now(what: str, release: Callable[[], None]) -> None:
+    release()
+
+
+def _take_eventfd(msg: Message, request: Request, index: int) -> int:
+    """Takes the message's fd, which must be an eventfd, and makes it non-blocking.
+
+    The PMD writes call fds and reads kick fds: a pipe or a socket could fill
+    up and block it.  The front-end shares the file description, so it can
+    still clear O_NONBLOCK; the PMD copes with that too (pmd.c, virtqueue.c).
+    """
+    fd = msg.fds[0]
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        kind = f"unknown: {exc.strerror}"
+    if kind != "anon_inode:[eventfd]":
+        raise RequestRefused(f"{request.name}: vring {index}: the fd is not an eventfd ({kind})")
+    os.set_blocking(fd, False)
+    return msg.take_fd()
+
+
+@dataclass
+class _MemRegion:
+    """One mapped region: the mmap, the cffi buffer over it (keeps the pointer
+    valid), and the region as the front-end described it.  The mapping starts
+    at the page-aligned file offset at or below desc.mmap_offset, `skip`
+    bytes before the region itself."""
+    mapping: mmap.mmap
+    buffer: object
+    desc: protocol.MemoryRegion
+    file_id: tuple[int, int]          # (st_dev, st_ino) of the file it maps
+    skip: int = 0
+    slot: int = -1                    # in the guest memory fault registry (guestmem.c)
+    dev: object = None                # the device a fault flags: kept alive as long as the mapping
+
+    @property
+    def address(self) -> int:
+        return int(ffi.cast("uintptr_t", self.buffer))
+
+    def unmap(self) -> None:
+        if self.slot >= 0:
+            guestmem.unregister(self.slot)
+            self.slot = -1
+        ffi.release(self.buffer)
+        self.mapping.close()
+
+
+def _unmap_all(regions: list[_MemRegion], keep_alive=None) -> Callable[[], None]:
+    """A release function for regions (and the memory table pointing into them)."""
+    refs = [keep_alive]
+
+    def release() -> None:
+        for region in regions:
+            region.unmap()
+        refs.clear()
+    return release
+
+
+class _Ring:
+    """What the front-end told us about one vring, and whether it runs."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.size: int | None = None
+        self.addr: VringAddr | None = None
+        self.base = 0                 # where to start: SET_VRING_BASE, or last_avail_idx after a halt
+        self.kick_set = False         # SET_VRING_KICK seen (fd or NOFD)
+        self.kickfd = -1
+        self.call_set = False
+        self.callfd = -1
+        self.errfd = -1
+        self.enabled = False          # the front-end's wish (SET_VRING_ENABLE or the kick)
+        self.started = False          # running in C
+
+    def forget_fds(self) -> list[int]:
+        fds = [self.kickfd, self.callfd, self.errfd]
+        self.kickfd = self.callfd = self.errfd = -1
+        self.kick_set = self.call_set = False
+        return fds
+
+
+class VhostUserDevice:
+    """The device state of one vhost-user port and its message handlers.
+
+    name:    the port name, used in log lines.
+    queues:  queue pairs offered (GET_QUEUE_NUM); vrings 0 .. 2*queues-1.
+    dev:     the port's `struct vs_vhost_dev *`, already vs_vhost_dev_init'ed.
+    quiesce: waits (briefly) until the PMD threads no longer use anything
+             they read before the call.
+    emit(kind, fields): "link" {"up": bool}, "queue" {"queue": vring,
+             "enabled": bool}, "rarp" {"mac": "aa:bb:cc:dd:ee:ff"}; must not raise.
+    on_rarp(mac_bytes): optional, called on SEND_RARP as well.
+    reclaim(what, release): calls release() once no PMD thread can still
+             use what it frees (guest memory, ring fds); by default at once.
+    max_memory: the most bytes of guest memory the port maps.
+    """
+
+    messages: dict[Request, MessageRule]      # MESSAGES, set below the class
+
+    def __init__(self, name: str, queues: int, dev, quiesce: Callable[[], None], emit: EventSink,
+                 on_rarp: Callable[[bytes], None] | None = None, reclaim: Reclaim | None = None,
+                 max_memory: int = DEFAULT_MAX_MEMORY):
+        if not 1 <= queues <= lib.VS_MAX_QUEUE_PAIRS:
+            raise ValueError(f"vhost-user port '{name}': queues must be 1 to {lib.VS_MAX_QUEUE_PAIRS}, not {queues}")
+        self.name = name
+        self.queues = queues
+        self.dev = dev
+        self._quiesce = quiesce
+        self._emit = emit
+        self._on_rarp = on_rarp
+        self._reclaim = reclaim or _release_now
+        self.max_memory = max_memory
+        self.memory_refused = 0       # SET_MEM_TABLE over max_memory
+        self.fault_counts = {name: 0 for name in FAULT_BITS.values()}
+        self._handling: MessageRule | None = None
+        self._reset_session()
+
+    def _reset_session(self) -> None:
+        """Forgets everything a front-end negotiated (the C side is handled by teardown)."""
+        self.features = 0
+        self.features_set = False
+        self.protocol_features = 0
+        self.status = 0
+        self.mtu: int | None = None
+        self.rarp_mac: bytes | None = None
+        self.backend_req_fd = -1
+        self._regions: list[_MemRegion] = []
+        self._memtable = None
+        self._rings = [_Ring(i) for i in range(2 * self.queues)]
+        self._link_up = False
+
+    def info(self) -> dict:
+        """Device state for `vswitchctl show`."""
+        rings = []
+        for ring in self._rings:
+            vr = self._vring(ring.index)
+            rings.append({
+                "index": ring.index,
+                "size": ring.size or 0,
+                "enabled": ring.started,
+                "last_avail_idx": int(vr.last_avail_idx) if ring.started else ring.base,
+                "kick": "fd" if ring.kickfd >= 0 else ("polled" if ring.kick_set else "none"),
+                "call": "fd" if ring.callfd >= 0 else ("none" if not ring.call_set else "polled"),
+                "resumed_from_used": int(vr.resumed_from_used),
+            })
+        return {
+            "features": f"{self.features:#x}",
+            "protocol_features": f"{self.protocol_features:#x}",
+            "mtu": self.mtu,
+            "status": f"{self.status:#x}",
+            "link_up": self._link_up,
+            "memory_regions": len(self._regions),
+            "memory_mapped": sum(len(r.mapping) for r in self._regions),
+            "max_memory": self.max_memory,
+            "memory_refused": self.memory_refused,
+            **self.fault_counts,
+            "rings": rings,
+        }
+
+    def _vring(self, index: int):
+        """A `struct vs_vring *` (the C functions take pointers, not struct values)."""
+        return self.dev.vrings + index
+
+    def _has_protocol_feature(self, bit: ProtocolFeature) -> bool:
+        return bool(self.protocol_features & (1 << bit))
+
+    @property
+    def _protocol_features_negotiated(self) -> bool:
+        return bool(self.features & (1 << protocol.VHOST_USER_F_PROTOCOL_FEATURES))
+
+    # ------------------------------------------------------------- messages
+
+    def handle(self, rule: MessageRule, msg: Message, body):
+        """Runs a validated request's handler; returns its reply value (see MessageRule)."""
+        self._handling = rule
+        try:
+            return rule.handler(self, msg, body)
+        finally:
+            self._handling = None
+
+    def request_done(self) -> None:
+        """After each request, before its reply: readiness, so that a
+        request's effects are visible once its reply arrives."""
+        self._update_link()
+
+    def _wait_for_pmds(self) -> None:
+        if self._handling is not None and not self._handling.quiesce:
+            raise AssertionError(f"{self._handling.request.name}: the handler waits for the PMDs, "
+                                 "but its row in MESSAGES says it does not")
+        self._quiesce()
+
+    def disconnected(self) -> None:
+        """The front-end is gone: stop everything; a fault it caused is answered."""
+        self.teardown()
+        lib.vs_vhost_dev_take_fault(self.dev)
+
+    def teardown(self) -> None:
+        """Stops every ring, unmaps guest memory and forgets the session."""
+        self._stop_rings([r for r in self._rings], close=True)
+        self._update_link()
+        if self._memtable is not None:
+            # The rings are disabled: no new pass reads dev.mem, and the memory
+            # goes once the passes that may have read it are over.
+            self.dev.mem = ffi.NULL
+            self._reclaim(f"port '{self.name}': guest memory",
+                          _unmap_all(self._regions, keep_alive=self._memtable))
+        close_fds([self.backend_req_fd])
+        self._reset_session()
+
+    def describe_fault(self) -> str | None:
+        """Counts the fault bits set on the device and says what they mean; None if none."""
+        bits = int(self.dev.fault)
+        if not bits:
+            return None
+        reasons = []
+        for bit, counter in FAULT_BITS.items():
+            if bits & bit:
+                self.fault_counts[counter] += 1
+                reasons.append(self._fault_reason(bit))
+        if bits & ~KNOWN_FAULT_BITS:
+            reasons.append(f"unknown fault bits {bits & ~KNOWN_FAULT_BITS:#x}")
+        return "; ".join(reasons)
+
+    def _fault_reason(self, bit: int) -> str:
+        if bit == lib.VS_DEV_FAULT_MEMORY:
+            for i, region in enumerate(self._regions):
+                addr = guestmem.fault_addr(region.slot) if region.slot >= 0 else 0
+                if addr:
+                    gpa = region.desc.guest_phys_addr + addr - region.address - region.skip
+                    return (f"guest memory fault at {addr:#x} in region {i} (guest-physical {gpa:#x}; "
+                            "memory truncated or unmapped by the front-end)")
+            return "guest memory fault (memory truncated or unmapped by the front-end)"
+        if bit == lib.VS_DEV_FAULT_CALL_BLOCKED:
+            return "a call fd write would block (the front-end does not read its notifications)"
+        return f"fault bit {bit:#x}"
+
+    # --------------------------------------------------------------- handlers
+    # Each takes (msg, body) and returns its reply's value or None (see MessageRule).
+
+    def _ring(self, request: Request, index: int) -> _Ring:
+        if index >= len(self._rings):
+            raise ProtocolError(f"{request.name}: vring index {index} out of range "
+                                f"(the port has {len(self._rings)} vrings)")
+        return self._rings[index]
+
+    def _get_features(self, msg, body):
+        return protocol.OFFERED_FEATURES
+
+    def _set_features(self, msg, features: int):
+        unknown = features & ~protocol.OFFERED_FEATURES
+        if unknown:
+            raise RequestRefused(f"SET_FEATURES: features {unknown:#x} were not offered")
+        if features != self.features and any(r.started for r in self._rings):
+            # The header length the PMD uses may not change under it.
+            raise RequestRefused(f"SET_FEATURES: cannot change features {self.features:#x} -> {features:#x} "
+                                 "while rings are running")
+        self.features = features
+        self.features_set = True
+        lib.vs_vhost_dev_set_features(self.dev, features)
+
+    def _get_protocol_features(self, msg, body):
+        return protocol.OFFERED_PROTOCOL_FEATURES
+
+    def _set_protocol_features(self, msg, features: int):
+        unknown = features & ~protocol.OFFERED_PROTOCOL_FEATURES
+        if unknown:
+            raise RequestRefused(f"SET_PROTOCOL_FEATURES: protocol features {unknown:#x} were not offered")
+        self.protocol_features = features
+
+    def _set_owner(self, msg, body):
+        return None
+
+    def _reset_owner(self, msg, body):
+        # Deprecated; DPDK resets the device, and so do we, keeping the connection.
+        log.info("vhost-user port '%s': RESET_OWNER: resetting the device", self.name)
+        self.teardown()
+
+    def _get_queue_num(self, msg, body):
+        return self.queues
+
+    def _set_mem_table(self, msg, table: MemoryTable):
+        if self._same_memory(table, msg.fds):
+            # QEMU resends an unchanged table (e.g. after a device restart); keep the mappings.
+            log.debug("vhost-user port '%s': SET_MEM_TABLE unchanged", self.name)
+            return None
+        plans = [self._plan_region(i, region, fd) for i, (region, fd) in enumerate(zip(table.regions, msg.fds))]
+        total = sum(length for _, length in plans)
+        if total > self.max_memory:
+            self.memory_refused += 1
+            raise RequestRefused(f"SET_MEM_TABLE: {total:#x} bytes of guest memory in {len(plans)} regions "
+                                 f"exceed the port's max_memory ({self.max_memory:#x} bytes); refused")
+        new_regions = []
+        try:
+            for i, ((start, length), region, fd) in enumerate(zip(plans, table.regions, msg.fds)):
+                new_regions.append(self._map_region(i, region, fd, start, length))
+        except ProtocolError:
+            for mapped in new_regions:
+                mapped.unmap()
+            raise
+        memtable = ffi.new("struct vs_memtable *")
+        memtable.nregions = len(new_regions)
+        for i, mapped in enumerate(new_regions):
+            c_region = memtable.regions[i]
+            c_region.guest_phys_addr = mapped.desc.guest_phys_addr
+            c_region.user_addr = mapped.desc.user_addr
+            c_region.size = mapped.desc.size
+            c_region.host_addr = ffi.cast("uint8_t *", mapped.buffer) + mapped.skip
+
+        running = [r for r in self._rings if r.started]
+        self._halt_rings(running, emit=False)
+        self.dev.mem = memtable
+        old_regions, old_memtable = self._regions, self._memtable
+        self._memtable, self._regions = memtable, new_regions
+        if old_regions:
+            self._reclaim(f"port '{self.name}': replaced guest memory",
+                          _unmap_all(old_regions, keep_alive=old_memtable))
+        log.info("vhost-user port '%s': memory table: %s", self.name,
+                 ", ".join(f"gpa {r.guest_phys_addr:#x} size {r.size:#x} uva {r.user_addr:#x}" for r in table.regions))
+        for ring in running:
+            self._start_ring(ring, Request.SET_MEM_TABLE, emit=False)
+        for ring in self._rings:
+            self._try_start(ring, Request.SET_MEM_TABLE)
+
+    def _same_memory(self, table: MemoryTable, fds: list[int]) -> bool:
+        """True if the table describes the regions already mapped, backed by the same files."""
+        if len(table.regions) != len(self._regions):
+            return False
+        for region, fd, mapped in zip(table.regions, fds, self._regions):
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                return False
+            if region != mapped.desc or (st.st_dev, st.st_ino) != mapped.file_id:
+                return False
+        return True
+
+    def _plan_region(self, i: int, region: protocol.MemoryRegion, fd: int) -> tuple[int, int]:
+        """The file offset and length to map for a region: only the pages it
+        covers, from its offset rounded down to the file's page size
+        (hugetlbfs wants whole huge pages)."""
+        need = region.mmap_offset + region.size
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise ProtocolError(f"SET_MEM_TABLE: region {i}: fstat failed: {exc.strerror}") from None
+        page = st.st_blksize
+        if page < mmap.PAGESIZE or page & (page - 1):
+            page = mmap.PAGESIZE
+        start = region.mmap_offset - region.mmap_offset % page
+        end = (need + page - 1) // page * page
+        if stat.S_ISREG(st.st_mode):
+            # The file must hold the region; a file cut short later is a fault (guestmem.c).
+            if st.st_size < need:
+                raise ProtocolError(f"SET_MEM_TABLE: region {i}: offset {region.mmap_offset:#x} + size "
+                                    f"{region.size:#x} is past the end of its file ({st.st_size:#x} bytes)")
+            end = min(end, st.st_size)
+        return start, end - start
+
+    def _map_region(self, i: int, region: protocol.MemoryRegion, fd: int, start: int,
+                    length: int) -> _MemRegion:
+        try:
+            st = os.fstat(fd)
+            mapping = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise ProtocolError(f"SET_MEM_TABLE: region {i}: mmap of {length:#x} bytes at offset {start:#x} "
+                                f"failed: {exc}") from None
+        mapped = _MemRegion(mapping, ffi.from_buffer(mapping), region, (st.st_dev, st.st_ino),
+                            skip=region.mmap_offset - start, dev=self.dev)
+        try:
+            mapped.slot = guestmem.register(mapped.buffer, length, self.dev, i)
+        except OSError as exc:
+            mapped.unmap()
+            raise ProtocolError(f"SET_MEM_TABLE: region {i}: cannot watch the mapping for faults: "
+                                f"{exc.strerror}") from None
+        return mapped
+
+    def _set_vring_num(self, msg, state: VringState):
+        ring = self._ring(Request.SET_VRING_NUM, state.index)
+        size = state.num
+        if size == 0 or size > lib.VS_MAX_RING_SIZE or size & (size - 1):
+            raise ProtocolError(f"SET_VRING_NUM: vring {ring.index}: size {size} is not a power of two "
+                                f"up to {lib.VS_MAX_RING_SIZE}")
+        self._reconfigure(ring, Request.SET_VRING_NUM, lambda: setattr(ring, "size", size))
+
+    def _set_vring_addr(self, msg, addr: VringAddr):
+        ring = self._ring(Request.SET_VRING_ADDR, addr.index)
+        self._reconfigure(ring, Request.SET_VRING_ADDR, lambda: setattr(ring, "addr", addr))
+
+    def _set_vring_base(self, msg, state: VringState):
+        ring = self._ring(Request.SET_VRING_BASE, state.index)
+        if state.num > 0xFFFF:
+            raise ProtocolError(f"SET_VRING_BASE: vring {ring.index}: base {state.num} exceeds 65535")
+        self._reconfigure(ring, Request.SET_VRING_BASE, lambda: setattr(ring, "base", state.num))
+
+    def _get_vring_base(self, msg, state: VringState):
+        ring = self._ring(Request.GET_VRING_BASE, state.index)
+        self._stop_rings([ring], close=True)
+        if not self._protocol_features_negotiated:
+            ring.enabled = False      # it was enabled by its kick, which is gone
+        return VringState(ring.index, ring.base)
+
+    def _set_vring_kick(self, msg, body: VringFd):
+        ring = self._ring(Request.SET_VRING_KICK, body.index)
+        fd = -1 if body.nofd else _take_eventfd(msg, Request.SET_VRING_KICK, ring.index)
+
+        def apply():
+            self._release_fds(f"vring {ring.index} kick fd", [ring.kickfd])
+            ring.kickfd = fd
+            ring.kick_set = True
+            if not self._protocol_features_negotiated:
+                ring.enabled = True   # vhost-user.rst: "the ring starts directly in the enabled state"
+
+        self._reconfigure(ring, Request.SET_VRING_KICK, apply)
+
+    def _set_vring_call(self, msg, body: VringFd):
+        ring = self._ring(Request.SET_VRING_CALL, body.index)
+        fd = -1 if body.nofd else _take_eventfd(msg, Request.SET_VRING_CALL, ring.index)
+        old = ring.callfd
+        vr = self._vring(ring.index)
+        if ring.started:
+            # QEMU swaps the call fd whenever the guest masks or unmasks the
+            # queue's interrupt; the ring keeps running, with a brief pause.
+            lib.vs_vring_set_enabled(vr, 0)
+            self._wait_for_pmds()
+            vr.callfd = fd
+            vr.call_broken = 0        # a new fd: the guest may be notified again
+            lib.vs_vring_set_enabled(vr, 1)
+        else:
+            vr.call_broken = 0        # no PMD touches a ring that has not started
+        ring.callfd = fd
+        ring.call_set = True
+        self._release_fds(f"vring {ring.index} call fd", [old])
+        self._try_start(ring, Request.SET_VRING_CALL)
+
+    def _set_vring_err(self, msg, body: VringFd):
+        ring = self._ring(Request.SET_VRING_ERR, body.index)
+        fd = -1 if body.nofd else msg.take_fd()
+        close_fds([ring.errfd])
+        ring.errfd = fd
+
+    def _set_vring_enable(self, msg, state: VringState):
+        ring = self._ring(Request.SET_VRING_ENABLE, state.index)
+        if state.num not in (0, 1):
+            raise ProtocolError(f"SET_VRING_ENABLE: vring {ring.index}: value {state.num} is not 0 or 1")
+        ring.enabled = bool(state.num)
+        if ring.enabled:
+            self._try_start(ring, Request.SET_VRING_ENABLE)
+        elif ring.started:
+            self._halt_rings([ring])
+
+    def _set_backend_req_fd(self, msg, body):
+        old, self.backend_req_fd = self.backend_req_fd, msg.take_fd()
+        close_fds([old])
+
+    def _get_status(self, msg, body):
+        return self.status
+
+    def _set_status(self, msg, status: int):
+        if status > 0xFF:
+            raise ProtocolError(f"SET_STATUS: status {status:#x} is wider than 8 bits")
+        self.status = status
+
+    def _net_set_mtu(self, msg, mtu: int):
+        if not 68 <= mtu <= 65535:
+            raise RequestRefused(f"NET_SET_MTU: MTU {mtu} is outside 68..65535")
+        self.mtu = mtu
+        log.info("vhost-user port '%s': MTU %d", self.name, mtu)
+
+    def _send_rarp(self, msg, value: int):
+        mac = protocol.pack_u64(value)[:6]
+        self.rarp_mac = mac
+        text = ":".join(f"{b:02x}" for b in mac)
+        log.info("vhost-user port '%s': SEND_RARP for %s", self.name, text)
+        if self._on_rarp is not None:
+            try:
+                self._on_rarp(mac)
+            except Exception:
+                log.exception("vhost-user port '%s': on_rarp failed", self.name)
+        self._emit("rarp", {"mac": text})
+
+    # ------------------------------------------------------------------ rings
+
+    def _reconfigure(self, ring: _Ring, request: Request, apply: Callable[[], None]) -> None:
+        """Changes a ring's configuration; a running ring is halted first and
+        restarted afterwards from where it stopped."""
+        if ring.started:
+            self._halt_rings([ring])
+        apply()
+        self._try_start(ring, request)
+
+    def _ready(self, ring: _Ring) -> bool:
+        return (not ring.started and ring.enabled and ring.size is not None and ring.addr is not None
+                and ring.kick_set and ring.call_set and self._memtable is not None)
+
+    def _try_start(self, ring: _Ring, request: Request) -> None:
+        if self._ready(ring):
+            self._start_ring(ring, request)
+
+    def _start_ring(self, ring: _Ring, request: Request, emit: bool = True) -> None:
+        vr = ffi.addressof(self.dev.vrings, ring.index)
+        vr.kickfd = ring.kickfd
+        vr.callfd = ring.callfd
+        addr = ring.addr
+        rc = lib.vs_vring_setup(self.dev, ring.index, ring.size, addr.desc, addr.avail, addr.used, ring.base)
+        if rc != 0:
+            reason = ffi.string(lib.vs_vq_error_name(rc)).decode()
+            raise ProtocolError(f"{request.name}: vring {ring.index}: cannot start: {reason} (size {ring.size}, "
+                                f"desc {addr.desc:#x}, avail {addr.avail:#x}, used {addr.used:#x})")
+        started_at = int(vr.last_avail_idx)
+        if started_at != ring.base:
+            # vs_vring_setup took the index from the used ring in guest memory (and counted it).
+            log.warning("vhost-user port '%s': vring %d: base %d from the front-end, but the used index in "
+                        "guest memory is %d: resuming from the used index (a restarted switch or front-end; "
+                        "frames in flight may be resent or lost)", self.name, ring.index, ring.base, started_at)
+            ring.base = started_at
+        lib.vs_vring_set_enabled(vr, 1)
+        ring.started = True
+        log.info("vhost-user port '%s': vring %d started (size %d, base %d)", self.name, ring.index,
+                 ring.size, ring.base)
+        if emit:
+            self._emit("queue", {"queue": ring.index, "enabled": True})
+
+    def _halt_rings(self, rings: list[_Ring], emit: bool = True) -> None:
+        """Disables running rings and waits for the PMDs; records where each stopped."""
+        running = [r for r in rings if r.started]
+        if not running:
+            return
+        for ring in running:
+            lib.vs_vring_set_enabled(ffi.addressof(self.dev.vrings, ring.index), 0)
+        self._wait_for_pmds()
+        for ring in running:
+            ring.base = int(self._vring(ring.index).last_avail_idx)
+            ring.started = False
+            log.info("vhost-user port '%s': vring %d stopped at %d", self.name, ring.index, ring.base)
+            if emit:
+                self._emit("queue", {"queue": ring.index, "enabled": False})
+
+    def _stop_rings(self, rings: list[_Ring], close: bool) -> None:
+        """Halts rings and forgets their fds and addresses (GET_VRING_BASE, teardown)."""
+        self._halt_rings(rings)
+        fds = []
+        for ring in rings:
+            vr = self._vring(ring.index)
+            vr.kickfd = -1
+            vr.callfd = -1
+            ring.addr = None
+            if close:
+                fds += ring.forget_fds()
+        self._release_fds("ring fds", fds)
+
+    def _release_fds(self, what: str, fds: list[int]) -> None:
+        """Closes fds a PMD may have read from the ring (kick, call) once it cannot use them."""
+        fds = [fd for fd in fds if fd is not None and fd >= 0]
+        if fds:
+            self._reclaim(f"port '{self.name}': {what}", lambda: close_fds(fds))
+
+    def _update_link(self) -> None:
+        """The device is up once the first queue pair runs and, with
+        PROTOCOL_F_STATUS, the driver has said DRIVER_OK (DPDK virtio_is_ready)."""
+        up = self._rings[0].started and self._rings[1].started
+        if up and self._has_protocol_feature(ProtocolFeature.STATUS):
+            up = bool(self.status & protocol.STATUS_DRIVER_OK)
+        if up != self._link_up:
+            self._link_up = up
+            log.info("vhost-user port '%s': device %s", self.name, "ready" if up else "not ready")
+            self._emit("link", {"up": up})
+
+
+def _row(request: Request, payload: Payload, fds: Fds, reply: Reply, quiesce: bool, handler: Callable):
+    return MessageRule(request, payload, fds, reply, quiesce, handler)
+
+
+# The message table: one row per request the back-end handles, everything
+# about it in one place.  Anything missing is refused as not supported,
+# without its payload being parsed (connection.py).
+#        request                        payload              fds             reply              quiesce  handler
+MESSAGES: dict[Request, MessageRule] = {row.request: row for row in (
+    _row(Request.GET_FEATURES,          Payload.NONE,        Fds.NONE,       Reply.U64,         False,   VhostUserDevice._get_features),
+    _row(Request.SET_FEATURES,          Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._set_features),
+    _row(Request.SET_OWNER,             Payload.NONE,        Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._set_owner),
+    _row(Request.RESET_OWNER,           Payload.NONE,        Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._reset_owner),
+    _row(Request.SET_MEM_TABLE,         Payload.MEMORY,      Fds.PER_REGION, Reply.ACK,         True,    VhostUserDevice._set_mem_table),
+    _row(Request.SET_VRING_NUM,         Payload.VRING_STATE, Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._set_vring_num),
+    _row(Request.SET_VRING_ADDR,        Payload.VRING_ADDR,  Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._set_vring_addr),
+    _row(Request.SET_VRING_BASE,        Payload.VRING_STATE, Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._set_vring_base),
+    _row(Request.GET_VRING_BASE,        Payload.VRING_STATE, Fds.NONE,       Reply.VRING_STATE, True,    VhostUserDevice._get_vring_base),
+    _row(Request.SET_VRING_KICK,        Payload.VRING_FD,    Fds.VRING_FD,   Reply.ACK,         True,    VhostUserDevice._set_vring_kick),
+    _row(Request.SET_VRING_CALL,        Payload.VRING_FD,    Fds.VRING_FD,   Reply.ACK,         True,    VhostUserDevice._set_vring_call),
+    _row(Request.SET_VRING_ERR,         Payload.VRING_FD,    Fds.VRING_FD,   Reply.ACK,         False,   VhostUserDevice._set_vring_err),
+    _row(Request.GET_PROTOCOL_FEATURES, Payload.NONE,        Fds.NONE,       Reply.U64,         False,   VhostUserDevice._get_protocol_features),
+    _row(Request.SET_PROTOCOL_FEATURES, Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._set_protocol_features),
+    _row(Request.GET_QUEUE_NUM,         Payload.NONE,        Fds.NONE,       Reply.U64,         False,   VhostUserDevice._get_queue_num),
+    _row(Request.SET_VRING_ENABLE,      Payload.VRING_STATE, Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._set_vring_enable),
+    _row(Request.SEND_RARP,             Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._send_rarp),
+    _row(Request.NET_SET_MTU,           Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._net_set_mtu),
+    _row(Request.SET_BACKEND_REQ_FD,    Payload.NONE,        Fds.ONE,        Reply.ACK,         False,   VhostUserDevice._set_backend_req_fd),
+    _row(Request.SET_STATUS,            Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._set_status),
+    _row(Request.GET_STATUS,            Payload.NONE,        Fds.NONE,       Reply.U64,         False,   VhostUserDevice._get_status),
+)}
+VhostUserDevice.messages = MESSAGES

@@ -1,0 +1,45 @@
+/*
+ * The virtio and vhost-user numbers of the switch: feature bits, ring flags
+ * and this back-end's limits.  This is their one definition, for the C fast
+ * path and the Python control plane alike: Python reads them from cffi's
+ * `lib` (vswitch/vhost/protocol.py names the feature bits for the protocol
+ * code), so the two sides cannot disagree.  Bits only Python looks at
+ * (what is offered, what a test front-end asks for) live here too, so that
+ * every feature bit has one home.
+ *
+ * cdef-clean: no #include, integer #defines only.
+ */
+
+/* Limits of this back-end. */
+#define VS_MAX_MEM_REGIONS 8     /* vhost-user limit without CONFIGURE_MEM_SLOTS */
+#define VS_MAX_QUEUE_PAIRS 16    /* answered to GET_QUEUE_NUM */
+#define VS_MAX_VRINGS 32         /* two per queue pair: even = guest RX, odd = guest TX */
+#define VS_MAX_RING_SIZE 32768
+
+/* Descriptor and ring flags (virtio 1.x, 2.7). */
+#define VIRTQ_DESC_F_NEXT 1
+#define VIRTQ_DESC_F_WRITE 2
+#define VIRTQ_DESC_F_INDIRECT 4
+#define VIRTQ_AVAIL_F_NO_INTERRUPT 1
+#define VIRTQ_USED_F_NO_NOTIFY 1
+
+/* Feature bit numbers (virtio 1.x, 5.1.3 and 6; vhost-user.rst). */
+#define VIRTIO_NET_F_CSUM 0              /* the guest may send partial checksums */
+#define VIRTIO_NET_F_GUEST_CSUM 1        /* the guest takes partial checksums */
+#define VIRTIO_NET_F_GUEST_TSO4 7
+#define VIRTIO_NET_F_GUEST_TSO6 8
+#define VIRTIO_NET_F_GUEST_ECN 9
+#define VIRTIO_NET_F_HOST_TSO4 11
+#define VIRTIO_NET_F_HOST_TSO6 12
+#define VIRTIO_NET_F_HOST_ECN 13
+#define VIRTIO_NET_F_MRG_RXBUF 15
+#define VIRTIO_NET_F_CTRL_VQ 17
+#define VIRTIO_NET_F_MQ 22
+#define VHOST_F_LOG_ALL 26
+#define VIRTIO_F_ANY_LAYOUT 27
+#define VIRTIO_RING_F_INDIRECT_DESC 28
+#define VIRTIO_RING_F_EVENT_IDX 29
+#define VHOST_USER_F_PROTOCOL_FEATURES 30
+#define VIRTIO_F_VERSION_1 32
+#define VIRTIO_F_RING_PACKED 34
+#define VIRTIO_F_IN_ORDER 35
