@@ -24,6 +24,10 @@ class Port(abc.ABC):
 
     type: str = ""
     c_type: int = 0
+    # What registry.register reads: one line for help, and the config keys
+    # (registry.Key) beyond name and type.
+    help: str = ""
+    keys: tuple = ()
 
     def __init__(self, name: str, port_no: int, spec: dict, emit: EventSink):
         self.name = name
@@ -33,6 +37,12 @@ class Port(abc.ABC):
         self.c = ffi.new("struct vs_port *")
         self.c.port_no = port_no
         self.c.type = self.c_type
+
+    @classmethod
+    def create(cls, spec: dict, port_no: int, *, emit: EventSink, **services) -> "Port":
+        """Builds the port for a validated spec.  `services` are the switch's
+        hooks (quiesce, on_rarp, reclaim), for the types that need them."""
+        return cls(spec["name"], port_no, spec, emit)
 
     @property
     def link_up(self) -> bool:
