@@ -238,6 +238,11 @@ def _flag_value(key: port_registry.Key):
     return convert
 
 
+def _key_dest(key: str) -> str:
+    """Where argparse keeps a port key's flag: apart from vswitchctl's own options."""
+    return f"port_key_{key}"
+
+
 def _add_port_parser(sub) -> None:
     """`add-port`, generated from the port types: one flag per key, whatever types have it."""
     types = port_registry.port_types()
@@ -255,7 +260,7 @@ def _add_port_parser(sub) -> None:
             text = f"{', '.join(kinds)}: {next(iter(helps.values()))}"
         else:
             text = "; ".join(f"{kind}: {h}" for kind, h in helps.items())
-        options = {"dest": name, "help": text.replace("%", "%%")}
+        options = {"dest": _key_dest(name), "help": text.replace("%", "%%")}
         if key.type is bool:
             add.add_argument(key.flag, action=argparse.BooleanOptionalAction, default=None, **options)
         else:
@@ -355,7 +360,7 @@ SUBCOMMANDS = {
 
 def add_port_request(args) -> tuple[str, dict]:
     spec = {"name": args.name, "type": args.type}
-    spec.update({key: getattr(args, key) for key in port_registry.all_keys()})
+    spec.update({key: getattr(args, _key_dest(key)) for key in port_registry.all_keys()})
     return "port/add", {k: v for k, v in spec.items() if v is not None}
 
 

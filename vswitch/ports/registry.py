@@ -135,6 +135,8 @@ def register(cls):
     keys = tuple(getattr(cls, "keys", ()))
     seen = set(COMMON_KEYS)
     for key in keys:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", key.name):
+            raise ValueError(f"port type '{name}': key {key.name!r} must be a lower-case name (a-z, 0-9, _)")
         if key.name in seen:
             raise ValueError(f"port type '{name}': key '{key.name}' declared twice (or is a common key)")
         seen.add(key.name)
