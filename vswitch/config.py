@@ -17,7 +17,7 @@ import yaml
 
 from vswitch.fib import CAPACITY, DEFAULT_AGING_SECONDS, DEFAULT_MAX_ENTRIES, FibError, parse_mac
 from vswitch.ports import registry as port_registry
-from vswitch.ports.registry import KeyProblem, parse_size  # noqa: F401 - parse_size is part of this module's API
+from vswitch.ports.registry import KeyProblem
 
 DEFAULT_CONTROL_SOCKET = "/run/vswitch/vswitchd.sock"
 PORT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")

@@ -285,7 +285,10 @@ Values are JSON when they parse as JSON (5, true, null, [1,2], "007"), else
 strings.  `vswitchctl list-commands` lists the commands with their arguments."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(port_types: bool = True) -> argparse.ArgumentParser:
+    """The command line.  Without `port_types`, add-port is a stub: loading the
+    port types imports every port module, which a command that neither adds a
+    port nor shows help need not wait for."""
     p = argparse.ArgumentParser(prog="vswitchctl", description="control a running vswitchd", epilog=CALL_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--socket", default=os.environ.get("VSWITCH_SOCKET", DEFAULT_CONTROL_SOCKET),
@@ -295,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="ports with mode, link, queues and counters")
     show.add_argument("name", nargs="?")
     sub.add_parser("list-ports", help="port names, types and link states")
-    _add_port_parser(sub)
+    if port_types:
+        _add_port_parser(sub)
+    else:
+        sub.add_parser("add-port")
     delete = sub.add_parser("del-port", help="remove a port")
     delete.add_argument("name")
     sub.add_parser("port-types", help="the port types with their keys")
@@ -402,7 +408,8 @@ def _direct_command(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(_direct_command(argv))
+    needs_port_types = any(a in ("add-port", "-h", "--help") for a in argv)
+    args = build_parser(port_types=needs_port_types).parse_args(_direct_command(argv))
     try:
         run(args)
     except ControlError as exc:
