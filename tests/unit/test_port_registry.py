@@ -179,3 +179,23 @@ def test_bad_dummy_port_in_the_config_file_is_refused(tmp_path, monkeypatch):
     d = Vswitchd(tmp_path, ports=[{"name": "d1", "type": "dummy", "label": "UPPER"}])
     with pytest.raises(RuntimeError, match=r"ports\[0\] \(d1\)\.label: 'UPPER' is not a label"):
         d.start()
+
+
+def _have_null_port() -> bool:
+    from vswitch.native import lib
+    return hasattr(lib, "vs_null_port_ops")
+
+
+@pytest.mark.skipif(not _have_null_port(), reason="the null port's C side (ports/null.c) is not built in")
+def test_null_port_through_the_daemon(tmp_path):
+    with Vswitchd(tmp_path, ports=[{"name": "n1", "type": "null"}]) as d:
+        info = d.port("n1")
+        assert (info["type"], info["mode"], info["link"], info["queues"], info["offloads"]) == \
+            ("null", "null", "up", 1, True)
+        out = d.ctl_raw("add-port", "n2", "--type", "null", "--queues", "2", "--no-offloads")
+        assert out.returncode == 0 and out.stdout == "added port n2 (null)\n", out.stderr
+        assert (d.port("n2")["queues"], d.port("n2")["offloads"]) == (2, False)
+        out = d.ctl_raw("add-port", "n3", "--type", "null", "--queues", "17")
+        assert out.returncode == 1 and out.stderr == "vswitchctl: port 'n3': queues: 17 must be a whole number from 1 to 16\n"
+        assert d.ctl("del-port", "n2") == {"removed": "n2"}
+        assert d.ctl("stats", "n1")["ports"][0]["tx_packets"] == 0

@@ -1,76 +1,82 @@
-"""Null ports: a port with nothing behind it, like OVS's dummy netdev.
+"""Null ports: a port with no device behind it, like OVS's dummy netdev.
 
-`type: null`: what the switch sends there is counted and dropped; with
-`rx_loop: true` it comes back in on the same port instead (a loopback),
-which makes one guest and a null port enough for a benchmark or a test.
-The fast path is the C operations table in null.c (`vs_null_port_ops`);
-this module is its control side, and registers the type only when the
-built library has that table.
+`type: null`, `queues` (default 1), `offloads` (default true: it takes
+frames with partial checksums and TSO as they are; false makes the switch
+do them in software first, which tests that path).  What the switch sends
+there is counted and dropped; what it receives is only what `inject()`
+queues, so a test or a benchmark needs no guest and no interface.  The
+fast path is null.c's operations table; this module is its control side,
+and registers the type only when the built library has that table.
 """
 
 from __future__ import annotations
 
+import os
+
 from vswitch.native import ffi, lib
-from vswitch.ports.base import STAT_KEYS, Port
-from vswitch.ports.registry import Key, register
+from vswitch.ports.base import Port
+from vswitch.ports.registry import Key, queues_key, register
 
-
-def _null_ops():
-    """The C table, whether the library exports it as a global or through an accessor."""
-    ops = getattr(lib, "vs_null_port_ops", None)
-    if ops is None:
-        return None
-    return ops() if callable(ops) else ffi.addressof(lib, "vs_null_port_ops")
-
-
-def _has_struct(name: str) -> bool:
-    try:
-        ffi.typeof(name)
-        return True
-    except ffi.error:
-        return False
+HAVE_NULL_PORT = hasattr(lib, "vs_null_port_ops")
 
 
 class NullPort(Port):
     type = "null"
-    help = "nothing behind it: frames are counted and dropped, or looped back (rx_loop)"
+    c_ops = lib.vs_null_port_ops() if HAVE_NULL_PORT else None
+    help = "no device behind it: what it is sent is counted and dropped, it receives what a test injects"
     keys = (
-        Key("rx_loop", bool, "send every frame the port gets back into the switch through it", default=False),
+        queues_key("receive queues"),
+        Key("offloads", bool, "take checksum and TSO offloads as they are (false: done in software first)",
+            default=True),
     )
 
     def __init__(self, name: str, port_no: int, spec: dict, emit):
         super().__init__(name, port_no, spec, emit)
-        self.rx_loop: bool = spec.get("rx_loop", False)
-        self.c.ops = _null_ops()
-        # The type's own state, if null.c has one (counters, the loop flag).
-        self.state = ffi.new("struct vs_null_port *") if _has_struct("struct vs_null_port *") else None
-        if self.state is not None:
-            if hasattr(self.state, "rx_loop"):
-                self.state.rx_loop = 1 if self.rx_loop else 0
-            self.c.priv = self.state
+        self.queues: int = spec.get("queues", 1)
+        self.offloads: bool = spec.get("offloads", True)
+        self.np = ffi.new("struct vs_null_port *")
+        self._ready = False   # vs_null_port_init ran: fini has something to release
 
     def start(self) -> None:
+        rc = lib.vs_null_port_init(self.np, self.queues)
+        self._ready = True
+        if rc < 0:
+            raise OSError(-rc, f"cannot set up the null port: {os.strerror(-rc)}")
+        if not self.offloads:
+            self.np.offload_caps = 0
+        self.c.priv = self.np
         self.set_link(True)
 
     async def stop(self) -> None:
+        # The switch has unpublished the port and the PMDs have passed a quiescent point.
         self.set_link(False)
+        if self._ready:
+            lib.vs_null_port_fini(self.np)
+            self._ready = False
 
     def poll_queues(self) -> list[int]:
-        # Only a loopback has anything to receive.
-        return [0] if self.rx_loop else []
+        return list(range(self.queues))
+
+    def inject(self, frame: bytes, queue: int = 0) -> int:
+        """Queues one frame for the switch to receive from this port: 0 or -errno (null.h)."""
+        return lib.vs_null_port_inject(self.np, queue, ffi.from_buffer("uint8_t[]", frame), len(frame))
 
     def stats(self) -> dict:
-        counters = {key: int(getattr(self.state, key, 0)) if self.state is not None else 0 for key in STAT_KEYS}
-        counters["tx_dropped"] += self.c.stats.tx_dropped_down
-        counters["tx_errors"] += self.c.stats.tx_dropped_offload
-        return counters
+        total = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes"), 0)
+        for q in range(self.queues):
+            s = self.np.queues[q].stats
+            for key in total:
+                total[key] += getattr(s, key)
+        total.update(rx_errors=0, tx_dropped=self.c.stats.tx_dropped_down,
+                     tx_errors=self.c.stats.tx_dropped_offload)
+        return total
 
     def info(self) -> dict:
         info = super().info()
-        info["mode"] = "loopback" if self.rx_loop else "sink"
+        info.update({"mode": "null", "queues": self.queues, "offloads": self.offloads})
         return info
 
 
 # Until null.c is built in, the type does not exist rather than half-exist.
-if hasattr(lib, "vs_null_port_ops"):
+if HAVE_NULL_PORT:
     register(NullPort)
