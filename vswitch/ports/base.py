@@ -22,12 +22,12 @@ STAT_KEYS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_errors",
 class Port(abc.ABC):
     """Base class: the C struct, the link state and the event plumbing."""
 
-    type: str = ""
-    c_type: int = 0
-    # What registry.register reads: one line for help, and the config keys
-    # (registry.Key) beyond name and type.
+    # What registry.register reads: the type's name, one line for help, and
+    # its config keys (registry.Key) beyond name and type.
     help: str = ""
     keys: tuple = ()
+    type: str = ""
+    c_type: int = 0
 
     def __init__(self, name: str, port_no: int, spec: dict, emit: EventSink):
         self.name = name
