@@ -2,14 +2,16 @@
 type is a plug-in (tests/unit/test_port_registry.py).
 
 Importing the module registers `type: dummy`; a vswitchd loads it when
-$VSWITCH_PORT_MODULES names it.  The port has nothing behind it: its link
-stays down, so the PMDs never send to it, and it has no queues to poll.
+$VSWITCH_PORT_MODULES names it.  The port has nothing behind it, not even
+a C operations table: its link stays down, so the PMDs never send to it,
+and it has no queues to poll.
 """
 
 from __future__ import annotations
 
 import re
 
+from vswitch.native import ffi
 from vswitch.ports.base import STAT_KEYS, Port
 from vswitch.ports.registry import Key, KeyProblem, register
 
@@ -25,6 +27,7 @@ def label(value) -> str:
 @register
 class DummyPort(Port):
     type = "dummy"
+    c_ops = ffi.NULL   # no operations table: the PMDs never call a port that is down and has no queues
     help = "a test-only port with nothing behind it"
     keys = (
         Key("label", str, "what the port is for, 1 to 8 lower-case letters", required=True, check=label),
