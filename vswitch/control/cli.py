@@ -254,12 +254,8 @@ def _add_port_parser(sub) -> None:
                          epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     add.add_argument("name")
     add.add_argument("--type", required=True, choices=names)
-    for name, (key, kinds) in port_registry.all_keys().items():
-        helps = {t.name: t.key(name).help for t in types if t.key(name) is not None}
-        if len(set(helps.values())) == 1:
-            text = f"{', '.join(kinds)}: {next(iter(helps.values()))}"
-        else:
-            text = "; ".join(f"{kind}: {h}" for kind, h in helps.items())
+    for name, (key, _) in port_registry.all_keys().items():
+        text = port_registry.key_help(name)
         options = {"dest": _key_dest(name), "help": text.replace("%", "%%")}
         if key.type is bool:
             add.add_argument(key.flag, action=argparse.BooleanOptionalAction, default=None, **options)

@@ -90,8 +90,8 @@ def _port_add_args() -> tuple[Arg, ...]:
     """name, type, then every port type's keys: each type's own are checked by config.validate_port."""
     args = [Arg("name", str, True, "a short identifier"),
             Arg("type", str, True, ", ".join(port_types.names()))]
-    for key, kinds in port_types.all_keys().values():
-        args.append(Arg(key.name, object, help=f"{', '.join(kinds)}: {key.help}", type_name=key.shown_type))
+    for key, _ in port_types.all_keys().values():
+        args.append(Arg(key.name, object, help=port_types.key_help(key.name), type_name=key.shown_type))
     return tuple(args)
 
 

@@ -205,6 +205,15 @@ def all_keys() -> dict[str, tuple[Key, list[str]]]:
     return out
 
 
+def key_help(name: str) -> str:
+    """A key's help across the types that have it: "tap, vhost-user: queue
+    pairs", or each type's own when they differ."""
+    helps = {t.name: t.key(name).help for t in port_types() if t.key(name) is not None}
+    if len(set(helps.values())) == 1:
+        return f"{', '.join(helps)}: {next(iter(helps.values()))}"
+    return "; ".join(f"{kind}: {text}" for kind, text in helps.items())
+
+
 # Checks and keys that several port types share.
 
 # Interface names as the kernel takes them (IFNAMSIZ - 1), without the
