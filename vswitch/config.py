@@ -16,42 +16,17 @@ from dataclasses import dataclass, field
 import yaml
 
 from vswitch.fib import CAPACITY, DEFAULT_AGING_SECONDS, DEFAULT_MAX_ENTRIES, FibError, parse_mac
-from vswitch.ports import PORT_TYPES
+from vswitch.ports import registry as port_registry
+from vswitch.ports.registry import KeyProblem
 
 DEFAULT_CONTROL_SOCKET = "/run/vswitch/vswitchd.sock"
 PORT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
-PORT_KEYS = {
-    "vhost-user": {"name", "type", "path", "mode", "queues", "max_memory"},
-    "tap": {"name", "type", "ifname", "netns", "queues"},
-    "af-packet": {"name", "type", "ifname", "netns"},
-}
-# Interface names as the kernel takes them (IFNAMSIZ - 1), without the
-# characters `ip` and sysfs trip over.
-IFNAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,15}$")
-NETNS_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,64}$")
-NETNS_DIR = "/run/netns"
-VHOST_MODES = ("server", "client")
-MAX_QUEUES = 16
 # Guest memory one vhost-user port may map, in bytes: large enough for real
 # VMs, small enough that sparse multi-terabyte files cannot use up the
 # switch's address space (128 TiB on x86-64).
 DEFAULT_MAX_MEMORY = 1 << 40
 MIN_MAX_MEMORY = 1 << 20
 MAX_MAX_MEMORY = 64 << 40
-SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(value) -> int | None:
-    """A size in bytes: a whole number of bytes, or a string with a binary unit
-    ("512M", "64G", "1TiB"; K, M, G, T are powers of 1024).  None if neither."""
-    if _is_int(value):
-        return value
-    if isinstance(value, str):
-        m = SIZE.match(value)
-        if m:
-            return int(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
-    return None
 
 
 class ConfigError(ValueError):
@@ -104,7 +79,8 @@ def _whole_number(section: dict, key: str, default: int, low: int, high: int, wh
 
 
 def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
-    """Checks one port entry; returns it with defaults filled in, or None.
+    """Checks one port entry against its type's keys (vswitch.ports.registry);
+    returns it with defaults filled in, or None.
 
     `where` names the entry in a file ("my.yaml: ports[2]"); None means it
     came from the control socket, and messages start "port 'NAME': ".
@@ -123,63 +99,34 @@ def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
     else:
         label = f"port '{name}': " if name else "port: "
     kind = spec.get("type")
-    if kind not in PORT_TYPES:
-        problems.append(f"{label}type: {kind!r} is not a port type (one of: {', '.join(PORT_TYPES)})")
+    port_type = port_registry.get(kind)
+    if port_type is None:
+        problems.append(f"{label}type: {kind!r} is not a port type "
+                        f"(one of: {', '.join(port_registry.names())})")
         return None
     out = {"name": name, "type": kind}
-    known = PORT_KEYS[kind]
     for key in spec:
-        if key not in known:
+        if key not in port_registry.COMMON_KEYS and port_type.key(key) is None:
             problems.append(f"{label.rstrip('.: ')}: unknown key '{key}' for a {kind} port")
-    if kind in ("tap", "af-packet"):
-        _validate_kernel_port(spec, kind, name, label, out, problems)
-        return out if len(problems) == before else None
-    path = spec.get("path")
-    if not isinstance(path, str) or not path.startswith("/"):
-        problems.append(f"{label}path: {path!r} must be an absolute path to a UNIX socket")
-    elif len(path.encode()) > 107:
-        problems.append(f"{label}path: {path} is longer than a UNIX socket path may be (107 bytes)")
-    elif not os.path.isdir(os.path.dirname(path)):
-        problems.append(f"{label}path: directory {os.path.dirname(path)} does not exist")
-    mode = spec.get("mode", "server")
-    if mode not in VHOST_MODES:
-        problems.append(f"{label}mode: {mode!r} must be 'server' or 'client'")
-    queues = spec.get("queues", 1)
-    if not _is_int(queues) or not 1 <= queues <= MAX_QUEUES:
-        problems.append(f"{label}queues: {queues!r} must be a whole number from 1 to {MAX_QUEUES}")
-    out.update(path=path, mode=mode, queues=queues)
-    if "max_memory" in spec:
-        size = parse_size(spec["max_memory"])
-        if size is None or not MIN_MAX_MEMORY <= size <= MAX_MAX_MEMORY:
-            problems.append(f"{label}max_memory: {spec['max_memory']!r} must be a size from 1M to 64T "
-                            "(bytes, or a number with K, M, G or T, e.g. 64G)")
+    for key in port_type.keys:
+        if spec.get(key.name) is not None:
+            value, check = spec[key.name], True
+        elif callable(key.default):   # derived from the other keys (a TAP's ifname): checked like a given value
+            value, check = (key.default(out) if name else None), True
         else:
-            out["max_memory"] = size
+            value, check = key.default, False
+        if value is None:
+            if key.required:
+                problems.append(f"{label}{key.name}: required: {key.help}")
+            continue
+        if check:
+            try:
+                value = key.validate(value)
+            except KeyProblem as exc:
+                problems.append(f"{label}{key.name}: {exc}")
+                continue
+        out[key.name] = value
     return out if len(problems) == before else None
-
-
-def _validate_kernel_port(spec: dict, kind: str, name, label: str, out: dict, problems: list[str]) -> None:
-    """The keys of a TAP or AF_PACKET port: ifname, netns and (TAP) queues."""
-    ifname = spec.get("ifname", name if kind == "tap" else None)
-    if ifname is None:
-        problems.append(f"{label}ifname: required: the interface to attach to (e.g. veth0)")
-    elif not isinstance(ifname, str) or not IFNAME.match(ifname):
-        problems.append(f"{label}ifname: {ifname!r} is not an interface name "
-                        "(1 to 15 letters, digits, '_', '-' or '.')")
-    out["ifname"] = ifname
-    netns = spec.get("netns")
-    if netns is not None:
-        if not isinstance(netns, str) or not NETNS_NAME.match(netns):
-            problems.append(f"{label}netns: {netns!r} is not a network namespace name")
-        elif not os.path.exists(os.path.join(NETNS_DIR, netns)):
-            problems.append(f"{label}netns: no network namespace named '{netns}' "
-                            f"(create it with: ip netns add {netns})")
-        out["netns"] = netns
-    if kind == "tap":
-        queues = spec.get("queues", 1)
-        if not _is_int(queues) or not 1 <= queues <= MAX_QUEUES:
-            problems.append(f"{label}queues: {queues!r} must be a whole number from 1 to {MAX_QUEUES}")
-        out["queues"] = queues
 
 
 def parse(data, source: str = "<config>") -> Config:

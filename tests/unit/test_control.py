@@ -75,6 +75,74 @@ def test_no_daemon_is_a_clear_error(tmp_path):
     assert out.returncode == 1 and "is vswitchd running?" in out.stderr
 
 
+def test_call_runs_any_registered_command(daemon):
+    assert daemon.ctl("call", "version") == daemon.ctl("version")
+    # Values are JSON when they parse as JSON, else strings.
+    assert daemon.ctl("call", "fdb/set-aging", "seconds=300") == {"aging_seconds": 300}
+    out = daemon.ctl_raw("call", "port/show", "name=7")
+    assert out.returncode == 1 and out.stderr == "vswitchctl: port/show: argument 'name' must be a string, not 7\n"
+    out = daemon.ctl_raw("call", "port/show", "name=ghost")
+    assert out.returncode == 1 and out.stderr == "vswitchctl: no port named 'ghost'\n"
+    # A command with a formatter prints it as the subcommand does; COMMAND alone is `call COMMAND`.
+    human = daemon.ctl_raw("call", "port/list")
+    assert human.returncode == 0 and human.stdout == daemon.ctl_raw("list-ports").stdout == "PORT  TYPE  LINK\n"
+    assert daemon.ctl_raw("port/list").stdout == human.stdout
+    assert daemon.ctl("fdb/stats") == daemon.ctl("fdb", "stats")
+    out = daemon.ctl_raw("call", "no/such")
+    assert out.returncode == 1 and out.stderr == "vswitchctl: unknown command 'no/such' (see list-commands)\n"
+    out = daemon.ctl_raw("call", "version", "oops")
+    assert out.returncode == 2 and "'oops' is not key=value" in out.stderr
+
+
+def test_port_types_are_listed(daemon):
+    types = {t["type"]: t for t in daemon.ctl("port-types")["types"]}
+    assert {"vhost-user", "tap", "af-packet"} <= set(types)
+    path = next(k for k in types["vhost-user"]["keys"] if k["key"] == "path")
+    assert path["required"] and path["flag"] == "--path"
+    human = daemon.ctl_raw("call", "port/types").stdout
+    assert human.split("\n")[0].split() == ["TYPE", "KEY", "VALUE", "DEFAULT", "DESCRIPTION"]
+    assert any(line.split()[:4] == ["af-packet", "ifname", "str", "required"] for line in human.splitlines())
+
+
+def test_events_subscribe_is_a_registered_command(daemon):
+    from vswitch.control.cli import call_streaming
+    listed = {c["command"]: c for c in daemon.ctl("list-commands")["commands"]}
+    assert listed["events/subscribe"].get("stream") is True
+    # The reply comes once the subscription is in place: an event after it is seen.
+    result, events = call_streaming(daemon.control_socket, "events/subscribe")
+    assert result == {"subscribed": True}
+    sock = str(daemon.dir / "ev.sock")
+    daemon.ctl("add-port", "ev", "--type", "vhost-user", "--path", sock)
+    daemon.ctl("del-port", "ev")
+    assert next(events)["event"] == "port-added" and next(events)["event"] == "port-removed"
+    events.close()
+    # Arguments are checked like any command's, and the connection stays a normal one.
+    reply = json.loads(request(daemon.control_socket, b'{"command": "events/subscribe", "args": {"x": 1}}\n'))
+    assert reply["ok"] is False and "unknown argument 'x'" in reply["error"]
+
+
+def test_vswitchctl_streams_a_streaming_command(daemon):
+    import subprocess, sys, time
+    from tests.support.daemon import REPO
+    proc = subprocess.Popen([sys.executable, "-m", "vswitch.control.cli", "--socket", daemon.control_socket,
+                             "events/subscribe"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        # The client subscribes on its own time: make events until one arrives.
+        deadline = time.monotonic() + 20
+        while not lines and time.monotonic() < deadline:
+            daemon.ctl("add-port", "ev2", "--type", "vhost-user", "--path", str(daemon.dir / "ev2.sock"))
+            daemon.ctl("del-port", "ev2")
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    reader.join(5)
+    assert lines and " port-" in lines[0] and " ev2" in lines[0], lines
+
+
 @pytest.mark.parametrize("payload, error", [
     (b"this is not json\n", "not valid JSON"),
     (b"[1, 2]\n", "must be a JSON object"),

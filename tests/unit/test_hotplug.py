@@ -124,7 +124,7 @@ def test_version_and_list_commands(daemon):
     (["vm9", "--type", "vhost-user", "--path", "{dir}/vm9.sock", "--queues", "17"], "port 'vm9': queues: 17 must be"),
     (["9bad", "--type", "vhost-user", "--path", "{dir}/x.sock"], "port name: '9bad' is not a port name"),
     (["a-name-that-is-far-too-long", "--type", "vhost-user", "--path", "{dir}/x.sock"], "port name: 'a-name-that-is-far-too-long' is not a port name"),
-    (["vm9", "--type", "vhost-user"], "port 'vm9': path: None must be an absolute path"),
+    (["vm9", "--type", "vhost-user"], "port 'vm9': path: required: the vhost-user socket's absolute path"),
 ])
 def test_bad_add_port_is_refused_and_creates_nothing(daemon, args, error):
     d = daemon

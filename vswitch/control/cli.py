@@ -1,7 +1,10 @@
 """vswitchctl: a thin client of the control socket.
 
 Human-readable tables by default, `--json` for scripts.  Every failure is
-one line on stderr and a non-zero exit status.
+one line on stderr and a non-zero exit status.  Any control command can be
+called as `vswitchctl call COMMAND key=value ...` (or `vswitchctl COMMAND
+key=value ...`); the subcommands are shorthands for the common ones.
+`add-port`'s flags are generated from the port type registry.
 """
 
 from __future__ import annotations
@@ -13,24 +16,38 @@ import socket
 import sys
 import time
 
-from vswitch.config import DEFAULT_CONTROL_SOCKET, parse_size
-from vswitch.ports import PORT_TYPES
+from vswitch.config import DEFAULT_CONTROL_SOCKET
+from vswitch.ports import registry as port_registry
 
 
 class ControlError(Exception):
     pass
 
 
+def _connect(path: str, timeout: float | None) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except FileNotFoundError:
+        s.close()
+        raise ControlError(f"cannot connect to {path}: no such socket (is vswitchd running?)") from None
+    except OSError as exc:
+        s.close()
+        raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+    return s
+
+
+def _request(command: str, args: dict | None) -> bytes:
+    return json.dumps({"command": command, "args": args or {}}).encode() + b"\n"
+
+
 def call(path: str, command: str, args: dict | None = None, timeout: float = 30.0):
     """Sends one request and returns its result, or raises ControlError."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(json.dumps({"command": command, "args": args or {}}).encode() + b"\n")
+        with _connect(path, timeout) as s:
+            s.sendall(_request(command, args))
             reply = _read_line(s)
-    except FileNotFoundError:
-        raise ControlError(f"cannot connect to {path}: no such socket (is vswitchd running?)") from None
     except OSError as exc:
         raise ControlError(f"cannot talk to {path}: {exc.strerror or exc}") from None
     if not reply.get("ok"):
@@ -48,26 +65,38 @@ def _read_line(s: socket.socket) -> dict:
     return json.loads(buf)
 
 
-def stream_events(path: str):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def call_streaming(path: str, command: str, args: dict | None = None, timeout: float = 30.0):
+    """Sends one request; returns its result and, if the command streams (its
+    reply says "stream"), an iterator over the objects that follow, else None."""
+    s = _connect(path, timeout)
     try:
-        s.connect(path)
-    except OSError as exc:
-        raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
-    s.sendall(b'{"command": "events/subscribe"}\n')
-    f = s.makefile("rb")
-    first = json.loads(f.readline() or b"{}")
-    if not first.get("ok"):
-        raise ControlError(first.get("error", "cannot subscribe"))
-    for line in f:
-        yield json.loads(line)
+        s.sendall(_request(command, args))
+        f = s.makefile("rb")
+        reply = json.loads(f.readline() or b"{}")
+    except (OSError, ValueError) as exc:
+        s.close()
+        raise ControlError(f"cannot talk to {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not reply.get("ok"):
+        s.close()
+        raise ControlError(reply.get("error", "vswitchd closed the connection without a reply"))
+
+    def lines():
+        try:
+            s.settimeout(None)   # a stream may be quiet for as long as it likes
+            for line in f:
+                yield json.loads(line)
+        finally:
+            s.close()
+
+    if not reply.get("stream"):
+        s.close()
+        return reply.get("result"), None
+    return reply.get("result"), lines()
 
 
-def _size(text: str) -> int:
-    size = parse_size(text)
-    if size is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or a number with K, M, G or T, e.g. 64G)")
-    return size
+def stream_events(path: str):
+    _, events = call_streaming(path, "events/subscribe")
+    yield from events or ()
 
 
 def table(rows: list[list], headers: list[str]) -> str:
@@ -118,6 +147,64 @@ STATS_COLUMNS = ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_dropped
                  "rx_errors", "tx_errors"]
 
 
+def print_stats(result: dict, previous: dict | None = None, dt: float = 0.0) -> None:
+    """Counters per port; with the previous result and the seconds since, rates too."""
+    rows = []
+    for p in result["ports"]:
+        row = [p["name"]] + [p[c] for c in STATS_COLUMNS]
+        if previous is not None and p["name"] in previous:
+            row += [f"{(p['rx_packets'] - previous[p['name']]['rx_packets']) / dt:.0f}",
+                    f"{(p['tx_packets'] - previous[p['name']]['tx_packets']) / dt:.0f}"]
+        rows.append(row)
+    headers = ["PORT"] + [c.upper().replace("_", "-") for c in STATS_COLUMNS]
+    if previous is not None:
+        headers += ["RX-PPS", "TX-PPS"]
+    print(table(rows, headers[:max(len(r) for r in rows)] if rows else headers), flush=True)
+
+
+def print_event(event: dict) -> None:
+    rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "event", "port"))
+    print(f"{event['time']:.3f} {event['event']} {event.get('port', '')} {rest}".rstrip(), flush=True)
+
+
+def print_port_types(result: dict) -> None:
+    rows = []
+    for t in result["types"]:
+        for k in t["keys"] or [{"key": "-", "type": "", "required": False, "default": None, "help": ""}]:
+            default = "required" if k["required"] else ("-" if k["default"] is None else json.dumps(k["default"]))
+            rows.append([t["type"], k["key"], k["type"], default, k["help"]])
+    print(table(rows, ["TYPE", "KEY", "VALUE", "DEFAULT", "DESCRIPTION"]))
+
+
+# How a command's result is shown without --json; a command not here prints its JSON.
+FORMATTERS = {
+    "port/show": print_ports,
+    "port/list": lambda r: print(table([[p["name"], p["type"], p["link"]] for p in r["ports"]],
+                                       ["PORT", "TYPE", "LINK"])),
+    "port/add": lambda r: print(f"added port {r['name']} ({r['type']})"),
+    "port/del": lambda r: print(f"removed port {r['removed']}"),
+    "port/types": print_port_types,
+    "stats/show": print_stats,
+    "fdb/show": print_fdb,
+    "fdb/flush": lambda r: print(f"flushed {r['flushed']} entries"),
+    "fdb/add": lambda r: print(f"added static entry {r['mac']} -> {r['port']}"),
+    "fdb/del": lambda r: print(f"removed {r['removed']}"),
+    "fdb/stats": print_kv,
+    "fdb/set-aging": print_kv,
+    "fdb/set-max": print_kv,
+    "pmd/stats": print_pmd_stats,
+    "control/stats": print_kv,
+    "config/dump": lambda r: print(r["yaml"], end=""),
+    "list-commands": lambda r: print(table([[c["usage"], c["help"]] for c in r["commands"]],
+                                           ["COMMAND", "DESCRIPTION"])),
+    "version": lambda r: print(r["version"]),
+}
+# How each line of a streaming command is shown without --json.
+STREAM_FORMATTERS = {
+    "events/subscribe": print_event,
+}
+
+
 def watch_stats(sock: str, args) -> None:
     """Prints counters once, or every --watch seconds with per-second rates."""
     if args.watch is not None and args.watch <= 0:
@@ -129,18 +216,7 @@ def watch_stats(sock: str, args) -> None:
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            rows = []
-            for p in result["ports"]:
-                row = [p["name"]] + [p[c] for c in STATS_COLUMNS]
-                if previous is not None and p["name"] in previous:
-                    dt = now - before
-                    row += [f"{(p['rx_packets'] - previous[p['name']]['rx_packets']) / dt:.0f}",
-                            f"{(p['tx_packets'] - previous[p['name']]['tx_packets']) / dt:.0f}"]
-                rows.append(row)
-            headers = ["PORT"] + [c.upper().replace("_", "-") for c in STATS_COLUMNS]
-            if previous is not None:
-                headers += ["RX-PPS", "TX-PPS"]
-            print(table(rows, headers[:max(len(r) for r in rows)] if rows else headers), flush=True)
+            print_stats(result, previous, now - before)
         if args.watch is None:
             return
         previous, before = {p["name"]: p for p in result["ports"]}, now
@@ -149,8 +225,68 @@ def watch_stats(sock: str, args) -> None:
             print()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vswitchctl", description="control a running vswitchd")
+def _flag_value(key: port_registry.Key):
+    """argparse's type= for a key's flag: its parse_flag (or its type), errors as usage errors."""
+    parse = key.parse_flag or key.type
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except port_registry.KeyProblem as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = key.shown_type   # argparse says "invalid int value: ..."
+    return convert
+
+
+def _key_dest(key: str) -> str:
+    """Where argparse keeps a port key's flag: apart from vswitchctl's own options."""
+    return f"port_key_{key}"
+
+
+def _add_port_parser(sub) -> None:
+    """`add-port`, generated from the port types: one flag per key, whatever types have it."""
+    types = port_registry.port_types()
+    names = [t.name for t in types]
+    epilog = "port types:\n" + "\n".join(
+        f"  {t.name}: {t.help}\n    vswitchctl add-port NAME --type {t.name} {t.synopsis}".rstrip() for t in types)
+    add = sub.add_parser("add-port", help=f"add a port to the running switch ({', '.join(names)})",
+                         description="Add a port to the running switch; the other ports keep forwarding.",
+                         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add.add_argument("name")
+    add.add_argument("--type", required=True, choices=names)
+    for name, (key, _) in port_registry.all_keys().items():
+        text = port_registry.key_help(name)
+        options = {"dest": _key_dest(name), "help": text.replace("%", "%%")}
+        if key.type is bool:
+            add.add_argument(key.flag, action=argparse.BooleanOptionalAction, default=None, **options)
+        else:
+            add.add_argument(key.flag, type=_flag_value(key), choices=key.choices or None,
+                             metavar=None if key.choices else (key.metavar or name.upper()), **options)
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """A `call` argument: key=value, the value parsed as JSON if it parses, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+CALL_EPILOG = """\
+Any control command can also be given directly: vswitchctl COMMAND key=value ...
+Values are JSON when they parse as JSON (5, true, null, [1,2], "007"), else
+strings.  `vswitchctl list-commands` lists the commands with their arguments."""
+
+
+def build_parser(port_types: bool = True) -> argparse.ArgumentParser:
+    """The command line.  Without `port_types`, add-port is a stub: loading the
+    port types imports every port module, which a command that neither adds a
+    port nor shows help need not wait for."""
+    p = argparse.ArgumentParser(prog="vswitchctl", description="control a running vswitchd", epilog=CALL_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--socket", default=os.environ.get("VSWITCH_SOCKET", DEFAULT_CONTROL_SOCKET),
                    help="control socket (default $VSWITCH_SOCKET or %(default)s)")
     p.add_argument("--json", action="store_true", help="print the raw JSON result")
@@ -158,19 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="ports with mode, link, queues and counters")
     show.add_argument("name", nargs="?")
     sub.add_parser("list-ports", help="port names, types and link states")
-    add = sub.add_parser("add-port", help="add a port to the running switch")
-    add.add_argument("name")
-    add.add_argument("--type", required=True, choices=PORT_TYPES)
-    add.add_argument("--path", help="vhost-user socket path")
-    add.add_argument("--ifname", help="tap: interface to create (default the port name); "
-                                      "af-packet: interface to attach to")
-    add.add_argument("--netns", help="tap, af-packet: network namespace of the interface (ip netns)")
-    add.add_argument("--mode", choices=["server", "client"], help="vhost-user mode (default server)")
-    add.add_argument("--queues", type=int, help="queue pairs (default 1)")
-    add.add_argument("--max-memory", type=_size, metavar="SIZE",
-                     help="vhost-user: most guest memory the port maps, e.g. 64G (default 1T)")
+    if port_types:
+        _add_port_parser(sub)
+    else:
+        sub.add_parser("add-port")
     delete = sub.add_parser("del-port", help="remove a port")
     delete.add_argument("name")
+    sub.add_parser("port-types", help="the port types with their keys")
     stats = sub.add_parser("stats", help="port counters")
     stats.add_argument("name", nargs="?")
     stats.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS, with rates")
@@ -200,70 +330,82 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("events", help="stream port, link and queue events")
     sub.add_parser("list-commands", help="every control command with its usage")
     sub.add_parser("version", help="the daemon's version")
+    call_p = sub.add_parser("call", help="call any control command: call COMMAND [key=value ...]",
+                            epilog=CALL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    call_p.add_argument("command", help="a command from list-commands, e.g. port/show")
+    call_p.add_argument("args", nargs="*", type=_key_value, metavar="key=value")
     return p
 
 
+# The control command each plain subcommand stands for, and its arguments.
+SUBCOMMANDS = {
+    "show": lambda a: ("port/show", {"name": a.name}),
+    "list-ports": lambda a: ("port/list", {}),
+    "del-port": lambda a: ("port/del", {"name": a.name}),
+    "port-types": lambda a: ("port/types", {}),
+    "set": lambda a: ("fdb/set-aging", {"seconds": a.seconds}) if a.set_cmd == "fdb-aging" else
+                     ("fdb/set-max", {"entries": a.entries}),
+    "config": lambda a: ("config/dump", {}),
+    "fdb": lambda a: {"show": lambda: ("fdb/show", {"port": a.port}),
+                      "flush": lambda: ("fdb/flush", {"port": a.port}),
+                      "add": lambda: ("fdb/add", {"mac": a.mac, "port": a.port}),
+                      "del": lambda: ("fdb/del", {"mac": a.mac}),
+                      "stats": lambda: ("fdb/stats", {})}[a.fdb_cmd](),
+    "pmd-stats": lambda a: ("pmd/stats", {}),
+    "control-stats": lambda a: ("control/stats", {}),
+    "events": lambda a: ("events/subscribe", {}),
+    "list-commands": lambda a: ("list-commands", {}),
+    "version": lambda a: ("version", {}),
+    "call": lambda a: (a.command, dict(a.args)),
+}
+
+
+def add_port_request(args) -> tuple[str, dict]:
+    spec = {"name": args.name, "type": args.type}
+    spec.update({key: getattr(args, _key_dest(key)) for key in port_registry.all_keys()})
+    return "port/add", {k: v for k, v in spec.items() if v is not None}
+
+
 def run(args) -> None:
-    def emit(result, human):
+    if args.cmd == "stats":
+        watch_stats(args.socket, args)
+        return
+    command, request = add_port_request(args) if args.cmd == "add-port" else SUBCOMMANDS[args.cmd](args)
+    result, stream = call_streaming(args.socket, command, request)
+    if stream is None:
         if args.json:
             print(json.dumps(result, indent=2))
         else:
-            human(result)
+            FORMATTERS.get(command, lambda r: print(json.dumps(r, indent=2)))(result)
+        return
+    # A stream: the lines that follow the reply are what the user asked for.
+    show = STREAM_FORMATTERS.get(command) if not args.json else None
+    for item in stream:
+        if show:
+            show(item)
+        else:
+            print(json.dumps(item), flush=True)
 
-    sock = args.socket
-    if args.cmd == "show":
-        emit(call(sock, "port/show", {"name": args.name}), print_ports)
-    elif args.cmd == "list-ports":
-        emit(call(sock, "port/list"),
-             lambda r: print(table([[p["name"], p["type"], p["link"]] for p in r["ports"]], ["PORT", "TYPE", "LINK"])))
-    elif args.cmd == "add-port":
-        spec = {"name": args.name, "type": args.type, "path": args.path, "mode": args.mode, "queues": args.queues,
-                "ifname": args.ifname, "netns": args.netns, "max_memory": args.max_memory}
-        emit(call(sock, "port/add", {k: v for k, v in spec.items() if v is not None}),
-             lambda r: print(f"added port {r['name']} ({r['type']})"))
-    elif args.cmd == "del-port":
-        emit(call(sock, "port/del", {"name": args.name}), lambda r: print(f"removed port {r['removed']}"))
-    elif args.cmd == "stats":
-        watch_stats(sock, args)
-    elif args.cmd == "set":
-        if args.set_cmd == "fdb-aging":
-            emit(call(sock, "fdb/set-aging", {"seconds": args.seconds}), print_kv)
-        else:
-            emit(call(sock, "fdb/set-max", {"entries": args.entries}), print_kv)
-    elif args.cmd == "config":
-        emit(call(sock, "config/dump"), lambda r: print(r["yaml"], end=""))
-    elif args.cmd == "fdb":
-        if args.fdb_cmd == "show":
-            emit(call(sock, "fdb/show", {"port": args.port}), print_fdb)
-        elif args.fdb_cmd == "flush":
-            emit(call(sock, "fdb/flush", {"port": args.port}), lambda r: print(f"flushed {r['flushed']} entries"))
-        elif args.fdb_cmd == "add":
-            emit(call(sock, "fdb/add", {"mac": args.mac, "port": args.port}),
-                 lambda r: print(f"added static entry {r['mac']} -> {r['port']}"))
-        elif args.fdb_cmd == "del":
-            emit(call(sock, "fdb/del", {"mac": args.mac}), lambda r: print(f"removed {r['removed']}"))
-        else:
-            emit(call(sock, "fdb/stats"), print_kv)
-    elif args.cmd == "pmd-stats":
-        emit(call(sock, "pmd/stats"), print_pmd_stats)
-    elif args.cmd == "control-stats":
-        emit(call(sock, "control/stats"), print_kv)
-    elif args.cmd == "events":
-        for event in stream_events(sock):
-            if args.json:
-                print(json.dumps(event), flush=True)
-            else:
-                rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "event", "port"))
-                print(f"{event['time']:.3f} {event['event']} {event.get('port', '')} {rest}".rstrip(), flush=True)
-    elif args.cmd == "list-commands":
-        emit(call(sock, "list-commands"),
-             lambda r: print(table([[c["usage"], c["help"]] for c in r["commands"]], ["COMMAND", "DESCRIPTION"])))
-    elif args.cmd == "version":
-        emit(call(sock, "version"), lambda r: print(r["version"]))
+
+def _direct_command(argv: list[str]) -> list[str]:
+    """`vswitchctl port/show name=vm1` is `vswitchctl call port/show name=vm1`."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--socket":
+            i += 2
+            continue
+        if arg.startswith("-"):
+            i += 1
+            continue
+        return argv[:i] + ["call"] + argv[i:] if "/" in arg else argv
+    return argv
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    needs_port_types = any(a in ("add-port", "-h", "--help") for a in argv)
+    args = build_parser(port_types=needs_port_types).parse_args(_direct_command(argv))
     try:
         run(args)
     except ControlError as exc:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import yaml
 
 import vswitch
-from vswitch.control.registry import Arg, CommandError, Registry
+from vswitch.control.registry import Arg, CommandError, Registry, Stream
 from vswitch.fib import FibError
+from vswitch.ports import registry as port_types
 from vswitch.switch import Switch, SwitchError
 
 registry = Registry()
@@ -84,18 +86,30 @@ async def control_stats(switch: Switch, server):
 
 
 
-@registry.command("port/add", "Add a port; the other ports keep forwarding.",
-                  Arg("name", str, True, "a short identifier"),
-                  Arg("type", str, True, "vhost-user, tap or af-packet"),
-                  Arg("path", str, help="vhost-user socket"), Arg("mode", str, help="server or client"),
-                  Arg("queues", int, help="queue pairs"),
-                  Arg("max_memory", int, help="vhost-user: most bytes of guest memory the port maps"),
-                  Arg("ifname", str, help="tap, af-packet: the interface"),
-                  Arg("netns", str, help="tap, af-packet: the interface's network namespace"), changes=True)
+def _port_add_args() -> tuple[Arg, ...]:
+    """name, type, then every port type's keys: each type's own are checked by config.validate_port."""
+    args = [Arg("name", str, True, "a short identifier"),
+            Arg("type", str, True, ", ".join(port_types.names()))]
+    for key, _ in port_types.all_keys().values():
+        args.append(Arg(key.name, object, help=port_types.key_help(key.name), type_name=key.shown_type))
+    return tuple(args)
+
+
+def _port_add_help() -> str:
+    types = "; ".join(f"{t.name} ({', '.join(k.name for k in t.keys) or 'no keys'})" for t in port_types.port_types())
+    return f"Add a port; the other ports keep forwarding. Types and their keys: {types}."
+
+
+@registry.command("port/add", _port_add_help, args_from=_port_add_args, changes=True)
 async def port_add(switch: Switch, **spec):
     with refused():
         port = await switch.add_port(spec)
     return port.info()
+
+
+@registry.command("port/types", "The port types port/add takes, with their keys: type, default, help.")
+async def port_type_list(switch: Switch):
+    return {"types": [t.describe() for t in port_types.port_types()]}
 
 
 @registry.command("port/del", "Remove a port; its guest sees the link go down.", Arg("name", str, True),
@@ -147,3 +161,25 @@ async def fdb_set_max(switch: Switch, entries: int):
 async def config_dump(switch: Switch):
     data = switch.config.to_yaml_data()
     return {"config": data, "yaml": yaml.safe_dump(data, sort_keys=False, default_flow_style=None)}
+
+
+# Events a subscriber has not read yet, at most; more are dropped (for that subscriber only).
+EVENT_BACKLOG = 10000
+
+
+@registry.command("events/subscribe", "Stream port, link and queue events, one JSON object a line, "
+                  "until the client closes the connection.", streams=True)
+async def events_subscribe(switch: Switch, stream: Stream):
+    queue: asyncio.Queue = asyncio.Queue(maxsize=EVENT_BACKLOG)
+
+    def deliver(event: dict) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait(event)
+
+    unsubscribe = switch.subscribe(deliver)
+    try:
+        await stream.start({"subscribed": True})
+        while True:
+            await stream.send(await queue.get())
+    finally:
+        unsubscribe()

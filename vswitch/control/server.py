@@ -2,7 +2,9 @@
 
 A request is `{"command": NAME, "args": {...}}`; a reply is
 `{"ok": true, "result": ...}` or `{"ok": false, "error": "one line"}`.
-`events/subscribe` turns the connection into a stream of event lines.
+A streaming command (`events/subscribe`) turns the connection into a
+stream: its reply says `"stream": true`, and lines follow until either end
+closes.
 A malformed request gets an error reply; an oversized one, or one left
 half-sent, closes that connection only.
 
@@ -29,7 +31,7 @@ import struct
 from dataclasses import dataclass
 
 from vswitch.control.commands import registry
-from vswitch.control.registry import Command, CommandError
+from vswitch.control.registry import Command, CommandError, Stream
 from vswitch.ratelimit import RateLimitedLog
 from vswitch.switch import Switch
 
@@ -47,6 +49,22 @@ SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 # Python's getsockopt takes at most 1024 bytes: 256 groups.
 _PEERGROUPS_BUFLEN = 1024
 _PLAIN_VALUE = re.compile(r"[\w.:/@+-]{1,100}")
+
+
+class ConnectionStream(Stream):
+    """A streaming command's side of its connection."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self.started = False
+
+    async def start(self, result) -> None:
+        await ControlServer._reply(self.writer, {"ok": True, "result": result, "stream": True})
+        self.started = True
+
+    async def send(self, item) -> None:
+        self.writer.write(json.dumps(item).encode() + b"\n")
+        await self.writer.drain()
 
 
 @dataclass(frozen=True)
@@ -182,7 +200,7 @@ class ControlServer:
                     return  # half-sent, then closed
                 reply = await self._handle(line, writer, peer)
                 if reply is None:
-                    return  # the connection became an event stream and has ended
+                    return  # the connection became a stream and has ended
                 await self._reply(writer, reply)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -206,16 +224,15 @@ class ControlServer:
             self.bad_requests += 1
             return {"ok": False, "error": "request must be a JSON object with 'command' and 'args'"}
         name = request.get("command")
-        if name == "events/subscribe":
-            await self._stream_events(writer)
-            return None
         try:
             command = registry.get(name)
         except CommandError as exc:
             self.bad_requests += 1
             return {"ok": False, "error": str(exc)}
         raw_args = request.get("args") or {}
-        reply = await self._run(command, raw_args)
+        reply = await self._run(command, raw_args, writer)
+        if reply is None:
+            return None
         if command.changes:
             self.changes += reply["ok"]
             error = reply.get("error", "")
@@ -225,33 +242,26 @@ class ControlServer:
                      _show_args(raw_args), outcome)
         return reply
 
-    async def _run(self, command: Command, raw_args) -> dict:
+    async def _run(self, command: Command, raw_args, writer: asyncio.StreamWriter) -> dict | None:
+        """The command's reply, or None once a streaming command has streamed."""
+        stream = ConnectionStream(writer) if command.streams else None
         try:
             args = command.check_args(raw_args)
             if command.wants_server:
                 args["server"] = self
+            if stream is not None:
+                args["stream"] = stream
             result = await command.handler(self.switch, **args)
-            return {"ok": True, "result": result}
+            return None if stream is not None and stream.started else {"ok": True, "result": result}
+        except ConnectionError:
+            raise  # the client went away: nothing to reply to
         except CommandError as exc:
+            if stream is not None and stream.started:
+                return None
             self.bad_requests += 1
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a bug must not take the daemon down
             log.exception("command %s failed", command.name)
+            if stream is not None and stream.started:
+                return None
             return {"ok": False, "error": f"{command.name}: internal error: {exc}"}
-
-    async def _stream_events(self, writer: asyncio.StreamWriter) -> None:
-        queue: asyncio.Queue = asyncio.Queue(maxsize=10000)
-
-        def deliver(event: dict) -> None:
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(event)
-
-        unsubscribe = self.switch.subscribe(deliver)
-        try:
-            await self._reply(writer, {"ok": True, "result": {"subscribed": True}})
-            while True:
-                event = await queue.get()
-                writer.write(json.dumps(event).encode() + b"\n")
-                await writer.drain()
-        finally:
-            unsubscribe()

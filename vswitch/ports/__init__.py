@@ -1,24 +1,21 @@
-"""Port types, one module each, behind the Port interface in base.py."""
+"""Port types, one module each, behind the Port interface in base.py.
+
+Each type registers itself (registry.py); nothing here names one.
+"""
 
 from __future__ import annotations
 
-# The one list of port types: config validation and vswitchctl read it.
-PORT_TYPES = ("vhost-user", "tap", "af-packet")
+from vswitch.ports import registry
+
+
+def port_type_names() -> list[str]:
+    """The registered port types, by name (config validation and vswitchctl read them)."""
+    return registry.names()
 
 
 def create_port(spec: dict, port_no: int, emit, quiesce, on_rarp, reclaim=None):
     """Builds the port object for a validated spec (see vswitch.config)."""
-    kind = spec["type"]
-    if kind == "vhost-user":
-        from vswitch.ports.vhost_user import VhostUserPort
-
-        return VhostUserPort(spec["name"], port_no, spec, emit, quiesce, on_rarp, reclaim)
-    if kind == "tap":
-        from vswitch.ports.tap import TapPort
-
-        return TapPort(spec["name"], port_no, spec, emit)
-    if kind == "af-packet":
-        from vswitch.ports.af_packet import AfPacketPort
-
-        return AfPacketPort(spec["name"], port_no, spec, emit)
-    raise ValueError(f"port '{spec['name']}': unknown type '{kind}'")
+    port_type = registry.get(spec["type"])
+    if port_type is None:
+        raise ValueError(f"port '{spec['name']}': unknown type '{spec['type']}'")
+    return port_type.cls.create(spec, port_no, emit=emit, quiesce=quiesce, on_rarp=on_rarp, reclaim=reclaim)

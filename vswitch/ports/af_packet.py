@@ -21,6 +21,7 @@ import os
 
 from vswitch.native import lib
 from vswitch.ports.kernel import KernelPort
+from vswitch.ports.registry import NETNS_KEY, Key, interface_name, register
 
 # TPACKET_V2 (1) or TPACKET_V3 (2): see the README, "Host-to-VM bridging",
 # for the measurement behind the choice.
@@ -28,9 +29,17 @@ TPACKET_V2, TPACKET_V3 = 1, 2
 TPACKET_VERSION = TPACKET_V2
 
 
+@register
 class AfPacketPort(KernelPort):
     type = "af-packet"
     c_type = lib.VS_PORT_AF_PACKET
+
+    help = "an existing interface (a veth end, a NIC), attached with a packet socket"
+    keys = (
+        Key("ifname", str, "the interface to attach to (e.g. veth0)", required=True, check=interface_name,
+            metavar="IF"),
+        NETNS_KEY,
+    )
 
     def start(self) -> None:
         def describe(err: int) -> str:

@@ -22,6 +22,10 @@ STAT_KEYS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_errors",
 class Port(abc.ABC):
     """Base class: the C struct, the link state and the event plumbing."""
 
+    # What registry.register reads: the type's name, one line for help, and
+    # its config keys (registry.Key) beyond name and type.
+    help: str = ""
+    keys: tuple = ()
     type: str = ""
     c_type: int = 0
 
@@ -33,6 +37,12 @@ class Port(abc.ABC):
         self.c = ffi.new("struct vs_port *")
         self.c.port_no = port_no
         self.c.type = self.c_type
+
+    @classmethod
+    def create(cls, spec: dict, port_no: int, *, emit: EventSink, **services) -> "Port":
+        """Builds the port for a validated spec.  `services` are the switch's
+        hooks (quiesce, on_rarp, reclaim), for the types that need them."""
+        return cls(spec["name"], port_no, spec, emit)
 
     @property
     def link_up(self) -> bool:

@@ -18,11 +18,21 @@ import os
 
 from vswitch.native import lib
 from vswitch.ports.kernel import KernelPort
+from vswitch.ports.registry import NETNS_KEY, Key, interface_name, queues_key, register
 
 
+@register
 class TapPort(KernelPort):
     type = "tap"
     c_type = lib.VS_PORT_TAP
+
+    help = "a TAP interface the switch creates, for the host stack or a container"
+    keys = (
+        Key("ifname", str, "the interface to create (default: the port name)", check=interface_name,
+            default=lambda spec: spec["name"], metavar="IF"),
+        NETNS_KEY,
+        queues_key(),
+    )
 
     def start(self) -> None:
         def describe(err: int) -> str:

@@ -9,15 +9,30 @@ what the switch delivers into the guest (its even, RX rings).
 from __future__ import annotations
 
 import logging
+import os
 
-from vswitch.config import DEFAULT_MAX_MEMORY
+from vswitch.config import DEFAULT_MAX_MEMORY, MAX_MAX_MEMORY, MIN_MAX_MEMORY
 from vswitch.native import ffi, lib
 from vswitch.ports.base import Port
+from vswitch.ports.registry import Key, KeyProblem, parse_size_flag, queues_key, register, size_check
 from vswitch.vhost.backend import VhostUserBackend
 
 log = logging.getLogger(__name__)
 
+UNIX_PATH_MAX = 107   # sun_path's size less its terminating NUL
 
+
+def unix_socket_path(path) -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise KeyProblem(f"{path!r} must be an absolute path to a UNIX socket")
+    if len(path.encode()) > UNIX_PATH_MAX:
+        raise KeyProblem(f"{path} is longer than a UNIX socket path may be ({UNIX_PATH_MAX} bytes)")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise KeyProblem(f"directory {os.path.dirname(path)} does not exist")
+    return path
+
+
+@register
 class VhostUserPort(Port):
     type = "vhost-user"
     c_type = lib.VS_PORT_VHOST_USER
@@ -25,6 +40,22 @@ class VhostUserPort(Port):
     # The back-end defers what the PMDs may still read (memory, ring fds) by
     # itself, so the switch may stop the port right after unpublishing it.
     reclaims_itself = True
+
+    help = "a QEMU guest or a DPDK virtio-user app on a UNIX socket"
+    keys = (
+        Key("path", str, "the vhost-user socket's absolute path", required=True, check=unix_socket_path,
+            metavar="PATH"),
+        Key("mode", str, "server: the switch listens; client: it connects", default="server",
+            choices=("server", "client")),
+        queues_key(),
+        Key("max_memory", int, "most guest memory the port maps, e.g. 64G (default 1T)",
+            check=size_check(MIN_MAX_MEMORY, MAX_MAX_MEMORY, "1M to 64T"), parse_flag=parse_size_flag,
+            metavar="SIZE", type_name="size"),
+    )
+
+    @classmethod
+    def create(cls, spec, port_no, *, emit, quiesce, on_rarp=None, reclaim=None, **services):
+        return cls(spec["name"], port_no, spec, emit, quiesce, on_rarp, reclaim)
 
     def __init__(self, name, port_no, spec, emit, quiesce, on_rarp=None, reclaim=None):
         super().__init__(name, port_no, spec, emit)
