@@ -22,7 +22,7 @@ from vswitch.ports.kernel import KernelPort
 
 class TapPort(KernelPort):
     type = "tap"
-    c_type = lib.VS_PORT_TAP
+    c_ops = lib.vs_tap_port_ops()
 
     def start(self) -> None:
         def describe(err: int) -> str:
