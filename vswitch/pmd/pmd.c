@@ -10,7 +10,8 @@
  *   once); finally give the burst's buffers back to the source port.
  *
  * Ports are reached only through their operations table (port.h), one
- * indirect call per burst: this file knows no port type.
+ * indirect call per burst: this file knows no port type.  Direct calls for
+ * vhost ports measured no faster (tools/bench.py, 64 B, interleaved A/B).
  *
  * Idle passes back off into a sleep on wakefd, so that an idle switch does
  * not burn a core; vs_pmd_quiesce() writes wakefd to cut the sleep short.
