@@ -14,20 +14,24 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 HEADERS = [
     "pmd/packet.h",
     "vhost/virtio.h",
+    "ports/port.h",
     "vhost/virtqueue.h",
     "vhost/guestmem.h",
+    "vhost/port_ops.h",
     "pmd/offload.h",
     "ports/kernel.h",
-    "ports/port.h",
+    "ports/null.h",
     "fib/fib.h",
     "pmd/pmd.h",
 ]
 SOURCES = [
     "vhost/virtqueue.c",
     "vhost/guestmem.c",
+    "vhost/port_ops.c",
     "fib/fib.c",
     "pmd/pmd.c",
     "ports/kernel.c",
+    "ports/null.c",
     "pmd/offload.c",
 ]
 # Included by the .c files only (inline helpers, system headers).

@@ -12,11 +12,13 @@
 
 #include "pmd/packet.h"
 #include "vhost/virtio.h"
+#include "ports/port.h"
 #include "vhost/virtqueue.h"
 #include "vhost/guestmem.h"
+#include "vhost/port_ops.h"
 #include "pmd/offload.h"
 #include "ports/kernel.h"
-#include "ports/port.h"
+#include "ports/null.h"
 #include "fib/fib.h"
 #include "pmd/pmd.h"
 

@@ -61,8 +61,8 @@ class Guest:
                 lst.append(vq)
         self.port = ffi.new("struct vs_port *")
         self.port.port_no = port_no
-        self.port.type = lib.VS_PORT_VHOST_USER
-        self.port.vhost = self.dev
+        self.port.ops = lib.vs_vhost_port_ops()
+        self.port.priv = self.dev
         self.port.link_up = 1
         self.callfds: dict[int, int] = {}
 

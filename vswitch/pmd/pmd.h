@@ -32,7 +32,7 @@ struct vs_pmd_stats {
     uint64_t busy_cycles;        /* TSC cycles in passes that moved packets */
     uint64_t idle_cycles;        /* TSC cycles in passes that moved none */
     uint64_t sleeps;             /* times the thread went to sleep */
-    uint64_t kick_wakeups;       /* sleeps ended by a guest's kick */
+    uint64_t kick_wakeups;       /* port fds that ended a sleep (a guest's kick, a kernel port's frame) */
     uint64_t flooded;            /* frames flooded (unknown, broadcast, multicast) */
     uint64_t unicast;            /* frames sent to one learned port */
     uint64_t dropped_same_port;  /* destination learned on the ingress port */

@@ -23,16 +23,11 @@ from vswitch.native import lib
 from vswitch.ports.kernel import KernelPort
 from vswitch.ports.registry import NETNS_KEY, Key, interface_name, register
 
-# TPACKET_V2 (1) or TPACKET_V3 (2): see the README, "Host-to-VM bridging",
-# for the measurement behind the choice.
-TPACKET_V2, TPACKET_V3 = 1, 2
-TPACKET_VERSION = TPACKET_V2
-
 
 @register
 class AfPacketPort(KernelPort):
     type = "af-packet"
-    c_type = lib.VS_PORT_AF_PACKET
+    c_ops = lib.vs_af_packet_port_ops()
 
     help = "an existing interface (a veth end, a NIC), attached with a packet socket"
     keys = (
@@ -48,8 +43,8 @@ class AfPacketPort(KernelPort):
                 return f"interface {self.ifname} does not exist{where}"
             return f"cannot attach to interface {self.ifname}{where}: {os.strerror(err)}"
 
-        self._open(lambda netns_fd: lib.vs_kport_open_af_packet(self.kp, self.ifname.encode(), netns_fd,
-                                                                TPACKET_VERSION, 1), describe)
+        self._open(lambda netns_fd: lib.vs_kport_open_af_packet(self.kp, self.ifname.encode(), netns_fd, 1),
+                   describe)
         self._follow_link()
         self.housekeep()
 
@@ -61,5 +56,5 @@ class AfPacketPort(KernelPort):
 
     def info(self) -> dict:
         info = super().info()
-        info["mode"] = "tpacket-v%d" % (self.kp.rings[0].version + 1)
+        info["mode"] = "tpacket-v2"
         return info

@@ -3,7 +3,7 @@
 A port is two things: a `struct vs_port` (port.h) that the PMD threads read,
 and a Python object that opens, configures and closes whatever feeds it (a
 vhost-user socket, a TAP fd ...).  The PMD calls the C receive and transmit
-functions for the port's type directly; Python is never on the packet path.
+functions through the port's operations table; Python is never on the packet path.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Port(abc.ABC):
     help: str = ""
     keys: tuple = ()
     type: str = ""
-    c_type: int = 0
+    c_ops = None   # the type's struct vs_port_ops (port.h), e.g. lib.vs_tap_port_ops()
 
     def __init__(self, name: str, port_no: int, spec: dict, emit: EventSink):
         self.name = name
@@ -36,7 +36,7 @@ class Port(abc.ABC):
         self._emit = emit
         self.c = ffi.new("struct vs_port *")
         self.c.port_no = port_no
-        self.c.type = self.c_type
+        self.c.ops = self.c_ops
 
     @classmethod
     def create(cls, spec: dict, port_no: int, *, emit: EventSink, **services) -> "Port":

@@ -9,14 +9,14 @@
  * header (IFF_VNET_HDR), so checksum and TSO offloads pass between a guest
  * and the host stack untouched when both sides can handle them.
  *
- * AF_PACKET: mmap'd rings, no syscall per frame.  Received frames are read
- * in place in the RX ring (TPACKET_V2 frames or TPACKET_V3 blocks) and the
- * slots go back to the kernel at the next poll of the queue, after the PMD
- * has forwarded them.  Transmitted frames are copied into the TX ring and
- * sent with one sendto() per burst; PACKET_QDISC_BYPASS skips the qdisc
- * layer (a switch port queues nothing), PACKET_IGNORE_OUTGOING keeps our
- * own frames out of the RX ring, and PACKET_MR_PROMISC holds the interface
- * promiscuous for exactly as long as the socket lives.
+ * AF_PACKET: mmap'd TPACKET_V2 rings, no syscall per frame.  Received
+ * frames are read in place in the RX ring and the slots go back to the
+ * kernel at the next poll of the queue, after the PMD has forwarded them.
+ * Transmitted frames are copied into the TX ring and sent with one
+ * sendto() per burst; PACKET_QDISC_BYPASS skips the qdisc layer (a switch
+ * port queues nothing), PACKET_IGNORE_OUTGOING keeps our own frames out of
+ * the RX ring, and PACKET_MR_PROMISC holds the interface promiscuous for
+ * exactly as long as the socket lives.
  *
  * Down is not gone.  A write that meets a down interface (EIO from the tun
  * driver, ENETDOWN from a packet socket) drops its frames and counts them
@@ -49,21 +49,17 @@
 #include "vswitch.h"
 
 /* AF_PACKET ring geometry. */
-#define V2_RX_FRAME_SIZE 2048         /* without a virtio-net header: one MTU-sized frame */
-#define V2_RX_FRAMES 1024
-#define V2_RX_VNET_FRAME_SIZE (65536 + 4096) /* with offloads a frame may be a 64 KiB GSO frame */
-#define V2_RX_VNET_FRAMES 64
-#define V3_BLOCK_SIZE (1 << 20)       /* holds a 64 KiB GSO frame many times over */
-#define V3_BLOCKS 8
-#define V3_RETIRE_MS 1                /* a partly filled block reaches us after at most 1 ms */
+#define RX_FRAME_SIZE 2048            /* without a virtio-net header: one MTU-sized frame */
+#define RX_FRAMES 1024
+#define RX_VNET_FRAME_SIZE (65536 + 4096) /* with offloads a frame may be a 64 KiB GSO frame */
+#define RX_VNET_FRAMES 64
 #define TX_FRAME_SIZE 16384           /* a 9000-byte jumbo frame plus headers */
 #define TX_FRAMES 256
 #define TX_VNET_FRAME_SIZE (65536 + 4096) /* with offloads: a 64 KiB GSO frame */
 #define TX_VNET_FRAMES 64
 
 /* Where frame data starts in a TX slot (the kernel's tp_hdrlen - sizeof(sockaddr_ll)). */
-#define V2_TX_DATA_OFF TPACKET_ALIGN(sizeof(struct tpacket2_hdr))
-#define V3_TX_DATA_OFF TPACKET_ALIGN(sizeof(struct tpacket3_hdr))
+#define TX_DATA_OFF TPACKET_ALIGN(sizeof(struct tpacket2_hdr))
 
 void vs_kport_init(struct vs_kport *kp)
 {
@@ -238,42 +234,30 @@ static int setsockopt_int(int fd, int level, int name, int value)
 }
 
 /* Sets up the RX and TX rings of one AF_PACKET socket and maps them. */
-static int setup_rings(int fd, struct vs_kport_ring *r, uint32_t version, int vnet_hdr)
+static int setup_rings(int fd, struct vs_kport_ring *r, int vnet_hdr)
 {
-    struct tpacket_req3 rx;
+    uint32_t frame = vnet_hdr ? RX_VNET_FRAME_SIZE : RX_FRAME_SIZE;
+    uint32_t frames = vnet_hdr ? RX_VNET_FRAMES : RX_FRAMES;
+    struct tpacket_req rx;
     memset(&rx, 0, sizeof rx);
-    if (version == TPACKET_V3) {
-        rx.tp_block_size = V3_BLOCK_SIZE;
-        rx.tp_block_nr = V3_BLOCKS;
-        rx.tp_frame_size = V2_RX_FRAME_SIZE;   /* nominal: V3 frames are variable-sized */
-        rx.tp_frame_nr = (V3_BLOCK_SIZE / V2_RX_FRAME_SIZE) * V3_BLOCKS;
-        rx.tp_retire_blk_tov = V3_RETIRE_MS;
-        r->rx_slots = V3_BLOCKS;
-        r->rx_slot_size = V3_BLOCK_SIZE;
-    } else {
-        uint32_t frame = vnet_hdr ? V2_RX_VNET_FRAME_SIZE : V2_RX_FRAME_SIZE;
-        uint32_t frames = vnet_hdr ? V2_RX_VNET_FRAMES : V2_RX_FRAMES;
-        rx.tp_block_size = frame;               /* a multiple of the page size */
-        rx.tp_block_nr = frames;
-        rx.tp_frame_size = frame;
-        rx.tp_frame_nr = frames;
-        r->rx_slots = frames;
-        r->rx_slot_size = frame;
-    }
-    /* V2 takes a struct tpacket_req, the first four fields of tpacket_req3. */
-    socklen_t rx_len = version == TPACKET_V3 ? sizeof rx : sizeof(struct tpacket_req);
-    if (setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &rx, rx_len) < 0) {
+    rx.tp_block_size = frame;               /* a multiple of the page size */
+    rx.tp_block_nr = frames;
+    rx.tp_frame_size = frame;
+    rx.tp_frame_nr = frames;
+    r->rx_slots = frames;
+    r->rx_slot_size = frame;
+    if (setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &rx, sizeof rx) < 0) {
         return -errno;
     }
     uint32_t tx_frame = vnet_hdr ? TX_VNET_FRAME_SIZE : TX_FRAME_SIZE;
     uint32_t tx_frames = vnet_hdr ? TX_VNET_FRAMES : TX_FRAMES;
-    struct tpacket_req3 tx;
+    struct tpacket_req tx;
     memset(&tx, 0, sizeof tx);
     tx.tp_block_size = tx_frame;
     tx.tp_block_nr = tx_frames;
     tx.tp_frame_size = tx_frame;
     tx.tp_frame_nr = tx_frames;
-    if (setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &tx, rx_len) < 0) {
+    if (setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &tx, sizeof tx) < 0) {
         return -errno;
     }
     uint64_t rx_bytes = (uint64_t)rx.tp_block_size * rx.tp_block_nr;
@@ -284,7 +268,6 @@ static int setup_rings(int fd, struct vs_kport_ring *r, uint32_t version, int vn
     }
     r->map = map;
     r->map_len = rx_bytes + tx_bytes;
-    r->version = version;
     r->rx = map;
     r->tx = (uint8_t *)map + rx_bytes;
     r->tx_frames = tx_frames;
@@ -292,14 +275,14 @@ static int setup_rings(int fd, struct vs_kport_ring *r, uint32_t version, int vn
     return 0;
 }
 
-static int open_packet_socket(struct vs_kport *kp, uint32_t version, int vnet_hdr)
+static int open_packet_socket(struct vs_kport *kp, int vnet_hdr)
 {
     int fd = socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);  /* 0: nothing until bind */
     if (fd < 0) {
         return -errno;
     }
     kp->fds[0] = fd;
-    int err = setsockopt_int(fd, SOL_PACKET, PACKET_VERSION, (int)version);
+    int err = setsockopt_int(fd, SOL_PACKET, PACKET_VERSION, TPACKET_V2);
     if (!err && vnet_hdr) {
         err = setsockopt_int(fd, SOL_PACKET, PACKET_VNET_HDR, 1);
     }
@@ -310,7 +293,7 @@ static int open_packet_socket(struct vs_kport *kp, uint32_t version, int vnet_hd
         err = setsockopt_int(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, 1);
     }
     if (!err) {
-        err = setup_rings(fd, &kp->rings[0], version, vnet_hdr);
+        err = setup_rings(fd, &kp->rings[0], vnet_hdr);
     }
     if (err) {
         return err;
@@ -333,12 +316,8 @@ static int open_packet_socket(struct vs_kport *kp, uint32_t version, int vnet_hd
     return 0;
 }
 
-int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_fd,
-                            uint32_t tpacket_version, int vnet_hdr)
+int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_fd, int vnet_hdr)
 {
-    if (tpacket_version != TPACKET_V2 && tpacket_version != TPACKET_V3) {
-        return -EINVAL;
-    }
     kp->kind = VS_KPORT_AF_PACKET;
     kp->nqueues = 1;
     kp->vnet_hdr = vnet_hdr ? 1 : 0;
@@ -354,7 +333,7 @@ int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_f
     if (kp->ifindex == 0) {
         err = -ENODEV;
     } else {
-        err = open_packet_socket(kp, tpacket_version, vnet_hdr);
+        err = open_packet_socket(kp, vnet_hdr);
     }
     if (!err) {
         open_link_watch(kp);
@@ -593,14 +572,9 @@ static void tap_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkts, 
 static inline void release_held(struct vs_kport_ring *r)
 {
     for (uint32_t i = 0; i < r->rx_hold_n; i++) {
-        uint8_t *slot = r->rx + (size_t)((r->rx_hold_first + i) % r->rx_slots) * r->rx_slot_size;
-        if (r->version == TPACKET_V3) {
-            struct tpacket_block_desc *bd = (void *)slot;
-            __atomic_store_n(&bd->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
-        } else {
-            struct tpacket2_hdr *h = (void *)slot;
-            __atomic_store_n(&h->tp_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
-        }
+        uint32_t slot = (r->rx_hold_first + i) % r->rx_slots;
+        struct tpacket2_hdr *h = (void *)(r->rx + (size_t)slot * r->rx_slot_size);
+        __atomic_store_n(&h->tp_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
     }
     r->rx_hold_n = 0;
 }
@@ -626,8 +600,8 @@ static inline bool take_frame(struct vs_kport *kp, struct vs_kport_stats *st, st
     return true;
 }
 
-static uint32_t v2_rx_burst(struct vs_kport *kp, struct vs_kport_ring *r, struct vs_kport_stats *st,
-                            struct vs_pkt *pkts, uint32_t max)
+static uint32_t ring_rx_burst(struct vs_kport *kp, struct vs_kport_ring *r, struct vs_kport_stats *st,
+                              struct vs_pkt *pkts, uint32_t max)
 {
     uint32_t got = 0;
     r->rx_hold_first = r->rx_next;
@@ -646,46 +620,12 @@ static uint32_t v2_rx_burst(struct vs_kport *kp, struct vs_kport_ring *r, struct
     return got;
 }
 
-static uint32_t v3_rx_burst(struct vs_kport *kp, struct vs_kport_ring *r, struct vs_kport_stats *st,
-                            struct vs_pkt *pkts, uint32_t max)
-{
-    uint32_t got = 0;
-    /* Blocks consumed whole are held until the next poll; the current one stays ours. */
-    r->rx_hold_first = r->rx_next;
-    while (got < max) {
-        struct tpacket_block_desc *bd = (void *)(r->rx + (size_t)r->rx_next * r->rx_slot_size);
-        if (!r->v3_pkt) {
-            if (!(__atomic_load_n(&bd->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER)) {
-                break;
-            }
-            r->v3_left = bd->hdr.bh1.num_pkts;
-            r->v3_pkt = (uint8_t *)bd + bd->hdr.bh1.offset_to_first_pkt;
-        }
-        while (got < max && r->v3_left) {
-            struct tpacket3_hdr *h = (void *)r->v3_pkt;
-            if (take_frame(kp, st, &pkts[got], (uint8_t *)h + h->tp_mac, h->tp_snaplen, h->tp_len)) {
-                got++;
-            }
-            r->v3_pkt += h->tp_next_offset;
-            r->v3_left--;
-        }
-        if (r->v3_left) {
-            break;
-        }
-        r->v3_pkt = NULL;
-        r->rx_next = (r->rx_next + 1) % r->rx_slots;
-        r->rx_hold_n++;
-    }
-    return got;
-}
-
 static uint32_t packet_rx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt *pkts, uint32_t max)
 {
     struct vs_kport_ring *r = &kp->rings[q];
     struct vs_kport_stats *st = &kp->stats[q];
     release_held(r);
-    uint32_t got = r->version == TPACKET_V3 ? v3_rx_burst(kp, r, st, pkts, max)
-                                            : v2_rx_burst(kp, r, st, pkts, max);
+    uint32_t got = ring_rx_burst(kp, r, st, pkts, max);
     uint64_t bytes = 0;
     for (uint32_t i = 0; i < got; i++) {
         bytes += pkts[i].len;
@@ -709,15 +649,12 @@ static uint32_t take_back_unsent(struct vs_kport_ring *r, uint32_t queued, uint3
     uint32_t taken = 0;
     while (taken < queued) {
         uint32_t prev = (r->tx_next + r->tx_frames - 1) % r->tx_frames;
-        uint8_t *slot = r->tx + (size_t)prev * r->tx_frame_size;
-        struct tpacket2_hdr *h2 = (void *)slot;
-        struct tpacket3_hdr *h3 = (void *)slot;
-        uint32_t *status_word = r->version == TPACKET_V3 ? &h3->tp_status : &h2->tp_status;
-        if (__atomic_load_n(status_word, __ATOMIC_ACQUIRE) != TP_STATUS_SEND_REQUEST) {
+        struct tpacket2_hdr *h = (void *)(r->tx + (size_t)prev * r->tx_frame_size);
+        if (__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) != TP_STATUS_SEND_REQUEST) {
             break;
         }
-        *bytes += (r->version == TPACKET_V3 ? h3->tp_len : h2->tp_len) - hdr_len;
-        __atomic_store_n(status_word, TP_STATUS_AVAILABLE, __ATOMIC_RELEASE);
+        *bytes += h->tp_len - hdr_len;
+        __atomic_store_n(&h->tp_status, TP_STATUS_AVAILABLE, __ATOMIC_RELEASE);
         r->tx_next = prev;
         taken++;
     }
@@ -728,20 +665,16 @@ static void packet_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkt
 {
     struct vs_kport_ring *r = &kp->rings[q];
     struct vs_kport_stats *st = &kp->stats[q];
-    uint32_t data_off = r->version == TPACKET_V3 ? V3_TX_DATA_OFF : V2_TX_DATA_OFF;
     uint32_t hdr_len = kp->vnet_hdr ? VS_KPORT_NET_HDR_LEN : 0;
-    uint32_t room = r->tx_frame_size - data_off - hdr_len;
+    uint32_t room = r->tx_frame_size - TX_DATA_OFF - hdr_len;
     uint32_t queued = 0;
     uint64_t bytes = 0;
 
     for (uint32_t i = 0; i < n; i++) {
         const struct vs_pkt *pkt = pkts[i];
         uint8_t *slot = r->tx + (size_t)r->tx_next * r->tx_frame_size;
-        /* The two versions order their header fields differently. */
-        struct tpacket2_hdr *h2 = (void *)slot;
-        struct tpacket3_hdr *h3 = (void *)slot;
-        uint32_t *status_word = r->version == TPACKET_V3 ? &h3->tp_status : &h2->tp_status;
-        uint32_t status = __atomic_load_n(status_word, __ATOMIC_ACQUIRE);
+        struct tpacket2_hdr *h = (void *)slot;
+        uint32_t status = __atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE);
         if (status == TP_STATUS_WRONG_FORMAT) {
             st->tx_errors++;   /* the kernel refused the frame we left here */
         } else if (status != TP_STATUS_AVAILABLE) {
@@ -752,7 +685,7 @@ static void packet_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkt
             st->tx_errors++;
             continue;
         }
-        uint8_t *p = slot + data_off;
+        uint8_t *p = slot + TX_DATA_OFF;
         if (hdr_len) {
             hdr_to_wire(p, &pkt->vnet);
             p += hdr_len;
@@ -761,15 +694,9 @@ static void packet_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkt
             memcpy(p, pkt->segs[s].addr, pkt->segs[s].len);
             p += pkt->segs[s].len;
         }
-        if (r->version == TPACKET_V3) {
-            h3->tp_len = pkt->len + hdr_len;
-            h3->tp_snaplen = pkt->len + hdr_len;
-            h3->tp_next_offset = 0;
-        } else {
-            h2->tp_len = pkt->len + hdr_len;
-            h2->tp_snaplen = pkt->len + hdr_len;
-        }
-        __atomic_store_n(status_word, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+        h->tp_len = pkt->len + hdr_len;
+        h->tp_snaplen = pkt->len + hdr_len;
+        __atomic_store_n(&h->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
         r->tx_next = (r->tx_next + 1) % r->tx_frames;
         queued++;
         bytes += pkt->len;
@@ -798,18 +725,16 @@ static void packet_tx_burst(struct vs_kport *kp, uint32_t q, struct vs_pkt **pkt
     st->tx_bytes += bytes;
 }
 
-/* --- Dispatch ---------------------------------------------------------------- */
+/* --- Operations tables (port.h) --------------------------------------------- */
 
-uint32_t vs_kport_rx_burst(struct vs_kport *kp, uint32_t queue, struct vs_pkt *pkts, uint32_t max)
+static inline bool rx_ok(struct vs_kport *kp, uint32_t queue)
 {
-    if (unlikely(queue >= kp->nqueues || __atomic_load_n(&kp->fault, __ATOMIC_ACQUIRE))) {
-        return 0;
-    }
-    return kp->kind == VS_KPORT_TAP ? tap_rx_burst(kp, queue, pkts, max)
-                                    : packet_rx_burst(kp, queue, pkts, max);
+    return likely(queue < kp->nqueues && !__atomic_load_n(&kp->fault, __ATOMIC_ACQUIRE));
 }
 
-void vs_kport_tx_burst(struct vs_kport *kp, uint32_t queue, struct vs_pkt **pkts, uint32_t n)
+/* Serialises the transmits of several PMD threads per queue; fn is inlined. */
+static inline void locked_tx(struct vs_kport *kp, uint32_t queue, struct vs_pkt **pkts, uint32_t n,
+                             void (*fn)(struct vs_kport *, uint32_t, struct vs_pkt **, uint32_t))
 {
     uint32_t q = queue % kp->nqueues;
     if (unlikely(__atomic_load_n(&kp->fault, __ATOMIC_ACQUIRE))) {
@@ -817,10 +742,86 @@ void vs_kport_tx_burst(struct vs_kport *kp, uint32_t queue, struct vs_pkt **pkts
         return;
     }
     vs_spin_lock(&kp->tx_lock[q]);
-    if (kp->kind == VS_KPORT_TAP) {
-        tap_tx_burst(kp, q, pkts, n);
-    } else {
-        packet_tx_burst(kp, q, pkts, n);
-    }
+    fn(kp, q, pkts, n);
     vs_spin_unlock(&kp->tx_lock[q]);
+}
+
+void vs_kport_tx_burst(struct vs_kport *kp, uint32_t queue, struct vs_pkt **pkts, uint32_t n)
+{
+    locked_tx(kp, queue, pkts, n, kp->kind == VS_KPORT_TAP ? tap_tx_burst : packet_tx_burst);
+}
+
+static uint32_t tap_port_rx_burst(struct vs_port *port, uint32_t queue, struct vs_pkt *pkts, uint32_t max)
+{
+    struct vs_kport *kp = port->priv;
+    return rx_ok(kp, queue) ? tap_rx_burst(kp, queue, pkts, max) : 0;
+}
+
+static uint32_t packet_port_rx_burst(struct vs_port *port, uint32_t queue, struct vs_pkt *pkts, uint32_t max)
+{
+    struct vs_kport *kp = port->priv;
+    return rx_ok(kp, queue) ? packet_rx_burst(kp, queue, pkts, max) : 0;
+}
+
+/* A kernel port always has a queue to send to, down or not: unicast is not needed. */
+static void tap_port_tx_burst(struct vs_port *port, uint32_t queue_hint, struct vs_pkt **pkts, uint32_t n,
+                              uint32_t unicast)
+{
+    locked_tx(port->priv, queue_hint, pkts, n, tap_tx_burst);
+}
+
+static void packet_port_tx_burst(struct vs_port *port, uint32_t queue_hint, struct vs_pkt **pkts,
+                                 uint32_t n, uint32_t unicast)
+{
+    locked_tx(port->priv, queue_hint, pkts, n, packet_tx_burst);
+}
+
+static uint32_t kport_offload_caps(const struct vs_port *port)
+{
+    const struct vs_kport *kp = port->priv;
+    return kp->offload_caps;
+}
+
+/* A kernel port's fd turns readable when a frame arrives; receiving drains it. */
+static int kport_idle_arm(struct vs_port *port, uint32_t queue)
+{
+    struct vs_kport *kp = port->priv;
+    if (__atomic_load_n(&kp->fault, __ATOMIC_RELAXED)) {
+        return VS_IDLE_NOTHING;  /* a dead fd would report an error at once, forever */
+    }
+    int fd = queue < kp->nqueues ? kp->fds[queue] : -1;
+    return fd >= 0 ? fd : VS_IDLE_CANNOT_WAKE;
+}
+
+static int kport_link_state(struct vs_port *port)
+{
+    return vs_kport_link_state(port->priv);
+}
+
+static const struct vs_port_ops tap_port_ops = {
+    .name = "tap",
+    .rx_burst = tap_port_rx_burst,
+    .tx_burst = tap_port_tx_burst,
+    .offload_caps = kport_offload_caps,
+    .idle_arm = kport_idle_arm,
+    .link_state = kport_link_state,
+};
+
+static const struct vs_port_ops af_packet_port_ops = {
+    .name = "af-packet",
+    .rx_burst = packet_port_rx_burst,   /* gives the previous burst's slots back first */
+    .tx_burst = packet_port_tx_burst,
+    .offload_caps = kport_offload_caps,
+    .idle_arm = kport_idle_arm,
+    .link_state = kport_link_state,
+};
+
+const struct vs_port_ops *vs_tap_port_ops(void)
+{
+    return &tap_port_ops;
+}
+
+const struct vs_port_ops *vs_af_packet_port_ops(void)
+{
+    return &af_packet_port_ops;
 }

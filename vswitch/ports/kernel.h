@@ -1,7 +1,8 @@
 /*
  * Kernel-side ports: a TAP interface the switch creates, or an existing
  * interface it attaches to with an AF_PACKET socket.  Both are file
- * descriptors the PMD reads and writes in bursts (kernel.c).
+ * descriptors the PMD reads and writes in bursts (kernel.c), through one
+ * operations table (port.h) per type, with the struct vs_kport as priv.
  *
  * Received frames land in buffers owned by the port (one pool per queue,
  * VS_BURST buffers, or the AF_PACKET ring itself) and are handed to the PMD
@@ -42,21 +43,16 @@ struct vs_kport_stats {
     uint64_t tx_errors;                   /* write errors, frames too big for the TX ring */
 };
 
-/* AF_PACKET mmap rings of one socket (TPACKET_V2 or TPACKET_V3). */
+/* AF_PACKET mmap rings (TPACKET_V2) of one socket. */
 struct vs_kport_ring {
     uint8_t *map;                         /* RX ring, then TX ring, one mapping */
     uint64_t map_len;
-    uint32_t version;                     /* TPACKET_V2 (1) or TPACKET_V3 (2) */
-    /* RX, V2: frames; V3: blocks. */
     uint8_t *rx;
-    uint32_t rx_slots;                    /* frames (V2) or blocks (V3) */
+    uint32_t rx_slots;                    /* frames */
     uint32_t rx_slot_size;
     uint32_t rx_next;                     /* next slot to look at */
     uint32_t rx_hold_first;               /* slots handed to the PMD, returned on the next poll */
     uint32_t rx_hold_n;
-    uint8_t *v3_pkt;                      /* V3: next packet in the current block */
-    uint32_t v3_left;                     /* V3: packets left in the current block */
-    /* TX, V2-style fixed frames (V3 sockets use tpacket3_hdr). */
     uint8_t *tx;
     uint32_t tx_frames;
     uint32_t tx_frame_size;
@@ -86,12 +82,14 @@ struct vs_kport {
 void vs_kport_init(struct vs_kport *kp);
 int vs_kport_open_tap(struct vs_kport *kp, const char *ifname, uint32_t nqueues, int netns_fd,
                       int offloads);
-int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_fd,
-                            uint32_t tpacket_version, int vnet_hdr);
+int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_fd, int vnet_hdr);
 void vs_kport_close(struct vs_kport *kp);
 int vs_kport_link_state(struct vs_kport *kp);   /* 1 up and running, 0 down, -errno gone */
 int vs_kport_link_events(struct vs_kport *kp);  /* reads link_fd dry: notifications read, or -errno */
 
-/* Fast path. */
-uint32_t vs_kport_rx_burst(struct vs_kport *kp, uint32_t queue, struct vs_pkt *pkts, uint32_t max);
+/* The transmit path by itself (tests), as the PMD calls it through the ops. */
 void vs_kport_tx_burst(struct vs_kport *kp, uint32_t queue, struct vs_pkt **pkts, uint32_t n);
+
+/* The operations tables (port.h) of the two types. */
+const struct vs_port_ops *vs_tap_port_ops(void);
+const struct vs_port_ops *vs_af_packet_port_ops(void);

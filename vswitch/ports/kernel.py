@@ -42,7 +42,7 @@ class KernelPort(Port):
         self.queues: int = spec.get("queues", 1)
         self.kp = ffi.new("struct vs_kport *")
         lib.vs_kport_init(self.kp)
-        self.c.kport = self.kp
+        self.c.priv = self.kp
         self._reason: str | None = None       # why the link is down, reported once
         self._pending_errors: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,7 +134,7 @@ class KernelPort(Port):
 
     def housekeep(self) -> None:
         """Follows the interface's state into the link state (once a second, and on notifications)."""
-        state = lib.vs_kport_link_state(self.kp)
+        state = self.c.ops.link_state(self.c)
         if state < 0:
             reason = f"interface {self.ifname} is gone ({self.gone_reason(-state)})"
         elif state == 0:

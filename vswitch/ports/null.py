@@ -5,8 +5,7 @@ frames with partial checksums and TSO as they are; false makes the switch
 do them in software first, which tests that path).  What the switch sends
 there is counted and dropped; what it receives is only what `inject()`
 queues, so a test or a benchmark needs no guest and no interface.  The
-fast path is null.c's operations table; this module is its control side,
-and registers the type only when the built library has that table.
+fast path is null.c's operations table; this module is its control side.
 """
 
 from __future__ import annotations
@@ -17,12 +16,10 @@ from vswitch.native import ffi, lib
 from vswitch.ports.base import Port
 from vswitch.ports.registry import Key, queues_key, register
 
-HAVE_NULL_PORT = hasattr(lib, "vs_null_port_ops")
-
-
+@register
 class NullPort(Port):
     type = "null"
-    c_ops = lib.vs_null_port_ops() if HAVE_NULL_PORT else None
+    c_ops = lib.vs_null_port_ops()
     help = "no device behind it: what it is sent is counted and dropped, it receives what a test injects"
     keys = (
         queues_key("receive queues"),
@@ -75,8 +72,3 @@ class NullPort(Port):
         info = super().info()
         info.update({"mode": "null", "queues": self.queues, "offloads": self.offloads})
         return info
-
-
-# Until null.c is built in, the type does not exist rather than half-exist.
-if HAVE_NULL_PORT:
-    register(NullPort)

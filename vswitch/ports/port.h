@@ -1,18 +1,64 @@
 /*
- * A port as the fast path sees it.  Every port type has one of these; the
- * type decides which receive and transmit functions the PMD calls.
+ * A port as the fast path sees it: a port number, a link flag, and the
+ * operations table of its type with that type's own state (priv).  The PMD
+ * calls a port only through its table, once per burst, and knows no port
+ * type by name; a new port type is a new table in its own files.
  */
 
 #define VS_MAX_PORTS 256
 
-enum vs_port_type {
-    VS_PORT_VHOST_USER = 1,
-    VS_PORT_TAP = 2,
-    VS_PORT_AF_PACKET = 3,
-    VS_PORT_AF_XDP = 4
+struct vs_port;
+
+/* What a queue's idle_arm tells a PMD about to sleep, when not an fd (>= 0)
+ * to wait on for POLLIN. */
+enum vs_idle_wait {
+    VS_IDLE_NOTHING = -1,        /* nothing to wait for: the queue is off or its port faulted */
+    VS_IDLE_CANNOT_WAKE = -2     /* work may come without an fd to show it: the sleep stays short */
 };
 
-/* Counters kept per port (per-queue counters live in the rings). */
+/*
+ * One table per port type, a const global in the type's .c file (found by
+ * Python through the type's accessor function).  Every function gets the
+ * port; port->priv is the type's own state.  Functions marked "may be NULL"
+ * are skipped when absent.  The PMD threads call the burst and idle
+ * functions; several PMDs may transmit to one port at once, but each
+ * receive queue is polled by one PMD only.
+ */
+struct vs_port_ops {
+    const char *name;            /* the port type, for messages */
+    /* Receives at most max frames from queue.  They stay valid (in the
+     * port's or the guest's memory) until rx_done, or, without rx_done,
+     * until the next rx_burst on the queue. */
+    uint32_t (*rx_burst)(struct vs_port *port, uint32_t queue, struct vs_pkt *pkts, uint32_t max);
+    /* After a burst of n > 0 frames has been forwarded: give the buffers
+     * back to their owner.  May be NULL. */
+    void (*rx_done)(struct vs_port *port, uint32_t queue, struct vs_pkt *pkts, uint32_t n);
+    /* Sends n frames, each copied before it returns.  queue_hint is the
+     * ingress queue, to spread flows over the port's queues.  unicast of
+     * them were sent here by the MAC table (the rest are flooded copies):
+     * frames the port has no queue for count as stats.tx_dropped_down. */
+    void (*tx_burst)(struct vs_port *port, uint32_t queue_hint, struct vs_pkt **pkts, uint32_t n,
+                     uint32_t unicast);
+    /* VS_OFFLOAD_* the port takes on transmit; the PMD does the rest in
+     * software.  May be NULL (none). */
+    uint32_t (*offload_caps)(const struct vs_port *port);
+    /* Before the PMD sleeps: arm the queue's notifications and return the
+     * fd that turns readable when work arrives, or an enum vs_idle_wait.
+     * May be NULL (VS_IDLE_CANNOT_WAKE). */
+    int (*idle_arm)(struct vs_port *port, uint32_t queue);
+    /* After every queue is armed and a full barrier: 1 if work arrived
+     * before the peer could see the notifications armed.  May be NULL (the
+     * fd shows all work). */
+    int (*idle_pending)(struct vs_port *port, uint32_t queue);
+    /* After the sleep, for each queue whose idle_arm gave an fd: woke says
+     * whether that fd turned readable (drain it if it counts).  May be NULL. */
+    void (*idle_disarm)(struct vs_port *port, uint32_t queue, int woke);
+    /* For the control plane: 1 up, 0 down, -errno gone for good.  May be
+     * NULL (the control plane follows the link by other means). */
+    int (*link_state)(struct vs_port *port);
+};
+
+/* Counters kept per port (per-queue counters live in the port type's state). */
 struct vs_port_stats {
     uint64_t tx_dropped_down;    /* unicast frames for this port while its link was down */
     uint64_t tx_dropped_offload; /* frames whose checksum/segmentation could not be done (bad header) */
@@ -20,9 +66,8 @@ struct vs_port_stats {
 
 struct vs_port {
     uint32_t port_no;            /* index in vs_port_table.ports and in FIB entries */
-    uint32_t type;               /* enum vs_port_type */
     uint8_t link_up;             /* shared: the PMD delivers only while set */
-    struct vs_vhost_dev *vhost;  /* VS_PORT_VHOST_USER */
-    struct vs_kport *kport;      /* VS_PORT_TAP, VS_PORT_AF_PACKET */
+    const struct vs_port_ops *ops; /* control: set before the port is published, never changed */
+    void *priv;                  /* control: the type's state (a vhost device, a kernel port ...) */
     struct vs_port_stats stats;
 };

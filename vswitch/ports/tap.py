@@ -24,7 +24,7 @@ from vswitch.ports.registry import NETNS_KEY, Key, interface_name, queues_key, r
 @register
 class TapPort(KernelPort):
     type = "tap"
-    c_type = lib.VS_PORT_TAP
+    c_ops = lib.vs_tap_port_ops()
 
     help = "a TAP interface the switch creates, for the host stack or a container"
     keys = (

@@ -35,7 +35,7 @@ def unix_socket_path(path) -> str:
 @register
 class VhostUserPort(Port):
     type = "vhost-user"
-    c_type = lib.VS_PORT_VHOST_USER
+    c_ops = lib.vs_vhost_port_ops()
 
     # The back-end defers what the PMDs may still read (memory, ring fds) by
     # itself, so the switch may stop the port right after unpublishing it.
@@ -62,7 +62,7 @@ class VhostUserPort(Port):
         self.queues = spec.get("queues", 1)
         self.dev = ffi.new("struct vs_vhost_dev *")
         lib.vs_vhost_dev_init(self.dev, self.queues)
-        self.c.vhost = self.dev
+        self.c.priv = self.dev
         self._on_rarp = on_rarp
         self._reported_errors = [[0] * lib.VS_VQ_ERR_MAX for _ in range(lib.VS_MAX_VRINGS)]
         self.max_memory = spec.get("max_memory", DEFAULT_MAX_MEMORY)

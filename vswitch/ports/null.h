@@ -1,0 +1,49 @@
+/*
+ * The null port: a port type with no device behind it, for tests and
+ * benchmarks (like OVS's dummy netdev).  What the switch sends it is
+ * counted and dropped; what it receives is only what a test queued into
+ * it with vs_null_port_inject().  It is also the smallest example of a
+ * port type: its operations table (port.h) is all the PMD knows of it.
+ *
+ * No #include: cffi reads this file.
+ */
+
+#define VS_NULL_MAX_QUEUES 16
+#define VS_NULL_SLOTS 64                  /* injected frames waiting per queue, a power of two */
+#define VS_NULL_FRAME_MAX 2048            /* largest frame vs_null_port_inject() takes */
+
+struct vs_null_stats {
+    uint64_t rx_packets;                  /* frames handed to the PMD */
+    uint64_t rx_bytes;
+    uint64_t rx_dropped;                  /* injected while the queue was full */
+    uint64_t tx_packets;                  /* frames the switch sent here (and were dropped) */
+    uint64_t tx_bytes;
+};
+
+struct vs_null_queue {
+    uint32_t head;                        /* shared: slots filled by vs_null_port_inject() */
+    uint32_t tail;                        /* shared: slots the PMD has given back (rx_done) */
+    int lock;                             /* spinlock: injecting threads */
+    uint32_t lens[VS_NULL_SLOTS];
+    uint8_t *frames;                      /* VS_NULL_SLOTS buffers of VS_NULL_FRAME_MAX bytes */
+    struct vs_null_stats stats;           /* tx_*: atomic adds, as several PMDs may send here */
+};
+
+struct vs_null_port {
+    uint32_t nqueues;
+    uint32_t offload_caps;                /* control: VS_OFFLOAD_* taken on transmit (default all) */
+    int eventfd;                          /* written on inject: a sleeping PMD wakes on it */
+    struct vs_null_queue queues[VS_NULL_MAX_QUEUES];
+};
+
+/* 0 or -errno (EINVAL: no queues or too many; ENOMEM).  vs_null_port_fini
+ * releases everything, also after a failed init. */
+int vs_null_port_init(struct vs_null_port *np, uint32_t nqueues);
+void vs_null_port_fini(struct vs_null_port *np);
+/* Queues one frame for the PMD to receive from queue, from any thread.
+ * 0, or -EINVAL (no such queue, shorter than an Ethernet header),
+ * -EMSGSIZE (longer than VS_NULL_FRAME_MAX), -ENOSPC (queue full: counted
+ * in rx_dropped). */
+int vs_null_port_inject(struct vs_null_port *np, uint32_t queue, const uint8_t *frame, uint32_t len);
+
+const struct vs_port_ops *vs_null_port_ops(void);
