@@ -21,16 +21,21 @@ def daemon(tmp_path_factory):
 
 def request(path: str, payload: bytes, timeout: float = 5.0) -> bytes:
     with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(payload)
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-        return buf
+        return send_and_read_line(s, path, payload, timeout)
+
+
+def send_and_read_line(s: socket.socket, path: str, payload: bytes, timeout: float) -> bytes:
+    """Connects s to path, sends payload and reads one reply line (less if the server closes first)."""
+    s.settimeout(timeout)
+    s.connect(path)
+    s.sendall(payload)
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 def test_socket_mode(daemon):
@@ -259,15 +264,7 @@ def request_as(path: str, payload: bytes, uid: int, gid: int, groups=(), timeout
             os.setgid(gid)
             os.setuid(uid)
             with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(timeout / 2)
-                s.connect(path)
-                s.sendall(payload)
-                buf = b""
-                while not buf.endswith(b"\n"):
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
+                buf = send_and_read_line(s, path, payload, timeout / 2)
                 try:
                     closed = s.recv(1) == b""
                 except socket.timeout:
