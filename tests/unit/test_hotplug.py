@@ -332,3 +332,37 @@ def test_500_add_del_cycles_leak_nothing(daemon):
     assert fds1 <= fds0, f"open fds grew from {fds0} to {fds1}"
     assert maps1 <= maps0 + 2, f"memory mappings grew from {maps0} to {maps1}"
     assert rss1 - rss0 < 8 << 20, f"RSS grew by {(rss1 - rss0) >> 10} KiB"
+
+
+# --- Limits ---------------------------------------------------------------------------
+
+def test_forty_ports_of_sixteen_queues(daemon):
+    """A dense host: 40 vhost-user ports with 16 queue pairs each are all added and all polled."""
+    d = daemon
+    for n in range(1, 41):
+        out = add(d, f"p{n}", "--queues", "16")
+        assert out.returncode == 0, f"port p{n}: {out.stderr.strip()}"
+    assert names(d) == [f"p{n}" for n in range(1, 41)]
+    polled = sum(len(p["rx_queues"]) for p in d.ctl("pmd/stats")["pmds"])
+    assert polled == 40 * 16
+
+
+def test_the_port_limit_is_refused_before_anything_changes(daemon):
+    """Every port number in use (each port polling the most queues a port can have): one more
+    port is refused with one clear line, and nothing of it is left behind."""
+    from vswitch.control.cli import call
+    from vswitch.native import lib
+
+    d = daemon
+    for n in range(lib.VS_MAX_PORTS):
+        call(d.control_socket, "port/add", {"name": f"n{n}", "type": "null", "queues": 16})
+    polled = sum(len(p["rx_queues"]) for p in d.ctl("pmd/stats")["pmds"])
+    assert polled == lib.VS_MAX_PORTS * 16
+    out = add(d, "one-more")
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].endswith(f"no room for another port (at most {lib.VS_MAX_PORTS})")
+    assert "one-more" not in names(d) and len(names(d)) == lib.VS_MAX_PORTS
+    assert not os.path.exists(sock(d, "one-more"))
+    # The switch still works: a port removed makes room for one more.
+    d.ctl("del-port", "n0")
+    assert add(d, "one-more").returncode == 0

@@ -8,7 +8,10 @@
  * and calls vs_pmd_quiesce() before freeing the old one.
  */
 
-#define VS_MAX_POLL 512
+/* Room for every queue of every port (VS_MAX_PORTS x VS_MAX_PORT_QUEUES,
+ * checked in pmd.c), so that no port the switch can hold is ever refused
+ * for want of a poll slot, however the queues are spread over the PMDs. */
+#define VS_MAX_POLL 4096
 /* A call write pending this long is cut short (vs_pmd_call_watchdog). */
 #define VS_PMD_CALL_STALL_MS 50
 

@@ -6,6 +6,8 @@
  */
 
 #define VS_MAX_PORTS 256
+/* The most receive queues one port has (vhost-user queue pairs, TAP queues ...). */
+#define VS_MAX_PORT_QUEUES 16
 
 struct vs_port;
 

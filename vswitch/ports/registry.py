@@ -26,11 +26,13 @@ import pkgutil
 import re
 from typing import Any, Callable
 
+from vswitch.native import lib
+
 PLUGIN_ENV = "VSWITCH_PORT_MODULES"
 
 # Keys every port has; a type declares only its own.
 COMMON_KEYS = ("name", "type")
-MAX_QUEUES = 16
+MAX_QUEUES = lib.VS_MAX_PORT_QUEUES
 
 
 class KeyProblem(ValueError):
