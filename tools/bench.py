@@ -4,6 +4,7 @@ Run from the repository root, as root, with hugepages reserved:
 
     python -m tools.bench                      # 64/512/1518-byte frames, 3 repetitions, all systems
     python -m tools.bench --smoke --systems vswitchd,testpmd-io
+    python -m tools.bench --latency --help     # the latency mode: tools/latency.py
 
 Method
 ------
@@ -989,6 +990,10 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--latency" in (sys.argv[1:] if argv is None else argv):
+        # The latency mode is a tool of its own (tools/latency.py), with its own options.
+        from tools import latency
+        return latency.main([a for a in (sys.argv[1:] if argv is None else argv) if a != "--latency"])
     args = parse_args(argv)
     if os.geteuid() != 0:
         log("bench: must run as root (hugepages, vhost-user sockets, network namespace for OVS)")
