@@ -4,13 +4,19 @@ Run from the repository root, as root, with hugepages reserved:
 
     python -m tools.bench                      # 64/512/1518-byte frames, 3 repetitions, all systems
     python -m tools.bench --smoke --systems vswitchd,testpmd-io
+    python -m tools.bench --latency --help     # the latency mode: tools/latency.py
 
 Method
 ------
 Every system under test (SUT) is a two-port middle box between the two ports
-of one traffic generator:
+of one traffic generator, in one of two topologies:
 
+    vhost-vhost (VM to VM):
     generator port 0 (virtio-user) <-> SUT port A ... SUT port B <-> generator port 1 (virtio-user)
+
+    vhost-veth (VM to NIC; a veth pair in a namespace of the benchmark's own stands in for the wire):
+    generator port 0 (virtio-user) <-> SUT port A ... SUT port B on veth end 0
+                                       veth end 1 <-> generator port 1 (DPDK net_af_xdp)
 
 * The generator is one `dpdk-testpmd` with two `net_virtio_user` ports in
   `mac` forwarding mode with `--eth-peer` set, so every frame it sends out of
@@ -31,6 +37,15 @@ of one traffic generator:
     `datapath_type=netdev` bridge with its default NORMAL (learning) flow,
     and two `dpdkvhostuserclient` ports (OVS is the vhost-user client, the
     generator's virtio-user ports are servers: `server=1`).
+  vhost-veth (its ratios are to `testpmd-af-xdp`):
+  - `vswitchd-af-xdp`: vswitchd, a vhost-user port and an `af-xdp` port on veth end 0.
+  - `vswitchd-af-packet`: the same with an `af-packet` port.
+  - `testpmd-af-xdp`: `dpdk-testpmd` with `net_vhost` and `net_af_xdp` on veth end 0,
+    `io` forwarding: DPDK's own path between a guest and a NIC.
+  The kernel's share of veth and AF_XDP work is done in the sending
+  process's system calls and softirqs, so here cycles/packet from the
+  packet threads undercount the whole cost; Mpps and the CPU columns are
+  the figures to compare.
 * Cores: the generator forwards on `--gen-core` (default 0), the SUT's
   packet thread (PMD / forwarding lcore) runs on `--sut-core` (default 1).
   Everything else (the SUT's control threads, testpmd main lcores) is idle
@@ -89,11 +104,15 @@ if str(REPO) not in sys.path:
     # `python tools/bench.py` works as well as `python -m tools.bench`.
     sys.path.insert(0, str(REPO))
 
-from tests.support.testpmd import (TESTPMD, TestPmd, hugepages_free,  # noqa: E402
+from tests.support.testpmd import (TESTPMD, TestPmd, af_xdp_vdev, hugepages_free,  # noqa: E402
                                    vhost_vdev, virtio_user_vdev)
 
-SYSTEMS = ("vswitchd", "testpmd-io", "testpmd-mac", "ovs-dpdk")
-BASELINE = "testpmd-io"
+SYSTEMS = ("vswitchd", "testpmd-io", "testpmd-mac", "ovs-dpdk",
+           "vswitchd-af-xdp", "vswitchd-af-packet", "testpmd-af-xdp")
+# The two topologies (see Method) and the system each one's ratios are to.
+VHOST_VHOST = "vhost-vhost"
+VHOST_VETH = "vhost-veth"
+BASELINES = {VHOST_VHOST: "testpmd-io", VHOST_VETH: "testpmd-af-xdp"}
 DEFAULT_SIZES = (64, 512, 1518)
 FCS_BYTES = 4
 # Preamble (7) + start frame delimiter (1) + minimum inter-frame gap (12).
@@ -248,13 +267,17 @@ class System:
     """
 
     name = ""
+    topology = VHOST_VHOST
     generator_is_server = False
 
-    def __init__(self, workdir: Path, gen_core: int, sut_core: int):
+    def __init__(self, workdir: Path, gen_core: int, sut_core: int, veth: "VethPair | None" = None):
         self.dir = workdir
         self.gen_core = gen_core
         self.sut_core = sut_core
-        self.socket_paths = [workdir / "a.sock", workdir / "b.sock"]
+        # vhost-veth: one socket, and the veth pair whose first end is the SUT's.
+        self.veth = veth
+        count = 2 if self.topology == VHOST_VHOST else 1
+        self.socket_paths = [workdir / name for name in ("a.sock", "b.sock")[:count]]
 
     @classmethod
     def check(cls, install: bool) -> None:
@@ -305,13 +328,13 @@ class Vswitchd(System):
 
     def start(self) -> None:
         import yaml
-        self.control_socket = str(self.dir / "vswitchd.ctl")
+        # Short: the path must fit sockaddr_un like the vhost-user sockets.
+        self.control_socket = str(self.dir / "ctl")
         self.log_path = self.dir / "vswitchd.log"
         config = {
             "control_socket": self.control_socket,
             "pmd": {"cpus": [self.sut_core]},
-            "ports": [{"name": f"vm{i}", "type": "vhost-user", "path": str(path), "mode": "server"}
-                      for i, path in enumerate(self.socket_paths)],
+            "ports": self.ports(),
         }
         config_path = self.dir / "vswitchd.yaml"
         config_path.write_text(yaml.safe_dump(config))
@@ -324,6 +347,10 @@ class Vswitchd(System):
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         wait_for(lambda: all(p.exists() for p in self.socket_paths) and self._answers(), 30,
                  "vswitchd start-up", self.proc, self.log_path)
+
+    def ports(self) -> list[dict]:
+        return [{"name": f"vm{i}", "type": "vhost-user", "path": str(path), "mode": "server"}
+                for i, path in enumerate(self.socket_paths)]
 
     @property
     def pid(self) -> int | None:
@@ -369,14 +396,17 @@ class TestPmdVhost(System):
     def start(self) -> None:
         # Forwarding lcore on the SUT core, main lcore (the idle prompt) on the generator core.
         self.pmd = TestPmd(
-            [vhost_vdev(i, path) for i, path in enumerate(self.socket_paths)],
+            self.vdevs(),
             [f"--forward-mode={self.forward_mode}", "--nb-cores=1", "--record-core-cycles",
              "--disable-link-check"],
             log_path=self.dir / "sut-testpmd.log", lcores=f"{self.gen_core},{self.sut_core}",
-            main_lcore=self.gen_core)
+            main_lcore=self.gen_core, netns=self.veth.netns if self.veth else None)
         self.pmd.spawn().wait_ready()
         self.pmd.start()
         wait_for(lambda: all(p.exists() for p in self.socket_paths), 10, "testpmd vhost sockets")
+
+    def vdevs(self) -> list[str]:
+        return [vhost_vdev(i, path) for i, path in enumerate(self.socket_paths)]
 
     @property
     def pid(self) -> int | None:
@@ -526,7 +556,77 @@ class OvsDpdk(System):
         stop_process(getattr(self, "ovsdb", None), "ovsdb-server")
 
 
-SYSTEM_CLASSES: dict[str, type[System]] = {cls.name: cls for cls in (Vswitchd, TestPmdIo, TestPmdMac, OvsDpdk)}
+class VswitchdKernelUplink(Vswitchd):
+    """vswitchd between a vhost-user port and a kernel port on the SUT's end of the veth pair."""
+
+    topology = VHOST_VETH
+    port_type = ""
+
+    def ports(self) -> list[dict]:
+        return super().ports() + [{"name": "uplink", "type": self.port_type, "ifname": self.veth.sut_if,
+                                   "netns": self.veth.netns}]
+
+
+class VswitchdAfXdp(VswitchdKernelUplink):
+    name = "vswitchd-af-xdp"
+    port_type = "af-xdp"
+
+
+class VswitchdAfPacket(VswitchdKernelUplink):
+    name = "vswitchd-af-packet"
+    port_type = "af-packet"
+
+
+class TestPmdAfXdp(TestPmdVhost):
+    """DPDK testpmd between net_vhost and net_af_xdp, io forwarding: DPDK's own path for this topology."""
+
+    name = "testpmd-af-xdp"
+    topology = VHOST_VETH
+    forward_mode = "io"
+
+    def vdevs(self) -> list[str]:
+        return super().vdevs() + [af_xdp_vdev(1, self.veth.sut_if)]
+
+
+SYSTEM_CLASSES: dict[str, type[System]] = {cls.name: cls for cls in (
+    Vswitchd, TestPmdIo, TestPmdMac, OvsDpdk, VswitchdAfXdp, VswitchdAfPacket, TestPmdAfXdp)}
+
+
+class VethPair:
+    """A network namespace of the benchmark's own with a veth pair in it, both ends up.
+
+    The SUT attaches to `sut_if`; the generator's second port is DPDK's
+    net_af_xdp on `gen_if`, whose MAC is set to the generator's second MAC.
+    Removing the namespace removes the pair.
+    """
+
+    sut_if, gen_if = "vsb0", "vsb1"
+    _count = 0
+
+    def __init__(self):
+        VethPair._count += 1
+        self.netns = f"vsb-{os.getpid()}-{VethPair._count}"
+
+    def create(self) -> "VethPair":
+        run(["ip", "netns", "add", self.netns])
+        try:
+            # No IPv6 (hence no neighbour discovery or MLD) and no address: the
+            # kernel must send nothing of its own on the pair, since every frame
+            # that enters the closed loop would circle in it for the whole run.
+            for scope in ("all", "default"):
+                run(["ip", "netns", "exec", self.netns, "sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.disable_ipv6=1"])
+            ip = ["ip", "-n", self.netns, "link"]
+            run([*ip, "add", self.sut_if, "type", "veth", "peer", "name", self.gen_if])
+            run([*ip, "set", self.gen_if, "address", GEN_MAC[1]])
+            for ifname in (self.sut_if, self.gen_if):
+                run([*ip, "set", ifname, "up"])
+        except Exception:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
 
 
 # --------------------------------------------------------------------------
@@ -557,19 +657,27 @@ class Sample:
 
 
 class Generator(TestPmd):
-    """The traffic generator: testpmd, two virtio-user ports, mac forwarding towards each other."""
+    """The traffic generator: testpmd, two ports, mac forwarding towards each other.
+
+    Both ports are virtio-user (vhost-vhost), or the second is net_af_xdp on
+    the generator's end of the veth pair (vhost-veth), run in its namespace.
+    """
 
     __test__ = False
 
-    def __init__(self, sockets: list[Path], server: bool, workdir: Path, gen_core: int, sut_core: int):
+    def __init__(self, sockets: list[Path], server: bool, workdir: Path, gen_core: int, sut_core: int,
+                 veth: VethPair | None = None):
         vdevs = [virtio_user_vdev(i, path, mac=GEN_MAC[i], server=server or None)
                  for i, path in enumerate(sockets)]
+        if veth is not None:
+            vdevs.append(af_xdp_vdev(len(vdevs), veth.gen_if))
         args = ["--forward-mode=mac", f"--eth-peer=0,{GEN_MAC[1]}", f"--eth-peer=1,{GEN_MAC[0]}",
                 "--nb-cores=1", "--record-core-cycles"]
         # Forwarding lcore on the generator core; the main lcore (the prompt,
         # busy only while answering a command) on the SUT core.
         super().__init__(vdevs, args, log_path=workdir / "generator.log", lcores=f"{gen_core},{sut_core}",
-                         main_lcore=sut_core, total_num_mbufs=GEN_MBUFS, start_timeout=60)
+                         main_lcore=sut_core, total_num_mbufs=GEN_MBUFS, start_timeout=60,
+                         netns=veth.netns if veth else None)
 
 
 def profile_window(pid: int, seconds: float, workdir: Path, top: int = 15) -> list:
@@ -597,13 +705,17 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) 
     # and DPDK silently truncates a longer one.
     workdir = scratch / f"{system_cls.name}-{size}-r{rep + 1}"
     workdir.mkdir()
-    system = system_cls(workdir, args.gen_core, args.sut_core)
+    veth = VethPair() if system_cls.topology == VHOST_VETH else None
+    system = system_cls(workdir, args.gen_core, args.sut_core, veth)
     too_long = [str(p) for p in system.socket_paths if len(os.fsencode(p)) > MAX_SOCKET_PATH]
     if too_long:
         sample.error = f"socket path longer than {MAX_SOCKET_PATH} bytes: {too_long[0]} (set TMPDIR shorter)"
         return sample
-    generator = Generator(system.socket_paths, system.generator_is_server, workdir, args.gen_core, args.sut_core)
+    generator = Generator(system.socket_paths, system.generator_is_server, workdir, args.gen_core, args.sut_core,
+                          veth)
     try:
+        if veth is not None:
+            veth.create()
         if system.generator_is_server:
             # The SUT connects to the generator's listening sockets.
             generator.spawn()
@@ -662,6 +774,8 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) 
     finally:
         generator.close()
         system.stop()
+        if veth is not None:
+            veth.remove()
     if sample.error is None and not args.keep_logs:
         shutil.rmtree(workdir, ignore_errors=True)
     return sample
@@ -708,9 +822,10 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
                 medians[(system, size)] = row["mpps_median"]
             rows.append(row)
     for row in rows:
-        base = medians.get((BASELINE, row["size"]))
+        row["baseline"] = BASELINES[SYSTEM_CLASSES[row["system"]].topology]
+        base = medians.get((row["baseline"], row["size"]))
         mpps = row.get("mpps_median")
-        row["ratio_to_testpmd_io"] = (mpps / base) if (mpps is not None and base) else None
+        row["ratio_to_baseline"] = (mpps / base) if (mpps is not None and base) else None
     return rows
 
 
@@ -719,13 +834,13 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 
 def render_table(rows: list[dict]) -> str:
-    headers = ["system", "frame B", "Mpps", "min-max Mpps", "Gbit/s*", "x testpmd-io",
+    headers = ["system", "frame B", "Mpps", "min-max Mpps", "Gbit/s*", "x baseline",
                "SUT cyc/pkt", "gen cyc/pkt", "SUT CPU", "gen CPU", "status"]
     cells = [headers]
     for r in rows:
         cells.append([r["system"], str(r["size"]), fmt(r.get("mpps_median")),
                       "-" if "mpps_min" not in r else f"{r['mpps_min']:.2f}-{r['mpps_max']:.2f}",
-                      fmt(r.get("gbit_s_median")), fmt(r.get("ratio_to_testpmd_io")),
+                      fmt(r.get("gbit_s_median")), fmt(r.get("ratio_to_baseline")),
                       fmt(r.get("sut_cycles_per_packet"), 0), fmt(r.get("generator_cycles_per_packet"), 0),
                       fmt(r.get("sut_cpu_share")), fmt(r.get("generator_cpu_share")), r["status"]])
     widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
@@ -738,6 +853,7 @@ def render_table(rows: list[dict]) -> str:
         lines.append(f"! max/min over repetitions above {NOISY_SPREAD}x for: {', '.join(noisy)}. "
                      "The host was probably in a slow spell or busy: compare cycles/packet, "
                      "rerun on a quiet machine or with more --reps.")
+    lines.append("  x baseline: to " + ", ".join(f"{b} for {t}" for t, b in BASELINES.items()) + ".")
     lines.append("  CPU: CPU time of the process over the window / window (1.00 = one core all the time; "
                  "a busy poller below that lost its core to other work on the host).")
     lines.append(f"* Gbit/s counts {WIRE_OVERHEAD_BYTES} bytes of preamble + inter-frame gap per frame; "
@@ -874,6 +990,10 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--latency" in (sys.argv[1:] if argv is None else argv):
+        # The latency mode is a tool of its own (tools/latency.py), with its own options.
+        from tools import latency
+        return latency.main([a for a in (sys.argv[1:] if argv is None else argv) if a != "--latency"])
     args = parse_args(argv)
     if os.geteuid() != 0:
         log("bench: must run as root (hugepages, vhost-user sockets, network namespace for OVS)")
@@ -949,12 +1069,14 @@ def main(argv: list[str] | None = None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "method": {
             "summary": __doc__.split("Method\n------\n", 1)[1].split("\nEvery process")[0].strip(),
-            "generator": "dpdk-testpmd, 2 x net_virtio_user, --forward-mode=mac with --eth-peer, "
+            "generator": "dpdk-testpmd, 2 x net_virtio_user (vhost-vhost) or net_virtio_user + "
+                         "net_af_xdp on a veth (vhost-veth), --forward-mode=mac with --eth-peer, "
                          f"interactive 'start tx_first {args.tx_first}'",
             "frame_size": f"Ethernet frame incl. {FCS_BYTES}-byte FCS; testpmd 'set txpkts <size - {FCS_BYTES}>'",
             "gbit_s": f"Mpps x (frame size + {WIRE_OVERHEAD_BYTES} bytes preamble/SFD/IFG) x 8",
             "mpps": "sum over both generator ports of RX-packets delta / window",
-            "ratio": f"median Mpps / median Mpps of {BASELINE} at the same frame size",
+            "ratio": "median Mpps / median Mpps of the row's baseline (DPDK testpmd on the same "
+                     f"topology: {BASELINES}) at the same frame size",
             "cpu_share": "process CPU time (utime+stime, /proc/PID/stat) over the window / window length",
             "warmup_seconds": args.warmup,
             "window_seconds": args.window,

@@ -30,7 +30,7 @@ PACKAGES=(
     dpdk-dev coreutils
     openvswitch-switch-dpdk
     qemu-system-x86 busybox-static
-    iproute2 iperf3 tcpdump linux-perf
+    iproute2 iperf3 tcpdump linux-perf iputils-ping
     libxdp-dev libbpf-dev xdp-tools
     gcc libc6-dev python3-dev python3-venv
     clang libclang-rt-14-dev

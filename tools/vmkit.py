@@ -446,6 +446,10 @@ def build(directory: Path | None = None, force: bool = False, log=print) -> tupl
         return kernel_path(directory), initramfs_path(directory)
 
 
+# TCG runs each vCPU in a host thread; more than this only slows a 2-core host down.
+MAX_VCPUS = 4
+
+
 def qemu_binary() -> str | None:
     """Path of qemu-system-x86_64, or None when it is not installed."""
     return shutil.which("qemu-system-x86_64")
@@ -558,7 +562,9 @@ class Guest:
             "-accel", "tcg",
             "-cpu", "max",
             "-m", f"{self.memory_mb}M",
-            "-smp", "2" if self.queues > 1 else "1",
+            # One vCPU per queue pair: virtio-net uses as many queue pairs as
+            # there are vCPUs (and busybox has no ethtool -L to ask for more).
+            "-smp", str(min(self.queues, MAX_VCPUS)),
             "-object", f"memory-backend-memfd,id=mem,size={self.memory_mb}M,share=on",
             "-numa", "node,memdev=mem",
             "-nographic", "-serial", "stdio", "-nodefaults", "-no-reboot", "-no-user-config",

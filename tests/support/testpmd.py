@@ -79,6 +79,11 @@ def vhost_vdev(index: int, iface: str | os.PathLike, *, queues: int = 1,
                                              client=client, **extra))
 
 
+def af_xdp_vdev(index: int, iface: str, *, queues: int = 1, **extra) -> str:
+    """A `net_af_xdp<index>` vdev string: DPDK's AF_XDP driver on a kernel interface's first queues."""
+    return _devargs(f"net_af_xdp{index}", dict(iface=iface, start_queue=0, queue_count=queues, **extra))
+
+
 def _parse_blocks(text: str, header: str, rule: str) -> dict[int, dict[str, int]]:
     """Parse testpmd's per-port statistic blocks into {port: {counter: value}}.
 
@@ -127,7 +132,7 @@ class TestPmd:
     def __init__(self, vdevs: Iterable[str], args: Iterable[str] = (), *,
                  log_path: str | os.PathLike, main_lcore: int = 1, lcores: str = "0,1",
                  total_num_mbufs: int | None = 16384, eal_args: Iterable[str] = (),
-                 start_timeout: float = 30.0):
+                 start_timeout: float = 30.0, netns: str | None = None):
         self.vdevs = list(vdevs)
         self.log_path = Path(log_path)
         self.start_timeout = start_timeout
@@ -142,6 +147,10 @@ class TestPmd:
             # two or three concurrent testpmd processes need; a loop test needs few.
             app.append(f"--total-num-mbufs={total_num_mbufs}")
         self.argv = ["stdbuf", "-oL", TESTPMD, *eal, "--", *app]
+        if netns:
+            # For net_af_xdp / net_af_packet ports on an interface in that
+            # namespace; `ip netns exec` execs, so the PID stays testpmd's.
+            self.argv = ["ip", "netns", "exec", netns, *self.argv]
         self.proc: subprocess.Popen | None = None
         self._out = ""          # Everything testpmd printed so far.
         self._mark = 0          # Start of the output no reply has consumed yet.

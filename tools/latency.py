@@ -1,0 +1,455 @@
+"""Latency benchmark: the round-trip time of single frames through a switch, one frame in flight.
+
+Run from the repository root, as root (also as `python -m tools.bench --latency ...`):
+
+    python -m tools.latency                                  # every case and system, 10 and 500 frames/s
+    python -m tools.latency --cases vhost --systems vswitchd,testpmd-io --rates 10 --seconds 30
+
+Method
+------
+* `vhost` case (VM to VM): two vhost-user front-ends in this process
+  (tests/support/frontend.py: the guest's side of vhost-user and split
+  virtqueues in Python, as a DPDK virtio-user guest lays them out) on the
+  two ports of the system under test.  Guest A sends one 64-byte frame
+  (60 without FCS) addressed to guest B and kicks; B busy-polls its RX ring
+  and sends the frame straight back, MACs swapped; A busy-polls its RX
+  ring.  The round trip, A's send to A's receive, crosses the system twice.
+  The next frame leaves at the next tick of the rate: at 10 frames/s a
+  system that sleeps when idle sleeps between frames and must wake on the
+  guest's kick.  The harness (Python) adds its own fixed cost to every
+  system alike; compare systems within one run.
+  Systems: `vswitchd` (its PMD sleeps when idle, woken by kicks),
+  `testpmd-io` (DPDK's vhost PMD, always polling), `ovs-dpdk` (OVS-DPDK,
+  always polling) and `ovs-dpdk-sleep` (OVS-DPDK with
+  other_config:pmd-maxsleep, its PMD sleeps when idle).  Started as the
+  throughput benchmark starts them (tools/bench.py), with the SUT's packet
+  thread on --sut-core and this process on --gen-core.
+* `tap` case (host to host stack): two network namespaces of the tool's
+  own, each behind a port of the system, `ping -i 1/rate` from one to the
+  other (iputils ping, per-reply times in microseconds).  Systems:
+  `vswitchd` (two TAP ports, each created inside its namespace) and
+  `linux-bridge` (a bridge in a third namespace, a veth pair to each).
+* A frame with no answer within 1 s counts as lost.  Reported: p50, p99,
+  p99.9 and max of the round-trip times in microseconds, per case, system
+  and rate.  p99.9 needs 1000 samples to mean anything: choose --seconds so
+  that rate x seconds is at least that.
+
+Every process is started by this tool and stopped by its PID, namespaces
+are removed, on failure and on Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tools import bench  # noqa: E402
+
+CASES = ("vhost", "tap")
+VHOST_SYSTEMS = ("vswitchd", "testpmd-io", "ovs-dpdk", "ovs-dpdk-sleep")
+TAP_SYSTEMS = ("vswitchd", "linux-bridge")
+DEFAULT_RATES = (10, 500)
+LOST_AFTER_S = 1.0
+# OVS's idle PMD sleeps up to this long (other_config:pmd-maxsleep, microseconds).
+OVS_MAX_SLEEP_US = 1000
+MAC_A, MAC_B = "02:00:00:00:0a:01", "02:00:00:00:0a:02"
+ETHERTYPE_EXPERIMENTAL = 0x88B5
+FRAME_BYTES = 60
+TAP_ADDRESSES = ("10.77.0.1", "10.77.0.2")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Result:
+    case: str
+    system: str
+    rate: int
+    sent: int = 0
+    lost: int = 0
+    rtt_us: list = field(default_factory=list, repr=False)
+    error: str | None = None
+
+    def summary(self) -> dict:
+        out = {"case": self.case, "system": self.system, "rate": self.rate, "sent": self.sent,
+               "lost": self.lost, "error": self.error}
+        if self.rtt_us:
+            ordered = sorted(self.rtt_us)
+            out.update({f"p{name}_us": round(percentile(ordered, q), 1)
+                        for name, q in (("50", 50), ("99", 99), ("99_9", 99.9))})
+            out["max_us"] = round(ordered[-1], 1)
+            out["mean_us"] = round(statistics.fmean(ordered), 1)
+        return out
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(min(rank, len(ordered))) - 1]
+
+
+# --------------------------------------------------------------------------
+# vhost case: two front-ends in this process, ping-pong through the system
+# --------------------------------------------------------------------------
+
+class OvsDpdkSleep(bench.OvsDpdk):
+    """OVS-DPDK whose idle PMD sleeps (up to OVS_MAX_SLEEP_US), like vswitchd's."""
+
+    name = "ovs-dpdk-sleep"
+
+    def start(self) -> None:
+        super().start()
+        self.vsctl("set", "Open_vSwitch", ".", f"other_config:pmd-maxsleep={OVS_MAX_SLEEP_US}")
+
+
+VHOST_SYSTEM_CLASSES = {"vswitchd": bench.Vswitchd, "testpmd-io": bench.TestPmdIo,
+                        "ovs-dpdk": bench.OvsDpdk, "ovs-dpdk-sleep": OvsDpdkSleep}
+
+
+def ethernet(dst: str, src: str, seq: int) -> bytes:
+    header = bytes.fromhex(dst.replace(":", "")) + bytes.fromhex(src.replace(":", ""))
+    payload = seq.to_bytes(8, "little")
+    return (header + ETHERTYPE_EXPERIMENTAL.to_bytes(2, "big") + payload).ljust(FRAME_BYTES, b"\0")
+
+
+class Guest:
+    """One front-end: busy-polled RX ring with buffers kept posted, TX with a kick per frame."""
+
+    RX_BUFFERS = 64
+
+    def __init__(self, path: Path, server: bool):
+        from tests.support.frontend import VhostUserFrontend
+        self.fe = VhostUserFrontend(path, timeout=30)
+        self.server = server
+        if server:
+            self.fe.listen()
+
+    def connect(self) -> None:
+        self.fe.accept() if self.server else self.fe.connect()
+        self.fe.handshake()
+        # A polling guest, like DPDK's: no interrupts wanted.
+        from tests.support.virtio_driver import VIRTQ_AVAIL_F_NO_INTERRUPT
+        for ring in self.fe.rings:
+            ring.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
+        self.fe.post_rx(0, self.RX_BUFFERS)
+        self.rx = self.fe.rx_ring(0)
+        self.tx = self.fe.tx_ring(0)
+
+    def send(self, frame: bytes) -> None:
+        self.tx.get_used()
+        self.tx.post_tx(frame)
+        self.fe.kick(self.tx.index)
+
+    def wait_frame(self, deadline_ns: int) -> bytes | None:
+        """Busy-polls the RX ring until a frame arrives (its bytes) or the deadline passes (None)."""
+        rx = self.rx
+        while rx.used_idx == rx.last_used_idx:
+            if time.perf_counter_ns() > deadline_ns:
+                return None
+        frames = rx.read_rx_frames()
+        rx.post_rx(len(frames))
+        self.fe.kick(rx.index)
+        return frames[0].data if frames else None
+
+    def close(self) -> None:
+        self.fe.close()
+
+
+def measure_vhost(system_cls, rate: int, seconds: float, args, scratch: Path) -> Result:
+    result = Result("vhost", system_cls.name, rate)
+    workdir = scratch / f"vhost-{system_cls.name}-{rate}"
+    workdir.mkdir()
+    system = system_cls(workdir, args.gen_core, args.sut_core)
+    guests: list[Guest] = []
+    try:
+        guests = [Guest(path, system_cls.generator_is_server) for path in system.socket_paths]
+        system.start()
+        for guest in guests:
+            guest.connect()
+        a, b = guests
+        # Both MACs learned (and the links up) before the clock starts.
+        warm_deadline = time.monotonic() + 20
+        while time.monotonic() < warm_deadline:
+            if ping_pong(a, b, 0) is not None:
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("no frame came back through the system within 20 s")
+        interval_ns = int(1e9 / rate)
+        start = time.perf_counter_ns()
+        for seq in range(1, int(rate * seconds) + 1):
+            wait_until(start + seq * interval_ns)
+            result.sent += 1
+            rtt = ping_pong(a, b, seq)
+            if rtt is None:
+                result.lost += 1
+            else:
+                result.rtt_us.append(rtt / 1000)
+    except Exception as exc:  # noqa: BLE001 - one failed measurement must not end the run
+        result.error = f"{type(exc).__name__}: {exc}"
+        log(f"latency: vhost {system_cls.name} {rate}/s failed: {result.error}")
+    finally:
+        for guest in guests:
+            guest.close()
+        system.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def ping_pong(a: Guest, b: Guest, seq: int) -> int | None:
+    """One frame A -> B -> A; returns the round trip in nanoseconds, or None if it was lost."""
+    t0 = time.perf_counter_ns()
+    deadline = t0 + int(LOST_AFTER_S * 1e9)
+    a.send(ethernet(MAC_B, MAC_A, seq))
+    got = b.wait_frame(deadline)
+    if got is None:
+        return None
+    b.send(ethernet(MAC_A, MAC_B, seq))
+    back = a.wait_frame(deadline)
+    t1 = time.perf_counter_ns()
+    if back is None or int.from_bytes(back[14:22], "little") != seq:
+        return None
+    return t1 - t0
+
+
+def wait_until(when_ns: int) -> None:
+    """Sleeps until when_ns (perf_counter), spinning the last 200 us for a punctual start."""
+    left = when_ns - time.perf_counter_ns()
+    if left > 300_000:
+        time.sleep((left - 200_000) / 1e9)
+    while time.perf_counter_ns() < when_ns:
+        pass
+
+
+# --------------------------------------------------------------------------
+# tap case: ping between two namespaces
+# --------------------------------------------------------------------------
+
+class Namespaces:
+    """The tool's own network namespaces, removed together."""
+
+    def __init__(self, tag: str):
+        self.names: list[str] = []
+        self.tag = tag
+
+    def add(self, role: str) -> str:
+        name = f"vsl-{os.getpid()}-{self.tag}-{role}"
+        bench.run(["ip", "netns", "add", name])
+        self.names.append(name)
+        bench.run(["ip", "-n", name, "link", "set", "lo", "up"])
+        return name
+
+    def remove(self) -> None:
+        for name in self.names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self.names = []
+
+
+def configure_address(netns: str, ifname: str, address: str) -> None:
+    bench.run(["ip", "-n", netns, "addr", "add", f"{address}/24", "dev", ifname])
+    bench.run(["ip", "-n", netns, "link", "set", ifname, "up"])
+
+
+class TapVswitchd:
+    name = "vswitchd"
+
+    def __init__(self, workdir: Path, args, netns: list[str]):
+        self.sut = bench.Vswitchd(workdir, args.gen_core, args.sut_core)
+        self.netns = netns
+        self.sut.ports = lambda: [{"name": f"tap{i}", "type": "tap", "ifname": "eth0", "netns": ns}
+                                  for i, ns in enumerate(netns)]
+        self.sut.socket_paths = []
+
+    def start(self) -> None:
+        self.sut.start()
+        for ns, address in zip(self.netns, TAP_ADDRESSES):
+            configure_address(ns, "eth0", address)
+
+    def stop(self) -> None:
+        self.sut.stop()
+
+
+class LinuxBridge:
+    name = "linux-bridge"
+
+    def __init__(self, workdir: Path, args, netns: list[str], namespaces: Namespaces):
+        self.netns = netns
+        self.namespaces = namespaces
+
+    def start(self) -> None:
+        hub = self.namespaces.add("br")
+        bench.run(["ip", "-n", hub, "link", "add", "br0", "type", "bridge"])
+        bench.run(["ip", "-n", hub, "link", "set", "br0", "up"])
+        for i, (ns, address) in enumerate(zip(self.netns, TAP_ADDRESSES)):
+            bench.run(["ip", "-n", hub, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0",
+                       "netns", ns])
+            bench.run(["ip", "-n", hub, "link", "set", f"p{i}", "master", "br0", "up"])
+            configure_address(ns, "eth0", address)
+
+    def stop(self) -> None:
+        pass   # the namespaces go, and the bridge and veths with them
+
+
+PING_TIME = re.compile(r"icmp_seq=(\d+) .*time=([\d.]+) ms")
+
+
+def measure_tap(system_name: str, rate: int, seconds: float, args, scratch: Path) -> Result:
+    result = Result("tap", system_name, rate)
+    workdir = scratch / f"tap-{system_name}-{rate}"
+    workdir.mkdir()
+    namespaces = Namespaces(f"{len(list(scratch.iterdir()))}")
+    system = None
+    try:
+        pair = [namespaces.add("a"), namespaces.add("b")]
+        system = (TapVswitchd(workdir, args, pair) if system_name == "vswitchd"
+                  else LinuxBridge(workdir, args, pair, namespaces))
+        system.start()
+        ping = ["ip", "netns", "exec", pair[0], "taskset", "-c", str(args.gen_core), "ping", "-n"]
+        # Until the first reply: addresses resolved, MACs learned.
+        deadline = time.monotonic() + 20
+        while subprocess.run([*ping, "-c", "1", "-W", "1", TAP_ADDRESSES[1]], capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no ping reply through the system within 20 s")
+        count = int(rate * seconds)
+        done = subprocess.run([*ping, "-c", str(count), "-i", f"{1 / rate:.4f}", "-W", str(int(LOST_AFTER_S)),
+                               TAP_ADDRESSES[1]], capture_output=True, text=True, timeout=seconds * 2 + 30)
+        times = [float(t) * 1000 for _, t in PING_TIME.findall(done.stdout)]
+        result.sent, result.rtt_us = count, times
+        result.lost = count - len(times)
+    except Exception as exc:  # noqa: BLE001
+        result.error = f"{type(exc).__name__}: {exc}"
+        log(f"latency: tap {system_name} {rate}/s failed: {result.error}")
+    finally:
+        if system is not None:
+            system.stop()
+        namespaces.remove()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+def render(rows: list[dict]) -> str:
+    headers = ["case", "system", "frames/s", "sent", "lost", "p50 us", "p99 us", "p99.9 us", "max us", "status"]
+    cells = [headers]
+    for r in rows:
+        cells.append([r["case"], r["system"], str(r["rate"]), str(r["sent"]), str(r["lost"]),
+                      *(bench.fmt(r.get(k), 1) for k in ("p50_us", "p99_us", "p99_9_us", "max_us")),
+                      r["error"] or "ok"])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(prog="python -m tools.latency", description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated cases (default {','.join(CASES)})")
+    p.add_argument("--systems", default=None,
+                   help=f"comma-separated systems (default all: vhost {','.join(VHOST_SYSTEMS)}; "
+                        f"tap {','.join(TAP_SYSTEMS)}); a system a case does not have is skipped there")
+    p.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)),
+                   help="comma-separated frames per second (default 10,500)")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds per measurement (default 20)")
+    p.add_argument("--gen-core", type=int, default=0, help="core of this process and the pinger (default 0)")
+    p.add_argument("--sut-core", type=int, default=1, help="the system's packet thread core (default 1)")
+    p.add_argument("--json-out", default="results/latency.json", help="JSON results (default results/latency.json)")
+    p.add_argument("--smoke", action="store_true", help="short run for the test suite: 2 s per measurement")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seconds = 2.0
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not args.cases or any(c not in CASES for c in args.cases):
+        p.error(f"--cases: choose from {', '.join(CASES)}")
+    known = set(VHOST_SYSTEMS) | set(TAP_SYSTEMS)
+    args.systems = [s.strip() for s in args.systems.split(",")] if args.systems else sorted(known)
+    if any(s not in known for s in args.systems):
+        p.error(f"--systems: choose from {', '.join(sorted(known))}")
+    try:
+        args.rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        p.error(f"--rates must be comma-separated integers, got {args.rates!r}")
+    if not args.rates or any(not 1 <= r <= 5000 for r in args.rates):
+        p.error("--rates must be between 1 and 5000 frames per second")
+    if args.seconds <= 0:
+        p.error("--seconds must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        log("latency: must run as root (hugepages, namespaces, vhost-user sockets)")
+        return 2
+    signal.signal(signal.SIGTERM, bench._raise_keyboard_interrupt)
+    os.sched_setaffinity(0, {args.gen_core})
+    plan = []
+    for case in args.cases:
+        names = VHOST_SYSTEMS if case == "vhost" else TAP_SYSTEMS
+        plan += [(case, s) for s in names if s in args.systems]
+    unavailable = {}
+    for case, name in plan:
+        if case == "vhost":
+            try:
+                VHOST_SYSTEM_CLASSES[name].check(False)
+            except bench.Unavailable as exc:
+                unavailable[f"{case}/{name}"] = str(exc)
+    scratch = Path(tempfile.mkdtemp(prefix="vsl-"))
+    results: list[Result] = []
+    started = datetime.datetime.now().astimezone()
+    try:
+        for rate in args.rates:
+            for case, name in plan:
+                if f"{case}/{name}" in unavailable:
+                    results.append(Result(case, name, rate, error=f"unavailable: {unavailable[f'{case}/{name}']}"))
+                    continue
+                log(f"latency: {case} {name} at {rate} frames/s for {args.seconds:g} s ...")
+                if case == "vhost":
+                    result = measure_vhost(VHOST_SYSTEM_CLASSES[name], rate, args.seconds, args, scratch)
+                else:
+                    result = measure_tap(name, rate, args.seconds, args, scratch)
+                results.append(result)
+    except KeyboardInterrupt:
+        log("latency: interrupted; reporting what was measured")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    rows = [r.summary() for r in results]
+    print(render(rows))
+    out = {
+        "tool": "tools/latency.py",
+        "command": " ".join(["python3", "-m", "tools.latency", *(argv if argv is not None else sys.argv[1:])]),
+        "date": started.isoformat(timespec="seconds"),
+        "method": __doc__.split("Method\n------\n", 1)[1].split("\nEvery process")[0].strip(),
+        "machine": bench.machine_info(argparse.Namespace(gen_core=args.gen_core, sut_core=args.sut_core)),
+        "results": rows,
+        "samples_us": [{"case": r.case, "system": r.system, "rate": r.rate, "rtt_us": r.rtt_us} for r in results],
+    }
+    path = Path(args.json_out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"json: {path}")
+    return 0 if all(r.error is None and r.rtt_us for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
