@@ -46,6 +46,7 @@ class Config:
     fdb_max_entries: int = DEFAULT_MAX_ENTRIES
     fdb_static: list[dict] = field(default_factory=list)
     pmd_cpus: list[int] = field(default_factory=list)
+    metrics_listen: str | None = None     # "HOST:PORT" of the Prometheus endpoint, or None
     ports: list[dict] = field(default_factory=list)
 
     def to_yaml_data(self) -> dict:
@@ -60,6 +61,8 @@ class Config:
             data["fdb"]["static"] = [dict(e) for e in self.fdb_static]
         if self.pmd_cpus:
             data["pmd"] = {"cpus": list(self.pmd_cpus)}
+        if self.metrics_listen:
+            data["metrics"] = {"listen": self.metrics_listen}
         data["ports"] = [dict(p) for p in self.ports]
         return data
 
@@ -76,6 +79,17 @@ def _whole_number(section: dict, key: str, default: int, low: int, high: int, wh
         problems.append(f"{where}{key}: {value!r} must be a whole number from {low} to {high}")
         return default
     return value
+
+
+def parse_listen(listen) -> tuple[str, int]:
+    """"HOST:PORT" (an IPv4 address or a name, or [IPv6]:PORT) -> (host, port); ValueError says what is wrong."""
+    if not isinstance(listen, str) or ":" not in listen:
+        raise ValueError(f"{listen!r} must be HOST:PORT, e.g. 127.0.0.1:9477")
+    host, _, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{listen!r} must be HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:9477")
+    return host, int(port)
 
 
 def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
@@ -138,7 +152,7 @@ def parse(data, source: str = "<config>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping (control_socket, fdb, ports)"])
     for key in data:
-        if key not in ("control_socket", "control_group", "persist", "fdb", "pmd", "ports"):
+        if key not in ("control_socket", "control_group", "persist", "fdb", "pmd", "metrics", "ports"):
             problems.append(f"{source}: unknown key '{key}'")
     sock = data.get("control_socket", DEFAULT_CONTROL_SOCKET)
     if not isinstance(sock, str) or not sock.startswith("/"):
@@ -187,6 +201,18 @@ def parse(data, source: str = "<config>") -> Config:
         problems.append(f"{source}: pmd.cpus: {cpus!r} must be a list of distinct CPU numbers below {ncpu}")
     else:
         cfg.pmd_cpus = cpus
+
+    metrics = data.get("metrics")
+    if metrics is not None:
+        listen = metrics.get("listen") if isinstance(metrics, dict) else None
+        unknown = [k for k in metrics if k != "listen"] if isinstance(metrics, dict) else []
+        if unknown:
+            problems.append(f"{source}: metrics: unknown key '{unknown[0]}'")
+        try:
+            parse_listen(listen)
+            cfg.metrics_listen = listen
+        except ValueError as exc:
+            problems.append(f"{source}: metrics.listen: {exc}")
 
     ports = data.get("ports", []) or []
     if not isinstance(ports, list):

@@ -53,6 +53,7 @@ async def run(args) -> int:
     switch = Switch(cfg)
     switch.start()
     control = ControlServer(switch, control_path, cfg.control_group)
+    metrics = None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,6 +64,10 @@ async def run(args) -> int:
         for entry in cfg.fdb_static:
             switch.fdb_add_static(entry["mac"], entry["port"])
         await control.start()
+        if cfg.metrics_listen:
+            from vswitch.metrics import MetricsServer
+            metrics = MetricsServer(switch, cfg.metrics_listen)
+            await metrics.start()
     except (SwitchError, FibError, OSError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         await control.stop()
@@ -76,6 +81,8 @@ async def run(args) -> int:
     await stopping.wait()
     log.info("shutting down")
     switch.on_change = None  # shutting down removes ports; that is not a user's change
+    if metrics is not None:
+        await metrics.stop()
     await control.stop()
     await switch.stop()
     log.info("stopped")

@@ -124,11 +124,22 @@ class VhostUserPort(Port):
         out = []
         for i in range(2 * self.queues):
             r = self.dev.vrings[i]
-            out.append({"vring": i, "queue": i // 2, "direction": "tx" if i % 2 else "rx",
+            # The switch's view, as for every port: it receives from the guest's TX rings (odd).
+            out.append({"vring": i, "queue": i // 2, "direction": "rx" if i % 2 else "tx",
                         "enabled": bool(r.enabled), "broken": bool(r.broken), "size": r.size,
                         "packets": r.stats.packets, "bytes": r.stats.bytes, "dropped": r.stats.dropped,
                         "errors": r.stats.errors, "notifications": r.stats.notifications})
         return out
+
+    def error_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for i in range(2 * self.queues):
+            r = self.dev.vrings[i]
+            for e in range(1, lib.VS_VQ_ERR_MAX):
+                if r.error_count[e]:
+                    name = ffi.string(lib.vs_vq_error_name(e)).decode()
+                    counts[name] = counts.get(name, 0) + r.error_count[e]
+        return counts
 
     def errors(self) -> list[str]:
         lines = []
