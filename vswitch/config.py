@@ -17,7 +17,7 @@ import yaml
 
 from vswitch.fib import CAPACITY, DEFAULT_AGING_SECONDS, DEFAULT_MAX_ENTRIES, FibError, parse_mac
 from vswitch.ports import registry as port_registry
-from vswitch.ports.registry import KeyProblem
+from vswitch.ports.registry import SOCKET_ACCESS_KEYS, KeyProblem
 
 DEFAULT_CONTROL_SOCKET = "/run/vswitch/vswitchd.sock"
 PORT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
@@ -27,6 +27,10 @@ PORT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
 DEFAULT_MAX_MEMORY = 1 << 40
 MIN_MAX_MEMORY = 1 << 20
 MAX_MAX_MEMORY = 64 << 40
+
+
+# Port keys that may also be set once for the whole switch, at the top level.
+SWITCH_WIDE_PORT_KEYS = {key.name: key for key in SOCKET_ACCESS_KEYS}
 
 
 class ConfigError(ValueError):
@@ -47,6 +51,8 @@ class Config:
     fdb_static: list[dict] = field(default_factory=list)
     pmd_cpus: list[int] = field(default_factory=list)
     metrics_listen: str | None = None     # "HOST:PORT" of the Prometheus endpoint, or None
+    # Switch-wide values of port keys (socket_owner, socket_group, socket_mode) for ports that set none.
+    port_defaults: dict = field(default_factory=dict)
     ports: list[dict] = field(default_factory=list)
 
     def to_yaml_data(self) -> dict:
@@ -63,6 +69,7 @@ class Config:
             data["pmd"] = {"cpus": list(self.pmd_cpus)}
         if self.metrics_listen:
             data["metrics"] = {"listen": self.metrics_listen}
+        data.update(self.port_defaults)
         data["ports"] = [dict(p) for p in self.ports]
         return data
 
@@ -152,7 +159,8 @@ def parse(data, source: str = "<config>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping (control_socket, fdb, ports)"])
     for key in data:
-        if key not in ("control_socket", "control_group", "persist", "fdb", "pmd", "metrics", "ports"):
+        if key not in ("control_socket", "control_group", "persist", "fdb", "pmd", "metrics", "ports") \
+                and key not in SWITCH_WIDE_PORT_KEYS:
             problems.append(f"{source}: unknown key '{key}'")
     sock = data.get("control_socket", DEFAULT_CONTROL_SOCKET)
     if not isinstance(sock, str) or not sock.startswith("/"):
@@ -201,6 +209,13 @@ def parse(data, source: str = "<config>") -> Config:
         problems.append(f"{source}: pmd.cpus: {cpus!r} must be a list of distinct CPU numbers below {ncpu}")
     else:
         cfg.pmd_cpus = cpus
+
+    for name, key in SWITCH_WIDE_PORT_KEYS.items():
+        if data.get(name) is not None:
+            try:
+                cfg.port_defaults[name] = key.validate(data[name])
+            except KeyProblem as exc:
+                problems.append(f"{source}: {name}: {exc}")
 
     metrics = data.get("metrics")
     if metrics is not None:

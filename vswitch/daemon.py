@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import logging
 import os
 import signal
@@ -39,15 +40,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def make_run_dir(path: str, port_defaults: dict) -> None:
+    """Creates the runtime directory 0750 root, and lets the hypervisor's user
+    reach the sockets in it: the switch-wide socket_group gets the directory's
+    group, a socket_owner alone gets the right to traverse it (o+x)."""
+    os.makedirs(path, mode=0o750, exist_ok=True)
+    group, owner = port_defaults.get("socket_group"), port_defaults.get("socket_owner")
+    if group is not None:
+        os.chown(path, -1, group if isinstance(group, int) else grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o750)
+    elif owner is not None:
+        os.chmod(path, 0o751)
+
+
 async def run(args) -> int:
     if os.geteuid() == 0:
-        os.makedirs(RUN_DIR, mode=0o750, exist_ok=True)
+        # Before the config is read: its sockets' directory must exist to validate.
+        make_run_dir(RUN_DIR, {})
     try:
         cfg = load(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"vswitchd: {problem}", file=sys.stderr)
         return 2
+    if os.geteuid() == 0:
+        make_run_dir(RUN_DIR, cfg.port_defaults)
     control_path = args.control_socket or os.environ.get("VSWITCH_SOCKET") or cfg.control_socket
 
     switch = Switch(cfg)

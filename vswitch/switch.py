@@ -122,7 +122,8 @@ class Switch:
 
         spec = self.check_new_port(spec)
         port = create_port(spec, self._free_port_no(), emit=self._emit_port_event,
-                           quiesce=self.quiesce, on_rarp=self._on_rarp, reclaim=self.reclaimer.defer)
+                           quiesce=self.quiesce, on_rarp=self._on_rarp, reclaim=self.reclaimer.defer,
+                           port_defaults=self.config.port_defaults)
         try:
             port.start()
         except OSError as exc:
