@@ -19,6 +19,7 @@ import sys
 from vswitch import __version__
 from vswitch.config import ConfigError, load, save
 from vswitch.fib import FibError
+from vswitch.reload import reload, summary
 from vswitch.control.server import ControlServer
 from vswitch.switch import Switch, SwitchError
 
@@ -51,6 +52,19 @@ def make_run_dir(path: str, port_defaults: dict) -> None:
         os.chmod(path, 0o750)
     elif owner is not None:
         os.chmod(path, 0o751)
+
+
+async def reload_config(switch: Switch, path: str, started_with) -> dict:
+    """SIGHUP and `vswitchctl reload`: applies the config file's differences (vswitch/reload.py).
+    An invalid file changes nothing; its problems are logged and raised."""
+    try:
+        result = await reload(switch, path, started_with)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload refused, nothing changed: %s", problem)
+        raise
+    (log.warning if result["errors"] else log.info)("%s", summary(result))
+    return result
 
 
 async def run(args) -> int:
@@ -94,6 +108,8 @@ async def run(args) -> int:
         switch.config.persist = cfg.persist
         switch.on_change = lambda: save(args.config, switch.config)
         log.info("persisting changes to %s", args.config)
+    switch.reload = lambda: reload_config(switch, args.config, cfg)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(switch.reload()))
     log.info("vswitchd %s running: %d ports, config %s", __version__, len(switch.ports), args.config)
     await stopping.wait()
     log.info("shutting down")

@@ -195,6 +195,7 @@ FORMATTERS = {
     "pmd/stats": print_pmd_stats,
     "control/stats": print_kv,
     "config/dump": lambda r: print(r["yaml"], end=""),
+    "config/reload": lambda r: print(__import__("vswitch.reload", fromlist=["summary"]).summary(r)),
     "list-commands": lambda r: print(table([[c["usage"], c["help"]] for c in r["commands"]],
                                            ["COMMAND", "DESCRIPTION"])),
     "version": lambda r: print(r["version"]),
@@ -313,6 +314,7 @@ def build_parser(port_types: bool = True) -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="the running configuration")
     config_sub = config.add_subparsers(dest="config_cmd", required=True, metavar="config-command")
     config_sub.add_parser("dump", help="print it as YAML")
+    sub.add_parser("reload", help="re-read the config file and apply what differs (as SIGHUP does)")
     fdb = sub.add_parser("fdb", help="the MAC table")
     fdb_sub = fdb.add_subparsers(dest="fdb_cmd", required=True, metavar="fdb-command")
     fdb_show = fdb_sub.add_parser("show", help="list the entries")
@@ -346,6 +348,7 @@ SUBCOMMANDS = {
     "set": lambda a: ("fdb/set-aging", {"seconds": a.seconds}) if a.set_cmd == "fdb-aging" else
                      ("fdb/set-max", {"entries": a.entries}),
     "config": lambda a: ("config/dump", {}),
+    "reload": lambda a: ("config/reload", {}),
     "fdb": lambda a: {"show": lambda: ("fdb/show", {"port": a.port}),
                       "flush": lambda: ("fdb/flush", {"port": a.port}),
                       "add": lambda: ("fdb/add", {"mac": a.mac, "port": a.port}),
