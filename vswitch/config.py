@@ -17,7 +17,7 @@ import yaml
 
 from vswitch.fib import CAPACITY, DEFAULT_AGING_SECONDS, DEFAULT_MAX_ENTRIES, FibError, parse_mac
 from vswitch.ports import registry as port_registry
-from vswitch.ports.registry import KeyProblem
+from vswitch.ports.registry import SOCKET_ACCESS_KEYS, KeyProblem
 
 DEFAULT_CONTROL_SOCKET = "/run/vswitch/vswitchd.sock"
 PORT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
@@ -27,6 +27,10 @@ PORT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
 DEFAULT_MAX_MEMORY = 1 << 40
 MIN_MAX_MEMORY = 1 << 20
 MAX_MAX_MEMORY = 64 << 40
+
+
+# Port keys that may also be set once for the whole switch, at the top level.
+SWITCH_WIDE_PORT_KEYS = {key.name: key for key in SOCKET_ACCESS_KEYS}
 
 
 class ConfigError(ValueError):
@@ -46,6 +50,9 @@ class Config:
     fdb_max_entries: int = DEFAULT_MAX_ENTRIES
     fdb_static: list[dict] = field(default_factory=list)
     pmd_cpus: list[int] = field(default_factory=list)
+    metrics_listen: str | None = None     # "HOST:PORT" of the Prometheus endpoint, or None
+    # Switch-wide values of port keys (socket_owner, socket_group, socket_mode) for ports that set none.
+    port_defaults: dict = field(default_factory=dict)
     ports: list[dict] = field(default_factory=list)
 
     def to_yaml_data(self) -> dict:
@@ -60,6 +67,9 @@ class Config:
             data["fdb"]["static"] = [dict(e) for e in self.fdb_static]
         if self.pmd_cpus:
             data["pmd"] = {"cpus": list(self.pmd_cpus)}
+        if self.metrics_listen:
+            data["metrics"] = {"listen": self.metrics_listen}
+        data.update(self.port_defaults)
         data["ports"] = [dict(p) for p in self.ports]
         return data
 
@@ -76,6 +86,17 @@ def _whole_number(section: dict, key: str, default: int, low: int, high: int, wh
         problems.append(f"{where}{key}: {value!r} must be a whole number from {low} to {high}")
         return default
     return value
+
+
+def parse_listen(listen) -> tuple[str, int]:
+    """"HOST:PORT" (an IPv4 address or a name, or [IPv6]:PORT) -> (host, port); ValueError says what is wrong."""
+    if not isinstance(listen, str) or ":" not in listen:
+        raise ValueError(f"{listen!r} must be HOST:PORT, e.g. 127.0.0.1:9477")
+    host, _, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{listen!r} must be HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:9477")
+    return host, int(port)
 
 
 def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
@@ -138,7 +159,8 @@ def parse(data, source: str = "<config>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping (control_socket, fdb, ports)"])
     for key in data:
-        if key not in ("control_socket", "control_group", "persist", "fdb", "pmd", "ports"):
+        if key not in ("control_socket", "control_group", "persist", "fdb", "pmd", "metrics", "ports") \
+                and key not in SWITCH_WIDE_PORT_KEYS:
             problems.append(f"{source}: unknown key '{key}'")
     sock = data.get("control_socket", DEFAULT_CONTROL_SOCKET)
     if not isinstance(sock, str) or not sock.startswith("/"):
@@ -187,6 +209,25 @@ def parse(data, source: str = "<config>") -> Config:
         problems.append(f"{source}: pmd.cpus: {cpus!r} must be a list of distinct CPU numbers below {ncpu}")
     else:
         cfg.pmd_cpus = cpus
+
+    for name, key in SWITCH_WIDE_PORT_KEYS.items():
+        if data.get(name) is not None:
+            try:
+                cfg.port_defaults[name] = key.validate(data[name])
+            except KeyProblem as exc:
+                problems.append(f"{source}: {name}: {exc}")
+
+    metrics = data.get("metrics")
+    if metrics is not None:
+        listen = metrics.get("listen") if isinstance(metrics, dict) else None
+        unknown = [k for k in metrics if k != "listen"] if isinstance(metrics, dict) else []
+        if unknown:
+            problems.append(f"{source}: metrics: unknown key '{unknown[0]}'")
+        try:
+            parse_listen(listen)
+            cfg.metrics_listen = listen
+        except ValueError as exc:
+            problems.append(f"{source}: metrics.listen: {exc}")
 
     ports = data.get("ports", []) or []
     if not isinstance(ports, list):

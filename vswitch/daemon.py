@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import sys
 from vswitch import __version__
 from vswitch.config import ConfigError, load, save
 from vswitch.fib import FibError
+from vswitch.reload import reload, summary
 from vswitch.control.server import ControlServer
 from vswitch.switch import Switch, SwitchError
 
@@ -39,20 +41,50 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def make_run_dir(path: str, port_defaults: dict) -> None:
+    """Creates the runtime directory 0750 root, and lets the hypervisor's user
+    reach the sockets in it: the switch-wide socket_group gets the directory's
+    group, a socket_owner alone gets the right to traverse it (o+x)."""
+    os.makedirs(path, mode=0o750, exist_ok=True)
+    group, owner = port_defaults.get("socket_group"), port_defaults.get("socket_owner")
+    if group is not None:
+        os.chown(path, -1, group if isinstance(group, int) else grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o750)
+    elif owner is not None:
+        os.chmod(path, 0o751)
+
+
+async def reload_config(switch: Switch, path: str, started_with) -> dict:
+    """SIGHUP and `vswitchctl reload`: applies the config file's differences (vswitch/reload.py).
+    An invalid file changes nothing; its problems are logged and raised."""
+    try:
+        result = await reload(switch, path, started_with)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload refused, nothing changed: %s", problem)
+        raise
+    (log.warning if result["errors"] else log.info)("%s", summary(result))
+    return result
+
+
 async def run(args) -> int:
     if os.geteuid() == 0:
-        os.makedirs(RUN_DIR, mode=0o750, exist_ok=True)
+        # Before the config is read: its sockets' directory must exist to validate.
+        make_run_dir(RUN_DIR, {})
     try:
         cfg = load(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"vswitchd: {problem}", file=sys.stderr)
         return 2
+    if os.geteuid() == 0:
+        make_run_dir(RUN_DIR, cfg.port_defaults)
     control_path = args.control_socket or os.environ.get("VSWITCH_SOCKET") or cfg.control_socket
 
     switch = Switch(cfg)
     switch.start()
     control = ControlServer(switch, control_path, cfg.control_group)
+    metrics = None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,6 +95,10 @@ async def run(args) -> int:
         for entry in cfg.fdb_static:
             switch.fdb_add_static(entry["mac"], entry["port"])
         await control.start()
+        if cfg.metrics_listen:
+            from vswitch.metrics import MetricsServer
+            metrics = MetricsServer(switch, cfg.metrics_listen)
+            await metrics.start()
     except (SwitchError, FibError, OSError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         await control.stop()
@@ -72,10 +108,14 @@ async def run(args) -> int:
         switch.config.persist = cfg.persist
         switch.on_change = lambda: save(args.config, switch.config)
         log.info("persisting changes to %s", args.config)
+    switch.reload = lambda: reload_config(switch, args.config, cfg)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(switch.reload()))
     log.info("vswitchd %s running: %d ports, config %s", __version__, len(switch.ports), args.config)
     await stopping.wait()
     log.info("shutting down")
     switch.on_change = None  # shutting down removes ports; that is not a user's change
+    if metrics is not None:
+        await metrics.stop()
     await control.stop()
     await switch.stop()
     log.info("stopped")

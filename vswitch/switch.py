@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from vswitch.config import Config, validate_port
 from vswitch.fib import MacTable
@@ -46,6 +46,8 @@ class Switch:
         self.reclaimer = Reclaimer(self.pmds)
         self.ports: dict[str, Port] = {}
         self.on_change: Callable[[], None] | None = None
+        # Set by the daemon: re-reads its config file and applies the differences (vswitch/reload.py).
+        self.reload: Callable[[], Awaitable[dict]] | None = None
         self._subscribers: list[Callable[[dict], None]] = []
         self._housekeeping: asyncio.Task | None = None
 
@@ -122,7 +124,8 @@ class Switch:
 
         spec = self.check_new_port(spec)
         port = create_port(spec, self._free_port_no(), emit=self._emit_port_event,
-                           quiesce=self.quiesce, on_rarp=self._on_rarp, reclaim=self.reclaimer.defer)
+                           quiesce=self.quiesce, on_rarp=self._on_rarp, reclaim=self.reclaimer.defer,
+                           port_defaults=self.config.port_defaults)
         try:
             port.start()
         except OSError as exc:

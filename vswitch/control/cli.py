@@ -195,6 +195,7 @@ FORMATTERS = {
     "pmd/stats": print_pmd_stats,
     "control/stats": print_kv,
     "config/dump": lambda r: print(r["yaml"], end=""),
+    "config/reload": lambda r: print(__import__("vswitch.reload", fromlist=["summary"]).summary(r)),
     "list-commands": lambda r: print(table([[c["usage"], c["help"]] for c in r["commands"]],
                                            ["COMMAND", "DESCRIPTION"])),
     "version": lambda r: print(r["version"]),
@@ -223,6 +224,59 @@ def watch_stats(sock: str, args) -> None:
         time.sleep(args.watch)
         if not args.json:
             print()
+
+
+def top(sock: str, args) -> None:
+    """A live view, refreshed every --interval seconds: ports by traffic rate, then the PMD threads."""
+    if args.interval <= 0:
+        raise ControlError("--interval takes a positive number of seconds")
+    tty = sys.stdout.isatty()
+    before = None
+    frames = 0
+    while args.iterations is None or frames < args.iterations:
+        now = (time.monotonic(), {p["name"]: p for p in call(sock, "port/show", {})["ports"]},
+               {p["pmd"]: p for p in call(sock, "pmd/stats", {})["pmds"]})
+        if before is not None:
+            text = render_top(before, now)
+            # A terminal gets the screen redrawn in place; a pipe gets one block per refresh.
+            print(("\x1b[H\x1b[2J" if tty else "") + text, flush=True)
+            frames += 1
+        before = now
+        time.sleep(args.interval)
+
+
+def render_top(before, now) -> str:
+    """The `top` screen from two samples (monotonic time, ports by name, PMDs by index)."""
+    seconds = max(now[0] - before[0], 1e-6)
+
+    def rate(new: dict, old: dict | None, key: str) -> float:
+        return (new[key] - (old or {}).get(key, 0)) / seconds if old is not None else 0.0
+
+    rows = []
+    for name, port in now[1].items():
+        new, old = port["stats"], before[1].get(name, {}).get("stats")
+        rx, tx = rate(new, old, "rx_packets"), rate(new, old, "tx_packets")
+        drops = rate(new, old, "rx_dropped") + rate(new, old, "tx_dropped")
+        errors = rate(new, old, "rx_errors") + rate(new, old, "tx_errors")
+        rows.append((rx + tx, [name, port["type"], port["link"], f"{rx:,.0f}", f"{tx:,.0f}",
+                               f"{rate(new, old, 'rx_bytes') * 8 / 1e6:,.1f}",
+                               f"{rate(new, old, 'tx_bytes') * 8 / 1e6:,.1f}", f"{drops:,.0f}", f"{errors:,.0f}"]))
+    rows.sort(key=lambda r: -r[0])
+    pmds = []
+    for index, pmd in now[2].items():
+        old = before[2].get(index, {})
+        busy = pmd["busy_cycles"] - old.get("busy_cycles", 0)
+        idle = pmd["idle_cycles"] - old.get("idle_cycles", 0)
+        packets = pmd["packets"] - old.get("packets", 0)
+        bursts = pmd["bursts"] - old.get("bursts", 0)
+        pmds.append([str(index), "-" if pmd["cpu"] is None else str(pmd["cpu"]),
+                     f"{100.0 * busy / (busy + idle):.1f}" if busy + idle else "0.0", f"{packets / seconds:,.0f}",
+                     f"{busy / packets:.0f}" if packets else "-", f"{packets / bursts:.1f}" if bursts else "-",
+                     f"{(pmd['sleeps'] - old.get('sleeps', 0)) / seconds:,.0f}", str(len(pmd["rx_queues"]))])
+    return (f"vswitch top: {len(rows)} ports, refreshed every {seconds:.1f} s\n\n"
+            + table([r[1] for r in rows], ["PORT", "TYPE", "LINK", "RX PPS", "TX PPS", "RX MBIT/S", "TX MBIT/S",
+                                           "DROPS/S", "ERRORS/S"])
+            + "\n\n" + table(pmds, ["PMD", "CPU", "BUSY %", "PPS", "CYC/PKT", "PKT/BURST", "SLEEPS/S", "QUEUES"]))
 
 
 def _flag_value(key: port_registry.Key):
@@ -313,6 +367,7 @@ def build_parser(port_types: bool = True) -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="the running configuration")
     config_sub = config.add_subparsers(dest="config_cmd", required=True, metavar="config-command")
     config_sub.add_parser("dump", help="print it as YAML")
+    sub.add_parser("reload", help="re-read the config file and apply what differs (as SIGHUP does)")
     fdb = sub.add_parser("fdb", help="the MAC table")
     fdb_sub = fdb.add_subparsers(dest="fdb_cmd", required=True, metavar="fdb-command")
     fdb_show = fdb_sub.add_parser("show", help="list the entries")
@@ -326,6 +381,9 @@ def build_parser(port_types: bool = True) -> argparse.ArgumentParser:
     fdb_del = fdb_sub.add_parser("del", help="remove an entry")
     fdb_del.add_argument("mac")
     sub.add_parser("pmd-stats", help="per PMD thread counters")
+    top_p = sub.add_parser("top", help="live view: ports by traffic rate, PMD load (Ctrl-C to leave)")
+    top_p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top_p.add_argument("--iterations", type=int, help="stop after this many refreshes")
     sub.add_parser("control-stats", help="control socket counters: connections, refused clients, changes")
     sub.add_parser("events", help="stream port, link and queue events")
     sub.add_parser("list-commands", help="every control command with its usage")
@@ -346,6 +404,7 @@ SUBCOMMANDS = {
     "set": lambda a: ("fdb/set-aging", {"seconds": a.seconds}) if a.set_cmd == "fdb-aging" else
                      ("fdb/set-max", {"entries": a.entries}),
     "config": lambda a: ("config/dump", {}),
+    "reload": lambda a: ("config/reload", {}),
     "fdb": lambda a: {"show": lambda: ("fdb/show", {"port": a.port}),
                       "flush": lambda: ("fdb/flush", {"port": a.port}),
                       "add": lambda: ("fdb/add", {"mac": a.mac, "port": a.port}),
@@ -369,6 +428,9 @@ def add_port_request(args) -> tuple[str, dict]:
 def run(args) -> None:
     if args.cmd == "stats":
         watch_stats(args.socket, args)
+        return
+    if args.cmd == "top":
+        top(args.socket, args)
         return
     command, request = add_port_request(args) if args.cmd == "add-port" else SUBCOMMANDS[args.cmd](args)
     result, stream = call_streaming(args.socket, command, request)

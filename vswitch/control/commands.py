@@ -9,6 +9,7 @@ import yaml
 
 import vswitch
 from vswitch.control.registry import Arg, CommandError, Registry, Stream
+from vswitch.config import ConfigError
 from vswitch.fib import FibError
 from vswitch.ports import registry as port_types
 from vswitch.switch import Switch, SwitchError
@@ -165,6 +166,17 @@ async def config_dump(switch: Switch):
 
 # Events a subscriber has not read yet, at most; more are dropped (for that subscriber only).
 EVENT_BACKLOG = 10000
+
+
+@registry.command("config/reload", "Re-read the config file and apply what differs (as SIGHUP does).",
+                  changes=True)
+async def config_reload(switch: Switch):
+    if switch.reload is None:
+        raise CommandError("this switch has no config file to reload")
+    try:
+        return await switch.reload()
+    except ConfigError as exc:
+        raise CommandError("reload refused, nothing changed: " + "; ".join(exc.problems)) from None
 
 
 @registry.command("events/subscribe", "Stream port, link and queue events, one JSON object a line, "

@@ -72,6 +72,15 @@ class Port(abc.ABC):
     def stats(self) -> dict:
         """Counters named as in STAT_KEYS, plus type-specific ones."""
 
+    def queue_stats(self) -> list[dict]:
+        """Per queue and direction: {"queue", "direction" ("rx" from the port, "tx" to it),
+        "packets", "bytes", "dropped", "errors"}; empty if the type keeps none."""
+        return []
+
+    def error_counts(self) -> dict[str, int]:
+        """Receive errors by reason (e.g. a malformed descriptor chain's), if the type tells them apart."""
+        return {}
+
     def housekeep(self) -> None:
         """Called once a second by the switch (link state checks and the like)."""
 

@@ -168,6 +168,16 @@ class KernelPort(Port):
         total["tx_errors"] += self.c.stats.tx_dropped_offload
         return total
 
+    def queue_stats(self) -> list[dict]:
+        out = []
+        for q in range(self.kp.nqueues):
+            s = self.kp.stats[q]
+            for direction in ("rx", "tx"):
+                out.append({"queue": q, "direction": direction,
+                            **{key: getattr(s, f"{direction}_{key}") for key in ("packets", "bytes", "dropped",
+                                                                                 "errors")}})
+        return out
+
     def info(self) -> dict:
         info = super().info()
         info.update({"ifname": self.ifname, "netns": self.netns, "queues": self.kp.nqueues or self.queues,

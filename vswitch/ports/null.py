@@ -68,6 +68,16 @@ class NullPort(Port):
                      tx_errors=self.c.stats.tx_dropped_offload)
         return total
 
+    def queue_stats(self) -> list[dict]:
+        out = []
+        for q in range(self.queues):
+            s = self.np.queues[q].stats
+            out.append({"queue": q, "direction": "rx", "packets": s.rx_packets, "bytes": s.rx_bytes,
+                        "dropped": s.rx_dropped, "errors": 0})
+            out.append({"queue": q, "direction": "tx", "packets": s.tx_packets, "bytes": s.tx_bytes,
+                        "dropped": 0, "errors": 0})
+        return out
+
     def info(self) -> dict:
         info = super().info()
         info.update({"mode": "null", "queues": self.queues, "offloads": self.offloads})

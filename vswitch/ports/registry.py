@@ -20,9 +20,11 @@ named in $VSWITCH_PORT_MODULES, comma-separated.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import importlib
 import os
 import pkgutil
+import pwd
 import re
 from typing import Any, Callable
 
@@ -241,6 +243,53 @@ def network_namespace(value) -> str:
 
 NETNS_KEY = Key("netns", str, "the interface's network namespace (ip netns)", check=network_namespace,
                 metavar="NS")
+
+
+def user_check(value) -> str | int:
+    """A user name or uid that exists on this host."""
+    try:
+        if _is_int(value):
+            pwd.getpwuid(value)
+        elif isinstance(value, str):
+            pwd.getpwnam(value)
+        else:
+            raise KeyError
+    except KeyError:
+        raise KeyProblem(f"no user {value!r} on this host") from None
+    return value
+
+
+def group_check(value) -> str | int:
+    """A group name or gid that exists on this host."""
+    try:
+        if _is_int(value):
+            grp.getgrgid(value)
+        elif isinstance(value, str):
+            grp.getgrnam(value)
+        else:
+            raise KeyError
+    except KeyError:
+        raise KeyProblem(f"no group {value!r} on this host") from None
+    return value
+
+
+def mode_check(value) -> str:
+    """Permission bits as an octal string ("0660", "660") or a number (YAML reads 0660 as 432)."""
+    if _is_int(value) and 0 <= value <= 0o777:
+        return f"{value:04o}"
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value.strip()):
+        return f"{int(value, 8):04o}"
+    raise KeyProblem(f"{value!r} must be permission bits in octal, e.g. \"0660\"")
+
+
+# Who may connect to a socket the switch creates: for a hypervisor that runs as
+# its own user (libvirt's QEMU).  A switch-wide default comes from the config's
+# top-level keys of the same names.
+SOCKET_ACCESS_KEYS = (
+    Key("socket_owner", str, "user that owns the socket (name or uid)", check=user_check, metavar="USER"),
+    Key("socket_group", str, "group of the socket (name or gid)", check=group_check, metavar="GROUP"),
+    Key("socket_mode", str, "permission bits of the socket, e.g. 0660", check=mode_check, metavar="MODE"),
+)
 
 
 def queues_key(help: str = "queue pairs") -> Key:

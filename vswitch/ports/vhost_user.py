@@ -14,7 +14,9 @@ import os
 from vswitch.config import DEFAULT_MAX_MEMORY, MAX_MAX_MEMORY, MIN_MAX_MEMORY
 from vswitch.native import ffi, lib
 from vswitch.ports.base import Port
-from vswitch.ports.registry import Key, KeyProblem, parse_size_flag, queues_key, register, size_check
+from vswitch.ports.registry import (SOCKET_ACCESS_KEYS, Key, KeyProblem, parse_size_flag, queues_key, register,
+                                    size_check)
+from vswitch.vhost.connection import SocketAccess
 from vswitch.vhost.backend import VhostUserBackend
 
 log = logging.getLogger(__name__)
@@ -48,14 +50,18 @@ class VhostUserPort(Port):
         Key("mode", str, "server: the switch listens; client: it connects", default="server",
             choices=("server", "client")),
         queues_key(),
+        *SOCKET_ACCESS_KEYS,
         Key("max_memory", int, "most guest memory the port maps, e.g. 64G (default 1T)",
             check=size_check(MIN_MAX_MEMORY, MAX_MAX_MEMORY, "1M to 64T"), parse_flag=parse_size_flag,
             metavar="SIZE", type_name="size"),
     )
 
     @classmethod
-    def create(cls, spec, port_no, *, emit, quiesce, on_rarp=None, reclaim=None, **services):
-        return cls(spec["name"], port_no, spec, emit, quiesce, on_rarp, reclaim)
+    def create(cls, spec, port_no, *, emit, quiesce, on_rarp=None, reclaim=None, port_defaults=None, **services):
+        # The switch-wide socket_owner/group/mode apply where the port sets none.
+        defaults = {k.name: port_defaults[k.name] for k in SOCKET_ACCESS_KEYS
+                    if port_defaults and port_defaults.get(k.name) is not None}
+        return cls(spec["name"], port_no, {**defaults, **spec}, emit, quiesce, on_rarp, reclaim)
 
     def __init__(self, name, port_no, spec, emit, quiesce, on_rarp=None, reclaim=None):
         super().__init__(name, port_no, spec, emit)
@@ -68,7 +74,12 @@ class VhostUserPort(Port):
         self.max_memory = spec.get("max_memory", DEFAULT_MAX_MEMORY)
         self.backend = VhostUserBackend(name, spec["path"], spec.get("mode", "server"), self.queues,
                                         self.dev, quiesce, self._on_backend_event, reclaim=reclaim,
-                                        max_memory=self.max_memory)
+                                        max_memory=self.max_memory, access=self._socket_access(spec))
+
+    @staticmethod
+    def _socket_access(spec: dict) -> SocketAccess | None:
+        access = SocketAccess(spec.get("socket_owner"), spec.get("socket_group"), spec.get("socket_mode"))
+        return None if access == SocketAccess() else access
 
     def _on_backend_event(self, kind: str, fields: dict) -> None:
         if kind == "link":
@@ -124,11 +135,22 @@ class VhostUserPort(Port):
         out = []
         for i in range(2 * self.queues):
             r = self.dev.vrings[i]
-            out.append({"vring": i, "queue": i // 2, "direction": "tx" if i % 2 else "rx",
+            # The switch's view, as for every port: it receives from the guest's TX rings (odd).
+            out.append({"vring": i, "queue": i // 2, "direction": "rx" if i % 2 else "tx",
                         "enabled": bool(r.enabled), "broken": bool(r.broken), "size": r.size,
                         "packets": r.stats.packets, "bytes": r.stats.bytes, "dropped": r.stats.dropped,
                         "errors": r.stats.errors, "notifications": r.stats.notifications})
         return out
+
+    def error_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for i in range(2 * self.queues):
+            r = self.dev.vrings[i]
+            for e in range(1, lib.VS_VQ_ERR_MAX):
+                if r.error_count[e]:
+                    name = ffi.string(lib.vs_vq_error_name(e)).decode()
+                    counts[name] = counts.get(name, 0) + r.error_count[e]
+        return counts
 
     def errors(self) -> list[str]:
         lines = []

@@ -17,7 +17,7 @@ from typing import Callable
 from vswitch.config import DEFAULT_MAX_MEMORY
 from vswitch.native import lib
 from vswitch.vhost import guestmem
-from vswitch.vhost.connection import EventSink, VhostUserConnection
+from vswitch.vhost.connection import EventSink, SocketAccess, VhostUserConnection
 from vswitch.vhost.device import Reclaim, VhostUserDevice
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class VhostUserBackend:
                  quiesce: Callable[[], None], on_event: EventSink,
                  loop: asyncio.AbstractEventLoop | None = None,
                  on_rarp: Callable[[bytes], None] | None = None,
-                 reclaim: Reclaim | None = None, max_memory: int = DEFAULT_MAX_MEMORY):
+                 reclaim: Reclaim | None = None, max_memory: int = DEFAULT_MAX_MEMORY,
+                 access: SocketAccess | None = None):
         self.name = name
         self.dev = dev
         self._on_event = on_event
@@ -54,7 +55,8 @@ class VhostUserBackend:
         self._unwatch_faults: Callable[[], None] | None = None
         self.device = VhostUserDevice(name, queues, dev, quiesce, self._emit, on_rarp=on_rarp,
                                       reclaim=reclaim, max_memory=max_memory)
-        self.connection = VhostUserConnection(name, path, mode, self.device, self._emit, loop=loop)
+        self.connection = VhostUserConnection(name, path, mode, self.device, self._emit, loop=loop,
+                                              access=access)
 
     @property
     def mode(self) -> str:

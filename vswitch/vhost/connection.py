@@ -36,9 +36,12 @@ a front-end that sends half a message cannot stall the loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
+import grp
 import logging
 import os
+import pwd
 import socket
 import stat
 import time
@@ -141,6 +144,24 @@ class _Peer:
         return True
 
 
+@dataclasses.dataclass(frozen=True)
+class SocketAccess:
+    """Owner, group and permission bits for a socket the switch creates; None leaves one as it is."""
+    owner: str | int | None = None
+    group: str | int | None = None
+    mode: str | None = None          # octal, e.g. "0660"
+
+    def apply(self, path: str) -> None:
+        uid = -1 if self.owner is None else (self.owner if isinstance(self.owner, int)
+                                              else pwd.getpwnam(self.owner).pw_uid)
+        gid = -1 if self.group is None else (self.group if isinstance(self.group, int)
+                                              else grp.getgrnam(self.group).gr_gid)
+        if uid != -1 or gid != -1:
+            os.chown(path, uid, gid)
+        if self.mode is not None:
+            os.chmod(path, int(self.mode, 8))
+
+
 class VhostUserConnection:
     """The socket of one vhost-user port, and the one front-end connected to it.
 
@@ -149,15 +170,18 @@ class VhostUserConnection:
             front-end (e.g. QEMU `server=on`) in "client" mode.
     device: handles the requests (Device).
     emit(kind, fields): "connected" {}, "disconnected" {}; must not raise.
+    access: server mode: who may connect (SocketAccess), or None to leave
+            the socket as bind() made it (the daemon's user, its umask).
     """
 
     def __init__(self, name: str, path: str, mode: str, device: Device, emit: EventSink,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, access: "SocketAccess | None" = None):
         if mode not in ("server", "client"):
             raise ValueError(f"vhost-user port '{name}': mode must be 'server' or 'client', not {mode!r}")
         self.name = name
         self.path = os.fspath(path)
         self.mode = mode
+        self.access = access
         self.device = device
         self._emit = emit
         self._loop = loop
@@ -211,13 +235,20 @@ class VhostUserConnection:
     def _listen(self) -> None:
         self._clear_socket_path()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        bound = False
         try:
             sock.bind(self.path)
+            bound = True
+            if self.access is not None:
+                # Before listen(): no front-end can connect until the socket is as configured.
+                self.access.apply(self.path)
             sock.listen(8)
             sock.setblocking(False)
             st = os.stat(self.path)
         except OSError:
             sock.close()
+            if bound:
+                os.unlink(self.path)   # ours, just made: nothing half-created stays behind
             raise
         self._listener = sock
         self._listener_ino = (st.st_dev, st.st_ino)
