@@ -21,7 +21,7 @@ import os
 
 from vswitch.native import lib
 from vswitch.ports.kernel import KernelPort
-from vswitch.ports.registry import NETNS_KEY, Key, interface_name, register
+from vswitch.ports.registry import NETNS_KEY, Key, interface_name, mtu_key, register
 
 
 @register
@@ -34,6 +34,8 @@ class AfPacketPort(KernelPort):
         Key("ifname", str, "the interface to attach to (e.g. veth0)", required=True, check=interface_name,
             metavar="IF"),
         NETNS_KEY,
+        mtu_key("set the interface's MTU when attaching (default: keep it); the port follows it",
+                default=None),
     )
 
     def start(self) -> None:

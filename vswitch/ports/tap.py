@@ -18,7 +18,7 @@ import os
 
 from vswitch.native import lib
 from vswitch.ports.kernel import KernelPort
-from vswitch.ports.registry import NETNS_KEY, Key, interface_name, queues_key, register
+from vswitch.ports.registry import NETNS_KEY, Key, interface_name, mtu_key, queues_key, register
 
 
 @register
@@ -32,6 +32,7 @@ class TapPort(KernelPort):
             default=lambda spec: spec["name"], metavar="IF"),
         NETNS_KEY,
         queues_key(),
+        mtu_key("the interface's MTU, set when it is created; the port then follows it"),
     )
 
     def start(self) -> None:
