@@ -134,7 +134,7 @@ def print_port_details(p: dict) -> None:
     details = [f"mtu {p['mtu']}"] if p.get("mtu") else []
     details += [f"{c} {p['stats'][c]} ({why})" for c, why in DROP_COUNTERS.items() if p["stats"].get(c)]
     if p.get("features"):
-        details.append("turned off: " + " ".join(n for n, on in p["features"].items() if not on))
+        details.append("turned off: " + " ".join(sorted(n for n, on in p["features"].items() if not on)))
     if details:
         print(f"port {p['name']}: " + ", ".join(details))
     vhost = p.get("vhost")
