@@ -2,7 +2,8 @@
 a NIC) with a packet socket and its mmap'd rings.
 
 `type: af-packet`, `ifname` (required), `netns` (the namespace the
-interface lives in).  The interface is promiscuous while attached; the
+interface lives in), `mtu` (given to the interface when the port attaches;
+by default the port follows the interface's MTU, kernel.py).  The interface is promiscuous while attached; the
 kernel drops that when the socket closes, so a crashed switch leaves no
 trace.  Received frames carry a virtio-net header (PACKET_VNET_HDR), so TSO
 frames and partial checksums from the host stack pass through to guests.

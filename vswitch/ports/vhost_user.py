@@ -4,6 +4,10 @@ The protocol lives in vswitch.vhost; this module ties one backend to one
 `struct vs_vhost_dev` and turns its rings' counters into port counters.
 Switch terms: rx is what the guest transmits (its odd, TX rings), tx is
 what the switch delivers into the guest (its even, RX rings).
+
+`features` turns offered virtio features off by name (FEATURE_GROUPS in
+vhost/protocol.py).  The port's MTU is the `mtu` key, or for a session
+the front-end's VHOST_USER_NET_SET_MTU: what the guest's driver was told.
 """
 
 from __future__ import annotations
