@@ -63,11 +63,11 @@ class Key:
     choices: tuple = ()
     names: tuple = ()              # a flag set's names (type dict)
     check: Callable[[Any], Any] | None = None
-    # The command line: how a flag's text becomes a value (default: `type`),
-    # and what --help calls it.
+    # The command line: how a flag's text becomes a value (default: `type`, or
+    # parse_flag_set for a flag set), and what --help calls it.
     parse_flag: Callable[[str], Any] | None = None
     metavar: str | None = None
-    type_name: str = ""            # what usage lines call the type (default: str, int, bool)
+    type_name: str = ""            # what usage lines call the type (default: str, int, bool, map)
 
     def __post_init__(self):
         if self.type is dict and self.parse_flag is None:
