@@ -143,8 +143,10 @@ VARIANTS = {
 class Setup:
     """The switch ports and the guest for one variant."""
 
-    def __init__(self, tmp_path, variant: dict):
+    def __init__(self, tmp_path, variant: dict, port_features: dict | None = None):
         self.tmp_path = tmp_path
+        # The ports' `features:` key: what the switch does not offer.
+        self.port_features = port_features or {}
         self.devargs = {k: v for k, v in variant.items() if k != "frame"}
         self.frame = variant.get("frame")
         self.queues = self.devargs.get("queues", 1)
@@ -152,7 +154,8 @@ class Setup:
         self.guest_is_server = bool(self.devargs.get("server"))
         self.ring = self.devargs.get("queue_size", QUEUE_SIZE) * self.queues
         self.ports = [{"name": name, "type": "vhost-user", "path": str(tmp_path / f"{name}.sock"),
-                       "mode": "client" if self.guest_is_server else "server", "queues": self.queues}
+                       "mode": "client" if self.guest_is_server else "server", "queues": self.queues,
+                       **({"features": self.port_features} if self.port_features else {})}
                       for name in ("vm1", "vm2")]
         self.guests: list[TestPmd] = []
 
@@ -219,8 +222,8 @@ def check_switch(setup: Setup, switch, nic: dict, before: dict | None = None) ->
         for port in (0, 1):
             assert nic[port]["rx_bytes"] == nic[port]["rx_packets"] * setup.frame, \
                 f"port {port} should have received only {setup.frame}-byte frames: {nic[port]}"
-    # virtio-user asks for IN_ORDER unless in_order=0, and the switch offers it.
-    want_in_order = setup.devargs.get("in_order", True)
+    # virtio-user asks for IN_ORDER unless in_order=0, and the switch offers it unless told not to.
+    want_in_order = setup.devargs.get("in_order", True) and setup.port_features.get("in_order", True)
     for port in switch.ctl("show")["ports"]:
         features = int(port["vhost"]["features"], 16)
         assert bool(features >> VIRTIO_F_IN_ORDER & 1) == want_in_order, \
@@ -305,6 +308,39 @@ def test_vswitchd_guest_restart(tmp_path, variant):
             check_guest(fwd, nic)
             check_switch(setup, switch, nic, before)
             assert second.quit() == 0
+    finally:
+        setup.close()
+        print_logs(setup, switch)
+
+
+def test_vswitchd_loop_with_features_turned_off(tmp_path):
+    """Ports configured with `features: {mrg_rxbuf: false, in_order: false}`: virtio-user, which
+    would take both, negotiates without them, `show` names what was offered and negotiated, and
+    frames loop without loss with counters exact on both sides."""
+    from tests.support.daemon import Vswitchd
+    from vswitch.vhost.protocol import VIRTIO_NET_F_MRG_RXBUF
+
+    setup = Setup(tmp_path, {}, port_features={"mrg_rxbuf": False, "in_order": False})
+    guest = setup.guest()
+    switch = None
+    try:
+        with Vswitchd(tmp_path, ports=setup.ports) as switch:
+            connect_guest(setup, switch, guest)
+            fwd, nic = run_loop(guest)
+            check_guest(fwd, nic)
+            check_switch(setup, switch, nic)
+            for port in switch.ctl("show")["ports"]:
+                vhost = port["vhost"]
+                assert not int(vhost["features"], 16) >> VIRTIO_NET_F_MRG_RXBUF & 1, vhost["features"]
+                for name in ("mrg_rxbuf", "in_order"):
+                    assert name not in vhost["offered_feature_names"], vhost
+                    assert name not in vhost["negotiated_feature_names"], vhost
+                assert "version_1" in vhost["negotiated_feature_names"], vhost
+            text = switch.ctl_raw("show").stdout
+            assert "port vm1: mtu 1500, turned off: in_order mrg_rxbuf" in text, text
+            negotiated = text.split("port vm1:")[1].split("negotiated:")[1].split("\n")[0].split()
+            assert "version_1" in negotiated and "mrg_rxbuf" not in negotiated, text
+            assert guest.quit() == 0
     finally:
         setup.close()
         print_logs(setup, switch)

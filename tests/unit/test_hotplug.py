@@ -102,7 +102,7 @@ def test_config_dump(daemon):
     assert out.returncode == 0
     data = yaml.safe_load(out.stdout)
     assert data["ports"] == [{"name": "vm1", "type": "vhost-user", "path": sock(d, "vm1"), "mode": "server",
-                              "queues": 2}]
+                              "queues": 2, "mtu": 1500}]
     assert data["fdb"]["static"] == [{"mac": "02:00:00:00:00:01", "port": "vm1"}]
     assert d.ctl("config", "dump")["config"] == data
 

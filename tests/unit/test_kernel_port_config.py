@@ -21,7 +21,7 @@ def test_example_configs_load(name):
 def test_tap_defaults_its_interface_name_to_the_port_name():
     problems = []
     assert validate_port({"name": "host", "type": "tap"}, None, problems) == \
-        {"name": "host", "type": "tap", "ifname": "host", "queues": 1}
+        {"name": "host", "type": "tap", "ifname": "host", "queues": 1, "mtu": 1500}
     assert problems == []
 
 

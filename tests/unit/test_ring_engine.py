@@ -202,6 +202,20 @@ def test_without_mergeable_a_too_small_buffer_drops_only_that_frame(make_rig):
     [got] = b.rx[0].read_rx_frames()
     assert got.data.endswith(b"z" * 100)
     assert b.vring(0).stats.dropped == 1
+    assert b.vring(0).stats.too_big == 1   # named for what it was: too big, not out of buffers
+
+
+def test_with_mergeable_a_frame_needing_too_many_buffers_is_dropped_whole(make_rig):
+    """A frame that would need more than the 64 buffers one frame may use is dropped and
+    counted as too big, the buffers stay, and the next frame that fits takes them."""
+    rig, a, b = two_guests(make_rig)
+    b.rx[0].post_rx(100, size=128)
+    a.tx[0].post_tx(frame(mac(2), mac(1), b"y" * 9000))
+    a.tx[0].post_tx(frame(mac(2), mac(1), b"z" * 1000))
+    rig.poll()
+    [got] = b.rx[0].read_rx_frames()
+    assert got.data.endswith(b"z" * 1000) and got.num_buffers > 1
+    assert b.vring(0).stats.dropped == 1 and b.vring(0).stats.too_big == 1
 
 
 def test_legacy_header_without_version_1(make_rig):
@@ -230,6 +244,7 @@ def test_no_rx_buffers_drops_and_counts_then_recovers(make_rig):
         a.tx[0].post_tx(frame(mac(2), mac(1)))
     rig.poll()
     assert b.vring(0).stats.dropped == 5
+    assert b.vring(0).stats.too_big == 0   # no buffer at all is not a frame too big
     assert len(a.tx[0].get_used()) == 5  # the sender gets its buffers back regardless
     b.rx[0].post_rx(4)
     a.tx[0].post_tx(frame(mac(2), mac(1)))

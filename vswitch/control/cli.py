@@ -118,6 +118,29 @@ def print_ports(result: dict) -> None:
         if p["stats"].get("mem_faults"):
             print(f"port {p['name']}: mem_faults {p['stats']['mem_faults']} "
                   "(front-end disconnected: its guest memory faulted)")
+        print_port_details(p)
+
+
+# Drops by reason, printed under the table when not zero.
+DROP_COUNTERS = {
+    "tx_dropped_mtu": "longer than the port's MTU",
+    "tx_dropped_too_big": "larger than the guest's receive buffers",
+    "mtu_refused": "NET_SET_MTU values refused",
+}
+
+
+def print_port_details(p: dict) -> None:
+    """A port's MTU, its drops by reason and, for vhost-user, its features by name."""
+    details = [f"mtu {p['mtu']}"] if p.get("mtu") else []
+    details += [f"{c} {p['stats'][c]} ({why})" for c, why in DROP_COUNTERS.items() if p["stats"].get(c)]
+    if p.get("features"):
+        details.append("turned off: " + " ".join(sorted(n for n, on in p["features"].items() if not on)))
+    if details:
+        print(f"port {p['name']}: " + ", ".join(details))
+    vhost = p.get("vhost")
+    if vhost and "offered_feature_names" in vhost:
+        print(f"  offered: {' '.join(vhost['offered_feature_names'])}")
+        print(f"  negotiated: {' '.join(vhost['negotiated_feature_names']) or 'none (no front-end)'}")
 
 
 def print_fdb(result: dict) -> None:

@@ -210,10 +210,42 @@ struct out_group {
     struct vs_pkt *pkts[VS_BURST];
 };
 
+/*
+ * Drops the frames longer than the port's MTU allows, as a Linux bridge
+ * does: a frame cut short would reach its destination as a different one.
+ * A GSO frame is exempt: the port takes it whole or it is cut into
+ * gso_size segments (vs_offload_fit).
+ */
+static void drop_over_mtu(struct vs_port *out, struct out_group *g)
+{
+    uint32_t max = __atomic_load_n(&out->max_frame, __ATOMIC_RELAXED);
+    if (!max) {
+        return;
+    }
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < g->n; i++) {
+        struct vs_pkt *pkt = g->pkts[i];
+        if (likely(pkt->len <= max || pkt->vnet.gso_type != VS_NET_HDR_GSO_NONE)) {
+            g->pkts[kept++] = pkt;
+        }
+    }
+    if (unlikely(kept != g->n)) {
+        __atomic_add_fetch(&out->stats.tx_dropped_mtu, g->n - kept, __ATOMIC_RELAXED);  /* several PMDs */
+        g->n = kept;
+        if (g->unicast > kept) {
+            g->unicast = kept;
+        }
+    }
+}
+
 static void transmit(struct vs_port *out, uint32_t queue_hint, struct out_group *g)
 {
     if (unlikely(!__atomic_load_n(&out->link_up, __ATOMIC_ACQUIRE))) {
         out->stats.tx_dropped_down += g->unicast;
+        return;
+    }
+    drop_over_mtu(out, g);
+    if (unlikely(!g->n)) {
         return;
     }
     const struct vs_port_ops *ops = out->ops;

@@ -2,7 +2,8 @@
 a NIC) with a packet socket and its mmap'd rings.
 
 `type: af-packet`, `ifname` (required), `netns` (the namespace the
-interface lives in).  The interface is promiscuous while attached; the
+interface lives in), `mtu` (given to the interface when the port attaches;
+by default the port follows the interface's MTU, kernel.py).  The interface is promiscuous while attached; the
 kernel drops that when the socket closes, so a crashed switch leaves no
 trace.  Received frames carry a virtio-net header (PACKET_VNET_HDR), so TSO
 frames and partial checksums from the host stack pass through to guests.
@@ -21,7 +22,7 @@ import os
 
 from vswitch.native import lib
 from vswitch.ports.kernel import KernelPort
-from vswitch.ports.registry import NETNS_KEY, Key, interface_name, register
+from vswitch.ports.registry import NETNS_KEY, Key, interface_name, mtu_key, register
 
 
 @register
@@ -34,6 +35,8 @@ class AfPacketPort(KernelPort):
         Key("ifname", str, "the interface to attach to (e.g. veth0)", required=True, check=interface_name,
             metavar="IF"),
         NETNS_KEY,
+        mtu_key("set the interface's MTU when attaching (default: keep it); the port follows it",
+                default=None),
     )
 
     def start(self) -> None:

@@ -12,6 +12,7 @@ import abc
 from typing import Callable
 
 from vswitch.native import ffi
+from vswitch.ports.registry import MTU_FRAME_OVERHEAD
 
 EventSink = Callable[[str, dict], None]
 
@@ -37,6 +38,13 @@ class Port(abc.ABC):
         self.c = ffi.new("struct vs_port *")
         self.c.port_no = port_no
         self.c.ops = self.c_ops
+        self.mtu: int | None = None           # None: the port takes frames of any length
+
+    def set_mtu(self, mtu: int | None) -> None:
+        """The largest IP packet the port takes; longer frames are dropped
+        (tx_dropped_mtu), never truncated.  The PMDs see it at once."""
+        self.mtu = mtu
+        self.c.max_frame = mtu + MTU_FRAME_OVERHEAD if mtu else 0
 
     @classmethod
     def create(cls, spec: dict, port_no: int, *, emit: EventSink, **services) -> "Port":
@@ -90,5 +98,8 @@ class Port(abc.ABC):
 
     def info(self) -> dict:
         """What `vswitchctl show` prints about the port."""
-        return {"name": self.name, "type": self.type, "port_no": self.port_no,
+        info = {"name": self.name, "type": self.type, "port_no": self.port_no,
                 "link": "up" if self.link_up else "down", "stats": self.stats()}
+        if self.mtu:
+            info["mtu"] = self.mtu
+        return info

@@ -101,6 +101,44 @@ static void leave_netns(int saved)
     }
 }
 
+/* Gives the interface an MTU, before the port uses it (the interface is in
+ * the calling thread's namespace). */
+static int set_if_mtu(const char *ifname, uint32_t mtu)
+{
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) {
+        return -errno;
+    }
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+    ifr.ifr_mtu = (int)mtu;
+    int err = ioctl(s, SIOCSIFMTU, &ifr) < 0 ? -errno : 0;
+    close(s);
+    return err;
+}
+
+/*
+ * The interface's MTU, asked through a socket of the port's own namespace
+ * (the packet socket, or a TAP's rtnetlink socket): the kernel answers
+ * SIOCGIFMTU on any socket, for the socket's namespace.  A TAP moved to
+ * another namespace is not found there: the caller keeps what it knew.
+ */
+int vs_kport_mtu(struct vs_kport *kp)
+{
+    int s = kp->kind == VS_KPORT_AF_PACKET ? kp->fds[0] : kp->link_fd;
+    if (s < 0) {
+        return -EBADF;
+    }
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", kp->ifname);
+    if (ioctl(s, SIOCGIFMTU, &ifr) < 0) {
+        return -errno;
+    }
+    return ifr.ifr_mtu;
+}
+
 static int set_if_up(const char *ifname)
 {
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -217,6 +255,9 @@ int vs_kport_open_tap(struct vs_kport *kp, const char *ifname, uint32_t nqueues,
     }
     kp->offload_caps = offloads ? VS_OFFLOAD_ALL : 0;
     err = open_tap_queues(kp, ifname, nqueues, offloads);
+    if (!err && kp->mtu_request) {
+        err = set_if_mtu(kp->ifname, kp->mtu_request);
+    }
     if (!err) {
         err = set_if_up(kp->ifname);
     }
@@ -332,7 +373,10 @@ int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_f
     kp->ifindex = (int)if_nametoindex(ifname);
     if (kp->ifindex == 0) {
         err = -ENODEV;
-    } else {
+    } else if (kp->mtu_request) {
+        err = set_if_mtu(ifname, kp->mtu_request);
+    }
+    if (!err) {
         err = open_packet_socket(kp, vnet_hdr);
     }
     if (!err) {

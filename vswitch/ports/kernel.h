@@ -66,6 +66,7 @@ struct vs_kport {
     int ifindex;                          /* AF_PACKET: the attached interface */
     char ifname[VS_KPORT_IFNAMSIZ];
     int link_fd;                          /* rtnetlink socket: link notifications, or -1 */
+    uint32_t mtu_request;                 /* control, before open: the MTU to give the interface; 0: keep it */
     uint8_t vnet_hdr;                     /* frames carry a virtio-net header (offloads) */
     uint32_t offload_caps;                /* VS_OFFLOAD_* the port takes on transmit */
     uint32_t fault;                       /* shared: enum vs_kport_fault, set by the PMD */
@@ -86,6 +87,7 @@ int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_f
 void vs_kport_close(struct vs_kport *kp);
 int vs_kport_link_state(struct vs_kport *kp);   /* 1 up and running, 0 down, -errno gone */
 int vs_kport_link_events(struct vs_kport *kp);  /* reads link_fd dry: notifications read, or -errno */
+int vs_kport_mtu(struct vs_kport *kp);          /* the interface's MTU now, or -errno */
 
 /* The transmit path by itself (tests), as the PMD calls it through the ops. */
 void vs_kport_tx_burst(struct vs_kport *kp, uint32_t queue, struct vs_pkt **pkts, uint32_t n);

@@ -14,6 +14,9 @@ reports the link down and why, and the PMD drops (and counts) what it
 would send there; when the interface comes back up the link does too.
 Only an interface that is gone (deleted; for AF_PACKET also moved to
 another namespace) stops the port for good.  The other ports never notice.
+The port's MTU follows the interface's the same way (a longer frame is
+dropped and counted in tx_dropped_mtu); an `mtu` key sets the interface's
+when the port opens it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class KernelPort(Port):
         self.queues: int = spec.get("queues", 1)
         self.kp = ffi.new("struct vs_kport *")
         lib.vs_kport_init(self.kp)
+        self.kp.mtu_request = spec.get("mtu") or 0   # given to the interface when the port opens it
         self.c.priv = self.kp
         self._reason: str | None = None       # why the link is down, reported once
         self._pending_errors: list[str] = []
@@ -132,8 +136,20 @@ class KernelPort(Port):
         """Why the interface is gone, from the errno the link check got."""
         return os.strerror(err)
 
+    def _follow_mtu(self) -> None:
+        """The port takes what the interface takes: the kernel would refuse
+        (AF_PACKET) or pass on (TAP) a longer frame.  Unknown (a TAP moved to
+        another namespace): the last one seen stays."""
+        mtu = lib.vs_kport_mtu(self.kp)
+        if mtu > 0 and mtu != self.mtu:
+            if self.mtu is not None:
+                log.info("port '%s': interface %s MTU %d", self.name, self.ifname, mtu)
+            self.set_mtu(mtu)
+
     def housekeep(self) -> None:
-        """Follows the interface's state into the link state (once a second, and on notifications)."""
+        """Follows the interface's state into the link state and its MTU
+        into the port's (once a second, and on notifications)."""
+        self._follow_mtu()
         state = self.c.ops.link_state(self.c)
         if state < 0:
             reason = f"interface {self.ifname} is gone ({self.gone_reason(-state)})"
@@ -164,7 +180,8 @@ class KernelPort(Port):
             s = self.kp.stats[q]
             for key in total:
                 total[key] += getattr(s, key)
-        total["tx_dropped"] += self.c.stats.tx_dropped_down
+        total["tx_dropped"] += self.c.stats.tx_dropped_down + self.c.stats.tx_dropped_mtu
+        total["tx_dropped_mtu"] = self.c.stats.tx_dropped_mtu   # of tx_dropped: longer than the MTU
         total["tx_errors"] += self.c.stats.tx_dropped_offload
         return total
 

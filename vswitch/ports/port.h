@@ -64,6 +64,7 @@ struct vs_port_ops {
 struct vs_port_stats {
     uint64_t tx_dropped_down;    /* unicast frames for this port while its link was down */
     uint64_t tx_dropped_offload; /* frames whose checksum/segmentation could not be done (bad header) */
+    uint64_t tx_dropped_mtu;     /* frames longer than max_frame: dropped, never truncated */
 };
 
 struct vs_port {
@@ -71,5 +72,7 @@ struct vs_port {
     uint8_t link_up;             /* shared: the PMD delivers only while set */
     const struct vs_port_ops *ops; /* control: set before the port is published, never changed */
     void *priv;                  /* control: the type's state (a vhost device, a kernel port ...) */
+    uint32_t max_frame;          /* shared: longest frame (without GSO) the port takes, from its
+                                  * MTU; 0: no limit.  Written by the control plane at any time. */
     struct vs_port_stats stats;
 };

@@ -41,19 +41,21 @@ class KeyProblem(ValueError):
     """What is wrong with a key's value, as the rest of the line after "KEY: "."""
 
 
-_TYPE_NAMES = {str: "str", int: "int", bool: "bool"}
+_TYPE_NAMES = {str: "str", int: "int", bool: "bool", dict: "map"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Key:
     """One config key of a port type.
 
-    `type` is the value's type in YAML and JSON (str, int or bool).  A value is
-    checked by `check` when the key has one (it gets the raw value, returns the
-    value to keep and raises KeyProblem), else by its type, `low`/`high` and
-    `choices`.  When the key is absent: `required` keys are a problem, a
-    `default` (a value, or a function of the checked spec so far) is filled
-    in, and otherwise the key stays absent.
+    `type` is the value's type in YAML and JSON (str, int, bool, or dict for
+    a flag set).  A value is checked by `check` when the key has one (it gets
+    the raw value, returns the value to keep and raises KeyProblem), else by
+    its type, `low`/`high` and `choices`.  A flag set (type dict) maps some
+    of its `names` to true or false; on the command line it is
+    `NAME=on|off,...` (parse_flag_set).  When the key is absent: `required`
+    keys are a problem, a `default` (a value, or a function of the checked
+    spec so far) is filled in, and otherwise the key stays absent.
     """
     name: str
     type: type = str
@@ -63,12 +65,17 @@ class Key:
     low: int | None = None
     high: int | None = None
     choices: tuple = ()
+    names: tuple = ()              # a flag set's names (type dict)
     check: Callable[[Any], Any] | None = None
-    # The command line: how a flag's text becomes a value (default: `type`),
-    # and what --help calls it.
+    # The command line: how a flag's text becomes a value (default: `type`, or
+    # parse_flag_set for a flag set), and what --help calls it.
     parse_flag: Callable[[str], Any] | None = None
     metavar: str | None = None
-    type_name: str = ""            # what usage lines call the type (default: str, int, bool)
+    type_name: str = ""            # what usage lines call the type (default: str, int, bool, map)
+
+    def __post_init__(self):
+        if self.type is dict and self.parse_flag is None:
+            object.__setattr__(self, "parse_flag", self.parse_flag_set)
 
     @property
     def flag(self) -> str:
@@ -82,6 +89,8 @@ class Key:
         """The value to keep, or KeyProblem."""
         if self.check is not None:
             return self.check(value)
+        if self.type is dict:
+            return self._validate_flag_set(value)
         if self.choices:
             if not isinstance(value, self.type) or value not in self.choices:
                 raise KeyProblem(f"{value!r} must be {_one_of(self.choices)}")
@@ -98,10 +107,41 @@ class Key:
             raise KeyProblem(f"{value!r} must be a {self.shown_type}")
         return value
 
+    def _validate_flag_set(self, value) -> dict:
+        if not isinstance(value, dict):
+            raise KeyProblem(f"{value!r} must be a mapping of {self._flag_word} names to true or false")
+        for name, on in value.items():
+            if name not in self.names:
+                raise KeyProblem(f"unknown {self._flag_word} {name!r} (one of: {', '.join(sorted(self.names))})")
+            if not isinstance(on, bool):
+                raise KeyProblem(f"{name}: {on!r} must be true or false")
+        return dict(value)
+
+    @property
+    def _flag_word(self) -> str:
+        """What one name of a flag set is called in messages ("feature" for `features`)."""
+        return self.shown_type[:-1] if self.shown_type.endswith("s") else self.shown_type
+
+    def parse_flag_set(self, text: str) -> dict:
+        """A flag set from the command line: `mrg_rxbuf=off,tso=off` (on/off, true/false, yes/no, 1/0)."""
+        out = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, _, word = item.partition("=")
+            on = _FLAG_WORDS.get(word.strip().lower())
+            if on is None:
+                raise KeyProblem(f"{item!r} is not NAME=on or NAME=off")
+            out[name.strip()] = on
+        return self._validate_flag_set(out)
+
     def describe(self) -> dict:
         default = None if callable(self.default) else self.default
         return {"key": self.name, "type": self.shown_type, "required": self.required, "default": default,
-                "help": self.help, "flag": self.flag, **({"choices": list(self.choices)} if self.choices else {})}
+                "help": self.help, "flag": self.flag, **({"choices": list(self.choices)} if self.choices else {}),
+                **({"names": list(self.names)} if self.names else {})}
+
+
+_FLAG_WORDS = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False,
+               "1": True, "0": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +334,16 @@ SOCKET_ACCESS_KEYS = (
 
 def queues_key(help: str = "queue pairs") -> Key:
     return Key("queues", int, help, default=1, low=1, high=MAX_QUEUES, metavar="N")
+
+
+# The MTU a port takes (IPv4's minimum to the largest IP packet); a frame may
+# be MTU + 18 bytes: the Ethernet header and one VLAN tag (as Linux bridges allow).
+MIN_MTU, MAX_MTU, DEFAULT_MTU = 68, 65535, 1500
+MTU_FRAME_OVERHEAD = 18
+
+
+def mtu_key(help: str, default: int | None = DEFAULT_MTU) -> Key:
+    return Key("mtu", int, help, default=default, low=MIN_MTU, high=MAX_MTU, metavar="BYTES")
 
 
 SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)

@@ -2,7 +2,9 @@
 container's network namespace) to sit on the switch's L2 segment.
 
 `type: tap`, `ifname` (default: the port name), `netns` (an `ip netns`
-namespace to create it in), `queues` (IFF_MULTI_QUEUE when more than one).
+namespace to create it in), `queues` (IFF_MULTI_QUEUE when more than one),
+`mtu` (the interface's MTU at creation, default 1500; the port then follows
+the interface's, kernel.py).
 The interface is created up; removing the port deletes it (the switch holds
 the only fds and the interface is not persistent).  The link follows the
 interface: down and up again, even after it moved into another namespace
@@ -18,7 +20,7 @@ import os
 
 from vswitch.native import lib
 from vswitch.ports.kernel import KernelPort
-from vswitch.ports.registry import NETNS_KEY, Key, interface_name, queues_key, register
+from vswitch.ports.registry import NETNS_KEY, Key, interface_name, mtu_key, queues_key, register
 
 
 @register
@@ -32,6 +34,7 @@ class TapPort(KernelPort):
             default=lambda spec: spec["name"], metavar="IF"),
         NETNS_KEY,
         queues_key(),
+        mtu_key("the interface's MTU, set when it is created; the port then follows it"),
     )
 
     def start(self) -> None:

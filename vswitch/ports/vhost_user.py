@@ -4,6 +4,10 @@ The protocol lives in vswitch.vhost; this module ties one backend to one
 `struct vs_vhost_dev` and turns its rings' counters into port counters.
 Switch terms: rx is what the guest transmits (its odd, TX rings), tx is
 what the switch delivers into the guest (its even, RX rings).
+
+`features` turns offered virtio features off by name (FEATURE_GROUPS in
+vhost/protocol.py).  The port's MTU is the `mtu` key, or for a session
+the front-end's VHOST_USER_NET_SET_MTU: what the guest's driver was told.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import os
 
 from vswitch.config import DEFAULT_MAX_MEMORY, MAX_MAX_MEMORY, MIN_MAX_MEMORY
 from vswitch.native import ffi, lib
+from vswitch.ports import registry
 from vswitch.ports.base import Port
-from vswitch.ports.registry import (SOCKET_ACCESS_KEYS, Key, KeyProblem, parse_size_flag, queues_key, register,
-                                    size_check)
+from vswitch.ports.registry import (SOCKET_ACCESS_KEYS, Key, KeyProblem, mtu_key, parse_size_flag, queues_key,
+                                    register, size_check)
+from vswitch.vhost import protocol
 from vswitch.vhost.connection import SocketAccess
 from vswitch.vhost.backend import VhostUserBackend
 
@@ -54,6 +60,10 @@ class VhostUserPort(Port):
         Key("max_memory", int, "most guest memory the port maps, e.g. 64G (default 1T)",
             check=size_check(MIN_MAX_MEMORY, MAX_MAX_MEMORY, "1M to 64T"), parse_flag=parse_size_flag,
             metavar="SIZE", type_name="size"),
+        Key("features", dict, "virtio features not to offer, e.g. mrg_rxbuf=off,tso=off "
+            f"({', '.join(protocol.FEATURE_GROUPS)})", names=tuple(protocol.FEATURE_GROUPS),
+            metavar="NAME=off,...", type_name="features"),
+        mtu_key("largest IP packet delivered to the guest (the front-end's NET_SET_MTU overrides it)"),
     )
 
     @classmethod
@@ -72,9 +82,13 @@ class VhostUserPort(Port):
         self._on_rarp = on_rarp
         self._reported_errors = [[0] * lib.VS_VQ_ERR_MAX for _ in range(lib.VS_MAX_VRINGS)]
         self.max_memory = spec.get("max_memory", DEFAULT_MAX_MEMORY)
+        self.features = spec.get("features") or {}
+        self.configured_mtu = spec.get("mtu", registry.DEFAULT_MTU)
+        self.set_mtu(self.configured_mtu)
         self.backend = VhostUserBackend(name, spec["path"], spec.get("mode", "server"), self.queues,
                                         self.dev, quiesce, self._on_backend_event, reclaim=reclaim,
-                                        max_memory=self.max_memory, access=self._socket_access(spec))
+                                        max_memory=self.max_memory, access=self._socket_access(spec),
+                                        disabled_features=protocol.disabled_features(self.features))
 
     @staticmethod
     def _socket_access(spec: dict) -> SocketAccess | None:
@@ -88,6 +102,9 @@ class VhostUserPort(Port):
             index = fields["queue"]
             self.emit("queue", {"queue": index // 2, "direction": "tx" if index % 2 else "rx",
                                 "vring": index, "state": "enabled" if fields["enabled"] else "disabled"})
+        elif kind == "mtu":
+            # The guest's driver was told this MTU (QEMU host_mtu=): it is what it can take.
+            self.set_mtu(fields["mtu"] or self.configured_mtu)
         elif kind == "rarp":
             if self._on_rarp:
                 self._on_rarp(self, fields["mac"])
@@ -116,10 +133,16 @@ class VhostUserPort(Port):
             "rx_errors": sum(r.stats.errors for r in guest_tx),
             "tx_packets": sum(r.stats.packets for r in guest_rx),
             "tx_bytes": sum(r.stats.bytes for r in guest_rx),
-            "tx_dropped": sum(r.stats.dropped for r in guest_rx) + self.c.stats.tx_dropped_down,
+            "tx_dropped": sum(r.stats.dropped for r in guest_rx) + self.c.stats.tx_dropped_down
+            + self.c.stats.tx_dropped_mtu,
+            # Of tx_dropped: longer than the port's MTU; larger than the guest's receive buffers.
+            "tx_dropped_mtu": self.c.stats.tx_dropped_mtu,
+            "tx_dropped_too_big": sum(r.stats.too_big for r in guest_rx),
             "tx_errors": sum(r.stats.errors for r in guest_rx) + self.c.stats.tx_dropped_offload,
             "notifications": sum(r.stats.notifications for r in guest_tx + guest_rx),
             "protocol_errors": self.backend.protocol_errors,
+            # NET_SET_MTU requests outside 68..65535, refused.
+            "mtu_refused": self.backend.device.mtu_refused,
             # Front-ends disconnected because their guest memory faulted (truncated, unmapped).
             "mem_faults": self.backend.fault_counts["mem_faults"],
             # Front-ends disconnected because a notification to them would block.
@@ -171,6 +194,6 @@ class VhostUserPort(Port):
     def info(self) -> dict:
         info = super().info()
         info.update({"mode": self.backend.mode, "path": self.spec["path"], "queues": self.queues,
-                     "max_memory": self.max_memory,
+                     "max_memory": self.max_memory, "features": self.features,
                      "vhost": self.backend.info(), "queue_stats": self.queue_stats()})
         return info

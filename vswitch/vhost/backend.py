@@ -36,9 +36,10 @@ class VhostUserBackend:
     reclaim(what, release): calls release() once no PMD thread can still
              use what it frees (guest memory, ring fds); by default at once.
     max_memory: the most bytes of guest memory the port maps.
+    disabled_features: feature bits the port's config turned off.
     on_event(kind, fields): "connected" {}, "disconnected" {},
              "link" {"up": bool}, "queue" {"queue": vring, "enabled": bool},
-             "rarp" {"mac": "aa:bb:cc:dd:ee:ff"}.
+             "rarp" {"mac": "aa:bb:cc:dd:ee:ff"}, "mtu" {"mtu": int or None}.
     on_rarp(mac_bytes): optional, called on SEND_RARP as well.
     """
 
@@ -47,14 +48,15 @@ class VhostUserBackend:
                  loop: asyncio.AbstractEventLoop | None = None,
                  on_rarp: Callable[[bytes], None] | None = None,
                  reclaim: Reclaim | None = None, max_memory: int = DEFAULT_MAX_MEMORY,
-                 access: SocketAccess | None = None):
+                 access: SocketAccess | None = None, disabled_features: int = 0):
         self.name = name
         self.dev = dev
         self._on_event = on_event
         self._loop = loop
         self._unwatch_faults: Callable[[], None] | None = None
         self.device = VhostUserDevice(name, queues, dev, quiesce, self._emit, on_rarp=on_rarp,
-                                      reclaim=reclaim, max_memory=max_memory)
+                                      reclaim=reclaim, max_memory=max_memory,
+                                      disabled_features=disabled_features)
         self.connection = VhostUserConnection(name, path, mode, self.device, self._emit, loop=loop,
                                               access=access)
 

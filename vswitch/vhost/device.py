@@ -155,18 +155,21 @@ class VhostUserDevice:
     quiesce: waits (briefly) until the PMD threads no longer use anything
              they read before the call.
     emit(kind, fields): "link" {"up": bool}, "queue" {"queue": vring,
-             "enabled": bool}, "rarp" {"mac": "aa:bb:cc:dd:ee:ff"}; must not raise.
+             "enabled": bool}, "rarp" {"mac": "aa:bb:cc:dd:ee:ff"}, "mtu"
+             {"mtu": the front-end's NET_SET_MTU, None once it is gone}; must not raise.
     on_rarp(mac_bytes): optional, called on SEND_RARP as well.
     reclaim(what, release): calls release() once no PMD thread can still
              use what it frees (guest memory, ring fds); by default at once.
     max_memory: the most bytes of guest memory the port maps.
+    disabled_features: feature bits the port's config turned off: never
+             offered, refused like any bit not offered.
     """
 
     messages: dict[Request, MessageRule]      # MESSAGES, set below the class
 
     def __init__(self, name: str, queues: int, dev, quiesce: Callable[[], None], emit: EventSink,
                  on_rarp: Callable[[bytes], None] | None = None, reclaim: Reclaim | None = None,
-                 max_memory: int = DEFAULT_MAX_MEMORY):
+                 max_memory: int = DEFAULT_MAX_MEMORY, disabled_features: int = 0):
         if not 1 <= queues <= lib.VS_MAX_QUEUE_PAIRS:
             raise ValueError(f"vhost-user port '{name}': queues must be 1 to {lib.VS_MAX_QUEUE_PAIRS}, not {queues}")
         self.name = name
@@ -177,7 +180,9 @@ class VhostUserDevice:
         self._on_rarp = on_rarp
         self._reclaim = reclaim or _release_now
         self.max_memory = max_memory
+        self.offered_features = protocol.OFFERED_FEATURES & ~disabled_features
         self.memory_refused = 0       # SET_MEM_TABLE over max_memory
+        self.mtu_refused = 0          # NET_SET_MTU outside 68..65535
         self.fault_counts = {name: 0 for name in FAULT_BITS.values()}
         self._handling: MessageRule | None = None
         self._reset_session()
@@ -212,8 +217,12 @@ class VhostUserDevice:
             })
         return {
             "features": f"{self.features:#x}",
+            "offered_features": f"{self.offered_features:#x}",
+            "negotiated_feature_names": protocol.feature_names(self.features),
+            "offered_feature_names": protocol.feature_names(self.offered_features),
             "protocol_features": f"{self.protocol_features:#x}",
             "mtu": self.mtu,
+            "mtu_refused": self.mtu_refused,
             "status": f"{self.status:#x}",
             "link_up": self._link_up,
             "memory_regions": len(self._regions),
@@ -272,7 +281,10 @@ class VhostUserDevice:
             self._reclaim(f"port '{self.name}': guest memory",
                           _unmap_all(self._regions, keep_alive=self._memtable))
         close_fds([self.backend_req_fd])
+        had_mtu = self.mtu is not None
         self._reset_session()
+        if had_mtu:
+            self._emit("mtu", {"mtu": None})   # the front-end's MTU goes with its session
 
     def describe_fault(self) -> str | None:
         """Counts the fault bits set on the device and says what they mean; None if none."""
@@ -311,10 +323,10 @@ class VhostUserDevice:
         return self._rings[index]
 
     def _get_features(self, msg, body):
-        return protocol.OFFERED_FEATURES
+        return self.offered_features
 
     def _set_features(self, msg, features: int):
-        unknown = features & ~protocol.OFFERED_FEATURES
+        unknown = features & ~self.offered_features
         if unknown:
             raise RequestRefused(f"SET_FEATURES: features {unknown:#x} were not offered")
         if features != self.features and any(r.started for r in self._rings):
@@ -529,9 +541,11 @@ class VhostUserDevice:
 
     def _net_set_mtu(self, msg, mtu: int):
         if not 68 <= mtu <= 65535:
+            self.mtu_refused += 1
             raise RequestRefused(f"NET_SET_MTU: MTU {mtu} is outside 68..65535")
         self.mtu = mtu
-        log.info("vhost-user port '%s': MTU %d", self.name, mtu)
+        log.info("vhost-user port '%s': MTU %d (from the front-end)", self.name, mtu)
+        self._emit("mtu", {"mtu": mtu})
 
     def _send_rarp(self, msg, value: int):
         mac = protocol.pack_u64(value)[:6]

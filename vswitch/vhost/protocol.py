@@ -180,6 +180,54 @@ OFFERED_FEATURES = bits(
 )
 
 
+# What a port's `features:` key may turn off, by name, and the bits each
+# covers.  A name takes with it what depends on its bits (virtio 5.1.3.1):
+# TSO and ECN need checksum offload, MQ needs the control queue.  Masking a
+# bit that is not offered is harmless, so `packed` may be turned off whether
+# packed rings are offered or not.
+FEATURE_GROUPS = {
+    "csum": bits(VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
+                 VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN,
+                 VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN),
+    "tso": bits(VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN,
+                VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN),
+    "mrg_rxbuf": bits(VIRTIO_NET_F_MRG_RXBUF),
+    "ctrl_vq": bits(VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ),
+    "mq": bits(VIRTIO_NET_F_MQ),
+    "indirect": bits(VIRTIO_RING_F_INDIRECT_DESC),
+    "event_idx": bits(VIRTIO_RING_F_EVENT_IDX),
+    "in_order": bits(VIRTIO_F_IN_ORDER),
+    "packed": bits(VIRTIO_F_RING_PACKED),
+}
+
+# Each feature bit's name, as `vswitchctl show` prints it.
+FEATURE_NAMES = {
+    VIRTIO_NET_F_CSUM: "csum", VIRTIO_NET_F_GUEST_CSUM: "guest_csum",
+    VIRTIO_NET_F_GUEST_TSO4: "guest_tso4", VIRTIO_NET_F_GUEST_TSO6: "guest_tso6",
+    VIRTIO_NET_F_GUEST_ECN: "guest_ecn", VIRTIO_NET_F_HOST_TSO4: "host_tso4",
+    VIRTIO_NET_F_HOST_TSO6: "host_tso6", VIRTIO_NET_F_HOST_ECN: "host_ecn",
+    VIRTIO_NET_F_MRG_RXBUF: "mrg_rxbuf", VIRTIO_NET_F_CTRL_VQ: "ctrl_vq", VIRTIO_NET_F_MQ: "mq",
+    VHOST_F_LOG_ALL: "log_all", VIRTIO_F_ANY_LAYOUT: "any_layout",
+    VIRTIO_RING_F_INDIRECT_DESC: "indirect_desc", VIRTIO_RING_F_EVENT_IDX: "event_idx",
+    VHOST_USER_F_PROTOCOL_FEATURES: "protocol_features", VIRTIO_F_VERSION_1: "version_1",
+    VIRTIO_F_RING_PACKED: "ring_packed", VIRTIO_F_IN_ORDER: "in_order",
+}
+
+
+def feature_names(features: int) -> list[str]:
+    """The names of the bits set in a feature mask, lowest bit first (`bit40` for one without a name)."""
+    return [FEATURE_NAMES.get(bit, f"bit{bit}") for bit in range(64) if features >> bit & 1]
+
+
+def disabled_features(features: dict | None) -> int:
+    """The bits a port's `features:` key turns off."""
+    mask = 0
+    for name, on in (features or {}).items():
+        if not on:
+            mask |= FEATURE_GROUPS[name]
+    return mask
+
+
 class ProtocolFeature(enum.IntEnum):
     """vhost-user protocol feature bit numbers (GET/SET_PROTOCOL_FEATURES)."""
 

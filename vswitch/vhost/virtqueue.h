@@ -74,6 +74,8 @@ struct vs_queue_stats {
     uint64_t packets;            /* frames moved through this ring */
     uint64_t bytes;
     uint64_t dropped;            /* RX ring: no guest buffer (or too small) */
+    uint64_t too_big;            /* RX ring: of dropped, frames larger than the guest's buffers can
+                                    hold (one buffer without mergeable buffers); never truncated */
     uint64_t errors;             /* malformed chains, enum vs_vq_error */
     uint64_t notifications;      /* eventfd writes to the guest */
     uint64_t bursts;             /* non-empty bursts */
