@@ -71,7 +71,8 @@ class SwitchCollector:
             link.add_metric(ids, 1 if port.link_up else 0)
             # The port type's stats fold the generic reasons in; take them out again.
             dropped.add_metric(ids + ["tx", "link_down"], generic.tx_dropped_down)
-            dropped.add_metric(ids + ["tx", "port"], s["tx_dropped"] - generic.tx_dropped_down)
+            dropped.add_metric(ids + ["tx", "mtu"], generic.tx_dropped_mtu)
+            dropped.add_metric(ids + ["tx", "port"], s["tx_dropped"] - generic.tx_dropped_down - generic.tx_dropped_mtu)
             dropped.add_metric(ids + ["rx", "port"], s["rx_dropped"])
             errors.add_metric(ids + ["tx", "bad_offload_header"], generic.tx_dropped_offload)
             errors.add_metric(ids + ["tx", "port"], s["tx_errors"] - generic.tx_dropped_offload)
