@@ -30,8 +30,6 @@
 #include "vswitch.h"
 
 _Static_assert(VS_MAX_POLL >= VS_MAX_PORTS * VS_MAX_PORT_QUEUES, "a poll slot for every queue of every port");
-_Static_assert(VS_MAX_QUEUE_PAIRS <= VS_MAX_PORT_QUEUES && VS_KPORT_MAX_QUEUES <= VS_MAX_PORT_QUEUES,
-               "no port type has more queues than VS_MAX_PORT_QUEUES");
 
 #define IDLE_PASSES_BEFORE_SLEEP 256
 #define FIRST_SLEEP_US 8

@@ -48,6 +48,8 @@
 
 #include "vswitch.h"
 
+_Static_assert(VS_KPORT_MAX_QUEUES <= VS_MAX_PORT_QUEUES, "the PMD has a poll slot for every queue (pmd.h)");
+
 /* AF_PACKET ring geometry. */
 #define RX_FRAME_SIZE 2048            /* without a virtio-net header: one MTU-sized frame */
 #define RX_FRAMES 1024

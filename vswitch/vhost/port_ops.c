@@ -9,6 +9,8 @@
 
 #include "vswitch.h"
 
+_Static_assert(VS_MAX_QUEUE_PAIRS <= VS_MAX_PORT_QUEUES, "the PMD has a poll slot for every queue (pmd.h)");
+
 static inline struct vs_vhost_dev *dev_of(const struct vs_port *port)
 {
     return port->priv;
