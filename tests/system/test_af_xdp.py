@@ -55,6 +55,10 @@ def make_veth(netns, queues: int = 1):
     sh("ip", "link", "set", host, "up")
     in_ns(netns, "ip", "addr", "add", f"{NS_IP}/24", "dev", peer)
     in_ns(netns, "ip", "link", "set", peer, "up")
+    # XDP carries no checksum state: frames the namespace's stack leaves to
+    # a checksum offload would reach the switch with only the pseudo-header
+    # sum.  So, as for OVS's AF_XDP ports, the namespace end computes them.
+    in_ns(netns, "ethtool", "-K", peer, "tx", "off")
     return host, peer
 
 
@@ -161,3 +165,293 @@ def test_frames_both_ways_and_show(switch):
     assert xdp_programs(d.host) == []
     d.ctl("add-port", "xdp", "--type", "af-xdp", "--ifname", d.host, "--mode", "native", "--zero-copy", "off")
     assert d.port("xdp")["mode"] == "native" and len(xdp_programs(d.host)) == 1
+
+
+def start_guest(d, path, features):
+    from tests.support.frontend import VhostUserFrontend
+
+    fe = VhostUserFrontend(path, features=features).connect()
+    fe.handshake()
+    fe.post_rx(0, 128)
+    return fe
+
+
+def test_tso_and_partial_checksum_from_a_guest_arrive_intact(tmp_path, veth, netns):
+    """A guest that negotiated CSUM and HOST_TSO4 sends a 4000-byte TSO frame
+    with a partial checksum: the AF_XDP port takes no offload, so the PMD
+    segments it and fills the checksums, and the namespace's TCP stack takes
+    every byte (it drops segments with bad checksums).  The namespace's
+    answer comes back through the XDP socket with valid checksums."""
+    from tests.support.frontend import DRIVER_FEATURES
+    from tests.system.test_tap import NS_SERVER, checksums_valid, gso_header, pseudo_partial
+    from vswitch.vhost import protocol
+    from vswitch.vhost.protocol import bits
+
+    host, peer = veth
+    ports = [{"name": "g1", "type": "vhost-user", "path": str(tmp_path / "g1.sock")},
+             {"name": "xdp", "type": "af-xdp", "ifname": host}]
+    with Vswitchd(tmp_path, ports=ports) as d:
+        fe = start_guest(d, tmp_path / "g1.sock",
+                         DRIVER_FEATURES | bits(protocol.VIRTIO_NET_F_CSUM, protocol.VIRTIO_NET_F_HOST_TSO4))
+        try:
+            assert fe.features & bits(protocol.VIRTIO_NET_F_HOST_TSO4)
+            payload = bytes((i * 13) & 0xFF for i in range(4000))
+            server = python_in_ns(netns, "-c", NS_SERVER, str(len(payload)))
+            try:
+                assert server.stdout.readline().strip() == "listening"
+                fe.send_frame(0, arp_request(G1[0], G1[1], NS_IP))
+                ns_mac = wait_for(fe, lambda p: ARP in p and p[ARP].op == 2).src
+                eth = Ether(src=G1[0], dst=ns_mac) / IP(src=G1[1], dst=NS_IP)
+                fe.send_frame(0, bytes(eth / TCP(sport=40000, dport=5001, flags="S", seq=1000,
+                                                 options=[("MSS", 1460)])))
+                synack = wait_for(fe, lambda p: TCP in p and p[TCP].flags == "SA")
+                ack = synack[TCP].seq + 1
+                fe.send_frame(0, bytes(eth / TCP(sport=40000, dport=5001, flags="A", seq=1001, ack=ack)))
+                big = eth / TCP(sport=40000, dport=5001, flags="PA", seq=1001, ack=ack, window=65535) / payload
+                fe.send_frame(0, pseudo_partial(big), header=gso_header(big, 1448))
+                line = server.stdout.readline().split()
+                assert line == [str(len(payload)), __import__("hashlib").sha256(payload).hexdigest()], line
+                got = b""
+                deadline = time.monotonic() + 10
+                while len(got) < 10240 and time.monotonic() < deadline:
+                    for p in rx(fe):
+                        if TCP in p and p[TCP].sport == 5001 and len(p[TCP].payload):
+                            assert checksums_valid(p), p.show(dump=True)
+                            got += bytes(p[TCP].payload)
+                assert got == bytes(range(256)) * 40
+            finally:
+                server.kill()
+                server.communicate()
+            s = d.port("xdp")["stats"]
+            assert s["tx_errors"] == 0 and s["tx_packets"] >= 5
+        finally:
+            fe.close()
+
+
+UDP_FLOWS = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for port in range(20000, 20000 + int(sys.argv[2])):
+    s.sendto(b"flow", (sys.argv[1], port))
+"""
+
+
+def test_two_queues_spread_flows(tmp_path, netns):
+    """A veth with two queues each way, attached with queues: 2: the
+    namespace's flows arrive on both XDP sockets, and the guest gets all."""
+    host, peer = make_veth(netns, queues=2)
+    try:
+        ports = [{"name": "g1", "type": "vhost-user", "path": str(tmp_path / "g1.sock")},
+                 {"name": "xdp", "type": "af-xdp", "ifname": host, "queues": 2}]
+        with Vswitchd(tmp_path, ports=ports) as d:
+            (fe,) = d.connect_guests(["g1"], rx_buffers=256)
+            try:
+                in_ns(netns, "ip", "neigh", "replace", G1[1], "lladdr", G1[0], "dev", peer)
+                flows = 64
+                # The send queue follows the sending CPU (XPS): send from each.
+                for cpu in (0, 1):
+                    in_ns(netns, "taskset", "-c", str(cpu), "python3", "-c", UDP_FLOWS, G1[1], str(flows))
+                got = 0
+                deadline = time.monotonic() + 5
+                while got < 2 * flows and time.monotonic() < deadline:
+                    got += len([p for p in rx(fe) if UDP in p and p[UDP].dport >= 20000])
+                assert got == 2 * flows
+                port = d.port("xdp")
+                assert port["queues"] == 2
+                per_queue = [q["rx_packets"] for q in port["queue_stats"]]
+                assert all(n > 0 for n in per_queue), per_queue
+            finally:
+                fe.close()
+    finally:
+        sh("ip", "link", "del", host, check=False)
+
+
+def ping_ns(fe, ns_mac, ident, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    seq = 0
+    while time.monotonic() < deadline:
+        seq += 1
+        fe.send_frame(0, bytes(Ether(src=G1[0], dst=ns_mac) / IP(src=G1[1], dst=NS_IP) / ICMP(id=ident, seq=seq)))
+        for p in rx(fe, 0.2):
+            if ICMP in p and p[ICMP].type == 0 and p[ICMP].id == ident:
+                return True
+            if ARP in p and p[ARP].op == 1 and p[ARP].pdst == G1[1]:
+                fe.send_frame(0, bytes(Ether(src=G1[0], dst=p.src) /
+                                       ARP(op=2, hwsrc=G1[0], psrc=G1[1], hwdst=p.src, pdst=p[ARP].psrc)))
+    return False
+
+
+def g1_to_g2_all_delivered(d, count=20) -> None:
+    g1, g2 = d.fe["g1"], d.fe["g2"]
+    for i in range(count):
+        g1.send_frame(0, bytes(Ether(src=G1[0], dst=G2[0]) / IP(src=G1[1], dst=G2[1]) / ICMP(id=99, seq=i)))
+    got = 0
+    deadline = time.monotonic() + 5
+    while got < count and time.monotonic() < deadline:
+        got += len([p for p in rx(g2) if ICMP in p and p[ICMP].id == 99])
+    assert got == count, f"g2 got {got} of {count} frames from g1"
+
+
+def test_link_down_up_then_deleted(switch):
+    """The interface goes down: a link-down event with the reason, pings go
+    unanswered; it comes back up: the link returns and pings are answered
+    at once.  Then it is deleted: the port reports it gone.  g1 <-> g2 never
+    notice."""
+    d = switch
+    g1 = d.fe["g1"]
+    ns_mac = link_mac(d.netns, d.peer)
+    d.fe["g2"].send_frame(0, arp_request(G2[0], G2[1], G1[1]))
+    assert ping_ns(g1, ns_mac, 1)
+    with EventStream(d) as events:
+        for round_ in range(2):
+            t = time.time()
+            sh("ip", "link", "set", d.host, "down")
+            events.wait_link("xdp", "down", after=t)
+            assert d.port("xdp")["link_reason"] == f"interface {d.host} is down"
+            assert not ping_ns(g1, ns_mac, 10 + round_, timeout=1.0)
+            g1_to_g2_all_delivered(d)
+            t = time.time()
+            sh("ip", "link", "set", d.host, "up")
+            events.wait_link("xdp", "up", after=t)
+            assert ping_ns(g1, ns_mac, 20 + round_)
+        t = time.time()
+        sh("ip", "link", "del", d.host)
+        events.wait_link("xdp", "down", after=t)
+    assert "gone" in d.port("xdp")["link_reason"]
+    g1_to_g2_all_delivered(d)
+    d.ctl("del-port", "xdp")
+    assert d.proc.poll() is None
+
+
+def test_kill_and_restart_leaves_no_stale_program(tmp_path, veth, netns, record_dir):
+    """vswitchd killed with -9 leaves its XDP program on the interface (and
+    its record); the restarted switch removes exactly that program, attaches
+    its own and forwards; a clean stop leaves nothing."""
+    host, peer = veth
+    ports = [{"name": "g1", "type": "vhost-user", "path": str(tmp_path / "g1.sock")},
+             {"name": "xdp", "type": "af-xdp", "ifname": host}]
+    d = Vswitchd(tmp_path, ports=ports)
+    try:
+        d.start()
+        first = d.port("xdp")["xdp_program"]["id"]
+        assert xdp_programs(host) == [f"xsk_def_prog:{first}"]
+        d.kill()
+        assert xdp_programs(host) == [f"xsk_def_prog:{first}"], "killed: the program stays"
+        (record,) = list(record_dir.iterdir())
+        assert json.loads(record.read_text())["prog_id"] == first
+        d.start()
+        second = d.port("xdp")["xdp_program"]["id"]
+        assert second != first
+        assert xdp_programs(host) == [f"xsk_def_prog:{second}"]
+        assert f"removed XDP program {first}" in d.log()
+        (fe,) = d.connect_guests(["g1"])
+        try:
+            assert ping_ns(fe, link_mac(netns, peer), 5)
+        finally:
+            fe.close()
+        d.stop()
+        assert xdp_programs(host) == [] and list(record_dir.iterdir()) == []
+    finally:
+        d.stop()
+
+
+def add_port_error(d, *args) -> str:
+    r = d.ctl_raw("add-port", "x", "--type", "af-xdp", *args)
+    assert r.returncode != 0, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_refusals_are_one_line_and_disturb_nothing(tmp_path, veth, netns, monkeypatch):
+    """No libxdp; native mode on an interface without native XDP (a bridge);
+    more queues than channels; an interface attached already: each refused
+    with one line, and the running port keeps forwarding."""
+    host, peer = veth
+    dummy = unique("vxd", next(_ids))
+    sh("ip", "link", "add", dummy, "type", "bridge")   # a bridge has no native XDP
+    try:
+        sh("ip", "link", "set", dummy, "up")
+        d = start_switch(tmp_path, host, netns)
+        try:
+            d.fe = dict(zip(("g1", "g2"), d.connect_guests(["g1", "g2"])))
+            ns_mac = link_mac(netns, peer)
+            line = add_port_error(d, "--ifname", dummy, "--mode", "native")
+            assert f"interface {dummy} has no native XDP support" in line and "mode: generic" in line, line
+            line = add_port_error(d, "--ifname", host)
+            assert f"interface {host} is already attached by port 'xdp'" in line, line
+            # Another vswitchd finds the interface's record held.
+            (tmp_path / "second").mkdir()
+            with Vswitchd(tmp_path / "second", ports=[]) as other:
+                line = add_port_error(other, "--ifname", host)
+                assert f"interface {host} is already attached by an af-xdp port (vswitchd pid {d.proc.pid})" \
+                    in line, line
+            line = add_port_error(d, "--ifname", "nosuchif0")
+            assert "interface nosuchif0 does not exist" in line, line
+            d.ctl("del-port", "xdp")
+            line = add_port_error(d, "--ifname", host, "--queues", "2")
+            assert f"interface {host} has 1 channel(s), fewer than queues: 2" in line, line
+            # auto on the bridge falls back to generic XDP.
+            d.ctl("add-port", "dummy", "--type", "af-xdp", "--ifname", dummy)
+            assert d.port("dummy")["mode"] == "generic"
+            d.ctl("del-port", "dummy")
+            d.ctl("add-port", "xdp", "--type", "af-xdp", "--ifname", host, "--mode", "auto")
+            assert ping_ns(d.fe["g1"], ns_mac, 7)
+            g1_to_g2_all_delivered(d)
+        finally:
+            for fe in getattr(d, "fe", {}).values():
+                fe.close()
+            d.stop()
+        # Without libxdp the switch runs; only the AF_XDP port is refused.
+        monkeypatch.setenv("VSWITCH_LIBXDP", "/nonexistent.so")
+        ports = [{"name": "g1", "type": "vhost-user", "path": str(tmp_path / "g1.sock")},
+                 {"name": "g2", "type": "vhost-user", "path": str(tmp_path / "g2.sock")}]
+        with Vswitchd(tmp_path, ports=ports) as d:
+            d.fe = dict(zip(("g1", "g2"), d.connect_guests(["g1", "g2"])))
+            try:
+                line = add_port_error(d, "--ifname", host)
+                assert "af-xdp ports need libxdp" in line and "/nonexistent.so" in line, line
+                g1_to_g2_all_delivered(d)
+                assert [p["name"] for p in d.ctl("show")["ports"]] == ["g1", "g2"]
+            finally:
+                for fe in d.fe.values():
+                    fe.close()
+        assert xdp_programs(host) == []
+    finally:
+        sh("ip", "link", "del", dummy, check=False)
+
+
+XDP_PASS_PROG = "/usr/lib/x86_64-linux-gnu/bpf/xdpfilt_alw_all.o"
+
+
+def test_another_xdp_program_loaded_first(switch):
+    """xdp-loader's program on the interface first.  Where libxdp's
+    dispatcher works, xdp-loader puts its program under it and both
+    programs then run side by side; where it cannot load (on this machine
+    the kernel refuses its freplace program), xdp-loader attaches its
+    program alone, and the port is refused with one line that says why,
+    leaving the other program as it was."""
+    d = switch
+    d.ctl("del-port", "xdp")
+    sh("xdp-loader", "load", "-m", "native", d.host, XDP_PASS_PROG)
+    try:
+        before = xdp_programs(d.host)
+        names = [p.split(":")[0] for p in before]
+        assert "xdpfilt_alw_all" in names, before
+        if "xdp_dispatcher" in names:
+            d.ctl("add-port", "xdp", "--type", "af-xdp", "--ifname", d.host)
+            names = [p.split(":")[0] for p in xdp_programs(d.host)]
+            assert "xdpfilt_alw_all" in names and "xsk_def_prog" in names, names
+            assert d.port("xdp")["xdp_program"]["dispatcher"] is True
+            assert ping_ns(d.fe["g1"], link_mac(d.netns, d.peer), 8)
+            d.ctl("del-port", "xdp")
+            names = [p.split(":")[0] for p in xdp_programs(d.host)]
+            assert "xdpfilt_alw_all" in names and "xsk_def_prog" not in names, names
+        else:
+            line = add_port_error(d, "--ifname", d.host)
+            assert f"interface {d.host} already runs XDP program 'xdpfilt_alw_all' outside libxdp's dispatcher" \
+                in line, line
+            assert xdp_programs(d.host) == before
+        g1_to_g2_all_delivered(d)
+    finally:
+        sh("xdp-loader", "unload", d.host, "--all", check=False)

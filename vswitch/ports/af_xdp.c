@@ -248,6 +248,37 @@ static void delete_sockets(struct vs_xsk_port *xp)
     }
 }
 
+/* Deletes the UMEMs (after their sockets) and frees the rings. */
+static void delete_umems(struct vs_xsk_port *xp)
+{
+    for (uint32_t q = 0; q < VS_XSK_MAX_QUEUES; q++) {
+        struct vs_xsk_queue *xq = &xp->queues[q];
+        if (xq->rings) {
+            if (xq->rings->umem) {
+                xdp.xsk_umem__delete(xq->rings->umem);
+            }
+            free(xq->rings);
+            xq->rings = NULL;
+        }
+        if (xq->area) {
+            munmap(xq->area, xq->area_len);
+            xq->area = NULL;
+        }
+        xq->fd = -1;
+    }
+}
+
+static int create_umems(struct vs_xsk_port *xp)
+{
+    for (uint32_t q = 0; q < xp->nqueues; q++) {
+        int rc = create_umem(&xp->queues[q]);
+        if (rc) {
+            return rc < 0 ? rc : -rc;
+        }
+    }
+    return 0;
+}
+
 /* Creates every queue's socket in one mode; on failure deletes those made. */
 static int create_sockets(struct vs_xsk_port *xp, const char *ifname, uint32_t mode, bool zero_copy)
 {
@@ -258,17 +289,24 @@ static int create_sockets(struct vs_xsk_port *xp, const char *ifname, uint32_t m
         .xdp_flags = mode == VS_XSK_MODE_NATIVE ? XDP_FLAGS_DRV_MODE : XDP_FLAGS_SKB_MODE,
         .bind_flags = XDP_USE_NEED_WAKEUP | (zero_copy ? XDP_ZEROCOPY : XDP_COPY),
     };
-    for (uint32_t q = 0; q < xp->nqueues; q++) {
+    /* Fresh UMEMs for every try: libxdp's first socket of a UMEM is the
+     * UMEM's own fd, and a failed try may leave it bound (EBUSY next time). */
+    int rc = create_umems(xp);
+    for (uint32_t q = 0; rc == 0 && q < xp->nqueues; q++) {
         struct vs_xsk_rings *r = xp->queues[q].rings;
-        int rc = xdp.xsk_socket__create(&r->xsk, ifname, q, r->umem, &r->rx, &r->tx, &cfg);
+        rc = xdp.xsk_socket__create(&r->xsk, ifname, q, r->umem, &r->rx, &r->tx, &cfg);
         if (rc) {
             r->xsk = NULL;
-            delete_sockets(xp);
-            return rc < 0 ? rc : -rc;
+            rc = rc < 0 ? rc : -rc;
+        } else {
+            xp->queues[q].fd = xdp.xsk_socket__fd(r->xsk);
         }
-        xp->queues[q].fd = xdp.xsk_socket__fd(r->xsk);
     }
-    return 0;
+    if (rc) {
+        delete_sockets(xp);
+        delete_umems(xp);
+    }
+    return rc;
 }
 
 /* Errors that say "not in this mode", after which the next mode is tried. */
@@ -295,6 +333,12 @@ static int attach(struct vs_xsk_port *xp, const char *ifname, uint32_t mode, uin
     int err = -EINVAL;
     for (int i = 0; i < n; i++) {
         int rc = create_sockets(xp, ifname, tries[i].mode, tries[i].zc);
+        /* A socket the last try bound and closed frees its queue in
+         * deferred work (EBUSY until then): give that up to half a second. */
+        for (int wait = 0; i > 0 && rc == -EBUSY && wait < 50; wait++) {
+            usleep(10000);
+            rc = create_sockets(xp, ifname, tries[i].mode, tries[i].zc);
+        }
         if (rc == 0) {
             xp->mode = tries[i].mode;
             return 0;
@@ -361,13 +405,6 @@ static int open_in_netns(struct vs_xsk_port *xp, const char *ifname, uint32_t mo
     if (stale_prog_id) {
         remove_stale_program(xp, stale_prog_id);
     }
-    for (uint32_t q = 0; q < xp->nqueues; q++) {
-        int rc = create_umem(&xp->queues[q]);
-        if (rc) {
-            xp->failure = VS_XSK_FAIL_SOCKET;
-            return rc < 0 ? rc : -rc;
-        }
-    }
     int rc = attach(xp, ifname, mode, zero_copy);
     if (rc) {
         return rc;
@@ -417,23 +454,9 @@ void vs_xsk_close(struct vs_xsk_port *xp)
         }
         vs_leave_netns(saved);
     }
-    for (uint32_t q = 0; q < VS_XSK_MAX_QUEUES; q++) {
-        struct vs_xsk_queue *xq = &xp->queues[q];
-        if (xq->rings) {
-            if (xq->rings->xsk && xdp.handle) {
-                xdp.xsk_socket__delete(xq->rings->xsk);   /* only if entering the namespace failed */
-            }
-            if (xq->rings->umem) {
-                xdp.xsk_umem__delete(xq->rings->umem);
-            }
-            free(xq->rings);
-            xq->rings = NULL;
-        }
-        if (xq->area) {
-            munmap(xq->area, xq->area_len);
-            xq->area = NULL;
-        }
-        xq->fd = -1;
+    if (xdp.handle) {
+        delete_sockets(xp);   /* only if entering the namespace failed */
+        delete_umems(xp);
     }
     if (xp->link_fd >= 0) {
         close(xp->link_fd);

@@ -250,4 +250,7 @@ def dispatcher_missing_reason() -> str:
         reasons.append(f"no BPF filesystem at {BPFFS}: mount -t bpf bpf {BPFFS}")
     if not os.path.exists(KERNEL_BTF):
         reasons.append(f"the kernel has no BTF ({KERNEL_BTF}), which libxdp's dispatcher needs")
-    return "; ".join(reasons) or "libxdp fell back to a single program"
+    # Both there and still no dispatcher: the kernel refused to load it
+    # (on the machine this was written on, loading its freplace program
+    # fails with EPERM although BTF and a BPF filesystem are present).
+    return "; ".join(reasons) or "libxdp could not load its dispatcher on this kernel (its log lines say why)"
