@@ -455,3 +455,51 @@ def test_another_xdp_program_loaded_first(switch):
         g1_to_g2_all_delivered(d)
     finally:
         sh("xdp-loader", "unload", d.host, "--all", check=False)
+
+
+@pytest.fixture
+def xdp_host_and_vm(tmp_path, kit, netns):  # noqa: F811 (kit is a fixture)
+    """A QEMU guest on a vhost-user port and the namespace behind an AF_XDP
+    port named "host", with the addresses test_host_to_vm's cases use."""
+    from tests.system import test_host_to_vm as h2v
+    from tests.system.test_qemu_guests import BOOT_TIMEOUT, wait_links
+    from tools import vmkit
+
+    host, peer = make_veth(netns)
+    try:
+        in_ns(netns, "ip", "addr", "flush", "dev", peer)
+        in_ns(netns, "ip", "addr", "add", f"{h2v.NS_IP}/24", "dev", peer)
+        ports = [{"name": "vm", "type": "vhost-user", "path": str(tmp_path / "vm.sock")},
+                 {"name": "host", "type": "af-xdp", "ifname": host}]
+        with Vswitchd(tmp_path, ports=ports) as switch:
+            guest = vmkit.Guest("vm", tmp_path / "vm.sock", ip=f"{h2v.GUEST_IP}/24", mac="52:54:00:c8:07:02",
+                                log_dir=tmp_path, kit_dir=kit)
+            with guest:
+                guest.wait_ready(BOOT_TIMEOUT)
+                wait_links(switch, ["vm", "host"])
+                yield switch, guest, netns
+    finally:
+        sh("ip", "link", "del", host, check=False)
+
+
+from tests.system.test_qemu_guests import kit  # noqa: E402,F401 (a fixture)
+
+
+@pytest.mark.qemu
+def test_qemu_guest_ping_and_tcp_both_ways(xdp_host_and_vm, request):
+    """test_host_to_vm's ping and 16 MiB SHA-256-checked transfers each way,
+    with the AF_XDP port in place of the TAP: the guest's TSO frames are
+    segmented and checksummed in software on their way to the UMEM."""
+    from tests.system import test_host_to_vm as h2v
+
+    h2v.test_ping_and_tcp_both_ways(xdp_host_and_vm, request)
+    port = xdp_host_and_vm[0].port("host")
+    assert port["mode"] == "native"
+    assert port["stats"]["rx_packets"] > 1000 and port["stats"]["tx_packets"] > 1000
+
+
+@pytest.mark.qemu
+def test_qemu_guest_iperf3_both_ways(xdp_host_and_vm, request, tmp_path, require_tool):
+    from tests.system import test_host_to_vm as h2v
+
+    h2v.test_iperf3_both_ways(xdp_host_and_vm, request, tmp_path, require_tool)
