@@ -503,3 +503,55 @@ def test_qemu_guest_iperf3_both_ways(xdp_host_and_vm, request, tmp_path, require
     from tests.system import test_host_to_vm as h2v
 
     h2v.test_iperf3_both_ways(xdp_host_and_vm, request, tmp_path, require_tool)
+
+
+DPDK_MAC = "02:00:00:00:07:09"
+
+
+@pytest.mark.dpdk
+def test_dpdk_af_xdp_peer_loops_frames_with_a_virtio_user_port(tmp_path, veth, netns):
+    """DPDK's own AF_XDP PMD (net_af_xdp, linked to libxdp) on the namespace
+    end of the veth, and a DPDK virtio-user guest on a vhost-user port: both
+    forward in mac mode to each other, seeded with tx_first, so frames loop
+    testpmd(af_xdp) -> veth -> AF_XDP port -> vhost-user port -> testpmd
+    (virtio-user) and back.  Every frame each side sent was taken by the
+    switch; the switch delivered at least what each side read, at most a
+    ring's worth more (frames left in a ring when the loop stopped)."""
+    from tests.support.testpmd import TestPmd, virtio_user_vdev
+    from tests.system.test_testpmd import GUEST_ERROR_COUNTERS, settle, switch_stats, wait_links
+
+    host, peer = veth
+    in_ns(netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")   # no chatter from the namespace
+    peer_mac = link_mac(netns, peer)
+    ports = [{"name": "dpdk", "type": "vhost-user", "path": str(tmp_path / "dpdk.sock")},
+             {"name": "xdp", "type": "af-xdp", "ifname": host}]
+    with Vswitchd(tmp_path, ports=ports) as d:
+        guest = TestPmd([virtio_user_vdev(0, tmp_path / "dpdk.sock", mac=DPDK_MAC)],
+                        ["--forward-mode=mac", f"--eth-peer=0,{peer_mac}"],
+                        main_lcore=1, log_path=tmp_path / "virtio-testpmd.log")
+        nic = TestPmd([f"net_af_xdp0,iface={peer},start_queue=0,queue_count=1"],
+                      ["--forward-mode=mac", f"--eth-peer=0,{DPDK_MAC}"],
+                      main_lcore=0, log_path=tmp_path / "af-xdp-testpmd.log", eal_args=["--file-prefix=vsxdp"])
+        # The AF_XDP PMD attaches to the namespace's end of the veth: it runs there.
+        nic.argv = ["ip", "netns", "exec", netns, *nic.argv]
+        with guest, nic:
+            wait_links(d, ["dpdk", "xdp"])
+            nic.start()
+            guest.start(tx_first=2)
+            time.sleep(3)
+            guest.stop()
+            nic.stop()
+            sw = settle(lambda: switch_stats(d))
+            g = settle(guest.port_stats)[0]
+            n = settle(nic.port_stats)[0]
+            print(f"switch: {sw}\nvirtio-user: {g}\naf_xdp: {n}")
+            assert g["rx_packets"] > 1000 and n["rx_packets"] > 1000, (g, n)
+            for counter in GUEST_ERROR_COUNTERS:
+                assert g.get(counter, 0) == 0 and n.get(counter, 0) == 0, (counter, g, n)
+            assert sw["dpdk"]["rx_packets"] == g["tx_packets"]
+            assert sw["xdp"]["rx_packets"] == n["tx_packets"]
+            assert g["rx_packets"] <= sw["dpdk"]["tx_packets"] <= g["rx_packets"] + 256
+            assert n["rx_packets"] <= sw["xdp"]["tx_packets"] <= n["rx_packets"] + 2048
+            for name in ("dpdk", "xdp"):
+                assert sw[name]["rx_errors"] == sw[name]["tx_errors"] == 0, sw
+            assert guest.quit() == 0 and nic.quit() == 0
