@@ -389,6 +389,8 @@ def test_refusals_are_one_line_and_disturb_nothing(tmp_path, veth, netns, monkey
             line = add_port_error(d, "--ifname", "nosuchif0")
             assert "interface nosuchif0 does not exist" in line, line
             d.ctl("del-port", "xdp")
+            line = add_port_error(d, "--ifname", host, "--zero-copy", "on")
+            assert f"interface {host} does not offer AF_XDP zero-copy" in line, line
             line = add_port_error(d, "--ifname", host, "--queues", "2")
             assert f"interface {host} has 1 channel(s), fewer than queues: 2" in line, line
             # auto on the bridge falls back to generic XDP.
