@@ -266,6 +266,40 @@ def test_two_queues_spread_flows(tmp_path, netns):
         sh("ip", "link", "del", host, check=False)
 
 
+def test_interface_in_another_namespace(tmp_path, veth, netns):
+    """`netns`: the switch's end of the veth lives in a namespace of its own;
+    the sockets are made there, the link is followed there, and del-port
+    detaches the program there (libxdp does it in the caller's namespace)."""
+    from tests.support.netns import namespaces
+
+    host, peer = veth
+    with namespaces(1) as (switch_ns,):
+        sh("ip", "link", "set", host, "netns", switch_ns)
+        in_ns(switch_ns, "ip", "link", "set", host, "up")
+        ports = [{"name": "g1", "type": "vhost-user", "path": str(tmp_path / "g1.sock")},
+                 {"name": "xdp", "type": "af-xdp", "ifname": host, "netns": switch_ns}]
+        with Vswitchd(tmp_path, ports=ports) as d:
+            (fe,) = d.connect_guests(["g1"])
+            try:
+                assert ping_ns(fe, link_mac(netns, peer), 4)
+                port = d.port("xdp")
+                assert port["netns"] == switch_ns and port["mode"] == "native"
+                assert xdp_programs(host, switch_ns) == [f"xsk_def_prog:{port['xdp_program']['id']}"]
+                with EventStream(d) as events:
+                    t = time.time()
+                    in_ns(switch_ns, "ip", "link", "set", host, "down")
+                    events.wait_link("xdp", "down", after=t)
+                    t = time.time()
+                    in_ns(switch_ns, "ip", "link", "set", host, "up")
+                    events.wait_link("xdp", "up", after=t)
+                assert ping_ns(fe, link_mac(netns, peer), 5)
+                d.ctl("del-port", "xdp")
+                assert xdp_programs(host, switch_ns) == []
+            finally:
+                fe.close()
+        in_ns(switch_ns, "ip", "link", "del", host, check=False)
+
+
 def ping_ns(fe, ns_mac, ident, timeout=5.0) -> bool:
     deadline = time.monotonic() + timeout
     seq = 0
@@ -546,7 +580,7 @@ def test_dpdk_af_xdp_peer_loops_frames_with_a_virtio_user_port(tmp_path, veth, n
             sw = settle(lambda: switch_stats(d))
             g = settle(guest.port_stats)[0]
             n = settle(nic.port_stats)[0]
-            print(f"switch: {sw}\nvirtio-user: {g}\naf_xdp: {n}")
+            print(f"switch: {sw}\nvirtio-user: {g}\naf_xdp: {n}\nAF_XDP queues: {d.port('xdp')['queue_stats']}")
             assert g["rx_packets"] > 1000 and n["rx_packets"] > 1000, (g, n)
             for counter in GUEST_ERROR_COUNTERS:
                 assert g.get(counter, 0) == 0 and n.get(counter, 0) == 0, (counter, g, n)
