@@ -70,3 +70,15 @@ def test_without_libxdp_only_the_af_xdp_port_is_refused(tmp_path, monkeypatch):
             "shared object file: No such file or directory); install it with: apt-get install libxdp1"]
         assert [p["name"] for p in d.ctl("show")["ports"]] == ["n1"]
         assert list((tmp_path / "af-xdp").iterdir()) == []
+
+
+def test_without_a_dispatcher_the_port_says_why(tmp_path, monkeypatch):
+    """libxdp chains programs only with a BPF filesystem and kernel BTF: the
+    reason the port logs names what is missing and how to mount the first."""
+    from vswitch.ports import af_xdp
+
+    monkeypatch.setattr(af_xdp, "BPFFS", str(tmp_path))            # a directory, not a mount
+    monkeypatch.setattr(af_xdp, "KERNEL_BTF", str(tmp_path / "none"))
+    reason = af_xdp.dispatcher_missing_reason()
+    assert f"no BPF filesystem at {tmp_path}: mount -t bpf bpf {tmp_path}" in reason
+    assert "the kernel has no BTF" in reason

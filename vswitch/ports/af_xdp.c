@@ -40,10 +40,19 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "vswitch.h"
+
+/* Without libxdp's headers (libxdp-dev, libbpf-dev) the switch still
+ * builds: AF_XDP ports are then refused with a line saying why (the
+ * stand-ins at the end of this file). */
+#if __has_include(<xdp/xsk.h>) && __has_include(<xdp/libxdp.h>) && __has_include(<bpf/libbpf.h>) && \
+    !defined(VS_WITHOUT_XSK_HEADERS)
+#define VS_HAVE_XSK_HEADERS 1
 #include <xdp/libxdp.h>
 #include <xdp/xsk.h>
+#endif
 
-#include "vswitch.h"
+#ifdef VS_HAVE_XSK_HEADERS
 
 /* --- libxdp, loaded at run time ------------------------------------------- */
 
@@ -725,3 +734,61 @@ const struct vs_port_ops *vs_af_xdp_port_ops(void)
 {
     return &af_xdp_port_ops;
 }
+
+#else /* !VS_HAVE_XSK_HEADERS */
+
+static const char no_headers[] =
+    "vswitch was built without libxdp's headers (install libxdp-dev and libbpf-dev, then rebuild)";
+
+int vs_xsk_load_libxdp(void)
+{
+    return -ENOTSUP;
+}
+
+const char *vs_xsk_libxdp_error(void)
+{
+    return no_headers;
+}
+
+void vs_xsk_init(struct vs_xsk_port *xp)
+{
+    memset(xp, 0, sizeof *xp);
+    xp->link_fd = xp->ioctl_fd = xp->netns_fd = -1;
+    for (uint32_t q = 0; q < VS_XSK_MAX_QUEUES; q++) {
+        xp->queues[q].fd = -1;
+    }
+}
+
+int vs_xsk_open(struct vs_xsk_port *xp, const char *ifname, uint32_t nqueues, int netns_fd, uint32_t mode,
+                uint32_t zero_copy, uint32_t stale_prog_id)
+{
+    xp->failure = VS_XSK_FAIL_LIBXDP;
+    return -ENOTSUP;
+}
+
+void vs_xsk_close(struct vs_xsk_port *xp)
+{
+}
+
+int vs_xsk_link_state(struct vs_xsk_port *xp)
+{
+    return -EBADF;
+}
+
+int vs_xsk_kernel_stats(struct vs_xsk_port *xp, uint32_t queue, struct vs_xsk_kernel_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    return -EINVAL;
+}
+
+/* Never published: vs_xsk_open always fails. */
+static const struct vs_port_ops af_xdp_port_ops = {
+    .name = "af-xdp",
+};
+
+const struct vs_port_ops *vs_af_xdp_port_ops(void)
+{
+    return &af_xdp_port_ops;
+}
+
+#endif /* VS_HAVE_XSK_HEADERS */

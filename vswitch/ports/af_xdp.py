@@ -131,6 +131,8 @@ class AfXdpPort(KernelPort):
     def _describe_failure(self, err: int) -> str:
         where = f" in network namespace {self.netns}" if self.netns else ""
         failure = self.kp.failure
+        if failure == lib.VS_XSK_FAIL_LIBXDP and err == errno.ENOTSUP:
+            return f"af-xdp ports are not available: {ffi.string(lib.vs_xsk_libxdp_error()).decode()}"
         if failure == lib.VS_XSK_FAIL_LIBXDP:
             return (f"af-xdp ports need libxdp, which cannot be loaded ({ffi.string(lib.vs_xsk_libxdp_error()).decode()}); "
                     f"install it with: apt-get install libxdp1")
