@@ -52,6 +52,9 @@ def make_veth(netns, queues: int = 1):
     extra = ["numrxqueues", str(queues), "numtxqueues", str(queues)] if queues > 1 else []
     sh("ip", "link", "add", host, *extra, "type", "veth", "peer", "name", peer, *extra)
     sh("ip", "link", "set", peer, "netns", netns)
+    # No IPv6 chatter (router solicitations, MLD) from either end: counters count only the test's frames.
+    sh("sysctl", "-qw", f"net.ipv6.conf.{host}.disable_ipv6=1")
+    in_ns(netns, "sysctl", "-qw", f"net.ipv6.conf.{peer}.disable_ipv6=1")
     sh("ip", "link", "set", host, "up")
     in_ns(netns, "ip", "addr", "add", f"{NS_IP}/24", "dev", peer)
     in_ns(netns, "ip", "link", "set", peer, "up")
@@ -557,7 +560,6 @@ def test_dpdk_af_xdp_peer_loops_frames_with_a_virtio_user_port(tmp_path, veth, n
     from tests.system.test_testpmd import GUEST_ERROR_COUNTERS, settle, switch_stats, wait_links
 
     host, peer = veth
-    in_ns(netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")   # no chatter from the namespace
     peer_mac = link_mac(netns, peer)
     ports = [{"name": "dpdk", "type": "vhost-user", "path": str(tmp_path / "dpdk.sock")},
              {"name": "xdp", "type": "af-xdp", "ifname": host}]

@@ -324,29 +324,35 @@ static bool mode_unsupported(int err)
     return err == -EOPNOTSUPP || err == -EINVAL || err == -EPROTONOSUPPORT || err == -ENOTSUP;
 }
 
+struct attempt {
+    uint32_t mode;                        /* VS_XSK_MODE_NATIVE or _GENERIC */
+    bool zero_copy;
+};
+
+/* Tries the modes the port's keys allow, best first; 0 or -errno with xp->failure set. */
 static int attach(struct vs_xsk_port *xp, const char *ifname, uint32_t mode, uint32_t zero_copy)
 {
-    struct { uint32_t mode; bool zc; } tries[3];
+    struct attempt tries[3];
     int n = 0;
     bool native_ok = mode != VS_XSK_MODE_GENERIC, generic_ok = mode != VS_XSK_MODE_NATIVE;
     /* Zero-copy needs the driver's own XDP support: native mode only. */
     if (native_ok && zero_copy != VS_XSK_ZC_OFF) {
-        tries[n++] = (__typeof__(tries[0])){ VS_XSK_MODE_NATIVE, true };
+        tries[n++] = (struct attempt){ VS_XSK_MODE_NATIVE, true };
     }
     if (native_ok && zero_copy != VS_XSK_ZC_ON) {
-        tries[n++] = (__typeof__(tries[0])){ VS_XSK_MODE_NATIVE, false };
+        tries[n++] = (struct attempt){ VS_XSK_MODE_NATIVE, false };
     }
     if (generic_ok && zero_copy != VS_XSK_ZC_ON) {
-        tries[n++] = (__typeof__(tries[0])){ VS_XSK_MODE_GENERIC, false };
+        tries[n++] = (struct attempt){ VS_XSK_MODE_GENERIC, false };
     }
     int err = -EINVAL;
     for (int i = 0; i < n; i++) {
-        int rc = create_sockets(xp, ifname, tries[i].mode, tries[i].zc);
+        int rc = create_sockets(xp, ifname, tries[i].mode, tries[i].zero_copy);
         /* A socket the last try bound and closed frees its queue in
          * deferred work (EBUSY until then): give that up to half a second. */
         for (int wait = 0; i > 0 && rc == -EBUSY && wait < 50; wait++) {
             usleep(10000);
-            rc = create_sockets(xp, ifname, tries[i].mode, tries[i].zc);
+            rc = create_sockets(xp, ifname, tries[i].mode, tries[i].zero_copy);
         }
         if (rc == 0) {
             xp->mode = tries[i].mode;
