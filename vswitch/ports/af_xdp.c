@@ -704,14 +704,26 @@ static void xsk_tx_burst(struct vs_port *port, uint32_t queue_hint, struct vs_pk
     vs_spin_unlock(&xq->tx_lock);
 }
 
-/* The XDP socket turns readable when its RX ring has frames. */
+/*
+ * The XDP socket turns readable when its RX ring has frames.  Before the
+ * PMD polling this queue sleeps, frames the kernel left in the queue's TX
+ * ring (kick_tx gave up on EAGAIN) are kicked once more, so none waits for
+ * a transmit that may not come.  A sender holding the lock kicks anyway.
+ */
 static int xsk_idle_arm(struct vs_port *port, uint32_t queue)
 {
     struct vs_xsk_port *xp = port->priv;
     if (queue >= xp->nqueues || __atomic_load_n(&xp->fault, __ATOMIC_RELAXED)) {
         return VS_IDLE_NOTHING;
     }
-    return xp->queues[queue].fd;
+    struct vs_xsk_queue *xq = &xp->queues[queue];
+    struct xsk_ring_prod *tx = &xq->rings->tx;
+    if (__atomic_load_n(tx->consumer, __ATOMIC_ACQUIRE) != __atomic_load_n(tx->producer, __ATOMIC_RELAXED) &&
+        !__atomic_exchange_n(&xq->tx_lock, 1, __ATOMIC_ACQUIRE)) {
+        kick_tx(xp, xq);
+        vs_spin_unlock(&xq->tx_lock);
+    }
+    return xq->fd;
 }
 
 static int xsk_idle_pending(struct vs_port *port, uint32_t queue)
