@@ -9,6 +9,7 @@
 #
 #   * apt packages (apt-get update only when one is missing);
 #   * 1024 hugepages of 2 MB for DPDK (testpmd --in-memory);
+#   * the BPF filesystem at /sys/fs/bpf (libxdp's dispatcher, AF_XDP ports);
 #   * the project itself, editable, with its test extra (pip install -e '.[test]'),
 #     rebuilt when the C sources changed.
 #
@@ -30,7 +31,7 @@ PACKAGES=(
     dpdk-dev coreutils
     openvswitch-switch-dpdk
     qemu-system-x86 busybox-static
-    iproute2 iperf3 tcpdump linux-perf iputils-ping
+    iproute2 iperf3 tcpdump linux-perf iputils-ping ethtool
     libxdp-dev libbpf-dev xdp-tools
     gcc libc6-dev python3-dev python3-venv
     clang libclang-rt-14-dev
@@ -60,7 +61,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup-test-env: installing ${missing[*]}"
     run "apt-get install" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc; do
+for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc ethtool xdp-loader; do
     command -v "$tool" >/dev/null || die "$tool is still missing after installing packages"
 done
 
@@ -78,6 +79,13 @@ if [ "$(meminfo HugePages_Total)" -lt "$HUGEPAGES" ]; then
     total=$(meminfo HugePages_Total)
     [ "$total" -ge "$HUGEPAGES" ] ||
         die "asked for $HUGEPAGES hugepages, the kernel reserved $total (grep -i huge /proc/meminfo)"
+fi
+
+# --- BPF filesystem ------------------------------------------------------
+# libxdp's dispatcher (several XDP programs on one interface) pins its
+# programs there; without it libxdp attaches the AF_XDP program alone.
+if ! mountpoint -q /sys/fs/bpf; then
+    run "mount the BPF filesystem" mount -t bpf bpf /sys/fs/bpf
 fi
 
 # --- Python: the project, editable, with its test extra --------------------

@@ -29,6 +29,20 @@ PREFIX = "vswitch"
 REQUEST_TIMEOUT_S = 5.0
 
 
+def by_direction(rows: list[dict]) -> list[dict]:
+    """Per-queue rows as Port.queue_stats describes them (one per queue and direction); a row that
+    counts both directions at once (rx_packets, tx_packets ... as AF_XDP's) becomes two."""
+    out = []
+    for q in rows:
+        if "direction" in q:
+            out.append(q)
+            continue
+        for direction in ("rx", "tx"):
+            out.append({"queue": q["queue"], "direction": direction,
+                        **{k: q.get(f"{direction}_{k}", 0) for k in ("packets", "bytes", "dropped", "errors")}})
+    return out
+
+
 class SwitchCollector:
     """Reads the switch's counters at each scrape (a prometheus_client custom collector)."""
 
@@ -80,7 +94,7 @@ class SwitchCollector:
             for reason, count in sorted(reasons.items()):
                 errors.add_metric(ids + ["rx", reason], count)
             errors.add_metric(ids + ["rx", "port"], s["rx_errors"] - sum(reasons.values()))
-            for q in port.queue_stats():
+            for q in by_direction(port.queue_stats()):
                 qids = ids + [str(q["queue"]), q["direction"]]
                 q_packets.add_metric(qids, q["packets"])
                 q_bytes.add_metric(qids, q["bytes"])

@@ -21,6 +21,7 @@ HEADERS = [
     "pmd/offload.h",
     "ports/kernel.h",
     "ports/null.h",
+    "ports/af_xdp.h",
     "fib/fib.h",
     "pmd/pmd.h",
 ]
@@ -32,6 +33,7 @@ SOURCES = [
     "pmd/pmd.c",
     "ports/kernel.c",
     "ports/null.c",
+    "ports/af_xdp.c",
     "pmd/offload.c",
 ]
 # Included by the .c files only (inline helpers, system headers).

@@ -19,6 +19,7 @@
 #include "pmd/offload.h"
 #include "ports/kernel.h"
 #include "ports/null.h"
+#include "ports/af_xdp.h"
 #include "fib/fib.h"
 #include "pmd/pmd.h"
 

@@ -105,7 +105,7 @@ class Vswitchd:
         buffers posted on every queue; returns them once the switch reports every link up."""
         from tests.support.frontend import VhostUserFrontend
 
-        paths = {p["name"]: p["path"] for p in self.config["ports"]}
+        paths = {p["name"]: p["path"] for p in self.config["ports"] if "path" in p}
         guests = []
         for name in names:
             fe = VhostUserFrontend(paths[name], queues=queues).connect()

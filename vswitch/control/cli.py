@@ -115,6 +115,9 @@ def print_ports(result: dict) -> None:
     print(table(rows, ["PORT", "TYPE", "MODE", "LINK", "QUEUES", "RX-PKTS", "RX-BYTES",
                        "TX-PKTS", "TX-BYTES", "DROPS", "ERRORS"]))
     for p in result["ports"]:
+        if "xdp_program" in p:
+            print_queue_stats(p)
+    for p in result["ports"]:
         if p["stats"].get("mem_faults"):
             print(f"port {p['name']}: mem_faults {p['stats']['mem_faults']} "
                   "(front-end disconnected: its guest memory faulted)")
@@ -141,6 +144,17 @@ def print_port_details(p: dict) -> None:
     if vhost and "offered_feature_names" in vhost:
         print(f"  offered: {' '.join(vhost['offered_feature_names'])}")
         print(f"  negotiated: {' '.join(vhost['negotiated_feature_names']) or 'none (no front-end)'}")
+
+
+def print_queue_stats(p: dict) -> None:
+    """An AF_XDP port's mode and per-queue counters: the rings' drops, kicks and wake-ups."""
+    prog = p.get("xdp_program") or {}
+    under = "under libxdp's dispatcher" if prog.get("dispatcher") else "without dispatcher"
+    print(f"port {p['name']}: {p.get('mode')}, {p.get('copy')}, XDP program {prog.get('id')} ({under})")
+    for q in p["queue_stats"]:
+        print(f"  queue {q['queue']}: rx {q['rx_packets']} tx {q['tx_packets']}  "
+              f"fill ring empty {q['kernel_rx_fill_ring_empty_descs']}  rx ring full {q['kernel_rx_ring_full']}  "
+              f"tx ring full {q['tx_ring_full']}  tx kicks {q['tx_kicks']}  fill wake-ups {q['fill_wakeups']}")
 
 
 def print_fdb(result: dict) -> None:
@@ -331,14 +345,19 @@ def _add_port_parser(sub) -> None:
                          epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     add.add_argument("name")
     add.add_argument("--type", required=True, choices=names)
-    for name, (key, _) in port_registry.all_keys().items():
+    for name, (key, kinds) in port_registry.all_keys().items():
         text = port_registry.key_help(name)
+        # A key several types share (mode) takes the choices of each; the
+        # daemon checks the value against the port's own type.
+        choices = []
+        for kind in kinds:
+            choices += [c for c in port_registry.get(kind).key(name).choices if c not in choices]
         options = {"dest": _key_dest(name), "help": text.replace("%", "%%")}
         if key.type is bool:
             add.add_argument(key.flag, action=argparse.BooleanOptionalAction, default=None, **options)
         else:
-            add.add_argument(key.flag, type=_flag_value(key), choices=key.choices or None,
-                             metavar=None if key.choices else (key.metavar or name.upper()), **options)
+            add.add_argument(key.flag, type=_flag_value(key), choices=choices or None,
+                             metavar=None if choices else (key.metavar or name.upper()), **options)
 
 
 def _key_value(text: str) -> tuple[str, object]:

@@ -73,7 +73,7 @@ void vs_kport_init(struct vs_kport *kp)
 }
 
 /* The calling thread enters netns_fd (if >= 0); *saved is where it came from. */
-static int enter_netns(int netns_fd, int *saved)
+int vs_enter_netns(int netns_fd, int *saved)
 {
     *saved = -1;
     if (netns_fd < 0) {
@@ -92,7 +92,7 @@ static int enter_netns(int netns_fd, int *saved)
     return 0;
 }
 
-static void leave_netns(int saved)
+void vs_leave_netns(int saved)
 {
     if (saved >= 0) {
         /* Cannot fail for a namespace we were in a moment ago. */
@@ -181,11 +181,11 @@ static int set_if_up(const char *ifname)
  *
  * Failing to open the socket costs promptness only, so it is not an error.
  */
-static void open_link_watch(struct vs_kport *kp)
+int vs_link_watch_open(void)
 {
     int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, NETLINK_ROUTE);
     if (fd < 0) {
-        return;
+        return -1;
     }
     struct sockaddr_nl snl;
     memset(&snl, 0, sizeof snl);
@@ -193,11 +193,16 @@ static void open_link_watch(struct vs_kport *kp)
     snl.nl_groups = RTMGRP_LINK;
     if (bind(fd, (struct sockaddr *)&snl, sizeof snl) < 0) {
         close(fd);
-        return;
+        return -1;
     }
     int one = 1;
     (void)setsockopt(fd, SOL_NETLINK, NETLINK_LISTEN_ALL_NSID, &one, sizeof one);
-    kp->link_fd = fd;
+    return fd;
+}
+
+static void open_link_watch(struct vs_kport *kp)
+{
+    kp->link_fd = vs_link_watch_open();
 }
 
 static int open_tap_queues(struct vs_kport *kp, const char *ifname, uint32_t nqueues, int offloads)
@@ -251,7 +256,7 @@ int vs_kport_open_tap(struct vs_kport *kp, const char *ifname, uint32_t nqueues,
         }
     }
     int saved;
-    int err = enter_netns(netns_fd, &saved);
+    int err = vs_enter_netns(netns_fd, &saved);
     if (err) {
         return err;
     }
@@ -267,7 +272,7 @@ int vs_kport_open_tap(struct vs_kport *kp, const char *ifname, uint32_t nqueues,
         kp->ifindex = (int)if_nametoindex(kp->ifname);
         open_link_watch(kp);
     }
-    leave_netns(saved);
+    vs_leave_netns(saved);
     return err;
 }
 
@@ -368,7 +373,7 @@ int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_f
     kp->offload_caps = vnet_hdr ? VS_OFFLOAD_ALL : 0;
     snprintf(kp->ifname, sizeof kp->ifname, "%s", ifname);
     int saved;
-    int err = enter_netns(netns_fd, &saved);
+    int err = vs_enter_netns(netns_fd, &saved);
     if (err) {
         return err;
     }
@@ -384,7 +389,7 @@ int vs_kport_open_af_packet(struct vs_kport *kp, const char *ifname, int netns_f
     if (!err) {
         open_link_watch(kp);
     }
-    leave_netns(saved);
+    vs_leave_netns(saved);
     return err;
 }
 
@@ -496,9 +501,9 @@ int vs_kport_link_state(struct vs_kport *kp)
     return state;
 }
 
-int vs_kport_link_events(struct vs_kport *kp)
+int vs_link_watch_drain(int link_fd)
 {
-    if (kp->link_fd < 0) {
+    if (link_fd < 0) {
         return -EBADF;
     }
     /* Only "something changed" matters, as the caller then looks at the
@@ -508,7 +513,7 @@ int vs_kport_link_events(struct vs_kport *kp)
     int n = 0;
     /* Bounded: a storm of link changes must not hold the event loop; it calls again. */
     while (n < 64) {
-        ssize_t r = recv(kp->link_fd, buf, sizeof buf, MSG_DONTWAIT);
+        ssize_t r = recv(link_fd, buf, sizeof buf, MSG_DONTWAIT);
         if (r >= 0 || errno == ENOBUFS || errno == EINTR) {
             n++;
             continue;
@@ -516,6 +521,11 @@ int vs_kport_link_events(struct vs_kport *kp)
         return errno == EAGAIN ? n : -errno;
     }
     return n;
+}
+
+int vs_kport_link_events(struct vs_kport *kp)
+{
+    return vs_link_watch_drain(kp->link_fd);
 }
 
 static inline void hdr_from_wire(struct vs_net_hdr *h, const uint8_t *p)

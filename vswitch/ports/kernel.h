@@ -89,6 +89,16 @@ int vs_kport_link_state(struct vs_kport *kp);   /* 1 up and running, 0 down, -er
 int vs_kport_link_events(struct vs_kport *kp);  /* reads link_fd dry: notifications read, or -errno */
 int vs_kport_mtu(struct vs_kport *kp);          /* the interface's MTU now, or -errno */
 
+/* Link following for any port on a kernel interface (kernel.c says how):
+ * an rtnetlink socket for link changes in the calling thread's namespace
+ * (or -1, which costs promptness only), and reading it dry. */
+int vs_link_watch_open(void);
+int vs_link_watch_drain(int link_fd);
+/* The calling thread enters netns_fd (if >= 0; else nothing happens), and
+ * comes back to saved, where it was: for opening things in a namespace. */
+int vs_enter_netns(int netns_fd, int *saved);
+void vs_leave_netns(int saved);
+
 /* The transmit path by itself (tests), as the PMD calls it through the ops. */
 void vs_kport_tx_burst(struct vs_kport *kp, uint32_t queue, struct vs_pkt **pkts, uint32_t n);
 

@@ -43,14 +43,51 @@ class KernelPort(Port):
         self.ifname: str = spec["ifname"]
         self.netns: str | None = spec.get("netns")
         self.queues: int = spec.get("queues", 1)
-        self.kp = ffi.new("struct vs_kport *")
-        lib.vs_kport_init(self.kp)
-        self.kp.mtu_request = spec.get("mtu") or 0   # given to the interface when the port opens it
+        self.kp = self._make_native()
         self.c.priv = self.kp
         self._reason: str | None = None       # why the link is down, reported once
         self._pending_errors: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched: list[tuple[str, int]] = []   # ("reader" | "writer", fd) on the loop
+
+    # What a subclass with its own C state (AF_XDP) replaces: that state, its
+    # link notification socket, and how it is read and closed.
+    def _make_native(self):
+        kp = ffi.new("struct vs_kport *")
+        lib.vs_kport_init(kp)
+        kp.mtu_request = self.spec.get("mtu") or 0   # given to the interface when the port opens it
+        return kp
+
+    def _link_fd(self) -> int:
+        return self.kp.link_fd
+
+    def _interface_mtu(self) -> int:
+        """The interface's MTU, or -errno when it cannot be known now."""
+        return lib.vs_kport_mtu(self.kp)
+
+    def _link_events(self) -> int:
+        return lib.vs_kport_link_events(self.kp)
+
+    def _close_native(self) -> None:
+        lib.vs_kport_close(self.kp)
+
+    def _fd_to_watch_while_down(self) -> tuple[str, int] | None:
+        """("writer" | "reader", fd), see _watch_fd_while_down."""
+        fd = self.kp.fds[0]
+        if fd < 0:
+            return None
+        return ("writer" if self.kp.kind == lib.VS_KPORT_TAP else "reader", fd)
+
+    def _offloads(self) -> bool:
+        return bool(self.kp.vnet_hdr)
+
+    def _run_in_helper_thread(self, fn, netns_fd: int = -1):
+        """fn(netns_fd) on a short-lived thread (it may setns), its result."""
+        result: list = []
+        helper = threading.Thread(target=lambda: result.append(fn(netns_fd)), name=f"open-{self.name}")
+        helper.start()
+        helper.join()
+        return result[0] if result else -errno.EIO
 
     def _open(self, opener, describe) -> None:
         """Runs `opener(netns_fd)` (a C open call) on a helper thread.
@@ -65,19 +102,15 @@ class KernelPort(Port):
                 netns_fd = os.open(os.path.join(NETNS_DIR, self.netns), os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise OSError(exc.errno, f"network namespace {self.netns}: {exc.strerror}") from None
-        result: list[int] = []
         try:
-            helper = threading.Thread(target=lambda: result.append(opener(netns_fd)),
-                                      name=f"open-{self.name}")
-            helper.start()
-            helper.join()
+            rc = self._run_in_helper_thread(opener, netns_fd)
         finally:
             if netns_fd >= 0:
                 os.close(netns_fd)
-        rc = result[0] if result else -errno.EIO
         if rc < 0:
-            lib.vs_kport_close(self.kp)
-            raise OSError(-rc, describe(-rc))
+            message = describe(-rc)   # before closing: it may read what the C side recorded
+            self._close_native()
+            raise OSError(-rc, message)
 
     def _follow_link(self) -> None:
         """Looks at the link whenever the port's rtnetlink socket reports a change (kernel.c)."""
@@ -85,13 +118,14 @@ class KernelPort(Port):
             self._loop = asyncio.get_running_loop()
         except RuntimeError:   # no event loop (a port opened outside the daemon): housekeeping only
             return
-        if self.kp.link_fd >= 0:
-            self._loop.add_reader(self.kp.link_fd, self._on_link_notification)
-            self._watched.append(("reader", self.kp.link_fd))
+        link_fd = self._link_fd()
+        if link_fd >= 0:
+            self._loop.add_reader(link_fd, self._on_link_notification)
+            self._watched.append(("reader", link_fd))
 
     def _on_link_notification(self) -> None:
-        if lib.vs_kport_link_events(self.kp) < 0:
-            self._unwatch("reader", self.kp.link_fd)   # broken: housekeeping still looks once a second
+        if self._link_events() < 0:
+            self._unwatch("reader", self._link_fd())   # broken: housekeeping still looks once a second
         self._check_link()
 
     def _on_fd_event(self) -> None:
@@ -108,10 +142,10 @@ class KernelPort(Port):
         socket's reports the error the kernel sets on it when its interface
         goes down, which may come after the notification, and which the link
         check takes (kernel.c).  Never while up: the fd is the PMD's and busy."""
-        fd = self.kp.fds[0]
-        if self._loop is None or fd < 0:
+        watch = self._fd_to_watch_while_down()
+        if self._loop is None or watch is None:
             return
-        kind = "writer" if self.kp.kind == lib.VS_KPORT_TAP else "reader"
+        kind, fd = watch
         if down and (kind, fd) not in self._watched:
             (self._loop.add_writer if kind == "writer" else self._loop.add_reader)(fd, self._on_fd_event)
             self._watched.append((kind, fd))
@@ -127,7 +161,7 @@ class KernelPort(Port):
         # The switch has unpublished the port and the PMDs have passed a quiescent point.
         self._unwatch()
         self.set_link(False)
-        lib.vs_kport_close(self.kp)
+        self._close_native()
 
     def poll_queues(self) -> list[int]:
         return list(range(self.kp.nqueues))
@@ -140,7 +174,7 @@ class KernelPort(Port):
         """The port takes what the interface takes: the kernel would refuse
         (AF_PACKET) or pass on (TAP) a longer frame.  Unknown (a TAP moved to
         another namespace): the last one seen stays."""
-        mtu = lib.vs_kport_mtu(self.kp)
+        mtu = self._interface_mtu()
         if mtu > 0 and mtu != self.mtu:
             if self.mtu is not None:
                 log.info("port '%s': interface %s MTU %d", self.name, self.ifname, mtu)
@@ -198,7 +232,7 @@ class KernelPort(Port):
     def info(self) -> dict:
         info = super().info()
         info.update({"ifname": self.ifname, "netns": self.netns, "queues": self.kp.nqueues or self.queues,
-                     "offloads": bool(self.kp.vnet_hdr)})
+                     "offloads": self._offloads()})
         if self._reason:
             info["link_reason"] = self._reason
         return info
