@@ -105,7 +105,7 @@ def test_bench_smoke(tmp_path):
 def test_bench_smoke_veth(tmp_path):
     """The vhost-veth topology: a guest's frames to a veth end and back, through
     vswitchd's kernel port types and through DPDK testpmd's net_af_xdp."""
-    systems = ["vswitchd-af-packet", "testpmd-af-xdp"]
+    systems = ["vswitchd-af-xdp", "vswitchd-af-packet", "testpmd-af-xdp"]
     result, report, _ = run_smoke(tmp_path, systems)
     rows = {row["system"]: row for row in result["results"]}
     assert {row["baseline"] for row in rows.values()} == {"testpmd-af-xdp"}, report
