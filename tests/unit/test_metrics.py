@@ -129,3 +129,15 @@ def test_a_port_in_use_is_one_clear_line(tmp_path):
         with pytest.raises(RuntimeError) as exc:
             d.start()
         assert f"vswitchd: metrics: cannot listen on 127.0.0.1:{port}: Address already in use" in str(exc.value)
+
+
+def test_rows_counting_both_directions_become_two():
+    """AF_XDP's per-queue rows count receive and transmit in one row; the metrics split them."""
+    from vswitch.metrics import by_direction
+
+    rows = by_direction([{"queue": 1, "rx_packets": 5, "rx_bytes": 300, "rx_dropped": 1, "tx_packets": 7,
+                          "tx_bytes": 420, "tx_errors": 2, "tx_ring_full": 3},
+                         {"queue": 0, "direction": "rx", "packets": 1, "bytes": 60, "dropped": 0, "errors": 0}])
+    assert rows == [{"queue": 1, "direction": "rx", "packets": 5, "bytes": 300, "dropped": 1, "errors": 0},
+                    {"queue": 1, "direction": "tx", "packets": 7, "bytes": 420, "dropped": 0, "errors": 2},
+                    {"queue": 0, "direction": "rx", "packets": 1, "bytes": 60, "dropped": 0, "errors": 0}]
