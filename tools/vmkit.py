@@ -500,6 +500,7 @@ class Guest:
         memory_mb: int = 256,
         kit_dir: str | os.PathLike | None = None,
         extra_cmdline: str = "",
+        device_options: str = "",
     ) -> None:
         self.name = name
         self.socket_path = Path(socket_path)
@@ -512,6 +513,8 @@ class Guest:
         self.memory_mb = memory_mb
         self.kit_dir = Path(kit_dir) if kit_dir else None
         self.extra_cmdline = extra_cmdline
+        # More virtio-net-pci properties, e.g. "packed=on" or "host_mtu=9000".
+        self.device_options = device_options
         log_dir = Path(log_dir) if log_dir else Path(tempfile.gettempdir())
         self.log_path = log_dir / f"qemu-{name}.log"
         self.process: subprocess.Popen | None = None
@@ -556,6 +559,8 @@ class Guest:
             netdev += f",queues={self.queues}"
             # One vector per rx and tx queue, plus config and control queue.
             device += f",mq=on,vectors={2 * self.queues + 2}"
+        if self.device_options:
+            device += f",{self.device_options}"
         return [
             qemu,
             "-name", self.name,

@@ -125,6 +125,7 @@ MEMORY_REGION = struct.Struct("=QQQQ")     # guest_phys_addr, size, user_addr, m
 
 VIRTIO_NET_F_CSUM = lib.VIRTIO_NET_F_CSUM
 VIRTIO_NET_F_GUEST_CSUM = lib.VIRTIO_NET_F_GUEST_CSUM
+VIRTIO_NET_F_MTU = lib.VIRTIO_NET_F_MTU
 VIRTIO_NET_F_GUEST_TSO4 = lib.VIRTIO_NET_F_GUEST_TSO4
 VIRTIO_NET_F_GUEST_TSO6 = lib.VIRTIO_NET_F_GUEST_TSO6
 VIRTIO_NET_F_GUEST_ECN = lib.VIRTIO_NET_F_GUEST_ECN
@@ -158,8 +159,10 @@ def bits(*numbers: int) -> int:
 # offloads both ways (CSUM/HOST_TSO*: the guest may send partial checksums
 # and 64 KiB TCP frames; GUEST_*: it takes them): a destination that did not
 # negotiate one gets the work done in software (vswitch/pmd/offload.c).  No
-# UFO: Linux guests no longer use it.
+# UFO: Linux guests no longer use it.  MTU: QEMU passes its host_mtu to the
+# guest, and sends VHOST_USER_NET_SET_MTU, only when this bit is negotiated.
 OFFERED_FEATURES = bits(
+    VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_TSO4,

@@ -26,6 +26,7 @@
 /* Feature bit numbers (virtio 1.x, 5.1.3 and 6; vhost-user.rst). */
 #define VIRTIO_NET_F_CSUM 0              /* the guest may send partial checksums */
 #define VIRTIO_NET_F_GUEST_CSUM 1        /* the guest takes partial checksums */
+#define VIRTIO_NET_F_MTU 3               /* the device tells the guest its MTU (NET_SET_MTU comes only then) */
 #define VIRTIO_NET_F_GUEST_TSO4 7
 #define VIRTIO_NET_F_GUEST_TSO6 8
 #define VIRTIO_NET_F_GUEST_ECN 9
