@@ -3,6 +3,9 @@
 #
 #   tools/install.sh            # the switch: vswitchd, vswitchctl
 #   tools/install.sh test       # plus the test extra (pytest, scapy)
+#   tools/install.sh service    # the switch, and vswitchd as a systemd service (deploy/vswitchd.service):
+#                               # the unit in $UNIT_DIR (/etc/systemd/system), the config in
+#                               # $CONFIG_DIR (/etc/vswitch, a copy of configs/default.yaml if none)
 #
 # Run as root on Debian 12. Idempotent and quiet when there is nothing to do.
 # It installs the C toolchain and Python headers cffi needs when they are
@@ -14,7 +17,8 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EXTRA=${1:-}
-BUILD_PACKAGES=(gcc libc6-dev python3-dev python3-venv)
+# libxdp-dev, libbpf-dev: AF_XDP's headers (libxdp itself is loaded only when an af-xdp port opens).
+BUILD_PACKAGES=(gcc libc6-dev python3-dev python3-venv libxdp-dev libbpf-dev)
 
 STEP_NAME=install
 # shellcheck source=tools/steps.sh
@@ -46,7 +50,7 @@ fi
 
 # Up to date means: vswitch imports from this checkout and its C build
 # matches the sources (vswitch.native checks), and the extra's tools import.
-imports="import vswitch, vswitch.native, yaml, psutil, cffi"
+imports="import vswitch, vswitch.native, yaml, psutil, cffi, prometheus_client"
 [ "$EXTRA" = test ] && imports="$imports, pytest, pytest_timeout, scapy, matplotlib, atheris"
 installed_ok() {
     (cd /tmp && "$PY" - "$REPO" <<PYEOF
@@ -60,11 +64,27 @@ if ! installed_ok; then
     # An old in-place build must not shadow the one pip is about to make.
     rm -f "$REPO"/vswitch/_native.*.so
     target=$REPO
-    [ -n "$EXTRA" ] && target="$REPO[$EXTRA]"
+    [ "$EXTRA" = test ] && target="$REPO[$EXTRA]"
     run "pip install -e $target" "$PY" -m pip install -q -e "$target"
     installed_ok || {
         (cd /tmp && "$PY" -c 'import vswitch.native') >&2 || true
         die "vswitch is installed but does not import from $REPO (see the error above)"
     }
+fi
+if [ "$EXTRA" = service ]; then
+    UNIT_DIR=${UNIT_DIR:-/etc/systemd/system}
+    CONFIG_DIR=${CONFIG_DIR:-/etc/vswitch}
+    mkdir -p "$UNIT_DIR" "$CONFIG_DIR"
+    [ -e "$CONFIG_DIR/vswitchd.yaml" ] || cp "$REPO/configs/default.yaml" "$CONFIG_DIR/vswitchd.yaml"
+    # The interpreter itself, not a shim or a name on PATH: systemd runs it without a shell.
+    interpreter=$("$PY" -c 'import sys; print(sys.executable)')
+    sed -e "s|@VSWITCHD@|$interpreter -m vswitch.daemon|" -e "s|@REPO@|$REPO|" \
+        -e "s|/etc/vswitch/vswitchd.yaml|$CONFIG_DIR/vswitchd.yaml|" \
+        "$REPO/deploy/vswitchd.service" > "$UNIT_DIR/vswitchd.service"
+    # Only where systemd runs this machine; the unit is in place either way.
+    if [ -d /run/systemd/system ]; then
+        run "systemctl daemon-reload" systemctl daemon-reload
+    fi
+    echo "installed $UNIT_DIR/vswitchd.service (config $CONFIG_DIR/vswitchd.yaml): systemctl enable --now vswitchd" >&2
 fi
 echo "$PY"

@@ -31,7 +31,7 @@ PACKAGES=(
     dpdk-dev coreutils
     openvswitch-switch-dpdk
     qemu-system-x86 busybox-static
-    iproute2 iperf3 tcpdump linux-perf iputils-ping ethtool
+    iproute2 iperf3 tcpdump linux-perf iputils-ping ethtool systemd-container
     libxdp-dev libbpf-dev xdp-tools
     gcc libc6-dev python3-dev python3-venv
     clang libclang-rt-14-dev

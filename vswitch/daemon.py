@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from vswitch import __version__
+from vswitch import __version__, service
 from vswitch.config import ConfigError, load, save
 from vswitch.fib import FibError
 from vswitch.reload import reload, summary
@@ -57,14 +57,24 @@ def make_run_dir(path: str, port_defaults: dict) -> None:
 async def reload_config(switch: Switch, path: str, started_with) -> dict:
     """SIGHUP and `vswitchctl reload`: applies the config file's differences (vswitch/reload.py).
     An invalid file changes nothing; its problems are logged and raised."""
+    service.notify("RELOADING=1", "STATUS=reloading")
     try:
         result = await reload(switch, path, started_with)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload refused, nothing changed: %s", problem)
         raise
+    finally:
+        service.notify("READY=1", f"STATUS=running: {len(switch.ports)} ports")
     (log.warning if result["errors"] else log.info)("%s", summary(result))
     return result
+
+
+async def reload_on_signal(switch: Switch) -> None:
+    try:
+        await switch.reload()
+    except ConfigError:
+        pass   # logged, nothing changed
 
 
 async def run(args) -> int:
@@ -109,9 +119,17 @@ async def run(args) -> int:
         switch.on_change = lambda: save(args.config, switch.config)
         log.info("persisting changes to %s", args.config)
     switch.reload = lambda: reload_config(switch, args.config, cfg)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(switch.reload()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_on_signal(switch)))
+    watchdog = None
+    interval = service.watchdog_interval()
+    if interval:
+        watchdog = loop.create_task(service.keep_watchdog_fed(interval))
     log.info("vswitchd %s running: %d ports, config %s", __version__, len(switch.ports), args.config)
+    service.notify("READY=1", f"STATUS=running: {len(switch.ports)} ports", f"MAINPID={os.getpid()}")
     await stopping.wait()
+    service.notify("STOPPING=1")
+    if watchdog is not None:
+        watchdog.cancel()
     log.info("shutting down")
     switch.on_change = None  # shutting down removes ports; that is not a user's change
     if metrics is not None:
@@ -124,8 +142,7 @@ async def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format=service.log_format())
     return asyncio.run(run(args))
 
 
