@@ -50,7 +50,7 @@ fi
 
 # Up to date means: vswitch imports from this checkout and its C build
 # matches the sources (vswitch.native checks), and the extra's tools import.
-imports="import vswitch, vswitch.native, yaml, psutil, cffi, prometheus_client"
+imports="import vswitch, vswitch.native, yaml, psutil, cffi, prometheus_client, ruamel.yaml"
 [ "$EXTRA" = test ] && imports="$imports, pytest, pytest_timeout, scapy, matplotlib, atheris"
 installed_ok() {
     (cd /tmp && "$PY" - "$REPO" <<PYEOF

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import io
+import logging
 import os
 import re
 import tempfile
@@ -275,10 +277,12 @@ def parse(data, source: str = "<config>") -> Config:
 
 
 def save(path: str, cfg: Config) -> None:
-    """Writes the config atomically: a crash leaves the old file or the new one, never a mix."""
+    """Writes the config back to its file, atomically: a crash leaves the old file or the new
+    one, never a mix.  What the user wrote stays as written (comments, key order, flow or block
+    style): the file is edited in place with ruamel.yaml's round-trip loader, only where the
+    running config differs, and defaults the file left out stay out."""
     directory = os.path.dirname(os.path.abspath(path))
-    text = "# Written by vswitchd (persist: true): changes made with vswitchctl are saved here.\n" + \
-        yaml.safe_dump(cfg.to_yaml_data(), sort_keys=False, default_flow_style=None)
+    text = _updated_yaml(path, cfg)
     fd, tmp = tempfile.mkstemp(prefix=".vswitchd-config-", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -295,6 +299,78 @@ def save(path: str, cfg: Config) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _updated_yaml(path: str, cfg: Config) -> str:
+    from ruamel.yaml import YAML
+
+    rt = YAML()   # round-trip: comments and order survive a load and a dump
+    rt.default_flow_style = None
+    rt.preserve_quotes = True
+    rt.width = 4096                                # no line of the user's is folded
+    rt.indent(mapping=2, sequence=4, offset=2)     # "  - item", as this project's configs are written
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = rt.load(f)
+    except (OSError, Exception):   # noqa: BLE001 - missing or unreadable: written anew
+        doc = None
+    new = cfg.to_yaml_data()
+    plain = ("# Written by vswitchd (persist: true): changes made with vswitchctl are saved here.\n"
+             + yaml.safe_dump(new, sort_keys=False, default_flow_style=None))
+    if not isinstance(doc, dict):
+        return plain
+    _merge_into(doc, new, Config().to_yaml_data())
+    out = io.StringIO()
+    rt.dump(doc, out)
+    # ruamel.yaml cannot keep every layout (an end-of-line comment on a block mapping
+    # followed by a flow mapping in a list comes out as one broken line): what it
+    # wrote must read back as the running config, or the file is written plainly.
+    try:
+        if parse(yaml.safe_load(out.getvalue()), path).to_yaml_data() == new:
+            return out.getvalue()
+    except (yaml.YAMLError, ConfigError):
+        pass
+    logging.getLogger(__name__).warning("%s: could not keep the file's comments and layout; rewritten plainly", path)
+    return plain
+
+
+def _merge_into(doc: dict, new: dict, defaults: dict) -> None:
+    """Makes the mapping `doc` say what `new` says, touching only what differs; a key `new` has at
+    its default value is not added where `doc` lacks it."""
+    for key in [k for k in doc if k not in new]:
+        del doc[key]
+    for key, value in new.items():
+        if key == "ports" and isinstance(doc.get(key), list):
+            _merge_ports(doc[key], value)
+        elif isinstance(value, dict) and isinstance(doc.get(key), dict):
+            _merge_into(doc[key], value, defaults.get(key) or {})
+        elif key not in doc:
+            if value != defaults.get(key):
+                doc[key] = value
+        elif doc[key] != value:
+            doc[key] = value
+
+
+def _merge_ports(entries: list, ports: list[dict]) -> None:
+    """Port entries matched by name: removed ports go, kept ones are updated in place, new ones
+    are appended without the keys left at their type's defaults."""
+    wanted = {p["name"]: p for p in ports}
+    for entry in [e for e in entries if not isinstance(e, dict) or e.get("name") not in wanted]:
+        entries.remove(entry)
+    have = {e["name"] for e in entries}
+    for entry in entries:
+        _merge_into(entry, wanted[entry["name"]], _port_defaults(wanted[entry["name"]]))
+    for port in ports:
+        if port["name"] not in have:
+            defaults = _port_defaults(port)
+            entries.append({k: v for k, v in port.items() if k in ("name", "type") or v != defaults.get(k)})
+
+
+def _port_defaults(spec: dict) -> dict:
+    port_type = port_registry.get(spec.get("type"))
+    if port_type is None:
+        return {}
+    return {k.name: k.default for k in port_type.keys if k.default is not None and not callable(k.default)}
 
 
 def load(path: str) -> Config:

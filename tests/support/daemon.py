@@ -35,10 +35,13 @@ class Vswitchd:
             self.config.update(extra)
         self.log_level = log_level
         self.extra_args: list[str] = []
+        # False: start() runs on the file as the test wrote it (comments and all).
+        self.write_config = True
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "Vswitchd":
-        self.config_path.write_text(yaml.safe_dump(self.config))
+        if self.write_config:
+            self.config_path.write_text(yaml.safe_dump(self.config))
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vswitch.daemon", "--config", str(self.config_path),
