@@ -43,6 +43,7 @@ import itertools
 import json
 import lzma
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -501,6 +502,7 @@ class Guest:
         kit_dir: str | os.PathLike | None = None,
         extra_cmdline: str = "",
         device_options: str = "",
+        run_as: str | None = None,
     ) -> None:
         self.name = name
         self.socket_path = Path(socket_path)
@@ -515,6 +517,8 @@ class Guest:
         self.extra_cmdline = extra_cmdline
         # More virtio-net-pci properties, e.g. "packed=on" or "host_mtu=9000".
         self.device_options = device_options
+        # A user to run QEMU as (as libvirt runs it as libvirt-qemu), or None for ours.
+        self.run_as = run_as
         log_dir = Path(log_dir) if log_dir else Path(tempfile.gettempdir())
         self.log_path = log_dir / f"qemu-{name}.log"
         self.process: subprocess.Popen | None = None
@@ -589,6 +593,9 @@ class Guest:
         if not kernel_path(kit).exists() or not initramfs_path(kit).exists():
             build(kit)
         argv = self.command_line()
+        if self.run_as:
+            user = pwd.getpwnam(self.run_as)
+            argv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--", *argv]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab", buffering=0)
         self._log_file.write(f"\n=== {time.strftime('%H:%M:%S')} start: {' '.join(argv)}\n".encode())

@@ -24,10 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import pwd
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.support.daemon import Vswitchd
@@ -263,3 +268,26 @@ def test_four_queues_spread_flows(tmp_path, kit):
             used = {q: (after[q] - before[name][q]) & 0xFFFF for q in after}
             assert len(used) == queues and all(n >= PING_COUNT for n in used.values()), \
                 f"{name}'s TX queues and the descriptors the switch took from each: {used}"
+
+
+def test_a_qemu_running_as_an_unprivileged_user_connects(tmp_path, kit):
+    """QEMU as `nobody` (as libvirt runs it as its own user) on a socket the switch gave to that
+    user (socket_owner), in a directory it may enter: it connects, boots, and pings a guest
+    whose QEMU runs as root."""
+    open_dir = Path(tempfile.mkdtemp(prefix="vs-qemu-user-", dir="/tmp"))
+    os.chmod(open_dir, 0o755)
+    try:
+        ports = [{"name": "vm1", "type": "vhost-user", "path": str(open_dir / "vm1.sock"), "socket_owner": "nobody",
+                  "socket_mode": "0600"},
+                 {"name": "vm2", "type": "vhost-user", "path": str(tmp_path / "vm2.sock")}]
+        with diagnostics(tmp_path), contextlib.ExitStack() as stack:
+            switch = stack.enter_context(Vswitchd(tmp_path, ports=ports))
+            vm1 = vmkit.Guest("vm1", open_dir / "vm1.sock", log_dir=tmp_path, kit_dir=kit, run_as="nobody",
+                              **GUESTS["vm1"])
+            vm2 = make_guest("vm2", tmp_path, kit, qemu_server=False)
+            boot([vm1, vm2], stack)
+            wait_links(switch, list(GUESTS))
+            assert psutil.Process(vm1.process.pid).uids().effective == pwd.getpwnam("nobody").pw_uid
+            assert_ping_both_ways(vm1, vm2)
+    finally:
+        shutil.rmtree(open_dir, ignore_errors=True)
