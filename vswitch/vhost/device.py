@@ -205,7 +205,8 @@ class VhostUserDevice:
                 "index": ring.index,
                 "size": ring.size or 0,
                 "enabled": ring.started,
-                "last_avail_idx": int(vr.last_avail_idx) if ring.started else ring.base,
+                "layout": "packed" if ring.started and vr.packed else "split",
+                "last_avail_idx": int(lib.vs_vring_base(vr)) if ring.started else ring.base,
                 "kick": "fd" if ring.kickfd >= 0 else ("polled" if ring.kick_set else "none"),
                 "call": "fd" if ring.callfd >= 0 else ("none" if not ring.call_set else "polled"),
                 "resumed_from_used": int(vr.resumed_from_used),
@@ -573,7 +574,7 @@ class VhostUserDevice:
             reason = ffi.string(lib.vs_vq_error_name(rc)).decode()
             raise ProtocolError(f"{request.name}: vring {ring.index}: cannot start: {reason} (size {ring.size}, "
                                 f"desc {addr.desc:#x}, avail {addr.avail:#x}, used {addr.used:#x})")
-        started_at = int(vr.last_avail_idx)
+        started_at = int(lib.vs_vring_base(vr))   # a packed ring's carries its wrap counter in bit 15
         if started_at != ring.base:
             # vs_vring_setup took the index from the used ring in guest memory (and counted it).
             log.warning("vhost-user port '%s': vring %d: base %d from the front-end, but the used index in "
@@ -596,7 +597,7 @@ class VhostUserDevice:
             lib.vs_vring_set_enabled(ffi.addressof(self.dev.vrings, ring.index), 0)
         self._wait_for_pmds()
         for ring in running:
-            ring.base = int(self._vring(ring.index).last_avail_idx)
+            ring.base = int(lib.vs_vring_base(self._vring(ring.index)))
             ring.started = False
             log.info("vhost-user port '%s': vring %d stopped at %d", self.name, ring.index, ring.base)
             if emit:
