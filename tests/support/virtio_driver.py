@@ -244,6 +244,11 @@ class SplitQueue:
     def free_count(self) -> int:
         return len(self._free_descs)
 
+    @property
+    def vring_base(self) -> int:
+        """What SET_VRING_BASE carries to resume this ring: the avail index."""
+        return self.avail_idx
+
     def in_flight(self) -> int:
         return len(self._chains)
 
@@ -531,6 +536,11 @@ class PackedQueue:
 
     def in_flight(self) -> int:
         return len(self._chains)
+
+    @property
+    def vring_base(self) -> int:
+        """What SET_VRING_BASE carries: the next slot, the wrap counter in bit 15."""
+        return self.next_avail | self.avail_wrap << 15
 
     # -- raw primitives: no checks
     def avail_flags(self, wrap: int | None = None) -> int:

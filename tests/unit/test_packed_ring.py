@@ -490,3 +490,94 @@ def test_random_descriptors_never_crash(make_rig, seed):
     for g, index in ((a, 1), (b, 0)):
         pk = g.vring(index).pk
         assert pk.avail_idx < 16 and pk.used_idx < 16 and not g.vring(index).broken
+
+
+# --- Over vhost-user ------------------------------------------------------------------
+
+from tests.support.frames import BROADCAST, wait_for  # noqa: E402
+from tests.support.frontend import BackendClosed, DRIVER_FEATURES, RequestFailed, VhostUserFrontend  # noqa: E402
+from tests.unit.test_vhost_protocol import frontends, loop_thread, make_harness, server  # noqa: E402,F401
+from vswitch.vhost import protocol  # noqa: E402
+from vswitch.vhost.protocol import Request  # noqa: E402
+
+
+def test_packed_is_offered():
+    assert protocol.OFFERED_FEATURES & F_PACKED
+
+
+def test_get_and_set_vring_base_carry_the_wrap_counter(server, frontends):
+    fe = frontends(server.path, features=DRIVER_FEATURES | F_PACKED, ring_size=8).connect()
+    fe.handshake()
+    fe.sync()
+    vr = server.dev.vrings + 1
+    assert vr.packed == 1 and server.dev.vrings[0].packed == 1
+    assert lib.vs_vring_base(vr) == PACKED_START_BASE
+    tx = fe.tx_ring(0)
+    pkts = ffi.new("struct vs_pkt[32]")
+    for n in range(11):                  # a lap and three slots: wrap counter 0
+        tx.post_tx(bytes([n]) * 60)
+        got = lib.vs_packed_dequeue_burst(server.dev, vr, pkts, 32)
+        lib.vs_packed_dequeue_done(server.dev, vr, pkts, got)
+        assert got == 1 and len(tx.get_used()) == 1
+    assert fe.get_vring_base(1) == 3
+    assert fe.get_vring_base(0) == PACKED_START_BASE
+    assert not lib.vs_vring_is_enabled(vr)
+    # The front-end restarts the ring from there; the engine takes the next frame.
+    fe.request(Request.SET_VRING_BASE, protocol.pack_vring_state(1, tx.vring_base))
+    fe.request(Request.SET_VRING_ADDR, protocol.pack_vring_addr(1, tx.desc_uva, tx.used_uva, tx.avail_uva))
+    fe.request(Request.SET_VRING_KICK, protocol.pack_vring_fd(1), [fe.kickfds[1]])
+    fe.request(Request.SET_VRING_CALL, protocol.pack_vring_fd(1, nofd=True))
+    fe.set_vring_enable(1, True)
+    assert lib.vs_vring_is_enabled(vr) and lib.vs_vring_base(vr) == 3
+    tx.post_tx(b"z" * 60)
+    assert lib.vs_packed_dequeue_burst(server.dev, vr, pkts, 32) == 1
+    assert server.info()["rings"][1]["layout"] == "packed"
+
+
+def test_a_base_past_the_ring_is_refused(server, frontends):
+    fe = frontends(server.path, features=DRIVER_FEATURES | F_PACKED, ring_size=8).connect()
+    fe.handshake(stop_before=Request.SET_VRING_ENABLE)
+    fe.request(Request.SET_VRING_BASE, protocol.pack_vring_state(1, PACKED_START_BASE | 9))
+    with pytest.raises((RequestFailed, BackendClosed)):
+        fe.set_vring_enable(1, True)
+        fe.sync()
+    assert server.protocol_errors == 1
+    assert not lib.vs_vring_is_enabled(server.dev.vrings + 1)
+
+
+@pytest.mark.parametrize("layouts", [("packed", "packed"), ("packed", "split"), ("split", "packed"),
+                                     ("packed+in_order", "packed+in_order")])
+def test_guests_switch_through_vswitchd(tmp_path, layouts):
+    """Broadcast and unicast both ways between front-ends of either layout,
+    mergeable buffers, chains and indirect tables included."""
+    from tests.support.daemon import Vswitchd
+    ports = [{"name": f"vm{i}", "type": "vhost-user", "path": str(tmp_path / f"vm{i}.sock")} for i in range(2)]
+    with Vswitchd(tmp_path, ports=ports) as d:
+        guests = []
+        for i, layout in enumerate(layouts):
+            features = DRIVER_FEATURES | (F_PACKED if "packed" in layout else 0) | \
+                (F_IN_ORDER if "in_order" in layout else 0)
+            fe = VhostUserFrontend(tmp_path / f"vm{i}.sock", features=features, ring_size=256).connect()
+            fe.handshake()
+            assert bool(fe.features & F_PACKED) == ("packed" in layout)
+            fe.post_rx(0, 200, size=1024)
+            guests.append(fe)
+        wait_for(lambda: all(d.port(f"vm{i}")["link"] == "up" for i in range(2)), what="links up")
+        for src, dst in ((0, 1), (1, 0)):
+            big = frame(BROADCAST, mac(src + 1), os.urandom(1400))   # two 1 KiB buffers with MRG_RXBUF
+            sent = [big] + [frame(BROADCAST if k % 2 else mac(dst + 1), mac(src + 1), bytes([k]) * 50)
+                            for k in range(150)]
+            guests[src].send_frame(0, big, indirect=True, segments=3)
+            for k, f in enumerate(sent[1:]):
+                guests[src].send_frame(0, f, segments=1 + k % 3)
+                if k % 20 == 19:
+                    guests[src].wait_tx_done(0)
+            guests[src].wait_tx_done(0)
+            got = guests[dst].receive(0, len(sent), timeout=5)
+            assert [g.data for g in got] == sent
+        stats = {f"vm{i}": d.port(f"vm{i}")["stats"] for i in range(2)}
+        for name, counters in stats.items():
+            assert (counters["rx_packets"], counters["tx_packets"]) == (151, 151), (name, counters)
+            assert counters["rx_errors"] == counters["tx_dropped"] == 0, (name, counters)
+        for fe in guests:
+            fe.close()
