@@ -581,3 +581,16 @@ def test_guests_switch_through_vswitchd(tmp_path, layouts):
             assert counters["rx_errors"] == counters["tx_dropped"] == 0, (name, counters)
         for fe in guests:
             fe.close()
+
+
+def test_reset_owner_forgets_the_layout_on_the_c_side_too(server, frontends):
+    """Found by the vhost-user fuzzer: after RESET_OWNER the device's features
+    are forgotten in Python but were kept in C, so rings of a new session
+    that never sent SET_FEATURES started packed."""
+    fe = frontends(server.path, features=DRIVER_FEATURES | F_PACKED).connect()
+    fe.handshake()
+    fe.sync()
+    assert server.dev.features & F_PACKED
+    fe.request(Request.RESET_OWNER)
+    fe.sync()
+    assert server.dev.features == 0 and server.dev.hdr_len == 10

@@ -274,6 +274,9 @@ class VhostUserDevice:
                           _unmap_all(self._regions, keep_alive=self._memtable))
         close_fds([self.backend_req_fd])
         self._reset_session()
+        # The C side forgets them too: a new session's rings start with what it negotiates
+        # (the ring layout, packed or split, comes from these bits).
+        lib.vs_vhost_dev_set_features(self.dev, 0)
 
     def describe_fault(self) -> str | None:
         """Counts the fault bits set on the device and says what they mean; None if none."""
