@@ -496,8 +496,10 @@ class Guest:
         memory_mb: int = 256,
         kit_dir: str | os.PathLike | None = None,
         extra_cmdline: str = "",
+        packed: bool = False,
     ) -> None:
         self.name = name
+        self.packed = packed  # virtio-net-pci packed=on: the guest's driver asks for packed rings
         self.socket_path = Path(socket_path)
         if len(os.fsencode(self.socket_path)) > 107:
             raise VmkitError(f"socket path too long for AF_UNIX (max 107 bytes): {self.socket_path}")
@@ -548,6 +550,8 @@ class Guest:
             chardev += ",reconnect=1"
         netdev = "vhost-user,id=n0,chardev=c0"
         device = f"virtio-net-pci,netdev=n0,mac={self.mac},romfile="
+        if self.packed:
+            device += ",packed=on"
         if self.queues > 1:
             netdev += f",queues={self.queues}"
             # One vector per rx and tx queue, plus config and control queue.
