@@ -539,8 +539,10 @@ class PackedQueue:
 
     @property
     def vring_base(self) -> int:
-        """What SET_VRING_BASE carries: the next slot, the wrap counter in bit 15."""
-        return self.next_avail | self.avail_wrap << 15
+        """What SET_VRING_BASE carries, as QEMU sends it: the next slot to make
+        available with the wrap counter in bit 15, and the next used slot the
+        same way in the high half (DPDK virtio-user sends only the low half)."""
+        return self.next_avail | self.avail_wrap << 15 | (self.next_used | self.used_wrap << 15) << 16
 
     # -- raw primitives: no checks
     def avail_flags(self, wrap: int | None = None) -> int:

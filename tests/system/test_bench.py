@@ -40,7 +40,7 @@ def test_bench_smoke(tmp_path):
     scratch.mkdir()
     env = dict(os.environ, TMPDIR=str(scratch))
     argv = [sys.executable, "-m", "tools.bench", "--smoke", "--profile", "--systems", ",".join(systems),
-            "--json-out", str(json_out), "--plot-out", str(plot_out)]
+            "--paths", "split,packed", "--json-out", str(json_out), "--plot-out", str(plot_out)]
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=TIMEOUT_SECONDS)
@@ -60,22 +60,29 @@ def test_bench_smoke(tmp_path):
     result = json.loads(json_out.read_text())
     assert result["systems"] == systems, report
     assert result["unavailable"] == {}, report
+    assert result["paths"] == ["split", "packed"], report
     rows = {row["system"]: row for row in result["results"]}
-    for system in systems:
+    # Every system on each path: `vswitchd` (split rings), `vswitchd/packed` (virtio-user packed_vq=1).
+    labels = systems + [f"{system}/packed" for system in systems]
+    assert sorted(rows) == sorted(labels), report
+    for system in labels:
         row = rows[system]
         assert row["size"] == 64 and row["status"] == "ok", f"{row}\n{report}"
         assert row["mpps_median"] > 0, f"{row}\n{report}"
         assert "ratio_to_testpmd_io" in row and row["ratio_to_testpmd_io"] > 0, f"{row}\n{report}"
         assert row["gbit_s_median"] > 0, f"{row}\n{report}"
     assert rows["testpmd-io"]["ratio_to_testpmd_io"] == pytest.approx(1.0)
-    assert len(result["samples"]) == len(systems), report
+    assert rows["testpmd-io/packed"]["ratio_to_testpmd_io"] == pytest.approx(1.0)   # each path against its own
+    assert len(result["samples"]) == len(labels), report
     # --profile: perf sampled each system; vswitchd's time is in its ring engine and packet loop.
     vswitchd_profile = next(x for x in result["samples"] if x["system"] == "vswitchd")["profile"]
     assert vswitchd_profile and all(0 < pct <= 100 for pct, _ in vswitchd_profile), report
     assert {"vs_vring_enqueue_burst", "vs_vring_dequeue_burst"} & {sym for _, sym in vswitchd_profile}, report
+    packed_profile = next(x for x in result["samples"] if x["system"] == "vswitchd/packed")["profile"]
+    assert {"vs_packed_enqueue_burst", "vs_packed_dequeue_burst"} & {sym for _, sym in packed_profile}, report
     assert result["machine"]["sut_core"] != result["machine"]["generator_core"]
-    # The terminal table names every system.
-    for system in systems:
+    # The terminal table names every system on every path.
+    for system in labels:
         assert system in done.stdout, report
 
     assert plot_out.read_bytes()[:8] == PNG_SIGNATURE, report

@@ -145,7 +145,7 @@ def test_wraps_around_the_ring_many_times(make_rig, features):
         pk = g.vring(index).pk
         assert (pk.avail_idx, pk.avail_wrap) == (q.next_avail, q.avail_wrap)
         assert (pk.used_idx, pk.used_wrap) == (q.next_used, q.used_wrap)
-        assert lib.vs_vring_base(ffi.addressof(g.dev.vrings, index)) == q.next_avail | q.avail_wrap << 15
+        assert lib.vs_vring_base(ffi.addressof(g.dev.vrings, index)) == q.vring_base
 
 
 def used_slots(q) -> list[int]:
@@ -272,7 +272,7 @@ def test_vring_base_carries_the_wrap_counter_and_a_restart_resumes(make_rig):
         b.rx[0].read_rx_frames()
     tx = ffi.addressof(a.dev.vrings, 1)
     base = lib.vs_vring_base(tx)
-    assert base == 3                     # slot 3, second lap: wrap counter 0
+    assert base == 3 | 3 << 16           # slot 3, second lap: wrap counter 0, the used side the same
     # A halt and a restart from that base (what GET_VRING_BASE, then SET_VRING_BASE do).
     lib.vs_vring_set_enabled(tx, 0)
     q = a.tx[0]
@@ -283,14 +283,41 @@ def test_vring_base_carries_the_wrap_counter_and_a_restart_resumes(make_rig):
     a.tx[0].post_tx(f)
     rig.poll()
     assert [x.data for x in b.rx[0].read_rx_frames()] == [f]
-    assert lib.vs_vring_base(tx) == 4
+    assert lib.vs_vring_base(tx) == 4 | 4 << 16 and a.vring(1).resumed_from_used == 0
+
+
+@pytest.mark.parametrize("low_half_only", [False, True])
+def test_a_base_with_the_used_side_behind_resumes_from_it(make_rig, low_half_only):
+    """A back-end that died with two frames taken and not returned: QEMU
+    sends its used position in the high half, and the ring resumes there
+    (the frames are sent again), as split rings resume from the used index.
+    Without a high half (DPDK's form) the used side is taken to be where
+    the avail side is."""
+    rig, a, b = two_guests(make_rig, ring_size=8)
+    q = a.tx[0]
+    sent = [frame(mac(2), mac(1), bytes([i]) * 60) for i in range(3)]
+    for f in sent:
+        q.post_tx(f)
+    # As if a previous back-end had taken the first two: avail at slot 2, used still at 0.
+    base = (2 | 1 << 15) | (0 | 1 << 15) << 16
+    if low_half_only:
+        base = 0 | 1 << 15             # virtio-user: the start (it resets its rings)
+    tx = ffi.addressof(a.dev.vrings, 1)
+    lib.vs_vring_set_enabled(tx, 0)
+    assert lib.vs_vring_setup(a.dev, 1, 8, q.desc_uva, q.avail_uva, q.used_uva, base) == 0
+    lib.vs_vring_set_enabled(tx, 1)
+    b.rx[0].post_rx(4)
+    rig.poll()
+    assert [x.data for x in b.rx[0].read_rx_frames()] == sent
+    assert a.vring(1).resumed_from_used == (0 if low_half_only else 1)
 
 
 def test_vring_base_past_the_ring_is_refused(make_rig):
     rig, a, b = two_guests(make_rig, ring_size=8)
     q = a.tx[0]
-    rc = lib.vs_vring_setup(a.dev, 1, 8, q.desc_uva, q.avail_uva, q.used_uva, PACKED_START_BASE | 8)
-    assert rc == lib.VS_VQ_ERR_BASE
+    for base in (PACKED_START_BASE | 8, PACKED_START_BASE | (PACKED_START_BASE | 9) << 16):
+        rc = lib.vs_vring_setup(a.dev, 1, 8, q.desc_uva, q.avail_uva, q.used_uva, base)
+        assert rc == lib.VS_VQ_ERR_BASE
 
 
 # --- Hostile guests -----------------------------------------------------------------
@@ -511,7 +538,7 @@ def test_get_and_set_vring_base_carry_the_wrap_counter(server, frontends):
     fe.sync()
     vr = server.dev.vrings + 1
     assert vr.packed == 1 and server.dev.vrings[0].packed == 1
-    assert lib.vs_vring_base(vr) == PACKED_START_BASE
+    assert lib.vs_vring_base(vr) == PACKED_START_BASE | PACKED_START_BASE << 16
     tx = fe.tx_ring(0)
     pkts = ffi.new("struct vs_pkt[32]")
     for n in range(11):                  # a lap and three slots: wrap counter 0
@@ -519,8 +546,8 @@ def test_get_and_set_vring_base_carry_the_wrap_counter(server, frontends):
         got = lib.vs_packed_dequeue_burst(server.dev, vr, pkts, 32)
         lib.vs_packed_dequeue_done(server.dev, vr, pkts, got)
         assert got == 1 and len(tx.get_used()) == 1
-    assert fe.get_vring_base(1) == 3
-    assert fe.get_vring_base(0) == PACKED_START_BASE
+    assert fe.get_vring_base(1) == 3 | 3 << 16
+    assert fe.get_vring_base(0) == PACKED_START_BASE | PACKED_START_BASE << 16
     assert not lib.vs_vring_is_enabled(vr)
     # The front-end restarts the ring from there; the engine takes the next frame.
     fe.request(Request.SET_VRING_BASE, protocol.pack_vring_state(1, tx.vring_base))
@@ -528,7 +555,8 @@ def test_get_and_set_vring_base_carry_the_wrap_counter(server, frontends):
     fe.request(Request.SET_VRING_KICK, protocol.pack_vring_fd(1), [fe.kickfds[1]])
     fe.request(Request.SET_VRING_CALL, protocol.pack_vring_fd(1, nofd=True))
     fe.set_vring_enable(1, True)
-    assert lib.vs_vring_is_enabled(vr) and lib.vs_vring_base(vr) == 3
+    assert lib.vs_vring_is_enabled(vr) and lib.vs_vring_base(vr) == 3 | 3 << 16
+    assert vr.resumed_from_used == 0
     tx.post_tx(b"z" * 60)
     assert lib.vs_packed_dequeue_burst(server.dev, vr, pkts, 32) == 1
     assert server.info()["rings"][1]["layout"] == "packed"

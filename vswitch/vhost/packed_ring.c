@@ -50,7 +50,7 @@ static inline struct vring_packed_desc read_pdesc(const struct vring_packed_desc
 
 int vs_packed_setup(struct vs_vhost_dev *dev, struct vs_vring *vr, uint32_t size,
                     uint64_t desc_uva, uint64_t driver_event_uva, uint64_t device_event_uva,
-                    uint16_t base)
+                    uint32_t base)
 {
     struct vs_packed_ring *pr = &vr->pk;
     void *desc = vs_mem_translate_uva(dev->mem, desc_uva, (uint64_t)size * sizeof(struct vring_packed_desc));
@@ -59,23 +59,34 @@ int vs_packed_setup(struct vs_vhost_dev *dev, struct vs_vring *vr, uint32_t size
     if (!desc || !drv || !dev_ev || ((uintptr_t)desc & 15) || ((uintptr_t)drv & 3) || ((uintptr_t)dev_ev & 3)) {
         return VS_VQ_ERR_RING_ADDR;
     }
-    uint16_t idx = base & ~(1u << VIRTQ_EVENT_WRAP_SHIFT);
-    if (idx >= size) {
+    /*
+     * The base's low half is the next descriptor to consume (bits 0-14) and
+     * the driver's wrap counter there (bit 15), as DPDK and virtio-user send
+     * it; QEMU adds the used side the same way in the high half.  Without a
+     * high half the used side stands where the avail side does: every buffer
+     * taken was returned before the ring stopped.  A front-end that
+     * reconnects without inflight tracking either resets its packed rings
+     * (virtio-user sends the start, 0 with wrap 1) or, like QEMU, sends where
+     * the used side was: if that is behind the avail side (a back-end that
+     * died with buffers in flight), resume from it, as split rings do from
+     * the used index: those buffers are read again (TX, resent) or written
+     * again (RX).  The guest chooses the base either way.
+     */
+    uint16_t avail = base & 0xffff;
+    uint16_t used = base >> 16 ? base >> 16 : avail;
+    uint16_t mask = (uint16_t)~(1u << VIRTQ_EVENT_WRAP_SHIFT);
+    if ((avail & mask) >= size || (used & mask) >= size) {
         return VS_VQ_ERR_BASE;
+    }
+    if (used != avail) {
+        vr->resumed_from_used++;
     }
     pr->desc = desc;
     pr->driver_event = drv;
     pr->device_event = dev_ev;
     vr->size = size;
-    /*
-     * Bits 0-14 of the base are the next descriptor to consume, bit 15 the
-     * driver's wrap counter there.  Every buffer taken was returned before
-     * the ring stopped, so the used side stands at the same place.  A
-     * front-end that reconnects without inflight tracking resets its packed
-     * rings (DPDK virtio-user does) and sends the start, 0 with wrap 1.
-     */
-    pr->avail_idx = pr->used_idx = idx;
-    pr->avail_wrap = pr->used_wrap = (base >> VIRTQ_EVENT_WRAP_SHIFT) & 1;
+    pr->avail_idx = pr->used_idx = used & mask;
+    pr->avail_wrap = pr->used_wrap = (used >> VIRTQ_EVENT_WRAP_SHIFT) & 1;
     pr->batch_count = 0;
     pr->npending = 0;
     vr->signalled_used_valid = 0;

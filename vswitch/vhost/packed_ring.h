@@ -57,7 +57,7 @@ struct vs_pkt;
 /* Control plane (through vs_vring_setup and friends in virtqueue.c). */
 int vs_packed_setup(struct vs_vhost_dev *dev, struct vs_vring *vr, uint32_t size,
                     uint64_t desc_uva, uint64_t driver_event_uva, uint64_t device_event_uva,
-                    uint16_t base);
+                    uint32_t base);
 void vs_packed_enable_notify(const struct vs_vhost_dev *dev, struct vs_vring *vr, int enable);
 int vs_packed_has_avail(const struct vs_vring *vr);
 

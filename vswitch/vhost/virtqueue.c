@@ -92,7 +92,7 @@ void vs_vhost_dev_set_features(struct vs_vhost_dev *dev, uint64_t features)
 
 int vs_vring_setup(struct vs_vhost_dev *dev, uint32_t index, uint32_t size,
                    uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva,
-                   uint16_t base)
+                   uint32_t base)
 {
     if (index >= VS_MAX_VRINGS) {
         return VS_VQ_ERR_RING_ADDR;
@@ -155,7 +155,9 @@ int vs_vring_is_enabled(const struct vs_vring *vr)
 uint32_t vs_vring_base(const struct vs_vring *vr)
 {
     if (vr->packed) {
-        return vr->pk.avail_idx | (uint32_t)vr->pk.avail_wrap << VIRTQ_EVENT_WRAP_SHIFT;
+        uint32_t avail = vr->pk.avail_idx | (uint32_t)vr->pk.avail_wrap << VIRTQ_EVENT_WRAP_SHIFT;
+        uint32_t used = vr->pk.used_idx | (uint32_t)vr->pk.used_wrap << VIRTQ_EVENT_WRAP_SHIFT;
+        return avail | used << 16;
     }
     return vr->last_avail_idx;
 }

@@ -136,11 +136,12 @@ void vs_vhost_dev_init(struct vs_vhost_dev *dev, uint32_t nr_queue_pairs);
 void vs_vhost_dev_set_features(struct vs_vhost_dev *dev, uint64_t features);
 int vs_vring_setup(struct vs_vhost_dev *dev, uint32_t index, uint32_t size,
                    uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva,
-                   uint16_t base);
+                   uint32_t base);
 void vs_vring_set_enabled(struct vs_vring *vr, int enabled);
 int vs_vring_is_enabled(const struct vs_vring *vr);
 /* Where the ring stands, as GET_VRING_BASE reports it: the next avail
- * index, with the wrap counter in bit 15 for a packed ring. */
+ * index; for a packed ring with its wrap counter in bit 15, and the used
+ * side the same way in bits 16-31 (QEMU's form; DPDK reads the low half). */
 uint32_t vs_vring_base(const struct vs_vring *vr);
 
 /* Guest notifications, for a PMD that goes to sleep on the kick eventfds. */
