@@ -413,8 +413,13 @@ static void guest_build(struct guest *g, struct input *in, bool rx, uint64_t fea
         struct vring_packed_desc_event *drv = (struct vring_packed_desc_event *)g->host[R_AVAIL];
         drv->flags = in_u8(in) % 4;
         drv->off_wrap = in_u16(in);
+        uint32_t vbase = base | (wrap ? 1u << 15 : 0);
+        if (in_u8(in) & 1) {
+            /* QEMU's form: a used side in the high half, which the ring resumes from. */
+            vbase |= (uint32_t)((in_u16(in) & (size - 1)) | (in_u8(in) & 1) << 15) << 16;
+        }
         int rc = vs_vring_setup(dev, index, size, g->gpa[R_DESC] + UVA_OFFSET, g->gpa[R_AVAIL] + UVA_OFFSET,
-                                g->gpa[R_USED] + UVA_OFFSET, (uint16_t)(base | (wrap ? 1u << 15 : 0)));
+                                g->gpa[R_USED] + UVA_OFFSET, vbase);
         CHECK(rc == VS_VQ_OK, "vs_vring_setup refused a good packed ring: %d", rc);
         g->vr = &dev->vrings[index];
         CHECK(g->vr->packed, "a packed ring set up split");
