@@ -584,8 +584,8 @@ class VhostUserDevice:
         if int(vr.resumed_from_used) != resumed:
             # vs_vring_setup took the index from the used ring in guest memory, or a packed ring's
             # base from its used side (and counted it).
-            log.warning("vhost-user port '%s': vring %d: base %#x from the front-end, but the used side is at "
-                        "%#x: resuming from the used side (a restarted switch or front-end; frames in flight "
+            log.warning("vhost-user port '%s': vring %d: base %#x from the front-end, but the used index is "
+                        "%#x: resuming from the used index (a restarted switch or front-end; frames in flight "
                         "may be resent or lost)", self.name, ring.index, ring.base, started_at)
         ring.base = started_at
         lib.vs_vring_set_enabled(vr, 1)
