@@ -25,6 +25,14 @@
  *   - the counters add up: packets, bytes, dropped, errors per reason;
  *   - RX used lengths add up to the header plus the frame delivered.
  *
+ * Packed rings (packed_ring.c): an eighth of the inputs, and half of the
+ * races, lay both devices out as packed rings instead: descriptors with
+ * AVAIL/USED bits mostly right for the lap, ids mostly their slot, random
+ * driver event structures, a random base and wrap counter.  Checked there:
+ * after each burst the used position (index and wrap) has caught up with
+ * the avail position (every slot taken is covered by a used entry), ids
+ * handed out are inside the ring, and the counters add up as above.
+ *
  * FUZZ_STATS_FILE=path makes it write its counts there every second and at exit;
  * FUZZ_RACE_ONLY=1 makes every input a race.
  */
@@ -60,7 +68,7 @@ struct guest {
 };
 
 static struct {
-    uint64_t inputs, chains_tx, chains_rx, frames_tx, frames_rx, bad_chains, race_inputs;
+    uint64_t inputs, chains_tx, chains_rx, frames_tx, frames_rx, bad_chains, race_inputs, packed_inputs, packed_chains;
 } stats;
 static int callfd = -1;
 static uint64_t race_writes;            /* stores by the racing thread */
@@ -71,12 +79,14 @@ static void write_stats(void)
     FILE *f = path ? fopen(path, "w") : NULL;
     if (f) {
         fprintf(f, "inputs %llu\nchains %llu\nchains_tx %llu\nchains_rx %llu\nframes_tx %llu\n"
-                "frames_rx %llu\nbad_chains %llu\nrace_inputs %llu\nrace_writes %llu\n",
+                "frames_rx %llu\nbad_chains %llu\nrace_inputs %llu\nrace_writes %llu\npacked_inputs %llu\n"
+                "packed_chains %llu\n",
                 (unsigned long long)stats.inputs, (unsigned long long)(stats.chains_tx + stats.chains_rx),
                 (unsigned long long)stats.chains_tx, (unsigned long long)stats.chains_rx,
                 (unsigned long long)stats.frames_tx, (unsigned long long)stats.frames_rx,
                 (unsigned long long)stats.bad_chains, (unsigned long long)stats.race_inputs,
-                (unsigned long long)__atomic_load_n(&race_writes, __ATOMIC_RELAXED));
+                (unsigned long long)__atomic_load_n(&race_writes, __ATOMIC_RELAXED),
+                (unsigned long long)stats.packed_inputs, (unsigned long long)stats.packed_chains);
         fclose(f);
     }
 }
@@ -276,14 +286,53 @@ static void write_desc(struct input *in, const struct guest *g, struct virtq_des
     d->next = nx & 0x80 ? in_u16(in) : (uint16_t)(nx % (table_size + 2));
 }
 
-static void guest_build(struct guest *g, struct input *in, bool rx, uint64_t features)
+/* Packed ring flags that make a slot available in lap `wrap`, usually; now and then anything. */
+static uint16_t packed_avail_bits(struct input *in, bool wrap)
+{
+    uint8_t m = in_u8(in);
+    if (m < 0xe0) {
+        return wrap ? VIRTQ_DESC_F_AVAIL : VIRTQ_DESC_F_USED;
+    }
+    static const uint16_t any[4] = { 0, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED };
+    return any[m & 3];
+}
+
+/* A packed descriptor from a split one written the same way: addr, len and
+ * the low flags; id mostly the slot; AVAIL/USED as the caller says. */
+static void write_packed_desc(struct input *in, const struct guest *g, struct vring_packed_desc *pd,
+                              uint32_t table_size, bool rx, uint32_t i, uint16_t avail_bits)
+{
+    struct virtq_desc d;
+    write_desc(in, g, &d, table_size, rx, i);
+    pd->addr = d.addr;
+    pd->len = d.len;
+    pd->id = in_u8(in) < 0xf0 ? (uint16_t)i : in_u16(in);
+    pd->flags = (uint16_t)((d.flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT)) | avail_bits);
+}
+
+/* The driver makes the slots from the device's position on available for the next lap. */
+static void packed_repost(struct guest *g, struct input *in)
+{
+    const struct vs_packed_ring *pr = &g->vr->pk;
+    struct vring_packed_desc *ring = (struct vring_packed_desc *)g->host[R_DESC];
+    uint32_t size = g->ring_size;
+    uint32_t n = in_u8(in) % (size + 1);
+    for (uint32_t j = 0; j < n; j++) {
+        uint32_t slot = (pr->avail_idx + j) & (size - 1);
+        bool wrap = pr->avail_wrap ^ (pr->avail_idx + j >= size);
+        uint16_t bits = packed_avail_bits(in, wrap);
+        ring[slot].flags = (uint16_t)((ring[slot].flags & ~(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) | bits);
+    }
+}
+
+static void guest_build(struct guest *g, struct input *in, bool rx, uint64_t features, bool packed)
 {
     memset(g, 0, sizeof *g);
     uint32_t size = 1u << (in_u8(in) % (MAX_LOG2_SIZE + 1));
     g->ring_size = size;
     g->size[R_DESC] = 16 * size;
-    g->size[R_AVAIL] = 4 + 2 * size + 2;
-    g->size[R_USED] = 4 + 8 * size + 2;
+    g->size[R_AVAIL] = packed ? 4 : 4 + 2 * size + 2;     /* packed: the driver event structure */
+    g->size[R_USED] = packed ? 4 : 4 + 8 * size + 2;      /* packed: the device event structure */
     g->size[R_INDIRECT] = 16 * INDIRECT_DESCS;
     g->gpa[R_DESC] = GPA_DESC;
     g->gpa[R_AVAIL] = GPA_AVAIL;
@@ -342,7 +391,42 @@ static void guest_build(struct guest *g, struct input *in, bool rx, uint64_t fea
     struct vs_vhost_dev *dev = &g->dev;
     vs_vhost_dev_init(dev, 1);
     dev->mem = &g->mem;
-    vs_vhost_dev_set_features(dev, features);
+    vs_vhost_dev_set_features(dev, features | (packed ? 1ULL << VIRTIO_F_RING_PACKED : 0));
+    uint32_t index = rx ? 0 : 1;                /* even = guest RX, odd = guest TX */
+
+    if (packed) {
+        uint16_t base = in_u16(in) & (uint16_t)(size - 1);
+        bool wrap = in_u8(in) & 1;
+        uint32_t avail = in_u8(in) % (size + 1);
+        struct vring_packed_desc *ring = (struct vring_packed_desc *)g->host[R_DESC];
+        for (uint32_t j = 0; j < size; j++) {
+            uint32_t slot = (base + j) & (size - 1);
+            bool lap = wrap ^ (base + j >= size);
+            /* The slots past `avail` look used (the last lap's), or anything. */
+            uint16_t bits = j < avail ? packed_avail_bits(in, lap) : packed_avail_bits(in, !lap);
+            write_packed_desc(in, g, &ring[slot], size, rx, slot, bits);
+        }
+        struct vring_packed_desc *ind = (struct vring_packed_desc *)g->host[R_INDIRECT];
+        for (uint32_t i = 0; i < INDIRECT_DESCS; i++) {
+            write_packed_desc(in, g, &ind[i], INDIRECT_DESCS, rx, i, in_u8(in) < 0xf0 ? 0 : in_u16(in));
+        }
+        struct vring_packed_desc_event *drv = (struct vring_packed_desc_event *)g->host[R_AVAIL];
+        drv->flags = in_u8(in) % 4;
+        drv->off_wrap = in_u16(in);
+        uint32_t vbase = base | (wrap ? 1u << 15 : 0);
+        if (in_u8(in) & 1) {
+            /* QEMU's form: a used side in the high half, which the ring resumes from. */
+            vbase |= (uint32_t)((in_u16(in) & (size - 1)) | (in_u8(in) & 1) << 15) << 16;
+        }
+        int rc = vs_vring_setup(dev, index, size, g->gpa[R_DESC] + UVA_OFFSET, g->gpa[R_AVAIL] + UVA_OFFSET,
+                                g->gpa[R_USED] + UVA_OFFSET, vbase);
+        CHECK(rc == VS_VQ_OK, "vs_vring_setup refused a good packed ring: %d", rc);
+        g->vr = &dev->vrings[index];
+        CHECK(g->vr->packed, "a packed ring set up split");
+        g->vr->callfd = in_u8(in) & 1 ? callfd : -1;
+        vs_vring_set_enabled(g->vr, 1);
+        return;
+    }
 
     struct virtq_desc *desc = (struct virtq_desc *)g->host[R_DESC];
     for (uint32_t i = 0; i < size; i++) {
@@ -367,7 +451,6 @@ static void guest_build(struct guest *g, struct input *in, bool rx, uint64_t fea
     memset(g->host[R_USED], 0, g->size[R_USED]);
     ((struct virtq_used *)g->host[R_USED])->idx = base;    /* where a restarted guest left it */
 
-    uint32_t index = rx ? 0 : 1;                /* even = guest RX, odd = guest TX */
     int rc = vs_vring_setup(dev, index, size, g->gpa[R_DESC] + UVA_OFFSET, g->gpa[R_AVAIL] + UVA_OFFSET,
                             g->gpa[R_USED] + UVA_OFFSET, base);
     CHECK(rc == VS_VQ_OK, "vs_vring_setup refused a good ring: %d", rc);
@@ -475,9 +558,45 @@ static void check_out_pkt(const struct guest *g, const struct vs_offload_batch *
     CHECK(total == pkt->len, "offload segments %llu != len %u", (unsigned long long)total, pkt->len);
 }
 
+/* The device's used position has caught up with its avail position. */
+static void check_packed_caught_up(const struct guest *g, const char *what)
+{
+    const struct vs_packed_ring *pr = &g->vr->pk;
+    CHECK(pr->used_idx == pr->avail_idx && pr->used_wrap == pr->avail_wrap,
+          "%s: used at %u (wrap %u), avail at %u (wrap %u)", what, pr->used_idx, pr->used_wrap,
+          pr->avail_idx, pr->avail_wrap);
+    CHECK(pr->avail_idx < g->ring_size && pr->batch_count == 0, "%s: avail %u, batch %u", what, pr->avail_idx,
+          pr->batch_count);
+}
+
+static void enqueue_packed(struct guest *rxg, struct vs_pkt **pkts, uint32_t n)
+{
+    struct vs_vring *vr = rxg->vr;
+    struct vs_queue_stats before = vr->stats;
+    uint64_t err_before = error_sum(vr);
+    bool enabled = vs_vring_is_enabled(vr);
+    uint32_t got = vs_packed_enqueue_burst(&rxg->dev, vr, pkts, n);
+    CHECK(got <= n, "delivered %u of %u", got, n);
+    check_packed_caught_up(rxg, "RX");
+    CHECK(vr->stats.packets - before.packets == got, "RX packets counter");
+    if (enabled) {
+        CHECK(vr->stats.dropped - before.dropped == n - got, "RX dropped %llu, expected %u",
+              (unsigned long long)(vr->stats.dropped - before.dropped), n - got);
+    }
+    CHECK(vr->stats.errors - before.errors == error_sum(vr) - err_before, "RX error counters");
+    CHECK(vr->stats.errors == error_sum(vr), "RX errors != sum per reason");
+    stats.chains_rx += got + (error_sum(vr) - err_before);
+    stats.packed_chains += got + (error_sum(vr) - err_before);
+    stats.frames_rx += got;
+}
+
 static void enqueue(struct guest *rxg, struct vs_pkt **pkts, uint32_t n, bool racing)
 {
     struct vs_vring *vr = rxg->vr;
+    if (vr->packed) {
+        enqueue_packed(rxg, pkts, n);
+        return;
+    }
     struct vs_queue_stats before = vr->stats;
     uint64_t err_before = error_sum(vr);
     uint16_t avail0 = vr->last_avail_idx, used0 = vr->last_used_idx;
@@ -506,33 +625,9 @@ static void enqueue(struct guest *rxg, struct vs_pkt **pkts, uint32_t n, bool ra
     stats.frames_rx += got;
 }
 
-static void pmd_pass(struct guest *txg, struct guest *rxg, uint32_t max, bool racing)
+/* What the PMD does with a burst: offloads fixed for the destination, then enqueued. */
+static void forward(struct guest *txg, struct guest *rxg, struct vs_pkt *pkts, uint32_t n, bool racing)
 {
-    struct vs_vring *vr = txg->vr;
-    if (!vs_vring_is_enabled(vr)) {
-        return;
-    }
-    struct vs_pkt pkts[VS_BURST];
-    struct vs_queue_stats before = vr->stats;
-    uint64_t err_before = error_sum(vr);
-    uint16_t avail0 = vr->last_avail_idx, used0 = vr->last_used_idx;
-    uint32_t n = vs_vring_dequeue_burst(&txg->dev, vr, pkts, max);
-    CHECK(n <= max, "dequeued %u > %u", n, max);
-    uint16_t consumed = (uint16_t)(vr->last_avail_idx - avail0);
-    CHECK(consumed >= n && consumed <= max, "TX consumed %u for %u frames (max %u)", consumed, n, max);
-    uint64_t bytes = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        check_tx_pkt(txg, &pkts[i], txg->dev.features, racing);
-        bytes += pkts[i].len;
-    }
-    CHECK(vr->stats.packets - before.packets == n && vr->stats.bytes - before.bytes == bytes, "TX counters");
-    uint64_t errs = error_sum(vr) - err_before;
-    CHECK(vr->stats.errors - before.errors == errs, "TX errors");
-    /* Every consumed chain is a frame, a counted error, or (broken ring) neither. */
-    CHECK(errs >= (uint64_t)(consumed - n), "TX: %u chains dropped, %llu errors counted", consumed - n,
-          (unsigned long long)errs);
-    stats.bad_chains += consumed - n;
-
     if (n) {
         struct vs_pkt *ptrs[VS_BURST];
         for (uint32_t i = 0; i < n; i++) {
@@ -557,6 +652,69 @@ static void pmd_pass(struct guest *txg, struct guest *rxg, uint32_t max, bool ra
             b->errors = 0;
         }
     }
+}
+
+static void pmd_pass_packed(struct guest *txg, struct guest *rxg, uint32_t max, bool racing)
+{
+    struct vs_vring *vr = txg->vr;
+    struct vs_pkt pkts[VS_BURST];
+    struct vs_queue_stats before = vr->stats;
+    uint64_t err_before = error_sum(vr);
+    uint32_t n = vs_packed_dequeue_burst(&txg->dev, vr, pkts, max);
+    CHECK(n <= max, "dequeued %u > %u", n, max);
+    uint32_t chains = vr->pk.npending;
+    CHECK(chains >= n && chains <= max, "TX: %u chains taken for %u frames (max %u)", chains, n, max);
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        check_tx_pkt(txg, &pkts[i], txg->dev.features, racing);
+        bytes += pkts[i].len;
+    }
+    CHECK(vr->stats.packets - before.packets == n && vr->stats.bytes - before.bytes == bytes, "TX counters");
+    uint64_t errs = error_sum(vr) - err_before;
+    CHECK(vr->stats.errors - before.errors == errs, "TX errors");
+    CHECK(errs == chains - n, "TX: %u chains dropped, %llu errors counted", chains - n, (unsigned long long)errs);
+    stats.bad_chains += chains - n;
+    forward(txg, rxg, pkts, n, racing);
+    vs_packed_dequeue_done(&txg->dev, vr, pkts, n);
+    CHECK(vr->pk.npending == 0, "TX: %u chains not returned", vr->pk.npending);
+    check_packed_caught_up(txg, "TX");
+    stats.chains_tx += chains;
+    stats.frames_tx += n;
+    stats.packed_chains += chains;
+}
+
+static void pmd_pass(struct guest *txg, struct guest *rxg, uint32_t max, bool racing)
+{
+    struct vs_vring *vr = txg->vr;
+    if (!vs_vring_is_enabled(vr)) {
+        return;
+    }
+    if (vr->packed) {
+        pmd_pass_packed(txg, rxg, max, racing);
+        return;
+    }
+    struct vs_pkt pkts[VS_BURST];
+    struct vs_queue_stats before = vr->stats;
+    uint64_t err_before = error_sum(vr);
+    uint16_t avail0 = vr->last_avail_idx, used0 = vr->last_used_idx;
+    uint32_t n = vs_vring_dequeue_burst(&txg->dev, vr, pkts, max);
+    CHECK(n <= max, "dequeued %u > %u", n, max);
+    uint16_t consumed = (uint16_t)(vr->last_avail_idx - avail0);
+    CHECK(consumed >= n && consumed <= max, "TX consumed %u for %u frames (max %u)", consumed, n, max);
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        check_tx_pkt(txg, &pkts[i], txg->dev.features, racing);
+        bytes += pkts[i].len;
+    }
+    CHECK(vr->stats.packets - before.packets == n && vr->stats.bytes - before.bytes == bytes, "TX counters");
+    uint64_t errs = error_sum(vr) - err_before;
+    CHECK(vr->stats.errors - before.errors == errs, "TX errors");
+    /* Every consumed chain is a frame, a counted error, or (broken ring) neither. */
+    CHECK(errs >= (uint64_t)(consumed - n), "TX: %u chains dropped, %llu errors counted", consumed - n,
+          (unsigned long long)errs);
+    stats.bad_chains += consumed - n;
+
+    forward(txg, rxg, pkts, n, racing);
     vs_vring_dequeue_done(&txg->dev, vr, pkts, n);
     CHECK((uint16_t)(vr->last_used_idx - used0) == consumed, "TX: %u consumed, %u used",
           consumed, (uint16_t)(vr->last_used_idx - used0));
@@ -570,6 +728,10 @@ static void pmd_pass(struct guest *txg, struct guest *rxg, uint32_t max, bool ra
  * entries), or moves its index some other way. */
 static void repost(struct guest *g, struct input *in)
 {
+    if (g->vr->packed) {
+        packed_repost(g, in);
+        return;
+    }
     struct virtq_avail *a = (struct virtq_avail *)g->host[R_AVAIL];
     uint16_t outstanding = (uint16_t)(a->idx - g->vr->last_avail_idx);
     uint8_t m = in_u8(in);
@@ -611,14 +773,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                    (rf & 4 ? 1ULL << VIRTIO_RING_F_EVENT_IDX : 0) | (rf & 8 ? 1ULL << VIRTIO_RING_F_INDIRECT_DESC : 0) |
                    (rf & 16 ? 1ULL << 1 : 0) | (rf & 32 ? 1ULL << 7 : 0) | (rf & 64 ? 1ULL << 8 : 0) |
                    (rf & 128 ? 1ULL << 9 : 0);
-    guest_build(&txg, &in, false, txf);
-    guest_build(&rxg, &in, true, rxf);
     /* FUZZ_RACE_ONLY=1: every input races (to hunt double fetches). */
     static int race_only = -1;
     if (race_only < 0) {
         race_only = getenv("FUZZ_RACE_ONLY") != NULL;
     }
     bool racing = race_only || (mode & 15) == 15;
+    /* Packed rings: modes 11 and 12 (no seed in fuzz/corpus uses them), and half of the races. */
+    bool packed = racing ? (mode & 32) != 0 : (mode & 15) == 11 || (mode & 15) == 12;
+    guest_build(&txg, &in, false, txf, packed);
+    guest_build(&rxg, &in, true, rxf, packed);
+    stats.packed_inputs += packed;
     /* Many rounds per input: building the guests costs more than a burst. */
     uint32_t rounds = racing ? 64 : 16 + (mode >> 4) % 49;
     if (racing) {

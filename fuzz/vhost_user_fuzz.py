@@ -197,18 +197,32 @@ class Session:
                 continue
             size = vr.size
             assert size == ring.size, f"vring {ring.index}: C size {size}, back-end {ring.size}"
-            assert inside(vr.desc, 16 * size), f"vring {ring.index}: desc outside guest memory"
-            assert inside(vr.avail, 4 + 2 * size + 2), f"vring {ring.index}: avail outside guest memory"
-            assert inside(vr.used, 4 + 8 * size + 2), f"vring {ring.index}: used outside guest memory"
-            # The ring engine on whatever the guest memory holds.
+            packed = bool(vr.packed)
+            assert packed == bool(device.features >> self.protocol.VIRTIO_F_RING_PACKED & 1), \
+                f"vring {ring.index}: layout packed={packed}, features {device.features:#x}"
+            if packed:
+                pk = vr.pk
+                assert inside(pk.desc, 16 * size), f"vring {ring.index}: packed desc outside guest memory"
+                assert inside(pk.driver_event, 4), f"vring {ring.index}: driver event outside guest memory"
+                assert inside(pk.device_event, 4), f"vring {ring.index}: device event outside guest memory"
+                assert pk.avail_idx < size and pk.used_idx < size, f"vring {ring.index}: index past the ring"
+            else:
+                assert inside(vr.desc, 16 * size), f"vring {ring.index}: desc outside guest memory"
+                assert inside(vr.avail, 4 + 2 * size + 2), f"vring {ring.index}: avail outside guest memory"
+                assert inside(vr.used, 4 + 8 * size + 2), f"vring {ring.index}: used outside guest memory"
+            # The ring engine on whatever the guest memory holds, through the engine of the ring's layout.
             ptr = self.dev.vrings + ring.index
             if not lib.vs_vring_is_enabled(ptr):
                 continue
+            dequeue, done, enqueue = ((lib.vs_packed_dequeue_burst, lib.vs_packed_dequeue_done,
+                                       lib.vs_packed_enqueue_burst) if packed else
+                                      (lib.vs_vring_dequeue_burst, lib.vs_vring_dequeue_done,
+                                       lib.vs_vring_enqueue_burst))
             if ring.index % 2:
-                n = lib.vs_vring_dequeue_burst(self.dev, ptr, self.pkts, 32)
-                lib.vs_vring_dequeue_done(self.dev, ptr, self.pkts, n)
+                n = dequeue(self.dev, ptr, self.pkts, 32)
+                done(self.dev, ptr, self.pkts, n)
             else:
-                lib.vs_vring_enqueue_burst(self.dev, ptr, self.frame_ptrs, 1)
+                enqueue(self.dev, ptr, self.frame_ptrs, 1)
 
     def check_closed(self, baseline_fds: set[str]) -> None:
         device = self.backend.device

@@ -5,6 +5,7 @@ Run from the repository root, as root, with hugepages reserved:
     python -m tools.bench                      # 64/512/1518-byte frames, 3 repetitions, all systems
     python -m tools.bench --smoke --systems vswitchd,testpmd-io
     python -m tools.bench --latency --help     # the latency mode: tools/latency.py
+    python -m tools.bench --systems vswitchd,testpmd-io --sizes 64 --paths split,packed
 
 Method
 ------
@@ -666,9 +667,10 @@ class Generator(TestPmd):
     __test__ = False
 
     def __init__(self, sockets: list[Path], server: bool, workdir: Path, gen_core: int, sut_core: int,
-                 veth: VethPair | None = None):
-        vdevs = [virtio_user_vdev(i, path, mac=GEN_MAC[i], server=server or None)
-                 for i, path in enumerate(sockets)]
+                 veth: VethPair | None = None, path: str = "split"):
+        vdevs = [virtio_user_vdev(i, sock, mac=GEN_MAC[i], server=server or None,
+                                  packed_vq=True if path == "packed" else None)
+                 for i, sock in enumerate(sockets)]
         if veth is not None:
             vdevs.append(af_xdp_vdev(len(vdevs), veth.gen_if))
         args = ["--forward-mode=mac", f"--eth-peer=0,{GEN_MAC[1]}", f"--eth-peer=1,{GEN_MAC[0]}",
@@ -698,12 +700,19 @@ def profile_window(pid: int, seconds: float, workdir: Path, top: int = 15) -> li
     return rows[:top]
 
 
-def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) -> Sample:
-    """Start the system and a generator, loop frames of `size` bytes through it, read the rate."""
-    sample = Sample(system_cls.name, size, rep, started_at=datetime.datetime.now().isoformat(timespec="seconds"))
+def label(system: str, path: str) -> str:
+    """A system on a virtqueue path, as rows name it: `vswitchd`, `vswitchd/packed`."""
+    return system if path == "split" else f"{system}/{path}"
+
+
+def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, path: str = "split") -> Sample:
+    """Start the system and a generator, loop frames of `size` bytes through it, read the rate.
+    path: the generator's virtqueue layout (`split`, or `packed`: virtio-user packed_vq=1)."""
+    sample = Sample(label(system_cls.name, path), size, rep,
+                    started_at=datetime.datetime.now().isoformat(timespec="seconds"))
     # Short names: a vhost-user socket path must fit sockaddr_un (107 bytes),
     # and DPDK silently truncates a longer one.
-    workdir = scratch / f"{system_cls.name}-{size}-r{rep + 1}"
+    workdir = scratch / f"{system_cls.name}-{path[0]}-{size}-r{rep + 1}"
     workdir.mkdir()
     veth = VethPair() if system_cls.topology == VHOST_VETH else None
     system = system_cls(workdir, args.gen_core, args.sut_core, veth)
@@ -712,7 +721,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path) 
         sample.error = f"socket path longer than {MAX_SOCKET_PATH} bytes: {too_long[0]} (set TMPDIR shorter)"
         return sample
     generator = Generator(system.socket_paths, system.generator_is_server, workdir, args.gen_core, args.sut_core,
-                          veth)
+                          veth, path)
     try:
         if veth is not None:
             veth.create()
@@ -804,8 +813,8 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
             mine = [s for s in samples if s.system == system and s.size == size]
             good = [s.mpps for s in mine if s.mpps is not None]
             row = {"system": system, "size": size, "samples": len(good), "failed": len(mine) - len(good)}
-            if system in unavailable:
-                row["status"] = f"unavailable: {unavailable[system]}"
+            if system.split("/")[0] in unavailable:
+                row["status"] = f"unavailable: {unavailable[system.split('/')[0]]}"
             elif not good:
                 errors = [s.error for s in mine if s.error]
                 row["status"] = f"failed: {errors[0] if errors else 'no sample'}"
@@ -822,7 +831,9 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
                 medians[(system, size)] = row["mpps_median"]
             rows.append(row)
     for row in rows:
-        row["baseline"] = BASELINES[SYSTEM_CLASSES[row["system"]].topology]
+        # Each path against the baseline of its topology on the same path.
+        system, _, path = row["system"].partition("/")
+        row["baseline"] = label(BASELINES[SYSTEM_CLASSES[system].topology], path or "split")
         base = medians.get((row["baseline"], row["size"]))
         mpps = row.get("mpps_median")
         row["ratio_to_baseline"] = (mpps / base) if (mpps is not None and base) else None
@@ -930,6 +941,9 @@ def parse_args(argv: list[str] | None = None):
                    help=f"comma-separated systems to measure (default all: {','.join(SYSTEMS)})")
     p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
                    help="comma-separated frame sizes in bytes, FCS included (default 64,512,1518)")
+    p.add_argument("--paths", default="split",
+                   help="comma-separated virtqueue layouts of the generator: split, packed (virtio-user "
+                        "packed_vq=1); every system is measured on each (default split)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported (default 3)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before the window (default 2)")
     p.add_argument("--window", type=float, default=5.0, help="measurement window in seconds (default 5)")
@@ -955,6 +969,9 @@ def parse_args(argv: list[str] | None = None):
     unknown = [s for s in args.systems if s not in SYSTEMS]
     if unknown or not args.systems:
         p.error(f"unknown system(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
+    args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
+    if not args.paths or any(path not in ("split", "packed") for path in args.paths):
+        p.error(f"--paths must be split and/or packed, got {','.join(args.paths) or '(none)'}")
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -1030,11 +1047,12 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.reps):
             # Rotate the order each repetition so no system always runs first
             # (or always right after a particular other one).
-            order = runnable[rep % len(runnable):] + runnable[:rep % len(runnable)] if runnable else []
+            runs = [(name, path) for path in args.paths for name in runnable]
+            order = runs[rep % len(runs):] + runs[:rep % len(runs)] if runs else []
             for size in args.sizes:
-                for name in order:
-                    log(f"bench: rep {rep + 1}/{args.reps}, {size} B, {name} ...")
-                    sample = measure(SYSTEM_CLASSES[name], size, rep, args, scratch)
+                for name, path in order:
+                    log(f"bench: rep {rep + 1}/{args.reps}, {size} B, {label(name, path)} ...")
+                    sample = measure(SYSTEM_CLASSES[name], size, rep, args, scratch, path)
                     samples.append(sample)
                     if sample.mpps is not None:
                         log(f"bench:   {sample.mpps:.2f} Mpps (SUT {fmt(sample.sut_cycles_per_packet, 0)}, "
@@ -1051,13 +1069,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"bench: logs are in {scratch}")
 
-    rows = summarise(args.systems, args.sizes, samples, unavailable)
+    labels = [label(name, path) for path in args.paths for name in args.systems]
+    rows = summarise(labels, args.sizes, samples, unavailable)
     print(render_table(rows))
 
     title = (f"{cpu_model()}, generator core {args.gen_core}, SUT core {args.sut_core}, "
              f"{args.reps} rep(s) x {args.window:g} s, {started:%Y-%m-%d}")
     plot_path = Path(args.plot_out)
-    plot_error = plot(rows, args.systems, args.sizes, plot_path, title)
+    plot_error = plot(rows, labels, args.sizes, plot_path, title)
     if plot_error:
         log(f"bench: {plot_error}")
     else:
@@ -1087,6 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "versions": versions,
         "systems": args.systems,
+        "paths": args.paths,
         "sizes": args.sizes,
         "unavailable": unavailable,
         "results": rows,

@@ -54,7 +54,7 @@ from typing import Callable
 
 from tests.support.frontend import DRIVER_FEATURES, BackendClosed, RequestFailed, VhostUserFrontend
 from tests.support.virtio_driver import (
-    NET_HDR, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, SplitQueue,
+    NET_HDR, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, PackedChain, PackedQueue, SplitQueue,
 )
 from vswitch.vhost import protocol
 from vswitch.vhost.protocol import Request, bits
@@ -92,7 +92,7 @@ class Attack:
 ATTACKS: dict[str, Attack] = {}
 # --all and --list go from what a switch survives by design to what may stall
 # or kill it, so that one run reports as much as it can.
-GROUPS = ("ring", "cve", "protocol", "mac-table", "offload", "fds", "memory")
+GROUPS = ("ring", "packed", "cve", "protocol", "mac-table", "offload", "fds", "memory")
 # Within a group, these go last: before issue 8's fixes they stall or kill the switch.
 DEADLY = ("blocking-callfd", "truncate-before-start", "truncate-running")
 
@@ -924,6 +924,70 @@ def head_past_ring(ctx: Context) -> str:
     def build(fe, ring):
         return publish(ring, ring.size + 3)
     return inject_chains(ctx, "head 259 in a 256-entry ring", build)
+
+
+# ------------------------------------------------------------ packed rings
+
+PACKED_FEATURES = DRIVER_FEATURES | bits(protocol.VIRTIO_F_RING_PACKED)
+
+
+def packed_chain(ring: PackedQueue, descs: list[tuple[int, int, int]], id_: int | None = None) -> int:
+    """Makes raw (addr, len, flags) descriptors available as one chain with
+    the right wrap bits; the driver tracks it unless `id_` is forced."""
+    bid = ring._take_id() if id_ is None else id_
+    chain = PackedChain(bid, len(descs), [], "raw") if id_ is None else None
+    ring.publish_raw([(addr, length, bid, flags) for addr, length, flags in descs], chain=chain)
+    return bid
+
+
+@attack("packed-bad-chains", "packed",
+        "packed ring: buffers outside memory, zero-length, oversize, writable, bad ids, bad indirect tables")
+def packed_bad_chains(ctx: Context) -> str:
+    def build(fe, ring):
+        data = good_packet(fe)
+        pkt, n = buf(fe, data), len(data)
+        end = fe.mem.gpa_base + fe.mem.size
+        table = ring.write_indirect_table([(pkt, n, 0, 0)])
+        nested = ring.write_indirect_table([(table, 16, 0, VIRTQ_DESC_F_INDIRECT)])
+        ids = [packed_chain(ring, descs) for descs in (
+            [(0xDEAD0000000, 64, 0)],
+            [(end - 32, 64, 0)],
+            [(pkt, 0, 0)],
+            [(fe.mem.gpa_base, 70000, 0)],
+            [(pkt, n, VIRTQ_DESC_F_WRITE)],
+            [(nested, 16, VIRTQ_DESC_F_INDIRECT)],
+            [(table, 17, VIRTQ_DESC_F_INDIRECT)],
+            [(table, 16 * (ring.size + 1), VIRTQ_DESC_F_INDIRECT)],
+            [(table, 16, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT), (pkt, n, 0)],
+        )]
+        return ids + [packed_chain(ring, [(pkt, n, 0)], id_=ring.size + 5)]
+    return inject_chains(ctx, "10 malformed packed chains", build, features=PACKED_FEATURES)
+
+
+@attack("packed-chain-longer-than-ring", "packed", "packed ring: every descriptor of the ring chained with F_NEXT")
+def packed_chain_longer_than_ring(ctx: Context) -> str:
+    def build(fe, ring):
+        pkt = buf(fe, good_packet(fe))
+        return [packed_chain(ring, [(pkt, 1, VIRTQ_DESC_F_NEXT)] * ring.size)]
+    return inject_chains(ctx, "a chain through all 256 slots, never ending", build, features=PACKED_FEATURES)
+
+
+@attack("packed-wrong-wrap", "packed", "packed ring: descriptors made available with the other lap's wrap bits")
+def packed_wrong_wrap(ctx: Context) -> str:
+    def build(fe, ring):
+        data = good_packet(fe)
+        pkt, n = buf(fe, data), len(data)
+        # A head marked for the wrong lap must not be taken ...
+        ring.write_desc(ring.next_avail, pkt, n, 0, ring.avail_flags(ring.avail_wrap ^ 1))
+        fe.kick(ring.index)
+        time.sleep(0.2)
+        # ... and a chain that runs into such a descriptor ends before it.
+        bid = ring._take_id()
+        ring.publish_raw([(pkt, 12, bid, VIRTQ_DESC_F_NEXT)], chain=PackedChain(bid, 1, [], "raw"))
+        ring.write_desc(ring.next_avail, pkt + 12, n - 12, bid, ring.avail_flags(ring.avail_wrap ^ 1))
+        return [bid]
+    return inject_chains(ctx, "a head and a chain's second descriptor with the wrong wrap bits", build,
+                         features=PACKED_FEATURES)
 
 
 # ----------------------------------------------------------------------- cli

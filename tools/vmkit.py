@@ -503,8 +503,10 @@ class Guest:
         extra_cmdline: str = "",
         device_options: str = "",
         run_as: str | None = None,
+        packed: bool = False,
     ) -> None:
         self.name = name
+        self.packed = packed  # virtio-net-pci packed=on: the guest's driver asks for packed rings
         self.socket_path = Path(socket_path)
         if len(os.fsencode(self.socket_path)) > 107:
             raise VmkitError(f"socket path too long for AF_UNIX (max 107 bytes): {self.socket_path}")
@@ -559,6 +561,8 @@ class Guest:
             chardev += ",reconnect=1"
         netdev = "vhost-user,id=n0,chardev=c0"
         device = f"virtio-net-pci,netdev=n0,mac={self.mac},romfile="
+        if self.packed:
+            device += ",packed=on"
         if self.queues > 1:
             netdev += f",queues={self.queues}"
             # One vector per rx and tx queue, plus config and control queue.

@@ -14,6 +14,7 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 HEADERS = [
     "pmd/packet.h",
     "vhost/virtio.h",
+    "vhost/packed_ring.h",
     "ports/port.h",
     "vhost/virtqueue.h",
     "vhost/guestmem.h",
@@ -27,6 +28,7 @@ HEADERS = [
 ]
 SOURCES = [
     "vhost/virtqueue.c",
+    "vhost/packed_ring.c",
     "vhost/guestmem.c",
     "vhost/port_ops.c",
     "fib/fib.c",
@@ -37,7 +39,7 @@ SOURCES = [
     "pmd/offload.c",
 ]
 # Included by the .c files only (inline helpers, system headers).
-PRIVATE_HEADERS = ["vswitch.h"]
+PRIVATE_HEADERS = ["vswitch.h", "vhost/ring_internal.h"]
 
 
 def source_hash(base: pathlib.Path = PACKAGE_DIR) -> str:

@@ -32,7 +32,7 @@ import socket
 import time
 
 from tests.support.virtio_driver import (
-    NET_HDR_LEN_LEGACY, NET_HDR_LEN_MRG, GuestMemory, RxFrame, SplitQueue,
+    NET_HDR_LEN_LEGACY, NET_HDR_LEN_MRG, GuestMemory, PackedQueue, RxFrame, SplitQueue,
 )
 from vswitch.vhost import protocol
 from vswitch.vhost.protocol import ProtocolFeature, Request, bits
@@ -291,7 +291,7 @@ class VhostUserFrontend:
             yield Request.SET_VRING_NUM, lambda r=ring: self.request(
                 Request.SET_VRING_NUM, protocol.pack_vring_state(r.index, r.size))
             yield Request.SET_VRING_BASE, lambda r=ring: self.request(
-                Request.SET_VRING_BASE, protocol.pack_vring_state(r.index, r.avail_idx))
+                Request.SET_VRING_BASE, protocol.pack_vring_state(r.index, r.vring_base))
             yield Request.SET_VRING_ADDR, lambda r=ring: self.request(
                 Request.SET_VRING_ADDR, protocol.pack_vring_addr(r.index, r.desc_uva, r.used_uva, r.avail_uva))
             yield Request.SET_VRING_KICK, lambda r=ring: self.request(
@@ -348,7 +348,12 @@ class VhostUserFrontend:
                 ring.hdr_len = self.hdr_len
             return
         for index in range(2 * self.queues):
-            self.rings.append(SplitQueue(self.mem, self.ring_size, hdr_len=self.hdr_len, index=index))
+            if self.features & (1 << protocol.VIRTIO_F_RING_PACKED):
+                in_order = bool(self.features & (1 << protocol.VIRTIO_F_IN_ORDER))
+                ring = PackedQueue(self.mem, self.ring_size, hdr_len=self.hdr_len, index=index, in_order=in_order)
+            else:
+                ring = SplitQueue(self.mem, self.ring_size, hdr_len=self.hdr_len, index=index)
+            self.rings.append(ring)
             self.kickfds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
             self.callfds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
 

@@ -1,4 +1,4 @@
-"""A mock virtio-net guest driver for split virtqueues, in Python.
+"""A mock virtio-net guest driver for split and packed virtqueues, in Python.
 
 It plays the guest's part of virtio 1.x section 2.7: guest memory is a memfd
 mapped into this process, and the driver lays out descriptor tables, avail
@@ -209,6 +209,8 @@ class SplitQueue:
 
     `hdr_len` is 12 with VERSION_1 or MRG_RXBUF negotiated, else 10."""
 
+    start_base = 0                    # SET_VRING_BASE of a fresh ring
+
     def __init__(self, mem: GuestMemory, size: int = 256, *, hdr_len: int = NET_HDR_LEN_MRG,
                  index: int = 0):
         if size <= 0 or size & (size - 1) or size > 32768:
@@ -241,6 +243,11 @@ class SplitQueue:
 
     def free_count(self) -> int:
         return len(self._free_descs)
+
+    @property
+    def vring_base(self) -> int:
+        """What SET_VRING_BASE carries to resume this ring: the avail index."""
+        return self.avail_idx
 
     def in_flight(self) -> int:
         return len(self._chains)
@@ -454,3 +461,253 @@ class SplitQueue:
                                   [p[0] for p in parts]))
         self._rx_pending = pending
         return frames
+
+
+# --- Packed virtqueues (virtio 1.1, section 2.8) ------------------------------
+
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+VIRTQ_EVENT_F_ENABLE = 0
+VIRTQ_EVENT_F_DISABLE = 1
+VIRTQ_EVENT_F_DESC = 2
+PACKED_DESC = struct.Struct("<QIHH")     # addr, len, id, flags
+PACKED_START_BASE = 1 << 15              # SET_VRING_BASE of a fresh ring: index 0, wrap counter 1
+
+
+@dataclass
+class PackedChain:
+    """A buffer the driver has made available and not yet got back."""
+    id: int
+    count: int                          # ring descriptors it took
+    buffers: list[int]
+    kind: str
+    lengths: list[int] = field(default_factory=list)
+    addrs: list[int] = field(default_factory=list)
+
+
+class PackedQueue:
+    """One packed virtqueue: a descriptor ring and the driver and device event
+    suppression structures, in `mem`.  The same well-behaved API as
+    SplitQueue (post_tx, post_rx, get_used, read_rx_frames), plus raw
+    primitives that write any descriptor with any flags.
+
+    `desc_uva`, `avail_uva` and `used_uva` are what SET_VRING_ADDR carries
+    for a packed ring: the descriptor ring, the driver event area and the
+    device event area.  A fresh ring starts with base PACKED_START_BASE.
+
+    With `in_order` the driver accepts a used entry for a batch (2.8.9): an
+    entry naming buffer X returns every buffer made available before X too."""
+
+    start_base = PACKED_START_BASE
+
+    def __init__(self, mem: GuestMemory, size: int = 256, *, hdr_len: int = NET_HDR_LEN_MRG,
+                 index: int = 0, in_order: bool = False):
+        if size <= 0 or size & (size - 1) or size > 32768:
+            raise ValueError(f"ring size {size} is not a power of two up to 32768")
+        self.mem = mem
+        self.size = size
+        self.index = index
+        self.hdr_len = hdr_len
+        self.in_order = in_order
+        self.desc_gpa = mem.alloc(16 * size, 16)
+        self.driver_event_gpa = mem.alloc(4, 4)
+        self.device_event_gpa = mem.alloc(4, 4)
+        self.next_avail = 0           # next slot to fill
+        self.avail_wrap = 1
+        self.next_used = 0            # next slot to read a used entry from
+        self.used_wrap = 1
+        self.free_slots = size
+        self._free_ids = list(range(size))
+        self._chains: dict[int, PackedChain] = {}
+        self._order: list[int] = []   # ids in the order they were made available
+
+    # -- addresses the front-end tells the back-end
+    @property
+    def desc_uva(self) -> int:
+        return self.mem.gpa_to_uva(self.desc_gpa)
+
+    @property
+    def avail_uva(self) -> int:
+        return self.mem.gpa_to_uva(self.driver_event_gpa)
+
+    @property
+    def used_uva(self) -> int:
+        return self.mem.gpa_to_uva(self.device_event_gpa)
+
+    def in_flight(self) -> int:
+        return len(self._chains)
+
+    @property
+    def vring_base(self) -> int:
+        """What SET_VRING_BASE carries, as QEMU sends it: the next slot to make
+        available with the wrap counter in bit 15, and the next used slot the
+        same way in the high half (DPDK virtio-user sends only the low half)."""
+        return self.next_avail | self.avail_wrap << 15 | (self.next_used | self.used_wrap << 15) << 16
+
+    # -- raw primitives: no checks
+    def avail_flags(self, wrap: int | None = None) -> int:
+        """The AVAIL/USED bits that make a descriptor available in lap `wrap`."""
+        wrap = self.avail_wrap if wrap is None else wrap
+        return VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+
+    def write_desc(self, slot: int, addr: int, length: int, id_: int, flags: int) -> None:
+        """Writes descriptor `slot`: addr, len and id first, then flags in one store."""
+        gpa = self.desc_gpa + 16 * slot
+        self.mem.write(gpa, PACKED_DESC.pack(addr, length, id_, 0)[:14])
+        self.mem.write_u16(gpa + 14, flags)
+
+    def read_desc(self, slot: int) -> tuple[int, int, int, int]:
+        return PACKED_DESC.unpack(self.mem.read(self.desc_gpa + 16 * slot, 16))
+
+    def publish_raw(self, descs: list[tuple[int, int, int, int]], *, wrap: int | None = None,
+                    chain: PackedChain | None = None) -> None:
+        """Writes (addr, len, id, flags) descriptors into the next slots; the
+        AVAIL/USED bits of the current lap (or of `wrap`) are added, and the
+        first descriptor's flags are written last, as a driver must."""
+        slots = []
+        for k, (addr, length, id_, flags) in enumerate(descs):
+            lap_wrap = self.avail_wrap if wrap is None else wrap
+            slots.append((self.next_avail, addr, length, id_, flags | self.avail_flags(lap_wrap)))
+            self.next_avail += 1
+            if self.next_avail == self.size:
+                self.next_avail = 0
+                self.avail_wrap ^= 1
+        self.free_slots -= len(descs)
+        for slot, addr, length, id_, flags in slots[1:]:
+            self.write_desc(slot, addr, length, id_, flags)
+        slot, addr, length, id_, flags = slots[0]
+        if chain is not None:
+            self._chains[chain.id] = chain
+            self._order.append(chain.id)
+        self.write_desc(slot, addr, length, id_, flags)
+
+    def write_indirect_table(self, descs: list[tuple[int, int, int, int]]) -> int:
+        """An indirect table of (addr, len, id, flags) entries; returns its address."""
+        gpa = self.mem.alloc(16 * max(len(descs), 1), 16)
+        self.mem.write(gpa, b"".join(PACKED_DESC.pack(*d) for d in descs))
+        return gpa
+
+    # -- event suppression
+    def set_driver_event(self, flags: int, off: int = 0, wrap: int = 0) -> None:
+        """The driver's wishes: VIRTQ_EVENT_F_ENABLE, _DISABLE, or _DESC at (off, wrap)."""
+        self.mem.write_u16(self.driver_event_gpa, off | (wrap << 15))
+        self.mem.write_u16(self.driver_event_gpa + 2, flags)
+
+    @property
+    def device_event(self) -> tuple[int, int]:
+        """(flags, off_wrap) of the device's event structure."""
+        return self.mem.read_u16(self.device_event_gpa + 2), self.mem.read_u16(self.device_event_gpa)
+
+    # -- well-behaved driver
+    def net_header(self, *, num_buffers: int = 0, flags: int = 0, gso_type: int = 0) -> bytes:
+        hdr = NET_HDR.pack(flags, gso_type, 0, 0, 0, 0)
+        if self.hdr_len == NET_HDR_LEN_MRG:
+            hdr += U16.pack(num_buffers)
+        return hdr
+
+    def _take_id(self) -> int:
+        if not self._free_ids:
+            raise RuntimeError(f"queue {self.index}: no free buffer id")
+        return self._free_ids.pop(0)
+
+    def post_tx(self, frame: bytes, *, segments: int = 1, header_separate: bool = False,
+                indirect: bool = False, header: bytes | None = None) -> int:
+        """Makes one frame available (see SplitQueue.post_tx); returns its buffer id."""
+        hdr = self.net_header() if header is None else header
+        pieces_data: list[bytes] = []
+        if header_separate:
+            pieces_data.append(hdr)
+            body = frame
+        else:
+            body = hdr + frame
+        segments = max(1, min(segments, max(len(body), 1)))
+        step = -(-len(body) // segments) if body else 0
+        for s in range(segments):
+            pieces_data.append(body[s * step:(s + 1) * step])
+        buffers, pieces = [], []
+        for data in pieces_data:
+            gpa = self.mem.alloc(max(len(data), 1), 8)
+            self.mem.write(gpa, data)
+            buffers.append(gpa)
+            pieces.append((gpa, len(data), 0))
+        return self._post(pieces, buffers, "tx", indirect)
+
+    def post_rx(self, count: int = 1, size: int = 2048, *, segments: int = 1,
+                indirect: bool = False) -> list[int]:
+        """Makes `count` receive buffers available; returns their ids."""
+        ids = []
+        for _ in range(count):
+            piece = -(-size // segments)
+            buffers, pieces = [], []
+            for _s in range(segments):
+                gpa = self.mem.alloc(piece, 8)
+                buffers.append(gpa)
+                pieces.append((gpa, piece, VIRTQ_DESC_F_WRITE))
+            ids.append(self._post(pieces, buffers, "rx", indirect))
+        return ids
+
+    def _post(self, pieces: list[tuple[int, int, int]], buffers: list[int], kind: str, indirect: bool) -> int:
+        id_ = self._take_id()
+        if indirect:
+            table_gpa = self.write_indirect_table([(a, n, 0, f) for a, n, f in pieces])
+            descs = [(table_gpa, 16 * len(pieces), id_, VIRTQ_DESC_F_INDIRECT)]
+            buffers = buffers + [table_gpa]
+        else:
+            if len(pieces) > self.free_slots:
+                raise RuntimeError(f"queue {self.index}: {len(pieces)} slots wanted, {self.free_slots} free")
+            descs = [(a, n, id_, f | (VIRTQ_DESC_F_NEXT if k < len(pieces) - 1 else 0))
+                     for k, (a, n, f) in enumerate(pieces)]
+        chain = PackedChain(id_, len(descs), buffers, kind, [p[1] for p in pieces], [p[0] for p in pieces])
+        self.publish_raw(descs, chain=chain)
+        return id_
+
+    def _used_entry(self):
+        addr, length, id_, flags = self.read_desc(self.next_used)
+        avail = bool(flags & VIRTQ_DESC_F_AVAIL)
+        used = bool(flags & VIRTQ_DESC_F_USED)
+        if avail != used or used != bool(self.used_wrap):
+            return None
+        return id_, length
+
+    def _pop_used(self):
+        entries = []
+        while True:
+            entry = self._used_entry()
+            if entry is None:
+                return entries
+            id_, length = entry
+            if id_ not in self._chains:
+                # A buggy device: report it, and step one slot so as not to spin.
+                entries.append((id_, length, None))
+                self._skip(1)
+                continue
+            # In order, an entry for X returns everything made available before X.
+            upto = self._order.index(id_) if self.in_order else None
+            batch = self._order[:upto + 1] if upto is not None else [id_]
+            for k, bid in enumerate(batch):
+                chain = self._chains.pop(bid)
+                self._order.remove(bid)
+                blen = length if bid == id_ else 0
+                data = self._read_rx_chain(chain, blen) if chain.kind == "rx" else None
+                self._skip(chain.count)
+                self.free_slots += chain.count
+                for gpa in chain.buffers:
+                    self.mem.free(gpa)
+                self._free_ids.append(bid)
+                entries.append((bid, blen, data))
+
+    def _skip(self, n: int) -> None:
+        self.next_used += n
+        while self.next_used >= self.size:
+            self.next_used -= self.size
+            self.used_wrap ^= 1
+
+    def get_used(self) -> list[tuple[int, int]]:
+        """New used entries (id, len) since the last call; buffers reclaimed."""
+        return [(id_, length) for id_, length, _data in self._pop_used()]
+
+    _read_rx_chain = SplitQueue._read_rx_chain
+
+    def read_rx_frames(self) -> list[RxFrame]:
+        """Received frames, mergeable buffers joined (see SplitQueue.read_rx_frames)."""
+        return SplitQueue.read_rx_frames(self)

@@ -28,8 +28,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_SECONDS = 300
 
 
-def run_smoke(tmp_path, systems: list[str], *extra: str) -> tuple[dict, str, Path]:
-    """Runs `tools.bench --smoke` for the systems; returns its JSON, a report for assertions, and the scratch dir."""
+def run_smoke(tmp_path, systems: list[str], *extra: str, paths: tuple[str, ...] = ("split",)) -> tuple[dict, str, Path]:
+    """Runs `tools.bench --smoke` for the systems on each virtqueue path; returns its JSON, a report
+    for assertions, and the scratch dir."""
     pytest.importorskip("matplotlib", reason="the benchmark draws its plot with matplotlib: pip install matplotlib")
     json_out, plot_out = tmp_path / "bench.json", tmp_path / "bench.png"
     # The benchmark's sockets and logs go to a scratch directory of its own
@@ -38,7 +39,7 @@ def run_smoke(tmp_path, systems: list[str], *extra: str) -> tuple[dict, str, Pat
     scratch.mkdir()
     env = dict(os.environ, TMPDIR=str(scratch))
     argv = [sys.executable, "-m", "tools.bench", "--smoke", *extra, "--systems", ",".join(systems),
-            "--json-out", str(json_out), "--plot-out", str(plot_out)]
+            "--paths", ",".join(paths), "--json-out", str(json_out), "--plot-out", str(plot_out)]
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=TIMEOUT_SECONDS)
@@ -57,8 +58,12 @@ def run_smoke(tmp_path, systems: list[str], *extra: str) -> tuple[dict, str, Pat
     result = json.loads(json_out.read_text())
     assert result["systems"] == systems, report
     assert result["unavailable"] == {}, report
+    assert result["paths"] == list(paths), report
     rows = {row["system"]: row for row in result["results"]}
-    for system in systems:
+    # Every system on each path: `vswitchd` (split rings), `vswitchd/packed` (virtio-user packed_vq=1).
+    labels = [system if path == "split" else f"{system}/{path}" for path in paths for system in systems]
+    assert sorted(rows) == sorted(labels), report
+    for system in labels:
         row = rows[system]
         assert row["size"] == 64 and row["status"] == "ok", f"{row}\n{report}"
         assert row["mpps_median"] > 0, f"{row}\n{report}"
@@ -66,9 +71,10 @@ def run_smoke(tmp_path, systems: list[str], *extra: str) -> tuple[dict, str, Pat
         assert row["gbit_s_median"] > 0, f"{row}\n{report}"
         # The terminal table names every system.
         assert system in stdout, report
+    # Each system against the baseline of its topology on its own path.
     for baseline in {row["baseline"] for row in rows.values()}:
         assert rows[baseline]["ratio_to_baseline"] == pytest.approx(1.0), report
-    assert len(result["samples"]) == len(systems), report
+    assert len(result["samples"]) == len(labels), report
     assert result["machine"]["sut_core"] != result["machine"]["generator_core"]
     assert plot_out.read_bytes()[:8] == PNG_SIGNATURE, report
     assert_nothing_left(scratch, report)
@@ -93,13 +99,15 @@ def test_bench_smoke(tmp_path):
     systems = ["vswitchd", "testpmd-io"]
     if os.access(OVS_DPDK_BINARY, os.X_OK):
         systems.append("ovs-dpdk")
-    result, report, _ = run_smoke(tmp_path, systems, "--profile")
+    result, report, _ = run_smoke(tmp_path, systems, "--profile", paths=("split", "packed"))
     rows = {row["system"]: row for row in result["results"]}
-    assert {row["baseline"] for row in rows.values()} == {"testpmd-io"}, report
+    assert {row["baseline"] for row in rows.values()} == {"testpmd-io", "testpmd-io/packed"}, report
     # --profile: perf sampled each system; vswitchd's time is in its ring engine and packet loop.
     vswitchd_profile = next(x for x in result["samples"] if x["system"] == "vswitchd")["profile"]
     assert vswitchd_profile and all(0 < pct <= 100 for pct, _ in vswitchd_profile), report
     assert {"vs_vring_enqueue_burst", "vs_vring_dequeue_burst"} & {sym for _, sym in vswitchd_profile}, report
+    packed_profile = next(x for x in result["samples"] if x["system"] == "vswitchd/packed")["profile"]
+    assert {"vs_packed_enqueue_burst", "vs_packed_dequeue_burst"} & {sym for _, sym in packed_profile}, report
 
 
 def test_bench_smoke_veth(tmp_path):

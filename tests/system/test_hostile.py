@@ -62,6 +62,10 @@ EXPECTED = {
     "chain-longer-than-ring": RING,
     "avail-index-jump": RING,
     "head-past-ring": RING,
+    # Packed rings: every malformed chain refused and counted, the ring served after.
+    "packed-bad-chains": [("c", "rx_errors", 10)],
+    "packed-chain-longer-than-ring": RING,
+    "packed-wrong-wrap": RING,
     "cve-2020-10722": RING,
     "cve-2020-10722-log-base": PROTOCOL,
     "cve-2020-10723": PROTOCOL,

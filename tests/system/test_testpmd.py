@@ -23,7 +23,7 @@ import time
 import pytest
 
 from tests.support.testpmd import TestPmd, vhost_vdev, virtio_user_vdev
-from vswitch.vhost.protocol import VIRTIO_F_IN_ORDER
+from vswitch.vhost.protocol import VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED
 
 pytestmark = [pytest.mark.system, pytest.mark.dpdk]
 
@@ -133,9 +133,14 @@ VARIANTS = {
     "queues=2": {"queues": 2},
     "server=1": {"server": True},
     "queue_size=1024": {"queue_size": 1024},
-    # Until the switch offers VIRTIO_F_RING_PACKED, virtio-user must fall back
-    # to the split ring: this checks the feature negotiation, not packed rings.
+    # Packed rings, on every path of virtio-user's packed ring.
     "packed_vq=1": {"packed_vq": True},
+    "packed_vq=1,in_order=0": {"packed_vq": True, "in_order": False},
+    "packed_vq=1,mrg_rxbuf=0": {"packed_vq": True, "mrg_rxbuf": False},
+    "packed_vq=1,in_order=0,mrg_rxbuf=0": {"packed_vq": True, "in_order": False, "mrg_rxbuf": False},
+    "packed_vq=1,queues=2": {"packed_vq": True, "queues": 2},
+    "packed_vq=1,server=1": {"packed_vq": True, "server": True},
+    "packed_vq=1,frame=1514": {"packed_vq": True, "frame": 1514},
     "frame=1514": {"frame": 1514},
 }
 
@@ -224,10 +229,15 @@ def check_switch(setup: Setup, switch, nic: dict, before: dict | None = None) ->
                 f"port {port} should have received only {setup.frame}-byte frames: {nic[port]}"
     # virtio-user asks for IN_ORDER unless in_order=0, and the switch offers it unless told not to.
     want_in_order = setup.devargs.get("in_order", True) and setup.port_features.get("in_order", True)
+    want_packed = setup.devargs.get("packed_vq", False) and setup.port_features.get("packed", True)
     for port in switch.ctl("show")["ports"]:
         features = int(port["vhost"]["features"], 16)
         assert bool(features >> VIRTIO_F_IN_ORDER & 1) == want_in_order, \
             f"vswitchd port {port['name']} features {features:#x}: IN_ORDER should be {want_in_order}"
+        assert bool(features >> VIRTIO_F_RING_PACKED & 1) == want_packed, \
+            f"vswitchd port {port['name']} features {features:#x}: RING_PACKED should be {want_packed}"
+        layouts = {ring["layout"] for ring in port["vhost"]["rings"] if ring["enabled"]}
+        assert layouts == {"packed" if want_packed else "split"}, f"vswitchd port {port['name']} rings {layouts}"
     learned = {e["mac"].lower(): e["port"] for e in switch.ctl("fdb", "show")["entries"]}
     assert learned.get(MAC0) == "vm1", f"{MAC0} should be learned on vm1: {learned}"
     assert learned.get(MAC1) == "vm2", f"{MAC1} should be learned on vm2: {learned}"
@@ -272,8 +282,10 @@ def test_vswitchd_loop(tmp_path, variant):
         print_logs(setup, switch)
 
 
-@pytest.mark.parametrize("variant", [VARIANTS["default"], VARIANTS["server=1"]],
-                         ids=["switch-server", "switch-client"])
+@pytest.mark.parametrize("variant", [VARIANTS["default"], VARIANTS["server=1"], VARIANTS["packed_vq=1"],
+                                     VARIANTS["packed_vq=1,in_order=0,mrg_rxbuf=0"], VARIANTS["packed_vq=1,server=1"]],
+                         ids=["switch-server", "switch-client", "packed-switch-server", "packed-in_order=0-mrg_rxbuf=0",
+                              "packed-switch-client"])
 def test_vswitchd_guest_restart(tmp_path, variant):
     """A guest killed without warning comes back: the switch accepts (or reconnects to) a new one.
 
@@ -293,7 +305,9 @@ def test_vswitchd_guest_restart(tmp_path, variant):
             connect_guest(setup, switch, first)
             check_guest(*run_loop(first))
 
-            # Frames are still in flight in the switch: an abrupt end, as when a VM crashes.
+            # Killed while frames loop through the switch: an abrupt end, as when a VM crashes.
+            first.start(tx_first=TX_FIRST)
+            time.sleep(1)
             first.kill()
             wait_links(switch, ["vm1", "vm2"], up=False)
             if setup.guest_is_server:

@@ -61,6 +61,9 @@ def test_every_harness_runs_clean_for_a_bounded_time(tmp_path):
     for name, (count, reports) in found.items():
         assert reports == 0, text
         assert count > 0, f"{name} did no work:\n{text}"
+    # The ring harness drives packed rings too (an eighth of its inputs, half of its races).
+    packed = re.search(r"packed_chains ([\d,]+)", text)
+    assert packed and int(packed.group(1).replace(",", "")) > 0, f"no packed ring was fuzzed:\n{text}"
 
 
 def test_vhost_user_harness_runs_clean_against_the_sanitized_build(tmp_path):

@@ -27,7 +27,7 @@ from tests.support.child import in_child
 from tests.support.frames import BROADCAST, frame, mac
 from tests.support.virtio_driver import (NET_HDR_LEN_LEGACY, VIRTQ_DESC_F_INDIRECT,
                                          VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_AVAIL_F_NO_INTERRUPT,
-                                         GuestMemory, SplitQueue, memtable_for)
+                                         GuestMemory, PackedQueue, SplitQueue, memtable_for)
 from vswitch.fib import MacTable
 from vswitch.native import ffi, lib
 
@@ -54,9 +54,15 @@ class Guest:
         hdr_len = self.dev.hdr_len
         self.rx = []
         self.tx = []
+        packed = features & (1 << lib.VIRTIO_F_RING_PACKED)
+        in_order = bool(features & (1 << lib.VIRTIO_F_IN_ORDER))
         for q in range(queues):
             for parity, lst in ((0, self.rx), (1, self.tx)):
-                vq = SplitQueue(self.mem, ring_size, hdr_len=hdr_len, index=2 * q + parity)
+                if packed:
+                    vq = PackedQueue(self.mem, ring_size, hdr_len=hdr_len, index=2 * q + parity,
+                                     in_order=in_order)
+                else:
+                    vq = SplitQueue(self.mem, ring_size, hdr_len=hdr_len, index=2 * q + parity)
                 self.start_ring(vq)
                 lst.append(vq)
         self.port = ffi.new("struct vs_port *")
@@ -67,7 +73,8 @@ class Guest:
         self.callfds: dict[int, int] = {}
 
     def start_ring(self, vq: SplitQueue) -> None:
-        rc = lib.vs_vring_setup(self.dev, vq.index, vq.size, vq.desc_uva, vq.avail_uva, vq.used_uva, 0)
+        rc = lib.vs_vring_setup(self.dev, vq.index, vq.size, vq.desc_uva, vq.avail_uva, vq.used_uva,
+                                vq.start_base)
         assert rc == 0, ffi.string(lib.vs_vq_error_name(rc))
         lib.vs_vring_set_enabled(ffi.addressof(self.dev.vrings[vq.index]), 1)
 

@@ -257,10 +257,9 @@ def test_virtio_numbers_have_one_definition():
 
 def test_offered_features():
     offered = protocol.OFFERED_FEATURES
-    for bit in (32, 15, 28, 29, 17, 22, 27, 30, protocol.VIRTIO_F_IN_ORDER):
+    for bit in (32, 15, 28, 29, 17, 22, 27, 30, protocol.VIRTIO_F_IN_ORDER, protocol.VIRTIO_F_RING_PACKED):
         assert offered & (1 << bit)
-    for bit in (protocol.VIRTIO_F_RING_PACKED, protocol.VHOST_F_LOG_ALL):
-        assert not offered & (1 << bit)
+    assert not offered & (1 << protocol.VHOST_F_LOG_ALL)
     # Checksum and TCP segmentation offloads, both ways (the switch does them in
     # software for a destination that lacks them: vswitch/pmd/offload.c).
     for bit in (protocol.VIRTIO_NET_F_CSUM, protocol.VIRTIO_NET_F_GUEST_CSUM,
@@ -422,7 +421,7 @@ def test_reply_ack(server, frontends):
     with pytest.raises(RequestFailed):
         fe.request(Request.SET_LOG_BASE, protocol.pack_u64(0) * 2, need_reply=True)
     with pytest.raises(RequestFailed):
-        fe.set_u64(Request.SET_FEATURES, 1 << protocol.VIRTIO_F_RING_PACKED, need_reply=True)
+        fe.set_u64(Request.SET_FEATURES, 1 << protocol.VHOST_F_LOG_ALL, need_reply=True)
     fe.set_u64(Request.NET_SET_MTU, 9000, need_reply=True)
     # A request with its own reply does not get an ack as well.
     fe.send_message(Request.GET_QUEUE_NUM, flags=ack)
@@ -598,7 +597,7 @@ HOSTILE = {
         fe, Request.SET_MEM_TABLE, protocol.pack_memory_table([region_of(fe)])),
     "zero regions": lambda fe: fe.send_message(Request.SET_MEM_TABLE, protocol.pack_memory_table([])),
     "features not offered, no NEED_REPLY": lambda fe: fe.send_message(
-        Request.SET_FEATURES, protocol.pack_u64(1 << protocol.VIRTIO_F_RING_PACKED)),
+        Request.SET_FEATURES, protocol.pack_u64(1 << protocol.VHOST_F_LOG_ALL)),
     "protocol features not offered": lambda fe: fe.send_message(
         Request.SET_PROTOCOL_FEATURES, protocol.pack_u64(1 << ProtocolFeature.INBAND_NOTIFICATIONS)),
     "unknown request, no NEED_REPLY": lambda fe: fe.send_message(77, protocol.pack_u64(0)),

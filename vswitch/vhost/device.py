@@ -210,7 +210,8 @@ class VhostUserDevice:
                 "index": ring.index,
                 "size": ring.size or 0,
                 "enabled": ring.started,
-                "last_avail_idx": int(vr.last_avail_idx) if ring.started else ring.base,
+                "layout": "packed" if ring.started and vr.packed else "split",
+                "last_avail_idx": int(lib.vs_vring_base(vr)) if ring.started else ring.base,
                 "kick": "fd" if ring.kickfd >= 0 else ("polled" if ring.kick_set else "none"),
                 "call": "fd" if ring.callfd >= 0 else ("none" if not ring.call_set else "polled"),
                 "resumed_from_used": int(vr.resumed_from_used),
@@ -283,6 +284,9 @@ class VhostUserDevice:
         close_fds([self.backend_req_fd])
         had_mtu = self.mtu is not None
         self._reset_session()
+        # The C side forgets them too: a new session's rings start with what it negotiates
+        # (the ring layout, packed or split, comes from these bits).
+        lib.vs_vhost_dev_set_features(self.dev, 0)
         if had_mtu:
             self._emit("mtu", {"mtu": None})   # the front-end's MTU goes with its session
 
@@ -467,7 +471,9 @@ class VhostUserDevice:
 
     def _set_vring_base(self, msg, state: VringState):
         ring = self._ring(Request.SET_VRING_BASE, state.index)
-        if state.num > 0xFFFF:
+        # A packed ring's base has the used side in its high half (QEMU); vs_packed_setup checks it.
+        packed = self.features & (1 << protocol.VIRTIO_F_RING_PACKED)
+        if state.num > 0xFFFF and not packed:
             raise ProtocolError(f"SET_VRING_BASE: vring {ring.index}: base {state.num} exceeds 65535")
         self._reconfigure(ring, Request.SET_VRING_BASE, lambda: setattr(ring, "base", state.num))
 
@@ -582,18 +588,20 @@ class VhostUserDevice:
         vr.kickfd = ring.kickfd
         vr.callfd = ring.callfd
         addr = ring.addr
+        resumed = int(vr.resumed_from_used)
         rc = lib.vs_vring_setup(self.dev, ring.index, ring.size, addr.desc, addr.avail, addr.used, ring.base)
         if rc != 0:
             reason = ffi.string(lib.vs_vq_error_name(rc)).decode()
             raise ProtocolError(f"{request.name}: vring {ring.index}: cannot start: {reason} (size {ring.size}, "
                                 f"desc {addr.desc:#x}, avail {addr.avail:#x}, used {addr.used:#x})")
-        started_at = int(vr.last_avail_idx)
-        if started_at != ring.base:
-            # vs_vring_setup took the index from the used ring in guest memory (and counted it).
-            log.warning("vhost-user port '%s': vring %d: base %d from the front-end, but the used index in "
-                        "guest memory is %d: resuming from the used index (a restarted switch or front-end; "
-                        "frames in flight may be resent or lost)", self.name, ring.index, ring.base, started_at)
-            ring.base = started_at
+        started_at = int(lib.vs_vring_base(vr))   # a packed ring's carries its wrap counters (bits 15 and 31)
+        if int(vr.resumed_from_used) != resumed:
+            # vs_vring_setup took the index from the used ring in guest memory, or a packed ring's
+            # base from its used side (and counted it).
+            log.warning("vhost-user port '%s': vring %d: base %#x from the front-end, but the used index is "
+                        "%#x: resuming from the used index (a restarted switch or front-end; frames in flight "
+                        "may be resent or lost)", self.name, ring.index, ring.base, started_at)
+        ring.base = started_at
         lib.vs_vring_set_enabled(vr, 1)
         ring.started = True
         log.info("vhost-user port '%s': vring %d started (size %d, base %d)", self.name, ring.index,
@@ -610,7 +618,7 @@ class VhostUserDevice:
             lib.vs_vring_set_enabled(ffi.addressof(self.dev.vrings, ring.index), 0)
         self._wait_for_pmds()
         for ring in running:
-            ring.base = int(self._vring(ring.index).last_avail_idx)
+            ring.base = int(lib.vs_vring_base(self._vring(ring.index)))
             ring.started = False
             log.info("vhost-user port '%s': vring %d stopped at %d", self.name, ring.index, ring.base)
             if emit:

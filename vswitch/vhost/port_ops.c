@@ -2,7 +2,8 @@
  * The vhost-user port type as the PMD sees it: the ring engine
  * (virtqueue.c) behind the operations table of port.h.  Switch terms: the
  * port receives from the guest's TX rings (odd) and transmits into its RX
- * rings (even).
+ * rings (even).  Each ring runs split or packed (vr->packed, fixed while it
+ * runs): the choice is made here once per burst, never per descriptor.
  */
 #define _GNU_SOURCE
 #include <sys/uio.h>
@@ -23,7 +24,8 @@ static uint32_t vhost_rx_burst(struct vs_port *port, uint32_t queue, struct vs_p
     if (!vs_vring_is_enabled(vr) || unlikely(__atomic_load_n(&dev->fault, __ATOMIC_RELAXED))) {
         return 0;  /* a faulted device is being disconnected: leave its rings alone */
     }
-    uint32_t n = vs_vring_dequeue_burst(dev, vr, pkts, max);
+    uint32_t n = likely(!vr->packed) ? vs_vring_dequeue_burst(dev, vr, pkts, max)
+                                     : vs_packed_dequeue_burst(dev, vr, pkts, max);
     if (unlikely(n && __atomic_load_n(&dev->fault, __ATOMIC_ACQUIRE))) {
         /* Its guest memory faulted during the burst and now reads as zeros:
          * the frames may be garbage, so they go nowhere. */
@@ -32,7 +34,11 @@ static uint32_t vhost_rx_burst(struct vs_port *port, uint32_t queue, struct vs_p
     }
     if (!n) {
         /* Publishes chains dropped as malformed, if any (rx_done does after a burst). */
-        vs_vring_dequeue_done(dev, vr, pkts, 0);
+        if (likely(!vr->packed)) {
+            vs_vring_dequeue_done(dev, vr, pkts, 0);
+        } else {
+            vs_packed_dequeue_done(dev, vr, pkts, 0);
+        }
     }
     return n;
 }
@@ -40,7 +46,12 @@ static uint32_t vhost_rx_burst(struct vs_port *port, uint32_t queue, struct vs_p
 static void vhost_rx_done(struct vs_port *port, uint32_t queue, struct vs_pkt *pkts, uint32_t n)
 {
     struct vs_vhost_dev *dev = dev_of(port);
-    vs_vring_dequeue_done(dev, &dev->vrings[2 * queue + 1], pkts, n);
+    struct vs_vring *vr = &dev->vrings[2 * queue + 1];
+    if (likely(!vr->packed)) {
+        vs_vring_dequeue_done(dev, vr, pkts, n);
+    } else {
+        vs_packed_dequeue_done(dev, vr, pkts, n);
+    }
 }
 
 /* The receive ring of the guest that a frame from ingress queue `hint` uses. */
@@ -66,8 +77,10 @@ static void vhost_tx_burst(struct vs_port *port, uint32_t queue_hint, struct vs_
 {
     struct vs_vhost_dev *dev = dev_of(port);
     struct vs_vring *vr = pick_rx_vring(dev, queue_hint);
-    if (likely(vr)) {
+    if (likely(vr && !vr->packed)) {
         vs_vring_enqueue_burst(dev, vr, pkts, n);
+    } else if (vr) {
+        vs_packed_enqueue_burst(dev, vr, pkts, n);
     } else {
         port->stats.tx_dropped_down += unicast;
     }

@@ -154,8 +154,8 @@ def bits(*numbers: int) -> int:
 
 
 # What the back-end offers.  IN_ORDER: the ring engine uses buffers in the
-# order they were made available (virtqueue.c).  No RING_PACKED yet (the ring
-# engine is split-only).  Checksum and TCP segmentation
+# order they were made available (virtqueue.c, packed_ring.c).  RING_PACKED:
+# packed rings in both directions (packed_ring.c).  Checksum and TCP segmentation
 # offloads both ways (CSUM/HOST_TSO*: the guest may send partial checksums
 # and 64 KiB TCP frames; GUEST_*: it takes them): a destination that did not
 # negotiate one gets the work done in software (vswitch/pmd/offload.c).  No
@@ -179,6 +179,7 @@ OFFERED_FEATURES = bits(
     VIRTIO_NET_F_MQ,
     VIRTIO_F_ANY_LAYOUT,
     VIRTIO_F_IN_ORDER,
+    VIRTIO_F_RING_PACKED,
     VHOST_USER_F_PROTOCOL_FEATURES,
 )
 

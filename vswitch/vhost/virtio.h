@@ -44,3 +44,12 @@
 #define VIRTIO_F_VERSION_1 32
 #define VIRTIO_F_RING_PACKED 34
 #define VIRTIO_F_IN_ORDER 35
+
+/* Packed virtqueues (virtio 1.1, 2.8): descriptor flags next to NEXT, WRITE
+ * and INDIRECT, and the event suppression structures' flags. */
+#define VIRTQ_DESC_F_AVAIL 128           /* 1 << 7: equals the driver's wrap counter when made available */
+#define VIRTQ_DESC_F_USED 32768          /* 1 << 15: equals AVAIL once the device has used it */
+#define VIRTQ_EVENT_F_ENABLE 0           /* notify on every used (or available) descriptor */
+#define VIRTQ_EVENT_F_DISABLE 1          /* never notify */
+#define VIRTQ_EVENT_F_DESC 2             /* notify at off_wrap only (needs EVENT_IDX) */
+#define VIRTQ_EVENT_WRAP_SHIFT 15        /* off_wrap and the vring base: bit 15 is the wrap counter */

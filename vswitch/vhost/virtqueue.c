@@ -25,9 +25,7 @@
 #include <unistd.h>
 
 #include "vswitch.h"
-
-#define RX_MAX_BUFS 64           /* mergeable buffers one frame may use */
-#define RX_MAX_SEGS 128          /* writable pieces one frame may use */
+#include "vhost/ring_internal.h"
 
 static const char *const vq_error_names[VS_VQ_ERR_MAX] = {
     [VS_VQ_OK] = "ok",
@@ -47,34 +45,15 @@ static const char *const vq_error_names[VS_VQ_ERR_MAX] = {
     [VS_VQ_ERR_RING_ADDR] = "ring outside guest memory or misaligned",
     [VS_VQ_ERR_RING_SIZE] = "bad ring size",
     [VS_VQ_ERR_NET_HDR] = "virtio-net header asks for an offload not negotiated",
+    [VS_VQ_ERR_WRAP] = "chain runs into a descriptor not made available (wrap counter)",
+    [VS_VQ_ERR_BAD_ID] = "buffer id past the ring",
+    [VS_VQ_ERR_INDIRECT_CHAINED] = "indirect descriptor chained to others",
+    [VS_VQ_ERR_BASE] = "ring base past the ring",
 };
 
 const char *vs_vq_error_name(uint32_t err)
 {
     return err < VS_VQ_ERR_MAX ? vq_error_names[err] : "unknown error";
-}
-
-/* Returns the host address of guest-physical gpa and, in *contig, how many
- * bytes from there stay inside the same region; NULL if gpa is unmapped. */
-static inline uint8_t *gpa_to_hva(const struct vs_memtable *mem, uint64_t gpa, uint64_t *contig)
-{
-    for (uint32_t i = 0; i < mem->nregions; i++) {
-        const struct vs_mem_region *r = &mem->regions[i];
-        uint64_t off = gpa - r->guest_phys_addr;
-        if (gpa >= r->guest_phys_addr && off < r->size) {
-            *contig = r->size - off;
-            return r->host_addr + off;
-        }
-    }
-    return NULL;
-}
-
-/* Translates a range that must lie wholly inside one region. */
-static inline void *gpa_to_hva_range(const struct vs_memtable *mem, uint64_t gpa, uint64_t len)
-{
-    uint64_t contig;
-    uint8_t *p = gpa_to_hva(mem, gpa, &contig);
-    return p && contig >= len ? p : NULL;
 }
 
 uint8_t *vs_mem_translate_uva(const struct vs_memtable *mem, uint64_t uva, uint64_t len)
@@ -113,7 +92,7 @@ void vs_vhost_dev_set_features(struct vs_vhost_dev *dev, uint64_t features)
 
 int vs_vring_setup(struct vs_vhost_dev *dev, uint32_t index, uint32_t size,
                    uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva,
-                   uint16_t base)
+                   uint32_t base)
 {
     if (index >= VS_MAX_VRINGS) {
         return VS_VQ_ERR_RING_ADDR;
@@ -122,6 +101,11 @@ int vs_vring_setup(struct vs_vhost_dev *dev, uint32_t index, uint32_t size,
         return VS_VQ_ERR_RING_SIZE;
     }
     struct vs_vring *vr = &dev->vrings[index];
+    /* The layout is fixed for as long as the ring runs; the PMD dispatches on it once per burst. */
+    vr->packed = (dev->features & (1ULL << VIRTIO_F_RING_PACKED)) != 0;
+    if (vr->packed) {
+        return vs_packed_setup(dev, vr, size, desc_uva, avail_uva, used_uva, base);
+    }
     /* Each ring part, with the trailing event index word (event idx). */
     void *desc = vs_mem_translate_uva(dev->mem, desc_uva, (uint64_t)size * sizeof(struct virtq_desc));
     void *avail = vs_mem_translate_uva(dev->mem, avail_uva, 4 + 2ULL * size + 2);
@@ -168,8 +152,22 @@ int vs_vring_is_enabled(const struct vs_vring *vr)
     return __atomic_load_n(&vr->enabled, __ATOMIC_ACQUIRE) && !__atomic_load_n(&vr->broken, __ATOMIC_RELAXED);
 }
 
+uint32_t vs_vring_base(const struct vs_vring *vr)
+{
+    if (vr->packed) {
+        uint32_t avail = vr->pk.avail_idx | (uint32_t)vr->pk.avail_wrap << VIRTQ_EVENT_WRAP_SHIFT;
+        uint32_t used = vr->pk.used_idx | (uint32_t)vr->pk.used_wrap << VIRTQ_EVENT_WRAP_SHIFT;
+        return avail | used << 16;
+    }
+    return vr->last_avail_idx;
+}
+
 void vs_vring_enable_notify(const struct vs_vhost_dev *dev, struct vs_vring *vr, int enable)
 {
+    if (vr->packed) {
+        vs_packed_enable_notify(dev, vr, enable);
+        return;
+    }
     if (dev->features & (1ULL << VIRTIO_RING_F_EVENT_IDX)) {
         /* Ask for a kick once the guest makes anything past what we consumed available.
          * Disabling leaves avail_event behind, so the guest will not cross it again soon. */
@@ -184,6 +182,9 @@ void vs_vring_enable_notify(const struct vs_vhost_dev *dev, struct vs_vring *vr,
 
 int vs_vring_has_avail(const struct vs_vring *vr)
 {
+    if (vr->packed) {
+        return vs_packed_has_avail(vr);
+    }
     return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
 }
 
@@ -436,54 +437,6 @@ static void publish_used(struct vs_vhost_dev *dev, struct vs_vring *vr)
     }
 }
 
-/* The part of the virtio-net header a TX frame's offloads come from (flags .. csum_offset). */
-#define NET_HDR_OFFLOAD_LEN 10
-
-/*
- * Takes what the guest may ask of us from its TX header: a partial checksum
- * only with CSUM negotiated, a GSO type only with the matching HOST_TSO
- * feature (and ECN only with HOST_ECN), and only with a partial checksum, as
- * virtio requires of TSO.  A header asking for more is refused
- * (VS_VQ_ERR_NET_HDR): the frame is dropped and counted rather than passed
- * on with its request silently cleared.  Without CSUM the header carries no
- * offload at all and is ignored.  guest_hdr may be guest memory: it is
- * copied once and every decision is made on the copy, so a guest rewriting
- * it meanwhile cannot pass a field that differs from the one checked.
- */
-static inline int capture_net_hdr(const struct vs_vhost_dev *dev, struct vs_pkt *pkt, const uint8_t *guest_hdr)
-{
-    memset(&pkt->vnet, 0, sizeof pkt->vnet);
-    uint64_t f = dev->features;
-    if (likely(!(f & (1ULL << VIRTIO_NET_F_CSUM)))) {
-        return VS_VQ_OK;
-    }
-    uint8_t h[NET_HDR_OFFLOAD_LEN];
-    vs_copy_once(h, guest_hdr, NET_HDR_OFFLOAD_LEN);
-    if ((h[0] | h[1]) == 0) {
-        return VS_VQ_OK;
-    }
-    bool partial = h[0] & VS_NET_HDR_F_NEEDS_CSUM;
-    if (partial) {
-        pkt->vnet.flags = VS_NET_HDR_F_NEEDS_CSUM;
-        memcpy(&pkt->vnet.csum_start, h + 6, 2);
-        memcpy(&pkt->vnet.csum_offset, h + 8, 2);
-    }
-    uint8_t gso = h[1];
-    if (gso == VS_NET_HDR_GSO_NONE) {
-        return VS_VQ_OK;
-    }
-    uint8_t kind = gso & (uint8_t)~VS_NET_HDR_GSO_ECN;
-    bool allowed = (kind == VS_NET_HDR_GSO_TCPV4 && (f & (1ULL << VIRTIO_NET_F_HOST_TSO4))) ||
-                   (kind == VS_NET_HDR_GSO_TCPV6 && (f & (1ULL << VIRTIO_NET_F_HOST_TSO6)));
-    if (!allowed || !partial || ((gso & VS_NET_HDR_GSO_ECN) && !(f & (1ULL << VIRTIO_NET_F_HOST_ECN)))) {
-        return VS_VQ_ERR_NET_HDR;
-    }
-    pkt->vnet.gso_type = gso;
-    memcpy(&pkt->vnet.hdr_len, h + 2, 2);
-    memcpy(&pkt->vnet.gso_size, h + 4, 2);
-    return VS_VQ_OK;
-}
-
 /*
  * The common case, checked first: the whole chain is one readable
  * descriptor (header and frame together) inside one memory region.
@@ -613,33 +566,6 @@ static void copy_frame(const struct vs_seg *dst, const uint8_t *hdr, uint32_t hd
             sp += n;
             sleft -= n;
         }
-    }
-}
-
-enum rx_result { RX_DELIVERED, RX_RING_EMPTY, RX_TOO_SMALL, RX_BAD_CHAIN, RX_BROKEN, RX_NOT_SIMPLE };
-
-/* The virtio-net header a receiving guest gets in front of the frame. */
-static inline void fill_net_hdr(uint8_t *hdr, const struct vs_vhost_dev *dev, const struct vs_pkt *pkt,
-                                uint32_t num_buffers)
-{
-    memset(hdr, 0, 10);
-    /* Only what this guest negotiated; vs_offload_fit() did the rest in software. */
-    if (unlikely(pkt->vnet.flags | pkt->vnet.gso_type) && (dev->features & (1ULL << VIRTIO_NET_F_GUEST_CSUM))) {
-        const struct vs_net_hdr *v = &pkt->vnet;
-        hdr[0] = v->flags & (VS_NET_HDR_F_NEEDS_CSUM | VS_NET_HDR_F_DATA_VALID);
-        if (v->flags & VS_NET_HDR_F_NEEDS_CSUM) {
-            memcpy(hdr + 6, &v->csum_start, 2);
-            memcpy(hdr + 8, &v->csum_offset, 2);
-        }
-        if (v->gso_type) {
-            hdr[1] = v->gso_type;
-            memcpy(hdr + 2, &v->hdr_len, 2);
-            memcpy(hdr + 4, &v->gso_size, 2);
-        }
-    }
-    if (dev->hdr_len == 12) {
-        hdr[10] = (uint8_t)num_buffers;  /* num_buffers, little endian */
-        hdr[11] = (uint8_t)(num_buffers >> 8);
     }
 }
 
@@ -785,4 +711,33 @@ uint32_t vs_vring_enqueue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
         notify_guest(dev, vr);
     }
     return delivered;
+}
+
+/* The helpers the packed ring engine shares (ring_internal.h). */
+int vs_vq_add_segments(const struct vs_memtable *mem, uint64_t gpa, uint32_t len,
+                       struct vs_seg *segs, uint32_t max_segs, uint32_t *nsegs,
+                       uint64_t *total, uint64_t max_total)
+{
+    return add_segments(mem, gpa, len, segs, max_segs, nsegs, total, max_total);
+}
+
+int vs_vq_strip_header(struct vs_pkt *pkt, uint32_t n, uint8_t *hdr)
+{
+    return strip_header(pkt, n, hdr);
+}
+
+void vs_vq_copy_frame(const struct vs_seg *dst, const uint8_t *hdr, uint32_t hdr_len,
+                      const struct vs_pkt *pkt)
+{
+    copy_frame(dst, hdr, hdr_len, pkt);
+}
+
+void vs_vq_record_error(struct vs_vring *vr, uint32_t err, uint32_t index)
+{
+    record_error(vr, err, index);
+}
+
+void vs_vq_notify_guest(struct vs_vhost_dev *dev, struct vs_vring *vr)
+{
+    notify_guest(dev, vr);
 }

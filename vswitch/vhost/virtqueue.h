@@ -1,6 +1,7 @@
 /*
  * The virtqueue ring engine: split virtqueues (virtio 1.x, section 2.7) of a
- * vhost-user device, as the fast path reads and writes them.
+ * vhost-user device, as the fast path reads and writes them; packed rings
+ * (packed_ring.h) share struct vs_vring and the control functions.
  *
  * Everything the guest writes (descriptors, indexes, lengths, addresses) is
  * untrusted; see virtqueue.c for the checks.  The control plane (Python)
@@ -67,7 +68,11 @@ enum vs_vq_error {
     VS_VQ_ERR_RING_ADDR = 14,        /* ring not inside the guest's memory */
     VS_VQ_ERR_RING_SIZE = 15,        /* ring size zero, too big or not a power of two */
     VS_VQ_ERR_NET_HDR = 16,          /* TX header asks for an offload the guest did not negotiate */
-    VS_VQ_ERR_MAX = 17
+    VS_VQ_ERR_WRAP = 17,             /* packed: a chain runs into a descriptor not made available */
+    VS_VQ_ERR_BAD_ID = 18,           /* packed: buffer id past the ring */
+    VS_VQ_ERR_INDIRECT_CHAINED = 19, /* packed: indirect descriptor chained to others */
+    VS_VQ_ERR_BASE = 20,             /* packed: vring base past the ring */
+    VS_VQ_ERR_MAX = 21
 };
 
 struct vs_queue_stats {
@@ -106,6 +111,9 @@ struct vs_vring {
     uint32_t last_error_index;   /* descriptor or avail index involved */
     uint64_t error_count[VS_VQ_ERR_MAX]; /* per reason */
     struct vs_queue_stats stats;
+    /* control: the layout, chosen by vs_vring_setup() from the negotiated features. */
+    uint8_t packed;              /* 1: packed ring (pk below); 0: split (desc, avail, used above) */
+    struct vs_packed_ring pk;
 };
 
 /* Bits of vs_vhost_dev.fault: why the control plane must disconnect the front-end. */
@@ -130,9 +138,13 @@ void vs_vhost_dev_init(struct vs_vhost_dev *dev, uint32_t nr_queue_pairs);
 void vs_vhost_dev_set_features(struct vs_vhost_dev *dev, uint64_t features);
 int vs_vring_setup(struct vs_vhost_dev *dev, uint32_t index, uint32_t size,
                    uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva,
-                   uint16_t base);
+                   uint32_t base);
 void vs_vring_set_enabled(struct vs_vring *vr, int enabled);
 int vs_vring_is_enabled(const struct vs_vring *vr);
+/* Where the ring stands, as GET_VRING_BASE reports it: the next avail
+ * index; for a packed ring with its wrap counter in bit 15, and the used
+ * side the same way in bits 16-31 (QEMU's form; DPDK reads the low half). */
+uint32_t vs_vring_base(const struct vs_vring *vr);
 
 /* Guest notifications, for a PMD that goes to sleep on the kick eventfds. */
 void vs_vring_enable_notify(const struct vs_vhost_dev *dev, struct vs_vring *vr, int enable);

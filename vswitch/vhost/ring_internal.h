@@ -1,0 +1,122 @@
+/*
+ * Private header of the two ring engines, split (virtqueue.c) and packed
+ * (packed_ring.c): what they share.  Guest-address translation and the
+ * virtio-net header are inline here, so that each engine's fast path
+ * compiles exactly as if they were its own; the rest are out-of-line helpers
+ * of virtqueue.c that only a chain off the fast path needs.
+ */
+#ifndef VSWITCH_RING_INTERNAL_H
+#define VSWITCH_RING_INTERNAL_H
+
+#define RX_MAX_BUFS 64           /* mergeable buffers one frame may use */
+#define RX_MAX_SEGS 128          /* writable pieces one frame may use */
+
+/* Returns the host address of guest-physical gpa and, in *contig, how many
+ * bytes from there stay inside the same region; NULL if gpa is unmapped. */
+static inline uint8_t *gpa_to_hva(const struct vs_memtable *mem, uint64_t gpa, uint64_t *contig)
+{
+    for (uint32_t i = 0; i < mem->nregions; i++) {
+        const struct vs_mem_region *r = &mem->regions[i];
+        uint64_t off = gpa - r->guest_phys_addr;
+        if (gpa >= r->guest_phys_addr && off < r->size) {
+            *contig = r->size - off;
+            return r->host_addr + off;
+        }
+    }
+    return NULL;
+}
+
+/* Translates a range that must lie wholly inside one region. */
+static inline void *gpa_to_hva_range(const struct vs_memtable *mem, uint64_t gpa, uint64_t len)
+{
+    uint64_t contig;
+    uint8_t *p = gpa_to_hva(mem, gpa, &contig);
+    return p && contig >= len ? p : NULL;
+}
+
+/* The part of the virtio-net header a TX frame's offloads come from (flags .. csum_offset). */
+#define NET_HDR_OFFLOAD_LEN 10
+
+/*
+ * Takes what the guest may ask of us from its TX header: a partial checksum
+ * only with CSUM negotiated, a GSO type only with the matching HOST_TSO
+ * feature (and ECN only with HOST_ECN), and only with a partial checksum, as
+ * virtio requires of TSO.  A header asking for more is refused
+ * (VS_VQ_ERR_NET_HDR): the frame is dropped and counted rather than passed
+ * on with its request silently cleared.  Without CSUM the header carries no
+ * offload at all and is ignored.  guest_hdr may be guest memory: it is
+ * copied once and every decision is made on the copy, so a guest rewriting
+ * it meanwhile cannot pass a field that differs from the one checked.
+ */
+static inline int capture_net_hdr(const struct vs_vhost_dev *dev, struct vs_pkt *pkt, const uint8_t *guest_hdr)
+{
+    memset(&pkt->vnet, 0, sizeof pkt->vnet);
+    uint64_t f = dev->features;
+    if (likely(!(f & (1ULL << VIRTIO_NET_F_CSUM)))) {
+        return VS_VQ_OK;
+    }
+    uint8_t h[NET_HDR_OFFLOAD_LEN];
+    vs_copy_once(h, guest_hdr, NET_HDR_OFFLOAD_LEN);
+    if ((h[0] | h[1]) == 0) {
+        return VS_VQ_OK;
+    }
+    bool partial = h[0] & VS_NET_HDR_F_NEEDS_CSUM;
+    if (partial) {
+        pkt->vnet.flags = VS_NET_HDR_F_NEEDS_CSUM;
+        memcpy(&pkt->vnet.csum_start, h + 6, 2);
+        memcpy(&pkt->vnet.csum_offset, h + 8, 2);
+    }
+    uint8_t gso = h[1];
+    if (gso == VS_NET_HDR_GSO_NONE) {
+        return VS_VQ_OK;
+    }
+    uint8_t kind = gso & (uint8_t)~VS_NET_HDR_GSO_ECN;
+    bool allowed = (kind == VS_NET_HDR_GSO_TCPV4 && (f & (1ULL << VIRTIO_NET_F_HOST_TSO4))) ||
+                   (kind == VS_NET_HDR_GSO_TCPV6 && (f & (1ULL << VIRTIO_NET_F_HOST_TSO6)));
+    if (!allowed || !partial || ((gso & VS_NET_HDR_GSO_ECN) && !(f & (1ULL << VIRTIO_NET_F_HOST_ECN)))) {
+        return VS_VQ_ERR_NET_HDR;
+    }
+    pkt->vnet.gso_type = gso;
+    memcpy(&pkt->vnet.hdr_len, h + 2, 2);
+    memcpy(&pkt->vnet.gso_size, h + 4, 2);
+    return VS_VQ_OK;
+}
+
+/* The virtio-net header a receiving guest gets in front of the frame. */
+static inline void fill_net_hdr(uint8_t *hdr, const struct vs_vhost_dev *dev, const struct vs_pkt *pkt,
+                                uint32_t num_buffers)
+{
+    memset(hdr, 0, 10);
+    /* Only what this guest negotiated; vs_offload_fit() did the rest in software. */
+    if (unlikely(pkt->vnet.flags | pkt->vnet.gso_type) && (dev->features & (1ULL << VIRTIO_NET_F_GUEST_CSUM))) {
+        const struct vs_net_hdr *v = &pkt->vnet;
+        hdr[0] = v->flags & (VS_NET_HDR_F_NEEDS_CSUM | VS_NET_HDR_F_DATA_VALID);
+        if (v->flags & VS_NET_HDR_F_NEEDS_CSUM) {
+            memcpy(hdr + 6, &v->csum_start, 2);
+            memcpy(hdr + 8, &v->csum_offset, 2);
+        }
+        if (v->gso_type) {
+            hdr[1] = v->gso_type;
+            memcpy(hdr + 2, &v->hdr_len, 2);
+            memcpy(hdr + 4, &v->gso_size, 2);
+        }
+    }
+    if (dev->hdr_len == 12) {
+        hdr[10] = (uint8_t)num_buffers;  /* num_buffers, little endian */
+        hdr[11] = (uint8_t)(num_buffers >> 8);
+    }
+}
+
+enum rx_result { RX_DELIVERED, RX_RING_EMPTY, RX_TOO_SMALL, RX_BAD_CHAIN, RX_BROKEN, RX_NOT_SIMPLE };
+
+/* Helpers of virtqueue.c (see there). */
+int vs_vq_add_segments(const struct vs_memtable *mem, uint64_t gpa, uint32_t len,
+                       struct vs_seg *segs, uint32_t max_segs, uint32_t *nsegs,
+                       uint64_t *total, uint64_t max_total);
+int vs_vq_strip_header(struct vs_pkt *pkt, uint32_t n, uint8_t *hdr);
+void vs_vq_copy_frame(const struct vs_seg *dst, const uint8_t *hdr, uint32_t hdr_len,
+                      const struct vs_pkt *pkt);
+void vs_vq_record_error(struct vs_vring *vr, uint32_t err, uint32_t index);
+void vs_vq_notify_guest(struct vs_vhost_dev *dev, struct vs_vring *vr);
+
+#endif
