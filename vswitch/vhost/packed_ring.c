@@ -516,6 +516,7 @@ uint32_t vs_packed_enqueue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
             bytes += pkts[i]->len;
         } else if (r == RX_TOO_SMALL || r == RX_BAD_CHAIN) {
             vr->stats.dropped++;
+            vr->stats.too_big += r == RX_TOO_SMALL;
         } else {
             break;
         }
