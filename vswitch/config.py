@@ -106,9 +106,10 @@ def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
         return None
     out = {"name": name, "type": kind}
     for key in spec:
-        if key not in port_registry.COMMON_KEYS and port_type.key(key) is None:
+        if key not in port_registry.COMMON_KEYS and port_type.key(key) is None \
+                and port_registry.generic_key(key) is None:
             problems.append(f"{label.rstrip('.: ')}: unknown key '{key}' for a {kind} port")
-    for key in port_type.keys:
+    for key in (*port_type.keys, *port_registry.GENERIC_KEYS):
         if spec.get(key.name) is not None:
             value, check = spec[key.name], True
         elif callable(key.default):   # derived from the other keys (a TAP's ifname): checked like a given value

@@ -19,6 +19,7 @@ from vswitch.config import Config, validate_port
 from vswitch.fib import MacTable
 from vswitch.native import lib
 from vswitch.pmd import CallWatchdog, PmdThread, Reclaimer
+from vswitch.ports import vlan as vlan_settings
 from vswitch.ports.base import Port
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,32 @@ class Switch:
         self.emit({"event": "port-removed", "port": name})
         log.info("port '%s' removed", name)
         self._changed()
+
+    def set_port_vlan(self, name: str, settings: dict | None) -> dict | None:
+        """Gives a running port new VLAN settings (None: none).  The PMDs see
+        them from their next burst; the port's learned MAC entries go, as they
+        may belong to VLANs it no longer carries.  Returns the settings kept."""
+        port = self.ports.get(name)
+        if port is None:
+            raise SwitchError(f"no port named '{name}'")
+        if settings is not None:
+            try:
+                settings = vlan_settings.check(settings)
+            except vlan_settings.VlanProblem as exc:
+                raise SwitchError(f"port '{name}': vlan: {exc}") from None
+        old = [port.set_vlan(settings)]
+        # The table counts the ports with settings: 0 keeps the PMDs on the plain path.
+        self._publish()
+        self.reclaimer.defer(f"port '{name}' old VLAN settings", old.clear)
+        self.fib.flush(port.port_no)
+        for spec in self.config.ports:
+            if spec["name"] == name:
+                spec.pop("vlan", None)
+                if settings is not None:
+                    spec["vlan"] = settings
+        log.info("port '%s': vlan %s", name, vlan_settings.describe(settings))
+        self._changed()
+        return settings
 
     # MAC table settings, kept in the running config.
 

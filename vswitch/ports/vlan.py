@@ -20,10 +20,10 @@ The PMD reads the settings from a struct vs_vlan (ports/port.h) built here.
 
 from __future__ import annotations
 
-from vswitch.native import ffi, lib
-
-MODES = {"access": lib.VS_VLAN_ACCESS, "trunk": lib.VS_VLAN_TRUNK,
-         "native-untagged": lib.VS_VLAN_NATIVE_UNTAGGED, "native-tagged": lib.VS_VLAN_NATIVE_TAGGED}
+# Each mode's VS_VLAN_* constant in port.h.  The C library is loaded only by
+# to_c(): vswitchctl checks settings without it.
+MODES = {"access": "VS_VLAN_ACCESS", "trunk": "VS_VLAN_TRUNK",
+         "native-untagged": "VS_VLAN_NATIVE_UNTAGGED", "native-tagged": "VS_VLAN_NATIVE_TAGGED"}
 MIN_VID, MAX_VID = 1, 4094
 FORMS = ("{mode: access, tag: 10}, {mode: trunk, trunks: [10, 20]} or "
          "{mode: native-untagged, tag: 10, trunks: [20]}")
@@ -104,10 +104,12 @@ def carried(spec: dict | None) -> set[int] | None:
 
 def to_c(spec: dict | None):
     """A new struct vs_vlan for validated settings, or ffi.NULL for none."""
+    from vswitch.native import ffi, lib
+
     if spec is None:
         return ffi.NULL
     c = ffi.new("struct vs_vlan *")
-    c.mode = MODES[spec["mode"]]
+    c.mode = getattr(lib, MODES[spec["mode"]])
     c.tag = spec.get("tag", 0)
     vids = carried(spec)
     for vid in range(MAX_VID + 1) if vids is None else vids:
@@ -116,12 +118,13 @@ def to_c(spec: dict | None):
 
 
 def describe(spec: dict | None) -> str:
-    """One short line for `vswitchctl show`: "access 10", "trunk 10,20", "trunk all"."""
+    """One word for `vswitchctl show`: "access:10", "trunk:10,20", "trunk:all",
+    "native-untagged:10+20,30" (the native VLAN, then the others)."""
     if spec is None:
         return "-"
-    parts = [spec["mode"]]
-    if "tag" in spec:
-        parts.append(str(spec["tag"]))
-    if spec["mode"] != "access":
-        parts.append(",".join(map(str, spec["trunks"])) if "trunks" in spec else "all")
-    return " ".join(parts)
+    trunks = ",".join(map(str, spec["trunks"])) if "trunks" in spec else "all"
+    if spec["mode"] == "access":
+        return f"access:{spec['tag']}"
+    if spec["mode"] == "trunk":
+        return f"trunk:{trunks}"
+    return f"{spec['mode']}:{spec['tag']}+{trunks}"
