@@ -202,6 +202,22 @@ def test_tags_are_pushed_and_popped_on_segmented_frames(closing, segments):
     assert sw.received("a10") == [untag(data)]
 
 
+def test_a_frame_with_no_room_for_a_tag_is_dropped_and_counted(closing):
+    sw = Switch(closing, {"a10": ("guest", ACCESS10), "trunk": ("guest", {"mode": "trunk"})})
+    hdr_len = sw.ports["a10"].tx[0].hdr_len
+
+    def in_segments(n: int) -> bytes:
+        """A frame that post_tx cuts into n descriptors of 16 bytes, virtio-net header included."""
+        return frame(BROADCAST, mac(1), bytes(16 * n - hdr_len - 14))
+
+    sw.send("a10", in_segments(lib.VS_PKT_MAX_SEGS - 1), segments=lib.VS_PKT_MAX_SEGS - 1)
+    assert sw.received("trunk") == [] and sw.dropped("a10") == 1
+    data = in_segments(lib.VS_PKT_MAX_SEGS - 2)
+    sw.send("a10", data, segments=lib.VS_PKT_MAX_SEGS - 2)
+    assert sw.received("trunk") == [data[:12] + b"\x81\x00\x00\x0a" + data[12:]]
+    assert sw.dropped("a10") == 1
+
+
 def test_a_vlan_change_takes_effect_on_the_next_burst(closing):
     sw = Switch(closing, {"a": ("guest", ACCESS10), "b": ("guest", ACCESS20)})
     sw.send("a", frame(BROADCAST, mac(1)))

@@ -498,7 +498,9 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
     vs_fib_lock(fib);
     for (uint32_t i = 0; i < n; i++) {
         eth_header(&pkts[i], hdr);
-        if (unlikely(!vlan_classify(in_vlan, hdr, pkts[i].len, &cls[i]))) {
+        /* A tag needs up to two more segments (vlan_rewrite): a frame without room is dropped here. */
+        if (unlikely(!vlan_classify(in_vlan, hdr, pkts[i].len, &cls[i]) ||
+                     (cls[i].vid && pkts[i].nsegs > VS_PKT_MAX_SEGS - 2))) {
             dropped++;
             continue;
         }
