@@ -17,7 +17,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 
 from tests.support.frames import BROADCAST, frame, mac
 from tests.unit.test_port_ops import NullPort, Pmd, closing, null_stats  # noqa: F401 (closing is a fixture)
-from tests.unit.test_ring_engine import DEFAULT_FEATURES, Guest
+from tests.unit.test_ring_engine import Guest
 from vswitch.native import ffi, lib
 from vswitch.ports import vlan as vlan_settings
 
@@ -138,7 +138,8 @@ def test_access_port_drops_tagged_frames_but_takes_priority_tags(closing):
 @pytest.mark.parametrize("mode", ["native-untagged", "native-tagged"])
 def test_native_vlan_modes(closing, mode):
     sw = Switch(closing, {"native": ("guest", {"mode": mode, "tag": 10, "trunks": [20]}),
-                          "a10": ("guest", ACCESS10), "a20": ("guest", ACCESS20), "a30": ("guest", {"mode": "access", "tag": 30})})
+                          "a10": ("guest", ACCESS10), "a20": ("guest", ACCESS20),
+                          "a30": ("guest", {"mode": "access", "tag": 30})})
     sw.send("native", frame(BROADCAST, mac(1)))           # untagged: the native VLAN
     assert sw.received("a10") == [frame(BROADCAST, mac(1))] and sw.received("a20") == []
     sw.send("native", tagged(BROADCAST, mac(1), 20))
@@ -172,7 +173,8 @@ def test_the_same_mac_is_learned_per_vlan_and_unicast_stays_in_its_vlan(closing)
 
 def test_flooding_stays_inside_the_vlan(closing):
     sw = Switch(closing, {"src": ("null", ACCESS10), "n10": ("null", ACCESS10), "n20": ("null", ACCESS20),
-                          "t20": ("null", {"mode": "trunk", "trunks": [20]}), "t10": ("null", {"mode": "trunk", "trunks": [10]}),
+                          "t20": ("null", {"mode": "trunk", "trunks": [20]}),
+                          "t10": ("null", {"mode": "trunk", "trunks": [10]}),
                           "plain": ("null", None)})
     for i in range(5):
         sw.send("src", frame(BROADCAST, mac(1), b"z" * (60 + i)))
@@ -250,37 +252,48 @@ def partial_tcp_csum(data: bytes, l3: int) -> bytes:
 
 
 @pytest.mark.parametrize("dest_takes_tso", [False, True])
-def test_a_guests_tso_frame_from_an_access_port_leaves_a_trunk_tagged_and_correct(closing, dest_takes_tso):
+@pytest.mark.parametrize("direction", ["access-to-trunk", "trunk-to-access"])
+def test_a_guests_tso_frame_crosses_a_tag_correct(closing, direction, dest_takes_tso):
+    """A guest's TSO frame with a partial checksum gets a tag pushed (access to trunk) or popped (trunk
+    to access): the header's offsets move with it, and software segmentation, for a destination
+    without TSO, finds the IP header past the tag."""
     src = Guest(0, features=F_V1 | OFFLOADS)
     dst = Guest(1, features=F_V1 | (OFFLOADS if dest_takes_tso else 0))
     for g in (src, dst):
         closing(g)
-    dst.rx[0].post_rx(64, size=4096 if not dest_takes_tso else 65536 // 8, segments=1)
-    sw_keep = [vlan_settings.to_c(vlan_settings.check(ACCESS10)), vlan_settings.to_c({"mode": "trunk"})]
-    src.port.vlan, dst.port.vlan = sw_keep
+    dst.rx[0].post_rx(64, size=8192)
+    access, trunk = vlan_settings.to_c(vlan_settings.check(ACCESS10)), vlan_settings.to_c({"mode": "trunk"})
+    src.port.vlan, dst.port.vlan = (access, trunk) if direction == "access-to-trunk" else (trunk, access)
     pmd = Pmd([src.port, dst.port], [(src.port, 0), (dst.port, 0)])
     closing(pmd)
     pmd.table.n_vlan = 2
-    data = partial_tcp_csum(tso_frame(), 14)
+    untagged = partial_tcp_csum(tso_frame(), 14)
+    with_tag = untagged[:12] + b"\x81\x00\x00\x0a" + untagged[12:]
+    sent, expected, shift = (untagged, with_tag, 0) if direction == "access-to-trunk" else (with_tag, untagged, 4)
     q = src.tx[0]
-    header = struct.pack("<BBHHHH", lib.VS_NET_HDR_F_NEEDS_CSUM, lib.VS_NET_HDR_GSO_TCPV4, 54, 1000, 34, 16)
-    q.post_tx(data, header=header + bytes(q.hdr_len - len(header)))
+    header = struct.pack("<BBHHHH", lib.VS_NET_HDR_F_NEEDS_CSUM, lib.VS_NET_HDR_GSO_TCPV4, 54 + shift, 1000,
+                         34 + shift, 16)
+    q.post_tx(sent, header=header + bytes(q.hdr_len - len(header)))
     pmd.poll()
     frames = dst.rx[0].read_rx_frames()
+    out_shift = 4 - shift
     if dest_takes_tso:
         [got] = frames
-        flags, gso, hdr_len, gso_size, csum_start, csum_offset = struct.unpack("<BBHHHH", got.header[:10])
-        assert (gso, hdr_len, gso_size, csum_start, csum_offset) == (lib.VS_NET_HDR_GSO_TCPV4, 58, 1000, 38, 16)
-        assert got.data == data[:12] + b"\x81\x00\x00\x0a" + data[12:]
+        _, gso, hdr_len, gso_size, csum_start, csum_offset = struct.unpack("<BBHHHH", got.header[:10])
+        assert (gso, hdr_len, gso_size, csum_start, csum_offset) == \
+            (lib.VS_NET_HDR_GSO_TCPV4, 54 + out_shift, 1000, 34 + out_shift, 16)
+        assert got.data == expected
         return
     assert len(frames) == 3
     payload = b""
     for f in frames:
         pkt = Ether(f.data)
-        assert Dot1Q in pkt and pkt[Dot1Q].vlan == 10
+        assert (Dot1Q in pkt) == (direction == "access-to-trunk")
+        if Dot1Q in pkt:
+            assert pkt[Dot1Q].vlan == 10
         ip, tcp = pkt[IP], pkt[TCP]
-        assert len(f.data) == 18 + ip.len
-        # scapy recomputes checksums when they are deleted: compare with what the switch wrote.
+        assert len(f.data) == 14 + out_shift + ip.len
+        # scapy recomputes checksums that are deleted: compare with what the switch wrote.
         want = Ether(bytes(pkt))
         del want[IP].chksum, want[TCP].chksum
         want = Ether(bytes(want))

@@ -111,7 +111,8 @@ def print_ports(result: dict) -> None:
     for p in result["ports"]:
         s = p["stats"]
         rows.append([p["name"], p["type"], p.get("mode", "-"), p["link"], p.get("queues", "-"),
-                     vlan_settings.describe(p.get("vlan")), s["rx_packets"], s["rx_bytes"], s["tx_packets"], s["tx_bytes"],
+                     vlan_settings.describe(p.get("vlan")), s["rx_packets"], s["rx_bytes"], s["tx_packets"],
+                     s["tx_bytes"],
                      s["rx_dropped"] + s["tx_dropped"] + s.get("vlan_dropped", 0), s["rx_errors"] + s["tx_errors"]])
     print(table(rows, ["PORT", "TYPE", "MODE", "LINK", "QUEUES", "VLAN", "RX-PKTS", "RX-BYTES",
                        "TX-PKTS", "TX-BYTES", "DROPS", "ERRORS"]))
