@@ -217,8 +217,12 @@ def parse(data, source: str = "<config>") -> Config:
         cfg.ports.append(port)
     for i, entry in enumerate(static):
         where = f"{source}: fdb.static[{i}]"
-        if not isinstance(entry, dict) or set(entry) != {"mac", "port"}:
-            problems.append(f"{where}: must be a mapping with exactly mac and port")
+        if not isinstance(entry, dict) or not {"mac", "port"} <= set(entry) <= {"mac", "port", "vlan"}:
+            problems.append(f"{where}: must be a mapping with mac, port and optionally vlan")
+            continue
+        vlan = entry.get("vlan", 0)
+        if not _is_int(vlan) or not 0 <= vlan <= 4094:
+            problems.append(f"{where}.vlan: {vlan!r} must be a VLAN ID from 0 to 4094")
             continue
         try:
             parse_mac(str(entry["mac"]))
@@ -228,7 +232,8 @@ def parse(data, source: str = "<config>") -> Config:
         if entry["port"] not in names:
             problems.append(f"{where}.port: no port named {entry['port']!r}")
             continue
-        cfg.fdb_static.append({"mac": str(entry["mac"]).lower(), "port": entry["port"]})
+        cfg.fdb_static.append({"mac": str(entry["mac"]).lower(), "port": entry["port"],
+                               **({"vlan": vlan} if vlan else {})})
     if problems:
         raise ConfigError(problems)
     return cfg

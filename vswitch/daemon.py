@@ -61,7 +61,7 @@ async def run(args) -> int:
         for spec in cfg.ports:
             await switch.add_port(spec)
         for entry in cfg.fdb_static:
-            switch.fdb_add_static(entry["mac"], entry["port"])
+            switch.fdb_add_static(entry["mac"], entry["port"], entry.get("vlan", 0))
         await control.start()
     except (SwitchError, FibError, OSError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)

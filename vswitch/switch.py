@@ -185,21 +185,22 @@ class Switch:
 
     # MAC table settings, kept in the running config.
 
-    def fdb_add_static(self, mac: str, port_name: str) -> None:
+    def fdb_add_static(self, mac: str, port_name: str, vlan: int = 0) -> None:
         port = self.ports.get(port_name)
         if port is None:
             raise SwitchError(f"no port named '{port_name}'")
-        self.fib.add_static(mac, port.port_no)
+        self.fib.add_static(mac, port.port_no, vlan)
         mac = mac.lower()
-        self.config.fdb_static = [e for e in self.config.fdb_static if e["mac"] != mac]
-        self.config.fdb_static.append({"mac": mac, "port": port_name})
+        self.config.fdb_static = [e for e in self.config.fdb_static
+                                  if (e["mac"], e.get("vlan", 0)) != (mac, vlan)]
+        self.config.fdb_static.append({"mac": mac, "port": port_name, **({"vlan": vlan} if vlan else {})})
         self._changed()
 
-    def fdb_remove(self, mac: str) -> bool:
-        removed = self.fib.remove(mac)
+    def fdb_remove(self, mac: str, vlan: int = 0) -> bool:
+        removed = self.fib.remove(mac, vlan)
         mac = mac.lower()
         before = len(self.config.fdb_static)
-        self.config.fdb_static = [e for e in self.config.fdb_static if e["mac"] != mac]
+        self.config.fdb_static = [e for e in self.config.fdb_static if (e["mac"], e.get("vlan", 0)) != (mac, vlan)]
         if len(self.config.fdb_static) != before:
             self._changed()
         return removed

@@ -146,3 +146,35 @@ def test_add_port_with_vlan_flags(switch, tmp_path):
     assert d.port("vm3")["vlan"] == {"mode": "native-untagged", "tag": 10, "trunks": [20, 30, 31]}
     assert d.ctl("call", "port/set-vlan", "name=vm3", 'vlan={"mode": "trunk"}')["vlan"] == {"mode": "trunk"}
     assert "--vlan-mode" in d.ctl_raw("add-port", "--help").stdout
+
+
+def test_static_entries_per_vlan(switch, tmp_path):
+    d, (vm0, vm1, vm2) = switch
+    assert d.ctl("fdb", "add", "02:00:00:00:00:09", "vm0", "--vlan", "10") == \
+        {"mac": "02:00:00:00:00:09", "port": "vm0", "vlan": 10, "static": True}
+    d.ctl("fdb", "add", "02:00:00:00:00:09", "vm1", "--vlan", "20")
+    d.ctl("fdb", "add", "02:00:00:00:00:09", "vm2")
+    rows = {(e["vlan"], e["port"]) for e in d.ctl("fdb", "show")["entries"] if e["static"]}
+    assert rows == {(10, "vm0"), (20, "vm1"), (0, "vm2")}
+    # Unicast in VLAN 20 goes to vm1 alone, by the static entry.
+    vm1.send_frame(0, tagged(mac(9), mac(4), 20))
+    assert vm0.receive(0, 1, timeout=0.3) == [] and vm2.receive(0, 1, timeout=0.3) == []
+    static = d.ctl("config", "dump")["config"]["fdb"]["static"]
+    assert {"mac": "02:00:00:00:00:09", "port": "vm0", "vlan": 10} in static
+    assert {"mac": "02:00:00:00:00:09", "port": "vm2"} in static
+    assert d.ctl("fdb", "del", "02:00:00:00:00:09", "--vlan", "10") == {"removed": "02:00:00:00:00:09", "vlan": 10}
+    rows = {(e["vlan"], e["port"]) for e in d.ctl("fdb", "show")["entries"] if e["static"]}
+    assert rows == {(20, "vm1"), (0, "vm2")}
+    out = d.ctl_raw("fdb", "add", "02:00:00:00:00:09", "vm0", "--vlan", "4095")
+    assert out.returncode == 1 and out.stderr == "vswitchctl: fdb/add: vlan 4095 must be a VLAN ID from 0 to 4094\n"
+
+
+def test_static_entries_with_a_vlan_in_the_config(tmp_path):
+    cfg = parse({"ports": [null_port("n")], "fdb": {"static": [
+        {"mac": "02:00:00:00:00:01", "port": "n", "vlan": 10}, {"mac": "02:00:00:00:00:01", "port": "n"}]}})
+    assert cfg.fdb_static == [{"mac": "02:00:00:00:00:01", "port": "n", "vlan": 10},
+                              {"mac": "02:00:00:00:00:01", "port": "n"}]
+    with pytest.raises(ConfigError) as exc:
+        parse({"ports": [null_port("n")], "fdb": {"static": [{"mac": "02:00:00:00:00:01", "port": "n", "vlan": 5000}]}},
+              "x.yaml")
+    assert exc.value.problems == ["x.yaml: fdb.static[0].vlan: 5000 must be a VLAN ID from 0 to 4094"]

@@ -192,7 +192,8 @@ FORMATTERS = {
     "stats/show": print_stats,
     "fdb/show": print_fdb,
     "fdb/flush": lambda r: print(f"flushed {r['flushed']} entries"),
-    "fdb/add": lambda r: print(f"added static entry {r['mac']} -> {r['port']}"),
+    "fdb/add": lambda r: print(f"added static entry {r['mac']}" + (f" vlan {r['vlan']}" if r.get("vlan") else "")
+                               + f" -> {r['port']}"),
     "fdb/del": lambda r: print(f"removed {r['removed']}"),
     "fdb/stats": print_kv,
     "fdb/set-aging": print_kv,
@@ -356,8 +357,10 @@ def build_parser(port_types: bool = True) -> argparse.ArgumentParser:
     fdb_add = fdb_sub.add_parser("add", help="add a static entry")
     fdb_add.add_argument("mac")
     fdb_add.add_argument("port")
+    fdb_add.add_argument("--vlan", type=int)
     fdb_del = fdb_sub.add_parser("del", help="remove an entry")
     fdb_del.add_argument("mac")
+    fdb_del.add_argument("--vlan", type=int)
     sub.add_parser("pmd-stats", help="per PMD thread counters")
     sub.add_parser("control-stats", help="control socket counters: connections, refused clients, changes")
     sub.add_parser("events", help="stream port, link and queue events")
@@ -382,8 +385,8 @@ SUBCOMMANDS = {
     "config": lambda a: ("config/dump", {}),
     "fdb": lambda a: {"show": lambda: ("fdb/show", {"port": a.port, "vlan": a.vlan}),
                       "flush": lambda: ("fdb/flush", {"port": a.port, "vlan": a.vlan}),
-                      "add": lambda: ("fdb/add", {"mac": a.mac, "port": a.port}),
-                      "del": lambda: ("fdb/del", {"mac": a.mac}),
+                      "add": lambda: ("fdb/add", {"mac": a.mac, "port": a.port, "vlan": a.vlan}),
+                      "del": lambda: ("fdb/del", {"mac": a.mac, "vlan": a.vlan}),
                       "stats": lambda: ("fdb/stats", {})}[a.fdb_cmd](),
     "pmd-stats": lambda a: ("pmd/stats", {}),
     "control-stats": lambda a: ("control/stats", {}),

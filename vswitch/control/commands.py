@@ -145,19 +145,22 @@ async def stats_show(switch: Switch, name: str | None = None):
 
 
 @registry.command("fdb/add", "Add a static MAC entry.", Arg("mac", str, True), Arg("port", str, True),
-                  changes=True)
-async def fdb_add(switch: Switch, mac: str, port: str):
+                  Arg("vlan", int, help="its VLAN (default 0: ports without VLAN settings)"), changes=True)
+async def fdb_add(switch: Switch, mac: str, port: str, vlan: int | None = None):
+    vlan = _vlan_id("fdb/add", vlan) or 0
     with refused():
-        switch.fdb_add_static(mac, port)
-    return {"mac": mac.lower(), "port": port, "static": True}
+        switch.fdb_add_static(mac, port, vlan)
+    return {"mac": mac.lower(), "port": port, **({"vlan": vlan} if vlan else {}), "static": True}
 
 
-@registry.command("fdb/del", "Remove a MAC entry, learned or static.", Arg("mac", str, True), changes=True)
-async def fdb_del(switch: Switch, mac: str):
+@registry.command("fdb/del", "Remove a MAC entry, learned or static.", Arg("mac", str, True),
+                  Arg("vlan", int, help="its VLAN (default 0)"), changes=True)
+async def fdb_del(switch: Switch, mac: str, vlan: int | None = None):
+    vlan = _vlan_id("fdb/del", vlan) or 0
     with refused():
-        if not switch.fdb_remove(mac):
-            raise CommandError(f"no MAC table entry for {mac}")
-    return {"removed": mac.lower()}
+        if not switch.fdb_remove(mac, vlan):
+            raise CommandError(f"no MAC table entry for {mac}" + (f" in VLAN {vlan}" if vlan else ""))
+    return {"removed": mac.lower(), **({"vlan": vlan} if vlan else {})}
 
 
 @registry.command("fdb/set-aging", "Set how long an idle MAC entry lives.", Arg("seconds", int, True),
