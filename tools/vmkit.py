@@ -82,6 +82,10 @@ VIRTIO_NET_MODULES = [
     "virtio_net",
 ]
 
+# Linux 802.1Q VLAN devices (`ip link add link eth0 name eth0.10 type vlan id 10`),
+# for a kit built with extra_modules=VLAN_MODULES; in load order.
+VLAN_MODULES = ["llc", "stp", "garp", "mrp", "8021q"]
+
 READY_MARKER = "VSWITCH-GUEST-READY"
 ERROR_MARKER = "VSWITCH-GUEST-ERROR"
 
@@ -369,9 +373,13 @@ def _init_sha256() -> str:
     return hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()
 
 
-def _inputs_stamp(kernel_package: str, kernel_version: str, busybox_version: str, programs: dict) -> dict:
+def _inputs_stamp(kernel_package: str, kernel_version: str, busybox_version: str, programs: dict,
+                  extra_modules: tuple = ()) -> dict:
     """Everything the built files depend on; a change in any of it rebuilds."""
+    # Only when asked for: a kit without extra modules keeps the stamp it always had.
+    extra = {"extra_modules": list(extra_modules)} if extra_modules else {}
     return {
+        **extra,
         "kit_format": KIT_FORMAT,
         "init_sha256": _init_sha256(),
         "modules": VIRTIO_NET_MODULES,
@@ -389,8 +397,13 @@ def _read_stamp(directory: Path) -> dict | None:
         return None
 
 
-def build(directory: Path | None = None, force: bool = False, log=print) -> tuple[Path, Path]:
+def build(directory: Path | None = None, force: bool = False, log=print,
+          extra_modules: tuple = ()) -> tuple[Path, Path]:
     """Builds the kernel + initramfs if missing or stale; returns their paths.
+
+    extra_modules (e.g. VLAN_MODULES) go into the initramfs's /lib/modules
+    too, not loaded by /init: a test insmods them.  Give such a kit its own
+    directory, as the default one is shared by every test.
 
     Safe to call from parallel test workers: a lock file serialises builds and
     files are renamed into place only when complete.
@@ -406,13 +419,15 @@ def build(directory: Path | None = None, force: bool = False, log=print) -> tupl
         try:
             kernel_package = kernel_package_name()
             wanted = _inputs_stamp(
-                kernel_package, candidate_version(kernel_package), candidate_version(BUSYBOX_PACKAGE), programs
+                kernel_package, candidate_version(kernel_package), candidate_version(BUSYBOX_PACKAGE), programs,
+                tuple(extra_modules),
             )
         except VmkitError as exc:
             # Without apt's package lists (offline, no apt-get update) a cache
             # built from this same kit is still good: only package updates are missed.
             ours = (have and have.get("kit_format") == KIT_FORMAT and have.get("init_sha256") == _init_sha256()
-                    and have.get("guest_programs") == programs)
+                    and have.get("guest_programs") == programs
+                    and have.get("extra_modules", []) == list(extra_modules))
             if complete and ours and not force:
                 log(f"vmkit: cannot check package versions ({exc}); using the cache in {directory}")
                 return kernel_path(directory), initramfs_path(directory)
@@ -427,7 +442,8 @@ def build(directory: Path | None = None, force: bool = False, log=print) -> tupl
             vmlinuz = sorted(kernel_tree.glob("boot/vmlinuz-*"))
             if not vmlinuz:
                 raise VmkitError(f"{kernel_package} has no boot/vmlinuz-*")
-            modules = {name: _module_bytes(_find_module(kernel_tree, name)) for name in VIRTIO_NET_MODULES}
+            modules = {name: _module_bytes(_find_module(kernel_tree, name))
+                       for name in (*VIRTIO_NET_MODULES, *extra_modules)}
             busybox = _busybox_binary(workdir, wanted["busybox_version"]).read_bytes()
             # Read once: the stamp's hashes were taken from these same files
             # and a mismatch now (a package upgraded mid-build) must not be stamped.

@@ -129,9 +129,10 @@ def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
         return None
     out = {"name": name, "type": kind}
     for key in spec:
-        if key not in port_registry.COMMON_KEYS and port_type.key(key) is None:
+        if key not in port_registry.COMMON_KEYS and port_type.key(key) is None \
+                and port_registry.generic_key(key) is None:
             problems.append(f"{label.rstrip('.: ')}: unknown key '{key}' for a {kind} port")
-    for key in port_type.keys:
+    for key in (*port_type.keys, *port_registry.GENERIC_KEYS):
         if spec.get(key.name) is not None:
             value, check = spec[key.name], True
         elif callable(key.default):   # derived from the other keys (a TAP's ifname): checked like a given value
@@ -259,8 +260,12 @@ def parse(data, source: str = "<config>") -> Config:
         cfg.ports.append(port)
     for i, entry in enumerate(static):
         where = f"{source}: fdb.static[{i}]"
-        if not isinstance(entry, dict) or set(entry) != {"mac", "port"}:
-            problems.append(f"{where}: must be a mapping with exactly mac and port")
+        if not isinstance(entry, dict) or not {"mac", "port"} <= set(entry) <= {"mac", "port", "vlan"}:
+            problems.append(f"{where}: must be a mapping with mac, port and optionally vlan")
+            continue
+        vlan = entry.get("vlan", 0)
+        if not _is_int(vlan) or not 0 <= vlan <= 4094:
+            problems.append(f"{where}.vlan: {vlan!r} must be a VLAN ID from 0 to 4094")
             continue
         try:
             parse_mac(str(entry["mac"]))
@@ -270,7 +275,8 @@ def parse(data, source: str = "<config>") -> Config:
         if entry["port"] not in names:
             problems.append(f"{where}.port: no port named {entry['port']!r}")
             continue
-        cfg.fdb_static.append({"mac": str(entry["mac"]).lower(), "port": entry["port"]})
+        cfg.fdb_static.append({"mac": str(entry["mac"]).lower(), "port": entry["port"],
+                               **({"vlan": vlan} if vlan else {})})
     if problems:
         raise ConfigError(problems)
     return cfg

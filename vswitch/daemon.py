@@ -103,7 +103,7 @@ async def run(args) -> int:
         for spec in cfg.ports:
             await switch.add_port(spec)
         for entry in cfg.fdb_static:
-            switch.fdb_add_static(entry["mac"], entry["port"])
+            switch.fdb_add_static(entry["mac"], entry["port"], entry.get("vlan", 0))
         await control.start()
         if cfg.metrics_listen:
             from vswitch.metrics import MetricsServer

@@ -19,6 +19,7 @@ from vswitch.config import Config, validate_port
 from vswitch.fib import MacTable
 from vswitch.native import lib
 from vswitch.pmd import CallWatchdog, PmdThread, Reclaimer
+from vswitch.ports import vlan as vlan_settings
 from vswitch.ports.base import Port
 
 log = logging.getLogger(__name__)
@@ -159,23 +160,50 @@ class Switch:
         log.info("port '%s' removed", name)
         self._changed()
 
+    def set_port_vlan(self, name: str, settings: dict | None) -> dict | None:
+        """Gives a running port new VLAN settings (None: none).  The PMDs see
+        them from their next burst; the port's learned MAC entries go, as they
+        may belong to VLANs it no longer carries.  Returns the settings kept."""
+        port = self.ports.get(name)
+        if port is None:
+            raise SwitchError(f"no port named '{name}'")
+        if settings is not None:
+            try:
+                settings = vlan_settings.check(settings)
+            except vlan_settings.VlanProblem as exc:
+                raise SwitchError(f"port '{name}': vlan: {exc}") from None
+        old = [port.set_vlan(settings)]
+        # The table counts the ports with settings: 0 keeps the PMDs on the plain path.
+        self._publish()
+        self.reclaimer.defer(f"port '{name}' old VLAN settings", old.clear)
+        self.fib.flush(port.port_no)
+        for spec in self.config.ports:
+            if spec["name"] == name:
+                spec.pop("vlan", None)
+                if settings is not None:
+                    spec["vlan"] = settings
+        log.info("port '%s': vlan %s", name, vlan_settings.describe(settings))
+        self._changed()
+        return settings
+
     # MAC table settings, kept in the running config.
 
-    def fdb_add_static(self, mac: str, port_name: str) -> None:
+    def fdb_add_static(self, mac: str, port_name: str, vlan: int = 0) -> None:
         port = self.ports.get(port_name)
         if port is None:
             raise SwitchError(f"no port named '{port_name}'")
-        self.fib.add_static(mac, port.port_no)
+        self.fib.add_static(mac, port.port_no, vlan)
         mac = mac.lower()
-        self.config.fdb_static = [e for e in self.config.fdb_static if e["mac"] != mac]
-        self.config.fdb_static.append({"mac": mac, "port": port_name})
+        self.config.fdb_static = [e for e in self.config.fdb_static
+                                  if (e["mac"], e.get("vlan", 0)) != (mac, vlan)]
+        self.config.fdb_static.append({"mac": mac, "port": port_name, **({"vlan": vlan} if vlan else {})})
         self._changed()
 
-    def fdb_remove(self, mac: str) -> bool:
-        removed = self.fib.remove(mac)
+    def fdb_remove(self, mac: str, vlan: int = 0) -> bool:
+        removed = self.fib.remove(mac, vlan)
         mac = mac.lower()
         before = len(self.config.fdb_static)
-        self.config.fdb_static = [e for e in self.config.fdb_static if e["mac"] != mac]
+        self.config.fdb_static = [e for e in self.config.fdb_static if (e["mac"], e.get("vlan", 0)) != (mac, vlan)]
         if len(self.config.fdb_static) != before:
             self._changed()
         return removed

@@ -18,6 +18,7 @@ import time
 
 from vswitch.config import DEFAULT_CONTROL_SOCKET
 from vswitch.ports import registry as port_registry
+from vswitch.ports import vlan as vlan_settings
 
 
 class ControlError(Exception):
@@ -110,14 +111,18 @@ def print_ports(result: dict) -> None:
     for p in result["ports"]:
         s = p["stats"]
         rows.append([p["name"], p["type"], p.get("mode", "-"), p["link"], p.get("queues", "-"),
-                     s["rx_packets"], s["rx_bytes"], s["tx_packets"], s["tx_bytes"],
-                     s["rx_dropped"] + s["tx_dropped"], s["rx_errors"] + s["tx_errors"]])
-    print(table(rows, ["PORT", "TYPE", "MODE", "LINK", "QUEUES", "RX-PKTS", "RX-BYTES",
+                     vlan_settings.describe(p.get("vlan")), s["rx_packets"], s["rx_bytes"], s["tx_packets"],
+                     s["tx_bytes"],
+                     s["rx_dropped"] + s["tx_dropped"] + s.get("vlan_dropped", 0), s["rx_errors"] + s["tx_errors"]])
+    print(table(rows, ["PORT", "TYPE", "MODE", "LINK", "QUEUES", "VLAN", "RX-PKTS", "RX-BYTES",
                        "TX-PKTS", "TX-BYTES", "DROPS", "ERRORS"]))
     for p in result["ports"]:
         if "xdp_program" in p:
             print_queue_stats(p)
     for p in result["ports"]:
+        if p["stats"].get("vlan_dropped"):
+            print(f"port {p['name']}: vlan_dropped {p['stats']['vlan_dropped']} "
+                  "(received with a VLAN the port does not carry, or tagged on an access port)")
         if p["stats"].get("mem_faults"):
             print(f"port {p['name']}: mem_faults {p['stats']['mem_faults']} "
                   "(front-end disconnected: its guest memory faulted)")
@@ -224,7 +229,8 @@ FORMATTERS = {
     "stats/show": print_stats,
     "fdb/show": print_fdb,
     "fdb/flush": lambda r: print(f"flushed {r['flushed']} entries"),
-    "fdb/add": lambda r: print(f"added static entry {r['mac']} -> {r['port']}"),
+    "fdb/add": lambda r: print(f"added static entry {r['mac']}" + (f" vlan {r['vlan']}" if r.get("vlan") else "")
+                               + f" -> {r['port']}"),
     "fdb/del": lambda r: print(f"removed {r['removed']}"),
     "fdb/stats": print_kv,
     "fdb/set-aging": print_kv,
@@ -346,6 +352,9 @@ def _add_port_parser(sub) -> None:
     add.add_argument("name")
     add.add_argument("--type", required=True, choices=names)
     for name, (key, kinds) in port_registry.all_keys().items():
+        if key is port_registry.VLAN_KEY:
+            _add_vlan_flags(add)
+            continue
         text = port_registry.key_help(name)
         # A key several types share (mode) takes the choices of each; the
         # daemon checks the value against the port's own type.
@@ -358,6 +367,23 @@ def _add_port_parser(sub) -> None:
         else:
             add.add_argument(key.flag, type=_flag_value(key), choices=choices or None,
                              metavar=None if choices else (key.metavar or name.upper()), **options)
+
+
+def _add_vlan_flags(parser) -> None:
+    """The `vlan` key as three flags (add-port and set port NAME vlan); the daemon checks them together."""
+    parser.add_argument("--vlan-mode", metavar="MODE", help="any type: access, trunk, native-untagged or "
+                        "native-tagged (default: access with --tag, else trunk)")
+    parser.add_argument("--tag", type=int, metavar="VLAN", help="any type: the access or native VLAN (1..4094)")
+    # Passed on as text: the daemon reads the list, so a bad one is its one-line error.
+    parser.add_argument("--trunks", metavar="LIST",
+                        help="any type: VLANs a trunk carries, e.g. 10,20,100-110 (default: all)")
+
+
+def _vlan_from_flags(args) -> dict | None:
+    """The vlan mapping the flags give, or None if none was given."""
+    given = {"mode": args.vlan_mode, "tag": args.tag, "trunks": args.trunks}
+    given = {k: v for k, v in given.items() if v is not None}
+    return given or None
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -406,6 +432,12 @@ def build_parser(port_types: bool = True) -> argparse.ArgumentParser:
     aging.add_argument("seconds", type=int)
     fdb_max = set_sub.add_parser("fdb-max", help="MAC table size limit")
     fdb_max.add_argument("entries", type=int)
+    set_port = set_sub.add_parser("port", help="a port's settings: set port NAME vlan [--vlan-mode M] [--tag N] "
+                                  "[--trunks LIST] | none")
+    set_port.add_argument("name")
+    set_port.add_argument("setting", choices=["vlan"])
+    set_port.add_argument("none", nargs="?", choices=["none"], help="remove the port's VLAN settings (VLAN 0)")
+    _add_vlan_flags(set_port)
     config = sub.add_parser("config", help="the running configuration")
     config_sub = config.add_subparsers(dest="config_cmd", required=True, metavar="config-command")
     config_sub.add_parser("dump", help="print it as YAML")
@@ -414,14 +446,18 @@ def build_parser(port_types: bool = True) -> argparse.ArgumentParser:
     fdb_sub = fdb.add_subparsers(dest="fdb_cmd", required=True, metavar="fdb-command")
     fdb_show = fdb_sub.add_parser("show", help="list the entries")
     fdb_show.add_argument("--port")
+    fdb_show.add_argument("--vlan", type=int)
     fdb_flush = fdb_sub.add_parser("flush", help="remove learned entries")
     fdb_flush.add_argument("--port")
+    fdb_flush.add_argument("--vlan", type=int)
     fdb_sub.add_parser("stats", help="learned, moved, aged, evicted")
     fdb_add = fdb_sub.add_parser("add", help="add a static entry")
     fdb_add.add_argument("mac")
     fdb_add.add_argument("port")
+    fdb_add.add_argument("--vlan", type=int)
     fdb_del = fdb_sub.add_parser("del", help="remove an entry")
     fdb_del.add_argument("mac")
+    fdb_del.add_argument("--vlan", type=int)
     sub.add_parser("pmd-stats", help="per PMD thread counters")
     top_p = sub.add_parser("top", help="live view: ports by traffic rate, PMD load (Ctrl-C to leave)")
     top_p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
@@ -443,14 +479,15 @@ SUBCOMMANDS = {
     "list-ports": lambda a: ("port/list", {}),
     "del-port": lambda a: ("port/del", {"name": a.name}),
     "port-types": lambda a: ("port/types", {}),
-    "set": lambda a: ("fdb/set-aging", {"seconds": a.seconds}) if a.set_cmd == "fdb-aging" else
-                     ("fdb/set-max", {"entries": a.entries}),
+    "set": lambda a: {"fdb-aging": lambda: ("fdb/set-aging", {"seconds": a.seconds}),
+                      "fdb-max": lambda: ("fdb/set-max", {"entries": a.entries}),
+                      "port": lambda: set_port_request(a)}[a.set_cmd](),
     "config": lambda a: ("config/dump", {}),
     "reload": lambda a: ("config/reload", {}),
-    "fdb": lambda a: {"show": lambda: ("fdb/show", {"port": a.port}),
-                      "flush": lambda: ("fdb/flush", {"port": a.port}),
-                      "add": lambda: ("fdb/add", {"mac": a.mac, "port": a.port}),
-                      "del": lambda: ("fdb/del", {"mac": a.mac}),
+    "fdb": lambda a: {"show": lambda: ("fdb/show", {"port": a.port, "vlan": a.vlan}),
+                      "flush": lambda: ("fdb/flush", {"port": a.port, "vlan": a.vlan}),
+                      "add": lambda: ("fdb/add", {"mac": a.mac, "port": a.port, "vlan": a.vlan}),
+                      "del": lambda: ("fdb/del", {"mac": a.mac, "vlan": a.vlan}),
                       "stats": lambda: ("fdb/stats", {})}[a.fdb_cmd](),
     "pmd-stats": lambda a: ("pmd/stats", {}),
     "control-stats": lambda a: ("control/stats", {}),
@@ -463,8 +500,19 @@ SUBCOMMANDS = {
 
 def add_port_request(args) -> tuple[str, dict]:
     spec = {"name": args.name, "type": args.type}
-    spec.update({key: getattr(args, _key_dest(key)) for key in port_registry.all_keys()})
+    spec.update({key: getattr(args, _key_dest(key)) for key in port_registry.all_keys()
+                 if key != port_registry.VLAN_KEY.name})
+    spec["vlan"] = _vlan_from_flags(args)
     return "port/add", {k: v for k, v in spec.items() if v is not None}
+
+
+def set_port_request(args) -> tuple[str, dict]:
+    settings = _vlan_from_flags(args)
+    if args.none and settings:
+        raise ControlError("set port NAME vlan: 'none' takes no --vlan-mode, --tag or --trunks")
+    if not args.none and not settings:
+        raise ControlError("set port NAME vlan: give --vlan-mode, --tag and/or --trunks, or 'none'")
+    return "port/set-vlan", {"name": args.name, "vlan": settings}
 
 
 def run(args) -> None:

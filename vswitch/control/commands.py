@@ -56,17 +56,26 @@ async def port_show(switch: Switch, name: str | None = None):
     return {"ports": [p.info() for p in ports]}
 
 
-@registry.command("fdb/show", "Show the MAC table.", Arg("port", str, help="only entries on this port"))
-async def fdb_show(switch: Switch, port: str | None = None):
+def _vlan_id(command: str, vlan: int | None) -> int | None:
+    if vlan is not None and not 0 <= vlan <= 4094:
+        raise CommandError(f"{command}: vlan {vlan} must be a VLAN ID from 0 to 4094")
+    return vlan
+
+
+@registry.command("fdb/show", "Show the MAC table.", Arg("port", str, help="only entries on this port"),
+                  Arg("vlan", int, help="only entries in this VLAN (0: ports without VLAN settings)"))
+async def fdb_show(switch: Switch, port: str | None = None, vlan: int | None = None):
+    vlan = _vlan_id("fdb/show", vlan)
     with refused():
-        return {"entries": switch.fdb_entries(port)}
+        return {"entries": [e for e in switch.fdb_entries(port) if vlan is None or e["vlan"] == vlan]}
 
 
 @registry.command("fdb/flush", "Remove learned MAC entries.", Arg("port", str, help="only on this port"),
-                  changes=True)
-async def fdb_flush(switch: Switch, port: str | None = None):
+                  Arg("vlan", int, help="only in this VLAN"), changes=True)
+async def fdb_flush(switch: Switch, port: str | None = None, vlan: int | None = None):
+    vlan = _vlan_id("fdb/flush", vlan)
     port_no = _port(switch, port).port_no if port else None
-    return {"flushed": switch.fib.flush(port_no)}
+    return {"flushed": switch.fib.flush(port_no, vlan=vlan)}
 
 
 @registry.command("fdb/stats", "Show MAC table counters: learned, moved, aged, evicted.")
@@ -108,6 +117,15 @@ async def port_add(switch: Switch, **spec):
     return port.info()
 
 
+@registry.command("port/set-vlan", "Change a port's VLAN settings at run time (vlan absent or null: none, "
+                  "VLAN 0); its learned MAC entries are flushed.", Arg("name", str, True),
+                  Arg("vlan", object, help="{mode: access|trunk|native-untagged|native-tagged, tag: N, "
+                      "trunks: [N, ...]}", type_name="mapping"), changes=True)
+async def port_set_vlan(switch: Switch, name: str, vlan=None):
+    with refused():
+        return {"name": name, "vlan": switch.set_port_vlan(name, vlan)}
+
+
 @registry.command("port/types", "The port types port/add takes, with their keys: type, default, help.")
 async def port_type_list(switch: Switch):
     return {"types": [t.describe() for t in port_types.port_types()]}
@@ -124,23 +142,26 @@ async def port_del(switch: Switch, name: str):
 @registry.command("stats/show", "Per-port counters, or one port's.", Arg("name", str, help="only this port"))
 async def stats_show(switch: Switch, name: str | None = None):
     ports = [_port(switch, name)] if name else sorted(switch.ports.values(), key=lambda p: p.port_no)
-    return {"ports": [{"name": p.name, **p.stats()} for p in ports]}
+    return {"ports": [{"name": p.name, **p.counters()} for p in ports]}
 
 
 @registry.command("fdb/add", "Add a static MAC entry.", Arg("mac", str, True), Arg("port", str, True),
-                  changes=True)
-async def fdb_add(switch: Switch, mac: str, port: str):
+                  Arg("vlan", int, help="its VLAN (default 0: ports without VLAN settings)"), changes=True)
+async def fdb_add(switch: Switch, mac: str, port: str, vlan: int | None = None):
+    vlan = _vlan_id("fdb/add", vlan) or 0
     with refused():
-        switch.fdb_add_static(mac, port)
-    return {"mac": mac.lower(), "port": port, "static": True}
+        switch.fdb_add_static(mac, port, vlan)
+    return {"mac": mac.lower(), "port": port, **({"vlan": vlan} if vlan else {}), "static": True}
 
 
-@registry.command("fdb/del", "Remove a MAC entry, learned or static.", Arg("mac", str, True), changes=True)
-async def fdb_del(switch: Switch, mac: str):
+@registry.command("fdb/del", "Remove a MAC entry, learned or static.", Arg("mac", str, True),
+                  Arg("vlan", int, help="its VLAN (default 0)"), changes=True)
+async def fdb_del(switch: Switch, mac: str, vlan: int | None = None):
+    vlan = _vlan_id("fdb/del", vlan) or 0
     with refused():
-        if not switch.fdb_remove(mac):
-            raise CommandError(f"no MAC table entry for {mac}")
-    return {"removed": mac.lower()}
+        if not switch.fdb_remove(mac, vlan):
+            raise CommandError(f"no MAC table entry for {mac}" + (f" in VLAN {vlan}" if vlan else ""))
+    return {"removed": mac.lower(), **({"vlan": vlan} if vlan else {})}
 
 
 @registry.command("fdb/set-aging", "Set how long an idle MAC entry lives.", Arg("seconds", int, True),

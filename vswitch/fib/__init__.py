@@ -101,8 +101,10 @@ class MacTable:
         port = lib.vs_fib_lookup_locked(self._fib, lib.vs_fib_key(parse_mac(mac), vlan))
         return None if port < 0 else port
 
-    def flush(self, port_no: int | None = None, include_static: bool = False) -> int:
-        return lib.vs_fib_flush(self._fib, -1 if port_no is None else port_no, int(include_static))
+    def flush(self, port_no: int | None = None, include_static: bool = False, vlan: int | None = None) -> int:
+        """Removes entries, all or those on one port and/or in one VLAN; the number removed."""
+        return lib.vs_fib_flush(self._fib, -1 if port_no is None else port_no, -1 if vlan is None else vlan,
+                                int(include_static))
 
     def age(self) -> int:
         """Removes entries idle for longer than the aging time; run once a second."""

@@ -357,13 +357,14 @@ int vs_fib_remove(struct vs_fib *fib, uint64_t key)
     return i == NONE ? -1 : 0;
 }
 
-uint32_t vs_fib_flush(struct vs_fib *fib, int port_no, int include_static)
+uint32_t vs_fib_flush(struct vs_fib *fib, int port_no, int vlan, int include_static)
 {
     uint32_t removed = 0;
     vs_fib_lock(fib);
     for (uint32_t i = 0; i < fib->capacity; i++) {
         struct vs_fib_entry *e = &fib->entries[i];
         if (e->in_use && (port_no < 0 || e->port_no == (uint32_t)port_no) &&
+            (vlan < 0 || (e->key >> 48) == (uint64_t)vlan) &&
             (include_static || !(e->flags & VS_FIB_F_STATIC))) {
             remove_entry(fib, i);
             removed++;

@@ -70,7 +70,8 @@ void vs_fib_unlock(struct vs_fib *fib);
 /* Control plane: each takes the lock itself. */
 int vs_fib_add_static(struct vs_fib *fib, uint64_t key, uint32_t port_no);
 int vs_fib_remove(struct vs_fib *fib, uint64_t key);
-uint32_t vs_fib_flush(struct vs_fib *fib, int port_no, int include_static);
+/* Removes the entries on port_no (-1: any port) in VLAN vlan (-1: any VLAN). */
+uint32_t vs_fib_flush(struct vs_fib *fib, int port_no, int vlan, int include_static);
 uint32_t vs_fib_age(struct vs_fib *fib, uint64_t now);
 uint32_t vs_fib_dump(struct vs_fib *fib, struct vs_fib_entry *out, uint32_t max);
 int vs_fib_set_max(struct vs_fib *fib, uint32_t max_entries);

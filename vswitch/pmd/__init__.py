@@ -97,6 +97,7 @@ class PmdThread:
             table.ports[port.port_no] = port.c
             table.live[table.n_live] = port.port_no
             table.n_live += 1
+            table.n_vlan += port.c.vlan != ffi.NULL
         for port, queue in poll:
             table.poll[table.n_poll].port = port.c
             table.poll[table.n_poll].queue = queue

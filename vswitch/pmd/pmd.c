@@ -329,6 +329,292 @@ static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, str
     }
 }
 
+/*
+ * VLANs (ports/port.h, README "VLANs").  Taken only while some port in the
+ * table has VLAN settings (t->n_vlan), so a switch without them runs
+ * forward_burst above unchanged.
+ *
+ * At ingress a frame is classified once, on one copy of its first 16
+ * bytes: its VLAN, whether it came with an 802.1Q header, and the tag it
+ * would leave a trunk with (its own priority bits, its VLAN).  Learning and
+ * lookup are keyed by (MAC, VLAN); flooding goes only to ports that carry
+ * the VLAN.
+ *
+ * Tags are pushed and popped without copying the frame: each destination
+ * that needs another form of it gets a second struct vs_pkt whose segments
+ * are the source's bytes [0, 12), then (for a tagged form) 4 bytes of tag
+ * held on this stack, then the source's bytes from 12 (untagged source) or
+ * 16 (tagged source) on.  Every port type's transmit already gathers from
+ * segments (a vhost copy into the guest, a TAP's writev, an AF_PACKET ring
+ * slot), so the one copy stays the only copy, and the source is never
+ * written, since one flooded frame may leave tagged on one port and
+ * untagged on another.  A frame has at most two such forms, built the first
+ * time a destination asks for them.  The tag is always ours, never the
+ * guest's bytes: a guest rewriting its tag after we classified the frame
+ * cannot move it to another VLAN.  The offsets in the virtio-net header
+ * move by the 4 bytes too, so checksum and TSO offloads (done by the
+ * destination or by offload.c, which looks past 802.1Q headers) stay right.
+ */
+#define ETHERTYPE_VLAN_HI 0x81
+#define ETHERTYPE_VLAN_LO 0x00
+#define VLAN_HLEN 4
+#define VLAN_TAG_OFFSET 12
+
+struct vlan_class {
+    uint16_t vid;                /* the frame's VLAN; 0: VLAN 0, forwarded as it is */
+    uint16_t tci;                /* the tag it leaves tagged with */
+    uint8_t tagged;              /* it arrived with an 802.1Q header */
+};
+
+struct vlan_forms {
+    uint32_t built_tagged;       /* bit i: tagged[i] is built */
+    uint32_t built_untagged;
+    uint8_t tag[VS_BURST][VLAN_HLEN];
+    struct vs_pkt tagged[VS_BURST];
+    struct vs_pkt untagged[VS_BURST];
+};
+
+static inline bool vlan_carries(const struct vs_vlan *v, uint32_t vid)
+{
+    if (!v) {
+        return vid == 0;
+    }
+    return (v->carries[vid >> 6] >> (vid & 63)) & 1;
+}
+
+/* Whether frames of VLAN vid (not 0) leave a port with these settings tagged. */
+static inline bool vlan_leaves_tagged(const struct vs_vlan *v, uint32_t vid)
+{
+    return v && (v->mode == VS_VLAN_TRUNK || v->mode == VS_VLAN_NATIVE_TAGGED ||
+                 (v->mode == VS_VLAN_NATIVE_UNTAGGED && vid != v->tag));
+}
+
+/* Classifies a frame received on a port with settings v (NULL: none) from a
+ * copy of its first 16 bytes; false if the port drops it. */
+static inline bool vlan_classify(const struct vs_vlan *v, const uint8_t *hdr, uint32_t len,
+                                 struct vlan_class *c)
+{
+    bool tagged = len >= VLAN_TAG_OFFSET + VLAN_HLEN + 2 && hdr[12] == ETHERTYPE_VLAN_HI &&
+                  hdr[13] == ETHERTYPE_VLAN_LO;
+    uint16_t tci = tagged ? (uint16_t)(hdr[14] << 8 | hdr[15]) : 0;
+    uint32_t vid = tci & 0xfff;
+    c->tagged = tagged;
+    if (!v) {
+        c->vid = 0;
+        return true;
+    }
+    if (v->mode == VS_VLAN_ACCESS) {
+        if (vid) {
+            return false;
+        }
+        vid = v->tag;
+    } else if (!vid && v->mode != VS_VLAN_TRUNK) {
+        vid = v->tag;            /* untagged or priority-tagged: the native VLAN */
+    }
+    if (!vlan_carries(v, vid)) {
+        return false;
+    }
+    c->vid = (uint16_t)vid;
+    c->tci = (uint16_t)((tci & 0xf000) | vid);
+    return true;
+}
+
+/* out = in's bytes [0, 12), the 4 bytes at tag (if not NULL), in's bytes
+ * from skip on: segments only.  False if that needs too many segments. */
+static bool vlan_rewrite(struct vs_pkt *out, const struct vs_pkt *in, uint32_t skip, const uint8_t *tag)
+{
+    uint32_t n = 0, off = 0;
+    bool tag_placed = tag == NULL;
+#define EMIT(p_, len_) do {                                               \
+        if ((len_) > 0) {                                                 \
+            if (n == VS_PKT_MAX_SEGS) {                                   \
+                return false;                                             \
+            }                                                             \
+            out->segs[n].addr = (uint8_t *)(p_);                          \
+            out->segs[n++].len = (len_);                                  \
+        }                                                                 \
+    } while (0)
+    for (uint32_t s = 0; s < in->nsegs; s++) {
+        uint8_t *p = in->segs[s].addr;
+        uint32_t start = off, end = off + in->segs[s].len;
+        off = end;
+        if (start < VLAN_TAG_OFFSET) {
+            EMIT(p, (end < VLAN_TAG_OFFSET ? end : VLAN_TAG_OFFSET) - start);
+        }
+        if (!tag_placed && end >= VLAN_TAG_OFFSET) {
+            EMIT(tag, VLAN_HLEN);
+            tag_placed = true;
+        }
+        if (end > skip) {
+            uint32_t from = start > skip ? start : skip;
+            EMIT(p + (from - start), end - from);
+        }
+    }
+#undef EMIT
+    if (!tag_placed) {
+        return false;
+    }
+    int delta = (tag ? VLAN_HLEN : 0) - (int)(skip - VLAN_TAG_OFFSET);
+    out->nsegs = (uint16_t)n;
+    out->len = in->len + delta;
+    out->head = in->head;
+    out->vnet = in->vnet;
+    if (out->vnet.flags & VS_NET_HDR_F_NEEDS_CSUM) {
+        out->vnet.csum_start = (uint16_t)(out->vnet.csum_start + delta);
+    }
+    if (out->vnet.hdr_len) {
+        out->vnet.hdr_len = (uint16_t)(out->vnet.hdr_len + delta);
+    }
+    return true;
+}
+
+/* Frame i as it leaves a port with settings v; NULL if it cannot be built. */
+static inline struct vs_pkt *vlan_form(struct vlan_forms *f, struct vs_pkt *pkts, const struct vlan_class *c,
+                                       uint32_t i, const struct vs_vlan *v)
+{
+    if (!c->vid) {
+        return &pkts[i];
+    }
+    if (vlan_leaves_tagged(v, c->vid)) {
+        if (!(f->built_tagged & (1u << i))) {
+            f->tag[i][0] = ETHERTYPE_VLAN_HI;
+            f->tag[i][1] = ETHERTYPE_VLAN_LO;
+            f->tag[i][2] = (uint8_t)(c->tci >> 8);
+            f->tag[i][3] = (uint8_t)c->tci;
+            if (!vlan_rewrite(&f->tagged[i], &pkts[i], VLAN_TAG_OFFSET + (c->tagged ? VLAN_HLEN : 0), f->tag[i])) {
+                return NULL;
+            }
+            f->built_tagged |= 1u << i;
+        }
+        return &f->tagged[i];
+    }
+    if (!c->tagged) {
+        return &pkts[i];
+    }
+    if (!(f->built_untagged & (1u << i))) {
+        if (!vlan_rewrite(&f->untagged[i], &pkts[i], VLAN_TAG_OFFSET + VLAN_HLEN, NULL)) {
+            return NULL;
+        }
+        f->built_untagged |= 1u << i;
+    }
+    return &f->untagged[i];
+}
+
+/* Copies a frame's first 16 bytes (MACs, EtherType, TCI) out once; zeros past its end. */
+static inline void eth_header(const struct vs_pkt *pkt, uint8_t *hdr)
+{
+    if (likely(pkt->segs[0].len >= 16)) {
+        vs_copy_once(hdr, pkt->segs[0].addr, 16);
+        return;
+    }
+    uint32_t copied = 0;
+    memset(hdr, 0, 16);
+    for (uint32_t s = 0; s < pkt->nsegs && copied < 16; s++) {
+        uint32_t k = pkt->segs[s].len < 16 - copied ? pkt->segs[s].len : 16 - copied;
+        memcpy(hdr + copied, pkt->segs[s].addr, k);
+        copied += k;
+    }
+    vs_keep_copy(hdr, 16);
+}
+
+static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, const struct vs_port_table *t,
+                                                         struct vs_port *in, uint32_t queue, struct vs_pkt *pkts,
+                                                         uint32_t n, uint64_t now)
+{
+    const struct vs_vlan *in_vlan = __atomic_load_n(&in->vlan, __ATOMIC_ACQUIRE);
+    struct vlan_class cls[VS_BURST];
+    int dest[VS_BURST];
+    uint32_t keep = 0;           /* bit i: frame i passed classification */
+    uint64_t dropped = 0;
+    uint8_t hdr[16];
+    struct vs_fib *fib = pmd->fib;
+
+    vs_fib_lock(fib);
+    for (uint32_t i = 0; i < n; i++) {
+        eth_header(&pkts[i], hdr);
+        /* A tag needs up to two more segments (vlan_rewrite): a frame without room is dropped here. */
+        if (unlikely(!vlan_classify(in_vlan, hdr, pkts[i].len, &cls[i]) ||
+                     (cls[i].vid && pkts[i].nsegs > VS_PKT_MAX_SEGS - 2))) {
+            dropped++;
+            continue;
+        }
+        keep |= 1u << i;
+        uint64_t vkey = (uint64_t)cls[i].vid << 48;
+        if (likely(!(hdr[6] & 1))) {
+            vs_fib_learn(fib, mac_key(hdr + 6) | vkey, in->port_no, now);
+        }
+        dest[i] = (hdr[0] & 1) ? VS_FIB_NO_PORT : vs_fib_lookup(fib, mac_key(hdr) | vkey);
+    }
+    vs_fib_unlock(fib);
+    if (unlikely(dropped)) {
+        __atomic_add_fetch(&in->stats.vlan_dropped, dropped, __ATOMIC_RELAXED);
+    }
+
+    struct vlan_forms forms;
+    struct out_group groups[VS_MAX_PORTS];
+    uint16_t touched[VS_MAX_PORTS];
+    uint8_t seen[VS_MAX_PORTS];
+    uint32_t n_touched = 0;
+    memset(seen, 0, sizeof seen);
+    forms.built_tagged = forms.built_untagged = 0;
+
+#define ADD_TO_GROUP(port_no, pkt, is_unicast) do {                       \
+        uint32_t p_ = (port_no);                                          \
+        if (!seen[p_]) {                                                  \
+            seen[p_] = 1;                                                 \
+            groups[p_].n = 0;                                             \
+            groups[p_].unicast = 0;                                       \
+            touched[n_touched++] = (uint16_t)p_;                          \
+        }                                                                 \
+        groups[p_].pkts[groups[p_].n++] = (pkt);                          \
+        groups[p_].unicast += (is_unicast);                               \
+    } while (0)
+
+    for (uint32_t i = 0; i < n; i++) {
+        if (!(keep & (1u << i))) {
+            continue;
+        }
+        uint32_t vid = cls[i].vid;
+        int d = dest[i];
+        if (d >= 0 && t->ports[d]) {
+            if (unlikely((uint32_t)d == in->port_no)) {
+                pmd->stats.dropped_same_port++;
+                continue;
+            }
+            const struct vs_vlan *v = __atomic_load_n(&t->ports[d]->vlan, __ATOMIC_ACQUIRE);
+            /* An entry the port no longer carries (its settings just changed): flood instead. */
+            if (likely(vlan_carries(v, vid))) {
+                struct vs_pkt *form = vlan_form(&forms, pkts, &cls[i], i, v);
+                if (likely(form != NULL)) {
+                    ADD_TO_GROUP((uint32_t)d, form, 1);
+                    pmd->stats.unicast++;
+                }
+                continue;
+            }
+        }
+        /* Unknown, broadcast or multicast: every other port in the frame's VLAN. */
+        for (uint32_t j = 0; j < t->n_live; j++) {
+            uint32_t p = t->live[j];
+            if (p == in->port_no) {
+                continue;
+            }
+            const struct vs_vlan *v = __atomic_load_n(&t->ports[p]->vlan, __ATOMIC_ACQUIRE);
+            if (vlan_carries(v, vid)) {
+                struct vs_pkt *form = vlan_form(&forms, pkts, &cls[i], i, v);
+                if (likely(form != NULL)) {
+                    ADD_TO_GROUP(p, form, 0);
+                }
+            }
+        }
+        pmd->stats.flooded++;
+    }
+#undef ADD_TO_GROUP
+
+    for (uint32_t k = 0; k < n_touched; k++) {
+        transmit(t->ports[touched[k]], queue, &groups[touched[k]]);
+    }
+}
+
 static inline uint64_t pass_clock(uint64_t *now)
 {
     if (!*now) {
@@ -346,7 +632,11 @@ static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
 
     uint32_t n = ops->rx_burst(in, pq->queue, pkts, VS_BURST);
     if (n) {
-        forward_burst(pmd, t, in, pq->queue, pkts, n, pass_clock(now));
+        if (unlikely(t->n_vlan)) {
+            forward_burst_vlan(pmd, t, in, pq->queue, pkts, n, pass_clock(now));
+        } else {
+            forward_burst(pmd, t, in, pq->queue, pkts, n, pass_clock(now));
+        }
         if (ops->rx_done) {
             ops->rx_done(in, pq->queue, pkts, n);
         }

@@ -24,6 +24,7 @@ struct vs_port_table {
     struct vs_port *ports[VS_MAX_PORTS]; /* by port_no; NULL where free */
     uint32_t n_live;
     uint16_t live[VS_MAX_PORTS];         /* port_no of each port, for flooding */
+    uint32_t n_vlan;                     /* ports with VLAN settings; 0: the plain path, VLANs ignored */
     uint32_t n_poll;
     struct vs_pollq poll[VS_MAX_POLL];   /* what this PMD polls */
 };

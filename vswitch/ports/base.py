@@ -12,6 +12,7 @@ import abc
 from typing import Callable
 
 from vswitch.native import ffi
+from vswitch.ports import vlan
 from vswitch.ports.registry import MTU_FRAME_OVERHEAD
 
 EventSink = Callable[[str, dict], None]
@@ -39,6 +40,9 @@ class Port(abc.ABC):
         self.c.port_no = port_no
         self.c.ops = self.c_ops
         self.mtu: int | None = None           # None: the port takes frames of any length
+        self.vlan: dict | None = None    # validated settings (vlan.check), None for none
+        self._vlan_c = ffi.NULL
+        self.set_vlan(spec.get("vlan"))
 
     def set_mtu(self, mtu: int | None) -> None:
         """The largest IP packet the port takes; longer frames are dropped
@@ -60,6 +64,24 @@ class Port(abc.ABC):
         if bool(self.c.link_up) != up:
             self.c.link_up = 1 if up else 0
             self.emit("link", {"state": "up" if up else "down"})
+
+    def set_vlan(self, settings: dict | None):
+        """Points the port at new VLAN settings (validated, or None) with one
+        pointer store; returns the old C settings, which a PMD may still be
+        reading: the caller keeps them until every PMD has moved on."""
+        old = self._vlan_c
+        self._vlan_c = vlan.to_c(settings)
+        self.vlan = settings
+        self.c.vlan = self._vlan_c
+        if settings is None:
+            self.spec.pop("vlan", None)
+        else:
+            self.spec["vlan"] = settings
+        return old
+
+    def counters(self) -> dict:
+        """stats() and the counters every port type has (VLAN drops)."""
+        return {**self.stats(), "vlan_dropped": self.c.stats.vlan_dropped}
 
     def emit(self, kind: str, fields: dict) -> None:
         self._emit(kind, {"port": self.name, **fields})
@@ -98,8 +120,8 @@ class Port(abc.ABC):
 
     def info(self) -> dict:
         """What `vswitchctl show` prints about the port."""
-        info = {"name": self.name, "type": self.type, "port_no": self.port_no,
-                "link": "up" if self.link_up else "down", "stats": self.stats()}
+        info = {"name": self.name, "type": self.type, "port_no": self.port_no, "vlan": self.vlan,
+                "link": "up" if self.link_up else "down", "stats": self.counters()}
         if self.mtu:
             info["mtu"] = self.mtu
         return info

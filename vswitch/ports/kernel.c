@@ -635,9 +635,45 @@ static inline void release_held(struct vs_kport_ring *r)
     r->rx_hold_n = 0;
 }
 
+/*
+ * The kernel hands AF_PACKET sockets a VLAN-tagged frame without its tag,
+ * which it keeps in tp_vlan_tci (it untags every frame on receive, or the
+ * device did).  The switch carries tags in the frame, so the tag goes back
+ * in: the 12 MAC bytes move 4 bytes down into the slot's slack before the
+ * frame (there are at least 14: the kernel aligns the network header to 16
+ * past the tpacket2_hdr and sockaddr_ll) and the tag is written after them.
+ * The virtio-net header before the frame has been read by then.
+ */
+static inline bool restore_vlan_tag(struct tpacket2_hdr *h, struct vs_pkt *pkt, uint8_t **mac, uint32_t *snaplen)
+{
+    if (likely(!(h->tp_status & TP_STATUS_VLAN_VALID))) {
+        return true;
+    }
+    uint8_t *floor = (uint8_t *)h + TPACKET_ALIGN(sizeof(struct tpacket2_hdr)) + sizeof(struct sockaddr_ll);
+    if (unlikely(*mac - 4 < floor)) {
+        return false;
+    }
+    uint16_t tpid = (h->tp_status & TP_STATUS_VLAN_TPID_VALID) && h->tp_vlan_tpid ? h->tp_vlan_tpid : 0x8100;
+    uint8_t *m = *mac - 4;
+    memmove(m, *mac, 12);
+    m[12] = (uint8_t)(tpid >> 8);
+    m[13] = (uint8_t)tpid;
+    m[14] = (uint8_t)(h->tp_vlan_tci >> 8);
+    m[15] = (uint8_t)h->tp_vlan_tci;
+    *mac = m;
+    *snaplen += 4;
+    if (pkt->vnet.flags & VS_NET_HDR_F_NEEDS_CSUM) {
+        pkt->vnet.csum_start += 4;
+    }
+    if (pkt->vnet.hdr_len) {
+        pkt->vnet.hdr_len += 4;
+    }
+    return true;
+}
+
 /* Turns one received frame (at mac, snaplen of len bytes) into pkt; false if dropped. */
 static inline bool take_frame(struct vs_kport *kp, struct vs_kport_stats *st, struct vs_pkt *pkt,
-                              uint8_t *mac, uint32_t snaplen, uint32_t len)
+                              struct tpacket2_hdr *h, uint8_t *mac, uint32_t snaplen, uint32_t len)
 {
     if (unlikely(snaplen < len || snaplen < 14)) {
         st->rx_dropped++;     /* truncated: bigger than a ring slot */
@@ -647,6 +683,10 @@ static inline bool take_frame(struct vs_kport *kp, struct vs_kport_stats *st, st
         hdr_from_wire(&pkt->vnet, mac - VS_KPORT_NET_HDR_LEN);
     } else {
         memset(&pkt->vnet, 0, sizeof pkt->vnet);
+    }
+    if (unlikely(!restore_vlan_tag(h, pkt, &mac, &snaplen))) {
+        st->rx_dropped++;
+        return false;
     }
     pkt->len = snaplen;
     pkt->nsegs = 1;
@@ -669,7 +709,7 @@ static uint32_t ring_rx_burst(struct vs_kport *kp, struct vs_kport_ring *r, stru
         }
         r->rx_next = (r->rx_next + 1) % r->rx_slots;
         r->rx_hold_n++;
-        if (take_frame(kp, st, &pkts[got], (uint8_t *)h + h->tp_mac, h->tp_snaplen, h->tp_len)) {
+        if (take_frame(kp, st, &pkts[got], h, (uint8_t *)h + h->tp_mac, h->tp_snaplen, h->tp_len)) {
             got++;
         }
     }

@@ -9,6 +9,22 @@
 /* The most receive queues one port has (vhost-user queue pairs, TAP queues ...). */
 #define VS_MAX_PORT_QUEUES 16
 
+/* VLAN modes of a port, as Open vSwitch's vlan_mode (README "VLANs").  A
+ * port without a struct vs_vlan is in VLAN 0 and its frames pass unchanged. */
+#define VS_VLAN_ACCESS 1             /* one VLAN, untagged; tagged frames dropped */
+#define VS_VLAN_TRUNK 2              /* tagged VLANs; untagged frames are VLAN 0 */
+#define VS_VLAN_NATIVE_UNTAGGED 3    /* trunk whose native VLAN (tag) is untagged */
+#define VS_VLAN_NATIVE_TAGGED 4      /* trunk whose native VLAN takes untagged frames in, leaves tagged */
+#define VS_VLAN_IDS 4096
+
+/* A port's VLAN settings.  Never changed once published: a new one replaces
+ * it (one pointer store), and the old one is freed after a quiescent point. */
+struct vs_vlan {
+    uint32_t mode;               /* VS_VLAN_* */
+    uint32_t tag;                /* access: its VLAN; native-*: the native VLAN; trunk: 0 */
+    uint64_t carries[64];        /* bit v set: frames of VLAN v may enter and leave here */
+};
+
 struct vs_port;
 
 /* What a queue's idle_arm tells a PMD about to sleep, when not an fd (>= 0)
@@ -65,6 +81,7 @@ struct vs_port_stats {
     uint64_t tx_dropped_down;    /* unicast frames for this port while its link was down */
     uint64_t tx_dropped_offload; /* frames whose checksum/segmentation could not be done (bad header) */
     uint64_t tx_dropped_mtu;     /* frames longer than max_frame: dropped, never truncated */
+    uint64_t vlan_dropped;       /* received frames with a VLAN the port does not carry, or tagged on an access port */
 };
 
 struct vs_port {
@@ -74,5 +91,6 @@ struct vs_port {
     void *priv;                  /* control: the type's state (a vhost device, a kernel port ...) */
     uint32_t max_frame;          /* shared: longest frame (without GSO) the port takes, from its
                                   * MTU; 0: no limit.  Written by the control plane at any time. */
+    struct vs_vlan *vlan;        /* shared: NULL, no VLAN settings (VLAN 0, tags carried untouched) */
     struct vs_port_stats stats;
 };

@@ -29,6 +29,7 @@ import re
 from typing import Any, Callable
 
 from vswitch.native import lib
+from vswitch.ports import vlan
 
 PLUGIN_ENV = "VSWITCH_PORT_MODULES"
 
@@ -177,7 +178,7 @@ def register(cls):
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
         raise ValueError(f"port type {cls.__name__}: type {name!r} must be a lower-case name")
     keys = tuple(getattr(cls, "keys", ()))
-    seen = set(COMMON_KEYS)
+    seen = set(COMMON_KEYS) | {k.name for k in GENERIC_KEYS}
     for key in keys:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", key.name):
             raise ValueError(f"port type '{name}': key {key.name!r} must be a lower-case name (a-z, 0-9, _)")
@@ -241,17 +242,28 @@ def get(name) -> PortType | None:
 
 
 def all_keys() -> dict[str, tuple[Key, list[str]]]:
-    """Every key any type declares: name -> (the key, the types that have it), in declaration order."""
+    """Every key any type declares: name -> (the key, the types that have it), in declaration
+    order, then the keys every type has (GENERIC_KEYS)."""
     out: dict[str, tuple[Key, list[str]]] = {}
-    for t in port_types():
+    types = port_types()
+    for t in types:
         for key in t.keys:
             out.setdefault(key.name, (key, []))[1].append(t.name)
+    for key in GENERIC_KEYS:
+        out[key.name] = (key, [t.name for t in types])
     return out
+
+
+def generic_key(name: str) -> Key | None:
+    return next((k for k in GENERIC_KEYS if k.name == name), None)
 
 
 def key_help(name: str) -> str:
     """A key's help across the types that have it: "tap, vhost-user: queue
     pairs", or each type's own when they differ."""
+    generic = generic_key(name)
+    if generic is not None:
+        return f"any type: {generic.help}"
     helps = {t.name: t.key(name).help for t in port_types() if t.key(name) is not None}
     if len(set(helps.values())) == 1:
         return f"{', '.join(helps)}: {next(iter(helps.values()))}"
@@ -280,6 +292,18 @@ def network_namespace(value) -> str:
         raise KeyProblem(f"no network namespace named '{value}' (create it with: ip netns add {value})")
     return value
 
+
+def vlan_check(value) -> dict:
+    try:
+        return vlan.check(value)
+    except vlan.VlanProblem as exc:
+        raise KeyProblem(str(exc)) from None
+
+
+# Keys every port type takes, whatever its own keys (a type may not declare them).
+VLAN_KEY = Key("vlan", dict, "VLAN settings: {mode: access|trunk|native-untagged|native-tagged, tag: N, "
+               "trunks: [N, ...]}; none: VLAN 0, tags carried untouched", check=vlan_check, type_name="mapping")
+GENERIC_KEYS = (VLAN_KEY,)
 
 NETNS_KEY = Key("netns", str, "the interface's network namespace (ip netns)", check=network_namespace,
                 metavar="NS")
