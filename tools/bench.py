@@ -123,6 +123,17 @@ WIRE_OVERHEAD_BYTES = 20
 # bursts keep every ring in the loop busy.
 TX_FIRST_BURSTS = 32
 GEN_MAC = ("02:00:00:00:00:01", "02:00:00:00:00:02")
+# The generator's virtqueue paths (--paths), as virtio-user devargs: the ring
+# layout, and the features whose absence makes virtio-user run other receive
+# and transmit functions (the interop matrix's main paths).
+PATHS = {
+    "split": {},
+    "packed": {"packed_vq": True},
+    "split-no-in-order": {"in_order": False},
+    "packed-no-in-order": {"packed_vq": True, "in_order": False},
+    "split-no-mrg": {"mrg_rxbuf": False},
+    "packed-no-mrg": {"packed_vq": True, "mrg_rxbuf": False},
+}
 # Enough mbufs for 2 x 32 x 32 frames in flight plus both ports' rings.
 GEN_MBUFS = 32768
 
@@ -668,8 +679,7 @@ class Generator(TestPmd):
 
     def __init__(self, sockets: list[Path], server: bool, workdir: Path, gen_core: int, sut_core: int,
                  veth: VethPair | None = None, path: str = "split"):
-        vdevs = [virtio_user_vdev(i, sock, mac=GEN_MAC[i], server=server or None,
-                                  packed_vq=True if path == "packed" else None)
+        vdevs = [virtio_user_vdev(i, sock, mac=GEN_MAC[i], server=server or None, **PATHS[path])
                  for i, sock in enumerate(sockets)]
         if veth is not None:
             vdevs.append(af_xdp_vdev(len(vdevs), veth.gen_if))
@@ -712,7 +722,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
                     started_at=datetime.datetime.now().isoformat(timespec="seconds"))
     # Short names: a vhost-user socket path must fit sockaddr_un (107 bytes),
     # and DPDK silently truncates a longer one.
-    workdir = scratch / f"{system_cls.name}-{path[0]}-{size}-r{rep + 1}"
+    workdir = scratch / f"{system_cls.name}-p{list(PATHS).index(path)}-{size}-r{rep + 1}"
     workdir.mkdir()
     veth = VethPair() if system_cls.topology == VHOST_VETH else None
     system = system_cls(workdir, args.gen_core, args.sut_core, veth)
@@ -942,8 +952,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
                    help="comma-separated frame sizes in bytes, FCS included (default 64,512,1518)")
     p.add_argument("--paths", default="split",
-                   help="comma-separated virtqueue layouts of the generator: split, packed (virtio-user "
-                        "packed_vq=1); every system is measured on each (default split)")
+                   help="comma-separated virtqueue paths of the generator's virtio-user ports: "
+                        f"{', '.join(PATHS)}; every system is measured on each (default split)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported (default 3)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before the window (default 2)")
     p.add_argument("--window", type=float, default=5.0, help="measurement window in seconds (default 5)")
@@ -970,8 +980,8 @@ def parse_args(argv: list[str] | None = None):
     if unknown or not args.systems:
         p.error(f"unknown system(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
     args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
-    if not args.paths or any(path not in ("split", "packed") for path in args.paths):
-        p.error(f"--paths must be split and/or packed, got {','.join(args.paths) or '(none)'}")
+    if not args.paths or any(path not in PATHS for path in args.paths):
+        p.error(f"--paths: choose from {', '.join(PATHS)}; got {','.join(args.paths) or '(none)'}")
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
