@@ -722,7 +722,8 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
                     started_at=datetime.datetime.now().isoformat(timespec="seconds"))
     # Short names: a vhost-user socket path must fit sockaddr_un (107 bytes),
     # and DPDK silently truncates a longer one.
-    workdir = scratch / f"{system_cls.name}-p{list(PATHS).index(path)}-{size}-r{rep + 1}"
+    # Numbered rather than named (s<system>p<path>-<size>-r<rep>): the sockets inside must stay short.
+    workdir = scratch / f"s{SYSTEMS.index(system_cls.name)}p{list(PATHS).index(path)}-{size}-r{rep + 1}"
     workdir.mkdir()
     veth = VethPair() if system_cls.topology == VHOST_VETH else None
     system = system_cls(workdir, args.gen_core, args.sut_core, veth)
