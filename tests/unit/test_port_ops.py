@@ -139,6 +139,29 @@ def test_pmd_forwards_between_a_vhost_port_and_a_null_port(closing):
     assert null_stats(null)["tx_packets"] == 1 and null.port.stats.tx_dropped_down == 1
 
 
+def test_a_move_inside_one_burst_redirects_the_rest_of_that_burst(closing):
+    """The PMD remembers the last destination it looked up for the rest of a
+    burst; a frame that moves that MAC must make it look again."""
+    a, b, c = NullPort(0), NullPort(1), NullPort(2)
+    for p in (a, b, c):
+        closing(p)
+    pmd = Pmd([a.port, b.port, c.port], [(a.port, 0), (b.port, 0), (c.port, 0)])
+    closing(pmd)
+    assert a.inject(frame(BROADCAST, mac(1))) == 0     # mac(1) behind a
+    assert b.inject(frame(BROADCAST, mac(2))) == 0     # mac(2) behind b
+    assert pmd.poll() == 2
+    before = {p.port.port_no: null_stats(p)["tx_packets"] for p in (a, b, c)}
+
+    # One burst from c: to mac(1), then mac(1) itself broadcasts from c, then to mac(1) again.
+    for f in (frame(mac(1), mac(3)), frame(BROADCAST, mac(1)), frame(mac(1), mac(3))):
+        assert c.inject(f) == 0
+    assert pmd.poll() == 3
+    sent = {p.port.port_no: null_stats(p)["tx_packets"] - before[p.port.port_no] for p in (a, b, c)}
+    # The third frame's destination now lives on its own input port: it goes nowhere.
+    assert sent == {0: 2, 1: 1, 2: 0}
+    assert pmd.fib.lookup(mac(1).hex(":")) == 2
+
+
 def test_null_port_refuses_bad_frames_and_counts_a_full_queue(closing):
     null = NullPort(0, queues=2)
     closing(null)

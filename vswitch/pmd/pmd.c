@@ -202,6 +202,48 @@ static inline uint64_t mac_key(const uint8_t *mac)
     return ((uint64_t)__builtin_bswap32(hi) << 16) | __builtin_bswap16(lo);
 }
 
+/*
+ * The frames of one burst mostly share their addresses (a queue carries few
+ * flows), so the last source learned and the last destination looked up are
+ * remembered for the rest of the burst: a repeat costs a compare, not a walk
+ * of the MAC table.  A learn may move or evict any entry, so it forgets the
+ * remembered destination.  Keys are 48-bit MACs under a 12-bit VLAN id, so ~0
+ * matches none.
+ */
+struct fib_memo {
+    uint64_t src;
+    uint64_t dst;
+    int dst_port;
+};
+
+#define FIB_MEMO_INIT { .src = ~0ULL, .dst = ~0ULL, .dst_port = VS_FIB_NO_PORT }
+
+/* Learns hdr's source on in_port and returns the port of its destination (VS_FIB_NO_PORT: flood). */
+static inline int learn_and_lookup(struct vs_fib *fib, struct fib_memo *m, const uint8_t *hdr,
+                                   uint64_t vkey, uint32_t in_port, uint64_t now)
+{
+    if (likely(!(hdr[6] & 1))) {
+        uint64_t src = mac_key(hdr + 6) | vkey;
+        if (src != m->src) {
+            vs_fib_learn(fib, src, in_port, now);
+            m->src = src;
+            m->dst = ~0ULL;
+        }
+    }
+    if (hdr[0] & 1) {
+        return VS_FIB_NO_PORT;
+    }
+    uint64_t dst = mac_key(hdr) | vkey;
+    if (dst != m->dst) {
+        m->dst = dst;
+        m->dst_port = vs_fib_lookup(fib, dst);
+    } else {
+        fib->stats.lookups++;
+        fib->stats.hits += m->dst_port != VS_FIB_NO_PORT;
+    }
+    return m->dst_port;
+}
+
 struct out_group {
     uint32_t n;
     uint32_t unicast;            /* frames sent here because the FIB said so */
@@ -273,13 +315,11 @@ static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, str
     uint8_t macs[12];
     struct vs_fib *fib = pmd->fib;
 
+    struct fib_memo memo = FIB_MEMO_INIT;
     vs_fib_lock(fib);
     for (uint32_t i = 0; i < n; i++) {
         eth_addrs(&pkts[i], macs);
-        if (likely(!(macs[6] & 1))) {
-            vs_fib_learn(fib, mac_key(macs + 6), in->port_no, now);
-        }
-        dest[i] = (macs[0] & 1) ? VS_FIB_NO_PORT : vs_fib_lookup(fib, mac_key(macs));
+        dest[i] = learn_and_lookup(fib, &memo, macs, 0, in->port_no, now);
     }
     vs_fib_unlock(fib);
 
@@ -528,6 +568,7 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
     uint64_t dropped = 0;
     uint8_t hdr[16];
     struct vs_fib *fib = pmd->fib;
+    struct fib_memo memo = FIB_MEMO_INIT;
 
     vs_fib_lock(fib);
     for (uint32_t i = 0; i < n; i++) {
@@ -539,11 +580,7 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
             continue;
         }
         keep |= 1u << i;
-        uint64_t vkey = (uint64_t)cls[i].vid << 48;
-        if (likely(!(hdr[6] & 1))) {
-            vs_fib_learn(fib, mac_key(hdr + 6) | vkey, in->port_no, now);
-        }
-        dest[i] = (hdr[0] & 1) ? VS_FIB_NO_PORT : vs_fib_lookup(fib, mac_key(hdr) | vkey);
+        dest[i] = learn_and_lookup(fib, &memo, hdr, (uint64_t)cls[i].vid << 48, in->port_no, now);
     }
     vs_fib_unlock(fib);
     if (unlikely(dropped)) {
