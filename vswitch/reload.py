@@ -5,8 +5,10 @@ and validated first; a file with any problem changes nothing and the
 problems are the answer.  Then, against the running switch:
 
 * a port in the file and not running is added; one running and not in the
-  file is removed; one whose keys differ is re-created (removed and added
-  again: its guest sees the link go down and up); every other port is not
+  file is removed; one whose `vlan` or `policing` alone differ gets the new
+  settings in place (it keeps its link and its guest); one whose other keys
+  differ is re-created (removed and added again: its guest sees the link go
+  down and up); every other port is not
   touched, and loses no frame (the PMDs switch port tables without
   stopping, as for `add-port`);
 * `fdb.aging_seconds`, `fdb.max_entries` and `fdb.static` are set to the
@@ -45,17 +47,26 @@ async def reload(switch: Switch, path: str, running: Config) -> dict:
     result = {"added": [], "removed": [], "changed": [], "unchanged": len(old_ports) - len(removed) - len(changed),
               "fdb": [], "restart_needed": [], "errors": []}
 
+    # A port whose VLAN or policing settings alone changed keeps running: they are swapped in place.
+    in_place = [n for n in changed if _without(old_ports[n], IN_PLACE) == _without(new_ports[n], IN_PLACE)]
+    recreated = [n for n in changed if n not in in_place]
+
     on_change, switch.on_change = switch.on_change, None
     try:
-        for name in removed + changed:
+        for name in in_place:
+            for key, apply in (("vlan", switch.set_port_vlan), ("policing", switch.set_port_policing)):
+                if old_ports[name].get(key) != new_ports[name].get(key):
+                    apply(name, new_ports[name].get(key))
+            result["changed"].append(name)
+        for name in removed + recreated:
             await switch.del_port(name)
             if name in removed:
                 result["removed"].append(name)
         # In file order, so that port numbers follow the file as at start-up.
-        for name in [n for n in new_ports if n in changed or n in added]:
+        for name in [n for n in new_ports if n in recreated or n in added]:
             try:
                 await switch.add_port(new_ports[name])
-                result["changed" if name in changed else "added"].append(name)
+                result["changed" if name in recreated else "added"].append(name)
             except SwitchError as exc:
                 result["errors"].append(str(exc))
         _apply_fdb(switch, new, result)
@@ -65,6 +76,14 @@ async def reload(switch: Switch, path: str, running: Config) -> dict:
         if getattr(new, attr) != getattr(running, attr):
             result["restart_needed"].append(key)
     return result
+
+
+# Port keys a reload changes without re-creating the port.
+IN_PLACE = ("vlan", "policing")
+
+
+def _without(spec: dict, keys: tuple) -> dict:
+    return {k: v for k, v in spec.items() if k not in keys}
 
 
 def _apply_fdb(switch: Switch, new: Config, result: dict) -> None:

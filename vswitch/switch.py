@@ -19,6 +19,7 @@ from vswitch.config import Config, validate_port
 from vswitch.fib import MacTable
 from vswitch.native import lib
 from vswitch.pmd import CallWatchdog, PmdThread, Reclaimer
+from vswitch.ports import policing as policing_settings
 from vswitch.ports import vlan as vlan_settings
 from vswitch.ports.base import Port
 
@@ -164,27 +165,50 @@ class Switch:
         """Gives a running port new VLAN settings (None: none).  The PMDs see
         them from their next burst; the port's learned MAC entries go, as they
         may belong to VLANs it no longer carries.  Returns the settings kept."""
-        port = self.ports.get(name)
-        if port is None:
-            raise SwitchError(f"no port named '{name}'")
+        port = self._port(name)
         if settings is not None:
             try:
                 settings = vlan_settings.check(settings)
             except vlan_settings.VlanProblem as exc:
                 raise SwitchError(f"port '{name}': vlan: {exc}") from None
-        old = [port.set_vlan(settings)]
-        # The table counts the ports with settings: 0 keeps the PMDs on the plain path.
-        self._publish()
-        self.reclaimer.defer(f"port '{name}' old VLAN settings", old.clear)
+        self._replace_settings(port, "vlan", port.set_vlan(settings), settings)
         self.fib.flush(port.port_no)
-        for spec in self.config.ports:
-            if spec["name"] == name:
-                spec.pop("vlan", None)
-                if settings is not None:
-                    spec["vlan"] = settings
         log.info("port '%s': vlan %s", name, vlan_settings.describe(settings))
         self._changed()
         return settings
+
+    def set_port_policing(self, name: str, settings: dict | None) -> dict | None:
+        """Gives a running port new ingress policing settings (None: none),
+        with full buckets; the PMDs see them from their next burst."""
+        port = self._port(name)
+        if settings is not None:
+            try:
+                settings = policing_settings.check(settings)
+            except policing_settings.PolicingProblem as exc:
+                raise SwitchError(f"port '{name}': policing: {exc}") from None
+        self._replace_settings(port, "policing", port.set_policing(settings), settings)
+        log.info("port '%s': policing %s", name, policing_settings.describe(settings))
+        self._changed()
+        return settings
+
+    def _port(self, name: str) -> Port:
+        port = self.ports.get(name)
+        if port is None:
+            raise SwitchError(f"no port named '{name}'")
+        return port
+
+    def _replace_settings(self, port: Port, key: str, old_c, settings: dict | None) -> None:
+        """After a port's settings were swapped: republish (the table counts
+        the ports with VLAN settings), free the old C settings once no PMD
+        reads them, and keep the new ones in the running config."""
+        self._publish()
+        keep = [old_c]
+        self.reclaimer.defer(f"port '{port.name}' old {key} settings", keep.clear)
+        for spec in self.config.ports:
+            if spec["name"] == port.name:
+                spec.pop(key, None)
+                if settings is not None:
+                    spec[key] = settings
 
     # MAC table settings, kept in the running config.
 

@@ -22,6 +22,7 @@ from tests.support.frames import BROADCAST, frame, mac
 from tests.unit.test_ring_engine import Guest
 from vswitch.fib import MacTable
 from vswitch.native import ffi, lib
+from vswitch.ports import policing
 
 DEADLINE = 10.0
 PMD_C = pathlib.Path(__file__).resolve().parents[2] / "vswitch" / "pmd" / "pmd.c"
@@ -160,6 +161,36 @@ def test_a_move_inside_one_burst_redirects_the_rest_of_that_burst(closing):
     # The third frame's destination now lives on its own input port: it goes nowhere.
     assert sent == {0: 2, 1: 1, 2: 0}
     assert pmd.fib.lookup(mac(1).hex(":")) == 2
+
+
+def test_policing_passes_a_full_bucket_then_drops_and_counts(closing):
+    a, b = NullPort(0), NullPort(1)
+    closing(a)
+    closing(b)
+    pmd = Pmd([a.port, b.port], [(a.port, 0)])
+    closing(pmd)
+    # 1 packet per second: nothing refills while the test runs, the bucket's 10 are all that pass.
+    police = policing.to_c(policing.check({"pps": 1, "burst_packets": 10}))
+    a.port.police = police
+    for _ in range(40):
+        assert a.inject(frame(BROADCAST, mac(1))) == 0
+    assert pmd.poll(2) == 40
+    assert null_stats(b)["tx_packets"] == 10
+    assert a.port.stats.police_dropped == 30
+
+    # Bytes: 1000 bytes of bucket take three 300-byte frames of the next burst, not a fourth.
+    a.port.police = police = policing.to_c(policing.check({"bps": 8, "burst_bytes": 1000}))
+    for _ in range(5):
+        assert a.inject(frame(BROADCAST, mac(1), b"x" * (300 - 14))) == 0
+    assert pmd.poll() == 5
+    assert null_stats(b)["tx_packets"] == 13 and a.port.stats.police_dropped == 32
+
+    # Without a policer everything passes again.
+    a.port.police = ffi.NULL
+    for _ in range(5):
+        assert a.inject(frame(BROADCAST, mac(1))) == 0
+    pmd.poll()
+    assert null_stats(b)["tx_packets"] == 18 and a.port.stats.police_dropped == 32
 
 
 def test_null_port_refuses_bad_frames_and_counts_a_full_queue(closing):

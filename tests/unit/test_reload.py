@@ -67,6 +67,21 @@ def test_a_changed_port_is_recreated(switch, tmp_path):
     assert d.port("vm0")["link"] == "up"
 
 
+def test_vlan_and_policing_change_in_place(switch, tmp_path):
+    d, (g0, g1) = switch
+    ports = [vhost(tmp_path, "vm0", policing={"pps": "10k"}), vhost(tmp_path, "vm1"),
+             vhost(tmp_path, "old", vlan={"mode": "access", "tag": 10})]
+    rewrite(d, ports=ports)
+    out = d.ctl_raw("reload")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reloaded: changed vm0, old; 1 port(s) untouched"
+    # vm0 kept its guest: the settings were swapped under it.
+    assert d.port("vm0")["link"] == "up"
+    assert d.port("vm0")["policing"] == {"pps": 10000, "burst_packets": 1000}
+    assert d.port("old")["vlan"] == {"mode": "access", "tag": 10}
+    assert forwards(g0, g1, 3)
+
+
 def test_an_invalid_file_changes_nothing(switch, tmp_path):
     d, (g0, g1) = switch
     rewrite(d, ports=[vhost(tmp_path, "vm0"), {"name": "bad", "type": "vhost-user"}], fdb={"aging_seconds": -1})

@@ -18,6 +18,7 @@ import time
 
 from vswitch.config import DEFAULT_CONTROL_SOCKET
 from vswitch.ports import registry as port_registry
+from vswitch.ports import policing as policing_settings
 from vswitch.ports import vlan as vlan_settings
 
 
@@ -113,7 +114,8 @@ def print_ports(result: dict) -> None:
         rows.append([p["name"], p["type"], p.get("mode", "-"), p["link"], p.get("queues", "-"),
                      vlan_settings.describe(p.get("vlan")), s["rx_packets"], s["rx_bytes"], s["tx_packets"],
                      s["tx_bytes"],
-                     s["rx_dropped"] + s["tx_dropped"] + s.get("vlan_dropped", 0), s["rx_errors"] + s["tx_errors"]])
+                     s["rx_dropped"] + s["tx_dropped"] + s.get("vlan_dropped", 0) + s.get("police_dropped", 0),
+                     s["rx_errors"] + s["tx_errors"]])
     print(table(rows, ["PORT", "TYPE", "MODE", "LINK", "QUEUES", "VLAN", "RX-PKTS", "RX-BYTES",
                        "TX-PKTS", "TX-BYTES", "DROPS", "ERRORS"]))
     for p in result["ports"]:
@@ -134,12 +136,15 @@ DROP_COUNTERS = {
     "tx_dropped_mtu": "longer than the port's MTU",
     "tx_dropped_too_big": "larger than the guest's receive buffers",
     "mtu_refused": "NET_SET_MTU values refused",
+    "police_dropped": "received over the port's policing rate",
 }
 
 
 def print_port_details(p: dict) -> None:
     """A port's MTU, its drops by reason and, for vhost-user, its features by name."""
     details = [f"mtu {p['mtu']}"] if p.get("mtu") else []
+    if p.get("policing"):
+        details.append(f"policing {policing_settings.describe(p['policing'])}")
     details += [f"{c} {p['stats'][c]} ({why})" for c, why in DROP_COUNTERS.items() if p["stats"].get(c)]
     if p.get("features"):
         details.append("turned off: " + " ".join(sorted(n for n, on in p["features"].items() if not on)))
@@ -355,6 +360,9 @@ def _add_port_parser(sub) -> None:
         if key is port_registry.VLAN_KEY:
             _add_vlan_flags(add)
             continue
+        if key is port_registry.POLICING_KEY:
+            _add_policing_flags(add)
+            continue
         text = port_registry.key_help(name)
         # A key several types share (mode) takes the choices of each; the
         # daemon checks the value against the port's own type.
@@ -382,6 +390,25 @@ def _add_vlan_flags(parser) -> None:
 def _vlan_from_flags(args) -> dict | None:
     """The vlan mapping the flags give, or None if none was given."""
     given = {"mode": args.vlan_mode, "tag": args.tag, "trunks": args.trunks}
+    given = {k: v for k, v in given.items() if v is not None}
+    return given or None
+
+
+def _add_policing_flags(parser) -> None:
+    """The `policing` key as four flags (add-port and set port NAME policing); the daemon checks them."""
+    parser.add_argument("--pps", metavar="RATE", help="any type: ingress policing, packets per second "
+                        "(k, M, G suffixes)")
+    parser.add_argument("--bps", metavar="RATE", help="any type: ingress policing, bits per second (e.g. 100M)")
+    parser.add_argument("--burst-packets", metavar="N", help="any type: policing bucket depth in packets "
+                        "(default: 100 ms at --pps, at least 32)")
+    parser.add_argument("--burst-bytes", metavar="N", help="any type: policing bucket depth in bytes "
+                        "(default: 100 ms at --bps, at least 64 KiB)")
+
+
+def _policing_from_flags(args) -> dict | None:
+    """The policing mapping the flags give, or None if none was given."""
+    given = {"pps": args.pps, "bps": args.bps, "burst_packets": args.burst_packets,
+             "burst_bytes": args.burst_bytes}
     given = {k: v for k, v in given.items() if v is not None}
     return given or None
 
@@ -433,11 +460,14 @@ def build_parser(port_types: bool = True) -> argparse.ArgumentParser:
     fdb_max = set_sub.add_parser("fdb-max", help="MAC table size limit")
     fdb_max.add_argument("entries", type=int)
     set_port = set_sub.add_parser("port", help="a port's settings: set port NAME vlan [--vlan-mode M] [--tag N] "
-                                  "[--trunks LIST] | none")
+                                  "[--trunks LIST] | none; set port NAME policing [--pps R] [--bps R] "
+                                  "[--burst-packets N] [--burst-bytes N] | none")
     set_port.add_argument("name")
-    set_port.add_argument("setting", choices=["vlan"])
-    set_port.add_argument("none", nargs="?", choices=["none"], help="remove the port's VLAN settings (VLAN 0)")
+    set_port.add_argument("setting", choices=["vlan", "policing"])
+    set_port.add_argument("none", nargs="?", choices=["none"], help="remove the port's settings (VLAN 0, no "
+                          "policing)")
     _add_vlan_flags(set_port)
+    _add_policing_flags(set_port)
     config = sub.add_parser("config", help="the running configuration")
     config_sub = config.add_subparsers(dest="config_cmd", required=True, metavar="config-command")
     config_sub.add_parser("dump", help="print it as YAML")
@@ -501,18 +531,24 @@ SUBCOMMANDS = {
 def add_port_request(args) -> tuple[str, dict]:
     spec = {"name": args.name, "type": args.type}
     spec.update({key: getattr(args, _key_dest(key)) for key in port_registry.all_keys()
-                 if key != port_registry.VLAN_KEY.name})
+                 if key not in (port_registry.VLAN_KEY.name, port_registry.POLICING_KEY.name)})
     spec["vlan"] = _vlan_from_flags(args)
+    spec["policing"] = _policing_from_flags(args)
     return "port/add", {k: v for k, v in spec.items() if v is not None}
 
 
 def set_port_request(args) -> tuple[str, dict]:
-    settings = _vlan_from_flags(args)
+    vlan, policing = _vlan_from_flags(args), _policing_from_flags(args)
+    settings, other, flags = ((vlan, policing, "--vlan-mode, --tag and/or --trunks") if args.setting == "vlan" else
+                              (policing, vlan, "--pps, --bps, --burst-packets and/or --burst-bytes"))
+    usage = f"set port NAME {args.setting}"
+    if other:
+        raise ControlError(f"{usage}: takes only {flags}")
     if args.none and settings:
-        raise ControlError("set port NAME vlan: 'none' takes no --vlan-mode, --tag or --trunks")
+        raise ControlError(f"{usage}: 'none' takes no {flags}")
     if not args.none and not settings:
-        raise ControlError("set port NAME vlan: give --vlan-mode, --tag and/or --trunks, or 'none'")
-    return "port/set-vlan", {"name": args.name, "vlan": settings}
+        raise ControlError(f"{usage}: give {flags}, or 'none'")
+    return f"port/set-{args.setting}", {"name": args.name, args.setting: settings}
 
 
 def run(args) -> None:

@@ -126,6 +126,15 @@ async def port_set_vlan(switch: Switch, name: str, vlan=None):
         return {"name": name, "vlan": switch.set_port_vlan(name, vlan)}
 
 
+@registry.command("port/set-policing", "Change a port's ingress policing at run time (policing absent or "
+                  "null: none); the buckets start full.", Arg("name", str, True),
+                  Arg("policing", object, help="{pps: N, bps: N, burst_packets: N, burst_bytes: N}",
+                      type_name="mapping"), changes=True)
+async def port_set_policing(switch: Switch, name: str, policing=None):
+    with refused():
+        return {"name": name, "policing": switch.set_port_policing(name, policing)}
+
+
 @registry.command("port/types", "The port types port/add takes, with their keys: type, default, help.")
 async def port_type_list(switch: Switch):
     return {"types": [t.describe() for t in port_types.port_types()]}

@@ -660,6 +660,49 @@ static inline uint64_t pass_clock(uint64_t *now)
     return *now;
 }
 
+/*
+ * How many of the burst's first frames the port's policer lets through; the
+ * rest are dropped (a burst over the rate loses its tail, as a queue would).
+ * Tokens accrue for the time since the last burst, up to the bucket's depth.
+ */
+static __attribute__((noinline)) uint32_t police_burst(const struct vs_pmd *pmd, struct vs_port *in,
+                                                       struct vs_police *pol, const struct vs_pkt *pkts,
+                                                       uint32_t n)
+{
+    uint64_t tsc = vs_rdtsc();
+    uint32_t pass = 0;
+    vs_spin_lock(&pol->lock);
+    if (pol->last_tsc == 0 || tsc - pol->last_tsc > pmd->tsc_hz) {
+        pol->packet_tokens = pol->burst_packets;
+        pol->byte_tokens = pol->burst_bytes;
+    } else {
+        double secs = (double)(tsc - pol->last_tsc) / (double)pmd->tsc_hz;
+        pol->packet_tokens += secs * pol->packets_per_sec;
+        if (pol->packet_tokens > pol->burst_packets) {
+            pol->packet_tokens = pol->burst_packets;
+        }
+        pol->byte_tokens += secs * pol->bytes_per_sec;
+        if (pol->byte_tokens > pol->burst_bytes) {
+            pol->byte_tokens = pol->burst_bytes;
+        }
+    }
+    pol->last_tsc = tsc;
+    for (; pass < n; pass++) {
+        double packet_cost = pol->packets_per_sec > 0 ? 1.0 : 0.0;
+        double byte_cost = pol->bytes_per_sec > 0 ? (double)pkts[pass].len : 0.0;
+        if (pol->packet_tokens < packet_cost || pol->byte_tokens < byte_cost) {
+            break;
+        }
+        pol->packet_tokens -= packet_cost;
+        pol->byte_tokens -= byte_cost;
+    }
+    vs_spin_unlock(&pol->lock);
+    if (pass < n) {
+        __atomic_add_fetch(&in->stats.police_dropped, n - pass, __ATOMIC_RELAXED);
+    }
+    return pass;
+}
+
 static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
                            const struct vs_pollq *pq, uint64_t *now)
 {
@@ -669,10 +712,17 @@ static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
 
     uint32_t n = ops->rx_burst(in, pq->queue, pkts, VS_BURST);
     if (n) {
+        uint32_t pass = n;
+        struct vs_police *pol = __atomic_load_n(&in->police, __ATOMIC_ACQUIRE);
+        if (unlikely(pol)) {
+            pass = police_burst(pmd, in, pol, pkts, n);
+        }
         if (unlikely(t->n_vlan)) {
-            forward_burst_vlan(pmd, t, in, pq->queue, pkts, n, pass_clock(now));
-        } else {
-            forward_burst(pmd, t, in, pq->queue, pkts, n, pass_clock(now));
+            if (pass) {
+                forward_burst_vlan(pmd, t, in, pq->queue, pkts, pass, pass_clock(now));
+            }
+        } else if (likely(pass)) {
+            forward_burst(pmd, t, in, pq->queue, pkts, pass, pass_clock(now));
         }
         if (ops->rx_done) {
             ops->rx_done(in, pq->queue, pkts, n);

@@ -12,10 +12,13 @@ import abc
 from typing import Callable
 
 from vswitch.native import ffi
-from vswitch.ports import vlan
+from vswitch.ports import policing, vlan
 from vswitch.ports.registry import MTU_FRAME_OVERHEAD
 
 EventSink = Callable[[str, dict], None]
+
+# The settings every port type takes, and the struct vs_port field the PMD reads each from.
+C_SETTINGS_FIELDS = {"vlan": "vlan", "policing": "police"}
 
 STAT_KEYS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_errors",
              "tx_packets", "tx_bytes", "tx_dropped", "tx_errors")
@@ -40,9 +43,11 @@ class Port(abc.ABC):
         self.c.port_no = port_no
         self.c.ops = self.c_ops
         self.mtu: int | None = None           # None: the port takes frames of any length
-        self.vlan: dict | None = None    # validated settings (vlan.check), None for none
-        self._vlan_c = ffi.NULL
+        self.vlan: dict | None = None       # validated settings (vlan.check), None for none
+        self.policing: dict | None = None   # validated settings (policing.check), None for none
+        self._c_settings: dict = {}         # the C structs behind them, kept alive here
         self.set_vlan(spec.get("vlan"))
+        self.set_policing(spec.get("policing"))
 
     def set_mtu(self, mtu: int | None) -> None:
         """The largest IP packet the port takes; longer frames are dropped
@@ -66,22 +71,31 @@ class Port(abc.ABC):
             self.emit("link", {"state": "up" if up else "down"})
 
     def set_vlan(self, settings: dict | None):
-        """Points the port at new VLAN settings (validated, or None) with one
-        pointer store; returns the old C settings, which a PMD may still be
-        reading: the caller keeps them until every PMD has moved on."""
-        old = self._vlan_c
-        self._vlan_c = vlan.to_c(settings)
-        self.vlan = settings
-        self.c.vlan = self._vlan_c
+        """Points the port at new VLAN settings (validated, or None); see _swap_settings."""
+        return self._swap_settings("vlan", settings, vlan.to_c(settings))
+
+    def set_policing(self, settings: dict | None):
+        """Points the port at new policing settings (validated, or None); see _swap_settings."""
+        return self._swap_settings("policing", settings, policing.to_c(settings))
+
+    def _swap_settings(self, key: str, settings: dict | None, c_settings):
+        """Publishes c_settings in the port's struct with one pointer store
+        and returns the old C settings, which a PMD may still be reading: the
+        caller keeps them until every PMD has moved on."""
+        old = self._c_settings.get(key, ffi.NULL)
+        self._c_settings[key] = c_settings
+        setattr(self.c, C_SETTINGS_FIELDS[key], c_settings)
+        setattr(self, key, settings)
         if settings is None:
-            self.spec.pop("vlan", None)
+            self.spec.pop(key, None)
         else:
-            self.spec["vlan"] = settings
+            self.spec[key] = settings
         return old
 
     def counters(self) -> dict:
-        """stats() and the counters every port type has (VLAN drops)."""
-        return {**self.stats(), "vlan_dropped": self.c.stats.vlan_dropped}
+        """stats() and the counters every port type has (VLAN and policing drops)."""
+        return {**self.stats(), "vlan_dropped": self.c.stats.vlan_dropped,
+                "police_dropped": self.c.stats.police_dropped}
 
     def emit(self, kind: str, fields: dict) -> None:
         self._emit(kind, {"port": self.name, **fields})
@@ -121,6 +135,7 @@ class Port(abc.ABC):
     def info(self) -> dict:
         """What `vswitchctl show` prints about the port."""
         info = {"name": self.name, "type": self.type, "port_no": self.port_no, "vlan": self.vlan,
+                "policing": self.policing,
                 "link": "up" if self.link_up else "down", "stats": self.counters()}
         if self.mtu:
             info["mtu"] = self.mtu

@@ -25,6 +25,24 @@ struct vs_vlan {
     uint64_t carries[64];        /* bit v set: frames of VLAN v may enter and leave here */
 };
 
+/*
+ * Ingress policing of a port (README "Rate limiting"): two token buckets,
+ * one in packets and one in bytes, refilled from the TSC; a received frame
+ * passes only if both hold a token for it.  The settings never change once
+ * published (a new struct replaces the old, freed after a quiescent point);
+ * the bucket does, under its lock, as several PMDs may poll one port.
+ */
+struct vs_police {
+    double packets_per_sec;      /* 0: no packet limit */
+    double bytes_per_sec;        /* 0: no byte limit */
+    double burst_packets;        /* bucket depths, in packets and bytes */
+    double burst_bytes;
+    int lock;
+    uint64_t last_tsc;           /* 0: the bucket starts full at the first burst */
+    double packet_tokens;
+    double byte_tokens;
+};
+
 struct vs_port;
 
 /* What a queue's idle_arm tells a PMD about to sleep, when not an fd (>= 0)
@@ -82,6 +100,7 @@ struct vs_port_stats {
     uint64_t tx_dropped_offload; /* frames whose checksum/segmentation could not be done (bad header) */
     uint64_t tx_dropped_mtu;     /* frames longer than max_frame: dropped, never truncated */
     uint64_t vlan_dropped;       /* received frames with a VLAN the port does not carry, or tagged on an access port */
+    uint64_t police_dropped;     /* received frames over the port's policing rate */
 };
 
 struct vs_port {
@@ -92,5 +111,6 @@ struct vs_port {
     uint32_t max_frame;          /* shared: longest frame (without GSO) the port takes, from its
                                   * MTU; 0: no limit.  Written by the control plane at any time. */
     struct vs_vlan *vlan;        /* shared: NULL, no VLAN settings (VLAN 0, tags carried untouched) */
+    struct vs_police *police;    /* shared: NULL, no ingress policing */
     struct vs_port_stats stats;
 };

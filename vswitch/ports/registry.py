@@ -29,7 +29,7 @@ import re
 from typing import Any, Callable
 
 from vswitch.native import lib
-from vswitch.ports import vlan
+from vswitch.ports import policing, vlan
 
 PLUGIN_ENV = "VSWITCH_PORT_MODULES"
 
@@ -303,7 +303,18 @@ def vlan_check(value) -> dict:
 # Keys every port type takes, whatever its own keys (a type may not declare them).
 VLAN_KEY = Key("vlan", dict, "VLAN settings: {mode: access|trunk|native-untagged|native-tagged, tag: N, "
                "trunks: [N, ...]}; none: VLAN 0, tags carried untouched", check=vlan_check, type_name="mapping")
-GENERIC_KEYS = (VLAN_KEY,)
+
+
+def policing_check(value) -> dict:
+    try:
+        return policing.check(value)
+    except policing.PolicingProblem as exc:
+        raise KeyProblem(str(exc)) from None
+
+
+POLICING_KEY = Key("policing", dict, "ingress policing: {pps: N, bps: N, burst_packets: N, burst_bytes: N} "
+                   "(k, M, G suffixes); none: no limit", check=policing_check, type_name="mapping")
+GENERIC_KEYS = (VLAN_KEY, POLICING_KEY)
 
 NETNS_KEY = Key("netns", str, "the interface's network namespace (ip netns)", check=network_namespace,
                 metavar="NS")
