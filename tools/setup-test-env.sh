@@ -25,8 +25,13 @@ HUGEPAGES=1024
 # peer in the benchmark's smoke test; the system OVS service is never used), QEMU guests
 # and their initramfs, namespaces and traffic tools, perf (the benchmark's
 # --profile), AF_XDP headers, a C
-# toolchain with Python headers for the cffi extension, and clang with its
-# libFuzzer and sanitizer runtimes for the fuzzers (tools/fuzz.py).
+# toolchain with Python headers for the cffi extension, clang with its
+# libFuzzer and sanitizer runtimes for the fuzzers (tools/fuzz.py), and
+# libvirt for tests/system/test_libvirt.py: libvirt-daemon-system rather than
+# only libvirt-daemon (libvirtd, its QEMU driver) and libvirt-clients (virsh),
+# because its QEMU driver refuses to start unless the user libvirt-qemu exists,
+# and only libvirt-daemon-system's install script creates it (and its group).
+# The test runs its own libvirtd; the system one is never used.
 PACKAGES=(
     dpdk-dev coreutils
     openvswitch-switch-dpdk
@@ -35,6 +40,7 @@ PACKAGES=(
     libxdp-dev libbpf-dev xdp-tools
     gcc libc6-dev python3-dev python3-venv
     clang libclang-rt-14-dev
+    libvirt-daemon-system libvirt-clients
 )
 
 STEP_NAME=setup-test-env
@@ -61,7 +67,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup-test-env: installing ${missing[*]}"
     run "apt-get install" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc ethtool xdp-loader; do
+for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc ethtool xdp-loader libvirtd virsh; do
     command -v "$tool" >/dev/null || die "$tool is still missing after installing packages"
 done
 
