@@ -270,16 +270,19 @@ static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, str
                           uint32_t queue, struct vs_pkt *pkts, uint32_t n, uint64_t now)
 {
     int dest[VS_BURST];
+    uint16_t dest_sub[VS_BURST];
     uint8_t macs[12];
     struct vs_fib *fib = pmd->fib;
+    bool in_subs = in->subs != 0;
 
     vs_fib_lock(fib);
     for (uint32_t i = 0; i < n; i++) {
         eth_addrs(&pkts[i], macs);
         if (likely(!(macs[6] & 1))) {
-            vs_fib_learn(fib, mac_key(macs + 6), in->port_no, now);
+            vs_fib_learn_sub(fib, mac_key(macs + 6), in->port_no, in_subs ? pkts[i].sub : 0, now);
         }
-        dest[i] = (macs[0] & 1) ? VS_FIB_NO_PORT : vs_fib_lookup(fib, mac_key(macs));
+        dest_sub[i] = 0;
+        dest[i] = (macs[0] & 1) ? VS_FIB_NO_PORT : vs_fib_lookup_sub(fib, mac_key(macs), &dest_sub[i]);
     }
     vs_fib_unlock(fib);
 
@@ -309,11 +312,14 @@ static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, str
                 pmd->stats.dropped_same_port++;
                 continue;
             }
+            pkts[i].sub = dest_sub[i];
             ADD_TO_GROUP((uint32_t)d, &pkts[i], 1);
             pmd->stats.unicast++;
             continue;
         }
-        /* Unknown, broadcast or multicast: every port but the ingress one. */
+        /* Unknown, broadcast or multicast: every port but the ingress one
+         * (so never back into the tunnel it came from: split horizon). */
+        pkts[i].sub = VS_SUB_ALL;
         for (uint32_t j = 0; j < t->n_live; j++) {
             uint32_t p = t->live[j];
             if (p != in->port_no) {
@@ -458,6 +464,7 @@ static bool vlan_rewrite(struct vs_pkt *out, const struct vs_pkt *in, uint32_t s
     out->nsegs = (uint16_t)n;
     out->len = in->len + delta;
     out->head = in->head;
+    out->sub = in->sub;
     out->vnet = in->vnet;
     if (out->vnet.flags & VS_NET_HDR_F_NEEDS_CSUM) {
         out->vnet.csum_start = (uint16_t)(out->vnet.csum_start + delta);
@@ -524,6 +531,8 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
     const struct vs_vlan *in_vlan = __atomic_load_n(&in->vlan, __ATOMIC_ACQUIRE);
     struct vlan_class cls[VS_BURST];
     int dest[VS_BURST];
+    uint16_t dest_sub[VS_BURST];
+    bool in_subs = in->subs != 0;
     uint32_t keep = 0;           /* bit i: frame i passed classification */
     uint64_t dropped = 0;
     uint8_t hdr[16];
@@ -541,9 +550,10 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
         keep |= 1u << i;
         uint64_t vkey = (uint64_t)cls[i].vid << 48;
         if (likely(!(hdr[6] & 1))) {
-            vs_fib_learn(fib, mac_key(hdr + 6) | vkey, in->port_no, now);
+            vs_fib_learn_sub(fib, mac_key(hdr + 6) | vkey, in->port_no, in_subs ? pkts[i].sub : 0, now);
         }
-        dest[i] = (hdr[0] & 1) ? VS_FIB_NO_PORT : vs_fib_lookup(fib, mac_key(hdr) | vkey);
+        dest_sub[i] = 0;
+        dest[i] = (hdr[0] & 1) ? VS_FIB_NO_PORT : vs_fib_lookup_sub(fib, mac_key(hdr) | vkey, &dest_sub[i]);
     }
     vs_fib_unlock(fib);
     if (unlikely(dropped)) {
@@ -584,6 +594,7 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
             const struct vs_vlan *v = __atomic_load_n(&t->ports[d]->vlan, __ATOMIC_ACQUIRE);
             /* An entry the port no longer carries (its settings just changed): flood instead. */
             if (likely(vlan_carries(v, vid))) {
+                pkts[i].sub = dest_sub[i];
                 struct vs_pkt *form = vlan_form(&forms, pkts, &cls[i], i, v);
                 if (likely(form != NULL)) {
                     ADD_TO_GROUP((uint32_t)d, form, 1);
@@ -593,6 +604,7 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
             }
         }
         /* Unknown, broadcast or multicast: every other port in the frame's VLAN. */
+        pkts[i].sub = VS_SUB_ALL;
         for (uint32_t j = 0; j < t->n_live; j++) {
             uint32_t p = t->live[j];
             if (p == in->port_no) {

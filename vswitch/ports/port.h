@@ -92,5 +92,10 @@ struct vs_port {
     uint32_t max_frame;          /* shared: longest frame (without GSO) the port takes, from its
                                   * MTU; 0: no limit.  Written by the control plane at any time. */
     struct vs_vlan *vlan;        /* shared: NULL, no VLAN settings (VLAN 0, tags carried untouched) */
+    /* control: how many sub-destinations the port has (a tunnel's remote
+     * endpoints), set before the port is published; 0: none.  The MAC table
+     * then records which one a MAC was learned from (vs_pkt.sub on receive,
+     * 1 to subs) and hands that back on transmit. */
+    uint16_t subs;
     struct vs_port_stats stats;
 };
