@@ -164,6 +164,12 @@ def print_queue_stats(p: dict) -> None:
 
 def print_fdb(result: dict) -> None:
     rows = [[e["port"], e["vlan"], e["mac"], "static" if e["static"] else e["age"]] for e in result["entries"]]
+    if any("remote" in e for e in result["entries"]):
+        # Tunnel ports: the remote endpoint each MAC was learned behind.
+        for row, e in zip(rows, result["entries"]):
+            row.insert(1, e.get("remote", ""))
+        print(table(rows, ["PORT", "REMOTE", "VLAN", "MAC", "AGE"]))
+        return
     print(table(rows, ["PORT", "VLAN", "MAC", "AGE"]))
 
 

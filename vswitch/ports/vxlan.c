@@ -98,6 +98,30 @@ static int open_sockets(struct vs_vxlan_port *vp)
     return 0;
 }
 
+/* The smallest path MTU the kernel's routes give towards the remotes (0 if
+ * none is known yet): what the underlay takes unless the config says. */
+static uint32_t route_mtu(const struct vs_vxlan_port *vp)
+{
+    uint32_t smallest = 0;
+    for (uint32_t i = 0; i < vp->n_remotes; i++) {
+        int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            continue;
+        }
+        struct sockaddr_in to = { .sin_family = AF_INET, .sin_addr.s_addr = vp->remotes[i].addr,
+                                  .sin_port = htons((uint16_t)vp->dst_port) };
+        int mtu = 0;
+        socklen_t len = sizeof mtu;
+        if (connect(fd, (struct sockaddr *)&to, sizeof to) == 0 &&
+            getsockopt(fd, IPPROTO_IP, IP_MTU, &mtu, &len) == 0 && mtu > 0 &&
+            (smallest == 0 || (uint32_t)mtu < smallest)) {
+            smallest = (uint32_t)mtu;
+        }
+        close(fd);
+    }
+    return smallest;
+}
+
 int vs_vxlan_port_open(struct vs_vxlan_port *vp, int netns_fd)
 {
     int saved;
@@ -107,6 +131,9 @@ int vs_vxlan_port_open(struct vs_vxlan_port *vp, int netns_fd)
         return rc;
     }
     rc = open_sockets(vp);
+    if (rc == 0) {
+        vp->route_mtu = route_mtu(vp);
+    }
     vs_leave_netns(saved);
     return rc;
 }

@@ -69,6 +69,7 @@ struct vs_vxlan_port {
     uint32_t n_map;
     uint16_t map_vlan[VS_VXLAN_MAX_VNI_MAP];
     uint32_t map_vni[VS_VXLAN_MAX_VNI_MAP];
+    uint32_t route_mtu;                  /* the smallest MTU of the routes to the remotes, found by open */
     uint8_t *rx_bufs;                    /* VS_BURST buffers of VS_VXLAN_RX_BUF bytes */
     char error[128];                     /* what failed in vs_vxlan_port_open */
     struct vs_vxlan_stats stats;
