@@ -29,7 +29,7 @@ HUGEPAGES=1024
 # libFuzzer and sanitizer runtimes for the fuzzers (tools/fuzz.py).
 PACKAGES=(
     dpdk-dev coreutils
-    openvswitch-switch-dpdk
+    openvswitch-switch openvswitch-switch-dpdk
     qemu-system-x86 busybox-static
     iproute2 iperf3 tcpdump linux-perf iputils-ping ethtool systemd-container
     libxdp-dev libbpf-dev xdp-tools
