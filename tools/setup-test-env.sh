@@ -61,7 +61,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup-test-env: installing ${missing[*]}"
     run "apt-get install" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc ethtool xdp-loader; do
+for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc ethtool xdp-loader ovs-vswitchd ovsdb-server; do
     command -v "$tool" >/dev/null || die "$tool is still missing after installing packages"
 done
 
