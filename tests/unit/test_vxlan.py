@@ -292,3 +292,36 @@ def test_add_port_from_vswitchctl(tmp_path):
         assert out.returncode == 2 and "argument --remote: 'bogus' is not a unicast IPv4 address" in out.stderr
         assert [p["name"] for p in d.ctl("list-ports")["ports"]] == ["vx"]
         assert "--remote" in d.ctl_raw("add-port", "--help").stdout
+
+
+def test_per_vlan_vnis(tmp_path):
+    """vni_map on a trunk: VLAN 10 travels untagged in VNI 1010, VLAN 0 in the port's vni."""
+    port = free_udp_port()
+    r2 = Remote("127.0.0.2", port)
+    ports = [{"name": "vm10", "type": "vhost-user", "path": str(tmp_path / "vm10.sock"),
+              "vlan": {"mode": "access", "tag": 10}},
+             {"name": "vm0", "type": "vhost-user", "path": str(tmp_path / "vm0.sock")},
+             {"name": "vx", "type": "vxlan", "local_ip": "127.0.0.1", "remote": ["127.0.0.2"], "vni": VNI,
+              "dst_port": port, "vlan": {"mode": "trunk"}, "vni_map": {10: 1010}}]
+    try:
+        with Vswitchd(tmp_path, ports=ports) as d:
+            vm10, vm0 = d.connect_guests(["vm10", "vm0"], rx_buffers=64)
+            vm10.send_frame(0, frame(BROADCAST, mac(1)))
+            assert r2.receive()[1:] == (1010, frame(BROADCAST, mac(1)))
+            vm0.send_frame(0, frame(BROADCAST, mac(2)))
+            assert r2.receive()[1:] == (VNI, frame(BROADCAST, mac(2)))
+            # From the remote: VNI 1010 is VLAN 10 (vm10 only), the port's vni is VLAN 0 (vm0 only).
+            r2.send(frame(BROADCAST, mac(5)), vni=1010)
+            assert [f.data for f in vm10.receive(0, 1, timeout=2)] == [frame(BROADCAST, mac(5))]
+            r2.send(frame(BROADCAST, mac(6)), vni=VNI)
+            assert [f.data for f in vm0.receive(0, 1, timeout=2)] == [frame(BROADCAST, mac(6))]
+            assert vm10.receive(0, 1, timeout=0.3) == [] and vm0.receive(0, 1, timeout=0.1) == []
+            rows = {(e["mac"], e["vlan"], e["port"], e.get("remote")) for e in d.ctl("fdb", "show")["entries"]}
+            assert ("02:00:00:00:00:05", 10, "vx", "127.0.0.2") in rows
+            assert ("02:00:00:00:00:06", 0, "vx", "127.0.0.2") in rows
+            r2.send(frame(BROADCAST, mac(7)), vni=2020)
+            wait_for(lambda: d.port("vx")["stats"]["rx_wrong_vni"] == 1, what="the wrong VNI count")
+            vm10.close()
+            vm0.close()
+    finally:
+        r2.close()
