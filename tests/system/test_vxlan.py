@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import time
 
@@ -102,6 +101,12 @@ def tcp_transfer(src_ns: str, dst_ns: str, dst_ip: str, port: int = 5101) -> Non
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def _tools(require_tool):
+    require_tool("ip", "iproute2")
+    require_tool("ethtool")
 
 
 def test_vswitchd_and_a_linux_vxlan_device(tmp_path):
@@ -213,10 +218,9 @@ class PrivateOvs:
         return path.read_text()[-4000:] if path.exists() else ""
 
 
-def test_vswitchd_and_open_vswitch(tmp_path):
-    missing = [t for t in OVS_TOOLS if not shutil.which(t)]
-    if missing:
-        pytest.skip(f"needs Open vSwitch ({', '.join(missing)} missing): apt-get install openvswitch-switch")
+def test_vswitchd_and_open_vswitch(tmp_path, require_tool):
+    for tool in OVS_TOOLS:
+        require_tool(tool, "openvswitch-switch")
     with hosts() as (h1, h2, g1, g2):
         # No openvswitch kernel module on this kernel: OVS's userspace datapath (netdev), whose
         # tunnels leave through a bridge holding the underlay interface and the local address.
