@@ -257,6 +257,9 @@ def test_learning_per_remote_head_end_replication_and_drops(tunnel):
     assert (stats["rx_unknown_remote"], stats["rx_wrong_vni"], stats["rx_malformed"]) == (1, 1, 2)
     assert vm0.receive(0, 4, timeout=0.3) == []
     assert "02:00:00:00:00:09" not in {e[0] for e in fdb(d)}
+    text = d.ctl_raw("show").stdout
+    assert "rx_unknown_remote 1 (datagrams from an address that is not a remote)" in text
+    assert f"vni {VNI} from 127.0.0.1:{r2.port} to 127.0.0.2 (rx 1, tx 2), 127.0.0.3 (rx 1, tx 2)" in text
 
     # Longer than underlay_mtu (1000) - 36 allows: dropped and counted, never cut.
     vm0.send_frame(0, frame(mac(5), mac(1), payload=b"z" * (1000 - 36 - 14 + 1)))

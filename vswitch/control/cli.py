@@ -134,6 +134,9 @@ DROP_COUNTERS = {
     "tx_dropped_mtu": "longer than the port's MTU",
     "tx_dropped_too_big": "larger than the guest's receive buffers",
     "mtu_refused": "NET_SET_MTU values refused",
+    "rx_unknown_remote": "datagrams from an address that is not a remote",
+    "rx_wrong_vni": "datagrams with a VNI the port does not carry",
+    "rx_malformed": "malformed VXLAN datagrams",
 }
 
 
@@ -145,6 +148,9 @@ def print_port_details(p: dict) -> None:
         details.append("turned off: " + " ".join(sorted(n for n, on in p["features"].items() if not on)))
     if details:
         print(f"port {p['name']}: " + ", ".join(details))
+    if p.get("remotes") is not None:
+        remotes = ", ".join(f"{r['remote']} (rx {r['rx_packets']}, tx {r['tx_packets']})" for r in p["remotes"])
+        print(f"  vni {p['vni']} from {p['local_ip']}:{p['dst_port']} to {remotes}")
     vhost = p.get("vhost")
     if vhost and "offered_feature_names" in vhost:
         print(f"  offered: {' '.join(vhost['offered_feature_names'])}")
