@@ -328,3 +328,30 @@ def test_per_vlan_vnis(tmp_path):
             vm0.close()
     finally:
         r2.close()
+
+
+def test_random_datagrams_are_taken_or_refused_with_a_reason():
+    """Hostile datagrams from a remote: decap never reads or writes outside the datagram's
+    bytes it was given, and an accepted one leaves a whole Ethernet header."""
+    import random
+    rng = random.Random(7)
+    vp = vxlan_port(vni_map={10: 1010})
+    reasons = set()
+    for _ in range(5000):
+        n = rng.choice([0, 1, 7, 8, 21, 22, 23, rng.randrange(0, 200)])
+        data = bytes(rng.randrange(256) for _ in range(n))
+        if n >= 8 and rng.random() < 0.5:
+            data = vxlan_header(rng.choice([VNI, 1010, 77]), rng.choice([0x08, 0x00, 0xff])) + data[8:]
+        guard = b"\xa5" * 16
+        buf = ffi.new("uint8_t[]", guard + data + guard)
+        sub = ffi.new("uint16_t *")
+        off = lib.vs_vxlan_decap(vp, _addr("10.0.0.2"), buf + 16, len(data), sub)
+        after = bytes(ffi.buffer(buf, len(data) + 32))
+        assert after[:16] == guard and after[-16:] == guard
+        if off < 0:
+            reasons.add(off)
+            assert after[16:-16] == data
+        else:
+            assert off in (4, 8) and len(data) - off >= 14 and sub[0] == 1
+            reasons.add(off)
+    assert reasons == {lib.VS_VXLAN_MALFORMED, lib.VS_VXLAN_WRONG_VNI, 4, 8}
