@@ -3,7 +3,8 @@ underlay, 10.99.0.0/24), each with an L2 segment behind a VTEP (10.100.0.0/24).
 
 * vswitchd (its tunnel in host namespace h1, a TAP port into namespace g1)
   against a Linux `vxlan` device bridged to namespace g2 in host h2;
-* the same against Open vSwitch (userspace datapath) in host h2;
+* the same against Open vSwitch in host h2 (its kernel datapath where the kernel has
+  the openvswitch module, else, as on the development machine, its userspace datapath);
 * two vswitchd, one per host, and a namespace ("a guest") that moves from
   one host's switch to the other's: both MAC tables follow.
 
@@ -218,23 +219,38 @@ class PrivateOvs:
         return path.read_text()[-4000:] if path.exists() else ""
 
 
+def openvswitch_module() -> bool:
+    """Whether this kernel has Open vSwitch's datapath (loaded, or loadable)."""
+    if os.path.isdir("/sys/module/openvswitch"):
+        return True
+    try:
+        return sh("modprobe", "-q", "openvswitch", check=False).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
 def test_vswitchd_and_open_vswitch(tmp_path, require_tool):
+    """OVS's kernel datapath where the kernel has it, else its userspace datapath (said on stdout)."""
     for tool in OVS_TOOLS:
         require_tool(tool, "openvswitch-switch")
+    kernel = openvswitch_module()
+    print("Open vSwitch datapath:", "kernel" if kernel else "userspace (netdev): this kernel has no openvswitch module")
     with hosts() as (h1, h2, g1, g2):
-        # No openvswitch kernel module on this kernel: OVS's userspace datapath (netdev), whose
-        # tunnels leave through a bridge holding the underlay interface and the local address.
         underlay = unique("vxu", 2)
-        in_ns(h2, "ip", "addr", "flush", "dev", underlay)
         ovs_dir = tmp_path / "ovs"
         ovs_dir.mkdir()
         ovs = PrivateOvs(ovs_dir, h2)
         try:
             ovs.start()
-            ovs.vsctl("add-br", "br-phy", "--", "set", "bridge", "br-phy", "datapath_type=netdev")
-            ovs.vsctl("add-port", "br-phy", underlay)
-            in_ns(h2, "ip", "addr", "add", f"{H2}/24", "dev", "br-phy")
-            in_ns(h2, "ip", "link", "set", "br-phy", "up")
+            datapath = "system" if kernel else "netdev"
+            if not kernel:
+                # The userspace datapath's tunnels leave through a bridge of its own that
+                # holds the underlay interface and the local address.
+                in_ns(h2, "ip", "addr", "flush", "dev", underlay)
+                ovs.vsctl("add-br", "br-phy", "--", "set", "bridge", "br-phy", "datapath_type=netdev")
+                ovs.vsctl("add-port", "br-phy", underlay)
+                in_ns(h2, "ip", "addr", "add", f"{H2}/24", "dev", "br-phy")
+                in_ns(h2, "ip", "link", "set", "br-phy", "up")
             a, b = unique("vxg", 1), unique("vxg", 2)
             sh("ip", "link", "add", a, "netns", h2, "type", "veth", "peer", "name", b, "netns", g2)
             in_ns(h2, "ip", "link", "set", a, "up")
@@ -242,7 +258,7 @@ def test_vswitchd_and_open_vswitch(tmp_path, require_tool):
             # does not complete a partial checksum: g2 finishes its own.
             in_ns(g2, "ethtool", "-K", b, "tx", "off")
             configure(g2, b, G2)
-            ovs.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int", "datapath_type=netdev")
+            ovs.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int", f"datapath_type={datapath}")
             ovs.vsctl("add-port", "br-int", a)
             ovs.vsctl("add-port", "br-int", "vx", "--", "set", "interface", "vx", "type=vxlan",
                       f"options:remote_ip={H1}", f"options:local_ip={H2}", f"options:key={VNI}")
