@@ -23,7 +23,7 @@ import threading
 
 from vswitch.native import ffi, lib
 from vswitch.ports.base import Port
-from vswitch.ports.registry import NETNS_DIR, NETNS_KEY, Key, KeyProblem, register
+from vswitch.ports.registry import NETNS_DIR, Key, KeyProblem, network_namespace, register
 
 MAX_VNI = lib.VS_VXLAN_MAX_VNI
 MAX_REMOTES = lib.VS_VXLAN_MAX_REMOTES
@@ -112,7 +112,8 @@ class VxlanPort(Port):
         Key("underlay_mtu", int, "MTU of the network between the VTEPs (default: the route's); inner frames "
             f"longer than it minus {OVERHEAD} bytes are dropped", low=68 + OVERHEAD + ETHERNET_HEADER,
             high=65535, metavar="BYTES"),
-        NETNS_KEY,
+        Key("netns", str, "the network namespace whose IP stack carries the tunnel (ip netns)",
+            check=network_namespace, metavar="NS"),
         Key("vni_map", dict, "per-VLAN VNIs, e.g. {10: 1010} (VLAN=VNI,... on the command line); "
             "the port must carry those VLANs tagged (a trunk)", check=vni_map_check, parse_flag=parse_vni_map,
             metavar="VLAN=VNI,...", type_name="mapping"),
