@@ -34,7 +34,7 @@ HUGEPAGES=1024
 # The test runs its own libvirtd; the system one is never used.
 PACKAGES=(
     dpdk-dev coreutils
-    openvswitch-switch-dpdk
+    openvswitch-switch openvswitch-switch-dpdk
     qemu-system-x86 busybox-static
     iproute2 iperf3 tcpdump linux-perf iputils-ping ethtool systemd-container
     libxdp-dev libbpf-dev xdp-tools
@@ -67,7 +67,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup-test-env: installing ${missing[*]}"
     run "apt-get install" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc ethtool xdp-loader libvirtd virsh; do
+for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc ethtool xdp-loader libvirtd virsh ovs-vswitchd ovsdb-server; do
     command -v "$tool" >/dev/null || die "$tool is still missing after installing packages"
 done
 

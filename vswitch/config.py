@@ -150,6 +150,9 @@ def validate_port(spec, where: str | None, problems: list[str]) -> dict | None:
                 problems.append(f"{label}{key.name}: {exc}")
                 continue
         out[key.name] = value
+    if len(problems) == before:
+        # Rules between a type's keys, once each key is right on its own.
+        problems.extend(f"{label}{problem}" for problem in port_type.cls.check_spec(out))
     return out if len(problems) == before else None
 
 

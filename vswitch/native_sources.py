@@ -23,6 +23,7 @@ HEADERS = [
     "ports/kernel.h",
     "ports/null.h",
     "ports/af_xdp.h",
+    "ports/vxlan.h",
     "fib/fib.h",
     "pmd/pmd.h",
 ]
@@ -36,6 +37,7 @@ SOURCES = [
     "ports/kernel.c",
     "ports/null.c",
     "ports/af_xdp.c",
+    "ports/vxlan.c",
     "pmd/offload.c",
 ]
 # Included by the .c files only (inline helpers, system headers).

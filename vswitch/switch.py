@@ -283,7 +283,16 @@ class Switch:
             if port not in self.ports:
                 raise SwitchError(f"no port named '{port}'")
             port_no = self.ports[port].port_no
-        names = {p.port_no: p.name for p in self.ports.values()}
-        return [{"mac": e.mac, "vlan": e.vlan, "port": names.get(e.port_no), "age": e.age,
-                 "static": e.static}
-                for e in self.fib.entries() if port_no is None or e.port_no == port_no]
+        by_no = {p.port_no: p for p in self.ports.values()}
+        out = []
+        for e in self.fib.entries():
+            if port_no is not None and e.port_no != port_no:
+                continue
+            port_obj = by_no.get(e.port_no)
+            entry = {"mac": e.mac, "vlan": e.vlan, "port": port_obj.name if port_obj else None, "age": e.age,
+                     "static": e.static}
+            remote = port_obj.sub_name(e.sub) if port_obj and e.sub else None
+            if remote is not None:
+                entry["remote"] = remote   # behind which remote endpoint of a tunnel port
+            out.append(entry)
+        return out

@@ -21,6 +21,7 @@
 #include "ports/kernel.h"
 #include "ports/null.h"
 #include "ports/af_xdp.h"
+#include "ports/vxlan.h"
 #include "fib/fib.h"
 #include "pmd/pmd.h"
 

@@ -51,6 +51,34 @@ def test_entry_moves_to_new_port(table):
     assert len(table.entries()) == 1
 
 
+def lookup_sub(t: MacTable, mac: str):
+    sub = ffi.new("uint16_t *")
+    lib.vs_fib_lock(t.c)
+    port = lib.vs_fib_lookup_sub(t.c, key(mac), sub)
+    lib.vs_fib_unlock(t.c)
+    return port, sub[0]
+
+
+def test_entry_records_the_sub_destination_and_moves_between_them(table):
+    """A tunnel port's remotes: the same port, another sub-destination, is a move."""
+    m = "02:00:00:00:00:01"
+    table.learn_sub(m, 4, 2)
+    assert lookup_sub(table, m) == (4, 2)
+    assert [(e.port_no, e.sub) for e in table.entries()] == [(4, 2)]
+    table.learn_sub(m, 4, 2)
+    assert table.stats()["moved"] == 0
+    table.learn_sub(m, 4, 1)
+    assert lookup_sub(table, m) == (4, 1) and table.stats()["moved"] == 1
+    # To a port without sub-destinations: 0 again.
+    table.learn(m, 3)
+    assert lookup_sub(table, m) == (3, 0) and table.stats()["moved"] == 2
+    assert lookup_sub(table, "02:00:00:00:00:09") == (-1, 0)
+    # Static entries have none: a frame for them goes to every remote.
+    table.add_static("02:00:00:00:00:02", 4)
+    table.learn_sub("02:00:00:00:00:02", 4, 1)
+    assert lookup_sub(table, "02:00:00:00:00:02") == (4, 0)
+
+
 def test_aging_removes_only_idle_entries(table):
     table.aging_seconds = 10
     now = lib.vs_now_sec()

@@ -336,14 +336,15 @@ def test_pmd_c_names_no_port_type():
     notification writes (vs_call_watch), which belongs to the thread, not
     to a port."""
     code = re.sub(r"/\*.*?\*/", "", PMD_C.read_text(), flags=re.S)
-    names = set(re.findall(r"\b\w*(?:vhost|vring|virtio|kport|tap|af_packet|afxdp|af_xdp|null_port)\w*\b",
+    names = set(re.findall(r"\b\w*(?:vhost|vring|virtio|kport|tap|af_packet|afxdp|af_xdp|null_port|vxlan)\w*\b",
                            code, flags=re.I))
     assert names <= {"vs_vring_watch_calls"}, names
     assert not re.search(r"\bVS_PORT_\w+", code), "a port type constant"
 
 
 @pytest.mark.parametrize("accessor,name", [("vs_vhost_port_ops", b"vhost-user"), ("vs_tap_port_ops", b"tap"),
-                                           ("vs_af_packet_port_ops", b"af-packet"), ("vs_null_port_ops", b"null")])
+                                           ("vs_af_packet_port_ops", b"af-packet"), ("vs_null_port_ops", b"null"),
+                                           ("vs_vxlan_port_ops", b"vxlan")])
 def test_every_port_type_has_a_table_that_can_receive_and_transmit(accessor, name):
     ops = getattr(lib, accessor)()
     assert ffi.string(ops.name) == name

@@ -137,6 +137,9 @@ DROP_COUNTERS = {
     "tx_dropped_too_big": "larger than the guest's receive buffers",
     "mtu_refused": "NET_SET_MTU values refused",
     "police_dropped": "received over the port's policing rate",
+    "rx_unknown_remote": "datagrams from an address that is not a remote",
+    "rx_wrong_vni": "datagrams with a VNI the port does not carry",
+    "rx_malformed": "malformed VXLAN datagrams",
 }
 
 
@@ -150,6 +153,9 @@ def print_port_details(p: dict) -> None:
         details.append("turned off: " + " ".join(sorted(n for n, on in p["features"].items() if not on)))
     if details:
         print(f"port {p['name']}: " + ", ".join(details))
+    if p.get("remotes") is not None:
+        remotes = ", ".join(f"{r['remote']} (rx {r['rx_packets']}, tx {r['tx_packets']})" for r in p["remotes"])
+        print(f"  vni {p['vni']} from {p['local_ip']}:{p['dst_port']} to {remotes}")
     vhost = p.get("vhost")
     if vhost and "offered_feature_names" in vhost:
         print(f"  offered: {' '.join(vhost['offered_feature_names'])}")
@@ -169,6 +175,12 @@ def print_queue_stats(p: dict) -> None:
 
 def print_fdb(result: dict) -> None:
     rows = [[e["port"], e["vlan"], e["mac"], "static" if e["static"] else e["age"]] for e in result["entries"]]
+    if any("remote" in e for e in result["entries"]):
+        # Tunnel ports: the remote endpoint each MAC was learned behind.
+        for row, e in zip(rows, result["entries"]):
+            row.insert(1, e.get("remote", ""))
+        print(table(rows, ["PORT", "REMOTE", "VLAN", "MAC", "AGE"]))
+        return
     print(table(rows, ["PORT", "VLAN", "MAC", "AGE"]))
 
 

@@ -43,6 +43,7 @@ class FibEntry:
     port_no: int
     age: int
     static: bool
+    sub: int = 0               # the port's sub-destination (a tunnel's remote, 1 ...); 0: none
 
 
 class MacTable:
@@ -94,6 +95,10 @@ class MacTable:
         """Learns (or moves) a dynamic entry, as if a frame from `mac` arrived on the port."""
         lib.vs_fib_learn_locked(self._fib, lib.vs_fib_key(parse_mac(mac), vlan), port_no)
 
+    def learn_sub(self, mac: str, port_no: int, sub: int, vlan: int = 0) -> None:
+        """Learns (or moves) a dynamic entry behind sub-destination sub of the port."""
+        lib.vs_fib_learn_sub_locked(self._fib, lib.vs_fib_key(parse_mac(mac), vlan), port_no, sub)
+
     def remove(self, mac: str, vlan: int = 0) -> bool:
         return lib.vs_fib_remove(self._fib, lib.vs_fib_key(parse_mac(mac), vlan)) == 0
 
@@ -115,7 +120,8 @@ class MacTable:
         n = lib.vs_fib_dump(self._fib, buf, len(buf))
         now = lib.vs_now_sec()
         return [FibEntry(mac=format_mac(e.key), vlan=(e.key >> 48) & 0xFFF, port_no=e.port_no,
-                         age=max(0, now - e.last_seen), static=bool(e.flags & lib.VS_FIB_F_STATIC))
+                         age=max(0, now - e.last_seen), static=bool(e.flags & lib.VS_FIB_F_STATIC),
+                         sub=e.sub)
                 for e in buf[0:n]]
 
     def stats(self) -> dict:

@@ -272,6 +272,11 @@ static uint32_t insert(struct vs_fib *fib, uint64_t key, uint32_t chain_len, uin
 
 void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t now)
 {
+    vs_fib_learn_sub(fib, key, port_no, 0, now);
+}
+
+void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now)
+{
     uint32_t chain_len;
     uint32_t i = find_counted(fib, key, &chain_len);
     if (likely(i != NONE)) {
@@ -283,8 +288,16 @@ void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t n
             lru_unlink(fib, i);
             fib->port_count[e->port_no]--;
             e->port_no = port_no;
+            e->sub = sub;
             fib->port_count[port_no]++;
             e->last_seen = now;
+            lru_append(fib, i);
+            fib->stats.moved++;
+        } else if (unlikely(e->sub != sub)) {
+            /* Behind another remote of the same tunnel port: moved too. */
+            e->sub = sub;
+            e->last_seen = now;
+            lru_unlink(fib, i);
             lru_append(fib, i);
             fib->stats.moved++;
         } else if (e->last_seen != now) {
@@ -295,22 +308,34 @@ void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t n
         }
         return;
     }
-    if (port_no < VS_MAX_PORTS && fib->max_entries && insert(fib, key, chain_len, port_no, 0, now) != NONE) {
-        fib->stats.learned++;
+    if (port_no < VS_MAX_PORTS && fib->max_entries) {
+        i = insert(fib, key, chain_len, port_no, 0, now);
+        if (i != NONE) {
+            fib->entries[i].sub = sub;
+            fib->stats.learned++;
+        }
     }
 }
 
-int vs_fib_lookup(struct vs_fib *fib, uint64_t key)
+int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub)
 {
     uint32_t probes;
     uint32_t i = find_counted(fib, key, &probes);
     fib->stats.lookups++;
     fib->stats.probes += probes;
     if (i == NONE) {
+        *sub = 0;
         return VS_FIB_NO_PORT;
     }
     fib->stats.hits++;
+    *sub = fib->entries[i].sub;
     return (int)fib->entries[i].port_no;
+}
+
+int vs_fib_lookup(struct vs_fib *fib, uint64_t key)
+{
+    uint16_t sub;
+    return vs_fib_lookup_sub(fib, key, &sub);
 }
 
 int vs_fib_lookup_locked(struct vs_fib *fib, uint64_t key)
@@ -324,8 +349,13 @@ int vs_fib_lookup_locked(struct vs_fib *fib, uint64_t key)
 
 void vs_fib_learn_locked(struct vs_fib *fib, uint64_t key, uint32_t port_no)
 {
+    vs_fib_learn_sub_locked(fib, key, port_no, 0);
+}
+
+void vs_fib_learn_sub_locked(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub)
+{
     vs_fib_lock(fib);
-    vs_fib_learn(fib, key, port_no, vs_now_sec());
+    vs_fib_learn_sub(fib, key, port_no, sub, vs_now_sec());
     vs_fib_unlock(fib);
 }
 

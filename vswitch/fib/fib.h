@@ -28,7 +28,8 @@ struct vs_fib_entry {
     uint32_t hash_next;          /* bucket chain */
     uint32_t lru_prev;           /* per-port list, oldest first; free list uses lru_next */
     uint32_t lru_next;
-    uint32_t in_use;
+    uint16_t in_use;
+    uint16_t sub;                /* the port's sub-destination behind which the MAC is (port.h subs); 0: none */
 };
 
 struct vs_fib_stats {
@@ -77,7 +78,13 @@ uint32_t vs_fib_dump(struct vs_fib *fib, struct vs_fib_entry *out, uint32_t max)
 int vs_fib_set_max(struct vs_fib *fib, uint32_t max_entries);
 int vs_fib_lookup_locked(struct vs_fib *fib, uint64_t key);
 void vs_fib_learn_locked(struct vs_fib *fib, uint64_t key, uint32_t port_no);
+void vs_fib_learn_sub_locked(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub);
 
 /* Fast path: the caller holds the lock. */
 void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t now);
+/* As vs_fib_learn, behind sub-destination sub of the port: a MAC that
+ * appears behind another sub-destination of the same port has moved. */
+void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now);
 int vs_fib_lookup(struct vs_fib *fib, uint64_t key);
+/* As vs_fib_lookup; *sub is the entry's sub-destination (0 on a miss). */
+int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub);

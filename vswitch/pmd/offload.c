@@ -207,7 +207,8 @@ static bool append_range(struct vs_pkt *dst, const struct vs_pkt *src, uint32_t 
     return len == 0;
 }
 
-static struct vs_pkt *new_out(struct vs_offload_batch *b, uint8_t **hdr)
+/* A fixed copy of src goes to the same sub-destination (a tunnel's remote) as src. */
+static struct vs_pkt *new_out(struct vs_offload_batch *b, uint8_t **hdr, const struct vs_pkt *src)
 {
     struct vs_pkt *p = &b->pkts[b->used];
     *hdr = b->hdrs[b->used];
@@ -216,6 +217,7 @@ static struct vs_pkt *new_out(struct vs_offload_batch *b, uint8_t **hdr)
     p->len = 0;
     p->nsegs = 0;
     p->head = 0;
+    p->sub = src->sub;
     return p;
 }
 
@@ -236,7 +238,7 @@ static bool fill_csum(struct vs_offload_batch *b, const struct vs_pkt *pkt)
         return false;
     }
     uint8_t *hdr;
-    struct vs_pkt *out = new_out(b, &hdr);
+    struct vs_pkt *out = new_out(b, &hdr, pkt);
     if (!gather(hdr, pkt, field + 2)) {
         b->used--;
         return false;
@@ -363,7 +365,7 @@ static bool segment_tcp(struct vs_offload_batch *b, const struct vs_pkt *pkt)
         uint32_t off = i * mss;
         uint32_t len = total - off < mss ? total - off : mss;
         uint8_t *hdr;
-        struct vs_pkt *out = new_out(b, &hdr);
+        struct vs_pkt *out = new_out(b, &hdr, pkt);
         memcpy(hdr, first, hlen);
         uint8_t *ip = hdr + o.l3, *tcp = hdr + o.l4;
         uint32_t l4_len = hlen - o.l4 + len;

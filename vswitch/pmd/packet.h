@@ -8,6 +8,7 @@
 #define VS_BURST 32              /* packets per rx/tx burst */
 #define VS_PKT_MAX_SEGS 64       /* gather segments per packet */
 #define VS_MAX_FRAME 65550       /* largest frame accepted, without the virtio-net header */
+#define VS_SUB_ALL 0             /* a frame for every sub-destination of its port (flooded, or static) */
 
 struct vs_seg {
     uint8_t *addr;               /* host address of the bytes */
@@ -37,6 +38,10 @@ struct vs_pkt {
     uint32_t len;                /* frame length, virtio-net header excluded */
     uint16_t nsegs;              /* segments in use */
     uint16_t head;               /* descriptor head to return to the source ring */
+    /* A sub-destination of a port with several (a tunnel's remotes, port.h
+     * subs): on receive, the one the frame came from (read only from such
+     * ports); on transmit, the one it goes to, VS_SUB_ALL for every one. */
+    uint16_t sub;
     struct vs_net_hdr vnet;      /* offloads; all zero when none were negotiated */
     struct vs_seg segs[VS_PKT_MAX_SEGS];
 };

@@ -213,34 +213,41 @@ static inline uint64_t mac_key(const uint8_t *mac)
 struct fib_memo {
     uint64_t src;
     uint64_t dst;
+    uint16_t src_sub;
+    uint16_t dst_sub;
     int dst_port;
 };
 
 #define FIB_MEMO_INIT { .src = ~0ULL, .dst = ~0ULL, .dst_port = VS_FIB_NO_PORT }
 
-/* Learns hdr's source on in_port and returns the port of its destination (VS_FIB_NO_PORT: flood). */
+/* Learns hdr's source on in_port (and its sub-destination in_sub) and returns
+ * the port of its destination (VS_FIB_NO_PORT: flood), its sub in *dest_sub. */
 static inline int learn_and_lookup(struct vs_fib *fib, struct fib_memo *m, const uint8_t *hdr,
-                                   uint64_t vkey, uint32_t in_port, uint64_t now)
+                                   uint64_t vkey, uint32_t in_port, uint16_t in_sub, uint64_t now,
+                                   uint16_t *dest_sub)
 {
     if (likely(!(hdr[6] & 1))) {
         uint64_t src = mac_key(hdr + 6) | vkey;
-        if (src != m->src) {
-            vs_fib_learn(fib, src, in_port, now);
+        if (src != m->src || in_sub != m->src_sub) {
+            vs_fib_learn_sub(fib, src, in_port, in_sub, now);
             m->src = src;
+            m->src_sub = in_sub;
             m->dst = ~0ULL;
         }
     }
     if (hdr[0] & 1) {
+        *dest_sub = 0;
         return VS_FIB_NO_PORT;
     }
     uint64_t dst = mac_key(hdr) | vkey;
     if (dst != m->dst) {
         m->dst = dst;
-        m->dst_port = vs_fib_lookup(fib, dst);
+        m->dst_port = vs_fib_lookup_sub(fib, dst, &m->dst_sub);
     } else {
         fib->stats.lookups++;
         fib->stats.hits += m->dst_port != VS_FIB_NO_PORT;
     }
+    *dest_sub = m->dst_sub;
     return m->dst_port;
 }
 
@@ -312,14 +319,17 @@ static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, str
                           uint32_t queue, struct vs_pkt *pkts, uint32_t n, uint64_t now)
 {
     int dest[VS_BURST];
+    uint16_t dest_sub[VS_BURST];
     uint8_t macs[12];
     struct vs_fib *fib = pmd->fib;
+    bool in_subs = in->subs != 0;
 
     struct fib_memo memo = FIB_MEMO_INIT;
     vs_fib_lock(fib);
     for (uint32_t i = 0; i < n; i++) {
         eth_addrs(&pkts[i], macs);
-        dest[i] = learn_and_lookup(fib, &memo, macs, 0, in->port_no, now);
+        dest[i] = learn_and_lookup(fib, &memo, macs, 0, in->port_no, in_subs ? pkts[i].sub : 0, now,
+                                   &dest_sub[i]);
     }
     vs_fib_unlock(fib);
 
@@ -349,11 +359,14 @@ static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, str
                 pmd->stats.dropped_same_port++;
                 continue;
             }
+            pkts[i].sub = dest_sub[i];
             ADD_TO_GROUP((uint32_t)d, &pkts[i], 1);
             pmd->stats.unicast++;
             continue;
         }
-        /* Unknown, broadcast or multicast: every port but the ingress one. */
+        /* Unknown, broadcast or multicast: every port but the ingress one
+         * (so never back into the tunnel it came from: split horizon). */
+        pkts[i].sub = VS_SUB_ALL;
         for (uint32_t j = 0; j < t->n_live; j++) {
             uint32_t p = t->live[j];
             if (p != in->port_no) {
@@ -498,6 +511,7 @@ static bool vlan_rewrite(struct vs_pkt *out, const struct vs_pkt *in, uint32_t s
     out->nsegs = (uint16_t)n;
     out->len = in->len + delta;
     out->head = in->head;
+    out->sub = in->sub;
     out->vnet = in->vnet;
     if (out->vnet.flags & VS_NET_HDR_F_NEEDS_CSUM) {
         out->vnet.csum_start = (uint16_t)(out->vnet.csum_start + delta);
@@ -564,6 +578,8 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
     const struct vs_vlan *in_vlan = __atomic_load_n(&in->vlan, __ATOMIC_ACQUIRE);
     struct vlan_class cls[VS_BURST];
     int dest[VS_BURST];
+    uint16_t dest_sub[VS_BURST];
+    bool in_subs = in->subs != 0;
     uint32_t keep = 0;           /* bit i: frame i passed classification */
     uint64_t dropped = 0;
     uint8_t hdr[16];
@@ -580,7 +596,8 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
             continue;
         }
         keep |= 1u << i;
-        dest[i] = learn_and_lookup(fib, &memo, hdr, (uint64_t)cls[i].vid << 48, in->port_no, now);
+        dest[i] = learn_and_lookup(fib, &memo, hdr, (uint64_t)cls[i].vid << 48, in->port_no,
+                                   in_subs ? pkts[i].sub : 0, now, &dest_sub[i]);
     }
     vs_fib_unlock(fib);
     if (unlikely(dropped)) {
@@ -621,6 +638,7 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
             const struct vs_vlan *v = __atomic_load_n(&t->ports[d]->vlan, __ATOMIC_ACQUIRE);
             /* An entry the port no longer carries (its settings just changed): flood instead. */
             if (likely(vlan_carries(v, vid))) {
+                pkts[i].sub = dest_sub[i];
                 struct vs_pkt *form = vlan_form(&forms, pkts, &cls[i], i, v);
                 if (likely(form != NULL)) {
                     ADD_TO_GROUP((uint32_t)d, form, 1);
@@ -630,6 +648,7 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
             }
         }
         /* Unknown, broadcast or multicast: every other port in the frame's VLAN. */
+        pkts[i].sub = VS_SUB_ALL;
         for (uint32_t j = 0; j < t->n_live; j++) {
             uint32_t p = t->live[j];
             if (p == in->port_no) {

@@ -56,6 +56,17 @@ class Port(abc.ABC):
         self.c.max_frame = mtu + MTU_FRAME_OVERHEAD if mtu else 0
 
     @classmethod
+    def check_spec(cls, spec: dict) -> list[str]:
+        """Problems between keys of a spec whose keys are each valid ("KEY: what is
+        wrong"); a type with such rules overrides this."""
+        return []
+
+    def sub_name(self, sub: int) -> str | None:
+        """What sub-destination sub of the port is (a tunnel's remote), for `fdb show`;
+        None for a port without them."""
+        return None
+
+    @classmethod
     def create(cls, spec: dict, port_no: int, *, emit: EventSink, **services) -> "Port":
         """Builds the port for a validated spec.  `services` are the switch's
         hooks (quiesce, on_rarp, reclaim), for the types that need them."""

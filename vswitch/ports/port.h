@@ -112,5 +112,10 @@ struct vs_port {
                                   * MTU; 0: no limit.  Written by the control plane at any time. */
     struct vs_vlan *vlan;        /* shared: NULL, no VLAN settings (VLAN 0, tags carried untouched) */
     struct vs_police *police;    /* shared: NULL, no ingress policing */
+    /* control: how many sub-destinations the port has (a tunnel's remote
+     * endpoints), set before the port is published; 0: none.  The MAC table
+     * then records which one a MAC was learned from (vs_pkt.sub on receive,
+     * 1 to subs) and hands that back on transmit. */
+    uint16_t subs;
     struct vs_port_stats stats;
 };

@@ -264,10 +264,11 @@ def key_help(name: str) -> str:
     generic = generic_key(name)
     if generic is not None:
         return f"any type: {generic.help}"
-    helps = {t.name: t.key(name).help for t in port_types() if t.key(name) is not None}
-    if len(set(helps.values())) == 1:
-        return f"{', '.join(helps)}: {next(iter(helps.values()))}"
-    return "; ".join(f"{kind}: {text}" for kind, text in helps.items())
+    by_help: dict[str, list[str]] = {}
+    for t in port_types():
+        if t.key(name) is not None:
+            by_help.setdefault(t.key(name).help, []).append(t.name)
+    return "; ".join(f"{', '.join(kinds)}: {text}" for text, kinds in by_help.items())
 
 
 # Checks and keys that several port types share.

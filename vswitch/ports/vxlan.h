@@ -1,0 +1,101 @@
+/*
+ * VXLAN tunnel ports (RFC 7348): the switch's frames travel to remote
+ * tunnel endpoints (VTEPs) inside UDP datagrams, behind an 8-byte VXLAN
+ * header that carries a 24-bit segment id (VNI).
+ *
+ * The outer frames leave and enter through the kernel's IPv4 stack, not an
+ * uplink of our own: a UDP socket bound to local_ip:dst_port receives
+ * (recvmmsg), a raw IPPROTO_UDP socket bound to local_ip sends (sendmmsg)
+ * with a UDP header we write, so that each flow gets its own source port
+ * (a bound UDP socket could only send from dst_port).  The kernel does
+ * routing, ARP and the outer Ethernet and IP headers, so the tunnel works
+ * over any interface, bond or VLAN the host already has; the cost is a
+ * system call per batch and the kernel's copy, which an AF_PACKET uplink
+ * would share.
+ *
+ * Each remote VTEP is one sub-destination of the port (port.h subs): a
+ * received frame carries the index of the remote it came from plus one
+ * (vs_pkt.sub), the MAC table records it, and a unicast frame goes back to
+ * that remote only; frames for VS_SUB_ALL go to every remote (head-end
+ * replication).
+ *
+ * No #include: cffi reads this file.
+ */
+
+#define VS_VXLAN_MAX_REMOTES 64
+#define VS_VXLAN_MAX_VNI_MAP 64          /* VLAN -> VNI pairs of one port */
+#define VS_VXLAN_HLEN 8                  /* the VXLAN header */
+#define VS_VXLAN_UDP_HLEN 8
+#define VS_VXLAN_OVERHEAD 36             /* outer IPv4 (20) + UDP (8) + VXLAN (8) headers around the inner frame */
+#define VS_VXLAN_RX_BUF 65536            /* one receive buffer: any UDP payload over IPv4 fits */
+#define VS_VXLAN_FLAG_I 8                /* the VNI is valid; frames without it are dropped */
+#define VS_VXLAN_MAX_VNI 16777215
+#define VS_VXLAN_SRC_PORT_MIN 49152      /* RFC 7348 5: source ports from the dynamic range */
+#define VS_VXLAN_SRC_PORT_MASK 16383
+
+/* Why vs_vxlan_decap refused a datagram. */
+#define VS_VXLAN_UNKNOWN_REMOTE -1       /* its source address is none of the remotes */
+#define VS_VXLAN_MALFORMED -2            /* too short for VXLAN + Ethernet headers, or the I flag clear */
+#define VS_VXLAN_WRONG_VNI -3            /* a VNI this port does not carry */
+
+struct vs_vxlan_stats {
+    uint64_t rx_packets;                 /* inner frames handed to the PMD */
+    uint64_t rx_bytes;
+    uint64_t rx_unknown_remote;          /* datagrams dropped: not from a remote VTEP of this port */
+    uint64_t rx_wrong_vni;               /* datagrams dropped: a VNI this port does not carry */
+    uint64_t rx_malformed;               /* datagrams dropped: short, truncated, or the I flag clear */
+    uint64_t rx_errors;                  /* recvmmsg failures other than "nothing to read" */
+    uint64_t tx_packets;                 /* datagrams sent (one per remote a frame went to): atomic */
+    uint64_t tx_bytes;                   /* their inner frames' bytes: atomic */
+    uint64_t tx_errors;                  /* datagrams the kernel refused (no route, full buffer): atomic */
+};
+
+struct vs_vxlan_remote {
+    uint32_t addr;                       /* IPv4 address, network byte order */
+    uint64_t rx_packets;                 /* frames received from it */
+    uint64_t tx_packets;                 /* datagrams sent to it: atomic */
+};
+
+struct vs_vxlan_port {
+    int rx_fd;                           /* UDP socket bound to local_addr:dst_port */
+    int tx_fd;                           /* raw IPPROTO_UDP socket bound to local_addr */
+    uint32_t local_addr;                 /* network byte order */
+    uint32_t dst_port;                   /* host byte order */
+    uint32_t vni;                        /* frames without a mapped VLAN */
+    uint32_t n_remotes;
+    struct vs_vxlan_remote remotes[VS_VXLAN_MAX_REMOTES];
+    /* Per-VLAN VNIs: a frame that leaves this port tagged with map_vlan[i]
+     * travels untagged in VNI map_vni[i], and comes back tagged. */
+    uint32_t n_map;
+    uint16_t map_vlan[VS_VXLAN_MAX_VNI_MAP];
+    uint32_t map_vni[VS_VXLAN_MAX_VNI_MAP];
+    uint32_t route_mtu;                  /* the smallest MTU of the routes to the remotes, found by open */
+    uint8_t *rx_bufs;                    /* VS_BURST buffers of VS_VXLAN_RX_BUF bytes */
+    char error[128];                     /* what failed in vs_vxlan_port_open */
+    struct vs_vxlan_stats stats;
+};
+
+/* Allocates the receive buffers; fds stay -1.  0 or -ENOMEM.
+ * vs_vxlan_port_fini releases everything, also after a failure. */
+int vs_vxlan_port_init(struct vs_vxlan_port *vp);
+/* Opens both sockets, in network namespace netns_fd if >= 0.  0 or -errno
+ * (vp->error says which step failed). */
+int vs_vxlan_port_open(struct vs_vxlan_port *vp, int netns_fd);
+void vs_vxlan_port_fini(struct vs_vxlan_port *vp);
+
+/* Checks a received datagram (UDP payload) from from_addr (network order).
+ * Returns the offset of the inner frame in data (its length is len minus
+ * that), and sets *sub to the remote's index + 1; or a VS_VXLAN_* reason.
+ * A frame of a mapped VNI gets its VLAN tag pushed in place, in front of
+ * the inner frame (data must be writable). */
+int vs_vxlan_decap(const struct vs_vxlan_port *vp, uint32_t from_addr, uint8_t *data, uint32_t len,
+                   uint16_t *sub);
+/* Writes the UDP and VXLAN headers (16 bytes) for pkt to out; *strip_tag is
+ * set when the frame's VLAN tag maps to a VNI and must be left out. */
+void vs_vxlan_encap_header(const struct vs_vxlan_port *vp, const struct vs_pkt *pkt, uint8_t *out,
+                           int *strip_tag);
+/* The outer UDP source port for a frame: a hash of its addresses and ports,
+ * in the dynamic range, so the underlay spreads flows and keeps each in order. */
+uint16_t vs_vxlan_source_port(const struct vs_pkt *pkt);
+
+const struct vs_port_ops *vs_vxlan_port_ops(void);
