@@ -166,7 +166,8 @@ def wait_vhost(switch: Vswitchd, port: str, predicate, what: str, timeout: float
 
 def start_background_ping(guest: vmkit.Guest, ip: str, count: int, interval: float, log: str,
                           extra: str = "") -> None:
-    guest.run(f"{{ ping -c {count} -i {interval} -W 2 {extra} {ip} > {log} 2>&1 & }}")
+    # setsid forks it into a session of its own: the console's shell (the guest's init) keeps no job.
+    guest.run(f"setsid ping -c {count} -i {interval} -W 2 {extra} {ip} > {log} 2>&1 < /dev/null")
 
 
 def background_ping_result(guest: vmkit.Guest, log: str, timeout: float) -> tuple[int, int]:

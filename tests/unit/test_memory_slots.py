@@ -284,6 +284,29 @@ def test_single_region_payloads_are_checked():
         protocol.parse_payload(add, payload[:32], 1)
 
 
+def test_max_memory_covers_added_regions(tmp_path):
+    lt = LoopThread()
+    h = Harness(lt, tmp_path / "vhost.sock")
+    h.backend.device.max_memory = 8 << 20
+    h.start()
+    fe = SlotsFrontend(h.path, mem_size=7 << 20).connect()
+    extras = extra_memories(2, "max")
+    try:
+        fe.handshake()
+        fe.add_region(describe(extras[0]), extras[0].fd)        # 7 + 1 MiB: at the limit
+        with pytest.raises(RequestFailed):
+            fe.add_region(describe(extras[1]), extras[1].fd)
+        info = h.info()
+        assert info["memory_regions"] == 2 and info["memory_refused"] == 1 and info["mem_reg_refused"] == 1
+        assert info["memory_mapped"] == 8 << 20
+    finally:
+        fe.close()
+        for mem in extras:
+            mem.close()
+        h.stop()
+        lt.close()
+
+
 def test_mem_slot_messages_need_the_protocol_feature(harness):
     fe = VhostUserFrontend(harness.path).connect()
     [mem] = extra_memories(1, "nofeature")
