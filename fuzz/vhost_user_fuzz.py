@@ -350,7 +350,16 @@ class Generator:
                     fd_size = size if size <= 8 * MEM_SIZE and r.u8() < 0xE0 else r.pick([0, 4096, MEM_SIZE])
                     fds.append(self.memfd(r, fd_size))
                     opened.append(fds[-1])
-            if rule.fds is p.Fds.ONE:
+            elif shape is p.Payload.MEMORY_REGION:
+                # ADD_MEM_REG / REM_MEM_REG: one region, its memfd for ADD (and sometimes a stray one for REM).
+                reg = self.region(r, r.u8() % 4)
+                payload = p.pack_memory_region(reg)
+                if rule.fds is p.Fds.ONE or r.u8() >= 0xF0:
+                    size = reg.mmap_offset + reg.size
+                    fds.append(self.memfd(r, size if size <= 8 * MEM_SIZE and r.u8() < 0xE0 else
+                                          r.pick([0, 4096, MEM_SIZE])))
+                    opened.append(fds[-1])
+            if rule.fds is p.Fds.ONE and shape is not p.Payload.MEMORY_REGION:
                 fds.append(self.fd_of_kind(r, r.u8(), opened))
         else:
             payload = r.bytes(r.u8() % 40)

@@ -204,16 +204,16 @@ def test_the_message_table_has_one_row_per_request():
     assert all(getattr(VhostUserDevice, row.handler.__name__) is row.handler for row in MESSAGES.values())
     assert {r for r, row in MESSAGES.items() if row.fds is not protocol.Fds.NONE} == {
         Request.SET_MEM_TABLE, Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR,
-        Request.SET_BACKEND_REQ_FD}
+        Request.SET_BACKEND_REQ_FD, Request.ADD_MEM_REG, Request.REM_MEM_REG}
     assert {r: row.reply for r, row in MESSAGES.items() if row.reply is not protocol.Reply.ACK} == {
         Request.GET_FEATURES: protocol.Reply.U64, Request.GET_PROTOCOL_FEATURES: protocol.Reply.U64,
         Request.GET_QUEUE_NUM: protocol.Reply.U64, Request.GET_STATUS: protocol.Reply.U64,
-        Request.GET_VRING_BASE: protocol.Reply.VRING_STATE}
+        Request.GET_VRING_BASE: protocol.Reply.VRING_STATE, Request.GET_MAX_MEM_SLOTS: protocol.Reply.U64}
     # What may change under the PMDs: memory, ring configuration and fds, and the device as a whole.
     assert {r for r, row in MESSAGES.items() if row.quiesce} == {
         Request.RESET_OWNER, Request.SET_MEM_TABLE, Request.SET_VRING_NUM, Request.SET_VRING_ADDR,
         Request.SET_VRING_BASE, Request.GET_VRING_BASE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
-        Request.SET_VRING_ENABLE}
+        Request.SET_VRING_ENABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG}
 
 
 def test_a_handler_may_wait_for_the_pmds_only_if_its_row_says_so(make_harness, frontends, monkeypatch, caplog):
@@ -266,7 +266,7 @@ def test_offered_features():
                 protocol.VIRTIO_NET_F_HOST_TSO4, protocol.VIRTIO_NET_F_HOST_TSO6,
                 protocol.VIRTIO_NET_F_GUEST_TSO4, protocol.VIRTIO_NET_F_GUEST_TSO6):
         assert offered & (1 << bit)
-    assert protocol.OFFERED_PROTOCOL_FEATURES == bits(0, 2, 3, 4, 5, 16)
+    assert protocol.OFFERED_PROTOCOL_FEATURES == bits(0, 2, 3, 4, 5, 15, 16)
 
 
 # ------------------------------------------------------------------------- handshake

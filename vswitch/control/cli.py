@@ -160,6 +160,11 @@ def print_port_details(p: dict) -> None:
     if vhost and "offered_feature_names" in vhost:
         print(f"  offered: {' '.join(vhost['offered_feature_names'])}")
         print(f"  negotiated: {' '.join(vhost['negotiated_feature_names']) or 'none (no front-end)'}")
+    if vhost and (vhost.get("mem_regs_added") or vhost.get("mem_reg_refused")):
+        # Memory hotplug (ADD_MEM_REG / REM_MEM_REG): what the front-end added and removed.
+        print(f"  memory: {vhost['memory_regions']} regions, {vhost['memory_mapped']} bytes mapped; "
+              f"mem_regs_added {vhost['mem_regs_added']} mem_regs_removed {vhost['mem_regs_removed']} "
+              f"mem_reg_refused {vhost['mem_reg_refused']} rings_lost_memory {vhost['rings_lost_memory']}")
 
 
 def print_queue_stats(p: dict) -> None:

@@ -14,6 +14,15 @@ memory tables and ring addresses only while the rings are disabled; memory
 and ring fds the PMD threads may still use are freed through `reclaim`,
 once they have passed a quiescent point.
 
+Memory hotplug.  With PROTOCOL_F_CONFIGURE_MEM_SLOTS the front-end sends
+regions one at a time (ADD_MEM_REG, REM_MEM_REG, up to GET_MAX_MEM_SLOTS of
+them) while the rings run.  Each change builds a new memory table, publishes
+it with one pointer store (vs_vhost_dev_set_mem) and hands the old table, and
+the mapping of a removed region, to `reclaim`: nothing is unmapped until the
+PMDs have passed a quiescent point, and traffic never stops for it.  A ring
+that lies in a removed region (the spec forbids it; a hostile front-end may
+try) is halted before the region goes and forgets its addresses.
+
 Faults.  The front-end may still cut its memory short later (truncate the
 file): guestmem's SIGBUS handler replaces the mapping with zeros and flags
 the device (vs_vhost_dev.fault).  describe_fault() counts the fault bits
@@ -123,6 +132,37 @@ def _unmap_all(regions: list[_MemRegion], keep_alive=None) -> Callable[[], None]
     return release
 
 
+def _build_memtable(regions: list[_MemRegion]):
+    """A new `struct vs_memtable` over mapped regions (never changed once published)."""
+    memtable = ffi.new("struct vs_memtable *")
+    memtable.nregions = len(regions)
+    for i, mapped in enumerate(regions):
+        c_region = memtable.regions[i]
+        c_region.guest_phys_addr = mapped.desc.guest_phys_addr
+        c_region.user_addr = mapped.desc.user_addr
+        c_region.size = mapped.desc.size
+        c_region.host_addr = ffi.cast("uint8_t *", mapped.buffer) + mapped.skip
+    return memtable
+
+
+def _describe_region(region: protocol.MemoryRegion) -> str:
+    return (f"region gpa {region.guest_phys_addr:#x} size {region.size:#x} uva {region.user_addr:#x} "
+            f"offset {region.mmap_offset:#x}")
+
+
+def _file_id(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _ring_lies_in(addr: VringAddr, region: protocol.MemoryRegion) -> bool:
+    """True if any of a ring's three parts starts inside the region (user addresses)."""
+    return any(region.user_addr <= uva < region.user_addr + region.size for uva in (addr.desc, addr.avail, addr.used))
+
+
 class _Ring:
     """What the front-end told us about one vring, and whether it runs."""
 
@@ -181,7 +221,11 @@ class VhostUserDevice:
         self._reclaim = reclaim or _release_now
         self.max_memory = max_memory
         self.offered_features = protocol.OFFERED_FEATURES & ~disabled_features
-        self.memory_refused = 0       # SET_MEM_TABLE over max_memory
+        self.memory_refused = 0       # SET_MEM_TABLE or ADD_MEM_REG over max_memory
+        self.mem_reg_refused = 0      # ADD_MEM_REG / REM_MEM_REG refused (slots, overlap, unknown region, file)
+        self.mem_regs_added = 0       # ADD_MEM_REG and REM_MEM_REG done, for `vswitchctl show`
+        self.mem_regs_removed = 0
+        self.rings_lost_memory = 0    # rings halted because REM_MEM_REG took the memory they lie in
         self.mtu_refused = 0          # NET_SET_MTU outside 68..65535
         self.fault_counts = {name: 0 for name in FAULT_BITS.values()}
         self._handling: MessageRule | None = None
@@ -230,6 +274,11 @@ class VhostUserDevice:
             "memory_mapped": sum(len(r.mapping) for r in self._regions),
             "max_memory": self.max_memory,
             "memory_refused": self.memory_refused,
+            "max_mem_slots": protocol.MAX_MEM_SLOTS,
+            "mem_regs_added": self.mem_regs_added,
+            "mem_regs_removed": self.mem_regs_removed,
+            "mem_reg_refused": self.mem_reg_refused,
+            "rings_lost_memory": self.rings_lost_memory,
             **self.fault_counts,
             "rings": rings,
         }
@@ -380,18 +429,11 @@ class VhostUserDevice:
             for mapped in new_regions:
                 mapped.unmap()
             raise
-        memtable = ffi.new("struct vs_memtable *")
-        memtable.nregions = len(new_regions)
-        for i, mapped in enumerate(new_regions):
-            c_region = memtable.regions[i]
-            c_region.guest_phys_addr = mapped.desc.guest_phys_addr
-            c_region.user_addr = mapped.desc.user_addr
-            c_region.size = mapped.desc.size
-            c_region.host_addr = ffi.cast("uint8_t *", mapped.buffer) + mapped.skip
+        memtable = _build_memtable(new_regions)
 
         running = [r for r in self._rings if r.started]
         self._halt_rings(running, emit=False)
-        self.dev.mem = memtable
+        lib.vs_vhost_dev_set_mem(self.dev, memtable)
         old_regions, old_memtable = self._regions, self._memtable
         self._memtable, self._regions = memtable, new_regions
         if old_regions:
@@ -417,7 +459,8 @@ class VhostUserDevice:
                 return False
         return True
 
-    def _plan_region(self, i: int, region: protocol.MemoryRegion, fd: int) -> tuple[int, int]:
+    def _plan_region(self, i: int, region: protocol.MemoryRegion, fd: int,
+                     request: Request = Request.SET_MEM_TABLE) -> tuple[int, int]:
         """The file offset and length to map for a region: only the pages it
         covers, from its offset rounded down to the file's page size
         (hugetlbfs wants whole huge pages)."""
@@ -425,7 +468,7 @@ class VhostUserDevice:
         try:
             st = os.fstat(fd)
         except OSError as exc:
-            raise ProtocolError(f"SET_MEM_TABLE: region {i}: fstat failed: {exc.strerror}") from None
+            raise ProtocolError(f"{request.name}: region {i}: fstat failed: {exc.strerror}") from None
         page = st.st_blksize
         if page < mmap.PAGESIZE or page & (page - 1):
             page = mmap.PAGESIZE
@@ -434,18 +477,18 @@ class VhostUserDevice:
         if stat.S_ISREG(st.st_mode):
             # The file must hold the region; a file cut short later is a fault (guestmem.c).
             if st.st_size < need:
-                raise ProtocolError(f"SET_MEM_TABLE: region {i}: offset {region.mmap_offset:#x} + size "
+                raise ProtocolError(f"{request.name}: region {i}: offset {region.mmap_offset:#x} + size "
                                     f"{region.size:#x} is past the end of its file ({st.st_size:#x} bytes)")
             end = min(end, st.st_size)
         return start, end - start
 
     def _map_region(self, i: int, region: protocol.MemoryRegion, fd: int, start: int,
-                    length: int) -> _MemRegion:
+                    length: int, request: Request = Request.SET_MEM_TABLE) -> _MemRegion:
         try:
             st = os.fstat(fd)
             mapping = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         except (OSError, ValueError, OverflowError) as exc:
-            raise ProtocolError(f"SET_MEM_TABLE: region {i}: mmap of {length:#x} bytes at offset {start:#x} "
+            raise ProtocolError(f"{request.name}: region {i}: mmap of {length:#x} bytes at offset {start:#x} "
                                 f"failed: {exc}") from None
         mapped = _MemRegion(mapping, ffi.from_buffer(mapping), region, (st.st_dev, st.st_ino),
                             skip=region.mmap_offset - start, dev=self.dev)
@@ -453,9 +496,111 @@ class VhostUserDevice:
             mapped.slot = guestmem.register(mapped.buffer, length, self.dev, i)
         except OSError as exc:
             mapped.unmap()
-            raise ProtocolError(f"SET_MEM_TABLE: region {i}: cannot watch the mapping for faults: "
+            raise ProtocolError(f"{request.name}: region {i}: cannot watch the mapping for faults: "
                                 f"{exc.strerror}") from None
         return mapped
+
+    # Memory hotplug (CONFIGURE_MEM_SLOTS).
+
+    def _require_mem_slots(self, request: Request) -> None:
+        if not self._has_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+            raise RequestRefused(f"{request.name}: CONFIGURE_MEM_SLOTS was not negotiated")
+
+    def _refused_region(self, error: type[ProtocolError], text: str) -> ProtocolError:
+        """Counts a refused ADD_MEM_REG or REM_MEM_REG; returns the error to raise."""
+        self.mem_reg_refused += 1
+        return error(text)
+
+    def _get_max_mem_slots(self, msg, body):
+        self._require_mem_slots(Request.GET_MAX_MEM_SLOTS)
+        return protocol.MAX_MEM_SLOTS
+
+    def _add_mem_reg(self, msg, region: protocol.MemoryRegion):
+        request = Request.ADD_MEM_REG
+        self._require_mem_slots(request)
+        fd = msg.fds[0]
+        described = _describe_region(region)
+        for mapped in self._regions:
+            if mapped.desc == region and _file_id(fd) == mapped.file_id:
+                # The same region again (a front-end replaying its table): keep the mapping.
+                log.debug("vhost-user port '%s': ADD_MEM_REG of a region already mapped: %s", self.name, described)
+                return None
+        if len(self._regions) >= protocol.MAX_MEM_SLOTS:
+            raise self._refused_region(RequestRefused, f"{request.name}: all {protocol.MAX_MEM_SLOTS} memory "
+                                                       f"slots are in use; refused {described}")
+        for i, mapped in enumerate(self._regions):
+            other = mapped.desc
+            for what, a, b in (("guest", region.guest_phys_addr, other.guest_phys_addr),
+                               ("user", region.user_addr, other.user_addr)):
+                if a < b + other.size and b < a + region.size:
+                    raise self._refused_region(RequestRefused, f"{request.name}: {described} overlaps region "
+                                                               f"{i} ({_describe_region(other)}) in {what} addresses")
+        slot = len(self._regions)
+        try:
+            start, length = self._plan_region(slot, region, fd, request)
+        except ProtocolError as exc:
+            raise self._refused_region(ProtocolError, str(exc)) from None
+        total = sum(len(r.mapping) for r in self._regions) + length
+        if total > self.max_memory:
+            self.memory_refused += 1
+            raise self._refused_region(RequestRefused, f"{request.name}: {described} would bring guest memory "
+                                                       f"to {total:#x} bytes, over the port's max_memory "
+                                                       f"({self.max_memory:#x} bytes); refused")
+        try:
+            mapped = self._map_region(slot, region, fd, start, length, request)
+        except ProtocolError as exc:
+            raise self._refused_region(ProtocolError, str(exc)) from None
+        old_memtable = self._install_regions(self._regions + [mapped])
+        if old_memtable is not None:
+            self._reclaim(f"port '{self.name}': the memory table before ADD_MEM_REG",
+                          _unmap_all([], keep_alive=old_memtable))
+        self.mem_regs_added += 1
+        log.info("vhost-user port '%s': ADD_MEM_REG: %s (%d regions)", self.name, described, len(self._regions))
+        # Rings that waited for their memory start once all of it is there.
+        for ring in self._rings:
+            if self._ready(ring) and self._ring_in_memory(ring):
+                self._start_ring(ring, request)
+
+    def _rem_mem_reg(self, msg, region: protocol.MemoryRegion):
+        request = Request.REM_MEM_REG
+        self._require_mem_slots(request)
+        described = _describe_region(region)
+        # vhost-user.rst: identified by guest address, user address and size; the offset is ignored.
+        matches = [m for m in self._regions
+                   if (m.desc.guest_phys_addr, m.desc.user_addr, m.desc.size)
+                   == (region.guest_phys_addr, region.user_addr, region.size)]
+        if not matches:
+            raise self._refused_region(RequestRefused, f"{request.name}: no such region: {described}")
+        [removed] = matches
+        lost = [r for r in self._rings if r.addr is not None and _ring_lies_in(r.addr, removed.desc)]
+        if lost:
+            # The front-end must not remove memory that holds rings; if it does, those rings
+            # stop before the memory goes, and stay stopped until given new addresses.
+            self._halt_rings(lost)
+            for ring in lost:
+                ring.addr = None
+            self.rings_lost_memory += len(lost)
+            log.warning("vhost-user port '%s': REM_MEM_REG: %s holds vring %s: stopped", self.name, described,
+                        ", ".join(str(r.index) for r in lost))
+        old_memtable = self._install_regions([m for m in self._regions if m is not removed])
+        # The PMDs may still be reading the region through the old table: both go once they moved on.
+        self._reclaim(f"port '{self.name}': removed guest memory ({described})",
+                      _unmap_all([removed], keep_alive=old_memtable))
+        self.mem_regs_removed += 1
+        log.info("vhost-user port '%s': REM_MEM_REG: %s (%d regions left)", self.name, described,
+                 len(self._regions))
+
+    def _install_regions(self, regions: list[_MemRegion]):
+        """Publishes a memory table of these regions; returns the table it replaced (None if none)."""
+        memtable = _build_memtable(regions)
+        lib.vs_vhost_dev_set_mem(self.dev, memtable)
+        old, self._memtable, self._regions = self._memtable, memtable, regions
+        return old
+
+    def _ring_in_memory(self, ring: _Ring) -> bool:
+        addr = ring.addr
+        return all(lib.vs_mem_translate_uva(self._memtable, uva, 1) != ffi.NULL
+                   for uva in (addr.desc, addr.avail, addr.used))
 
     def _set_vring_num(self, msg, state: VringState):
         ring = self._ring(Request.SET_VRING_NUM, state.index)
@@ -685,5 +830,8 @@ MESSAGES: dict[Request, MessageRule] = {row.request: row for row in (
     _row(Request.SET_BACKEND_REQ_FD,    Payload.NONE,        Fds.ONE,        Reply.ACK,         False,   VhostUserDevice._set_backend_req_fd),
     _row(Request.SET_STATUS,            Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._set_status),
     _row(Request.GET_STATUS,            Payload.NONE,        Fds.NONE,       Reply.U64,         False,   VhostUserDevice._get_status),
+    _row(Request.GET_MAX_MEM_SLOTS,     Payload.NONE,        Fds.NONE,       Reply.U64,         False,   VhostUserDevice._get_max_mem_slots),
+    _row(Request.ADD_MEM_REG,           Payload.MEMORY_REGION, Fds.ONE,      Reply.ACK,         True,    VhostUserDevice._add_mem_reg),
+    _row(Request.REM_MEM_REG,           Payload.MEMORY_REGION, Fds.AT_MOST_ONE, Reply.ACK,      True,    VhostUserDevice._rem_mem_reg),
 )}
 VhostUserDevice.messages = MESSAGES

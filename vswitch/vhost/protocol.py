@@ -107,6 +107,8 @@ VRING_INDEX_MASK = 0xFF
 VRING_NOFD = 0x100
 
 MAX_MEM_REGIONS = lib.VS_MAX_MEM_REGIONS
+# With CONFIGURE_MEM_SLOTS, regions come one by one (ADD_MEM_REG) up to this many.
+MAX_MEM_SLOTS = lib.VS_MAX_MEM_SLOTS
 MAX_FDS_PER_MESSAGE = MAX_MEM_REGIONS
 # Largest payload we read: big enough for every request the spec defines
 # (GET_CONFIG carries up to 256 bytes of config space plus 12), so that an
@@ -118,6 +120,7 @@ VRING_STATE = struct.Struct("=II")
 VRING_ADDR = struct.Struct("=IIQQQQ")      # index, flags, desc, used, avail, log
 MEMORY_HEADER = struct.Struct("=II")       # nregions, padding
 MEMORY_REGION = struct.Struct("=QQQQ")     # guest_phys_addr, size, user_addr, mmap_offset
+SINGLE_MEMORY_REGION = struct.Struct("=QQQQQ")  # padding, then a region (ADD_MEM_REG, REM_MEM_REG)
 
 
 # --- virtio feature bits (virtio 1.x and vhost-user) --------------------------
@@ -261,6 +264,7 @@ OFFERED_PROTOCOL_FEATURES = bits(
     ProtocolFeature.NET_MTU,
     ProtocolFeature.BACKEND_REQ,
     ProtocolFeature.STATUS,
+    ProtocolFeature.CONFIGURE_MEM_SLOTS,
 )
 
 # Virtio device status bits (virtio 1.x, 2.1), carried by SET/GET_STATUS.
@@ -281,6 +285,7 @@ class Payload(enum.Enum):
     VRING_ADDR = "vring address"
     VRING_FD = "u64 vring index and flags"    # SET_VRING_KICK / CALL / ERR
     MEMORY = "memory regions"
+    MEMORY_REGION = "single memory region"    # ADD_MEM_REG / REM_MEM_REG
 
 
 class Fds(enum.Enum):
@@ -290,6 +295,7 @@ class Fds(enum.Enum):
     ONE = "exactly one"
     VRING_FD = "one unless the NOFD bit is set"
     PER_REGION = "one per memory region"
+    AT_MOST_ONE = "none, or one that is closed unused"   # REM_MEM_REG: the spec tolerates a stray fd
 
 
 class Reply(enum.Enum):
@@ -402,6 +408,8 @@ def parse_payload(rule: MessageRule, payload: bytes, nfds: int):
     name = rule.request.name
     body = _decode(rule.payload, name, payload)
     expected_fds = _expected_fds(rule.fds, body)
+    if rule.fds is Fds.AT_MOST_ONE and nfds <= 1:
+        return body
     if nfds != expected_fds:
         raise ProtocolError(f"{name}: {nfds} file descriptors attached, expected {expected_fds} ({rule.fds.value})")
     return body
@@ -429,6 +437,11 @@ def _decode(shape: Payload, name: str, payload: bytes):
         return VringFd(value & VRING_INDEX_MASK, bool(value & VRING_NOFD))
     if shape is Payload.MEMORY:
         return _decode_memory(name, payload)
+    if shape is Payload.MEMORY_REGION:
+        _expect_size(name, payload, SINGLE_MEMORY_REGION.size, "single memory region")
+        region = MemoryRegion(*SINGLE_MEMORY_REGION.unpack(payload)[1:])
+        _check_region(name, "the region", region)
+        return region
     raise AssertionError(shape)
 
 
@@ -443,13 +456,7 @@ def _decode_memory(name: str, payload: bytes) -> MemoryTable:
     regions = []
     for i in range(nregions):
         region = MemoryRegion(*MEMORY_REGION.unpack_from(payload, MEMORY_HEADER.size + i * MEMORY_REGION.size))
-        if region.size == 0:
-            raise ProtocolError(f"{name}: region {i} has size 0")
-        # The end of a region must be representable, in every address space it lives in.
-        for what, start in (("guest address", region.guest_phys_addr), ("user address", region.user_addr),
-                            ("mmap offset", region.mmap_offset)):
-            if start + region.size - 1 > U64_MAX:
-                raise ProtocolError(f"{name}: region {i} {what} {start:#x} + size {region.size:#x} overflows")
+        _check_region(name, f"region {i}", region)
         # Overlapping regions would make an address mean two places; no front-end sends them.
         for j, other in enumerate(regions):
             for what, a, b in (("guest", region.guest_phys_addr, other.guest_phys_addr),
@@ -458,6 +465,16 @@ def _decode_memory(name: str, payload: bytes) -> MemoryTable:
                     raise ProtocolError(f"{name}: region {i} overlaps region {j} in {what} addresses")
         regions.append(region)
     return MemoryTable(tuple(regions))
+
+
+def _check_region(name: str, which: str, region: MemoryRegion) -> None:
+    if region.size == 0:
+        raise ProtocolError(f"{name}: {which} has size 0")
+    # The end of a region must be representable, in every address space it lives in.
+    for what, start in (("guest address", region.guest_phys_addr), ("user address", region.user_addr),
+                        ("mmap offset", region.mmap_offset)):
+        if start + region.size - 1 > U64_MAX:
+            raise ProtocolError(f"{name}: {which} {what} {start:#x} + size {region.size:#x} overflows")
 
 
 def _expected_fds(rule: Fds, body) -> int:
@@ -469,6 +486,8 @@ def _expected_fds(rule: Fds, body) -> int:
         return 0 if body.nofd else 1
     if rule is Fds.PER_REGION:
         return len(body.regions)
+    if rule is Fds.AT_MOST_ONE:
+        return 0
     raise AssertionError(rule)
 
 
@@ -516,6 +535,11 @@ def pack_vring_fd(index: int, nofd: bool = False) -> bytes:
 def pack_memory_table(regions: list[MemoryRegion] | tuple[MemoryRegion, ...]) -> bytes:
     return MEMORY_HEADER.pack(len(regions), 0) + b"".join(
         MEMORY_REGION.pack(r.guest_phys_addr, r.size, r.user_addr, r.mmap_offset) for r in regions)
+
+
+def pack_memory_region(region: MemoryRegion) -> bytes:
+    """The payload of ADD_MEM_REG and REM_MEM_REG."""
+    return SINGLE_MEMORY_REGION.pack(0, region.guest_phys_addr, region.size, region.user_addr, region.mmap_offset)
 
 
 def parse_reply(expected_request: int, data: bytes) -> bytes:

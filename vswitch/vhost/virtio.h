@@ -12,6 +12,7 @@
 
 /* Limits of this back-end. */
 #define VS_MAX_MEM_REGIONS 8     /* vhost-user limit without CONFIGURE_MEM_SLOTS */
+#define VS_MAX_MEM_SLOTS 64      /* regions a memory table holds: answered to GET_MAX_MEM_SLOTS */
 #define VS_MAX_QUEUE_PAIRS 16    /* answered to GET_QUEUE_NUM */
 #define VS_MAX_VRINGS 32         /* two per queue pair: even = guest RX, odd = guest TX */
 #define VS_MAX_RING_SIZE 32768

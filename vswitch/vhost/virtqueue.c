@@ -71,6 +71,13 @@ uint8_t *vs_mem_translate_uva(const struct vs_memtable *mem, uint64_t uva, uint6
     return NULL;
 }
 
+/* Publishes a complete memory table: a PMD that loads the pointer after this
+ * store sees every region written before it. */
+void vs_vhost_dev_set_mem(struct vs_vhost_dev *dev, struct vs_memtable *mem)
+{
+    __atomic_store_n(&dev->mem, mem, __ATOMIC_RELEASE);
+}
+
 void vs_vhost_dev_init(struct vs_vhost_dev *dev, uint32_t nr_queue_pairs)
 {
     memset(dev, 0, sizeof *dev);

@@ -44,9 +44,10 @@ struct vs_mem_region {
     uint8_t *host_addr;          /* our mapping of guest_phys_addr */
 };
 
+/* Immutable once published: a change builds a new table (vs_vhost_dev_set_mem). */
 struct vs_memtable {
     uint32_t nregions;
-    struct vs_mem_region regions[VS_MAX_MEM_REGIONS];
+    struct vs_mem_region regions[VS_MAX_MEM_SLOTS];
 };
 
 /* Why a descriptor chain or a ring was refused; names in vs_vq_error_name(). */
@@ -121,7 +122,9 @@ struct vs_vring {
 #define VS_DEV_FAULT_CALL_BLOCKED 2  /* writing a call fd would block */
 
 struct vs_vhost_dev {
-    struct vs_memtable *mem;     /* control: replaced only with all rings disabled and quiesced */
+    struct vs_memtable *mem;     /* control: swapped whole by vs_vhost_dev_set_mem() while rings run;
+                                  * the old table and any region it alone maps are freed only
+                                  * once the PMDs have passed a quiescent point */
     uint32_t fault;              /* shared: VS_DEV_FAULT_* bits, set atomically by any thread; while
                                   * non-zero the PMD forwards nothing from the device, and the control
                                   * plane disconnects the front-end */
@@ -134,6 +137,7 @@ struct vs_vhost_dev {
 /* Control plane. */
 const char *vs_vq_error_name(uint32_t err);
 uint8_t *vs_mem_translate_uva(const struct vs_memtable *mem, uint64_t uva, uint64_t len);
+void vs_vhost_dev_set_mem(struct vs_vhost_dev *dev, struct vs_memtable *mem);
 void vs_vhost_dev_init(struct vs_vhost_dev *dev, uint32_t nr_queue_pairs);
 void vs_vhost_dev_set_features(struct vs_vhost_dev *dev, uint64_t features);
 int vs_vring_setup(struct vs_vhost_dev *dev, uint32_t index, uint32_t size,
