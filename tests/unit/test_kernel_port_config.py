@@ -45,3 +45,21 @@ def test_two_ports_on_one_interface_are_refused_in_a_file():
         parse({"ports": [{"name": "a", "type": "af-packet", "ifname": "veth0"},
                          {"name": "b", "type": "af-packet", "ifname": "veth0"}]}, "x.yaml")
     assert exc.value.problems == ["x.yaml: ports[1] (b): interface veth0 is already attached by port 'a'"]
+
+
+def test_netns_takes_a_path_as_cni_gives_it():
+    # A CNI runtime names a pod's namespace by a file (/proc/PID/ns/net, /var/run/netns/X), not an `ip netns` name.
+    problems = []
+    port = validate_port({"name": "p", "type": "tap", "ifname": "eth0", "netns": "/proc/self/ns/net"}, None, problems)
+    assert problems == [] and port["netns"] == "/proc/self/ns/net"
+
+
+@pytest.mark.parametrize("path,message", [
+    ("/no/such/netns/file", "no network namespace file /no/such/netns/file"),
+    ("/proc/self/ns/../ns/net", "must be a normalized absolute path"),
+    ("/etc/hostname", "/etc/hostname is not a network namespace"),
+])
+def test_netns_paths_that_are_not_namespaces_are_refused(path, message):
+    problems = []
+    assert validate_port({"name": "p", "type": "tap", "netns": path}, None, problems) is None
+    assert len(problems) == 1 and message in problems[0], problems

@@ -99,6 +99,7 @@ class KernelPort(Port):
         netns_fd = -1
         if self.netns:
             try:
+                # An absolute path (a CNI runtime's namespace file) is taken as it is by join().
                 netns_fd = os.open(os.path.join(NETNS_DIR, self.netns), os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise OSError(exc.errno, f"network namespace {self.netns}: {exc.strerror}") from None

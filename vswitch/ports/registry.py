@@ -20,6 +20,7 @@ named in $VSWITCH_PORT_MODULES, comma-separated.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import grp
 import importlib
 import os
@@ -286,12 +287,38 @@ def interface_name(value) -> str:
     return value
 
 
+NS_GET_NSTYPE = 0xB703       # ioctl on a namespace file: its CLONE_NEW* type (linux/nsfs.h)
+CLONE_NEWNET = 0x40000000
+
+
 def network_namespace(value) -> str:
+    """An `ip netns` name, or the absolute path of a namespace file (what a CNI runtime gives:
+    /proc/PID/ns/net, /var/run/netns/X), which the ports open as they are."""
+    if isinstance(value, str) and value.startswith("/"):
+        return network_namespace_path(value)
     if not isinstance(value, str) or not NETNS_NAME.match(value):
         raise KeyProblem(f"{value!r} is not a network namespace name")
     if not os.path.exists(os.path.join(NETNS_DIR, value)):
         raise KeyProblem(f"no network namespace named '{value}' (create it with: ip netns add {value})")
     return value
+
+
+def network_namespace_path(path: str) -> str:
+    if os.path.normpath(path) != path:
+        raise KeyProblem(f"{path!r} must be a normalized absolute path")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KeyProblem(f"no network namespace file {path}: {exc.strerror}") from None
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        kind = None
+    finally:
+        os.close(fd)
+    if kind != CLONE_NEWNET:
+        raise KeyProblem(f"{path} is not a network namespace")
+    return path
 
 
 def vlan_check(value) -> dict:
@@ -317,7 +344,7 @@ POLICING_KEY = Key("policing", dict, "ingress policing: {pps: N, bps: N, burst_p
                    "(k, M, G suffixes); none: no limit", check=policing_check, type_name="mapping")
 GENERIC_KEYS = (VLAN_KEY, POLICING_KEY)
 
-NETNS_KEY = Key("netns", str, "the interface's network namespace (ip netns)", check=network_namespace,
+NETNS_KEY = Key("netns", str, "the interface's network namespace (an ip netns name, or a namespace file's absolute path)", check=network_namespace,
                 metavar="NS")
 
 
