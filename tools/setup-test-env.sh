@@ -32,6 +32,8 @@ HUGEPAGES=1024
 # because its QEMU driver refuses to start unless the user libvirt-qemu exists,
 # and only libvirt-daemon-system's install script creates it (and its group).
 # The test runs its own libvirtd; the system one is never used.
+# containernetworking-plugins: the host-local IPAM plugin (/usr/lib/cni) that
+# tests/system/test_cni.py hands vswitch-cni's addressing to.
 PACKAGES=(
     dpdk-dev coreutils
     openvswitch-switch openvswitch-switch-dpdk
@@ -41,6 +43,7 @@ PACKAGES=(
     gcc libc6-dev python3-dev python3-venv
     clang libclang-rt-14-dev
     libvirt-daemon-system libvirt-clients
+    containernetworking-plugins
 )
 
 STEP_NAME=setup-test-env
@@ -70,6 +73,7 @@ fi
 for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc ethtool xdp-loader libvirtd virsh ovs-vswitchd ovsdb-server; do
     command -v "$tool" >/dev/null || die "$tool is still missing after installing packages"
 done
+[ -x /usr/lib/cni/host-local ] || die "/usr/lib/cni/host-local is still missing after installing packages"
 
 # --- hugepages -----------------------------------------------------------
 meminfo() { awk -v key="$1:" '$1 == key { print $2 }' /proc/meminfo; }
