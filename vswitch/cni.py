@@ -13,7 +13,9 @@ other CNI_* variables in the environment and the network config on stdin:
   IPAM plugin named in `ipam` (found in CNI_PATH) gives the addresses, which
   this plugin sets with `ip` inside the namespace, with the routes.
 * `kind: vhost-user`: a server-mode vhost-user port whose socket is
-  `<socket_dir>/<first 12 characters of CNI_CONTAINERID>/<CNI_IFNAME>.sock`; the
+  `<socket_dir>/<first 12 characters of CNI_CONTAINERID>/<CNI_IFNAME>.sock`
+  (with `socket_subdir: pod`, `<socket_dir>/<namespace>_<pod name>/...` from
+  Kubernetes' CNI_ARGS, a directory the pod can name in its own spec); the
   result's interface carries it in `socketPath`, with the MAC the pod's DPDK
   app should use.  IPAM is optional; its addresses are reported, not set.
 
@@ -53,6 +55,7 @@ CHECK_FAILED = 103         # CHECK found the attachment not as ADD left it
 
 CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 IFNAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,15}$")
+K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")   # a DNS subdomain, as pod names are
 
 
 class CniError(Exception):
@@ -137,6 +140,10 @@ class Request:
         self.socket_dir = c.get("socket_dir", DEFAULT_SOCKET_DIR)
         if not isinstance(self.socket_dir, str) or not self.socket_dir.startswith("/"):
             raise CniError(INVALID_CONFIG, "network config: socket_dir: must be an absolute path")
+        self.socket_subdir = c.get("socket_subdir", "container")
+        if self.socket_subdir not in ("container", "pod"):
+            raise CniError(INVALID_CONFIG, f"network config: socket_subdir: {self.socket_subdir!r} must be "
+                           "container or pod")
 
     def _read_env(self, env: dict) -> None:
         def need(var: str) -> str:
@@ -162,10 +169,32 @@ class Request:
             raise CniError(INVALID_ENVIRONMENT, "CNI_PATH is not set (needed to find the IPAM plugin)")
         self.env = env
         self.port = port_name(self.container_id, self.ifname)
+        self.args = parse_cni_args(env.get("CNI_ARGS", ""))
+        if self.kind == "vhost-user":
+            self.socket_path = os.path.join(self.socket_dir, self._socket_subdir(), f"{self.ifname}.sock")
 
-    @property
-    def socket_path(self) -> str:
-        return os.path.join(self.socket_dir, self.container_id[:12], f"{self.ifname}.sock")
+    def _socket_subdir(self) -> str:
+        """The per-pod directory of the vhost-user sockets: the container ID's first 12 characters, or
+        (socket_subdir: pod) NAMESPACE_NAME from Kubernetes' CNI_ARGS, a name the pod itself knows
+        (downward API) and can mount with subPathExpr."""
+        if self.socket_subdir == "container":
+            return self.container_id[:12]
+        names = [self.args.get("K8S_POD_NAMESPACE", ""), self.args.get("K8S_POD_NAME", "")]
+        if not all(K8S_NAME.match(n) for n in names):
+            raise CniError(INVALID_ENVIRONMENT, "socket_subdir pod: CNI_ARGS must give K8S_POD_NAMESPACE and "
+                           "K8S_POD_NAME (Kubernetes names)")
+        return "_".join(names)
+
+
+def parse_cni_args(text: str) -> dict:
+    """CNI_ARGS: "K1=V1;K2=V2" (the spec's only form)."""
+    out = {}
+    for item in filter(None, text.split(";")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CniError(INVALID_ENVIRONMENT, f"CNI_ARGS: {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
 
 
 # --- helpers: the switch, the IPAM plugin, the pod's namespace -------------------------------------

@@ -78,3 +78,28 @@ def test_port_names_are_short_unique_and_stable():
     assert port_name("c", "eth0") == port_name("c", "eth0")
     mac = attachment_mac("c", "eth0")
     assert int(mac[:2], 16) & 0x03 == 0x02   # locally administered, unicast
+
+
+def vhost_request(tmp_path, cni_args: str, **over):
+    from vswitch.cni import Request
+
+    config = tap_config(tmp_path, kind="vhost-user", socket_dir="/run/vswitch/cni", ipam=None, **over)
+    env = {**ENV, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "0123456789abcdef", "CNI_IFNAME": "net1",
+           "CNI_ARGS": cni_args}
+    return Request(env, json.dumps(config).encode())
+
+
+def test_vhost_user_sockets_live_in_a_per_pod_directory(tmp_path):
+    args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=dpdk-0;K8S_POD_UID=x"
+    assert vhost_request(tmp_path, args).socket_path == "/run/vswitch/cni/0123456789ab/net1.sock"
+    assert vhost_request(tmp_path, args, socket_subdir="pod").socket_path == "/run/vswitch/cni/default_dpdk-0/net1.sock"
+
+
+@pytest.mark.parametrize("cni_args", ["", "K8S_POD_NAMESPACE=default", "K8S_POD_NAMESPACE=../x;K8S_POD_NAME=a",
+                                      "garbage"])
+def test_pod_socket_directories_need_kubernetes_names(tmp_path, cni_args):
+    from vswitch.cni import CniError
+
+    with pytest.raises(CniError) as exc:
+        vhost_request(tmp_path, cni_args, socket_subdir="pod")
+    assert exc.value.code == 4
