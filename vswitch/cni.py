@@ -45,6 +45,7 @@ KINDS = ("tap", "vhost-user")
 # Error codes: the spec's (section "Error"), then this plugin's own (100 and up).
 INCOMPATIBLE_VERSION = 1
 INVALID_ENVIRONMENT = 4
+IO_FAILURE = 5
 DECODING_FAILURE = 6
 INVALID_CONFIG = 7
 TRY_AGAIN_LATER = 11
@@ -52,6 +53,7 @@ SWITCH_REFUSED = 100       # vswitchd refused the port (its one-line reason is t
 IPAM_FAILURE = 101         # the IPAM plugin is missing or failed
 INTERFACE_FAILURE = 102    # addresses or routes could not be set in the pod's namespace
 CHECK_FAILED = 103         # CHECK found the attachment not as ADD left it
+INTERNAL_ERROR = 199       # an unexpected exception (a bug here): its type and text are the message
 
 CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 IFNAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,15}$")
@@ -296,7 +298,10 @@ def cmd_add(req: Request) -> dict:
         if req.kind == "vhost-user":
             directory = os.path.dirname(req.socket_path)
             made_dir = not os.path.isdir(directory)
-            os.makedirs(directory, exist_ok=True)
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise CniError(IO_FAILURE, f"cannot make socket directory {directory}: {exc.strerror}") from None
         switch_call(req, "port/add", spec)
         try:
             if req.kind == "tap":
@@ -399,6 +404,9 @@ def run(env: dict, stdin: bytes) -> tuple[int, dict | None]:
         return 0, None
     except CniError as exc:
         return 1, exc.to_json(req.version if req is not None else _version_of(stdin))
+    except Exception as exc:   # still CNI error JSON, so the runtime shows something readable
+        error = CniError(INTERNAL_ERROR, f"vswitch-cni internal error: {type(exc).__name__}: {exc}")
+        return 1, error.to_json(req.version if req is not None else _version_of(stdin))
 
 
 def _version_of(stdin: bytes) -> str:

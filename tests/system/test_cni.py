@@ -85,6 +85,7 @@ def ping(netns: str, ip: str, count: int = 3) -> str:
 
 def test_two_tap_pods_ping_check_and_del(switch, tmp_path):
     cfg = config(switch, tmp_path)
+    cfg["ipam"]["routes"] = [{"dst": "10.253.0.0/16"}]
     with namespaces(2) as (ns1, ns2):
         r1, r2 = add(cfg, "pod1-cid", ns1), add(cfg, "pod2-cid", ns2)
         for result, ns in ((r1, ns1), (r2, ns2)):
@@ -95,6 +96,9 @@ def test_two_tap_pods_ping_check_and_del(switch, tmp_path):
             assert ip["interface"] == 0 and ip["address"].startswith("10.252.0.") and ip["gateway"] == "10.252.0.1"
             mac = in_ns(ns, "cat", "/sys/class/net/eth0/address").stdout.strip()
             assert mac == result["interfaces"][0]["mac"]
+            assert result["routes"] == [{"dst": "10.253.0.0/16"}]
+            route = in_ns(ns, "ip", "route", "show", "10.253.0.0/16").stdout
+            assert "via 10.252.0.1 dev eth0" in route, route   # the IPAM result's gateway
         assert allocated(tmp_path) == {r["ips"][0]["address"].split("/")[0] for r in (r1, r2)}
         assert len(port_names(switch)) == 2
 
@@ -157,6 +161,38 @@ def test_a_refused_port_gives_cni_error_and_keeps_no_address(switch, tmp_path):
             assert status != 0 and out["code"] in (1, 7), out
         assert port_names(switch) == set() and allocated(tmp_path) == set()
         assert in_ns(ns, "ip", "link", "show", "eth0", check=False).returncode != 0
+
+
+def fake_ipam(tmp_path, add_output: str, add_status: int) -> str:
+    """A CNI_PATH with an IPAM plugin `fake` that answers ADD as told and logs every command."""
+    directory = tmp_path / "fake-cni"
+    directory.mkdir(exist_ok=True)
+    script = directory / "fake"
+    script.write_text(f"""#!/bin/sh
+cat >/dev/null
+echo "$CNI_COMMAND" >> {tmp_path}/fake.log
+[ "$CNI_COMMAND" = ADD ] || exit 0
+echo '{add_output}'
+exit {add_status}
+""")
+    script.chmod(0o755)
+    return str(directory)
+
+
+@pytest.mark.parametrize("output,status,code", [
+    ('{"cniVersion": "1.0.0", "code": 11, "msg": "pool busy"}', 1, 11),     # the plugin's own code kept
+    ('{"cniVersion": "1.0.0", "ips": [{"addr": "10.0.0.1/24"}]}', 0, 199),   # a result we cannot read
+    ('{"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.300/24"}]}', 0, 102),   # ip refuses it
+])
+def test_ipam_failures_undo_the_add(switch, tmp_path, output, status, code, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CNI_PATH", fake_ipam(tmp_path, output, status))
+    with namespaces(1) as (ns,):
+        status_, out = cni("ADD", config(switch, tmp_path, ipam={"type": "fake"}), "fake-cid", ns)
+        assert status_ != 0 and out["code"] == code, out
+        assert port_names(switch) == set()
+        assert in_ns(ns, "ip", "link", "show", "eth0", check=False).returncode != 0
+        log = (tmp_path / "fake.log").read_text().split()
+        assert log == ["ADD"] if code == 11 else log == ["ADD", "DEL"]   # an address given is given back
 
 
 @pytest.mark.dpdk
