@@ -103,3 +103,12 @@ def test_pod_socket_directories_need_kubernetes_names(tmp_path, cni_args):
     with pytest.raises(CniError) as exc:
         vhost_request(tmp_path, cni_args, socket_subdir="pod")
     assert exc.value.code == 4
+
+
+def test_the_package_installs_the_plugin_as_vswitch_cni():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["vswitch-cni"].partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
