@@ -53,7 +53,7 @@ def config(d: Vswitchd, tmp_path, kind: str = "tap", **over) -> dict:
 def cni(command: str, cfg: dict, container: str, netns: str | None, ifname: str = "eth0") -> tuple[int, dict | None]:
     """One plugin run, with only the variables a runtime sets; (exit status, stdout JSON)."""
     env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_CONTAINERID": container,
-           "CNI_NETNS": f"/run/netns/{netns}" if netns else "", "CNI_IFNAME": ifname, "CNI_PATH": CNI_PATH,
+           "CNI_NETNS": (netns if netns.startswith("/") else f"/run/netns/{netns}") if netns else "", "CNI_IFNAME": ifname, "CNI_PATH": CNI_PATH,
            "CNI_ARGS": ""}
     proc = subprocess.run([sys.executable, "-m", "vswitch.cni"], input=json.dumps(cfg).encode(), env=env,
                           capture_output=True, timeout=120, cwd=REPO)
@@ -125,6 +125,24 @@ def test_two_tap_pods_ping_check_and_del(switch, tmp_path):
     with namespaces(1) as (ns3,):
         add(cfg, "pod3-cid", ns3)
     assert cni("DEL", cfg, "pod3-cid", None) == (0, None)
+    assert port_names(switch) == set() and allocated(tmp_path) == set()
+
+
+def test_a_namespace_named_by_a_process_as_docker_and_podman_give_it(switch, tmp_path):
+    cfg = config(switch, tmp_path)
+    with namespaces(1) as (ns,):
+        holder = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "60"])
+        try:
+            path = f"/proc/{holder.pid}/ns/net"
+            result = add(cfg, "proc-cid", path)
+            assert result["interfaces"][0]["sandbox"] == path
+            address = result["ips"][0]["address"]
+            assert address in in_ns(ns, "ip", "-o", "addr", "show", "dev", "eth0").stdout
+            assert cni("CHECK", dict(cfg, prevResult=result), "proc-cid", path) == (0, None)
+            assert cni("DEL", cfg, "proc-cid", path) == (0, None)
+        finally:
+            holder.kill()
+            holder.wait()
     assert port_names(switch) == set() and allocated(tmp_path) == set()
 
 
