@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install vswitch from this checkout (editable), building its C fast path.
 #
-#   tools/install.sh            # the switch: vswitchd, vswitchctl
+#   tools/install.sh            # the switch: vswitchd, vswitchctl, vswitch-cni
 #   tools/install.sh test       # plus the test extra (pytest, scapy)
 #   tools/install.sh service    # the switch, and vswitchd as a systemd service (deploy/vswitchd.service):
 #                               # the unit in $UNIT_DIR (/etc/systemd/system), the config in
@@ -56,6 +56,11 @@ installed_ok() {
     (cd /tmp && "$PY" - "$REPO" <<PYEOF
 import pathlib, sys
 $imports  # noqa
+import os, sysconfig
+# An install from before a console script was added lacks it: pip writes scripts only when it installs.
+scripts = sysconfig.get_path("scripts")
+if not all(os.path.exists(os.path.join(scripts, s)) for s in ("vswitchd", "vswitchctl", "vswitch-cni")):
+    sys.exit(1)
 sys.exit(pathlib.Path(vswitch.__file__).resolve().parent != pathlib.Path(sys.argv[1]) / "vswitch")
 PYEOF
     ) >/dev/null 2>&1
