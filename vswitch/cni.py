@@ -255,7 +255,7 @@ def in_netns(req: Request, *args: str, check: bool = True) -> subprocess.Complet
 
 
 def link_of(req: Request) -> dict | None:
-    """The pod interface as `ip -j -d addr show` gives it, or None when it is not there."""
+    """The pod interface as `ip -j addr show` gives it, or None when it is not there."""
     proc = in_netns(req, "ip", "-j", "addr", "show", "dev", req.ifname, check=False)
     if proc.returncode != 0:
         return None
@@ -314,7 +314,10 @@ def cmd_add(req: Request) -> dict:
                 interface = {"name": req.ifname, "mac": attachment_mac(req.container_id, req.ifname),
                              "sandbox": req.netns, "socketPath": req.socket_path}
         except BaseException:
-            _remove_port(req)
+            try:
+                _remove_port(req)
+            except CniError:
+                pass   # the switch went away meanwhile: its port went with it, or DEL will find it
             raise
     except BaseException:
         if made_dir:
