@@ -165,52 +165,49 @@ class Switch:
         """Gives a running port new VLAN settings (None: none).  The PMDs see
         them from their next burst; the port's learned MAC entries go, as they
         may belong to VLANs it no longer carries.  Returns the settings kept."""
-        port = self._port(name)
-        if settings is not None:
-            try:
-                settings = vlan_settings.check(settings)
-            except vlan_settings.VlanProblem as exc:
-                raise SwitchError(f"port '{name}': vlan: {exc}") from None
-        self._replace_settings(port, "vlan", port.set_vlan(settings), settings)
+        port, settings = self._set_port_settings(name, "vlan", settings)
         self.fib.flush(port.port_no)
-        log.info("port '%s': vlan %s", name, vlan_settings.describe(settings))
-        self._changed()
         return settings
 
     def set_port_policing(self, name: str, settings: dict | None) -> dict | None:
         """Gives a running port new ingress policing settings (None: none),
         with full buckets; the PMDs see them from their next burst."""
+        return self._set_port_settings(name, "policing", settings)[1]
+
+    # The settings every port takes and can change at run time: their module and its complaint.
+    _SETTINGS = {"vlan": (vlan_settings, vlan_settings.VlanProblem),
+                 "policing": (policing_settings, policing_settings.PolicingProblem)}
+
+    def _set_port_settings(self, name: str, key: str, settings: dict | None) -> tuple[Port, dict | None]:
+        """Checks settings, swaps them into the port (Port.set_<key>), frees
+        the old C settings once no PMD reads them, and keeps the new ones in
+        the running config."""
         port = self._port(name)
+        module, problem = self._SETTINGS[key]
         if settings is not None:
             try:
-                settings = policing_settings.check(settings)
-            except policing_settings.PolicingProblem as exc:
-                raise SwitchError(f"port '{name}': policing: {exc}") from None
-        self._replace_settings(port, "policing", port.set_policing(settings), settings)
-        log.info("port '%s': policing %s", name, policing_settings.describe(settings))
+                settings = module.check(settings)
+            except problem as exc:
+                raise SwitchError(f"port '{name}': {key}: {exc}") from None
+        old_c = getattr(port, f"set_{key}")(settings)
+        # The table counts the ports with VLAN settings: 0 keeps the PMDs on the plain path.
+        self._publish()
+        keep = [old_c]
+        self.reclaimer.defer(f"port '{name}' old {key} settings", keep.clear)
+        for spec in self.config.ports:
+            if spec["name"] == name:
+                spec.pop(key, None)
+                if settings is not None:
+                    spec[key] = settings
+        log.info("port '%s': %s %s", name, key, module.describe(settings))
         self._changed()
-        return settings
+        return port, settings
 
     def _port(self, name: str) -> Port:
         port = self.ports.get(name)
         if port is None:
             raise SwitchError(f"no port named '{name}'")
         return port
-
-    def _replace_settings(self, port: Port, key: str, old_c, settings: dict | None) -> None:
-        """After a port's settings were swapped: republish (the table counts
-        the ports with VLAN settings), free the old C settings once no PMD
-        reads them, and keep the new ones in the running config."""
-        self._publish()
-        keep = [old_c]
-        self.reclaimer.defer(f"port '{port.name}' old {key} settings", keep.clear)
-        for spec in self.config.ports:
-            if spec["name"] == port.name:
-                spec.pop(key, None)
-                if settings is not None:
-                    spec[key] = settings
-
-    # MAC table settings, kept in the running config.
 
     def fdb_add_static(self, mac: str, port_name: str, vlan: int = 0) -> None:
         port = self.ports.get(port_name)

@@ -321,27 +321,23 @@ def network_namespace_path(path: str) -> str:
     return path
 
 
-def vlan_check(value) -> dict:
-    try:
-        return vlan.check(value)
-    except vlan.VlanProblem as exc:
-        raise KeyProblem(str(exc)) from None
+def settings_check(check, problem):
+    """A Key's check from a settings module's check(), whose one-line complaints are `problem`s."""
+    def key_check(value) -> dict:
+        try:
+            return check(value)
+        except problem as exc:
+            raise KeyProblem(str(exc)) from None
+    return key_check
 
 
 # Keys every port type takes, whatever its own keys (a type may not declare them).
 VLAN_KEY = Key("vlan", dict, "VLAN settings: {mode: access|trunk|native-untagged|native-tagged, tag: N, "
-               "trunks: [N, ...]}; none: VLAN 0, tags carried untouched", check=vlan_check, type_name="mapping")
-
-
-def policing_check(value) -> dict:
-    try:
-        return policing.check(value)
-    except policing.PolicingProblem as exc:
-        raise KeyProblem(str(exc)) from None
-
-
+               "trunks: [N, ...]}; none: VLAN 0, tags carried untouched",
+               check=settings_check(vlan.check, vlan.VlanProblem), type_name="mapping")
 POLICING_KEY = Key("policing", dict, "ingress policing: {pps: N, bps: N, burst_packets: N, burst_bytes: N} "
-                   "(k, M, G suffixes); none: no limit", check=policing_check, type_name="mapping")
+                   "(k, M, G suffixes); none: no limit",
+                   check=settings_check(policing.check, policing.PolicingProblem), type_name="mapping")
 GENERIC_KEYS = (VLAN_KEY, POLICING_KEY)
 
 NETNS_KEY = Key("netns", str, "the interface's network namespace (an ip netns name, or a namespace file's absolute path)", check=network_namespace,
