@@ -558,7 +558,12 @@ class VhostUserDevice:
         self._update_log()
         if old is not None:
             self._reclaim(f"port '{self.name}': replaced dirty log", old.unmap)
-        log.info("vhost-user port '%s': dirty log mapped: %s bytes (guest memory up to %#x)", self.name, size, top)
+        try:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            kind = "?"
+        log.info("vhost-user port '%s': dirty log mapped: %s bytes at offset %#x of %s (guest memory up to %#x)",
+                 self.name, size, offset, kind, top)
 
     def _refuse_log(self, why: str) -> NoReturn:
         self.log_refused += 1

@@ -1,9 +1,9 @@
 /*
  * Dirty page logging for live migration: see dirty_log.h.  Everything here
  * runs only while a device logs, so it favours being plainly right over
- * being fast: one atomic OR per page, skipped when the bit is already set
- * (the front-end's bitmap is shared with its migration thread, and a read
- * is cheaper than a locked write to a line it keeps clearing).
+ * being fast: one locked OR per page, which also orders the guest memory
+ * writes before it (the front-end's migration thread clears bits as it
+ * copies pages, and must find ours set only once our data is there).
  */
 #include "vswitch.h"
 
@@ -18,8 +18,6 @@ void vs_dirty_log_gpa(struct vs_dirty_log *log, uint64_t gpa, uint64_t len)
     if (len == 0) {
         return;
     }
-    /* Whatever we wrote must be visible before the front-end can see its bit. */
-    __atomic_thread_fence(__ATOMIC_RELEASE);
     uint64_t first = gpa >> VS_LOG_PAGE_SHIFT;
     uint64_t last = (gpa + len - 1) >> VS_LOG_PAGE_SHIFT;
     if (gpa + len - 1 < gpa) {
@@ -31,9 +29,10 @@ void vs_dirty_log_gpa(struct vs_dirty_log *log, uint64_t gpa, uint64_t len)
             __atomic_add_fetch(&log->outside, 1, __ATOMIC_RELAXED);
             return;
         }
+        /* A locked OR, also when the bit looks set: a plain read could pass the buffer
+         * stores still on their way, and the front-end may clear the bit meanwhile. */
         uint8_t bit = (uint8_t)(1u << (page & 7));
-        if (!(__atomic_load_n(&log->bitmap[byte], __ATOMIC_RELAXED) & bit)) {
-            __atomic_fetch_or(&log->bitmap[byte], bit, __ATOMIC_RELAXED);
+        if (!(__atomic_fetch_or(&log->bitmap[byte], bit, __ATOMIC_SEQ_CST) & bit)) {
             __atomic_add_fetch(&log->bits_set, 1, __ATOMIC_RELAXED);
         }
     }
