@@ -150,7 +150,8 @@ def migration_rig(tmp_path: Path, kit: Path, netns):  # noqa: F811
 # the test runs in full and prints its figures either way.
 @pytest.mark.xfail(reason="destination guest memory sometimes differs from the source's after a vhost-user "
                           "migration under TCG (see the comment above); cause not yet found", strict=False)
-def test_live_migration_keeps_address_stream_and_moves_the_fdb(migration_rig, request):
+def test_live_migration_keeps_address_stream_and_moves_the_fdb(migration_rig, request, require_tool):
+    require_tool("ping", "iputils-ping")
     switch, source, destination, netns, tmp_path = migration_rig
     for _ in range(20):
         if in_ns(netns, "ping", "-c", "1", "-W", "1", GUEST_IP, check=False).returncode == 0:
