@@ -255,7 +255,7 @@ def test_logging_follows_log_all_and_the_log_base(server, frontends):
     finally:
         os.close(fd)
     assert server.info()["dirty_log"] == {"mapped": True, "logging": False, "size": size, "bits_set": 0,
-                                          "outside": 0}
+                                          "pending": 0, "outside": 0}
     move_frames(server.dev, fe)
     assert not logged_pages(bitmap), "logged without LOG_ALL"
 

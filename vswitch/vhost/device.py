@@ -279,8 +279,10 @@ class VhostUserDevice:
         log_ = self._log
         if log_ is None:
             return {"mapped": False, "logging": False}
+        # pending: bits set now, not yet taken by the front-end (it clears what it has synced).
+        pending = int.from_bytes(ffi.buffer(log_.c.bitmap, int(log_.c.size)), "little").bit_count()
         return {"mapped": True, "logging": self.dev.log != ffi.NULL, "size": int(log_.c.size),
-                "bits_set": int(log_.c.bits_set), "outside": int(log_.c.outside)}
+                "bits_set": int(log_.c.bits_set), "pending": pending, "outside": int(log_.c.outside)}
 
     def _vring(self, index: int):
         """A `struct vs_vring *` (the C functions take pointers, not struct values)."""
