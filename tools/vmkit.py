@@ -144,9 +144,16 @@ export PS1='# ' HOME=/ TERM=dumb
 # echoed input and no terminal queries in the output the test parses.
 stty -echo
 echo "VSWITCH-GUEST-READY name=$VS_NAME ip=$VS_IP mac=$(cat /sys/class/net/$VS_IFACE/address) queues=$(ls -d /sys/class/net/$VS_IFACE/queues/rx-* | wc -l)"
-# setsid + cttyhack give the shell a controlling tty, so ^C reaches a hung
-# command instead of being ignored.
-exec setsid cttyhack sh
+# The console ignores the modem lines (clocal): a carrier the serial port
+# reports dropped (seen under a loaded host, and across a migration) must
+# not hang up the shell.  setsid + cttyhack give the shell a controlling tty,
+# so ^C reaches a hung command instead of being ignored.  PID 1 must never
+# exit (the kernel panics), so a shell that ends anyway is started again.
+stty clocal -hupcl
+while true; do
+    setsid cttyhack sh
+    echo "VSWITCH-GUEST-SHELL-RESTARTED"
+done
 """.replace("@MODULES@", " ".join(VIRTIO_NET_MODULES))
 
 

@@ -15,6 +15,7 @@ HEADERS = [
     "pmd/packet.h",
     "vhost/virtio.h",
     "vhost/packed_ring.h",
+    "vhost/dirty_log.h",
     "ports/port.h",
     "vhost/virtqueue.h",
     "vhost/guestmem.h",
@@ -30,6 +31,7 @@ HEADERS = [
 SOURCES = [
     "vhost/virtqueue.c",
     "vhost/packed_ring.c",
+    "vhost/dirty_log.c",
     "vhost/guestmem.c",
     "vhost/port_ops.c",
     "fib/fib.c",

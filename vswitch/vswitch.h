@@ -13,6 +13,7 @@
 #include "pmd/packet.h"
 #include "vhost/virtio.h"
 #include "vhost/packed_ring.h"
+#include "vhost/dirty_log.h"
 #include "ports/port.h"
 #include "vhost/virtqueue.h"
 #include "vhost/guestmem.h"

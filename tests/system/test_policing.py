@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.system, pytest.mark.dpdk]
 WINDOW = 5.0          # seconds each rate is measured over
 SETTLE = 1.0          # after a change: the bucket's first (full) burst is not in the window
 TOLERANCE = 0.05
-MAX_LIMIT_PPS = 20_000    # the highest packet rate a limit below lets through (10 Mbit/s of 60-byte frames: 20.8k)
+MAX_LIMIT_PPS = 10_000    # the highest packet rate a limit below lets through (4 Mbit/s of 60-byte frames: 8.3k)
 
 
 def counters(switch: Vswitchd, name: str) -> tuple[float, dict]:
@@ -60,14 +60,14 @@ def test_policing_holds_the_rate_within_5_percent(tmp_path, frame):
             wait_links(switch, ["src"])
             guest.start()
             pps, _, dropped = measure(switch)
-            # The limits below are far under what even a busy host offers.
-            assert dropped == 0 and pps > 3 * MAX_LIMIT_PPS, f"unpoliced, the generator offers only {pps:.0f} pps"
+            # The limits below are well under what even a busy host offers.
+            assert dropped == 0 and pps > 2 * MAX_LIMIT_PPS, f"unpoliced, the generator offers only {pps:.0f} pps"
             offered = pps
 
             results = []
-            for flags, limit, unit in ((["--pps", "20k"], 20_000, "pps"),
-                                       (["--bps", "10M"], 10e6, "bps"),
-                                       (["--pps", "5k", "--bps", "1G"], 5_000, "pps")):
+            for flags, limit, unit in ((["--pps", "10k"], 10_000, "pps"),
+                                       (["--bps", "4M"], 4e6, "bps"),
+                                       (["--pps", "2k", "--bps", "1G"], 2_000, "pps")):
                 reply = switch.ctl("set", "port", "src", "policing", *flags)
                 assert reply["policing"][unit] == limit
                 pps, bps, dropped = measure(switch)
@@ -80,8 +80,8 @@ def test_policing_holds_the_rate_within_5_percent(tmp_path, frame):
             switch.ctl("set", "port", "src", "policing", "none")
             pps, _, dropped = measure(switch)
             assert switch.port("src")["policing"] is None
-            # Whatever the generator manages on a busy host, it is well above the last limit (5k).
-            assert dropped == 0 and pps > 15_000, f"policing removed, yet only {pps:.0f} pps"
+            # Whatever the generator manages on a busy host, it is well above the last limit (2k).
+            assert dropped == 0 and pps > 3 * 2_000, f"policing removed, yet only {pps:.0f} pps"
             guest.stop()
     finally:
         print(log_tail(guest.log_path))

@@ -39,6 +39,20 @@ its fds and restarts where it stopped.  It is *stopped* (halted, fds closed,
 addresses forgotten) by GET_VRING_BASE, RESET_OWNER, disconnect and stop().
 Only the handlers of rows marked `quiesce` may wait for the PMDs.
 
+Live migration (vhost-user.rst, "Migration").  SET_LOG_BASE maps the
+front-end's dirty bitmap (LOG_SHMFD: a shared memory fd, a size and an
+offset) and answers with an empty reply, as QEMU waits for one; while
+VHOST_F_LOG_ALL is negotiated too, vs_vhost_dev.log points at it and the
+ring engines mark every page they write (dirty_log.h).  QEMU turns LOG_ALL
+on and off with SET_FEATURES while the rings run, and resends each ring's
+address with VHOST_VRING_F_LOG and the used ring's guest-physical address.
+A log that is empty, does not cover the guest's memory, is larger than the
+memory the port may map, or lies past the end of its fd is refused and
+counted (log_refused).  GET_VRING_BASE halts the ring and waits for the
+PMDs, so the last page they log is in the bitmap before the reply.  The log
+pointer changes with one store and a replaced log is unmapped through
+`reclaim`, so neither SET_LOG_BASE nor SET_FEATURES waits for the PMDs.
+
 Threading: everything here runs on the daemon's asyncio loop.
 """
 
@@ -49,7 +63,7 @@ import mmap
 import os
 import stat
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NoReturn
 
 from vswitch.config import DEFAULT_MAX_MEMORY
 from vswitch.native import ffi, lib
@@ -119,6 +133,28 @@ class _MemRegion:
             self.slot = -1
         ffi.release(self.buffer)
         self.mapping.close()
+
+
+@dataclass
+class _DirtyLog:
+    """The front-end's dirty bitmap, mapped, and the C struct pointing into it."""
+    mapping: mmap.mmap
+    buffer: object
+    c: object                          # struct vs_dirty_log *
+    slot: int = -1                     # in the guest memory fault registry: the front-end may truncate it
+    dev: object = None                 # the device a fault flags: kept alive as long as the mapping
+
+    def unmap(self) -> None:
+        if self.slot >= 0:
+            guestmem.unregister(self.slot)
+            self.slot = -1
+        ffi.release(self.buffer)
+        self.mapping.close()
+
+
+# QEMU maps a log up to this much larger than its guest memory needs, so
+# that hotplugged memory is covered before the memory table grows.
+LOG_SLACK = 4096
 
 
 def _unmap_all(regions: list[_MemRegion], keep_alive=None) -> Callable[[], None]:
@@ -227,6 +263,7 @@ class VhostUserDevice:
         self.mem_regs_removed = 0
         self.rings_lost_memory = 0    # rings halted because REM_MEM_REG took the memory they lie in
         self.mtu_refused = 0          # NET_SET_MTU outside 68..65535
+        self.log_refused = 0          # SET_LOG_BASE with a bad size, offset or fd
         self.fault_counts = {name: 0 for name in FAULT_BITS.values()}
         self._handling: MessageRule | None = None
         self._reset_session()
@@ -240,6 +277,8 @@ class VhostUserDevice:
         self.mtu: int | None = None
         self.rarp_mac: bytes | None = None
         self.backend_req_fd = -1
+        self.log_fd = -1              # SET_LOG_FD: kept, never written (QEMU reads the bitmap itself)
+        self._log: _DirtyLog | None = None
         self._regions: list[_MemRegion] = []
         self._memtable = None
         self._rings = [_Ring(i) for i in range(2 * self.queues)]
@@ -279,9 +318,20 @@ class VhostUserDevice:
             "mem_regs_removed": self.mem_regs_removed,
             "mem_reg_refused": self.mem_reg_refused,
             "rings_lost_memory": self.rings_lost_memory,
+            "dirty_log": self._log_info(),
+            "log_refused": self.log_refused,
             **self.fault_counts,
             "rings": rings,
         }
+
+    def _log_info(self) -> dict:
+        log_ = self._log
+        if log_ is None:
+            return {"mapped": False, "logging": False}
+        # pending: bits set now, not yet taken by the front-end (it clears what it has synced).
+        pending = int.from_bytes(ffi.buffer(log_.c.bitmap, int(log_.c.size)), "little").bit_count()
+        return {"mapped": True, "logging": self.dev.log != ffi.NULL, "size": int(log_.c.size),
+                "bits_set": int(log_.c.bits_set), "pending": pending, "outside": int(log_.c.outside)}
 
     def _vring(self, index: int):
         """A `struct vs_vring *` (the C functions take pointers, not struct values)."""
@@ -324,6 +374,10 @@ class VhostUserDevice:
         """Stops every ring, unmaps guest memory and forgets the session."""
         self._stop_rings([r for r in self._rings], close=True)
         self._update_link()
+        self.dev.log = ffi.NULL
+        if self._log is not None:
+            self._reclaim(f"port '{self.name}': dirty log", self._log.unmap)
+        close_fds([self.log_fd])
         if self._memtable is not None:
             # The rings are disabled: no new pass reads dev.mem, and the memory
             # goes once the passes that may have read it are over.
@@ -382,13 +436,16 @@ class VhostUserDevice:
         unknown = features & ~self.offered_features
         if unknown:
             raise RequestRefused(f"SET_FEATURES: features {unknown:#x} were not offered")
-        if features != self.features and any(r.started for r in self._rings):
+        log_all = 1 << protocol.VHOST_F_LOG_ALL
+        if (features ^ self.features) & ~log_all and any(r.started for r in self._rings):
             # The header length the PMD uses may not change under it.
             raise RequestRefused(f"SET_FEATURES: cannot change features {self.features:#x} -> {features:#x} "
                                  "while rings are running")
+        # QEMU turns logging on and off while the rings run; the header length cannot change with it.
         self.features = features
         self.features_set = True
         lib.vs_vhost_dev_set_features(self.dev, features)
+        self._update_log()
 
     def _get_protocol_features(self, msg, body):
         return protocol.OFFERED_PROTOCOL_FEATURES
@@ -601,6 +658,72 @@ class VhostUserDevice:
         addr = ring.addr
         return all(lib.vs_mem_translate_uva(self._memtable, uva, 1) != ffi.NULL
                    for uva in (addr.desc, addr.avail, addr.used))
+    def _set_log_base(self, msg, desc: protocol.LogDescription):
+        size, offset = desc.mmap_size, desc.mmap_offset
+        where = f"log of {size:#x} bytes at offset {offset:#x}"
+        if not self._has_protocol_feature(ProtocolFeature.LOG_SHMFD):
+            self._refuse_log(f"{where}: LOG_SHMFD was not negotiated")
+        if size == 0:
+            self._refuse_log(f"{where}: the log is empty")
+        if self._memtable is None or not self._regions:
+            self._refuse_log(f"{where}: no memory table yet, nothing to log")
+        top = max(r.desc.guest_phys_addr + r.desc.size for r in self._regions)
+        need = int(lib.vs_dirty_log_bytes_for(top))
+        most = int(lib.vs_dirty_log_bytes_for(top + self.max_memory)) + LOG_SLACK
+        if size < need:
+            self._refuse_log(f"{where}: too small for guest memory up to {top:#x} ({need:#x} bytes needed)")
+        if size > most:
+            self._refuse_log(f"{where}: larger than guest memory up to {top:#x} plus the port's max_memory "
+                             f"could need ({most:#x} bytes)")
+        fd = msg.fds[0]
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            self._refuse_log(f"{where}: fstat failed: {exc.strerror}")
+        if not stat.S_ISREG(st.st_mode):
+            self._refuse_log(f"{where}: the fd is not a shared memory file")
+        if offset + size > st.st_size:
+            self._refuse_log(f"{where}: past the end of its fd ({st.st_size:#x} bytes)")
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            mapping = mmap.mmap(fd, offset - start + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                offset=start)
+        except (OSError, ValueError, OverflowError) as exc:
+            self._refuse_log(f"{where}: mmap failed: {exc}")
+        buffer = ffi.from_buffer(mapping)
+        c_log = ffi.new("struct vs_dirty_log *")
+        c_log.bitmap = ffi.cast("uint8_t *", buffer) + (offset - start)
+        c_log.size = size
+        new = _DirtyLog(mapping, buffer, c_log, dev=self.dev)
+        try:
+            new.slot = guestmem.register(buffer, len(mapping), self.dev, lib.VS_MAX_MEM_SLOTS)
+        except OSError as exc:
+            new.unmap()
+            self._refuse_log(f"{where}: cannot watch the mapping for faults: {exc.strerror}")
+        old, self._log = self._log, new
+        self._update_log()
+        if old is not None:
+            self._reclaim(f"port '{self.name}': replaced dirty log", old.unmap)
+        try:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            kind = "?"
+        log.info("vhost-user port '%s': dirty log mapped: %s bytes at offset %#x of %s (guest memory up to %#x)",
+                 self.name, size, offset, kind, top)
+
+    def _refuse_log(self, why: str) -> NoReturn:
+        self.log_refused += 1
+        raise RequestRefused(f"SET_LOG_BASE: {why}; refused")
+
+    def _update_log(self) -> None:
+        """Points the C device at the log while LOG_ALL is negotiated and a log is mapped.
+        A log that stops being used stays mapped: a PMD may still be marking it."""
+        logging_on = self._log is not None and self.features & (1 << protocol.VHOST_F_LOG_ALL)
+        self.dev.log = self._log.c if logging_on else ffi.NULL
+
+    def _set_log_fd(self, msg, body):
+        old, self.log_fd = self.log_fd, msg.take_fd()
+        close_fds([old])
 
     def _set_vring_num(self, msg, state: VringState):
         ring = self._ring(Request.SET_VRING_NUM, state.index)
@@ -733,6 +856,9 @@ class VhostUserDevice:
         vr.kickfd = ring.kickfd
         vr.callfd = ring.callfd
         addr = ring.addr
+        # The used ring's guest-physical address, for the dirty log (dirty_log.h).
+        vr.log_used_gpa = addr.log
+        vr.log_used = 1 if addr.flags & (1 << protocol.VHOST_VRING_F_LOG) else 0
         resumed = int(vr.resumed_from_used)
         rc = lib.vs_vring_setup(self.dev, ring.index, ring.size, addr.desc, addr.avail, addr.used, ring.base)
         if rc != 0:
@@ -814,6 +940,8 @@ MESSAGES: dict[Request, MessageRule] = {row.request: row for row in (
     _row(Request.SET_OWNER,             Payload.NONE,        Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._set_owner),
     _row(Request.RESET_OWNER,           Payload.NONE,        Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._reset_owner),
     _row(Request.SET_MEM_TABLE,         Payload.MEMORY,      Fds.PER_REGION, Reply.ACK,         True,    VhostUserDevice._set_mem_table),
+    _row(Request.SET_LOG_BASE,          Payload.LOG,         Fds.ONE,        Reply.EMPTY,       False,   VhostUserDevice._set_log_base),
+    _row(Request.SET_LOG_FD,            Payload.NONE,        Fds.ONE,        Reply.ACK,         False,   VhostUserDevice._set_log_fd),
     _row(Request.SET_VRING_NUM,         Payload.VRING_STATE, Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._set_vring_num),
     _row(Request.SET_VRING_ADDR,        Payload.VRING_ADDR,  Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._set_vring_addr),
     _row(Request.SET_VRING_BASE,        Payload.VRING_STATE, Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._set_vring_base),

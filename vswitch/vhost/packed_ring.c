@@ -93,6 +93,9 @@ int vs_packed_setup(struct vs_vhost_dev *dev, struct vs_vring *vr, uint32_t size
     __atomic_store_n(&vr->broken, 0, __ATOMIC_RELAXED);
     /* The PMD polls, so the guest need not kick us. */
     __atomic_store_n(&pr->device_event->flags, VIRTQ_EVENT_F_DISABLE, __ATOMIC_RELAXED);
+    if (unlikely(dev->log)) {
+        vs_dirty_log_hva(dev, pr->device_event, sizeof *pr->device_event);
+    }
     return VS_VQ_OK;
 }
 
@@ -109,6 +112,9 @@ void vs_packed_enable_notify(const struct vs_vhost_dev *dev, struct vs_vring *vr
         flags = VIRTQ_EVENT_F_ENABLE;
     }
     __atomic_store_n(&pr->device_event->flags, flags, __ATOMIC_RELEASE);
+    if (unlikely(dev->log)) {
+        vs_dirty_log_hva(dev, pr->device_event, sizeof *pr->device_event);
+    }
 }
 
 int vs_packed_has_avail(const struct vs_vring *vr)
@@ -278,6 +284,9 @@ static bool publish_used_quietly(const struct vs_vhost_dev *dev, struct vs_vring
         return false;
     }
     __atomic_store_n(&pr->desc[pr->batch_slot].flags, pr->batch_flags, __ATOMIC_RELEASE);
+    if (unlikely(dev->log)) {
+        vs_dirty_log_packed_descs(dev, vr, pr->batch_slot, pr->used_idx);
+    }
     pr->batch_count = 0;
     return want_notify(dev, vr);
 }
@@ -424,6 +433,9 @@ static inline enum rx_result enqueue_simple(struct vs_vhost_dev *dev, struct vs_
         memcpy(p, pkt->segs[s].addr, pkt->segs[s].len);
         p += pkt->segs[s].len;
     }
+    if (unlikely(dev->log)) {
+        vs_dirty_log_hva(dev, p - need, need);  /* p has moved past the header and the frame */
+    }
     advance(&pr->avail_idx, &pr->avail_wrap, 1, vr->size);
     put_used(vr, d.id, need, 1);
     return RX_DELIVERED;
@@ -481,6 +493,9 @@ static enum rx_result enqueue_one(struct vs_vhost_dev *dev, struct vs_vring *vr,
     uint8_t hdr[12];
     fill_net_hdr(hdr, dev, pkt, nbufs);
     vs_vq_copy_frame(segs, hdr, dev->hdr_len, pkt);
+    if (unlikely(dev->log)) {
+        vs_dirty_log_segs(dev, segs, need);
+    }
     pr->avail_idx = idx;
     pr->avail_wrap = wrap;
     uint64_t left = need;

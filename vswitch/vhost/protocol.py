@@ -118,6 +118,7 @@ MAX_PAYLOAD_SIZE = 4096
 U64 = struct.Struct("=Q")
 VRING_STATE = struct.Struct("=II")
 VRING_ADDR = struct.Struct("=IIQQQQ")      # index, flags, desc, used, avail, log
+LOG = struct.Struct("=QQ")                 # SET_LOG_BASE: mmap_size, mmap_offset
 MEMORY_HEADER = struct.Struct("=II")       # nregions, padding
 MEMORY_REGION = struct.Struct("=QQQQ")     # guest_phys_addr, size, user_addr, mmap_offset
 SINGLE_MEMORY_REGION = struct.Struct("=QQQQQ")  # padding, then a region (ADD_MEM_REG, REM_MEM_REG)
@@ -139,6 +140,7 @@ VIRTIO_NET_F_MRG_RXBUF = lib.VIRTIO_NET_F_MRG_RXBUF
 VIRTIO_NET_F_CTRL_VQ = lib.VIRTIO_NET_F_CTRL_VQ
 VIRTIO_NET_F_MQ = lib.VIRTIO_NET_F_MQ
 VHOST_F_LOG_ALL = lib.VHOST_F_LOG_ALL
+VHOST_VRING_F_LOG = lib.VHOST_VRING_F_LOG
 VIRTIO_F_ANY_LAYOUT = lib.VIRTIO_F_ANY_LAYOUT
 VIRTIO_RING_F_INDIRECT_DESC = lib.VIRTIO_RING_F_INDIRECT_DESC
 VIRTIO_RING_F_EVENT_IDX = lib.VIRTIO_RING_F_EVENT_IDX
@@ -164,6 +166,8 @@ def bits(*numbers: int) -> int:
 # negotiate one gets the work done in software (vswitch/pmd/offload.c).  No
 # UFO: Linux guests no longer use it.  MTU: QEMU passes its host_mtu to the
 # guest, and sends VHOST_USER_NET_SET_MTU, only when this bit is negotiated.
+# LOG_ALL: live migration; while it is negotiated and SET_LOG_BASE gave a
+# log, every page the switch writes in guest memory is logged (dirty_log.h).
 OFFERED_FEATURES = bits(
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_CSUM,
@@ -183,6 +187,7 @@ OFFERED_FEATURES = bits(
     VIRTIO_F_ANY_LAYOUT,
     VIRTIO_F_IN_ORDER,
     VIRTIO_F_RING_PACKED,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
 )
 
@@ -257,8 +262,13 @@ class ProtocolFeature(enum.IntEnum):
     STATUS = 16
 
 
+# LOG_SHMFD: the dirty log comes as a shared memory fd (SET_LOG_BASE); QEMU
+# refuses to migrate a guest whose back-end lacks it.  RARP: after a
+# migration QEMU sends SEND_RARP to the destination (a guest without
+# GUEST_ANNOUNCE), and the switch moves the guest's MAC to that port.
 OFFERED_PROTOCOL_FEATURES = bits(
     ProtocolFeature.MQ,
+    ProtocolFeature.LOG_SHMFD,
     ProtocolFeature.RARP,
     ProtocolFeature.REPLY_ACK,
     ProtocolFeature.NET_MTU,
@@ -286,6 +296,7 @@ class Payload(enum.Enum):
     VRING_FD = "u64 vring index and flags"    # SET_VRING_KICK / CALL / ERR
     MEMORY = "memory regions"
     MEMORY_REGION = "single memory region"    # ADD_MEM_REG / REM_MEM_REG
+    LOG = "log description"                   # SET_LOG_BASE: u64 mmap size, u64 mmap offset
 
 
 class Fds(enum.Enum):
@@ -304,6 +315,7 @@ class Reply(enum.Enum):
     ACK = "a REPLY_ACK u64 (0: done), if the front-end set NEED_REPLY"
     U64 = "u64"
     VRING_STATE = "vring state"
+    EMPTY = "an empty reply, always (SET_LOG_BASE with LOG_SHMFD)"
 
 
 @dataclass(frozen=True)
@@ -369,6 +381,12 @@ class MemoryRegion:
     guest_phys_addr: int
     size: int
     user_addr: int
+    mmap_offset: int
+
+
+@dataclass(frozen=True)
+class LogDescription:
+    mmap_size: int        # bytes of log, from mmap_offset in the fd
     mmap_offset: int
 
 
@@ -442,6 +460,9 @@ def _decode(shape: Payload, name: str, payload: bytes):
         region = MemoryRegion(*SINGLE_MEMORY_REGION.unpack(payload)[1:])
         _check_region(name, "the region", region)
         return region
+    if shape is Payload.LOG:
+        _expect_size(name, payload, LOG.size, "log description")
+        return LogDescription(*LOG.unpack(payload))
     raise AssertionError(shape)
 
 
@@ -503,6 +524,10 @@ def encode_reply_value(rule: MessageRule, value) -> bytes | None:
         return pack_u64(value)
     if rule.reply is Reply.VRING_STATE:
         return pack_vring_state(value.index, value.num)
+    if rule.reply is Reply.EMPTY:
+        if value is not None:
+            raise AssertionError(f"{rule.request.name}: the handler returned {value!r}, but its row says EMPTY")
+        return b""
     raise AssertionError(rule.reply)
 
 
@@ -526,6 +551,10 @@ def pack_vring_state(index: int, num: int) -> bytes:
 
 def pack_vring_addr(index: int, desc: int, used: int, avail: int, *, flags: int = 0, log: int = 0) -> bytes:
     return VRING_ADDR.pack(index, flags, desc, used, avail, log)
+
+
+def pack_log(mmap_size: int, mmap_offset: int) -> bytes:
+    return LOG.pack(mmap_size, mmap_offset)
 
 
 def pack_vring_fd(index: int, nofd: bool = False) -> bytes:

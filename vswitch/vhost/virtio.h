@@ -23,6 +23,7 @@
 #define VIRTQ_DESC_F_INDIRECT 4
 #define VIRTQ_AVAIL_F_NO_INTERRUPT 1
 #define VIRTQ_USED_F_NO_NOTIFY 1
+#define VHOST_VRING_F_LOG 0              /* SET_VRING_ADDR flags bit: log_guest_addr is valid (dirty_log.h) */
 
 /* Feature bit numbers (virtio 1.x, 5.1.3 and 6; vhost-user.rst). */
 #define VIRTIO_NET_F_CSUM 0              /* the guest may send partial checksums */

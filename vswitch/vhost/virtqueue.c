@@ -146,6 +146,9 @@ int vs_vring_setup(struct vs_vhost_dev *dev, uint32_t index, uint32_t size,
     __atomic_store_n(&vr->broken, 0, __ATOMIC_RELAXED);
     /* The PMD polls, so the guest need not kick us (ignored with event idx). */
     __atomic_store_n(&vr->used->flags, VIRTQ_USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+    if (unlikely(dev->log)) {
+        vs_dirty_log_used(dev, vr, offsetof(struct virtq_used, flags), sizeof(uint16_t));
+    }
     return VS_VQ_OK;
 }
 
@@ -181,9 +184,15 @@ void vs_vring_enable_notify(const struct vs_vhost_dev *dev, struct vs_vring *vr,
         if (enable) {
             uint16_t *avail_event = (uint16_t *)&vr->used->ring[vr->size];
             __atomic_store_n(avail_event, vr->last_avail_idx, __ATOMIC_RELAXED);
+            if (unlikely(dev->log)) {
+                vs_dirty_log_hva(dev, avail_event, sizeof *avail_event);
+            }
         }
     } else {
         __atomic_store_n(&vr->used->flags, enable ? 0 : VIRTQ_USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+        if (unlikely(dev->log)) {
+            vs_dirty_log_used(dev, vr, offsetof(struct virtq_used, flags), sizeof(uint16_t));
+        }
     }
 }
 
@@ -431,6 +440,9 @@ static bool publish_used_quietly(const struct vs_vhost_dev *dev, struct vs_vring
     }
     uint16_t new_idx = vr->last_used_idx + vr->pending_used;
     __atomic_store_n(&vr->used->idx, new_idx, __ATOMIC_RELEASE);
+    if (unlikely(dev->log)) {
+        vs_dirty_log_split_used(dev, vr, vr->last_used_idx, vr->pending_used);
+    }
     vr->last_used_idx = new_idx;
     vr->pending_used = 0;
     return want_notify(dev, vr, new_idx);
@@ -606,6 +618,9 @@ static inline enum rx_result enqueue_simple(struct vs_vhost_dev *dev, struct vs_
         memcpy(p, pkt->segs[s].addr, pkt->segs[s].len);
         p += pkt->segs[s].len;
     }
+    if (unlikely(dev->log)) {
+        vs_dirty_log_hva(dev, p - need, need);  /* p has moved past the header and the frame */
+    }
     vr->last_avail_idx++;
     put_used(vr, head, need);
     return RX_DELIVERED;
@@ -661,6 +676,9 @@ static enum rx_result enqueue_one(struct vs_vhost_dev *dev, struct vs_vring *vr,
     uint8_t hdr[12];
     fill_net_hdr(hdr, dev, pkt, nbufs);
     copy_frame(segs, hdr, dev->hdr_len, pkt);
+    if (unlikely(dev->log)) {
+        vs_dirty_log_segs(dev, segs, need);
+    }
     vr->last_avail_idx = next_avail;
     uint64_t left = need;
     for (uint32_t i = 0; i < nbufs; i++) {

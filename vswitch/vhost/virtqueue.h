@@ -115,6 +115,9 @@ struct vs_vring {
     /* control: the layout, chosen by vs_vring_setup() from the negotiated features. */
     uint8_t packed;              /* 1: packed ring (pk below); 0: split (desc, avail, used above) */
     struct vs_packed_ring pk;
+    /* control: SET_VRING_ADDR's log_guest_addr, the used ring's guest-physical address (dirty_log.h). */
+    uint64_t log_used_gpa;
+    uint8_t log_used;            /* VHOST_VRING_F_LOG was set: log used ring writes at log_used_gpa */
 };
 
 /* Bits of vs_vhost_dev.fault: why the control plane must disconnect the front-end. */
@@ -132,6 +135,8 @@ struct vs_vhost_dev {
     uint32_t hdr_len;            /* control: virtio-net header, 12 or 10 bytes */
     uint32_t nr_queue_pairs;     /* control: queue pairs the port offers */
     struct vs_vring vrings[VS_MAX_VRINGS];
+    struct vs_dirty_log *log;    /* control: set while VHOST_F_LOG_ALL is negotiated and a log is mapped;
+                                  * the ring engines mark every page they write (dirty_log.h) */
 };
 
 /* Control plane. */
