@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import IN_CI
 from tests.support.daemon import REPO
 from vswitch.cni import attachment_mac, port_name
 
@@ -103,6 +105,19 @@ def test_pod_socket_directories_need_kubernetes_names(tmp_path, cni_args):
     with pytest.raises(CniError) as exc:
         vhost_request(tmp_path, cni_args, socket_subdir="pod")
     assert exc.value.code == 4
+
+
+def test_the_installed_vswitch_cni_command_answers_as_a_runtime_calls_it():
+    """The executable a runtime finds in its CNI_PATH, as the package installed it."""
+    path = shutil.which("vswitch-cni")
+    if path is None:
+        if IN_CI:
+            pytest.fail("vswitch-cni is not on PATH after the test command installed the package")
+        pytest.skip("vswitch-cni is not installed: run tools/install.sh (it reinstalls the package)")
+    proc = subprocess.run([path], input=json.dumps({"cniVersion": "1.0.0"}).encode(),
+                          env={"PATH": os.environ["PATH"], "CNI_COMMAND": "VERSION"}, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"cniVersion": "1.0.0", "supportedVersions": ["1.0.0"]}
 
 
 def test_the_package_installs_the_plugin_as_vswitch_cni():
