@@ -16,6 +16,7 @@ HEADERS = [
     "vhost/virtio.h",
     "vhost/packed_ring.h",
     "ports/port.h",
+    "pmd/capture.h",
     "vhost/virtqueue.h",
     "vhost/guestmem.h",
     "vhost/port_ops.h",
@@ -39,6 +40,7 @@ SOURCES = [
     "ports/af_xdp.c",
     "ports/vxlan.c",
     "pmd/offload.c",
+    "pmd/capture.c",
 ]
 # Included by the .c files only (inline helpers, system headers).
 PRIVATE_HEADERS = ["vswitch.h", "vhost/ring_internal.h"]

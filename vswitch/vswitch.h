@@ -14,6 +14,7 @@
 #include "vhost/virtio.h"
 #include "vhost/packed_ring.h"
 #include "ports/port.h"
+#include "pmd/capture.h"
 #include "vhost/virtqueue.h"
 #include "vhost/guestmem.h"
 #include "vhost/port_ops.h"
