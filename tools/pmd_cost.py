@@ -5,10 +5,10 @@ Python, not counted) and runs one vs_pmd_poll_once, which forwards them to
 the second.  Run under callgrind, collecting only inside vs_pmd_poll_once:
 
     valgrind --tool=callgrind --toggle-collect=vs_pmd_poll_once \\
-        --callgrind-out-file=/tmp/cg.out python3 -m tools.pmd_cost [--taps none|capture|mirror]
+        --callgrind-out-file=/tmp/cg.out python3 -m tools.pmd_cost [--monitor none|capture|mirror]
     callgrind_annotate /tmp/cg.out | head      # "PROGRAM TOTALS": instructions (Ir)
 
-Divide by the frames printed (passes x 32).  `--taps none` is the switch as
+Divide by the frames printed (passes x 32).  `--monitor none` is the switch as
 it runs without captures or mirrors; `capture` adds an rx capture on the
 first port (drained every pass), `mirror` mirrors its received frames to a
 third null port.  README "Capture and mirroring" has the figures.
@@ -35,7 +35,7 @@ def null_port(port_no: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--passes", type=int, default=2000)
-    p.add_argument("--taps", choices=["none", "capture", "mirror"], default="none")
+    p.add_argument("--monitor", choices=["none", "capture", "mirror"], default="none")
     args = p.parse_args()
     fib = MacTable(max_entries=1024)
     pmd = ffi.new("struct vs_pmd *")
@@ -48,16 +48,16 @@ def main() -> None:
     table.poll[0].port, table.poll[0].queue, table.n_poll = ports[0][1], 0, 1
     keep = []
     cap = None
-    if args.taps != "none":
-        taps = ffi.new("struct vs_taps *")
-        if args.taps == "capture":
+    if args.monitor != "none":
+        monitor = ffi.new("struct vs_monitor *")
+        if args.monitor == "capture":
             from vswitch.capture import Capture
             cap = Capture("p0", "rx", snaplen=128)
-            taps.rx_captures[0], taps.n_rx_captures = cap.c, 1
+            monitor.rx_captures[0], monitor.n_rx_captures = cap.c, 1
         else:
-            taps.rx_mirrors[0], taps.n_rx_mirrors = ports[2][1], 1
-        ports[0][1].taps = taps
-        keep.append(taps)
+            monitor.rx_mirrors[0], monitor.n_rx_mirrors = ports[2][1], 1
+        ports[0][1].monitor = monitor
+        keep.append(monitor)
     lib.vs_pmd_publish(pmd, table)
     # Unicast after the first pass: the destination is learned from a reply.
     frames = [bytes.fromhex("020000000002" "020000000001" "0800") + bytes(50) for _ in range(BURST)]
@@ -75,7 +75,7 @@ def main() -> None:
         if cap is not None:
             cap.read()
     sent = ports[1][0].queues[0].stats.tx_packets
-    print(f"taps {args.taps}: {forwarded} frames forwarded in {args.passes} passes, {sent} sent to port 1, "
+    print(f"monitor {args.monitor}: {forwarded} frames forwarded in {args.passes} passes, {sent} sent to port 1, "
           f"{ports[2][0].queues[0].stats.tx_packets} mirrored")
     lib.vs_pmd_fini(pmd)
 

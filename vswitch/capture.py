@@ -28,7 +28,7 @@ MIN_SLOTS = 256
 MAX_SLOTS = 65536
 READ_BYTES = 1 << 20
 DRAIN_SECONDS = 0.005
-MAX_MIRRORS_PER_PORT = 8        # VS_TAPS_MAX in pmd/capture.h
+MAX_MIRRORS_PER_PORT = 8        # VS_MONITOR_MAX in pmd/capture.h
 MIRROR_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 _RECORD = struct.Struct("<QQII")
 
@@ -164,8 +164,8 @@ def check_mirrors(mirrors: list[dict], where: str) -> None:
                                  f"mirror '{selected[m['output']]}': an output port cannot be mirrored")
 
 
-def build_taps(port, captures: list[Capture], mirrors: list[dict], ports: dict):
-    """The struct vs_taps for `port` (a Port), and what it points to, or (ffi.NULL, []) if it needs none."""
+def build_monitor(port, captures: list[Capture], mirrors: list[dict], ports: dict):
+    """The struct vs_monitor for `port` (a Port), and what it points to, or (ffi.NULL, []) if it needs none."""
     mine = [c for c in captures if c.port == port.name and c.ended is None]
     rx_mirrors = [ports[m["output"]] for m in mirrors if port.name in m["select"]
                   and m.get("select_direction", "both") in ("rx", "both") and m["output"] in ports]
@@ -174,19 +174,19 @@ def build_taps(port, captures: list[Capture], mirrors: list[dict], ports: dict):
     is_output = any(m["output"] == port.name for m in mirrors)
     if not mine and not rx_mirrors and not tx_mirrors and not is_output:
         return ffi.NULL, []
-    rx_caps = [c for c in mine if c.rx][:lib.VS_TAPS_MAX]
-    tx_caps = [c for c in mine if c.tx][:lib.VS_TAPS_MAX]
-    taps = ffi.new("struct vs_taps *")
+    rx_caps = [c for c in mine if c.rx][:lib.VS_MONITOR_MAX]
+    tx_caps = [c for c in mine if c.tx][:lib.VS_MONITOR_MAX]
+    monitor = ffi.new("struct vs_monitor *")
     for i, c in enumerate(rx_caps):
-        taps.rx_captures[i] = c.c
+        monitor.rx_captures[i] = c.c
     for i, c in enumerate(tx_caps):
-        taps.tx_captures[i] = c.c
-    taps.n_rx_captures, taps.n_tx_captures = len(rx_caps), len(tx_caps)
-    for i, p in enumerate(rx_mirrors[:lib.VS_TAPS_MAX]):
-        taps.rx_mirrors[i] = p.c
-    for i, p in enumerate(tx_mirrors[:lib.VS_TAPS_MAX]):
-        taps.tx_mirrors[i] = p.c
-    taps.n_rx_mirrors = min(len(rx_mirrors), lib.VS_TAPS_MAX)
-    taps.n_tx_mirrors = min(len(tx_mirrors), lib.VS_TAPS_MAX)
-    taps.mirror_output = int(is_output)
-    return taps, [*rx_caps, *tx_caps, *rx_mirrors, *tx_mirrors]
+        monitor.tx_captures[i] = c.c
+    monitor.n_rx_captures, monitor.n_tx_captures = len(rx_caps), len(tx_caps)
+    for i, p in enumerate(rx_mirrors[:lib.VS_MONITOR_MAX]):
+        monitor.rx_mirrors[i] = p.c
+    for i, p in enumerate(tx_mirrors[:lib.VS_MONITOR_MAX]):
+        monitor.tx_mirrors[i] = p.c
+    monitor.n_rx_mirrors = min(len(rx_mirrors), lib.VS_MONITOR_MAX)
+    monitor.n_tx_mirrors = min(len(tx_mirrors), lib.VS_MONITOR_MAX)
+    monitor.mirror_output = int(is_output)
+    return monitor, [*rx_caps, *tx_caps, *rx_mirrors, *tx_mirrors]

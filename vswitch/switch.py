@@ -55,8 +55,8 @@ class Switch:
         self._subscribers: list[Callable[[dict], None]] = []
         self._housekeeping: asyncio.Task | None = None
         self.captures: list[Capture] = []
-        # Per port name: the struct vs_taps published in its struct vs_port and what it points to.
-        self._taps: dict[str, tuple] = {}
+        # Per port name: the struct vs_monitor published in its struct vs_port and what it points to.
+        self._monitors: dict[str, tuple] = {}
 
     def _changed(self) -> None:
         if self.on_change:
@@ -253,7 +253,7 @@ class Switch:
 
     def _publish(self) -> bool:
         """Publishes the ports to the PMDs; True if the old tables are already unused (and freed)."""
-        old = self._publish_taps()
+        old = self._publish_monitors()
         ports = sorted(self.ports.values(), key=lambda p: p.port_no)
         polls = [(p, q) for p in ports for q in p.poll_queues()]
         # Round-robin the receive queues over the PMD threads: each is polled by one.
@@ -262,26 +262,26 @@ class Switch:
 
     # Capture and mirroring (vswitch/capture.py).
 
-    def _publish_taps(self) -> list:
-        """Gives each port the struct vs_taps its captures and mirrors need (one pointer store
+    def _publish_monitors(self) -> list:
+        """Gives each port the struct vs_monitor its captures and mirrors need (one pointer store
         each); returns the old ones, which a PMD may still read.  A mirror's output port is
         marked so that the next port table leaves it out of flooding."""
         self.captures = [c for c in self.captures if c.ended is None]
         old = []
         for name, port in self.ports.items():
-            taps, refs = capture_mod.build_taps(port, self.captures, self.config.mirrors, self.ports)
+            monitor, refs = capture_mod.build_monitor(port, self.captures, self.config.mirrors, self.ports)
             was_output = getattr(port, "mirror_output", False)
-            port.mirror_output = bool(taps != ffi.NULL and taps.mirror_output)
+            port.mirror_output = bool(monitor != ffi.NULL and monitor.mirror_output)
             if port.mirror_output and not was_output:
                 self.fib.flush(port.port_no)   # nothing is sent to it as a destination any more
-            previous = self._taps.get(name)
-            if previous is None and taps == ffi.NULL:
+            previous = self._monitors.get(name)
+            if previous is None and monitor == ffi.NULL:
                 continue
-            port.c.taps = taps
+            port.c.monitor = monitor
             old.append(previous)
-            self._taps[name] = (taps, refs) if taps != ffi.NULL else None
-        for name in [n for n in self._taps if n not in self.ports]:
-            old.append(self._taps.pop(name))
+            self._monitors[name] = (monitor, refs) if monitor != ffi.NULL else None
+        for name in [n for n in self._monitors if n not in self.ports]:
+            old.append(self._monitors.pop(name))
         return old
 
     def start_capture(self, port_name: str, direction: str = "both", snaplen: int = capture_mod.DEFAULT_SNAPLEN,
@@ -293,8 +293,8 @@ class Switch:
         except CaptureProblem as exc:
             raise SwitchError(f"capture: {exc}") from None
         active = [c for c in self.captures if c.port == port.name and c.ended is None]
-        if len(active) >= lib.VS_TAPS_MAX:
-            raise SwitchError(f"port '{port.name}' already has {len(active)} captures (at most {lib.VS_TAPS_MAX})")
+        if len(active) >= lib.VS_MONITOR_MAX:
+            raise SwitchError(f"port '{port.name}' already has {len(active)} captures (at most {lib.VS_MONITOR_MAX})")
         self.captures.append(cap)
         port.capture_rings.append(cap)
         self._publish()

@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.frames import BROADCAST, frame, mac
 from tests.unit.test_port_ops import NullPort, Pmd, null_stats
-from vswitch.capture import Capture, CaptureProblem, build_taps, check_mirror, check_mirrors
+from vswitch.capture import Capture, CaptureProblem, build_monitor, check_mirror, check_mirrors
 from vswitch.native import ffi, lib
 from vswitch.ports import vlan
 
@@ -33,9 +33,9 @@ def ports(closing, n: int) -> list[NullPort]:
     return out
 
 
-def taps(rx=(), tx=(), rx_mirrors=(), tx_mirrors=(), mirror_output=False):
-    """A struct vs_taps by hand (the switch builds them with capture.build_taps)."""
-    t = ffi.new("struct vs_taps *")
+def monitor(rx=(), tx=(), rx_mirrors=(), tx_mirrors=(), mirror_output=False):
+    """A struct vs_monitor by hand (the switch builds them with capture.build_monitor)."""
+    t = ffi.new("struct vs_monitor *")
     for i, c in enumerate(rx):
         t.rx_captures[i] = c.c
     for i, c in enumerate(tx):
@@ -57,8 +57,8 @@ def frames_of(cap: Capture) -> list[bytes]:
 def test_rx_tx_and_both_captures_see_each_frame_once_in_order(closing):
     a, b = ports(closing, 2)
     rx_a, tx_b, both_a = Capture("a", "rx"), Capture("b", "tx"), Capture("a", "both")
-    a.port.taps = ta = taps(rx=[rx_a, both_a], tx=[both_a])
-    b.port.taps = tb = taps(tx=[tx_b])
+    a.port.monitor = ta = monitor(rx=[rx_a, both_a], tx=[both_a])
+    b.port.monitor = tb = monitor(tx=[tx_b])
     pmd = Pmd([a.port, b.port], [(a.port, 0), (b.port, 0)])
     closing(pmd)
     sent_by_a = [frame(BROADCAST, mac(1), bytes([i]) * 60) for i in range(5)]
@@ -79,7 +79,7 @@ def test_rx_tx_and_both_captures_see_each_frame_once_in_order(closing):
 def test_snaplen_keeps_the_first_bytes_and_the_wire_length(closing):
     a, b = ports(closing, 2)
     cap = Capture("a", "rx", snaplen=20)
-    a.port.taps = t = taps(rx=[cap])
+    a.port.monitor = t = monitor(rx=[cap])
     pmd = Pmd([a.port, b.port], [(a.port, 0)])
     closing(pmd)
     f = frame(BROADCAST, mac(1), b"y" * 500)
@@ -96,7 +96,7 @@ def test_snaplen_keeps_the_first_bytes_and_the_wire_length(closing):
 def test_a_full_ring_drops_and_counts_while_forwarding_goes_on(closing):
     a, b = ports(closing, 2)
     cap = Capture("a", "rx", slots=4)
-    a.port.taps = t = taps(rx=[cap])
+    a.port.monitor = t = monitor(rx=[cap])
     pmd = Pmd([a.port, b.port], [(a.port, 0)])
     closing(pmd)
     for round_ in range(3):
@@ -131,9 +131,9 @@ def test_ring_records_cross_the_wrap_in_order():
 def test_mirror_copies_received_and_sent_frames_to_the_output_port(closing):
     a, b, out = ports(closing, 3)
     watch = Capture("out", "tx")
-    a.port.taps = ta = taps(rx_mirrors=[out])          # select a, direction rx
-    b.port.taps = tb = taps(tx_mirrors=[out])          # select b, direction tx
-    out.port.taps = to = taps(tx=[watch], mirror_output=True)
+    a.port.monitor = ta = monitor(rx_mirrors=[out])          # select a, direction rx
+    b.port.monitor = tb = monitor(tx_mirrors=[out])          # select b, direction tx
+    out.port.monitor = to = monitor(tx=[watch], mirror_output=True)
     pmd = Pmd([a.port, b.port, out.port], [(a.port, 0), (b.port, 0), (out.port, 0)])
     # A mirror output port is left out of flooding (the switch does this in PmdThread.publish).
     pmd.table.n_live = 2
@@ -152,7 +152,7 @@ def test_mirror_copies_received_and_sent_frames_to_the_output_port(closing):
 
 def test_frames_received_on_a_mirror_output_are_dropped_and_never_learned(closing):
     a, out = ports(closing, 2)
-    out.port.taps = t = taps(mirror_output=True)
+    out.port.monitor = t = monitor(mirror_output=True)
     pmd = Pmd([a.port, out.port], [(a.port, 0), (out.port, 0)])
     pmd.table.n_live = 1
     closing(pmd)
@@ -170,8 +170,8 @@ def test_vlan_tagged_frames_are_captured_as_they_are_on_each_ports_wire(closing)
     access.port.vlan = va = vlan.to_c(vlan.check({"mode": "access", "tag": 10}))
     trunk.port.vlan = vt = vlan.to_c(vlan.check({"mode": "trunk"}))
     rx_access, tx_trunk = Capture("access", "rx"), Capture("trunk", "tx")
-    access.port.taps = t1 = taps(rx=[rx_access])
-    trunk.port.taps = t2 = taps(tx=[tx_trunk])
+    access.port.monitor = t1 = monitor(rx=[rx_access])
+    trunk.port.monitor = t2 = monitor(tx=[tx_trunk])
     pmd = Pmd([access.port, trunk.port], [(access.port, 0)])
     pmd.table.n_vlan = 2
     closing(pmd)
@@ -184,16 +184,16 @@ def test_vlan_tagged_frames_are_captured_as_they_are_on_each_ports_wire(closing)
     del va, vt, t1, t2
 
 
-def test_a_port_without_taps_costs_one_load_and_branch_per_burst():
-    """The hooks read the taps pointer once per received burst and once per
+def test_a_port_without_a_monitor_costs_one_load_and_branch_per_burst():
+    """The hooks read the monitor pointer once per received burst and once per
     transmitted group, and call out of line only when it is set."""
     import pathlib
 
     source = (pathlib.Path(__file__).resolve().parents[2] / "vswitch" / "pmd" / "pmd.c").read_text()
-    assert source.count("__atomic_load_n(&in->taps") == 1 and source.count("__atomic_load_n(&out->taps") == 1
-    assert "unlikely(taps != NULL)" in source
-    assert "__attribute__((noinline)) void tap_group" in source
-    assert "__attribute__((noinline)) bool tap_received" in source
+    assert source.count("__atomic_load_n(&in->monitor") == 1 and source.count("__atomic_load_n(&out->monitor") == 1
+    assert source.count("unlikely(monitor != NULL)") == 2
+    assert "__attribute__((noinline)) void monitor_group" in source
+    assert "__attribute__((noinline)) bool monitor_received" in source
 
 
 @pytest.mark.parametrize("spec, problem", [
@@ -235,13 +235,13 @@ class _Port:
         self.name, self.c = name, ffi.new("struct vs_port *")
 
 
-def test_build_taps_only_for_ports_that_need_them():
+def test_build_monitor_only_for_ports_that_need_them():
     ports = {n: _Port(n) for n in ("a", "b", "c", "d")}
     mirrors = [{"name": "m", "select": ["a", "b"], "output": "c", "select_direction": "tx"}]
     cap = Capture("a", "rx")
-    ta, refs = build_taps(ports["a"], [cap], mirrors, ports)
+    ta, refs = build_monitor(ports["a"], [cap], mirrors, ports)
     assert (ta.n_rx_captures, ta.n_tx_captures, ta.n_rx_mirrors, ta.n_tx_mirrors) == (1, 0, 0, 1)
     assert ta.tx_mirrors[0] == ports["c"].c and ports["c"] in refs and cap in refs
-    tc, _ = build_taps(ports["c"], [cap], mirrors, ports)
+    tc, _ = build_monitor(ports["c"], [cap], mirrors, ports)
     assert tc.mirror_output == 1 and tc.n_rx_mirrors == 0
-    assert build_taps(ports["d"], [cap], mirrors, ports) == (ffi.NULL, [])
+    assert build_monitor(ports["d"], [cap], mirrors, ports) == (ffi.NULL, [])

@@ -139,6 +139,8 @@ DROP_COUNTERS = {
     "tx_dropped_too_big": "larger than the guest's receive buffers",
     "mtu_refused": "NET_SET_MTU values refused",
     "police_dropped": "received over the port's policing rate",
+    "capture_dropped": "not captured: a capture ring was full (the reader was slow)",
+    "mirror_output_dropped": "received on a mirror's output port, which takes no traffic",
     "rx_unknown_remote": "datagrams from an address that is not a remote",
     "rx_wrong_vni": "datagrams with a VNI the port does not carry",
     "rx_malformed": "malformed VXLAN datagrams",

@@ -1,9 +1,9 @@
 /*
  * Capture and mirroring (README "Capture and mirroring").
  *
- * A port being captured or mirrored has a struct vs_taps (port.h: taps);
+ * A port being captured or mirrored has a struct vs_monitor (port.h: monitor);
  * every other port has NULL there, and the PMD pays one predictable branch
- * per burst for it.  Like a port's VLAN settings, a vs_taps never changes
+ * per burst for it.  Like a port's VLAN settings, a vs_monitor never changes
  * once published: the control plane builds a new one, publishes it with one
  * pointer store and frees the old one after a quiescent point.
  *
@@ -16,7 +16,7 @@
  * ring drops the frame and counts it: a slow reader never slows forwarding.
  */
 
-#define VS_TAPS_MAX 8                   /* captures, and mirrors, one port may have per direction */
+#define VS_MONITOR_MAX 8                /* captures, and mirrors, one port may have per direction */
 #define VS_CAPTURE_HDR 24               /* bytes of struct vs_capture_slot before data */
 
 /* One captured frame; data holds its first caplen bytes. */
@@ -40,15 +40,15 @@ struct vs_capture {
 };
 
 /* What the PMD does for one port: copy frames into captures, send copies to mirror outputs. */
-struct vs_taps {
+struct vs_monitor {
     uint32_t n_rx_captures;             /* frames the port receives */
     uint32_t n_tx_captures;             /* frames the switch sends to the port */
-    struct vs_capture *rx_captures[VS_TAPS_MAX];
-    struct vs_capture *tx_captures[VS_TAPS_MAX];
+    struct vs_capture *rx_captures[VS_MONITOR_MAX];
+    struct vs_capture *tx_captures[VS_MONITOR_MAX];
     uint32_t n_rx_mirrors;
     uint32_t n_tx_mirrors;
-    struct vs_port *rx_mirrors[VS_TAPS_MAX];    /* mirror outputs for the port's received frames */
-    struct vs_port *tx_mirrors[VS_TAPS_MAX];    /* and for the frames sent to it */
+    struct vs_port *rx_mirrors[VS_MONITOR_MAX];    /* mirror outputs for the port's received frames */
+    struct vs_port *tx_mirrors[VS_MONITOR_MAX];    /* and for the frames sent to it */
     uint32_t mirror_output;             /* 1: the port is a mirror's output; what it receives is dropped */
 };
 

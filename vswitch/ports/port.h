@@ -113,7 +113,7 @@ struct vs_port {
                                   * MTU; 0: no limit.  Written by the control plane at any time. */
     struct vs_vlan *vlan;        /* shared: NULL, no VLAN settings (VLAN 0, tags carried untouched) */
     struct vs_police *police;    /* shared: NULL, no ingress policing */
-    struct vs_taps *taps;        /* shared: NULL, neither captured nor mirrored (pmd/capture.h) */
+    struct vs_monitor *monitor;  /* shared: NULL, neither captured nor mirrored (pmd/capture.h) */
     /* control: how many sub-destinations the port has (a tunnel's remote
      * endpoints), set before the port is published; 0: none.  The MAC table
      * then records which one a MAC was learned from (vs_pkt.sub on receive,
