@@ -4,14 +4,18 @@ Two null ports; each pass injects a burst of 32 frames into the first (from
 Python, not counted) and runs one vs_pmd_poll_once, which forwards them to
 the second.  Run under callgrind, collecting only inside vs_pmd_poll_once:
 
-    valgrind --tool=callgrind --toggle-collect=vs_pmd_poll_once \\
-        --callgrind-out-file=/tmp/cg.out python3 -m tools.pmd_cost [--monitor none|capture|mirror]
-    callgrind_annotate /tmp/cg.out | head      # "PROGRAM TOTALS": instructions (Ir)
+    valgrind --tool=callgrind '--toggle-collect=*vs_pmd_poll_once' \\
+        --callgrind-out-file=/tmp/cg.out "$(python3 -c 'import sys; print(sys.executable)')" \\
+        -m tools.pmd_cost [--monitor none|capture|mirror]
+    grep ^totals /tmp/cg.out                   # instructions (Ir)
 
-Divide by the frames printed (passes x 32).  `--monitor none` is the switch as
-it runs without captures or mirrors; `capture` adds an rx capture on the
-first port (drained every pass), `mirror` mirrors its received frames to a
-third null port.  README "Capture and mirroring" has the figures.
+The pattern also matches cffi's wrapper (_cffi_f_vs_pmd_poll_once), into
+which -flto inlines the loop; valgrind must start the real interpreter, not
+a shell shim.  Divide by the calls (passes + 1: a first pass learns the
+destination) or the frames (32 per pass, + 1).  `--monitor none` is the
+switch as it runs without captures or mirrors; `capture` adds an rx capture
+on the first port (drained every pass), `mirror` mirrors its received
+frames to a third null port.  README "Capture and mirroring" has the figures.
 """
 
 from __future__ import annotations
