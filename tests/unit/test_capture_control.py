@@ -190,3 +190,36 @@ def test_good_mirror_config_round_trips():
                                                "select_direction": "tx"}]}, "x.yaml")
     assert parse(cfg.to_yaml_data(), "y.yaml").mirrors == cfg.mirrors == [
         {"name": "m1", "select": ["a"], "output": "b", "select_direction": "tx"}]
+
+
+def test_a_stopped_reader_costs_captured_frames_not_forwarding(three, tmp_path):
+    """The capture client is frozen (SIGSTOP): its socket fills, the ring
+    fills, and the switch drops and counts captured frames while every frame
+    is still forwarded."""
+    import signal
+
+    d, (g0, g1, g2) = three
+    proc = start_capture(d, "vm0", "--direction", "rx", "-w", str(tmp_path / "slow.pcap"))
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        total, batch = 8000, 100
+        ring = g0.tx_ring(0)
+        for _ in range(total // batch):
+            for i in range(batch):
+                ring.post_tx(frame(BROADCAST, mac(1), b"s" * 200))
+            g0.kick(ring.index)
+            g0.wait_tx_done(0)
+        stats = d.port("vm0")["stats"]
+        assert stats["rx_packets"] == total
+        assert stats["capture_dropped"] > 0, stats
+        sent = {n: d.port(n)["stats"] for n in ("vm1", "vm2")}
+        assert all(s["tx_packets"] + s["tx_dropped"] == total for s in sent.values()), sent
+        assert "capture_dropped" in d.ctl_raw("show", "vm0").stdout
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        proc.communicate(timeout=DEADLINE)
+    deadline = time.monotonic() + DEADLINE
+    while "capture ended" not in d.log():
+        assert time.monotonic() < deadline, d.log()[-2000:]
+        time.sleep(0.05)
