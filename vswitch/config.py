@@ -56,6 +56,7 @@ class Config:
     # Switch-wide values of port keys (socket_owner, socket_group, socket_mode) for ports that set none.
     port_defaults: dict = field(default_factory=dict)
     ports: list[dict] = field(default_factory=list)
+    mirrors: list[dict] = field(default_factory=list)   # vswitch/capture.py check_mirror
 
     def to_yaml_data(self) -> dict:
         """The config as a YAML document would hold it (defaults written out)."""
@@ -73,6 +74,8 @@ class Config:
             data["metrics"] = {"listen": self.metrics_listen}
         data.update(self.port_defaults)
         data["ports"] = [dict(p) for p in self.ports]
+        if self.mirrors:
+            data["mirrors"] = [dict(m, select=list(m["select"])) for m in self.mirrors]
         return data
 
 
@@ -165,7 +168,7 @@ def parse(data, source: str = "<config>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping (control_socket, fdb, ports)"])
     for key in data:
-        if key not in ("control_socket", "control_group", "persist", "fdb", "pmd", "metrics", "ports") \
+        if key not in ("control_socket", "control_group", "persist", "fdb", "pmd", "metrics", "ports", "mirrors") \
                 and key not in SWITCH_WIDE_PORT_KEYS:
             problems.append(f"{source}: unknown key '{key}'")
     sock = data.get("control_socket", DEFAULT_CONTROL_SOCKET)
@@ -280,9 +283,33 @@ def parse(data, source: str = "<config>") -> Config:
             continue
         cfg.fdb_static.append({"mac": str(entry["mac"]).lower(), "port": entry["port"],
                                **({"vlan": vlan} if vlan else {})})
+    _parse_mirrors(data.get("mirrors"), source, names, cfg, problems)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _parse_mirrors(mirrors, source: str, port_names, cfg: Config, problems: list[str]) -> None:
+    """`mirrors: [{name, select: [ports], output: port, select_direction: rx|tx|both}]`."""
+    from vswitch.capture import CaptureProblem, check_mirror, check_mirrors
+
+    if mirrors is None:
+        return
+    if not isinstance(mirrors, list):
+        problems.append(f"{source}: mirrors: must be a list of {{name, select, output}}")
+        return
+    checked = []
+    for i, spec in enumerate(mirrors):
+        try:
+            checked.append(check_mirror(spec, set(port_names), f"{source}: mirrors[{i}]"))
+        except CaptureProblem as exc:
+            problems.append(str(exc))
+    if len(checked) == len(mirrors):
+        try:
+            check_mirrors(checked, f"{source}: mirrors")
+            cfg.mirrors = checked
+        except CaptureProblem as exc:
+            problems.append(str(exc))
 
 
 def save(path: str, cfg: Config) -> None:

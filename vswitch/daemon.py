@@ -104,6 +104,8 @@ async def run(args) -> int:
             await switch.add_port(spec)
         for entry in cfg.fdb_static:
             switch.fdb_add_static(entry["mac"], entry["port"], entry.get("vlan", 0))
+        if cfg.mirrors:
+            switch.set_mirrors(cfg.mirrors)
         await control.start()
         if cfg.metrics_listen:
             from vswitch.metrics import MetricsServer

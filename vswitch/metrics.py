@@ -90,6 +90,7 @@ class SwitchCollector:
             dropped.add_metric(ids + ["rx", "port"], s["rx_dropped"])
             dropped.add_metric(ids + ["rx", "vlan"], generic.vlan_dropped)
             dropped.add_metric(ids + ["rx", "policing"], generic.police_dropped)
+            dropped.add_metric(ids + ["rx", "mirror_output"], generic.mirror_output_dropped)
             errors.add_metric(ids + ["tx", "bad_offload_header"], generic.tx_dropped_offload)
             errors.add_metric(ids + ["tx", "port"], s["tx_errors"] - generic.tx_dropped_offload)
             reasons = port.error_counts()

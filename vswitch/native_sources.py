@@ -17,6 +17,7 @@ HEADERS = [
     "vhost/packed_ring.h",
     "vhost/dirty_log.h",
     "ports/port.h",
+    "pmd/capture.h",
     "vhost/virtqueue.h",
     "vhost/guestmem.h",
     "vhost/port_ops.h",
@@ -41,6 +42,7 @@ SOURCES = [
     "ports/af_xdp.c",
     "ports/vxlan.c",
     "pmd/offload.c",
+    "pmd/capture.c",
 ]
 # Included by the .c files only (inline helpers, system headers).
 PRIVATE_HEADERS = ["vswitch.h", "vhost/ring_internal.h"]

@@ -12,7 +12,7 @@ problems are the answer.  Then, against the running switch:
   touched, and loses no frame (the PMDs switch port tables without
   stopping, as for `add-port`);
 * `fdb.aging_seconds`, `fdb.max_entries` and `fdb.static` are set to the
-  file's values;
+  file's values, and so are the `mirrors`, once the ports are in place;
 * settings that only a restart can change (`control_socket`,
   `control_group`, `pmd.cpus`, `metrics.listen`) are reported, not applied.
 
@@ -70,6 +70,10 @@ async def reload(switch: Switch, path: str, running: Config) -> dict:
             except SwitchError as exc:
                 result["errors"].append(str(exc))
         _apply_fdb(switch, new, result)
+        # Last, once every port they name exists (a removed port already left them).
+        if new.mirrors != switch.config.mirrors:
+            switch.set_mirrors(new.mirrors)
+            result["mirrors"] = [m["name"] for m in new.mirrors]
     finally:
         switch.on_change = on_change
     for attr, key in RESTART_ONLY.items():
@@ -113,6 +117,8 @@ def summary(result: dict) -> str:
     parts.append(f"{result['unchanged']} port(s) untouched")
     if result["fdb"]:
         parts.append("fdb " + ", ".join(result["fdb"]))
+    if "mirrors" in result:
+        parts.append("mirrors set: " + (", ".join(result["mirrors"]) or "none"))
     if result["restart_needed"]:
         parts.append("not applied until a restart: " + ", ".join(result["restart_needed"]))
     if result["errors"]:

@@ -15,9 +15,11 @@ import logging
 import time
 from typing import Awaitable, Callable
 
+from vswitch import capture as capture_mod
+from vswitch.capture import Capture, CaptureProblem
 from vswitch.config import Config, validate_port
 from vswitch.fib import MacTable
-from vswitch.native import lib
+from vswitch.native import ffi, lib
 from vswitch.pmd import CallWatchdog, PmdThread, Reclaimer
 from vswitch.ports import policing as policing_settings
 from vswitch.ports import vlan as vlan_settings
@@ -40,7 +42,7 @@ class Switch:
     """
 
     def __init__(self, config: Config):
-        self.config = dataclasses.replace(config, ports=[], fdb_static=[])
+        self.config = dataclasses.replace(config, ports=[], fdb_static=[], mirrors=[])
         self.fib = MacTable(config.fdb_max_entries, config.fdb_aging_seconds)
         cpus = config.pmd_cpus or [None]
         self.pmds = [PmdThread(i, self.fib, cpu) for i, cpu in enumerate(cpus)]
@@ -52,6 +54,9 @@ class Switch:
         self.reload: Callable[[], Awaitable[dict]] | None = None
         self._subscribers: list[Callable[[dict], None]] = []
         self._housekeeping: asyncio.Task | None = None
+        self.captures: list[Capture] = []
+        # Per port name: the struct vs_monitor published in its struct vs_port and what it points to.
+        self._monitors: dict[str, tuple] = {}
 
     def _changed(self) -> None:
         if self.on_change:
@@ -148,6 +153,10 @@ class Switch:
         del self.ports[name]
         self.config.ports = [p for p in self.config.ports if p["name"] != name]
         self.config.fdb_static = [e for e in self.config.fdb_static if e["port"] != name]
+        self._forget_port_in_mirrors(name)
+        for cap in self.captures:
+            if cap.port == name:
+                cap.ended = f"port '{name}' was removed"
         unused = self._publish()
         if unused or getattr(port, "reclaims_itself", False) or self.quiesce():
             await port.stop()
@@ -241,11 +250,106 @@ class Switch:
 
     def _publish(self) -> bool:
         """Publishes the ports to the PMDs; True if the old tables are already unused (and freed)."""
+        old = self._publish_monitors()
         ports = sorted(self.ports.values(), key=lambda p: p.port_no)
         polls = [(p, q) for p in ports for q in p.poll_queues()]
         # Round-robin the receive queues over the PMD threads: each is polled by one.
-        old = [pmd.publish(ports, polls[i::len(self.pmds)]) for i, pmd in enumerate(self.pmds)]
+        old += [pmd.publish(ports, polls[i::len(self.pmds)]) for i, pmd in enumerate(self.pmds)]
         return self.reclaimer.defer("the previous port table", old.clear)
+
+    # Capture and mirroring (vswitch/capture.py).
+
+    def _publish_monitors(self) -> list:
+        """Gives each port the struct vs_monitor its captures and mirrors need (one pointer store
+        each); returns the old ones, which a PMD may still read.  A mirror's output port is
+        marked so that the next port table leaves it out of flooding."""
+        self.captures = [c for c in self.captures if c.ended is None]
+        old = []
+        for name, port in self.ports.items():
+            monitor, refs = capture_mod.build_monitor(port, self.captures, self.config.mirrors, self.ports)
+            was_output = getattr(port, "mirror_output", False)
+            port.mirror_output = bool(monitor != ffi.NULL and monitor.mirror_output)
+            if port.mirror_output and not was_output:
+                self.fib.flush(port.port_no)   # nothing is sent to it as a destination any more
+            previous = self._monitors.get(name)
+            if previous is None and monitor == ffi.NULL:
+                continue
+            port.c.monitor = monitor
+            old.append(previous)
+            self._monitors[name] = (monitor, refs) if monitor != ffi.NULL else None
+        for name in [n for n in self._monitors if n not in self.ports]:
+            old.append(self._monitors.pop(name))
+        return old
+
+    def start_capture(self, port_name: str, direction: str = "both", snaplen: int = capture_mod.DEFAULT_SNAPLEN,
+                      slots: int | None = None) -> Capture:
+        """Starts copying the port's frames into a new capture ring; the PMDs see it from their next burst."""
+        port = self._port(port_name)
+        try:
+            cap = Capture(port.name, direction, snaplen, slots)
+        except CaptureProblem as exc:
+            raise SwitchError(f"capture: {exc}") from None
+        active = [c for c in self.captures if c.port == port.name and c.ended is None]
+        if len(active) >= lib.VS_MONITOR_MAX:
+            raise SwitchError(f"port '{port.name}' already has {len(active)} captures (at most {lib.VS_MONITOR_MAX})")
+        self.captures.append(cap)
+        port.capture_rings.append(cap)
+        self._publish()
+        log.info("port '%s': capture started (%s, snaplen %d)", port.name, direction, snaplen)
+        return cap
+
+    def stop_capture(self, cap: Capture) -> None:
+        """Ends a capture; its ring is freed once no PMD can be writing it."""
+        if cap.ended is None:
+            cap.ended = "stopped"
+        if cap in self.captures:
+            self._publish()
+        port = self.ports.get(cap.port)
+        if port is not None and cap in port.capture_rings:
+            port.capture_rings.remove(cap)
+            port.capture_dropped_before += cap.dropped
+        log.info("port '%s': capture ended: %d frames, %d dropped", cap.port, cap.captured, cap.dropped)
+
+    def add_mirror(self, spec: dict) -> dict:
+        """Adds a mirror (vswitch/capture.py check_mirror); the PMDs copy from their next burst."""
+        try:
+            mirror = capture_mod.check_mirror(spec, set(self.ports), "mirror")
+            if any(m["name"] == mirror["name"] for m in self.config.mirrors):
+                raise CaptureProblem(f"mirror '{mirror['name']}' already exists")
+            capture_mod.check_mirrors(self.config.mirrors + [mirror], "mirrors")
+        except CaptureProblem as exc:
+            raise SwitchError(str(exc)) from None
+        self.config.mirrors.append(mirror)
+        self._publish()
+        log.info("mirror '%s' added: %s (%s) to %s", mirror["name"], ", ".join(mirror["select"]),
+                 mirror.get("select_direction", "both"), mirror["output"])
+        self._changed()
+        return mirror
+
+    def del_mirror(self, name: str) -> None:
+        if not any(m["name"] == name for m in self.config.mirrors):
+            raise SwitchError(f"no mirror named '{name}'")
+        self.config.mirrors = [m for m in self.config.mirrors if m["name"] != name]
+        self._publish()
+        log.info("mirror '%s' removed", name)
+        self._changed()
+
+    def set_mirrors(self, mirrors: list[dict]) -> None:
+        """Replaces every mirror at once (a reload); `mirrors` were validated with the config."""
+        self.config.mirrors = [dict(m) for m in mirrors]
+        self._publish()
+        self._changed()
+
+    def _forget_port_in_mirrors(self, name: str) -> None:
+        """A removed port leaves the mirrors: one that has no selected port or no output left goes."""
+        kept = []
+        for m in self.config.mirrors:
+            select = [p for p in m["select"] if p != name]
+            if m["output"] == name or not select:
+                log.info("mirror '%s' removed with port '%s'", m["name"], name)
+                continue
+            kept.append({**m, "select": select})
+        self.config.mirrors = kept
 
     def quiesce(self) -> bool:
         """Waits briefly for the PMDs to finish their current pass; False if one did not."""

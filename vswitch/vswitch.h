@@ -15,6 +15,7 @@
 #include "vhost/packed_ring.h"
 #include "vhost/dirty_log.h"
 #include "ports/port.h"
+#include "pmd/capture.h"
 #include "vhost/virtqueue.h"
 #include "vhost/guestmem.h"
 #include "vhost/port_ops.h"

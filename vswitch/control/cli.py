@@ -10,6 +10,8 @@ key=value ...`); the subcommands are shorthands for the common ones.
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import json
 import os
 import socket
@@ -137,6 +139,8 @@ DROP_COUNTERS = {
     "tx_dropped_too_big": "larger than the guest's receive buffers",
     "mtu_refused": "NET_SET_MTU values refused",
     "police_dropped": "received over the port's policing rate",
+    "capture_dropped": "not captured: a capture ring was full (the reader was slow)",
+    "mirror_output_dropped": "received on a mirror's output port, which takes no traffic",
     "rx_unknown_remote": "datagrams from an address that is not a remote",
     "rx_wrong_vni": "datagrams with a VNI the port does not carry",
     "rx_malformed": "malformed VXLAN datagrams",
@@ -264,6 +268,10 @@ FORMATTERS = {
     "list-commands": lambda r: print(table([[c["usage"], c["help"]] for c in r["commands"]],
                                            ["COMMAND", "DESCRIPTION"])),
     "version": lambda r: print(r["version"]),
+    "mirror/add": lambda r: print(f"added mirror {r['name']}"),
+    "mirror/del": lambda r: print(f"removed mirror {r['removed']}"),
+    "mirror/list": lambda r: print(table([[m["name"], ",".join(m["select"]), m["select_direction"], m["output"]]
+                                          for m in r["mirrors"]], ["MIRROR", "SELECT", "DIRECTION", "OUTPUT"])),
 }
 # How each line of a streaming command is shown without --json.
 STREAM_FORMATTERS = {
@@ -509,6 +517,25 @@ def build_parser(port_types: bool = True) -> argparse.ArgumentParser:
     top_p = sub.add_parser("top", help="live view: ports by traffic rate, PMD load (Ctrl-C to leave)")
     top_p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     top_p.add_argument("--iterations", type=int, help="stop after this many refreshes")
+    cap = sub.add_parser("capture", help="write the frames a port receives and/or is sent to a pcap file "
+                         "(-w - : to stdout, e.g. | tcpdump -r -)")
+    cap.add_argument("port")
+    cap.add_argument("--direction", default="both", help="rx (received from the port), tx (sent to it) or both "
+                     "(default both)")
+    cap.add_argument("--count", "-c", type=int, help="stop after this many frames (default: until Ctrl-C)")
+    cap.add_argument("--snaplen", "-s", type=int, default=65535, help="bytes kept per frame (default 65535)")
+    cap.add_argument("-w", dest="write", required=True, metavar="FILE", help="pcap file to write, - for stdout")
+    mirror = sub.add_parser("mirror", help="port mirrors: copies of ports' traffic sent to an output port")
+    mirror_sub = mirror.add_subparsers(dest="mirror_cmd", required=True, metavar="mirror-command")
+    mirror_add = mirror_sub.add_parser("add", help="add a mirror: mirror add NAME --select P1,P2 --output P "
+                                       "[--direction rx|tx|both]")
+    mirror_add.add_argument("name")
+    mirror_add.add_argument("--select", required=True, help="comma-separated ports whose traffic is copied")
+    mirror_add.add_argument("--output", required=True, help="the port the copies go to")
+    mirror_add.add_argument("--direction", help="rx, tx or both (default both)")
+    mirror_del = mirror_sub.add_parser("del", help="remove a mirror")
+    mirror_del.add_argument("name")
+    mirror_sub.add_parser("list", help="list the mirrors")
     sub.add_parser("control-stats", help="control socket counters: connections, refused clients, changes")
     sub.add_parser("events", help="stream port, link and queue events")
     sub.add_parser("list-commands", help="every control command with its usage")
@@ -537,6 +564,10 @@ SUBCOMMANDS = {
                       "del": lambda: ("fdb/del", {"mac": a.mac, "vlan": a.vlan}),
                       "stats": lambda: ("fdb/stats", {})}[a.fdb_cmd](),
     "pmd-stats": lambda a: ("pmd/stats", {}),
+    "mirror": lambda a: {"add": lambda: ("mirror/add", {"name": a.name, "select": [p for p in a.select.split(",") if p],
+                                                       "output": a.output, "select_direction": a.direction}),
+                         "del": lambda: ("mirror/del", {"name": a.name}),
+                         "list": lambda: ("mirror/list", {})}[a.mirror_cmd](),
     "control-stats": lambda a: ("control/stats", {}),
     "events": lambda a: ("events/subscribe", {}),
     "list-commands": lambda a: ("list-commands", {}),
@@ -568,7 +599,49 @@ def set_port_request(args) -> tuple[str, dict]:
     return f"port/set-{args.setting}", {"name": args.name, args.setting: settings}
 
 
+def capture(sock: str, args) -> None:
+    """Streams a port's frames from the daemon into a pcap file (or stdout), written with scapy.
+    What was written and what the switch dropped (its ring was full) go to stderr at the end."""
+    request = {"port": args.port, "direction": args.direction, "snaplen": args.snaplen, "count": args.count}
+    if args.count is not None and args.count < 1:
+        raise ControlError(f"capture: --count {args.count} must be at least 1")
+    result, frames = call_streaming(sock, "capture/start", {k: v for k, v in request.items() if v is not None})
+    from scapy.utils import RawPcapWriter   # slow to import: only here
+
+    to_stdout = args.write == "-"
+    try:
+        out = sys.stdout.buffer if to_stdout else open(args.write, "wb")
+    except OSError as exc:
+        raise ControlError(f"cannot write {args.write}: {exc.strerror}") from None
+    writer = RawPcapWriter(out, linktype=1, nano=True, snaplen=result["snaplen"], sync=to_stdout)
+    written, last = 0, {}
+    try:
+        writer.write_header(None)
+        if to_stdout:
+            out.flush()
+        for item in frames or ():
+            if "data" not in item:
+                last = item       # counters, and the end of the stream
+                continue
+            data = base64.b64decode(item["data"])
+            sec, nsec = divmod(item["time_ns"], 1_000_000_000)
+            writer.write_packet(data, sec=sec, usec=nsec, caplen=len(data), wirelen=item["len"])
+            written += 1
+    finally:
+        if to_stdout:
+            with contextlib.suppress(BrokenPipeError):
+                out.flush()
+        else:
+            writer.close()
+        dropped = f", {last['dropped']} dropped by the switch (capture ring full)" if last.get("dropped") else ""
+        ended = f" ({last['end']})" if last.get("end") and last["end"] != "count reached" else ""
+        print(f"vswitchctl: {written} frames written from port {args.port}{dropped}{ended}", file=sys.stderr)
+
+
 def run(args) -> None:
+    if args.cmd == "capture":
+        capture(args.socket, args)
+        return
     if args.cmd == "stats":
         watch_stats(args.socket, args)
         return

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 
 import yaml
 
 import vswitch
+from vswitch import capture as capture_mod
 from vswitch.control.registry import Arg, CommandError, Registry, Stream
 from vswitch.config import ConfigError
 from vswitch.fib import FibError
@@ -225,3 +227,78 @@ async def events_subscribe(switch: Switch, stream: Stream):
             await stream.send(await queue.get())
     finally:
         unsubscribe()
+
+
+# Capture and mirroring (vswitch/capture.py).
+
+# With no frame to send, a capture stream still sends its counters this often,
+# which is also how it finds out that its client has gone.
+CAPTURE_HEARTBEAT_SECONDS = 1.0
+
+
+@registry.command("capture/start", "Stream the frames a port receives and/or is sent, one JSON object a line "
+                  "({time_ns, len, data: base64}), until count frames or the client closes the connection; "
+                  "`vswitchctl capture` writes them to a pcap file.", Arg("port", str, True),
+                  Arg("direction", str, help="rx, tx or both (default both)"),
+                  Arg("snaplen", int, help=f"bytes kept per frame, 1 to {capture_mod.MAX_SNAPLEN} "
+                      f"(default {capture_mod.DEFAULT_SNAPLEN})"),
+                  Arg("count", int, help="stop after this many frames"), streams=True)
+async def capture_start(switch: Switch, stream: Stream, port: str, direction: str = "both",
+                        snaplen: int = capture_mod.DEFAULT_SNAPLEN, count: int | None = None):
+    if count is not None and count < 1:
+        raise CommandError(f"capture: count {count} must be at least 1")
+    try:
+        capture_mod.check_direction(direction)
+        capture_mod.check_snaplen(snaplen)
+    except capture_mod.CaptureProblem as exc:
+        raise CommandError(f"capture: {exc}") from None
+    with refused():
+        cap = switch.start_capture(port, direction, snaplen)
+    sent = 0
+    try:
+        await stream.start({"port": port, "direction": direction, "snaplen": snaplen, "slots": cap.n_slots})
+        quiet = 0.0
+        while cap.ended is None:
+            frames = cap.read()
+            for time_ns, wire_len, data in frames[:None if count is None else count - sent]:
+                await stream.send({"time_ns": time_ns, "len": wire_len,
+                                   "data": base64.b64encode(data).decode()})
+                sent += 1
+            if count is not None and sent >= count:
+                break
+            if frames:
+                quiet = 0.0
+            else:
+                quiet += capture_mod.DRAIN_SECONDS
+                if quiet >= CAPTURE_HEARTBEAT_SECONDS:
+                    quiet = 0.0
+                    await stream.send({"captured": cap.captured, "dropped": cap.dropped})
+                await asyncio.sleep(capture_mod.DRAIN_SECONDS)
+        await stream.send({"end": cap.ended or "count reached", "sent": sent, "captured": cap.captured,
+                           "dropped": cap.dropped})
+    finally:
+        switch.stop_capture(cap)
+
+
+@registry.command("mirror/add", "Mirror ports: copies of what the selected ports receive and/or are sent go to "
+                  "the output port (which then takes no other traffic).", Arg("name", str, True),
+                  Arg("select", list, True, "port names", type_name="list"), Arg("output", str, True),
+                  Arg("select_direction", str, help="rx, tx or both (default both)"), changes=True)
+async def mirror_add(switch: Switch, name: str, select: list, output: str, select_direction: str | None = None):
+    spec = {"name": name, "select": select, "output": output}
+    if select_direction is not None:
+        spec["select_direction"] = select_direction
+    with refused():
+        return switch.add_mirror(spec)
+
+
+@registry.command("mirror/del", "Remove a mirror.", Arg("name", str, True), changes=True)
+async def mirror_del(switch: Switch, name: str):
+    with refused():
+        switch.del_mirror(name)
+    return {"removed": name}
+
+
+@registry.command("mirror/list", "The mirrors: name, selected ports, direction, output.")
+async def mirror_list(switch: Switch):
+    return {"mirrors": [{**m, "select_direction": m.get("select_direction", "both")} for m in switch.config.mirrors]}

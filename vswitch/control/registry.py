@@ -87,6 +87,8 @@ class Command:
                 raise CommandError(f"{self.name}: argument '{a.name}' must be a string, not {value!r}")
             if a.type is dict and not isinstance(value, dict):
                 raise CommandError(f"{self.name}: argument '{a.name}' must be an object, not {value!r}")
+            if a.type is list and not isinstance(value, list):
+                raise CommandError(f"{self.name}: argument '{a.name}' must be a list, not {value!r}")
             if a.type is bool and not isinstance(value, bool):
                 raise CommandError(f"{self.name}: argument '{a.name}' must be true or false, not {value!r}")
             out[a.name] = value

@@ -95,9 +95,11 @@ class PmdThread:
         table = ffi.new("struct vs_port_table *")
         for port in ports:
             table.ports[port.port_no] = port.c
+            table.n_vlan += port.c.vlan != ffi.NULL
+            if getattr(port, "mirror_output", False):
+                continue   # a mirror's output port takes only the mirror's copies, never a flood
             table.live[table.n_live] = port.port_no
             table.n_live += 1
-            table.n_vlan += port.c.vlan != ffi.NULL
         for port, queue in poll:
             table.poll[table.n_poll].port = port.c
             table.poll[table.n_poll].queue = queue

@@ -285,6 +285,11 @@ static void drop_over_mtu(struct vs_port *out, struct out_group *g)
     }
 }
 
+static void monitor_group(const struct vs_monitor *monitor, bool received, uint32_t queue_hint,
+                          struct vs_pkt **pkts, uint32_t n);
+
+static void send_group(struct vs_port *out, uint32_t queue_hint, struct out_group *g);
+
 static void transmit(struct vs_port *out, uint32_t queue_hint, struct out_group *g)
 {
     if (unlikely(!__atomic_load_n(&out->link_up, __ATOMIC_ACQUIRE))) {
@@ -295,6 +300,17 @@ static void transmit(struct vs_port *out, uint32_t queue_hint, struct out_group 
     if (unlikely(!g->n)) {
         return;
     }
+    send_group(out, queue_hint, g);
+    /* Captured and mirrored after the port took them: the frames are still
+     * the source's until rx_done, and a mirror copy may then retarget sub. */
+    const struct vs_monitor *monitor = __atomic_load_n(&out->monitor, __ATOMIC_ACQUIRE);
+    if (unlikely(monitor != NULL)) {
+        monitor_group(monitor, false, queue_hint, g->pkts, g->n);
+    }
+}
+
+static void send_group(struct vs_port *out, uint32_t queue_hint, struct out_group *g)
+{
     const struct vs_port_ops *ops = out->ops;
     uint32_t caps = ops->offload_caps ? ops->offload_caps(out) : 0;
     if (likely(!vs_offload_needed(g->pkts, g->n, caps))) {
@@ -671,6 +687,61 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
     }
 }
 
+/*
+ * Capture and mirroring (pmd/capture.h), taken only for a port with a monitor.
+ * Frames are captured as they are on that port's wire: received ones before
+ * policing and VLAN checks, sent ones after their VLAN tag was pushed or
+ * popped and the MTU check, before software offloads.  A mirror copy goes
+ * through transmit() like any frame, so the output port's own link, MTU and
+ * offload rules apply; an output port is never selected by a mirror
+ * (capture.py check_mirrors), so this recurses once at most.  Sent frames
+ * are captured whether or not the port had room for them.
+ */
+static __attribute__((noinline)) void monitor_group(const struct vs_monitor *monitor, bool received,
+                                                    uint32_t queue_hint, struct vs_pkt **pkts, uint32_t n)
+{
+    uint32_t n_captures = received ? monitor->n_rx_captures : monitor->n_tx_captures;
+    if (n_captures) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t time_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+        for (uint32_t c = 0; c < n_captures; c++) {
+            vs_capture_frames(received ? monitor->rx_captures[c] : monitor->tx_captures[c], pkts, n, time_ns);
+        }
+    }
+    uint32_t n_mirrors = received ? monitor->n_rx_mirrors : monitor->n_tx_mirrors;
+    for (uint32_t m = 0; m < n_mirrors; m++) {
+        struct out_group copy = { .n = n, .unicast = 0 };
+        for (uint32_t i = 0; i < n; i++) {
+            pkts[i]->sub = VS_SUB_ALL;   /* every remote of a tunnel output */
+            copy.pkts[i] = pkts[i];
+        }
+        transmit(received ? monitor->rx_mirrors[m] : monitor->tx_mirrors[m], queue_hint, &copy);
+    }
+}
+
+/* A received burst on a port with a monitor; returns true if it must not be
+ * forwarded (the port is a mirror's output). */
+static __attribute__((noinline)) bool monitor_received(struct vs_port *in, const struct vs_monitor *monitor,
+                                                       uint32_t queue, struct vs_pkt *pkts, uint32_t n)
+{
+    struct vs_pkt *ptrs[VS_BURST];
+    uint16_t subs[VS_BURST];
+    for (uint32_t i = 0; i < n; i++) {
+        ptrs[i] = &pkts[i];
+        subs[i] = pkts[i].sub;
+    }
+    monitor_group(monitor, true, queue, ptrs, n);
+    if (monitor->mirror_output) {
+        __atomic_add_fetch(&in->stats.mirror_output_dropped, n, __ATOMIC_RELAXED);
+        return true;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        pkts[i].sub = subs[i];   /* the remote a tunnel frame came from, for learning */
+    }
+    return false;
+}
+
 static inline uint64_t pass_clock(uint64_t *now)
 {
     if (!*now) {
@@ -732,8 +803,12 @@ static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
     uint32_t n = ops->rx_burst(in, pq->queue, pkts, VS_BURST);
     if (n) {
         uint32_t pass = n;
+        const struct vs_monitor *monitor = __atomic_load_n(&in->monitor, __ATOMIC_ACQUIRE);
+        if (unlikely(monitor != NULL) && monitor_received(in, monitor, pq->queue, pkts, n)) {
+            pass = 0;
+        }
         struct vs_police *pol = __atomic_load_n(&in->police, __ATOMIC_ACQUIRE);
-        if (unlikely(pol)) {
+        if (unlikely(pol) && pass) {
             pass = police_burst(pmd, in, pol, pkts, n);
         }
         if (unlikely(t->n_vlan)) {

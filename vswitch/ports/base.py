@@ -46,6 +46,9 @@ class Port(abc.ABC):
         self.vlan: dict | None = None       # validated settings (vlan.check), None for none
         self.policing: dict | None = None   # validated settings (policing.check), None for none
         self._c_settings: dict = {}         # the C structs behind them, kept alive here
+        self.capture_rings: list = []       # its running captures (vswitch/capture.py), kept by the switch
+        self.capture_dropped_before = 0     # frames its ended captures lost to a full ring
+        self.mirror_output = False          # the output of a mirror: out of flooding, receives nothing
         self.set_vlan(spec.get("vlan"))
         self.set_policing(spec.get("policing"))
 
@@ -106,7 +109,9 @@ class Port(abc.ABC):
     def counters(self) -> dict:
         """stats() and the counters every port type has (VLAN and policing drops)."""
         return {**self.stats(), "vlan_dropped": self.c.stats.vlan_dropped,
-                "police_dropped": self.c.stats.police_dropped}
+                "police_dropped": self.c.stats.police_dropped,
+                "capture_dropped": self.capture_dropped_before + sum(c.dropped for c in self.capture_rings),
+                "mirror_output_dropped": self.c.stats.mirror_output_dropped}
 
     def emit(self, kind: str, fields: dict) -> None:
         self._emit(kind, {"port": self.name, **fields})

@@ -101,6 +101,7 @@ struct vs_port_stats {
     uint64_t tx_dropped_mtu;     /* frames longer than max_frame: dropped, never truncated */
     uint64_t vlan_dropped;       /* received frames with a VLAN the port does not carry, or tagged on an access port */
     uint64_t police_dropped;     /* received frames over the port's policing rate */
+    uint64_t mirror_output_dropped; /* received on a mirror's output port, which takes no traffic */
 };
 
 struct vs_port {
@@ -112,6 +113,7 @@ struct vs_port {
                                   * MTU; 0: no limit.  Written by the control plane at any time. */
     struct vs_vlan *vlan;        /* shared: NULL, no VLAN settings (VLAN 0, tags carried untouched) */
     struct vs_police *police;    /* shared: NULL, no ingress policing */
+    struct vs_monitor *monitor;  /* shared: NULL, neither captured nor mirrored (pmd/capture.h) */
     /* control: how many sub-destinations the port has (a tunnel's remote
      * endpoints), set before the port is published; 0: none.  The MAC table
      * then records which one a MAC was learned from (vs_pkt.sub on receive,

@@ -1,0 +1,88 @@
+"""Instructions the PMD loop spends per frame, counted by valgrind (deterministic, unlike cycles).
+
+Two null ports; each pass injects a burst of 32 frames into the first (from
+Python, not counted) and runs one vs_pmd_poll_once, which forwards them to
+the second.  Run under callgrind, collecting only inside vs_pmd_poll_once:
+
+    valgrind --tool=callgrind '--toggle-collect=*vs_pmd_poll_once' \\
+        --callgrind-out-file=/tmp/cg.out "$(python3 -c 'import sys; print(sys.executable)')" \\
+        -m tools.pmd_cost [--monitor none|capture|mirror]
+    grep ^totals /tmp/cg.out                   # instructions (Ir)
+
+The pattern also matches cffi's wrapper (_cffi_f_vs_pmd_poll_once), into
+which -flto inlines the loop; valgrind must start the real interpreter, not
+a shell shim.  Divide by the calls (passes + 1: a first pass learns the
+destination) or the frames (32 per pass, + 1).  `--monitor none` is the
+switch as it runs without captures or mirrors; `capture` adds an rx capture
+on the first port (drained every pass), `mirror` mirrors its received
+frames to a third null port.  README "Capture and mirroring" has the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from vswitch.fib import MacTable
+from vswitch.native import ffi, lib
+
+BURST = 32
+
+
+def null_port(port_no: int):
+    np = ffi.new("struct vs_null_port *")
+    assert lib.vs_null_port_init(np, 1) == 0
+    port = ffi.new("struct vs_port *")
+    port.port_no, port.ops, port.priv, port.link_up = port_no, lib.vs_null_port_ops(), np, 1
+    return np, port
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--passes", type=int, default=2000)
+    p.add_argument("--monitor", choices=["none", "capture", "mirror"], default="none")
+    args = p.parse_args()
+    fib = MacTable(max_entries=1024)
+    pmd = ffi.new("struct vs_pmd *")
+    assert lib.vs_pmd_init(pmd, fib.c) == 0
+    ports = [null_port(i) for i in range(3)]
+    table = ffi.new("struct vs_port_table *")
+    for i, (_, port) in enumerate(ports):
+        table.ports[i] = port
+    table.live[0], table.live[1], table.n_live = 0, 1, 2     # port 2 is only ever a mirror output
+    table.poll[0].port, table.poll[0].queue, table.n_poll = ports[0][1], 0, 1
+    keep = []
+    cap = None
+    if args.monitor != "none":
+        monitor = ffi.new("struct vs_monitor *")
+        if args.monitor == "capture":
+            from vswitch.capture import Capture
+            cap = Capture("p0", "rx", snaplen=128)
+            monitor.rx_captures[0], monitor.n_rx_captures = cap.c, 1
+        else:
+            monitor.rx_mirrors[0], monitor.n_rx_mirrors = ports[2][1], 1
+        ports[0][1].monitor = monitor
+        keep.append(monitor)
+    lib.vs_pmd_publish(pmd, table)
+    # Unicast after the first pass: the destination is learned from a reply.
+    frames = [bytes.fromhex("020000000002" "020000000001" "0800") + bytes(50) for _ in range(BURST)]
+    reply = ffi.from_buffer("uint8_t[]", bytes.fromhex("020000000001" "020000000002" "0800") + bytes(50))
+    lib.vs_null_port_inject(ports[1][0], 0, reply, len(reply))
+    table.poll[1].port, table.poll[1].queue, table.n_poll = ports[1][1], 0, 2
+    lib.vs_pmd_poll_once(pmd)
+    table.n_poll = 1
+    bufs = [ffi.from_buffer("uint8_t[]", f) for f in frames]
+    forwarded = 0
+    for _ in range(args.passes):
+        for b in bufs:
+            lib.vs_null_port_inject(ports[0][0], 0, b, len(b))
+        forwarded += lib.vs_pmd_poll_once(pmd)
+        if cap is not None:
+            cap.read()
+    sent = ports[1][0].queues[0].stats.tx_packets
+    print(f"monitor {args.monitor}: {forwarded} frames forwarded in {args.passes} passes, {sent} sent to port 1, "
+          f"{ports[2][0].queues[0].stats.tx_packets} mirrored")
+    lib.vs_pmd_fini(pmd)
+
+
+if __name__ == "__main__":
+    main()
