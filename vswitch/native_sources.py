@@ -17,6 +17,7 @@ HEADERS = [
     "vhost/packed_ring.h",
     "ports/port.h",
     "vhost/virtqueue.h",
+    "vhost/iotlb.h",
     "vhost/guestmem.h",
     "vhost/port_ops.h",
     "pmd/offload.h",
@@ -29,6 +30,7 @@ HEADERS = [
 SOURCES = [
     "vhost/virtqueue.c",
     "vhost/packed_ring.c",
+    "vhost/iotlb.c",
     "vhost/guestmem.c",
     "vhost/port_ops.c",
     "fib/fib.c",

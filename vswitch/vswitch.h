@@ -15,6 +15,7 @@
 #include "vhost/packed_ring.h"
 #include "ports/port.h"
 #include "vhost/virtqueue.h"
+#include "vhost/iotlb.h"
 #include "vhost/guestmem.h"
 #include "vhost/port_ops.h"
 #include "pmd/offload.h"

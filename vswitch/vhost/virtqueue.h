@@ -72,7 +72,9 @@ enum vs_vq_error {
     VS_VQ_ERR_BAD_ID = 18,           /* packed: buffer id past the ring */
     VS_VQ_ERR_INDIRECT_CHAINED = 19, /* packed: indirect descriptor chained to others */
     VS_VQ_ERR_BASE = 20,             /* packed: vring base past the ring */
-    VS_VQ_ERR_MAX = 21
+    VS_VQ_ERR_IOTLB_MISS = 21,       /* no IOTLB entry yet: not an error, the ring waits (iotlb.h) */
+    VS_VQ_ERR_IOTLB_PERM = 22,       /* the IOTLB entry does not allow this access */
+    VS_VQ_ERR_MAX = 23
 };
 
 struct vs_queue_stats {
@@ -122,6 +124,7 @@ struct vs_vring {
 
 struct vs_vhost_dev {
     struct vs_memtable *mem;     /* control: replaced only with all rings disabled and quiesced */
+    struct vs_iotlb *iotlb;      /* control: set with ACCESS_PLATFORM (addresses are IOVAs), else NULL */
     uint32_t fault;              /* shared: VS_DEV_FAULT_* bits, set atomically by any thread; while
                                   * non-zero the PMD forwards nothing from the device, and the control
                                   * plane disconnects the front-end */
