@@ -45,9 +45,10 @@ from typing import Callable
 from vswitch.config import DEFAULT_MAX_MEMORY
 from vswitch.native import ffi, lib
 from vswitch.vhost import guestmem, protocol
+from vswitch.vhost.iotlb import DeviceIotlb
 from vswitch.vhost.connection import Message, close_fds
 from vswitch.vhost.protocol import (
-    Fds, MemoryTable, MessageRule, Payload, ProtocolError, ProtocolFeature, Reply, Request, RequestRefused,
+    Fds, IotlbMsg, MemoryTable, MessageRule, Payload, ProtocolError, ProtocolFeature, Reply, Request, RequestRefused,
     VringAddr, VringFd, VringState,
 )
 
@@ -163,13 +164,15 @@ class VhostUserDevice:
     max_memory: the most bytes of guest memory the port maps.
     disabled_features: feature bits the port's config turned off: never
              offered, refused like any bit not offered.
+    iommu:   offer VIRTIO_F_ACCESS_PLATFORM (the port's `iommu: true`): a guest
+             behind a vIOMMU then gives IOVAs, translated through an IOTLB (iotlb.py).
     """
 
     messages: dict[Request, MessageRule]      # MESSAGES, set below the class
 
     def __init__(self, name: str, queues: int, dev, quiesce: Callable[[], None], emit: EventSink,
                  on_rarp: Callable[[bytes], None] | None = None, reclaim: Reclaim | None = None,
-                 max_memory: int = DEFAULT_MAX_MEMORY, disabled_features: int = 0):
+                 max_memory: int = DEFAULT_MAX_MEMORY, disabled_features: int = 0, iommu: bool = False):
         if not 1 <= queues <= lib.VS_MAX_QUEUE_PAIRS:
             raise ValueError(f"vhost-user port '{name}': queues must be 1 to {lib.VS_MAX_QUEUE_PAIRS}, not {queues}")
         self.name = name
@@ -181,6 +184,8 @@ class VhostUserDevice:
         self._reclaim = reclaim or _release_now
         self.max_memory = max_memory
         self.offered_features = protocol.OFFERED_FEATURES & ~disabled_features
+        if iommu:
+            self.offered_features |= 1 << protocol.VIRTIO_F_ACCESS_PLATFORM
         self.memory_refused = 0       # SET_MEM_TABLE over max_memory
         self.mtu_refused = 0          # NET_SET_MTU outside 68..65535
         self.fault_counts = {name: 0 for name in FAULT_BITS.values()}
@@ -196,6 +201,7 @@ class VhostUserDevice:
         self.mtu: int | None = None
         self.rarp_mac: bytes | None = None
         self.backend_req_fd = -1
+        self._iotlb: DeviceIotlb | None = None   # with ACCESS_PLATFORM negotiated
         self._regions: list[_MemRegion] = []
         self._memtable = None
         self._rings = [_Ring(i) for i in range(2 * self.queues)]
@@ -231,6 +237,7 @@ class VhostUserDevice:
             "max_memory": self.max_memory,
             "memory_refused": self.memory_refused,
             **self.fault_counts,
+            **({"iotlb": self._iotlb.info()} if self._iotlb is not None else {}),
             "rings": rings,
         }
 
@@ -281,6 +288,9 @@ class VhostUserDevice:
             self.dev.mem = ffi.NULL
             self._reclaim(f"port '{self.name}': guest memory",
                           _unmap_all(self._regions, keep_alive=self._memtable))
+        if self._iotlb is not None:
+            self._iotlb.detach()      # no ring runs: no PMD reads it any more
+            self._reclaim(f"port '{self.name}': IOTLB", lambda iotlb=self._iotlb: iotlb.c)
         close_fds([self.backend_req_fd])
         had_mtu = self.mtu is not None
         self._reset_session()
@@ -340,6 +350,17 @@ class VhostUserDevice:
         self.features = features
         self.features_set = True
         lib.vs_vhost_dev_set_features(self.dev, features)
+        self._set_iotlb(bool(features & (1 << protocol.VIRTIO_F_ACCESS_PLATFORM)))
+
+    def _set_iotlb(self, wanted: bool) -> None:
+        """With ACCESS_PLATFORM, ring and buffer addresses are IOVAs: the rings
+        translate them through an IOTLB (no ring runs while features change)."""
+        if wanted and self._iotlb is None:
+            self._iotlb = DeviceIotlb(self.name, self.dev, lambda: self.backend_req_fd)
+            self._iotlb.attach()
+        elif not wanted and self._iotlb is not None:
+            self._iotlb.detach()
+            self._iotlb = None
 
     def _get_protocol_features(self, msg, body):
         return protocol.OFFERED_PROTOCOL_FEATURES
@@ -537,6 +558,26 @@ class VhostUserDevice:
         old, self.backend_req_fd = self.backend_req_fd, msg.take_fd()
         close_fds([old])
 
+    def _iotlb_msg(self, msg, body: IotlbMsg):
+        if self._iotlb is None:
+            raise RequestRefused("IOTLB_MSG: VIRTIO_F_ACCESS_PLATFORM was not negotiated")
+        self._iotlb.handle(body)
+        if body.type == lib.VS_IOTLB_MSG_INVALIDATE:
+            # Acknowledged only once no PMD still uses a translation it took away; a ring
+            # whose own addresses went stops, and starts again once they are mapped anew.
+            hit = [self._rings[i] for i in self._iotlb.rings_hit(body.iova, body.size)]
+            if hit:
+                self._halt_rings(hit)
+            else:
+                self._wait_for_pmds()
+        for ring in self._rings:
+            self._try_start(ring, Request.IOTLB_MSG)
+
+    def send_iotlb_misses(self) -> None:
+        """Sends the IOTLB misses the PMDs recorded (the guestmem eventfd woke us)."""
+        if self._iotlb is not None:
+            self._iotlb.send_misses()
+
     def _get_status(self, msg, body):
         return self.status
 
@@ -588,8 +629,16 @@ class VhostUserDevice:
         vr.kickfd = ring.kickfd
         vr.callfd = ring.callfd
         addr = ring.addr
+        desc, avail, used = addr.desc, addr.avail, addr.used
+        if self._iotlb is not None:
+            lib.vs_iotlb_flush_caches(self._iotlb.c)   # the memory table may have changed
+            packed = bool(self.features & (1 << protocol.VIRTIO_F_RING_PACKED))
+            uvas = self._iotlb.ring_uvas(ring.index, ring.size, addr, packed)
+            if uvas is None:
+                return                # the front-end was asked; an UPDATE starts the ring
+            desc, avail, used = uvas
         resumed = int(vr.resumed_from_used)
-        rc = lib.vs_vring_setup(self.dev, ring.index, ring.size, addr.desc, addr.avail, addr.used, ring.base)
+        rc = lib.vs_vring_setup(self.dev, ring.index, ring.size, desc, avail, used, ring.base)
         if rc != 0:
             reason = ffi.string(lib.vs_vq_error_name(rc)).decode()
             raise ProtocolError(f"{request.name}: vring {ring.index}: cannot start: {reason} (size {ring.size}, "
@@ -620,6 +669,8 @@ class VhostUserDevice:
         for ring in running:
             ring.base = int(lib.vs_vring_base(self._vring(ring.index)))
             ring.started = False
+            if self._iotlb is not None:
+                self._iotlb.ring_stopped(ring.index)
             log.info("vhost-user port '%s': vring %d stopped at %d", self.name, ring.index, ring.base)
             if emit:
                 self._emit("queue", {"queue": ring.index, "enabled": False})
@@ -683,6 +734,7 @@ MESSAGES: dict[Request, MessageRule] = {row.request: row for row in (
     _row(Request.SEND_RARP,             Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._send_rarp),
     _row(Request.NET_SET_MTU,           Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._net_set_mtu),
     _row(Request.SET_BACKEND_REQ_FD,    Payload.NONE,        Fds.ONE,        Reply.ACK,         False,   VhostUserDevice._set_backend_req_fd),
+    _row(Request.IOTLB_MSG,             Payload.IOTLB,       Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._iotlb_msg),
     _row(Request.SET_STATUS,            Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._set_status),
     _row(Request.GET_STATUS,            Payload.NONE,        Fds.NONE,       Reply.U64,         False,   VhostUserDevice._get_status),
 )}
