@@ -175,29 +175,55 @@ def test_a_short_iotlb_message_costs_the_connection(make_server, frontends):
     server.wait_connected(False)
 
 
-def test_an_invalidation_waits_for_the_pmds_and_stops_a_ring_whose_addresses_went(make_server, frontends):
+def test_an_invalidation_waits_for_the_pmds_and_pauses_a_ring_whose_addresses_went(make_server, frontends):
     server = make_server()
     fe = frontends(server.path, iommu=True)
     fe.handshake()
     map_rings(fe)
     fe.sync()
     fe.iotlb_misses(timeout=0.2)
-    assert started(server, 1)
+    tx_vr = server.dev.vrings[1]
+    assert started(server, 1) and tx_vr.enabled
     # A range no ring uses: acknowledged after one wait for the PMDs; the rings run on.
     before = server.quiesces
     fe.iotlb_invalidate(fe.mem.gpa_base + fe.mem.size - 4096, 4096)
-    assert server.quiesces == before + 1 and started(server, 1)
-    # The TX ring's used ring: that ring halts, asks again, and resumes where it was once answered.
+    assert server.quiesces == before + 1 and tx_vr.enabled
+    # The TX ring's used ring: that ring pauses (no PMD touches it, no link event) and asks again.
     tx = fe.tx_ring(0)
     f = frame(mac(2), mac(1), b"a" * 100)
-    fe.send_frame(0, f)
+    head = fe.send_frame(0, f)
+    events = len(server.events)
     fe.iotlb_invalidate(tx.used_gpa, 8)
-    assert not started(server, 1) and started(server, 0)
+    assert server.quiesces == before + 2
+    assert not tx_vr.enabled and server.dev.vrings[0].enabled
+    assert started(server, 1) and server.link_events()[-1] is True and len(server.events) == events
     [miss] = [m for m in fe.iotlb_misses() if m.iova == tx.used_gpa]
     assert miss.perm == RW
+    # Mapped again, where it was: the ring resumes where it stood.
     fe.iotlb_update(tx.used_gpa, 6 + 8 * tx.size, RW)
     fe.sync()
-    assert started(server, 1)
+    assert tx_vr.enabled
+    buf, length = tx.read_desc(head)[:2]
+    fe.iotlb_update(buf, length, RO)
+    assert dequeue(server) == [f]
+
+
+def test_a_paused_ring_whose_memory_moved_restarts_on_the_new_addresses(make_server, frontends):
+    server = make_server()
+    fe = frontends(server.path, iommu=True)
+    fe.handshake()
+    map_rings(fe)
+    fe.sync()
+    tx = fe.tx_ring(0)
+    desc_before = int(ffi.cast("uintptr_t", server.dev.vrings[1].desc))
+    fe.iotlb_invalidate(tx.desc_gpa, 16 * tx.size)
+    assert not server.dev.vrings[1].enabled
+    # The same IOVAs now lead to another page of guest memory (a hostile or remapping guest).
+    elsewhere = fe.mem.alloc(16 * tx.size, 4096)
+    fe.iotlb_update(tx.desc_gpa, 16 * tx.size, RW, uaddr=fe.mem.gpa_to_uva(elsewhere))
+    fe.sync()
+    assert server.dev.vrings[1].enabled
+    assert int(ffi.cast("uintptr_t", server.dev.vrings[1].desc)) == desc_before + (elsewhere - tx.desc_gpa)
 
 
 def test_the_iommu_key_is_a_boolean_off_by_default(tmp_path):

@@ -530,7 +530,7 @@ class VhostUserDevice:
             self._wait_for_pmds()
             vr.callfd = fd
             vr.call_broken = 0        # a new fd: the guest may be notified again
-            lib.vs_vring_set_enabled(vr, 1)
+            lib.vs_vring_set_enabled(vr, 0 if self._iotlb and ring.index in self._iotlb.paused else 1)
         else:
             vr.call_broken = 0        # no PMD touches a ring that has not started
         ring.callfd = fd
@@ -563,15 +563,34 @@ class VhostUserDevice:
             raise RequestRefused("IOTLB_MSG: VIRTIO_F_ACCESS_PLATFORM was not negotiated")
         self._iotlb.handle(body)
         if body.type == lib.VS_IOTLB_MSG_INVALIDATE:
-            # Acknowledged only once no PMD still uses a translation it took away; a ring
-            # whose own addresses went stops, and starts again once they are mapped anew.
-            hit = [self._rings[i] for i in self._iotlb.rings_hit(body.iova, body.size)]
-            if hit:
-                self._halt_rings(hit)
-            else:
-                self._wait_for_pmds()
+            # Acknowledged only once no PMD still uses a translation it took away.  A ring
+            # whose own addresses went pauses (disabled in C, still started here: no link
+            # flap, as Linux flushes its whole IOTLB every few milliseconds) until they
+            # translate again.
+            hit = self._iotlb.rings_hit(body.iova, body.size)
+            for index in hit:
+                lib.vs_vring_set_enabled(self._vring(index), 0)
+            self._wait_for_pmds()
+            self._iotlb.paused.update(hit)
+        self._resume_rings()
         for ring in self._rings:
             self._try_start(ring, Request.IOTLB_MSG)
+
+    def _resume_rings(self) -> None:
+        """Paused rings run again once their addresses translate (else a MISS goes out):
+        where they were if nothing moved, else restarted on the new addresses."""
+        packed = bool(self.features & (1 << protocol.VIRTIO_F_RING_PACKED))
+        for index in sorted(self._iotlb.paused):
+            ring = self._rings[index]
+            uvas = self._iotlb.ring_uvas(index, ring.size, ring.addr, packed)
+            if uvas is None:
+                continue
+            self._iotlb.paused.discard(index)
+            if uvas == self._iotlb.ring_started_uvas.get(index):
+                lib.vs_vring_set_enabled(self._vring(index), 1)
+            else:
+                self._halt_rings([ring])
+                self._try_start(ring, Request.IOTLB_MSG)
 
     def send_iotlb_misses(self) -> None:
         """Sends the IOTLB misses the PMDs recorded (the guestmem eventfd woke us)."""
@@ -637,6 +656,7 @@ class VhostUserDevice:
             if uvas is None:
                 return                # the front-end was asked; an UPDATE starts the ring
             desc, avail, used = uvas
+            self._iotlb.ring_started(ring.index, ring.size, addr, packed, uvas)
         resumed = int(vr.resumed_from_used)
         rc = lib.vs_vring_setup(self.dev, ring.index, ring.size, desc, avail, used, ring.base)
         if rc != 0:

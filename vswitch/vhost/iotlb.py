@@ -63,6 +63,8 @@ class DeviceIotlb:
         self._backend_fd = backend_fd
         self._asked: dict[tuple[int, int], float] = {}   # (page, access) -> when its MISS went
         self.ring_iovas: dict[int, list[tuple[int, int]]] = {}   # started ring -> its (iova, length)s
+        self.ring_started_uvas: dict[int, tuple[int, int, int]] = {}   # started ring -> what it runs on
+        self.paused: set[int] = set()    # started rings an invalidation took the addresses of
         self.unknown_type = 0
         self.misses_sent = 0
         self.miss_send_failed = 0
@@ -119,11 +121,17 @@ class DeviceIotlb:
                     self.ask(missing[0], missing_perm[0])
                 return None
             uvas.append(uva)
-        self.ring_iovas[index] = [(iova, length) for _, iova, length, _ in ring_parts(size, addr, packed)]
         return uvas[0], uvas[1], uvas[2]
+
+    def ring_started(self, index: int, size: int, addr: protocol.VringAddr, packed: bool,
+                     uvas: tuple[int, int, int]) -> None:
+        self.ring_iovas[index] = [(iova, length) for _, iova, length, _ in ring_parts(size, addr, packed)]
+        self.ring_started_uvas[index] = uvas
 
     def ring_stopped(self, index: int) -> None:
         self.ring_iovas.pop(index, None)
+        self.ring_started_uvas.pop(index, None)
+        self.paused.discard(index)
 
     # -------------------------------------------------------------- misses
 
