@@ -575,6 +575,9 @@ class VhostUserDevice:
         self._resume_rings()
         for ring in self._rings:
             self._try_start(ring, Request.IOTLB_MSG)
+            if ring.started and ring.index % 2 == 0:
+                # Asks for the next receive buffers now, while no frame waits for them.
+                lib.vs_iotlb_probe_rx(self.dev, self._vring(ring.index), lib.VS_IOTLB_PROBE_DEPTH)
 
     def _resume_rings(self) -> None:
         """Paused rings run again once their addresses translate (else a MISS goes out):

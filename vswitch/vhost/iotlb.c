@@ -50,7 +50,6 @@ void vs_iotlb_init(struct vs_iotlb *tlb)
 {
     memset(tlb, 0, sizeof *tlb);
     tlb->gen = new_gen();
-    tlb->reported_gen = 0;
 }
 
 static inline uint64_t entry_last(const struct vs_iotlb_entry *e)
@@ -224,13 +223,16 @@ uint64_t vs_iotlb_translate_uva(struct vs_iotlb *tlb, uint64_t iova, uint64_t le
 
 int vs_iotlb_take_miss(struct vs_iotlb *tlb, uint64_t *iova, uint32_t *perm)
 {
-    if (__atomic_load_n(&tlb->miss_pending, __ATOMIC_ACQUIRE) != 1) {
-        return 0;
+    for (uint32_t i = 0; i < VS_IOTLB_MISS_SLOTS; i++) {
+        struct vs_iotlb_miss *m = &tlb->miss[i];
+        if (__atomic_load_n(&m->state, __ATOMIC_ACQUIRE) == 1) {
+            *iova = m->iova;
+            *perm = m->perm;
+            __atomic_store_n(&m->state, 0, __ATOMIC_RELEASE);
+            return 1;
+        }
     }
-    *iova = tlb->miss_iova;
-    *perm = tlb->miss_perm;
-    __atomic_store_n(&tlb->miss_pending, 0, __ATOMIC_RELEASE);
-    return 1;
+    return 0;
 }
 
 /* --- fast path ---------------------------------------------------------------- */
@@ -256,32 +258,43 @@ int vs_iotlb_failure(void)
     return last_failure;
 }
 
-/* Records a miss for the control plane (one at a time) and wakes it, unless this one is already known. */
+/* Records a miss for the control plane and wakes it, unless its page was recorded in this generation.
+ * Threads racing here may record a page twice or skip one: the control plane asks once, and a
+ * skipped miss is seen again on the next burst. */
 static void record_miss(struct vs_iotlb *tlb, uint64_t iova, uint32_t perm, uint64_t gen)
 {
     __atomic_add_fetch(&tlb->misses, 1, __ATOMIC_RELAXED);
-    uint64_t page = iova & ~4095ULL;
-    if (__atomic_load_n(&tlb->reported_iova, __ATOMIC_RELAXED) == page &&
-        __atomic_load_n(&tlb->reported_perm, __ATOMIC_RELAXED) == perm &&
-        __atomic_load_n(&tlb->reported_gen, __ATOMIC_RELAXED) == gen) {
-        return;
+    uint64_t key = (iova & ~4095ULL) | perm;
+    if (__atomic_load_n(&tlb->reported_gen, __ATOMIC_RELAXED) != gen) {
+        for (uint32_t i = 0; i < VS_IOTLB_MISS_SLOTS; i++) {
+            __atomic_store_n(&tlb->reported_page[i], UINT64_MAX, __ATOMIC_RELAXED);
+        }
+        __atomic_store_n(&tlb->reported_gen, gen, __ATOMIC_RELAXED);
     }
-    uint32_t idle = 0;
-    if (!__atomic_compare_exchange_n(&tlb->miss_pending, &idle, 2, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
-        return;  /* another miss waits to be sent; this one is seen again on the next burst */
+    for (uint32_t i = 0; i < VS_IOTLB_MISS_SLOTS; i++) {
+        if (__atomic_load_n(&tlb->reported_page[i], __ATOMIC_RELAXED) == key) {
+            return;
+        }
     }
-    tlb->miss_iova = iova;
-    tlb->miss_perm = perm;
-    __atomic_store_n(&tlb->reported_iova, page, __ATOMIC_RELAXED);
-    __atomic_store_n(&tlb->reported_perm, perm, __ATOMIC_RELAXED);
-    __atomic_store_n(&tlb->reported_gen, gen, __ATOMIC_RELAXED);
-    __atomic_store_n(&tlb->miss_pending, 1, __ATOMIC_RELEASE);
-    int fd = vs_guestmem_eventfd();
-    if (fd >= 0) {
-        uint64_t one = 1;
-        ssize_t r = write(fd, &one, sizeof one);
-        (void)r;  /* EAGAIN: the counter is already non-zero, the control plane will wake */
+    for (uint32_t i = 0; i < VS_IOTLB_MISS_SLOTS; i++) {
+        struct vs_iotlb_miss *m = &tlb->miss[i];
+        uint32_t idle = 0;
+        if (__atomic_compare_exchange_n(&m->state, &idle, 2, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+            m->iova = iova;
+            m->perm = perm;
+            __atomic_store_n(&m->state, 1, __ATOMIC_RELEASE);
+            uint32_t slot = __atomic_fetch_add(&tlb->reported_next, 1, __ATOMIC_RELAXED) % VS_IOTLB_MISS_SLOTS;
+            __atomic_store_n(&tlb->reported_page[slot], key, __ATOMIC_RELAXED);
+            int fd = vs_guestmem_eventfd();
+            if (fd >= 0) {
+                uint64_t one = 1;
+                ssize_t r = write(fd, &one, sizeof one);
+                (void)r;  /* EAGAIN: the counter is already non-zero, the control plane will wake */
+            }
+            return;
+        }
     }
+    /* Every slot waits to be sent: this miss is seen again on the next burst. */
 }
 
 /* Looks iova up under the sequence counter; 1 and a copy of its entry, 0 if none, -1 if it kept changing. */
@@ -370,4 +383,49 @@ uint8_t *vs_iotlb_to_hva(const struct vs_vhost_dev *dev, uint64_t iova, uint32_t
     *c = (struct cached_translation){ .iova = iova, .len = len, .host = host, .perm = e.perm };
     *contig = len;
     return host;
+}
+
+void vs_iotlb_probe_rx(const struct vs_vhost_dev *dev, const struct vs_vring *vr, uint32_t depth)
+{
+    if (!dev->iotlb || !vs_vring_is_enabled(vr)) {
+        return;
+    }
+    uint64_t contig;
+    if (!vr->packed) {
+        uint16_t avail = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
+        uint16_t next = __atomic_load_n(&vr->last_avail_idx, __ATOMIC_RELAXED);
+        if ((uint16_t)(avail - next) > vr->size) {
+            return;  /* the ring engine stops such a ring */
+        }
+        for (uint32_t i = 0; i < depth && next != avail; i++, next++) {
+            uint16_t head = __atomic_load_n(&vr->avail->ring[next & (vr->size - 1)], __ATOMIC_RELAXED);
+            if (head >= vr->size) {
+                return;
+            }
+            const volatile struct virtq_desc *d = &vr->desc[head];
+            uint64_t addr = d->addr;
+            if (!(d->flags & VIRTQ_DESC_F_INDIRECT)) {
+                (void)vs_iotlb_to_hva(dev, addr, VS_IOTLB_ACCESS_WO, &contig);  /* a miss is recorded */
+            }
+        }
+        return;
+    }
+    uint16_t idx = __atomic_load_n(&vr->pk.avail_idx, __ATOMIC_RELAXED);
+    uint8_t wrap = __atomic_load_n(&vr->pk.avail_wrap, __ATOMIC_RELAXED);
+    for (uint32_t i = 0; i < depth && idx < vr->size; i++) {
+        const volatile struct vring_packed_desc *d = &vr->pk.desc[idx];
+        uint16_t flags = __atomic_load_n(&vr->pk.desc[idx].flags, __ATOMIC_ACQUIRE);
+        bool avail = !!(flags & VIRTQ_DESC_F_AVAIL) == wrap && !!(flags & VIRTQ_DESC_F_USED) != wrap;
+        if (!avail) {
+            return;
+        }
+        uint64_t addr = d->addr;
+        if (!(flags & VIRTQ_DESC_F_INDIRECT)) {
+            (void)vs_iotlb_to_hva(dev, addr, VS_IOTLB_ACCESS_WO, &contig);  /* a miss is recorded */
+        }
+        if (++idx == vr->size) {
+            idx = 0;
+            wrap ^= 1;
+        }
+    }
 }

@@ -28,6 +28,8 @@
 
 #define VS_IOTLB_MAX_ENTRIES 4096    /* a full table forgets its oldest entry: a later lookup misses */
 #define VS_IOTLB_CACHE_SIZE 4        /* translations each PMD thread keeps */
+#define VS_IOTLB_PROBE_DEPTH 16      /* receive buffers looked up ahead of the frames (vs_iotlb_probe_rx) */
+#define VS_IOTLB_MISS_SLOTS 16       /* misses recorded at once, for the control plane to send together */
 
 /* vhost_iotlb_msg.perm */
 #define VS_IOTLB_ACCESS_RO 1         /* the device may read */
@@ -60,18 +62,24 @@ struct vs_iotlb_entry {
     uint32_t pad;
 };
 
+/* A miss for the control plane: state 0 free, 2 being written by a PMD, 1 ready. */
+struct vs_iotlb_miss {
+    uint64_t iova;
+    uint32_t perm;
+    uint32_t state;
+};
+
 struct vs_iotlb {
     uint64_t seq;                /* shared: odd while the control plane changes entries */
     uint64_t gen;                /* shared: changes with every change of the entries */
     uint32_t nentries;           /* control */
     uint32_t evict_next;         /* control: which entry a full table forgets next */
-    /* shared: the latest miss, for the control plane to send. */
-    uint32_t miss_pending;       /* 1 from the PMD that recorded it until the control plane took it */
-    uint32_t miss_perm;
-    uint64_t miss_iova;
-    uint64_t reported_iova;      /* the last miss recorded, and the generation it was seen in: */
-    uint64_t reported_gen;       /* the same miss is not recorded again until the table changes */
-    uint32_t reported_perm;
+    /* shared: misses for the control plane to send, and the pages recorded in this generation
+     * (the same page is not recorded again until the table changes). */
+    struct vs_iotlb_miss miss[VS_IOTLB_MISS_SLOTS];
+    uint64_t reported_gen;
+    uint64_t reported_page[VS_IOTLB_MISS_SLOTS];   /* page | perm in the low bits */
+    uint32_t reported_next;
     uint32_t pad;
     /* counters: PMDs (atomics) */
     uint64_t misses;             /* lookups that found no entry */
@@ -100,10 +108,18 @@ void vs_iotlb_flush_caches(struct vs_iotlb *tlb);
  * else 0 and *missing is the first IOVA without an entry (or one without perm: *missing_perm 0). */
 uint64_t vs_iotlb_translate_uva(struct vs_iotlb *tlb, uint64_t iova, uint64_t len, uint32_t perm,
                                 uint64_t *missing, uint32_t *missing_perm);
-/* Takes the recorded miss: 1 and its iova and perm, or 0 if none. */
+/* Takes a recorded miss: 1 and its iova and perm, or 0 if none is left. */
 int vs_iotlb_take_miss(struct vs_iotlb *tlb, uint64_t *iova, uint32_t *perm);
 
 /* Fast path (ring engines, through ring_internal.h). */
 uint8_t *vs_iotlb_to_hva(const struct vs_vhost_dev *dev, uint64_t iova, uint32_t perm, uint64_t *contig);
+/*
+ * Looks up the next `depth` buffers the guest has made available on a receive
+ * ring, without taking them, so that a miss is asked before a frame needs
+ * the buffer: a frame that meets a miss is dropped (the PMD cannot hold it),
+ * and a Linux guest flushes its whole IOTLB every few milliseconds.  Several
+ * misses may be recorded at once.  Read-only; any thread.
+ */
+void vs_iotlb_probe_rx(const struct vs_vhost_dev *dev, const struct vs_vring *vr, uint32_t depth);
 /* Why the calling thread's last vs_iotlb_to_hva failed: VS_VQ_ERR_IOTLB_MISS, _IOTLB_PERM or _ADDR. */
 int vs_iotlb_failure(void);

@@ -86,10 +86,9 @@ class DeviceIotlb:
                 reason = ffi.string(lib.vs_iotlb_error_name(rc)).decode()
                 raise RequestRefused(f"IOTLB_MSG: UPDATE iova {msg.iova:#x} size {msg.size:#x} uaddr "
                                      f"{msg.uaddr:#x} perm {msg.perm}: {reason}; refused")
-            self._asked.clear()      # what was asked may be answered now; ask again if not
         elif msg.type == lib.VS_IOTLB_MSG_INVALIDATE:
             lib.vs_iotlb_invalidate(self.c, msg.iova, msg.size)
-            self._asked.clear()
+            self._asked.clear()      # what was answered may be gone: ask again at once
         else:
             self.unknown_type += 1
             raise RequestRefused(f"IOTLB_MSG: unknown type {msg.type} (only UPDATE {lib.VS_IOTLB_MSG_UPDATE} and "
