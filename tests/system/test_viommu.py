@@ -50,7 +50,7 @@ def viommu_guest(tmp_path: Path, kit: Path, netns):  # noqa: F811
         in_ns(netns, "ip", "addr", "add", f"{NS_IP}/24", "dev", ifname)
         guest = vmkit.Guest("vm", tmp_path / "vm.sock", ip=f"{GUEST_IP}/24", mac="52:54:00:c8:07:02",
                             log_dir=tmp_path, kit_dir=kit, device_options=VIOMMU_NIC,
-                            extra_cmdline="intel_iommu=on loglevel=7", qemu_args=VIOMMU_QEMU_ARGS)
+                            extra_cmdline="intel_iommu=on iommu.strict=1", qemu_args=VIOMMU_QEMU_ARGS)
         stack.enter_context(guest)
         guest.wait_ready(BOOT_TIMEOUT)
         wait_links(switch, ["vm", "host"])
@@ -65,6 +65,9 @@ def test_guest_behind_a_viommu_pings_and_moves_tcp(viommu_guest):
         if guest.ping(NS_IP, count=1)[1] == 1:
             break
     assert guest.ping(NS_IP, count=5) == (5, 5)
+    for _ in range(10):
+        if "1 packets received" in in_ns(netns, "busybox", "ping", "-c", "1", "-W", "2", GUEST_IP, check=False).stdout:
+            break
     out = in_ns(netns, "busybox", "ping", "-c", "5", "-i", "0.2", "-W", "2", GUEST_IP, check=False).stdout
     assert "5 packets received" in out, out
 
