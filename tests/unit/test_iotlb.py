@@ -274,3 +274,28 @@ def test_indirect_table_through_the_iotlb(make_rig):
     assert rig.poll() == 1
     [got] = b.rx[0].read_rx_frames()
     assert got.data == f
+
+
+@pytest.mark.parametrize("features", [DEFAULT_FEATURES, DEFAULT_FEATURES | F_PACKED], ids=["split", "packed"])
+def test_receive_buffers_are_asked_for_before_a_frame_needs_them(make_rig, features):
+    """A PMD pass over the guest's port looks up its next receive buffers: their misses go out
+    together, before any frame arrives, and nothing is taken from the ring."""
+    rig, a, b = pair(make_rig, features)
+    tlb = attach(b)
+    b.rx[0].post_rx(4)
+    rig.poll()
+    misses = []
+    while (miss := take_miss(tlb)) is not None:
+        misses.append(miss)
+    # Four 2 KiB buffers on two pages: one miss per page, all asked at once.
+    assert len(misses) == 2 and {perm for _, perm in misses} == {WO}
+    assert len({iova & ~0xFFF for iova, _ in misses}) == 2
+    assert b.rx[0].read_rx_frames() == [] and b.vring(0).stats.errors == 0
+    rig.poll()
+    assert take_miss(tlb) is None                    # asked once per table generation
+    map_identity(b, tlb)
+    f = frame(mac(2), mac(1), b"p" * 64)
+    a.tx[0].post_tx(f)
+    rig.poll()
+    [got] = b.rx[0].read_rx_frames()
+    assert got.data == f
