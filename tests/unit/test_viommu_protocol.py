@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.frames import frame, mac
 from tests.support.frontend import RequestFailed, VhostUserFrontend
-from tests.unit.test_vhost_protocol import Harness, LoopThread, loop_thread  # noqa: F401 (fixture)
+from tests.unit.test_vhost_protocol import Harness, loop_thread  # noqa: F401 (fixture)
 from vswitch.native import ffi, lib
 from vswitch.vhost import protocol
 from vswitch.vhost.backend import VhostUserBackend
