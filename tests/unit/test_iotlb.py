@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.frames import frame, mac
 from tests.unit.test_ring_engine import DEFAULT_FEATURES, Guest, make_rig  # noqa: F401 (fixture)
-from tests.support.virtio_driver import memtable_for
+from tests.support.virtio_driver import GuestMemory, memtable_for
 from vswitch.native import ffi, lib
 
 RO, WO, RW = lib.VS_IOTLB_ACCESS_RO, lib.VS_IOTLB_ACCESS_WO, lib.VS_IOTLB_ACCESS_RW
@@ -298,3 +298,27 @@ def test_receive_buffers_are_asked_for_before_a_frame_needs_them(make_rig, featu
     rig.poll()
     [got] = b.rx[0].read_rx_frames()
     assert got.data == f
+
+
+def test_cached_translations_follow_a_new_memory_table(make_rig):
+    """A thread's cached host address belongs to the memory table it came from: after the
+    table is replaced (same guest addresses, other memory), a buffer is read from the new one."""
+    rig, a, b = pair(make_rig)
+    tlb = attach(a)
+    map_identity(a, tlb)
+    b.rx[0].post_rx(8)
+    first = a.tx[0].post_tx(frame(mac(2), mac(1), b"1" * 60))
+    assert rig.poll() == 1                           # caches the buffer's page
+    f = frame(mac(2), mac(1), b"2" * 60)
+    head = a.tx[0].post_tx(f)
+    addr, length = a.tx[0].read_desc(head)[:2]
+    assert addr >> 12 == a.tx[0].read_desc(first)[0] >> 12
+    moved = GuestMemory(a.mem.size, gpa_base=a.mem.gpa_base, uva_offset=a.mem.uva_offset)
+    a.mems.append(moved)
+    moved.write(a.mem.gpa_base, a.mem.read(a.mem.gpa_base, a.mem.size))
+    changed = frame(mac(2), mac(1), b"3" * 60)
+    moved.write(addr + a.dev.hdr_len, changed)
+    a.dev.mem = memtable_for(ffi, [moved], a.keep)   # the rings stay where they were set up
+    assert rig.poll() == 1
+    got = [r.data for r in b.rx[0].read_rx_frames()]
+    assert got[-1] == changed

@@ -246,6 +246,7 @@ struct cached_translation {
 
 struct translation_cache {
     uint64_t gen;
+    const struct vs_memtable *mem;   /* the memory table the host addresses came from */
     uint32_t next;
     struct cached_translation e[VS_IOTLB_CACHE_SIZE];
 };
@@ -340,9 +341,10 @@ uint8_t *vs_iotlb_to_hva(const struct vs_vhost_dev *dev, uint64_t iova, uint32_t
 {
     struct vs_iotlb *tlb = dev->iotlb;
     uint64_t gen = __atomic_load_n(&tlb->gen, __ATOMIC_ACQUIRE);
-    if (unlikely(cache.gen != gen)) {
+    if (unlikely(cache.gen != gen || cache.mem != dev->mem)) {
         memset(&cache, 0, sizeof cache);
         cache.gen = gen;
+        cache.mem = dev->mem;
     }
     for (uint32_t i = 0; i < VS_IOTLB_CACHE_SIZE; i++) {
         const struct cached_translation *c = &cache.e[i];
