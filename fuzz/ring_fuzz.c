@@ -328,7 +328,8 @@ static void packed_repost(struct guest *g, struct input *in)
 }
 
 /*
- * A quarter of the inputs run as a guest behind a vIOMMU (iotlb.c): descriptor
+ * Inputs whose next byte is below 0x40 (or that ran out of bytes) run as a
+ * guest behind a vIOMMU (iotlb.c): descriptor
  * addresses are IOVAs, mapped here for the indirect table and the data
  * regions in up to two pieces each, with random access, some left out, and
  * the second piece sometimes leading back to the region's start, so that
