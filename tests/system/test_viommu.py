@@ -91,7 +91,10 @@ def test_guest_behind_a_viommu_pings_and_moves_tcp(viommu_guest):
     assert sender.returncode == 0, err
     sent, digest, seconds = out.split()
     print(f"namespace->guest: {sent} bytes in {seconds} s")
-    text = guest.run("sleep 1; wc -c < /tmp/in; sha256sum /tmp/in; rm /tmp/in", timeout=60)
+    # The sender is done once its kernel has the bytes (busybox nc closes its side at once): the
+    # tail may still be on its way, resent after drops, so the guest waits for all of it.
+    text = guest.run(f"for i in $(seq 120); do [ $(wc -c < /tmp/in) -ge {TRANSFER_BYTES} ] && break; sleep 1; done; "
+                     "wc -c < /tmp/in; sha256sum /tmp/in; rm /tmp/in", timeout=180)
     assert str(TRANSFER_BYTES) in text and digest in text, f"guest got: {text}"
 
     # Guest -> namespace.
