@@ -69,6 +69,7 @@ struct guest {
 
 static struct {
     uint64_t inputs, chains_tx, chains_rx, frames_tx, frames_rx, bad_chains, race_inputs, packed_inputs, packed_chains;
+    uint64_t iommu_inputs;
 } stats;
 static int callfd = -1;
 static uint64_t race_writes;            /* stores by the racing thread */
@@ -80,13 +81,14 @@ static void write_stats(void)
     if (f) {
         fprintf(f, "inputs %llu\nchains %llu\nchains_tx %llu\nchains_rx %llu\nframes_tx %llu\n"
                 "frames_rx %llu\nbad_chains %llu\nrace_inputs %llu\nrace_writes %llu\npacked_inputs %llu\n"
-                "packed_chains %llu\n",
+                "packed_chains %llu\niommu_inputs %llu\n",
                 (unsigned long long)stats.inputs, (unsigned long long)(stats.chains_tx + stats.chains_rx),
                 (unsigned long long)stats.chains_tx, (unsigned long long)stats.chains_rx,
                 (unsigned long long)stats.frames_tx, (unsigned long long)stats.frames_rx,
                 (unsigned long long)stats.bad_chains, (unsigned long long)stats.race_inputs,
                 (unsigned long long)__atomic_load_n(&race_writes, __ATOMIC_RELAXED),
-                (unsigned long long)stats.packed_inputs, (unsigned long long)stats.packed_chains);
+                (unsigned long long)stats.packed_inputs, (unsigned long long)stats.packed_chains,
+                (unsigned long long)stats.iommu_inputs);
         fclose(f);
     }
 }
@@ -325,6 +327,38 @@ static void packed_repost(struct guest *g, struct input *in)
     }
 }
 
+/*
+ * Inputs whose next byte is below 0x40 (or that ran out of bytes) run as a
+ * guest behind a vIOMMU (iotlb.c): descriptor
+ * addresses are IOVAs, mapped here for the indirect table and the data
+ * regions in up to two pieces each, with random access, some left out, and
+ * the second piece sometimes leading back to the region's start, so that
+ * misses, refused access and buffers across entries all occur.
+ */
+static struct vs_iotlb fuzz_iotlb;
+
+static void attach_iotlb(struct guest *g, struct input *in)
+{
+    vs_iotlb_init(&fuzz_iotlb);
+    for (uint32_t r = R_INDIRECT; r < NREGIONS; r++) {
+        if (!g->size[r]) {
+            continue;
+        }
+        uint32_t cut = in_u16(in) % g->size[r];
+        uint8_t k = in_u8(in);
+        uint64_t uva = g->gpa[r] + UVA_OFFSET;
+        if ((k & 1) && cut) {
+            vs_iotlb_update(&fuzz_iotlb, &g->mem, g->gpa[r], cut, uva, 1 + (k >> 1) % 3);
+        }
+        if (k & 8) {
+            vs_iotlb_update(&fuzz_iotlb, &g->mem, g->gpa[r] + cut, g->size[r] - cut, k & 16 ? uva : uva + cut,
+                            1 + (k >> 5) % 3);
+        }
+    }
+    g->dev.iotlb = &fuzz_iotlb;
+    stats.iommu_inputs++;
+}
+
 static void guest_build(struct guest *g, struct input *in, bool rx, uint64_t features, bool packed)
 {
     memset(g, 0, sizeof *g);
@@ -392,6 +426,9 @@ static void guest_build(struct guest *g, struct input *in, bool rx, uint64_t fea
     vs_vhost_dev_init(dev, 1);
     dev->mem = &g->mem;
     vs_vhost_dev_set_features(dev, features | (packed ? 1ULL << VIRTIO_F_RING_PACKED : 0));
+    if (in_u8(in) < 0x40) {
+        attach_iotlb(g, in);
+    }
     uint32_t index = rx ? 0 : 1;                /* even = guest RX, odd = guest TX */
 
     if (packed) {

@@ -113,7 +113,7 @@ class Session:
         self.lib.vs_vhost_dev_init(self.dev, QUEUES)
         self.backend = backend_mod.VhostUserBackend(
             "fuzz0", "/nonexistent/fuzz.sock", "server", QUEUES, self.dev, lambda: None,
-            lambda kind, fields: None, loop=self.loop, on_rarp=lambda mac: None)
+            lambda kind, fields: None, loop=self.loop, on_rarp=lambda mac: None, iommu=True)
         self.front: socket.socket | None = None
         self.pkts = self.ffi.new("struct vs_pkt[32]")
         self.frame = self.ffi.new("struct vs_pkt *")
@@ -306,7 +306,8 @@ class Generator:
             if shape is p.Payload.U64:
                 v = r.u8()
                 if request == p.Request.SET_FEATURES:
-                    value = p.OFFERED_FEATURES & r.uint(8) if v < 0xE0 else r.uint(8)
+                    offered = p.OFFERED_FEATURES | p.bits(p.VIRTIO_F_ACCESS_PLATFORM)   # the port has iommu: true
+                    value = offered & r.uint(8) if v < 0xE0 else r.uint(8)
                 elif request == p.Request.SET_PROTOCOL_FEATURES:
                     value = p.OFFERED_PROTOCOL_FEATURES & r.uint(4) if v < 0xE0 else r.uint(8)
                 elif request == p.Request.SET_STATUS:
@@ -341,6 +342,15 @@ class Generator:
                 payload = p.pack_u64(value)
                 if not nofd:
                     fds.append(self.fd_of_kind(r, r.u8(), opened))
+            elif shape is p.Payload.IOTLB:
+                # Mostly pages of the regions below, sometimes anything (wraps, size 0, bad perm and type).
+                v = r.u8()
+                iova = GPA_BASE + 4096 * (r.u8() % 32) if v < 0xC0 else r.uint(8)
+                size = 4096 * (1 + r.u8() % 4) if v & 1 == 0 else r.uint(8)
+                uaddr = UVA_BASE + 4096 * (r.u8() % 32) if v & 2 == 0 else r.uint(8)
+                perm = 1 + r.u8() % 3 if v & 4 == 0 else r.u8()
+                kind = 2 + r.u8() % 2 if v & 8 == 0 else r.u8()
+                payload = p.pack_iotlb_msg(iova, size, uaddr, perm, kind)
             elif shape is p.Payload.MEMORY:
                 n = 1 + r.u8() % 3
                 regions = [self.region(r, i) for i in range(n)]
@@ -391,7 +401,8 @@ class Generator:
         p = self.p
         R = p.Request
         out = [(p.encode_message(R.GET_FEATURES), []),
-               (p.encode_message(R.SET_FEATURES, p.pack_u64(p.OFFERED_FEATURES & (r.uint(8) | p.bits(
+               (p.encode_message(R.SET_FEATURES, p.pack_u64(
+                   (p.OFFERED_FEATURES | p.bits(p.VIRTIO_F_ACCESS_PLATFORM)) & (r.uint(8) | p.bits(
                    p.VHOST_USER_F_PROTOCOL_FEATURES)))), []),
                (p.encode_message(R.SET_PROTOCOL_FEATURES, p.pack_u64(p.OFFERED_PROTOCOL_FEATURES)), [])]
         fd = self.memfd(r, MEM_SIZE)

@@ -527,6 +527,7 @@ class Guest:
         device_options: str = "",
         run_as: str | None = None,
         packed: bool = False,
+        qemu_args: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.packed = packed  # virtio-net-pci packed=on: the guest's driver asks for packed rings
@@ -544,6 +545,8 @@ class Guest:
         self.device_options = device_options
         # A user to run QEMU as (as libvirt runs it as libvirt-qemu), or None for ours.
         self.run_as = run_as
+        # More QEMU arguments, before the NIC's: e.g. a machine type and a vIOMMU device.
+        self.qemu_args = tuple(qemu_args)
         log_dir = Path(log_dir) if log_dir else Path(tempfile.gettempdir())
         self.log_path = log_dir / f"qemu-{name}.log"
         self.process: subprocess.Popen | None = None
@@ -607,6 +610,7 @@ class Guest:
             "-kernel", str(kernel_path(kit)),
             "-initrd", str(initramfs_path(kit)),
             "-append", cmdline,
+            *self.qemu_args,
             "-chardev", chardev,
             "-netdev", netdev,
             "-device", device,

@@ -17,6 +17,7 @@
 #include "ports/port.h"
 #include "pmd/capture.h"
 #include "vhost/virtqueue.h"
+#include "vhost/iotlb.h"
 #include "vhost/guestmem.h"
 #include "vhost/port_ops.h"
 #include "pmd/offload.h"

@@ -76,16 +76,22 @@ class VhostUserFrontend:
     backend_req: send SET_BACKEND_REQ_FD when BACKEND_REQ is negotiated.
     mtu: send NET_SET_MTU when NET_MTU is negotiated.
     uva_offset: front-end virtual address minus guest-physical address.
+    iommu: ask for VIRTIO_F_ACCESS_PLATFORM, as a guest behind a vIOMMU whose
+        IOVAs equal its guest-physical addresses: ring addresses go out as
+        IOVAs, and the back-end learns mappings only from iotlb_update().
     """
 
     def __init__(self, path, *, queues: int = 1, ring_size: int = 256, mem_size: int = 8 << 20,
                  features: int = DRIVER_FEATURES, disable_features: int = 0,
                  protocol_features: int = DRIVER_PROTOCOL_FEATURES, reply_ack: bool = True,
                  backend_req: bool = True, mtu: int | None = None, uva_offset: int = 0,
-                 gpa_base: int = 0x100000, timeout: float = 5.0):
+                 gpa_base: int = 0x100000, timeout: float = 5.0, iommu: bool = False):
         self.path = os.fspath(path)
         self.queues = queues
         self.ring_size = ring_size
+        self.iommu = iommu
+        if iommu:
+            features |= 1 << protocol.VIRTIO_F_ACCESS_PLATFORM
         self.wanted_features = features & ~disable_features
         self.wanted_protocol_features = protocol_features
         self.use_reply_ack = reply_ack
@@ -293,7 +299,7 @@ class VhostUserFrontend:
             yield Request.SET_VRING_BASE, lambda r=ring: self.request(
                 Request.SET_VRING_BASE, protocol.pack_vring_state(r.index, r.vring_base))
             yield Request.SET_VRING_ADDR, lambda r=ring: self.request(
-                Request.SET_VRING_ADDR, protocol.pack_vring_addr(r.index, r.desc_uva, r.used_uva, r.avail_uva))
+                Request.SET_VRING_ADDR, protocol.pack_vring_addr(r.index, *self.ring_addresses(r)))
             yield Request.SET_VRING_KICK, lambda r=ring: self.request(
                 Request.SET_VRING_KICK, protocol.pack_vring_fd(r.index), [self.kickfds[r.index]])
             yield Request.SET_VRING_CALL, lambda r=ring: self.request(
@@ -356,6 +362,57 @@ class VhostUserFrontend:
             self.rings.append(ring)
             self.kickfds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
             self.callfds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+
+    def ring_addresses(self, ring) -> tuple[int, int, int]:
+        """What SET_VRING_ADDR carries (desc, used, avail): IOVAs (here the guest-physical
+        addresses) with ACCESS_PLATFORM negotiated, else front-end addresses."""
+        if self.features & (1 << protocol.VIRTIO_F_ACCESS_PLATFORM):
+            gpa = self.mem.gpa_base
+            return (ring.desc_uva - ring.mem.uva_base + gpa, ring.used_uva - ring.mem.uva_base + gpa,
+                    ring.avail_uva - ring.mem.uva_base + gpa)
+        return ring.desc_uva, ring.used_uva, ring.avail_uva
+
+    # -- vIOMMU
+    def iotlb_update(self, iova: int, size: int, perm: int = 3, *, uaddr: int | None = None, **kw) -> None:
+        """IOTLB_MSG UPDATE: iova maps to uaddr (default: where guest-physical iova is)."""
+        uaddr = self.mem.gpa_to_uva(iova) if uaddr is None else uaddr
+        self.request(Request.IOTLB_MSG, protocol.pack_iotlb_msg(iova, size, uaddr, perm, 2), **kw)
+
+    def iotlb_invalidate(self, iova: int, size: int, **kw) -> None:
+        self.request(Request.IOTLB_MSG, protocol.pack_iotlb_msg(iova, size, 0, 0, 3), **kw)
+
+    def map_all(self, perm: int = 3) -> None:
+        """Maps all guest memory, IOVA = guest-physical address."""
+        self.iotlb_update(self.mem.gpa_base, self.mem.size, perm)
+
+    def backend_requests(self, timeout: float = 1.0) -> list[tuple[int, int, bytes]]:
+        """The back-end's requests on the SET_BACKEND_REQ_FD channel that arrive
+        within the timeout (after the first, whatever is there): (request, flags, payload)."""
+        sock = self._backend_req_peer
+        out: list[tuple[int, int, bytes]] = []
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = deadline - time.monotonic() if not out else 0.05
+            ready, _, _ = select.select([sock], [], [], max(0.0, wait))
+            if not ready:
+                return out
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            buf += chunk
+            while len(buf) >= protocol.HEADER_SIZE:
+                request, flags, size = protocol.HEADER.unpack_from(buf)
+                if len(buf) < protocol.HEADER_SIZE + size:
+                    break
+                out.append((request, flags, buf[protocol.HEADER_SIZE:protocol.HEADER_SIZE + size]))
+                buf = buf[protocol.HEADER_SIZE + size:]
+
+    def iotlb_misses(self, timeout: float = 1.0) -> list[protocol.IotlbMsg]:
+        """The IOTLB MISS requests the back-end sends within the timeout."""
+        return [protocol.IotlbMsg(*protocol.IOTLB_MSG.unpack(payload))
+                for request, _, payload in self.backend_requests(timeout)
+                if request == protocol.BackendRequest.IOTLB_MSG]
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
         self.request(Request.SET_VRING_ENABLE, protocol.pack_vring_state(index, 1 if enable else 0))

@@ -2,7 +2,7 @@
 namespaces (`ip netns exec NS python -m tests.support.tcpxfer ...`).
 
     tcpxfer.py serve PORT            # accept one connection, print "<bytes> <sha256> <seconds>"
-    tcpxfer.py send HOST PORT BYTES  # send BYTES pseudo-random bytes, print "<bytes> <sha256> <seconds>"
+    tcpxfer.py send HOST PORT BYTES [TIMEOUT]  # send BYTES pseudo-random bytes, print "<bytes> <sha256> <seconds>"
 """
 
 from __future__ import annotations
@@ -50,4 +50,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(int(sys.argv[2]))
     else:
-        send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *(float(a) for a in sys.argv[5:6]))

@@ -215,7 +215,7 @@ def test_the_message_table_has_one_row_per_request():
     assert {r for r, row in MESSAGES.items() if row.quiesce} == {
         Request.RESET_OWNER, Request.SET_MEM_TABLE, Request.SET_VRING_NUM, Request.SET_VRING_ADDR,
         Request.SET_VRING_BASE, Request.GET_VRING_BASE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
-        Request.SET_VRING_ENABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG}
+        Request.SET_VRING_ENABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG, Request.IOTLB_MSG}
 
 
 def test_a_handler_may_wait_for_the_pmds_only_if_its_row_says_so(make_harness, frontends, monkeypatch, caplog):

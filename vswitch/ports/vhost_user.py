@@ -63,6 +63,8 @@ class VhostUserPort(Port):
         Key("features", dict, "virtio features not to offer, e.g. mrg_rxbuf=off,tso=off "
             f"({', '.join(protocol.FEATURE_GROUPS)})", names=tuple(protocol.FEATURE_GROUPS),
             metavar="NAME=off,...", type_name="features"),
+        Key("iommu", bool, "offer VIRTIO_F_ACCESS_PLATFORM: a guest behind a vIOMMU (QEMU iommu_platform=on) "
+            "gives IOVAs, translated and checked through an IOTLB", default=False),
         mtu_key("largest IP packet delivered to the guest (the front-end's NET_SET_MTU overrides it)"),
     )
 
@@ -83,12 +85,14 @@ class VhostUserPort(Port):
         self._reported_errors = [[0] * lib.VS_VQ_ERR_MAX for _ in range(lib.VS_MAX_VRINGS)]
         self.max_memory = spec.get("max_memory", DEFAULT_MAX_MEMORY)
         self.features = spec.get("features") or {}
+        self.iommu = bool(spec.get("iommu", False))
         self.configured_mtu = spec.get("mtu", registry.DEFAULT_MTU)
         self.set_mtu(self.configured_mtu)
         self.backend = VhostUserBackend(name, spec["path"], spec.get("mode", "server"), self.queues,
                                         self.dev, quiesce, self._on_backend_event, reclaim=reclaim,
                                         max_memory=self.max_memory, access=self._socket_access(spec),
-                                        disabled_features=protocol.disabled_features(self.features))
+                                        disabled_features=protocol.disabled_features(self.features),
+                                        iommu=self.iommu)
 
     @staticmethod
     def _socket_access(spec: dict) -> SocketAccess | None:
@@ -194,6 +198,6 @@ class VhostUserPort(Port):
     def info(self) -> dict:
         info = super().info()
         info.update({"mode": self.backend.mode, "path": self.spec["path"], "queues": self.queues,
-                     "max_memory": self.max_memory, "features": self.features,
+                     "max_memory": self.max_memory, "features": self.features, "iommu": self.iommu,
                      "vhost": self.backend.info(), "queue_stats": self.queue_stats()})
         return info

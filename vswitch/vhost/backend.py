@@ -37,6 +37,7 @@ class VhostUserBackend:
              use what it frees (guest memory, ring fds); by default at once.
     max_memory: the most bytes of guest memory the port maps.
     disabled_features: feature bits the port's config turned off.
+    iommu:   offer VIRTIO_F_ACCESS_PLATFORM (vIOMMU; vhost/iotlb.py).
     on_event(kind, fields): "connected" {}, "disconnected" {},
              "link" {"up": bool}, "queue" {"queue": vring, "enabled": bool},
              "rarp" {"mac": "aa:bb:cc:dd:ee:ff"}, "mtu" {"mtu": int or None}.
@@ -48,7 +49,7 @@ class VhostUserBackend:
                  loop: asyncio.AbstractEventLoop | None = None,
                  on_rarp: Callable[[bytes], None] | None = None,
                  reclaim: Reclaim | None = None, max_memory: int = DEFAULT_MAX_MEMORY,
-                 access: SocketAccess | None = None, disabled_features: int = 0):
+                 access: SocketAccess | None = None, disabled_features: int = 0, iommu: bool = False):
         self.name = name
         self.dev = dev
         self._on_event = on_event
@@ -56,7 +57,7 @@ class VhostUserBackend:
         self._unwatch_faults: Callable[[], None] | None = None
         self.device = VhostUserDevice(name, queues, dev, quiesce, self._emit, on_rarp=on_rarp,
                                       reclaim=reclaim, max_memory=max_memory,
-                                      disabled_features=disabled_features)
+                                      disabled_features=disabled_features, iommu=iommu)
         self.connection = VhostUserConnection(name, path, mode, self.device, self._emit, loop=loop,
                                               access=access)
 
@@ -105,7 +106,9 @@ class VhostUserBackend:
 
     def check_fault(self) -> None:
         """Disconnects the front-end if the C side flagged the device (vs_vhost_dev.fault):
-        its guest memory faulted, or it does not read its notifications.  One log line."""
+        its guest memory faulted, or it does not read its notifications.  One log line.
+        The same wake-up carries the IOTLB misses the PMDs recorded: those are sent."""
+        self.device.send_iotlb_misses()
         if not self.dev.fault:
             return
         if self.connection.connected:

@@ -68,9 +68,10 @@ from typing import Callable, NoReturn
 from vswitch.config import DEFAULT_MAX_MEMORY
 from vswitch.native import ffi, lib
 from vswitch.vhost import guestmem, protocol
+from vswitch.vhost.iotlb import DeviceIotlb
 from vswitch.vhost.connection import Message, close_fds
 from vswitch.vhost.protocol import (
-    Fds, MemoryTable, MessageRule, Payload, ProtocolError, ProtocolFeature, Reply, Request, RequestRefused,
+    Fds, IotlbMsg, MemoryTable, MessageRule, Payload, ProtocolError, ProtocolFeature, Reply, Request, RequestRefused,
     VringAddr, VringFd, VringState,
 )
 
@@ -239,13 +240,15 @@ class VhostUserDevice:
     max_memory: the most bytes of guest memory the port maps.
     disabled_features: feature bits the port's config turned off: never
              offered, refused like any bit not offered.
+    iommu:   offer VIRTIO_F_ACCESS_PLATFORM (the port's `iommu: true`): a guest
+             behind a vIOMMU then gives IOVAs, translated through an IOTLB (iotlb.py).
     """
 
     messages: dict[Request, MessageRule]      # MESSAGES, set below the class
 
     def __init__(self, name: str, queues: int, dev, quiesce: Callable[[], None], emit: EventSink,
                  on_rarp: Callable[[bytes], None] | None = None, reclaim: Reclaim | None = None,
-                 max_memory: int = DEFAULT_MAX_MEMORY, disabled_features: int = 0):
+                 max_memory: int = DEFAULT_MAX_MEMORY, disabled_features: int = 0, iommu: bool = False):
         if not 1 <= queues <= lib.VS_MAX_QUEUE_PAIRS:
             raise ValueError(f"vhost-user port '{name}': queues must be 1 to {lib.VS_MAX_QUEUE_PAIRS}, not {queues}")
         self.name = name
@@ -257,6 +260,8 @@ class VhostUserDevice:
         self._reclaim = reclaim or _release_now
         self.max_memory = max_memory
         self.offered_features = protocol.OFFERED_FEATURES & ~disabled_features
+        if iommu:
+            self.offered_features |= 1 << protocol.VIRTIO_F_ACCESS_PLATFORM
         self.memory_refused = 0       # SET_MEM_TABLE or ADD_MEM_REG over max_memory
         self.mem_reg_refused = 0      # ADD_MEM_REG / REM_MEM_REG refused (slots, overlap, unknown region, file)
         self.mem_regs_added = 0       # ADD_MEM_REG and REM_MEM_REG done, for `vswitchctl show`
@@ -279,6 +284,7 @@ class VhostUserDevice:
         self.backend_req_fd = -1
         self.log_fd = -1              # SET_LOG_FD: kept, never written (QEMU reads the bitmap itself)
         self._log: _DirtyLog | None = None
+        self._iotlb: DeviceIotlb | None = None   # with ACCESS_PLATFORM negotiated
         self._regions: list[_MemRegion] = []
         self._memtable = None
         self._rings = [_Ring(i) for i in range(2 * self.queues)]
@@ -321,6 +327,7 @@ class VhostUserDevice:
             "dirty_log": self._log_info(),
             "log_refused": self.log_refused,
             **self.fault_counts,
+            **({"iotlb": self._iotlb.info()} if self._iotlb is not None else {}),
             "rings": rings,
         }
 
@@ -384,6 +391,9 @@ class VhostUserDevice:
             self.dev.mem = ffi.NULL
             self._reclaim(f"port '{self.name}': guest memory",
                           _unmap_all(self._regions, keep_alive=self._memtable))
+        if self._iotlb is not None:
+            self._iotlb.detach()      # no ring runs: no PMD reads it any more
+            self._reclaim(f"port '{self.name}': IOTLB", lambda iotlb=self._iotlb: iotlb.c)
         close_fds([self.backend_req_fd])
         had_mtu = self.mtu is not None
         self._reset_session()
@@ -446,6 +456,17 @@ class VhostUserDevice:
         self.features_set = True
         lib.vs_vhost_dev_set_features(self.dev, features)
         self._update_log()
+        self._set_iotlb(bool(features & (1 << protocol.VIRTIO_F_ACCESS_PLATFORM)))
+
+    def _set_iotlb(self, wanted: bool) -> None:
+        """With ACCESS_PLATFORM, ring and buffer addresses are IOVAs: the rings
+        translate them through an IOTLB (no ring runs while features change)."""
+        if wanted and self._iotlb is None:
+            self._iotlb = DeviceIotlb(self.name, self.dev, lambda: self.backend_req_fd)
+            self._iotlb.attach()
+        elif not wanted and self._iotlb is not None:
+            self._iotlb.detach()
+            self._iotlb = None
 
     def _get_protocol_features(self, msg, body):
         return protocol.OFFERED_PROTOCOL_FEATURES
@@ -651,6 +672,9 @@ class VhostUserDevice:
         """Publishes a memory table of these regions; returns the table it replaced (None if none)."""
         memtable = _build_memtable(regions)
         lib.vs_vhost_dev_set_mem(self.dev, memtable)
+        if self._iotlb is not None:
+            # Cached translations point into the old table; a new one may reuse its address.
+            lib.vs_iotlb_flush_caches(self._iotlb.c)
         old, self._memtable, self._regions = self._memtable, memtable, regions
         return old
 
@@ -777,7 +801,7 @@ class VhostUserDevice:
             self._wait_for_pmds()
             vr.callfd = fd
             vr.call_broken = 0        # a new fd: the guest may be notified again
-            lib.vs_vring_set_enabled(vr, 1)
+            lib.vs_vring_set_enabled(vr, 0 if self._iotlb and ring.index in self._iotlb.paused else 1)
         else:
             vr.call_broken = 0        # no PMD touches a ring that has not started
         ring.callfd = fd
@@ -804,6 +828,48 @@ class VhostUserDevice:
     def _set_backend_req_fd(self, msg, body):
         old, self.backend_req_fd = self.backend_req_fd, msg.take_fd()
         close_fds([old])
+
+    def _iotlb_msg(self, msg, body: IotlbMsg):
+        if self._iotlb is None:
+            raise RequestRefused("IOTLB_MSG: VIRTIO_F_ACCESS_PLATFORM was not negotiated")
+        self._iotlb.handle(body)
+        if body.type == lib.VS_IOTLB_MSG_INVALIDATE:
+            # Acknowledged only once no PMD still uses a translation it took away.  A ring
+            # whose own addresses went pauses (disabled in C, still started here: no link
+            # flap, as Linux flushes its whole IOTLB every few milliseconds) until they
+            # translate again.
+            hit = self._iotlb.rings_hit(body.iova, body.size)
+            for index in hit:
+                lib.vs_vring_set_enabled(self._vring(index), 0)
+            self._wait_for_pmds()
+            self._iotlb.paused.update(hit)
+        self._resume_rings()
+        for ring in self._rings:
+            self._try_start(ring, Request.IOTLB_MSG)
+            if ring.started and ring.index % 2 == 0:
+                # Asks for the next receive buffers now, while no frame waits for them.
+                lib.vs_iotlb_probe_rx(self.dev, self._vring(ring.index), lib.VS_IOTLB_PROBE_DEPTH)
+
+    def _resume_rings(self) -> None:
+        """Paused rings run again once their addresses translate (else a MISS goes out):
+        where they were if nothing moved, else restarted on the new addresses."""
+        packed = bool(self.features & (1 << protocol.VIRTIO_F_RING_PACKED))
+        for index in sorted(self._iotlb.paused):
+            ring = self._rings[index]
+            uvas = self._iotlb.ring_uvas(index, ring.size, ring.addr, packed)
+            if uvas is None:
+                continue
+            self._iotlb.paused.discard(index)
+            if uvas == self._iotlb.ring_started_uvas.get(index):
+                lib.vs_vring_set_enabled(self._vring(index), 1)
+            else:
+                self._halt_rings([ring])
+                self._try_start(ring, Request.IOTLB_MSG)
+
+    def send_iotlb_misses(self) -> None:
+        """Sends the IOTLB misses the PMDs recorded (the guestmem eventfd woke us)."""
+        if self._iotlb is not None:
+            self._iotlb.send_misses()
 
     def _get_status(self, msg, body):
         return self.status
@@ -859,8 +925,17 @@ class VhostUserDevice:
         # The used ring's guest-physical address, for the dirty log (dirty_log.h).
         vr.log_used_gpa = addr.log
         vr.log_used = 1 if addr.flags & (1 << protocol.VHOST_VRING_F_LOG) else 0
+        desc, avail, used = addr.desc, addr.avail, addr.used
+        if self._iotlb is not None:
+            lib.vs_iotlb_flush_caches(self._iotlb.c)   # the memory table may have changed
+            packed = bool(self.features & (1 << protocol.VIRTIO_F_RING_PACKED))
+            uvas = self._iotlb.ring_uvas(ring.index, ring.size, addr, packed)
+            if uvas is None:
+                return                # the front-end was asked; an UPDATE starts the ring
+            desc, avail, used = uvas
+            self._iotlb.ring_started(ring.index, ring.size, addr, packed, uvas)
         resumed = int(vr.resumed_from_used)
-        rc = lib.vs_vring_setup(self.dev, ring.index, ring.size, addr.desc, addr.avail, addr.used, ring.base)
+        rc = lib.vs_vring_setup(self.dev, ring.index, ring.size, desc, avail, used, ring.base)
         if rc != 0:
             reason = ffi.string(lib.vs_vq_error_name(rc)).decode()
             raise ProtocolError(f"{request.name}: vring {ring.index}: cannot start: {reason} (size {ring.size}, "
@@ -891,6 +966,8 @@ class VhostUserDevice:
         for ring in running:
             ring.base = int(lib.vs_vring_base(self._vring(ring.index)))
             ring.started = False
+            if self._iotlb is not None:
+                self._iotlb.ring_stopped(ring.index)
             log.info("vhost-user port '%s': vring %d stopped at %d", self.name, ring.index, ring.base)
             if emit:
                 self._emit("queue", {"queue": ring.index, "enabled": False})
@@ -956,6 +1033,7 @@ MESSAGES: dict[Request, MessageRule] = {row.request: row for row in (
     _row(Request.SEND_RARP,             Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._send_rarp),
     _row(Request.NET_SET_MTU,           Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._net_set_mtu),
     _row(Request.SET_BACKEND_REQ_FD,    Payload.NONE,        Fds.ONE,        Reply.ACK,         False,   VhostUserDevice._set_backend_req_fd),
+    _row(Request.IOTLB_MSG,             Payload.IOTLB,       Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._iotlb_msg),
     _row(Request.SET_STATUS,            Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._set_status),
     _row(Request.GET_STATUS,            Payload.NONE,        Fds.NONE,       Reply.U64,         False,   VhostUserDevice._get_status),
     _row(Request.GET_MAX_MEM_SLOTS,     Payload.NONE,        Fds.NONE,       Reply.U64,         False,   VhostUserDevice._get_max_mem_slots),

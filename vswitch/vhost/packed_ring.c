@@ -135,7 +135,7 @@ static inline int take_buffer(const struct vs_vhost_dev *dev, const struct vring
     if (!d->len) {
         return VS_VQ_OK;
     }
-    return vs_vq_add_segments(dev->mem, d->addr, d->len, segs, max_segs, nsegs, total, max_total);
+    return vs_vq_add_segments(dev, writable ? VS_IOTLB_ACCESS_WO : VS_IOTLB_ACCESS_RO, d->addr, d->len, segs, max_segs, nsegs, total, max_total);
 }
 
 /* The buffers of an indirect table: its entries in order, F_NEXT ignored (2.8.19). */
@@ -148,8 +148,11 @@ static int walk_indirect(const struct vs_vhost_dev *dev, const struct vs_vring *
                  d->len / sizeof(struct vring_packed_desc) > vr->size)) {
         return VS_VQ_ERR_INDIRECT_LEN;
     }
-    const struct vring_packed_desc *table = gpa_to_hva_range(dev->mem, d->addr, d->len);
-    if (unlikely(!table || ((uintptr_t)table & 7))) {
+    const struct vring_packed_desc *table = buf_to_hva_range(dev, d->addr, d->len, VS_IOTLB_ACCESS_RO);
+    if (unlikely(!table)) {
+        return buf_error(dev);
+    }
+    if (unlikely((uintptr_t)table & 7)) {
         return VS_VQ_ERR_ADDR;
     }
     uint32_t n = d->len / sizeof(struct vring_packed_desc);
@@ -304,7 +307,7 @@ static inline bool dequeue_simple(const struct vs_vhost_dev *dev, const struct v
         d->len < hdr_len + 14 || d->len > VS_MAX_FRAME + hdr_len || d->id >= size) {
         return false;
     }
-    uint8_t *p = gpa_to_hva_range(dev->mem, d->addr, d->len);
+    uint8_t *p = buf_to_hva_range(dev, d->addr, d->len, VS_IOTLB_ACCESS_RO);
     if (unlikely(!p)) {
         return false;
     }
@@ -349,6 +352,10 @@ uint32_t vs_packed_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
         uint16_t id = 0, count = 0;
         int err = walk_chain(dev, vr, pr->avail_idx, pr->avail_wrap, false, pkt->segs, VS_PKT_MAX_SEGS,
                              &nsegs, &total, VS_MAX_FRAME + dev->hdr_len, &id, &count);
+        if (unlikely(err == VS_VQ_ERR_IOTLB_MISS)) {
+            pr->npending--;  /* not taken: the ring waits here for the front-end's answer */
+            break;
+        }
         chain->id = id;
         chain->count = count;
         advance(&pr->avail_idx, &pr->avail_wrap, count, vr->size);
@@ -423,7 +430,7 @@ static inline enum rx_result enqueue_simple(struct vs_vhost_dev *dev, struct vs_
         d.len < need || d.id >= vr->size) {
         return RX_NOT_SIMPLE;
     }
-    uint8_t *p = gpa_to_hva_range(dev->mem, d.addr, need);
+    uint8_t *p = buf_to_hva_range(dev, d.addr, need, VS_IOTLB_ACCESS_WO);
     if (unlikely(!p)) {
         return RX_NOT_SIMPLE;
     }
@@ -471,6 +478,9 @@ static enum rx_result enqueue_one(struct vs_vhost_dev *dev, struct vs_vring *vr,
         if (err == VS_VQ_ERR_TOO_MANY_SEGS && nbufs) {
             /* Not the chain's fault: this frame needs more pieces than we gather. */
             return RX_TOO_SMALL;
+        }
+        if (unlikely(err == VS_VQ_ERR_IOTLB_MISS)) {
+            return RX_RING_EMPTY;  /* nothing consumed: the ring waits for the front-end's answer */
         }
         advance(&idx, &wrap, count, vr->size);
         ids[nbufs] = id;

@@ -26,6 +26,9 @@ static uint32_t vhost_rx_burst(struct vs_port *port, uint32_t queue, struct vs_p
     }
     uint32_t n = likely(!vr->packed) ? vs_vring_dequeue_burst(dev, vr, pkts, max)
                                      : vs_packed_dequeue_burst(dev, vr, pkts, max);
+    if (unlikely(dev->iotlb)) {
+        vs_iotlb_probe_rx(dev, &dev->vrings[2 * queue], VS_IOTLB_PROBE_DEPTH);
+    }
     if (unlikely(n && __atomic_load_n(&dev->fault, __ATOMIC_ACQUIRE))) {
         /* Its guest memory faulted during the burst and now reads as zeros:
          * the frames may be garbage, so they go nowhere. */

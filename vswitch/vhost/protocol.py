@@ -122,6 +122,13 @@ LOG = struct.Struct("=QQ")                 # SET_LOG_BASE: mmap_size, mmap_offse
 MEMORY_HEADER = struct.Struct("=II")       # nregions, padding
 MEMORY_REGION = struct.Struct("=QQQQ")     # guest_phys_addr, size, user_addr, mmap_offset
 SINGLE_MEMORY_REGION = struct.Struct("=QQQQQ")  # padding, then a region (ADD_MEM_REG, REM_MEM_REG)
+IOTLB_MSG = struct.Struct("=QQQBB6x")      # iova, size, uaddr, perm, type (struct vhost_iotlb_msg)
+
+
+class BackendRequest(enum.IntEnum):
+    """Back-end to front-end request codes, sent on the SET_BACKEND_REQ_FD channel."""
+
+    IOTLB_MSG = 1
 
 
 # --- virtio feature bits (virtio 1.x and vhost-user) --------------------------
@@ -146,6 +153,7 @@ VIRTIO_RING_F_INDIRECT_DESC = lib.VIRTIO_RING_F_INDIRECT_DESC
 VIRTIO_RING_F_EVENT_IDX = lib.VIRTIO_RING_F_EVENT_IDX
 VHOST_USER_F_PROTOCOL_FEATURES = lib.VHOST_USER_F_PROTOCOL_FEATURES
 VIRTIO_F_VERSION_1 = lib.VIRTIO_F_VERSION_1
+VIRTIO_F_ACCESS_PLATFORM = lib.VIRTIO_F_ACCESS_PLATFORM
 VIRTIO_F_RING_PACKED = lib.VIRTIO_F_RING_PACKED
 VIRTIO_F_IN_ORDER = lib.VIRTIO_F_IN_ORDER
 
@@ -223,6 +231,7 @@ FEATURE_NAMES = {
     VIRTIO_RING_F_INDIRECT_DESC: "indirect_desc", VIRTIO_RING_F_EVENT_IDX: "event_idx",
     VHOST_USER_F_PROTOCOL_FEATURES: "protocol_features", VIRTIO_F_VERSION_1: "version_1",
     VIRTIO_F_RING_PACKED: "ring_packed", VIRTIO_F_IN_ORDER: "in_order",
+    VIRTIO_F_ACCESS_PLATFORM: "access_platform",
 }
 
 
@@ -297,6 +306,7 @@ class Payload(enum.Enum):
     MEMORY = "memory regions"
     MEMORY_REGION = "single memory region"    # ADD_MEM_REG / REM_MEM_REG
     LOG = "log description"                   # SET_LOG_BASE: u64 mmap size, u64 mmap offset
+    IOTLB = "IOTLB message"
 
 
 class Fds(enum.Enum):
@@ -391,6 +401,15 @@ class LogDescription:
 
 
 @dataclass(frozen=True)
+class IotlbMsg:
+    iova: int
+    size: int
+    uaddr: int
+    perm: int             # lib.VS_IOTLB_ACCESS_*
+    type: int             # lib.VS_IOTLB_MSG_*
+
+
+@dataclass(frozen=True)
 class MemoryTable:
     regions: tuple[MemoryRegion, ...]
 
@@ -463,6 +482,10 @@ def _decode(shape: Payload, name: str, payload: bytes):
     if shape is Payload.LOG:
         _expect_size(name, payload, LOG.size, "log description")
         return LogDescription(*LOG.unpack(payload))
+    if shape is Payload.IOTLB:
+        # Only the syntax: what the type and the numbers mean is the IOTLB's business (iotlb.py).
+        _expect_size(name, payload, IOTLB_MSG.size, "struct vhost_iotlb_msg")
+        return IotlbMsg(*IOTLB_MSG.unpack(payload))
     raise AssertionError(shape)
 
 
@@ -559,6 +582,10 @@ def pack_log(mmap_size: int, mmap_offset: int) -> bytes:
 
 def pack_vring_fd(index: int, nofd: bool = False) -> bytes:
     return U64.pack(index | (VRING_NOFD if nofd else 0))
+
+
+def pack_iotlb_msg(iova: int, size: int, uaddr: int, perm: int, type_: int) -> bytes:
+    return IOTLB_MSG.pack(iova, size, uaddr, perm, type_)
 
 
 def pack_memory_table(regions: list[MemoryRegion] | tuple[MemoryRegion, ...]) -> bytes:

@@ -34,6 +34,35 @@ static inline void *gpa_to_hva_range(const struct vs_memtable *mem, uint64_t gpa
     return p && contig >= len ? p : NULL;
 }
 
+/*
+ * Translates an address a descriptor holds: guest-physical, or with
+ * ACCESS_PLATFORM an IOVA looked up in the IOTLB (iotlb.c), which also
+ * checks the access (VS_IOTLB_ACCESS_RO to read, _WO to write).  A device
+ * without an IOTLB pays this one branch.  NULL: buf_error() says why.
+ */
+static inline uint8_t *buf_to_hva(const struct vs_vhost_dev *dev, uint64_t addr, uint32_t access, uint64_t *contig)
+{
+    if (likely(!dev->iotlb)) {
+        return gpa_to_hva(dev->mem, addr, contig);
+    }
+    return vs_iotlb_to_hva(dev, addr, access, contig);
+}
+
+/* Translates a buffer that must lie in one region (and one IOTLB entry). */
+static inline void *buf_to_hva_range(const struct vs_vhost_dev *dev, uint64_t addr, uint64_t len, uint32_t access)
+{
+    uint64_t contig;
+    uint8_t *p = buf_to_hva(dev, addr, access, &contig);
+    return p && contig >= len ? p : NULL;
+}
+
+/* Why the last buf_to_hva on this thread failed: VS_VQ_ERR_IOTLB_MISS (the ring waits for the
+ * front-end's answer and tries again), VS_VQ_ERR_IOTLB_PERM, or VS_VQ_ERR_ADDR. */
+static inline int buf_error(const struct vs_vhost_dev *dev)
+{
+    return likely(!dev->iotlb) ? VS_VQ_ERR_ADDR : vs_iotlb_failure();
+}
+
 /* The part of the virtio-net header a TX frame's offloads come from (flags .. csum_offset). */
 #define NET_HDR_OFFLOAD_LEN 10
 
@@ -110,7 +139,7 @@ static inline void fill_net_hdr(uint8_t *hdr, const struct vs_vhost_dev *dev, co
 enum rx_result { RX_DELIVERED, RX_RING_EMPTY, RX_TOO_SMALL, RX_BAD_CHAIN, RX_BROKEN, RX_NOT_SIMPLE };
 
 /* Helpers of virtqueue.c (see there). */
-int vs_vq_add_segments(const struct vs_memtable *mem, uint64_t gpa, uint32_t len,
+int vs_vq_add_segments(const struct vs_vhost_dev *dev, uint32_t access, uint64_t gpa, uint32_t len,
                        struct vs_seg *segs, uint32_t max_segs, uint32_t *nsegs,
                        uint64_t *total, uint64_t max_total);
 int vs_vq_strip_header(struct vs_pkt *pkt, uint32_t n, uint8_t *hdr);

@@ -49,6 +49,8 @@ static const char *const vq_error_names[VS_VQ_ERR_MAX] = {
     [VS_VQ_ERR_BAD_ID] = "buffer id past the ring",
     [VS_VQ_ERR_INDIRECT_CHAINED] = "indirect descriptor chained to others",
     [VS_VQ_ERR_BASE] = "ring base past the ring",
+    [VS_VQ_ERR_IOTLB_MISS] = "IOTLB miss",
+    [VS_VQ_ERR_IOTLB_PERM] = "IOTLB entry denies the access",
 };
 
 const char *vs_vq_error_name(uint32_t err)
@@ -232,7 +234,7 @@ static inline uint16_t read_avail_entry(const struct vs_vring *vr, uint16_t idx)
 }
 
 /* Appends the guest buffer [gpa, gpa+len) to segs, split where it crosses regions. */
-static int add_segments(const struct vs_memtable *mem, uint64_t gpa, uint32_t len,
+static int add_segments(const struct vs_vhost_dev *dev, uint32_t access, uint64_t gpa, uint32_t len,
                         struct vs_seg *segs, uint32_t max_segs, uint32_t *nsegs,
                         uint64_t *total, uint64_t max_total)
 {
@@ -241,9 +243,9 @@ static int add_segments(const struct vs_memtable *mem, uint64_t gpa, uint32_t le
     }
     while (len) {
         uint64_t contig;
-        uint8_t *p = gpa_to_hva(mem, gpa, &contig);
+        uint8_t *p = buf_to_hva(dev, gpa, access, &contig);
         if (unlikely(!p)) {
-            return VS_VQ_ERR_ADDR;
+            return buf_error(dev);
         }
         if (unlikely(*nsegs == max_segs)) {
             return VS_VQ_ERR_TOO_MANY_SEGS;
@@ -289,8 +291,11 @@ static int walk_chain(const struct vs_vhost_dev *dev, const struct vs_vring *vr,
                          d.len / sizeof(struct virtq_desc) > vr->size)) {
                 return VS_VQ_ERR_INDIRECT_LEN;
             }
-            table = gpa_to_hva_range(dev->mem, d.addr, d.len);
-            if (unlikely(!table || ((uintptr_t)table & 7))) {
+            table = buf_to_hva_range(dev, d.addr, d.len, VS_IOTLB_ACCESS_RO);
+            if (unlikely(!table)) {
+                return buf_error(dev);
+            }
+            if (unlikely((uintptr_t)table & 7)) {
                 return VS_VQ_ERR_ADDR;
             }
             /* The indirect table replaces the rest of the chain (virtio 2.7.5.3). */
@@ -303,7 +308,8 @@ static int walk_chain(const struct vs_vhost_dev *dev, const struct vs_vring *vr,
             return writable ? VS_VQ_ERR_NO_WRITABLE : VS_VQ_ERR_WRITE_IN_TX;
         }
         if (d.len) {
-            int err = add_segments(dev->mem, d.addr, d.len, segs, max_segs, nsegs, total, max_total);
+            int err = add_segments(dev, writable ? VS_IOTLB_ACCESS_WO : VS_IOTLB_ACCESS_RO, d.addr, d.len,
+                                   segs, max_segs, nsegs, total, max_total);
             if (unlikely(err)) {
                 return err;
             }
@@ -470,7 +476,7 @@ static inline bool dequeue_simple(const struct vs_vhost_dev *dev, const struct v
         d.len < hdr_len + 14 || d.len > VS_MAX_FRAME + hdr_len) {
         return false;
     }
-    uint8_t *p = gpa_to_hva_range(dev->mem, d.addr, d.len);
+    uint8_t *p = buf_to_hva_range(dev, d.addr, d.len, VS_IOTLB_ACCESS_RO);
     if (unlikely(!p)) {
         return false;
     }
@@ -533,7 +539,7 @@ uint32_t vs_vring_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
             err = VS_VQ_ERR_NO_READABLE;
         }
         if (unlikely(err)) {
-            if (got) {
+            if (got || err == VS_VQ_ERR_IOTLB_MISS) {
                 /* Used entries go back in the order the chains came (IN_ORDER):
                  * this one waits, first in the next burst, behind the good ones. */
                 vr->last_avail_idx--;
@@ -608,7 +614,7 @@ static inline enum rx_result enqueue_simple(struct vs_vhost_dev *dev, struct vs_
         d.len < need) {
         return RX_NOT_SIMPLE;
     }
-    uint8_t *p = gpa_to_hva_range(dev->mem, d.addr, need);
+    uint8_t *p = buf_to_hva_range(dev, d.addr, need, VS_IOTLB_ACCESS_WO);
     if (unlikely(!p)) {
         return RX_NOT_SIMPLE;
     }
@@ -657,6 +663,9 @@ static enum rx_result enqueue_one(struct vs_vhost_dev *dev, struct vs_vring *vr,
         if (err == VS_VQ_ERR_TOO_MANY_SEGS && nbufs) {
             /* Not the chain's fault: this frame needs more pieces than we gather. */
             return RX_TOO_SMALL;
+        }
+        if (unlikely(err == VS_VQ_ERR_IOTLB_MISS)) {
+            return RX_RING_EMPTY;  /* nothing consumed: the ring waits for the front-end's answer */
         }
         heads[nbufs] = head;
         caps[nbufs] = (uint32_t)cap;
@@ -739,11 +748,11 @@ uint32_t vs_vring_enqueue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
 }
 
 /* The helpers the packed ring engine shares (ring_internal.h). */
-int vs_vq_add_segments(const struct vs_memtable *mem, uint64_t gpa, uint32_t len,
+int vs_vq_add_segments(const struct vs_vhost_dev *dev, uint32_t access, uint64_t gpa, uint32_t len,
                        struct vs_seg *segs, uint32_t max_segs, uint32_t *nsegs,
                        uint64_t *total, uint64_t max_total)
 {
-    return add_segments(mem, gpa, len, segs, max_segs, nsegs, total, max_total);
+    return add_segments(dev, access, gpa, len, segs, max_segs, nsegs, total, max_total);
 }
 
 int vs_vq_strip_header(struct vs_pkt *pkt, uint32_t n, uint8_t *hdr)

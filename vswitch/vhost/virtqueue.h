@@ -73,7 +73,9 @@ enum vs_vq_error {
     VS_VQ_ERR_BAD_ID = 18,           /* packed: buffer id past the ring */
     VS_VQ_ERR_INDIRECT_CHAINED = 19, /* packed: indirect descriptor chained to others */
     VS_VQ_ERR_BASE = 20,             /* packed: vring base past the ring */
-    VS_VQ_ERR_MAX = 21
+    VS_VQ_ERR_IOTLB_MISS = 21,       /* no IOTLB entry yet: not an error, the ring waits (iotlb.h) */
+    VS_VQ_ERR_IOTLB_PERM = 22,       /* the IOTLB entry does not allow this access */
+    VS_VQ_ERR_MAX = 23
 };
 
 struct vs_queue_stats {
@@ -128,6 +130,7 @@ struct vs_vhost_dev {
     struct vs_memtable *mem;     /* control: swapped whole by vs_vhost_dev_set_mem() while rings run;
                                   * the old table and any region it alone maps are freed only
                                   * once the PMDs have passed a quiescent point */
+    struct vs_iotlb *iotlb;      /* control: set with ACCESS_PLATFORM (addresses are IOVAs), else NULL */
     uint32_t fault;              /* shared: VS_DEV_FAULT_* bits, set atomically by any thread; while
                                   * non-zero the PMD forwards nothing from the device, and the control
                                   * plane disconnects the front-end */
