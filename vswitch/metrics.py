@@ -67,6 +67,8 @@ class SwitchCollector:
                           "and reason.", port_labels + ["direction", "reason"])
         errors = counter("port_errors", "Frames refused as bad, by direction and reason.",
                          port_labels + ["direction", "reason"])
+        not_captured = counter("port_capture_dropped", "Frames a capture of the port missed because its "
+                               "reader was slow (they were forwarded all the same).", port_labels)
         link = GaugeMetricFamily(f"{PREFIX}_port_link_up", "1 while the port's link is up.", labels=port_labels)
         queue_labels = port_labels + ["queue", "direction"]
         q_packets = counter("queue_packets", "Frames per queue and direction.", queue_labels)
@@ -91,6 +93,7 @@ class SwitchCollector:
             dropped.add_metric(ids + ["rx", "vlan"], generic.vlan_dropped)
             dropped.add_metric(ids + ["rx", "policing"], generic.police_dropped)
             dropped.add_metric(ids + ["rx", "mirror_output"], generic.mirror_output_dropped)
+            not_captured.add_metric(ids, port.counters()["capture_dropped"])
             errors.add_metric(ids + ["tx", "bad_offload_header"], generic.tx_dropped_offload)
             errors.add_metric(ids + ["tx", "port"], s["tx_errors"] - generic.tx_dropped_offload)
             reasons = port.error_counts()
@@ -103,7 +106,7 @@ class SwitchCollector:
                 q_bytes.add_metric(qids, q["bytes"])
                 q_dropped.add_metric(qids, q["dropped"])
                 q_errors.add_metric(qids, q["errors"])
-        yield from (rx_packets, rx_bytes, tx_packets, tx_bytes, dropped, errors, link,
+        yield from (rx_packets, rx_bytes, tx_packets, tx_bytes, dropped, errors, not_captured, link,
                     q_packets, q_bytes, q_dropped, q_errors)
 
     def _pmds(self):

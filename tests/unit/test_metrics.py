@@ -67,6 +67,7 @@ def test_counters_of_ports_queues_pmds_and_the_fdb(switch):
     assert got[("vswitch_port_rx_packets_total", vm1)] == 1
     assert got[("vswitch_port_tx_bytes_total", vm0)] == len(frame(mac(1), mac(2), b"x" * 100))
     assert got[("vswitch_port_link_up", vm0)] == 1
+    assert got[("vswitch_port_capture_dropped_total", vm0)] == 0
     assert got[("vswitch_port_errors_total", tuple(sorted(vm0 + (("direction", "rx"),
                                                                  ("reason", "buffer outside guest memory")))))] == 1
     assert got[("vswitch_port_errors_total", tuple(sorted(vm0 + (("direction", "rx"), ("reason", "port")))))] == 0
