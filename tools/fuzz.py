@@ -46,7 +46,8 @@ PKG = REPO / "vswitch"
 FIGURES = {"ring": ("chains", 10_000_000), "offload": ("headers", 1_000_000),
            "vhost-user": ("messages", 1_000_000)}
 C_HARNESSES = {"ring": "ring_fuzz", "offload": "offload_fuzz"}
-ENGINE_SOURCES = ["vhost/virtqueue.c", "vhost/packed_ring.c", "vhost/iotlb.c", "vhost/guestmem.c", "pmd/offload.c"]
+ENGINE_SOURCES = ["vhost/virtqueue.c", "vhost/packed_ring.c", "vhost/iotlb.c", "vhost/dirty_log.c", "vhost/guestmem.c",
+                  "pmd/offload.c"]
 CFLAGS = ["-g", "-O1", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-std=gnu11",
           "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror", f"-I{PKG}", f"-I{FUZZ_DIR}"]
 # Reports that mean a bug, whatever the exit status says.

@@ -64,7 +64,7 @@ class VhostUserPort(Port):
             f"({', '.join(protocol.FEATURE_GROUPS)})", names=tuple(protocol.FEATURE_GROUPS),
             metavar="NAME=off,...", type_name="features"),
         Key("iommu", bool, "offer VIRTIO_F_ACCESS_PLATFORM: a guest behind a vIOMMU (QEMU iommu_platform=on) "
-            "gives IOVAs, translated and checked through an IOTLB", default=False),
+            "gives IOVAs, translated and checked through an IOTLB (default off)"),
         mtu_key("largest IP packet delivered to the guest (the front-end's NET_SET_MTU overrides it)"),
     )
 
