@@ -835,14 +835,31 @@ static void idle_sleep(struct vs_pmd *pmd)
     }
 }
 
+/* Keeps stats.max_gap_cycles, the longest time between the starts of two
+ * passes: a compare per pass, on the TSC read the pass takes anyway. */
+static inline void pass_gap(struct vs_pmd *pmd, uint64_t *last_pass_tsc, uint64_t now)
+{
+    if (unlikely(__atomic_load_n(&pmd->gap_reset, __ATOMIC_RELAXED))) {
+        __atomic_store_n(&pmd->gap_reset, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&pmd->stats.max_gap_cycles, 0, __ATOMIC_RELAXED);
+        *last_pass_tsc = 0;
+    }
+    if (*last_pass_tsc && now - *last_pass_tsc > pmd->stats.max_gap_cycles) {
+        __atomic_store_n(&pmd->stats.max_gap_cycles, now - *last_pass_tsc, __ATOMIC_RELAXED);
+    }
+    *last_pass_tsc = now;
+}
+
 void vs_pmd_run(struct vs_pmd *pmd)
 {
     pmd->thread = (unsigned long)pthread_self();
     vs_vring_watch_calls(&pmd->call_watch);
     __atomic_store_n(&pmd->running, 1, __ATOMIC_SEQ_CST);
+    uint64_t last_pass_tsc = 0;   /* 0: no pass since start, a sleep or a gap_reset */
     while (!__atomic_load_n(&pmd->stop, __ATOMIC_ACQUIRE)) {
         __atomic_add_fetch(&pmd->epoch, 1, __ATOMIC_SEQ_CST);
         uint64_t t0 = vs_rdtsc();
+        pass_gap(pmd, &last_pass_tsc, t0);
         uint32_t n = vs_pmd_poll_once(pmd);
         uint64_t cycles = vs_rdtsc() - t0;
         pmd->stats.loops++;
@@ -857,6 +874,7 @@ void vs_pmd_run(struct vs_pmd *pmd)
                 t0 + cycles - pmd->last_work_tsc > pmd->linger_cycles) {
                 idle_sleep(pmd);
                 pmd->idle_passes = 0;
+                last_pass_tsc = 0;   /* a sleep is not a stall */
             }
         }
     }
