@@ -336,14 +336,14 @@ void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t n
     vs_fib_learn_sub(fib, key, port_no, 0, now);
 }
 
-void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now)
+int vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now)
 {
     uint32_t chain_len;
     uint32_t i = find_counted(fib, key, &chain_len);
     if (likely(i != NONE)) {
         struct vs_fib_entry *e = &fib->entries[i];
         if (e->flags & VS_FIB_F_STATIC) {
-            return;
+            return 0;
         }
         if (unlikely(e->port_no != port_no)) {
             lru_unlink(fib, i);
@@ -354,6 +354,7 @@ void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16
             e->last_seen = now;
             lru_append(fib, i);
             fib->stats.moved++;
+            return 1;
         } else if (unlikely(e->sub != sub)) {
             /* Behind another remote of the same tunnel port: moved too. */
             e->sub = sub;
@@ -361,13 +362,14 @@ void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16
             lru_unlink(fib, i);
             lru_append(fib, i);
             fib->stats.moved++;
+            return 1;
         } else if (e->last_seen != now) {
             /* Refresh at most once a second: the list moves are not free. */
             e->last_seen = now;
             lru_unlink(fib, i);
             lru_append(fib, i);
         }
-        return;
+        return 0;
     }
     if (port_no < VS_MAX_PORTS && fib->max_entries) {
         i = insert(fib, key, chain_len, port_no, 0, now);
@@ -375,7 +377,9 @@ void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16
             fib->entries[i].sub = sub;
             fib->stats.learned++;
         }
+        return 1;
     }
+    return 0;
 }
 
 int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub)

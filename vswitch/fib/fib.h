@@ -104,8 +104,10 @@ void vs_fib_learn_sub_locked(struct vs_fib *fib, uint64_t key, uint32_t port_no,
 /* Fast path: the caller holds the lock. */
 void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t now);
 /* As vs_fib_learn, behind sub-destination sub of the port: a MAC that
- * appears behind another sub-destination of the same port has moved. */
-void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now);
+ * appears behind another sub-destination of the same port has moved.
+ * Returns 1 if an entry was added, moved or evicted (what the PMD remembers
+ * of the table may be stale), 0 if the key was known where it was. */
+int vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now);
 int vs_fib_lookup(struct vs_fib *fib, uint64_t key);
 /* As vs_fib_lookup; *sub is the entry's sub-destination (0 on a miss). */
 int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub);

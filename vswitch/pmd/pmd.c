@@ -229,10 +229,12 @@ static inline int learn_and_lookup(struct vs_fib *fib, struct fib_memo *m, const
     if (likely(!(hdr[6] & 1))) {
         uint64_t src = mac_key(hdr + 6) | vkey;
         if (src != m->src || in_sub != m->src_sub) {
-            vs_fib_learn_sub(fib, src, in_port, in_sub, now);
+            /* Many sources in a burst: a known one, refreshed, keeps the remembered destination. */
+            if (vs_fib_learn_sub(fib, src, in_port, in_sub, now)) {
+                m->dst = ~0ULL;
+            }
             m->src = src;
             m->src_sub = in_sub;
-            m->dst = ~0ULL;
         }
     }
     if (hdr[0] & 1) {
