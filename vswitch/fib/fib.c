@@ -397,6 +397,22 @@ int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub)
     return (int)fib->entries[i].port_no;
 }
 
+uint32_t vs_fib_prefetch_bucket(const struct vs_fib *fib, uint64_t key)
+{
+    uint32_t b = bucket_of(fib, key);
+    __builtin_prefetch(&fib->buckets[b]);
+    return b;
+}
+
+void vs_fib_prefetch_entry(const struct vs_fib *fib, uint32_t bucket)
+{
+    /* Read without the lock: a stale index only prefetches the wrong line. */
+    uint32_t i = __atomic_load_n(&fib->buckets[bucket], __ATOMIC_RELAXED);
+    if (i < fib->capacity) {
+        __builtin_prefetch(&fib->entries[i]);
+    }
+}
+
 int vs_fib_lookup(struct vs_fib *fib, uint64_t key)
 {
     uint16_t sub;

@@ -109,5 +109,11 @@ void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t n
  * of the table may be stale), 0 if the key was known where it was. */
 int vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now);
 int vs_fib_lookup(struct vs_fib *fib, uint64_t key);
+/* Without the lock: starts loading key's bucket head into the cache and
+ * returns the bucket; vs_fib_prefetch_entry then starts loading the first
+ * entry of that bucket.  Hints only, for a burst of many sources: a large
+ * table misses the cache on both, and these overlap the misses. */
+uint32_t vs_fib_prefetch_bucket(const struct vs_fib *fib, uint64_t key);
+void vs_fib_prefetch_entry(const struct vs_fib *fib, uint32_t bucket);
 /* As vs_fib_lookup; *sub is the entry's sub-destination (0 on a miss). */
 int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub);
