@@ -221,6 +221,9 @@ def plot(rows: list[dict], x: str, path: Path, title: str) -> None:
             ax.annotate(f"{r['cycles_per_packet']:.0f}", (r[x], r["cycles_per_packet"]), fontsize=7,
                         xytext=(0, 4), textcoords="offset points", ha="center")
     ax.set_xscale("log")
+    xs = sorted({r[x] for r in rows})
+    ax.set_xticks(xs, [str(v) for v in xs])
+    ax.minorticks_off()
     ax.set_xlabel(x)
     ax.set_ylabel("PMD busy cycles per received frame (median)")
     ax.set_ylim(bottom=0)
