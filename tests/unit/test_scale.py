@@ -346,3 +346,13 @@ def test_a_port_table_swap_with_64_ports_takes_under_a_millisecond(closing):
           f"median {sorted(swaps)[len(swaps) // 2] if swaps else 0:.0f} us; longest PMD gap {max(gaps, default=0):.0f} us")
     assert len(swaps) >= 10, f"only {len(swaps)} swaps ran unpreempted: the host is too busy"
     assert max(swaps) < 1000 and max(gaps) < 1000
+
+
+def test_aging_with_a_budget_leaves_the_rest_for_the_next_call():
+    t = MacTable(max_entries=1000, aging_seconds=1)
+    try:
+        fill(t, 100, last_seen=1)
+        assert t.age(budget=30) == 30 and t.c.n_entries == 70
+        assert t.age() == 70 and t.c.n_entries == 0
+    finally:
+        t.close()

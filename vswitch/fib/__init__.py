@@ -133,9 +133,12 @@ class MacTable:
         return lib.vs_fib_flush(self._fib, -1 if port_no is None else port_no, -1 if vlan is None else vlan,
                                 int(include_static))
 
-    def age(self) -> int:
-        """Removes entries idle for longer than the aging time; run once a second."""
-        return lib.vs_fib_age(self._fib, lib.vs_now_sec())
+    def age(self, budget: int | None = None) -> int:
+        """Removes entries idle for longer than the aging time, at most `budget` of them
+        (the rest wait for the next call); run once a second."""
+        if budget is None:
+            return lib.vs_fib_age(self._fib, lib.vs_now_sec())
+        return lib.vs_fib_age_some(self._fib, lib.vs_now_sec(), budget)
 
     def entries(self) -> list[FibEntry]:
         buf = ffi.new("struct vs_fib_entry[]", self._fib.n_entries + 64)
