@@ -108,6 +108,9 @@ void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t n
  * Returns 1 if an entry was added, moved or evicted (what the PMD remembers
  * of the table may be stale), 0 if the key was known where it was. */
 int vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now);
+/* As vs_fib_learn_sub, with key's bucket already known (vs_fib_prefetch_bucket). */
+int vs_fib_learn_sub_bucket(struct vs_fib *fib, uint64_t key, uint32_t bucket, uint32_t port_no, uint16_t sub,
+                            uint64_t now);
 int vs_fib_lookup(struct vs_fib *fib, uint64_t key);
 /* Without the lock: starts loading key's bucket head into the cache and
  * returns the bucket; vs_fib_prefetch_entry then starts loading the first

@@ -220,17 +220,22 @@ struct fib_memo {
 
 #define FIB_MEMO_INIT { .src = ~0ULL, .dst = ~0ULL, .dst_port = VS_FIB_NO_PORT }
 
+#define NO_BUCKET UINT32_MAX
+
 /* Learns hdr's source on in_port (and its sub-destination in_sub) and returns
- * the port of its destination (VS_FIB_NO_PORT: flood), its sub in *dest_sub. */
+ * the port of its destination (VS_FIB_NO_PORT: flood), its sub in *dest_sub.
+ * src_bucket: the source's bucket if prefetch_sources found it, else NO_BUCKET. */
 static inline int learn_and_lookup(struct vs_fib *fib, struct fib_memo *m, const uint8_t *hdr,
                                    uint64_t vkey, uint32_t in_port, uint16_t in_sub, uint64_t now,
-                                   uint16_t *dest_sub)
+                                   uint16_t *dest_sub, uint32_t src_bucket)
 {
     if (likely(!(hdr[6] & 1))) {
         uint64_t src = mac_key(hdr + 6) | vkey;
         if (src != m->src || in_sub != m->src_sub) {
             /* Many sources in a burst: a known one, refreshed, keeps the remembered destination. */
-            if (vs_fib_learn_sub(fib, src, in_port, in_sub, now)) {
+            int changed = src_bucket != NO_BUCKET ? vs_fib_learn_sub_bucket(fib, src, src_bucket, in_port, in_sub, now)
+                                                  : vs_fib_learn_sub(fib, src, in_port, in_sub, now);
+            if (changed) {
                 m->dst = ~0ULL;
             }
             m->src = src;
@@ -321,25 +326,29 @@ static void transmit(struct vs_port *out, uint32_t queue_hint, struct out_group 
  * frame (bucket, entry) one after the other: start all those loads first,
  * before the lock, so that they overlap.  A source repeated from the frame
  * before costs nothing, so the few-flow case stays as it was. */
-static void prefetch_sources(const struct vs_fib *fib, const uint8_t (*macs)[12], uint32_t n)
+static void prefetch_sources(const struct vs_fib *fib, const uint8_t (*macs)[12], uint32_t n,
+                             uint32_t *src_bucket)
 {
-    uint32_t buckets[VS_BURST];
     uint32_t nb = 0;
     uint64_t prev = ~0ULL;
     for (uint32_t i = 0; i < n; i++) {
+        src_bucket[i] = NO_BUCKET;
         if (!(macs[i][6] & 1)) {
             uint64_t src = mac_key(macs[i] + 6);
             if (src != prev) {
-                buckets[nb++] = vs_fib_prefetch_bucket(fib, src);
+                src_bucket[i] = vs_fib_prefetch_bucket(fib, src);
                 prev = src;
+                nb++;
             }
         }
     }
     if (nb < 2) {
         return;   /* one source: the memo and the cache have it */
     }
-    for (uint32_t j = 0; j < nb; j++) {
-        vs_fib_prefetch_entry(fib, buckets[j]);
+    for (uint32_t i = 0; i < n; i++) {
+        if (src_bucket[i] != NO_BUCKET) {
+            vs_fib_prefetch_entry(fib, src_bucket[i]);
+        }
     }
 }
 
@@ -355,12 +364,13 @@ static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, str
     for (uint32_t i = 0; i < n; i++) {
         eth_addrs(&pkts[i], macs[i]);
     }
-    prefetch_sources(fib, macs, n);
+    uint32_t src_bucket[VS_BURST];
+    prefetch_sources(fib, macs, n, src_bucket);
     struct fib_memo memo = FIB_MEMO_INIT;
     vs_fib_lock(fib);
     for (uint32_t i = 0; i < n; i++) {
         dest[i] = learn_and_lookup(fib, &memo, macs[i], 0, in->port_no, in_subs ? pkts[i].sub : 0, now,
-                                   &dest_sub[i]);
+                                   &dest_sub[i], src_bucket[i]);
     }
     vs_fib_unlock(fib);
 
@@ -628,7 +638,7 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
         }
         keep |= 1u << i;
         dest[i] = learn_and_lookup(fib, &memo, hdr, (uint64_t)cls[i].vid << 48, in->port_no,
-                                   in_subs ? pkts[i].sub : 0, now, &dest_sub[i]);
+                                   in_subs ? pkts[i].sub : 0, now, &dest_sub[i], NO_BUCKET);
     }
     vs_fib_unlock(fib);
     if (unlikely(dropped)) {
