@@ -5,6 +5,8 @@ Run from the repository root, as root, with hugepages reserved:
     python -m tools.bench                      # 64/512/1518-byte frames, 3 repetitions, all systems
     python -m tools.bench --smoke --systems vswitchd,testpmd-io
     python -m tools.bench --latency --help     # the latency mode: tools/latency.py
+    python -m tools.bench --macs 2,1000,65536,1000000   # scale modes: tools/scale.py
+    python -m tools.bench --ports 2,8,32,64
     python -m tools.bench --systems vswitchd,testpmd-io --sizes 64 --paths split,packed
 
 Method
@@ -1022,6 +1024,11 @@ def main(argv: list[str] | None = None) -> int:
         # The latency mode is a tool of its own (tools/latency.py), with its own options.
         from tools import latency
         return latency.main([a for a in (sys.argv[1:] if argv is None else argv) if a != "--latency"])
+    given = sys.argv[1:] if argv is None else argv
+    if any(a.split("=")[0] in ("--macs", "--ports") for a in given):
+        # The scale modes are a tool of their own too (tools/scale.py): the PMD over generator null ports.
+        from tools import scale
+        return scale.main(given)
     args = parse_args(argv)
     if os.geteuid() != 0:
         log("bench: must run as root (hugepages, vhost-user sockets, network namespace for OVS)")

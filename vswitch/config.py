@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from vswitch.fib import CAPACITY, DEFAULT_AGING_SECONDS, DEFAULT_MAX_ENTRIES, FibError, parse_mac
+from vswitch.fib import MAX_ENTRIES, DEFAULT_AGING_SECONDS, DEFAULT_MAX_ENTRIES, FibError, parse_mac
 from vswitch.ports import registry as port_registry
 from vswitch.ports.registry import SOCKET_ACCESS_KEYS, KeyProblem
 
@@ -202,7 +202,7 @@ def parse(data, source: str = "<config>") -> Config:
             problems.append(f"{source}: fdb: unknown key '{key}'")
     cfg.fdb_aging_seconds = _whole_number(fdb, "aging_seconds", DEFAULT_AGING_SECONDS, 1, 10**6,
                                           f"{source}: fdb.", problems)
-    cfg.fdb_max_entries = _whole_number(fdb, "max_entries", DEFAULT_MAX_ENTRIES, 1, CAPACITY,
+    cfg.fdb_max_entries = _whole_number(fdb, "max_entries", DEFAULT_MAX_ENTRIES, 1, MAX_ENTRIES,
                                         f"{source}: fdb.", problems)
 
     static = fdb.get("static", []) or []

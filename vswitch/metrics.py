@@ -124,6 +124,9 @@ class SwitchCollector:
             "kick_wakeups": CounterMetricFamily(f"{PREFIX}_pmd_kick_wakeups", "Sleeps ended by a port's "
                                                 "notification.", labels=labels),
         }
+        max_gap = GaugeMetricFamily(f"{PREFIX}_pmd_max_gap_seconds", "Longest time between two passes of "
+                                    "the PMD loop, sleeps left out, since start or `pmd-stats --reset-gap`.",
+                                    labels=labels)
         per_burst = GaugeMetricFamily(f"{PREFIX}_pmd_packets_per_burst", "Mean frames per non-empty burst "
                                       "since start.", labels=labels)
         for pmd in self.switch.pmds:
@@ -132,8 +135,10 @@ class SwitchCollector:
             for key, family in families.items():
                 family.add_metric(ids, s[key])
             per_burst.add_metric(ids, s["packets_per_burst"])
+            max_gap.add_metric(ids, s["max_gap_us"] / 1e6)
         yield from families.values()
         yield per_burst
+        yield max_gap
 
     def _fdb(self):
         s = self.switch.fib.stats()

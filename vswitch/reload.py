@@ -12,7 +12,9 @@ problems are the answer.  Then, against the running switch:
   touched, and loses no frame (the PMDs switch port tables without
   stopping, as for `add-port`);
 * `fdb.aging_seconds`, `fdb.max_entries` and `fdb.static` are set to the
-  file's values, and so are the `mirrors`, once the ports are in place;
+  file's values (`fdb.max_entries` above what the table was allocated for at
+  start is reported as needing a restart), and so are the `mirrors`, once the
+  ports are in place;
 * settings that only a restart can change (`control_socket`,
   `control_group`, `pmd.cpus`, `metrics.listen`) are reported, not applied.
 
@@ -94,7 +96,10 @@ def _apply_fdb(switch: Switch, new: Config, result: dict) -> None:
     if new.fdb_aging_seconds != switch.config.fdb_aging_seconds:
         switch.set_fdb_aging(new.fdb_aging_seconds)
         result["fdb"].append(f"aging_seconds={new.fdb_aging_seconds}")
-    if new.fdb_max_entries != switch.config.fdb_max_entries:
+    if new.fdb_max_entries > switch.fib.capacity:
+        # The table was allocated at start for a smaller limit: growing it takes a restart.
+        result["restart_needed"].append(f"fdb.max_entries (above the {switch.fib.capacity} allocated at start)")
+    elif new.fdb_max_entries != switch.config.fdb_max_entries:
         switch.set_fdb_max(new.fdb_max_entries)
         result["fdb"].append(f"max_entries={new.fdb_max_entries}")
     wanted = {e["mac"].lower(): e["port"] for e in new.fdb_static}

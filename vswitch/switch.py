@@ -28,6 +28,9 @@ from vswitch.ports.base import Port
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
+# MAC entries aged per housekeeping tick at most: a million idle at once are
+# aged over some seconds, and the control loop is never blocked for long.
+AGE_PER_TICK = 65536
 
 
 class SwitchError(ValueError):
@@ -85,7 +88,7 @@ class Switch:
         while True:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
             try:
-                aged = self.fib.age()
+                aged = self.fib.age(AGE_PER_TICK)
                 if aged:
                     log.debug("aged out %d MAC entries", aged)
                 for port in self.ports.values():

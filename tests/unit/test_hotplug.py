@@ -366,3 +366,24 @@ def test_the_port_limit_is_refused_before_anything_changes(daemon):
     # The switch still works: a port removed makes room for one more.
     d.ctl("del-port", "n0")
     assert add(d, "one-more").returncode == 0
+
+
+def test_vhost_user_ports_of_sixteen_queues_up_to_the_limit(daemon):
+    """The issue's dense host, with the port type it named: vhost-user ports of 16 queue
+    pairs are added until every port number is used (256 x 16 polled queues); the next
+    one is refused with one clear line, and `list-ports` shows no half-created port."""
+    from vswitch.control.cli import call
+    from vswitch.native import lib
+
+    d = daemon
+    for n in range(1, lib.VS_MAX_PORTS + 1):
+        call(d.control_socket, "port/add", {"name": f"p{n}", "type": "vhost-user", "path": sock(d, f"p{n}"),
+                                            "queues": 16})
+    polled = sum(len(p["rx_queues"]) for p in d.ctl("pmd/stats")["pmds"])
+    assert polled == lib.VS_MAX_PORTS * 16
+    out = add(d, "p257", "--queues", "16")
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.strip().endswith(f"no room for another port (at most {lib.VS_MAX_PORTS})"), out.stderr
+    assert names(d) == [f"p{n}" for n in range(1, lib.VS_MAX_PORTS + 1)]
+    assert not os.path.exists(sock(d, "p257"))

@@ -105,3 +105,16 @@ def test_sighup_reloads(switch, tmp_path):
     d.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "reload refused, nothing changed" in d.log(), what="the refusal")
     assert d.proc.poll() is None
+
+
+def test_a_larger_mac_table_than_allocated_waits_for_a_restart(switch):
+    """fdb.max_entries within the table allocated at start is applied; above it, reported
+    as needing a restart, with the running limit untouched."""
+    d, _ = switch
+    rewrite(d, fdb={"max_entries": 65536})
+    assert d.ctl("reload")["fdb"] == ["max_entries=65536"]
+    rewrite(d, fdb={"max_entries": 1_000_000})
+    result = d.ctl("reload")
+    assert result["fdb"] == [] and result["errors"] == []
+    assert result["restart_needed"] == ["fdb.max_entries (above the 65536 allocated at start)"]
+    assert d.ctl("fdb", "stats")["max_entries"] == 65536

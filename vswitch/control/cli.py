@@ -203,6 +203,7 @@ def print_pmd_stats(result: dict) -> None:
         print(f"  busy cycles: {p['busy_cycles']} ({p['busy_percent']}%)  idle cycles: {p['idle_cycles']}")
         print(f"  cycles/packet (busy): {p['cycles_per_packet']}")
         print(f"  sleeps: {p['sleeps']} (woken by a guest: {p['kick_wakeups']})")
+        print(f"  longest gap between passes: {p['max_gap_us']} us")
         print(f"  unicast: {p['unicast']}  flooded: {p['flooded']}  dropped (same port): {p['dropped_same_port']}")
 
 
@@ -513,7 +514,9 @@ def build_parser(port_types: bool = True) -> argparse.ArgumentParser:
     fdb_del = fdb_sub.add_parser("del", help="remove an entry")
     fdb_del.add_argument("mac")
     fdb_del.add_argument("--vlan", type=int)
-    sub.add_parser("pmd-stats", help="per PMD thread counters")
+    pmd_stats = sub.add_parser("pmd-stats", help="per PMD thread counters")
+    pmd_stats.add_argument("--reset-gap", action="store_true",
+                           help="after reading, restart the longest gap between passes")
     top_p = sub.add_parser("top", help="live view: ports by traffic rate, PMD load (Ctrl-C to leave)")
     top_p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     top_p.add_argument("--iterations", type=int, help="stop after this many refreshes")
@@ -563,7 +566,7 @@ SUBCOMMANDS = {
                       "add": lambda: ("fdb/add", {"mac": a.mac, "port": a.port, "vlan": a.vlan}),
                       "del": lambda: ("fdb/del", {"mac": a.mac, "vlan": a.vlan}),
                       "stats": lambda: ("fdb/stats", {})}[a.fdb_cmd](),
-    "pmd-stats": lambda a: ("pmd/stats", {}),
+    "pmd-stats": lambda a: ("pmd/stats", {"reset_max_gap": True} if a.reset_gap else {}),
     "mirror": lambda a: {"add": lambda: ("mirror/add", {"name": a.name, "select": [p for p in a.select.split(",") if p],
                                                        "output": a.output, "select_direction": a.direction}),
                          "del": lambda: ("mirror/del", {"name": a.name}),

@@ -85,9 +85,14 @@ async def fdb_stats(switch: Switch):
     return switch.fib.stats()
 
 
-@registry.command("pmd/stats", "Show per-PMD-thread packet and cycle counters.")
-async def pmd_stats(switch: Switch):
-    return {"pmds": [p.stats() for p in switch.pmds]}
+@registry.command("pmd/stats", "Show per-PMD-thread packet and cycle counters.",
+                  Arg("reset_max_gap", bool, help="after reading, restart the longest gap between passes"))
+async def pmd_stats(switch: Switch, reset_max_gap: bool = False):
+    result = {"pmds": [p.stats() for p in switch.pmds]}
+    if reset_max_gap:
+        for p in switch.pmds:
+            p.reset_max_gap()
+    return result
 
 
 @registry.command("control/stats", "Show control socket counters: connections, refused clients, bad requests, "

@@ -13,8 +13,22 @@ from vswitch.native import ffi, lib
 
 DEFAULT_AGING_SECONDS = 300
 DEFAULT_MAX_ENTRIES = 8192
-# Allocated once; `set fdb-max` may move the limit anywhere below this.
-CAPACITY = 1 << 16
+# The largest fdb.max_entries (fib.h VS_FIB_MAX_CAPACITY).
+MAX_ENTRIES = lib.VS_FIB_MAX_CAPACITY
+# The table is allocated once, for fdb.max_entries at start rounded up to a
+# power of two and at least this; `set fdb-max` may move the limit anywhere
+# below that, and beyond it after a restart.
+MIN_CAPACITY = 1 << 16
+# Memory per entry of capacity: the entry and two 4-byte bucket heads.
+BYTES_PER_ENTRY = ffi.sizeof("struct vs_fib_entry") + 2 * ffi.sizeof("uint32_t")
+
+
+def capacity_for(max_entries: int) -> int:
+    """The entries allocated for a table started with this limit."""
+    capacity = MIN_CAPACITY
+    while capacity < max_entries:
+        capacity <<= 1
+    return capacity
 
 
 class FibError(ValueError):
@@ -51,9 +65,9 @@ class MacTable:
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES,
                  aging_seconds: int = DEFAULT_AGING_SECONDS):
-        if not 0 < max_entries <= CAPACITY:
-            raise FibError(f"fdb max_entries must be between 1 and {CAPACITY}, not {max_entries}")
-        self._fib = lib.vs_fib_create(CAPACITY, max_entries, aging_seconds)
+        if not 0 < max_entries <= MAX_ENTRIES:
+            raise FibError(f"fdb max_entries must be between 1 and {MAX_ENTRIES}, not {max_entries}")
+        self._fib = lib.vs_fib_create(capacity_for(max_entries), max_entries, aging_seconds)
         if self._fib == ffi.NULL:
             raise MemoryError("cannot create the MAC table (out of memory, or no random hash key)")
 
@@ -83,8 +97,16 @@ class MacTable:
 
     @max_entries.setter
     def max_entries(self, n: int) -> None:
-        if not 1 <= n <= CAPACITY or lib.vs_fib_set_max(self._fib, n) != 0:
-            raise FibError(f"fdb max_entries must be between 1 and {CAPACITY}, not {n}")
+        if not 1 <= n <= MAX_ENTRIES:
+            raise FibError(f"fdb max_entries must be between 1 and {MAX_ENTRIES}, not {n}")
+        if n > self.capacity:
+            raise FibError(f"fdb max_entries {n} is above the {self.capacity} entries allocated at start: "
+                           f"set fdb.max_entries in the configuration and restart")
+        lib.vs_fib_set_max(self._fib, n)
+
+    @property
+    def capacity(self) -> int:
+        return self._fib.capacity
 
     def add_static(self, mac: str, port_no: int, vlan: int = 0) -> None:
         key = lib.vs_fib_key(parse_mac(mac), vlan)
@@ -111,9 +133,12 @@ class MacTable:
         return lib.vs_fib_flush(self._fib, -1 if port_no is None else port_no, -1 if vlan is None else vlan,
                                 int(include_static))
 
-    def age(self) -> int:
-        """Removes entries idle for longer than the aging time; run once a second."""
-        return lib.vs_fib_age(self._fib, lib.vs_now_sec())
+    def age(self, budget: int | None = None) -> int:
+        """Removes entries idle for longer than the aging time, at most `budget` of them
+        (the rest wait for the next call); run once a second."""
+        if budget is None:
+            return lib.vs_fib_age(self._fib, lib.vs_now_sec())
+        return lib.vs_fib_age_some(self._fib, lib.vs_now_sec(), budget)
 
     def entries(self) -> list[FibEntry]:
         buf = ffi.new("struct vs_fib_entry[]", self._fib.n_entries + 64)
@@ -127,5 +152,6 @@ class MacTable:
     def stats(self) -> dict:
         s = self._fib.stats
         return {"entries": self._fib.n_entries, "max_entries": self._fib.max_entries,
+                "capacity": self._fib.capacity, "bytes_per_entry": BYTES_PER_ENTRY,
                 "aging_seconds": self._fib.aging_seconds, "learned": s.learned, "moved": s.moved,
                 "aged": s.aged, "evicted": s.evicted, "refused": s.refused, "lookups": s.lookups, "hits": s.hits}

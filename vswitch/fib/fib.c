@@ -98,7 +98,7 @@ static bool random_key(uint64_t key[2])
 
 struct vs_fib *vs_fib_create(uint32_t capacity, uint32_t max_entries, uint32_t aging_seconds)
 {
-    if (capacity == 0 || max_entries > capacity || capacity > (1u << 24)) {
+    if (capacity == 0 || max_entries > capacity || capacity > VS_FIB_MAX_CAPACITY) {
         return NULL;
     }
     struct vs_fib *fib = calloc(1, sizeof *fib);
@@ -110,6 +110,7 @@ struct vs_fib *vs_fib_create(uint32_t capacity, uint32_t max_entries, uint32_t a
         nbuckets <<= 1;
     }
     fib->buckets = malloc(nbuckets * sizeof *fib->buckets);
+    /* calloc maps a large array untouched: memory is used as entries are. */
     fib->entries = calloc(capacity, sizeof *fib->entries);
     if (!fib->buckets || !fib->entries || !random_key(fib->hash_key)) {
         vs_fib_destroy(fib);
@@ -122,10 +123,8 @@ struct vs_fib *vs_fib_create(uint32_t capacity, uint32_t max_entries, uint32_t a
     for (uint32_t i = 0; i < nbuckets; i++) {
         fib->buckets[i] = NONE;
     }
-    for (uint32_t i = 0; i < capacity; i++) {
-        fib->entries[i].lru_next = i + 1 < capacity ? i + 1 : NONE;
-    }
-    fib->free_head = 0;
+    fib->free_head = NONE;
+    fib->next_fresh = 0;
     for (uint32_t p = 0; p < VS_MAX_PORTS; p++) {
         fib->lru_head[p] = fib->lru_tail[p] = NONE;
     }
@@ -141,21 +140,73 @@ void vs_fib_destroy(struct vs_fib *fib)
     }
 }
 
+/*
+ * A ticket lock, first come first served: when the control plane lets go
+ * between steps of a long job and asks again, a PMD already waiting goes
+ * first.  With a plain test-and-set lock the releasing thread usually wins
+ * the race again, and the PMD would wait for the whole job.
+ */
 void vs_fib_lock(struct vs_fib *fib)
 {
-    vs_spin_lock(&fib->lock);
+    uint32_t ticket = __atomic_fetch_add(&fib->lock_next, 1, __ATOMIC_RELAXED);
+    if (likely(__atomic_load_n(&fib->lock_owner, __ATOMIC_ACQUIRE) == ticket)) {
+        return;
+    }
+    /* Contended: time the wait, the stall a lock holder causes. */
+    uint64_t start = vs_rdtsc();
+    while (__atomic_load_n(&fib->lock_owner, __ATOMIC_ACQUIRE) != ticket) {
+        __builtin_ia32_pause();
+    }
+    uint64_t waited = vs_rdtsc() - start;
+    if (waited > fib->stats.lock_wait_max) {
+        fib->stats.lock_wait_max = waited;   /* we hold the lock: no other writer */
+    }
 }
 
 void vs_fib_unlock(struct vs_fib *fib)
 {
-    vs_spin_unlock(&fib->lock);
+    __atomic_store_n(&fib->lock_owner, fib->lock_owner + 1, __ATOMIC_RELEASE);
+}
+
+/*
+ * The control plane's long jobs hold the lock in steps: job_begin takes it,
+ * job_step lets a waiting PMD in and takes it back, job_end lets go.  Each
+ * step's CPU time is kept in stats.hold_cpu_max_ns, read from the thread's
+ * own clock so that a preemption of the holder does not count as work.
+ */
+static uint64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t job_begin(struct vs_fib *fib)
+{
+    vs_fib_lock(fib);
+    return thread_cpu_ns();
+}
+
+static void job_end(struct vs_fib *fib, uint64_t held_since)
+{
+    uint64_t held = thread_cpu_ns() - held_since;
+    if (held > fib->stats.hold_cpu_max_ns) {
+        fib->stats.hold_cpu_max_ns = held;
+    }
+    vs_fib_unlock(fib);
+}
+
+static uint64_t job_step(struct vs_fib *fib, uint64_t held_since)
+{
+    job_end(fib, held_since);
+    return job_begin(fib);
 }
 
 /* The entry for key, or NONE; *probes is the number of entries compared
  * (on a miss, the bucket's length).  Never more than VS_FIB_MAX_CHAIN. */
-static inline uint32_t find_counted(const struct vs_fib *fib, uint64_t key, uint32_t *probes)
+static inline uint32_t find_in_bucket(const struct vs_fib *fib, uint32_t bucket, uint64_t key, uint32_t *probes)
 {
-    uint32_t i = fib->buckets[bucket_of(fib, key)], n = 0;
+    uint32_t i = fib->buckets[bucket], n = 0;
     while (i != NONE) {
         n++;
         if (fib->entries[i].key == key) {
@@ -165,6 +216,11 @@ static inline uint32_t find_counted(const struct vs_fib *fib, uint64_t key, uint
     }
     *probes = n;
     return i;
+}
+
+static inline uint32_t find_counted(const struct vs_fib *fib, uint64_t key, uint32_t *probes)
+{
+    return find_in_bucket(fib, bucket_of(fib, key), key, probes);
 }
 
 static uint32_t find(const struct vs_fib *fib, uint64_t key)
@@ -248,14 +304,24 @@ static uint32_t insert(struct vs_fib *fib, uint64_t key, uint32_t chain_len, uin
         fib->stats.refused++;
         return NONE;
     }
-    while (fib->n_entries >= fib->max_entries) {
+    /* One eviction makes room in a full table; a second one per learn
+     * helps vs_fib_set_max() shrink it without this PMD's learn doing all
+     * of that work under the lock. */
+    for (int k = 0; k < 2 && fib->n_entries >= fib->max_entries; k++) {
         if (!evict_one(fib)) {
-            return NONE;
+            break;
         }
     }
+    if (fib->n_entries >= fib->max_entries) {
+        return NONE;
+    }
     uint32_t i = fib->free_head;
+    if (i != NONE) {
+        fib->free_head = fib->entries[i].lru_next;
+    } else {
+        i = fib->next_fresh++;   /* n_entries < capacity and no entry free: one was never used */
+    }
     struct vs_fib_entry *e = &fib->entries[i];
-    fib->free_head = e->lru_next;
     uint32_t b = bucket_of(fib, key);
     *e = (struct vs_fib_entry){
         .key = key, .last_seen = now, .port_no = port_no, .flags = flags,
@@ -275,14 +341,20 @@ void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t n
     vs_fib_learn_sub(fib, key, port_no, 0, now);
 }
 
-void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now)
+int vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now)
+{
+    return vs_fib_learn_sub_bucket(fib, key, bucket_of(fib, key), port_no, sub, now);
+}
+
+int vs_fib_learn_sub_bucket(struct vs_fib *fib, uint64_t key, uint32_t bucket, uint32_t port_no, uint16_t sub,
+                            uint64_t now)
 {
     uint32_t chain_len;
-    uint32_t i = find_counted(fib, key, &chain_len);
+    uint32_t i = find_in_bucket(fib, bucket, key, &chain_len);
     if (likely(i != NONE)) {
         struct vs_fib_entry *e = &fib->entries[i];
         if (e->flags & VS_FIB_F_STATIC) {
-            return;
+            return 0;
         }
         if (unlikely(e->port_no != port_no)) {
             lru_unlink(fib, i);
@@ -293,6 +365,7 @@ void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16
             e->last_seen = now;
             lru_append(fib, i);
             fib->stats.moved++;
+            return 1;
         } else if (unlikely(e->sub != sub)) {
             /* Behind another remote of the same tunnel port: moved too. */
             e->sub = sub;
@@ -300,13 +373,14 @@ void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16
             lru_unlink(fib, i);
             lru_append(fib, i);
             fib->stats.moved++;
+            return 1;
         } else if (e->last_seen != now) {
             /* Refresh at most once a second: the list moves are not free. */
             e->last_seen = now;
             lru_unlink(fib, i);
             lru_append(fib, i);
         }
-        return;
+        return 0;
     }
     if (port_no < VS_MAX_PORTS && fib->max_entries) {
         i = insert(fib, key, chain_len, port_no, 0, now);
@@ -314,7 +388,9 @@ void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16
             fib->entries[i].sub = sub;
             fib->stats.learned++;
         }
+        return 1;
     }
+    return 0;
 }
 
 int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub)
@@ -330,6 +406,22 @@ int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub)
     fib->stats.hits++;
     *sub = fib->entries[i].sub;
     return (int)fib->entries[i].port_no;
+}
+
+uint32_t vs_fib_prefetch_bucket(const struct vs_fib *fib, uint64_t key)
+{
+    uint32_t b = bucket_of(fib, key);
+    __builtin_prefetch(&fib->buckets[b]);
+    return b;
+}
+
+void vs_fib_prefetch_entry(const struct vs_fib *fib, uint32_t bucket)
+{
+    /* Read without the lock: a stale index only prefetches the wrong line. */
+    uint32_t i = __atomic_load_n(&fib->buckets[bucket], __ATOMIC_RELAXED);
+    if (i < fib->capacity) {
+        __builtin_prefetch(&fib->entries[i]);
+    }
 }
 
 int vs_fib_lookup(struct vs_fib *fib, uint64_t key)
@@ -390,47 +482,67 @@ int vs_fib_remove(struct vs_fib *fib, uint64_t key)
 uint32_t vs_fib_flush(struct vs_fib *fib, int port_no, int vlan, int include_static)
 {
     uint32_t removed = 0;
-    vs_fib_lock(fib);
-    for (uint32_t i = 0; i < fib->capacity; i++) {
-        struct vs_fib_entry *e = &fib->entries[i];
-        if (e->in_use && (port_no < 0 || e->port_no == (uint32_t)port_no) &&
-            (vlan < 0 || (e->key >> 48) == (uint64_t)vlan) &&
-            (include_static || !(e->flags & VS_FIB_F_STATIC))) {
-            remove_entry(fib, i);
-            removed++;
+    uint32_t i = 0;
+    uint64_t held = job_begin(fib);
+    while (i < fib->next_fresh) {
+        uint32_t work = 0;
+        for (uint32_t scanned = 0; i < fib->next_fresh && scanned < VS_FIB_SCAN_PER_LOCK &&
+             work < VS_FIB_WORK_PER_LOCK; i++, scanned++) {
+            struct vs_fib_entry *e = &fib->entries[i];
+            if (e->in_use && (port_no < 0 || e->port_no == (uint32_t)port_no) &&
+                (vlan < 0 || (e->key >> 48) == (uint64_t)vlan) &&
+                (include_static || !(e->flags & VS_FIB_F_STATIC))) {
+                remove_entry(fib, i);
+                work++;
+            }
         }
+        removed += work;
+        held = job_step(fib, held);
     }
-    vs_fib_unlock(fib);
+    job_end(fib, held);
     return removed;
 }
 
 uint32_t vs_fib_age(struct vs_fib *fib, uint64_t now)
 {
-    uint32_t aged = 0;
-    vs_fib_lock(fib);
-    for (uint32_t p = 0; p < VS_MAX_PORTS; p++) {
+    return vs_fib_age_some(fib, now, UINT32_MAX);
+}
+
+uint32_t vs_fib_age_some(struct vs_fib *fib, uint64_t now, uint32_t budget)
+{
+    uint32_t aged = 0, work = 0;
+    uint64_t held = job_begin(fib);
+    for (uint32_t p = 0; p < VS_MAX_PORTS && aged < budget; p++) {
         /* Lists are oldest first: stop at the first entry still fresh. */
-        while (fib->lru_head[p] != NONE &&
+        while (aged < budget && fib->lru_head[p] != NONE &&
                fib->entries[fib->lru_head[p]].last_seen + fib->aging_seconds <= now) {
             remove_entry(fib, fib->lru_head[p]);
             aged++;
+            fib->stats.aged++;
+            if (++work == VS_FIB_WORK_PER_LOCK) {
+                /* A million entries idle at once must not hold the PMDs up. */
+                held = job_step(fib, held);
+                work = 0;
+            }
         }
     }
-    fib->stats.aged += aged;
-    vs_fib_unlock(fib);
+    job_end(fib, held);
     return aged;
 }
 
 uint32_t vs_fib_dump(struct vs_fib *fib, struct vs_fib_entry *out, uint32_t max)
 {
     uint32_t n = 0;
-    vs_fib_lock(fib);
-    for (uint32_t i = 0; i < fib->capacity && n < max; i++) {
+    uint64_t held = job_begin(fib);
+    for (uint32_t i = 0; i < fib->next_fresh && n < max; i++) {
         if (fib->entries[i].in_use) {
             out[n++] = fib->entries[i];
         }
+        if (i % VS_FIB_SCAN_PER_LOCK == VS_FIB_SCAN_PER_LOCK - 1) {
+            held = job_step(fib, held);
+        }
     }
-    vs_fib_unlock(fib);
+    job_end(fib, held);
     return n;
 }
 
@@ -439,11 +551,15 @@ int vs_fib_set_max(struct vs_fib *fib, uint32_t max_entries)
     if (max_entries > fib->capacity) {
         return -1;
     }
-    vs_fib_lock(fib);
+    uint64_t held = job_begin(fib);
     fib->max_entries = max_entries;
+    uint32_t work = 0;
     while (fib->n_entries > fib->max_entries && evict_one(fib)) {
-        continue;
+        if (++work == VS_FIB_WORK_PER_LOCK) {
+            held = job_step(fib, held);
+            work = 0;
+        }
     }
-    vs_fib_unlock(fib);
+    job_end(fib, held);
     return 0;
 }

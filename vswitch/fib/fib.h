@@ -19,6 +19,13 @@
 #define VS_FIB_NO_PORT -1
 #define VS_FIB_F_STATIC 1
 #define VS_FIB_MAX_CHAIN 12      /* per bucket; random keys fill a full table past it once in 10^9 */
+/* The largest table vs_fib_create() makes (fdb.max_entries at most this). */
+#define VS_FIB_MAX_CAPACITY 4194304
+/* Entries the control plane ages, evicts or removes per hold of the lock,
+ * and slots it scans per hold: the PMD waits for the lock at most that long
+ * (tens of microseconds), however large the table. */
+#define VS_FIB_WORK_PER_LOCK 64
+#define VS_FIB_SCAN_PER_LOCK 8192
 
 struct vs_fib_entry {
     uint64_t key;                /* MAC in the low 48 bits (first octet highest), VLAN above */
@@ -41,10 +48,17 @@ struct vs_fib_stats {
     uint64_t hits;
     uint64_t refused;            /* learns refused: the key's bucket held VS_FIB_MAX_CHAIN entries */
     uint64_t probes;             /* entries compared by vs_fib_lookup, for tests and tuning */
+    uint64_t lock_wait_max;      /* longest wait for the lock, TSC cycles, by any thread (0 to restart) */
+    /* The most CPU time (the holder's own: time it was preempted left out)
+     * one hold of the lock took in the control plane's long jobs (age,
+     * flush, set_max, dump), in ns (0 to restart): the stall the design
+     * allows a PMD, whatever the machine's load. */
+    uint64_t hold_cpu_max_ns;
 };
 
 struct vs_fib {
-    int lock;                    /* spinlock, see vs_fib_lock() */
+    uint32_t lock_next;          /* ticket lock, see vs_fib_lock(): next ticket to hand out */
+    uint32_t lock_owner;         /* the ticket that holds the lock */
     uint32_t capacity;           /* entries allocated */
     uint32_t max_entries;        /* current limit, at most capacity */
     uint32_t n_entries;
@@ -53,7 +67,8 @@ struct vs_fib {
     uint64_t hash_key[2];        /* SipHash key, from getrandom() at creation (tests set it while empty) */
     uint32_t *buckets;
     struct vs_fib_entry *entries;
-    uint32_t free_head;
+    uint32_t free_head;          /* entries freed since creation; NONE: take next_fresh */
+    uint32_t next_fresh;         /* entries at and above this were never used, nor touched in memory */
     uint32_t port_count[VS_MAX_PORTS];    /* dynamic entries per port */
     uint32_t lru_head[VS_MAX_PORTS];
     uint32_t lru_tail[VS_MAX_PORTS];
@@ -68,12 +83,18 @@ void vs_fib_destroy(struct vs_fib *fib);
 void vs_fib_lock(struct vs_fib *fib);
 void vs_fib_unlock(struct vs_fib *fib);
 
-/* Control plane: each takes the lock itself. */
+/* Control plane: each takes the lock itself, and those that may touch many
+ * entries (flush, age, dump, set_max) release it every VS_FIB_WORK_PER_LOCK
+ * entries, so that no PMD waits for it longer than that much work. */
 int vs_fib_add_static(struct vs_fib *fib, uint64_t key, uint32_t port_no);
 int vs_fib_remove(struct vs_fib *fib, uint64_t key);
 /* Removes the entries on port_no (-1: any port) in VLAN vlan (-1: any VLAN). */
 uint32_t vs_fib_flush(struct vs_fib *fib, int port_no, int vlan, int include_static);
 uint32_t vs_fib_age(struct vs_fib *fib, uint64_t now);
+/* As vs_fib_age, but ages at most budget entries: the rest waits for the next call. */
+uint32_t vs_fib_age_some(struct vs_fib *fib, uint64_t now, uint32_t budget);
+/* Copies the entries in use; with the lock released between steps, an entry
+ * that moves meanwhile may be missed or seen twice. */
 uint32_t vs_fib_dump(struct vs_fib *fib, struct vs_fib_entry *out, uint32_t max);
 int vs_fib_set_max(struct vs_fib *fib, uint32_t max_entries);
 int vs_fib_lookup_locked(struct vs_fib *fib, uint64_t key);
@@ -83,8 +104,19 @@ void vs_fib_learn_sub_locked(struct vs_fib *fib, uint64_t key, uint32_t port_no,
 /* Fast path: the caller holds the lock. */
 void vs_fib_learn(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint64_t now);
 /* As vs_fib_learn, behind sub-destination sub of the port: a MAC that
- * appears behind another sub-destination of the same port has moved. */
-void vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now);
+ * appears behind another sub-destination of the same port has moved.
+ * Returns 1 if an entry was added, moved or evicted (what the PMD remembers
+ * of the table may be stale), 0 if the key was known where it was. */
+int vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_t sub, uint64_t now);
+/* As vs_fib_learn_sub, with key's bucket already known (vs_fib_prefetch_bucket). */
+int vs_fib_learn_sub_bucket(struct vs_fib *fib, uint64_t key, uint32_t bucket, uint32_t port_no, uint16_t sub,
+                            uint64_t now);
 int vs_fib_lookup(struct vs_fib *fib, uint64_t key);
+/* Without the lock: starts loading key's bucket head into the cache and
+ * returns the bucket; vs_fib_prefetch_entry then starts loading the first
+ * entry of that bucket.  Hints only, for a burst of many sources: a large
+ * table misses the cache on both, and these overlap the misses. */
+uint32_t vs_fib_prefetch_bucket(const struct vs_fib *fib, uint64_t key);
+void vs_fib_prefetch_entry(const struct vs_fib *fib, uint32_t bucket);
 /* As vs_fib_lookup; *sub is the entry's sub-destination (0 on a miss). */
 int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub);

@@ -111,6 +111,10 @@ class PmdThread:
         self._polls = list(poll)
         return old
 
+    def reset_max_gap(self) -> None:
+        """Restarts max_gap_us: the thread zeroes it at the start of its next pass."""
+        self.c.gap_reset = 1
+
     def stats(self) -> dict:
         """Counters since start, plus the derived figures OVS's pmd-perf-show prints."""
         s = self.c.stats
@@ -123,6 +127,7 @@ class PmdThread:
             "packets_per_burst": round(s.packets / s.bursts, 1) if s.bursts else 0.0,
             "sleeps": s.sleeps, "kick_wakeups": s.kick_wakeups, "flooded": s.flooded, "unicast": s.unicast,
             "dropped_same_port": s.dropped_same_port, "calls_blocked": self.c.call_watch.blocked,
+            "max_gap_us": round(s.max_gap_cycles * 1e6 / self.c.tsc_hz, 1) if self.c.tsc_hz else 0.0,
             "rx_queues": [{"port": port.name, "queue": queue} for port, queue in self._polls],
         }
 

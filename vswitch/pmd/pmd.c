@@ -220,19 +220,26 @@ struct fib_memo {
 
 #define FIB_MEMO_INIT { .src = ~0ULL, .dst = ~0ULL, .dst_port = VS_FIB_NO_PORT }
 
+#define NO_BUCKET UINT32_MAX
+
 /* Learns hdr's source on in_port (and its sub-destination in_sub) and returns
- * the port of its destination (VS_FIB_NO_PORT: flood), its sub in *dest_sub. */
+ * the port of its destination (VS_FIB_NO_PORT: flood), its sub in *dest_sub.
+ * src_bucket: the source's bucket if prefetch_sources found it, else NO_BUCKET. */
 static inline int learn_and_lookup(struct vs_fib *fib, struct fib_memo *m, const uint8_t *hdr,
                                    uint64_t vkey, uint32_t in_port, uint16_t in_sub, uint64_t now,
-                                   uint16_t *dest_sub)
+                                   uint16_t *dest_sub, uint32_t src_bucket)
 {
     if (likely(!(hdr[6] & 1))) {
         uint64_t src = mac_key(hdr + 6) | vkey;
         if (src != m->src || in_sub != m->src_sub) {
-            vs_fib_learn_sub(fib, src, in_port, in_sub, now);
+            /* Many sources in a burst: a known one, refreshed, keeps the remembered destination. */
+            int changed = src_bucket != NO_BUCKET ? vs_fib_learn_sub_bucket(fib, src, src_bucket, in_port, in_sub, now)
+                                                  : vs_fib_learn_sub(fib, src, in_port, in_sub, now);
+            if (changed) {
+                m->dst = ~0ULL;
+            }
             m->src = src;
             m->src_sub = in_sub;
-            m->dst = ~0ULL;
         }
     }
     if (hdr[0] & 1) {
@@ -331,21 +338,55 @@ static void send_group(struct vs_port *out, uint32_t queue_hint, struct out_grou
     b->errors = 0;
 }
 
+/* A burst of many sources in a large table would miss the cache twice per
+ * frame (bucket, entry) one after the other: start all those loads first,
+ * before the lock, so that they overlap.  A source repeated from the frame
+ * before costs nothing, so the few-flow case stays as it was. */
+static void prefetch_sources(const struct vs_fib *fib, const uint8_t (*macs)[12], uint32_t n,
+                             uint32_t *src_bucket)
+{
+    uint32_t nb = 0;
+    uint64_t prev = ~0ULL;
+    for (uint32_t i = 0; i < n; i++) {
+        src_bucket[i] = NO_BUCKET;
+        if (!(macs[i][6] & 1)) {
+            uint64_t src = mac_key(macs[i] + 6);
+            if (src != prev) {
+                src_bucket[i] = vs_fib_prefetch_bucket(fib, src);
+                prev = src;
+                nb++;
+            }
+        }
+    }
+    if (nb < 2) {
+        return;   /* one source: the memo and the cache have it */
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        if (src_bucket[i] != NO_BUCKET) {
+            vs_fib_prefetch_entry(fib, src_bucket[i]);
+        }
+    }
+}
+
 static void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, struct vs_port *in,
                           uint32_t queue, struct vs_pkt *pkts, uint32_t n, uint64_t now)
 {
     int dest[VS_BURST];
     uint16_t dest_sub[VS_BURST];
-    uint8_t macs[12];
+    uint8_t macs[VS_BURST][12];
     struct vs_fib *fib = pmd->fib;
     bool in_subs = in->subs != 0;
 
+    for (uint32_t i = 0; i < n; i++) {
+        eth_addrs(&pkts[i], macs[i]);
+    }
+    uint32_t src_bucket[VS_BURST];
+    prefetch_sources(fib, macs, n, src_bucket);
     struct fib_memo memo = FIB_MEMO_INIT;
     vs_fib_lock(fib);
     for (uint32_t i = 0; i < n; i++) {
-        eth_addrs(&pkts[i], macs);
-        dest[i] = learn_and_lookup(fib, &memo, macs, 0, in->port_no, in_subs ? pkts[i].sub : 0, now,
-                                   &dest_sub[i]);
+        dest[i] = learn_and_lookup(fib, &memo, macs[i], 0, in->port_no, in_subs ? pkts[i].sub : 0, now,
+                                   &dest_sub[i], src_bucket[i]);
     }
     vs_fib_unlock(fib);
 
@@ -613,7 +654,7 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
         }
         keep |= 1u << i;
         dest[i] = learn_and_lookup(fib, &memo, hdr, (uint64_t)cls[i].vid << 48, in->port_no,
-                                   in_subs ? pkts[i].sub : 0, now, &dest_sub[i]);
+                                   in_subs ? pkts[i].sub : 0, now, &dest_sub[i], NO_BUCKET);
     }
     vs_fib_unlock(fib);
     if (unlikely(dropped)) {
@@ -910,14 +951,31 @@ static void idle_sleep(struct vs_pmd *pmd)
     }
 }
 
+/* Keeps stats.max_gap_cycles, the longest time between the starts of two
+ * passes: a compare per pass, on the TSC read the pass takes anyway. */
+static inline void pass_gap(struct vs_pmd *pmd, uint64_t *last_pass_tsc, uint64_t now)
+{
+    if (unlikely(__atomic_load_n(&pmd->gap_reset, __ATOMIC_RELAXED))) {
+        __atomic_store_n(&pmd->gap_reset, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&pmd->stats.max_gap_cycles, 0, __ATOMIC_RELAXED);
+        *last_pass_tsc = 0;
+    }
+    if (*last_pass_tsc && now - *last_pass_tsc > pmd->stats.max_gap_cycles) {
+        __atomic_store_n(&pmd->stats.max_gap_cycles, now - *last_pass_tsc, __ATOMIC_RELAXED);
+    }
+    *last_pass_tsc = now;
+}
+
 void vs_pmd_run(struct vs_pmd *pmd)
 {
     pmd->thread = (unsigned long)pthread_self();
     vs_vring_watch_calls(&pmd->call_watch);
     __atomic_store_n(&pmd->running, 1, __ATOMIC_SEQ_CST);
+    uint64_t last_pass_tsc = 0;   /* 0: no pass since start, a sleep or a gap_reset */
     while (!__atomic_load_n(&pmd->stop, __ATOMIC_ACQUIRE)) {
         __atomic_add_fetch(&pmd->epoch, 1, __ATOMIC_SEQ_CST);
         uint64_t t0 = vs_rdtsc();
+        pass_gap(pmd, &last_pass_tsc, t0);
         uint32_t n = vs_pmd_poll_once(pmd);
         uint64_t cycles = vs_rdtsc() - t0;
         pmd->stats.loops++;
@@ -932,6 +990,7 @@ void vs_pmd_run(struct vs_pmd *pmd)
                 t0 + cycles - pmd->last_work_tsc > pmd->linger_cycles) {
                 idle_sleep(pmd);
                 pmd->idle_passes = 0;
+                last_pass_tsc = 0;   /* a sleep is not a stall */
             }
         }
     }

@@ -40,6 +40,11 @@ struct vs_pmd_stats {
     uint64_t flooded;            /* frames flooded (unknown, broadcast, multicast) */
     uint64_t unicast;            /* frames sent to one learned port */
     uint64_t dropped_same_port;  /* destination learned on the ingress port */
+    /* The longest time from the start of one pass to the start of the next,
+     * sleeps left out: how long forwarding stood still (a lock held by the
+     * control plane, a slow burst, or the thread preempted).  Since start or
+     * since the last gap_reset. */
+    uint64_t max_gap_cycles;
 };
 
 struct vs_pmd {
@@ -59,6 +64,7 @@ struct vs_pmd {
     unsigned long thread;        /* pthread_t of vs_pmd_run's thread, valid while running */
     struct vs_call_watch call_watch; /* its guest notifications, for vs_pmd_call_watchdog() */
     struct vs_pmd_stats stats;
+    uint32_t gap_reset;          /* shared: set by the control plane to restart stats.max_gap_cycles */
 };
 
 int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib);

@@ -70,11 +70,68 @@ int vs_null_port_inject(struct vs_null_port *np, uint32_t queue, const uint8_t *
     return 0;
 }
 
+int vs_null_port_generate(struct vs_null_port *np, const uint8_t *dst, uint64_t src_base, uint32_t n_src,
+                          uint32_t len)
+{
+    if (n_src == 0 || len < 60 || len > VS_NULL_FRAME_MAX || ((src_base >> 40) & 1) ||
+        src_base + n_src - 1 > 0xffffffffffffULL) {
+        return -EINVAL;
+    }
+    np->gen.src_base = src_base;
+    np->gen.len = len;
+    memcpy(np->gen.dst, dst, 6);
+    /* The first VS_BURST slots of each queue are the frames: the header is
+     * written once here, only the source MAC per frame. */
+    for (uint32_t q = 0; q < np->nqueues; q++) {
+        for (uint32_t i = 0; i < VS_BURST && i < VS_NULL_SLOTS; i++) {
+            uint8_t *f = np->queues[q].frames + (size_t)i * VS_NULL_FRAME_MAX;
+            memset(f, 0, len);
+            memcpy(f, dst, 6);
+            f[12] = 0x08;   /* IPv4 ethertype; the payload stays zero */
+        }
+        np->queues[q].gen_next = 0;
+    }
+    np->gen.n_src = n_src;
+    return 0;
+}
+
+static uint32_t gen_rx_burst(struct vs_null_port *np, struct vs_null_queue *nq, struct vs_pkt *pkts,
+                             uint32_t max)
+{
+    const struct vs_null_gen *g = &np->gen;
+    uint32_t n = max < VS_BURST ? max : VS_BURST;
+    uint32_t next = nq->gen_next;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *f = nq->frames + (size_t)i * VS_NULL_FRAME_MAX;
+        uint64_t src = g->src_base + next;
+        for (int b = 0; b < 6; b++) {
+            f[6 + b] = (uint8_t)(src >> (40 - 8 * b));
+        }
+        if (++next == g->n_src) {
+            next = 0;
+        }
+        struct vs_pkt *pkt = &pkts[i];
+        memset(&pkt->vnet, 0, sizeof pkt->vnet);
+        pkt->len = g->len;
+        pkt->nsegs = 1;
+        pkt->head = 0;
+        pkt->segs[0].addr = f;
+        pkt->segs[0].len = g->len;
+    }
+    nq->gen_next = next;
+    nq->stats.rx_packets += n;
+    nq->stats.rx_bytes += (uint64_t)n * g->len;
+    return n;
+}
+
 static uint32_t null_rx_burst(struct vs_port *port, uint32_t queue, struct vs_pkt *pkts, uint32_t max)
 {
     struct vs_null_port *np = port->priv;
     if (unlikely(queue >= np->nqueues)) {
         return 0;
+    }
+    if (np->gen.n_src) {
+        return gen_rx_burst(np, &np->queues[queue], pkts, max);
     }
     struct vs_null_queue *nq = &np->queues[queue];
     uint32_t tail = nq->tail;
@@ -100,7 +157,11 @@ static uint32_t null_rx_burst(struct vs_port *port, uint32_t queue, struct vs_pk
 /* The PMD is done with the burst: its slots may be filled again. */
 static void null_rx_done(struct vs_port *port, uint32_t queue, struct vs_pkt *pkts, uint32_t n)
 {
-    struct vs_null_queue *nq = &((struct vs_null_port *)port->priv)->queues[queue];
+    struct vs_null_port *np = port->priv;
+    if (np->gen.n_src) {
+        return;   /* the generator's frames stay in place */
+    }
+    struct vs_null_queue *nq = &np->queues[queue];
     __atomic_store_n(&nq->tail, nq->tail + n, __ATOMIC_RELEASE);
 }
 

@@ -20,6 +20,20 @@ struct vs_null_stats {
     uint64_t tx_bytes;
 };
 
+/*
+ * Generator mode: instead of injected frames, every receive burst is full
+ * of frames built in place, from one fixed destination and a source MAC
+ * that steps through n_src addresses from src_base.  A benchmark of the PMD
+ * alone: no other thread and no guest pays for the frames, so the PMD's
+ * busy cycles per frame are the switch's own cost.
+ */
+struct vs_null_gen {
+    uint32_t n_src;                       /* source MACs to cycle through; 0: generator off */
+    uint32_t len;                         /* frame length */
+    uint64_t src_base;                    /* first source MAC, the 48 bits as a number */
+    uint8_t dst[6];                       /* every frame's destination */
+};
+
 struct vs_null_queue {
     uint32_t head;                        /* shared: slots filled by vs_null_port_inject() */
     uint32_t tail;                        /* shared: slots the PMD has given back (rx_done) */
@@ -27,12 +41,14 @@ struct vs_null_queue {
     uint32_t lens[VS_NULL_SLOTS];
     uint8_t *frames;                      /* VS_NULL_SLOTS buffers of VS_NULL_FRAME_MAX bytes */
     struct vs_null_stats stats;           /* tx_*: atomic adds, as several PMDs may send here */
+    uint32_t gen_next;                    /* generator: index of the next source MAC */
 };
 
 struct vs_null_port {
     uint32_t nqueues;
     uint32_t offload_caps;                /* control: VS_OFFLOAD_* taken on transmit (default all) */
     int eventfd;                          /* written on inject: a sleeping PMD wakes on it */
+    struct vs_null_gen gen;               /* control: set by vs_null_port_generate() before publishing */
     struct vs_null_queue queues[VS_NULL_MAX_QUEUES];
 };
 
@@ -45,5 +61,11 @@ void vs_null_port_fini(struct vs_null_port *np);
  * -EMSGSIZE (longer than VS_NULL_FRAME_MAX), -ENOSPC (queue full: counted
  * in rx_dropped). */
 int vs_null_port_inject(struct vs_null_port *np, uint32_t queue, const uint8_t *frame, uint32_t len);
+
+/* Turns generator mode on (struct vs_null_gen), before the port is
+ * published to a PMD.  0, or -EINVAL (n_src 0, len outside 60 ..
+ * VS_NULL_FRAME_MAX, or a multicast source). */
+int vs_null_port_generate(struct vs_null_port *np, const uint8_t *dst, uint64_t src_base, uint32_t n_src,
+                          uint32_t len);
 
 const struct vs_port_ops *vs_null_port_ops(void);

@@ -1,0 +1,313 @@
+"""Scale benchmark: the PMD's own cost per frame as the MAC table and the port count grow.
+
+Run from the repository root (also as `python -m tools.bench --macs ...` or `--ports ...`):
+
+    python -m tools.scale --macs 2,1000,65536,1000000
+    python -m tools.scale --ports 2,8,32,64
+
+Method
+------
+One PMD thread of the switch (vswitch/pmd/pmd.c, vs_pmd_run, the same code
+vswitchd runs) forwards between null ports in generator mode
+(vswitch/ports/null.h struct vs_null_gen): each receive burst is 32 frames
+of 60 bytes built in place, so no generator thread, guest or ring pays for
+them and the figure is the switch's own.  What the switch sends a null port
+is counted and dropped, so transmit costs one call per port per burst and
+no copy: these are the costs of learning, lookup and the port table, not
+of moving bytes (tools/bench.py measures that).  The PMD thread is pinned to
+--core; this process waits on the other.  The figure is the PMD's busy TSC
+cycles per received frame over the window (pmd-stats' cycles/packet),
+best and median of --reps windows; the ratios use the best.  Cycles the
+thread spent preempted inside a pass still count as busy, so on a shared
+host a window can only come out too high, never too low: the best window
+is the closest to the switch's own cost.  Mpps is frames over wall time,
+median, and suffers from any preemption.
+
+* `--macs`: two null ports, each cycling half of the source MACs and
+  sending to the first MAC of the other, so every frame learns (or
+  refreshes) its source and looks up a learned destination.  fdb
+  max_entries is twice the MAC count.  2 MACs is the baseline.
+* `--ports`: N null ports polled by one PMD, each sending from its own MAC,
+  `unicast` to the next port's MAC, `flood` to the broadcast address (each
+  frame copied to the N-1 other ports: cycles per copy are reported too).
+  And the port-table swap a hotplug makes: a new table published
+  (vs_pmd_publish) and the wait until the PMD has moved on
+  (vs_pmd_quiesce), timed from Python, with the PMD's longest gap between
+  passes while swaps repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from vswitch.fib import MacTable, capacity_for
+from vswitch.native import ffi, lib
+
+FRAME_LEN = 60
+BROADCAST = 0xFFFFFFFFFFFF
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class NullPort:
+    def __init__(self, port_no: int):
+        self.np = ffi.new("struct vs_null_port *")
+        if lib.vs_null_port_init(self.np, 1) != 0:
+            raise OSError("cannot set up a null port")
+        self.c = ffi.new("struct vs_port *")
+        self.c.port_no = port_no
+        self.c.ops = lib.vs_null_port_ops()
+        self.c.priv = self.np
+        self.c.link_up = 1
+
+    def generate(self, dst: int, src_base: int, n_src: int) -> None:
+        if lib.vs_null_port_generate(self.np, dst.to_bytes(6, "big"), src_base, n_src, FRAME_LEN) != 0:
+            raise ValueError("bad generator settings")
+
+    def close(self) -> None:
+        lib.vs_null_port_fini(self.np)
+
+
+def port_table(ports: list[NullPort]):
+    table = ffi.new("struct vs_port_table *")
+    for p in ports:
+        table.ports[p.c.port_no] = p.c
+        table.live[table.n_live] = p.c.port_no
+        table.n_live += 1
+        table.poll[table.n_poll].port = p.c
+        table.poll[table.n_poll].queue = 0
+        table.n_poll += 1
+    return table
+
+
+class PmdRun:
+    """One PMD thread over the ports, pinned to core; stopped by close()."""
+
+    def __init__(self, fib: MacTable, ports: list[NullPort], core: int):
+        self.pmd = ffi.new("struct vs_pmd *")
+        if lib.vs_pmd_init(self.pmd, fib.c) != 0:
+            raise OSError("cannot set up the PMD")
+        self.table = port_table(ports)
+        lib.vs_pmd_publish(self.pmd, self.table)
+        self.core = core
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            os.sched_setaffinity(0, {self.core})
+        except OSError:
+            pass
+        lib.vs_pmd_run(self.pmd)
+
+    def counters(self) -> tuple[int, int, float]:
+        s = self.pmd.stats
+        return s.busy_cycles, s.packets, time.perf_counter()
+
+    def max_gap_us(self) -> float:
+        return self.pmd.stats.max_gap_cycles * 1e6 / self.pmd.tsc_hz
+
+    def close(self) -> None:
+        lib.vs_pmd_stop(self.pmd)
+        self.thread.join(10)
+        lib.vs_pmd_fini(self.pmd)
+
+
+def window(run: PmdRun, warmup: float, seconds: float) -> dict:
+    time.sleep(warmup)
+    c0, p0, t0 = run.counters()
+    time.sleep(seconds)
+    c1, p1, t1 = run.counters()
+    packets = p1 - p0
+    return {"cycles_per_packet": (c1 - c0) / packets if packets else None,
+            "mpps": packets / (t1 - t0) / 1e6}
+
+
+def median_of(samples: list[dict], key: str) -> float | None:
+    values = [s[key] for s in samples if s.get(key) is not None]
+    return round(statistics.median(values), 1) if values else None
+
+
+def min_of(samples: list[dict], key: str) -> float | None:
+    values = [s[key] for s in samples if s.get(key) is not None]
+    return round(min(values), 1) if values else None
+
+
+def measure_macs(n_macs: int, args) -> dict:
+    half = max(1, n_macs // 2)
+    fib = MacTable(max_entries=min(capacity_for(2 * n_macs), lib.VS_FIB_MAX_CAPACITY))
+    a, b = NullPort(0), NullPort(1)
+    base_a, base_b = 0x020000000000, 0x020100000000
+    a.generate(dst=base_b, src_base=base_a, n_src=half)
+    b.generate(dst=base_a, src_base=base_b, n_src=n_macs - half if n_macs > 1 else 1)
+    samples = []
+    try:
+        for _ in range(args.reps):
+            run = PmdRun(fib, [a, b], args.core)
+            try:
+                samples.append(window(run, args.warmup, args.window))
+            finally:
+                run.close()
+        entries = fib.c.n_entries
+    finally:
+        for p in (a, b):
+            p.close()
+        fib.close()
+    return {"macs": n_macs, "fdb_entries": entries, "samples": samples,
+            "cycles_per_packet": median_of(samples, "cycles_per_packet"),
+            "cycles_per_packet_min": min_of(samples, "cycles_per_packet"), "mpps": median_of(samples, "mpps")}
+
+
+def swap_times(run: PmdRun, ports: list[NullPort], swaps: int) -> dict:
+    """Publishes a fresh table of the same ports `swaps` times; the publish-to-quiesced times."""
+    times = []
+    run.pmd.gap_reset = 1
+    for _ in range(swaps):
+        table = port_table(ports)
+        t0 = time.perf_counter()
+        lib.vs_pmd_publish(run.pmd, table)
+        rc = lib.vs_pmd_quiesce(run.pmd, 1000)
+        times.append((time.perf_counter() - t0) * 1e6)
+        if rc != 0:
+            raise RuntimeError("the PMD did not move on within a second")
+        run.table = table   # the old one is unused now
+        time.sleep(0.002)
+    return {"swap_us_median": round(statistics.median(times), 1), "swap_us_max": round(max(times), 1),
+            "swap_pmd_max_gap_us": round(run.max_gap_us(), 1)}
+
+
+def measure_ports(n_ports: int, mode: str, args) -> dict:
+    fib = MacTable(max_entries=8192)
+    ports = [NullPort(i) for i in range(n_ports)]
+    mac = [0x020000000000 | (i + 1) for i in range(n_ports)]
+    for i, p in enumerate(ports):
+        p.generate(dst=BROADCAST if mode == "flood" else mac[(i + 1) % n_ports], src_base=mac[i], n_src=1)
+    samples, swaps = [], {}
+    try:
+        for rep in range(args.reps):
+            run = PmdRun(fib, ports, args.core)
+            try:
+                samples.append(window(run, args.warmup, args.window))
+                if rep == 0 and mode == "unicast":
+                    swaps = swap_times(run, ports, args.swaps)
+            finally:
+                run.close()
+    finally:
+        for p in ports:
+            p.close()
+        fib.close()
+    row = {"ports": n_ports, "mode": mode, "samples": samples,
+           "cycles_per_packet": median_of(samples, "cycles_per_packet"),
+           "cycles_per_packet_min": min_of(samples, "cycles_per_packet"), "mpps": median_of(samples, "mpps")}
+    copies = n_ports - 1 if mode == "flood" else 1
+    row["cycles_per_copy"] = round(row["cycles_per_packet_min"] / copies, 1) if row["cycles_per_packet_min"] else None
+    row.update(swaps)
+    return row
+
+
+def plot(rows: list[dict], x: str, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed, so no plot was drawn")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode in sorted({r.get("mode", "unicast") for r in rows}):
+        sel = [r for r in rows if r.get("mode", "unicast") == mode]
+        ax.plot([r[x] for r in sel], [r["cycles_per_packet_min"] for r in sel], marker="o", label=mode)
+        for r in sel:
+            ax.annotate(f"{r['cycles_per_packet_min']:.0f}", (r[x], r["cycles_per_packet_min"]), fontsize=7,
+                        xytext=(0, 4), textcoords="offset points", ha="center")
+    ax.set_xscale("log")
+    xs = sorted({r[x] for r in rows})
+    ax.set_xticks(xs, [str(v) for v in xs])
+    ax.minorticks_off()
+    ax.set_xlabel(x)
+    ax.set_ylabel("PMD busy cycles per received frame (best window)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join("n/a" if r.get(c) is None else str(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m tools.scale", description=__doc__.split("\n")[0])
+    p.add_argument("--macs", help="comma-separated active source MAC counts, e.g. 2,1000,65536,1000000")
+    p.add_argument("--ports", help="comma-separated port counts, e.g. 2,8,32,64")
+    p.add_argument("--modes", default="unicast,flood", help="for --ports: unicast, flood (default both)")
+    p.add_argument("--reps", type=int, default=5, help="windows per point; best and median reported (default 5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before each window (default 1)")
+    p.add_argument("--window", type=float, default=2.0, help="seconds per window (default 2)")
+    p.add_argument("--swaps", type=int, default=50, help="port-table swaps timed per port count (default 50)")
+    p.add_argument("--core", type=int, default=1, help="the PMD thread's core (default 1)")
+    p.add_argument("--out-dir", default="results/scale", help="JSON and plots go here (default results/scale)")
+    p.add_argument("--smoke", action="store_true", help="one short run per point, for the test suite")
+    args = p.parse_args(argv)
+    if not args.macs and not args.ports:
+        p.error("give --macs and/or --ports")
+    if args.smoke:
+        args.reps, args.warmup, args.window, args.swaps = 1, 0.2, 0.3, 5
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"host_cpus": os.cpu_count(), "load_average": os.getloadavg(), "frame_len": FRAME_LEN,
+            "reps": args.reps, "window_s": args.window, "core": args.core,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if args.macs:
+        rows = []
+        for n in (int(x) for x in args.macs.split(",")):
+            log(f"macs {n} ...")
+            rows.append(measure_macs(n, args))
+        base = rows[0]["cycles_per_packet_min"]
+        for r in rows:
+            r["vs_first"] = round(r["cycles_per_packet_min"] / base, 2) if base and r["cycles_per_packet_min"] else None
+        (out / "macs.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+        plot(rows, "macs", out / "macs.png", "PMD cycles per frame vs active source MACs (null-port generator)")
+        print(table(rows, ["macs", "fdb_entries", "cycles_per_packet_min", "cycles_per_packet", "vs_first", "mpps"]))
+    if args.ports:
+        rows = []
+        for mode in args.modes.split(","):
+            for n in (int(x) for x in args.ports.split(",")):
+                log(f"ports {n} {mode} ...")
+                rows.append(measure_ports(n, mode, args))
+        for mode in args.modes.split(","):
+            sel = [r for r in rows if r["mode"] == mode]
+            base = sel[0]["cycles_per_packet_min"]
+            for r in sel:
+                r["vs_first"] = round(r["cycles_per_packet_min"] / base, 2) if base and r["cycles_per_packet_min"] else None
+        (out / "ports.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+        plot(rows, "ports", out / "ports.png", "PMD cycles per received frame vs ports (null-port generator)")
+        print(table(rows, ["ports", "mode", "cycles_per_packet_min", "cycles_per_packet", "vs_first", "cycles_per_copy",
+                           "mpps",
+                           "swap_us_median", "swap_us_max", "swap_pmd_max_gap_us"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
