@@ -32,6 +32,7 @@ HUGEPAGES=1024
 # because its QEMU driver refuses to start unless the user libvirt-qemu exists,
 # and only libvirt-daemon-system's install script creates it (and its group).
 # The test runs its own libvirtd; the system one is never used.
+# valgrind: callgrind counts the PMD's instructions (tests/unit/test_capture_cost.py).
 # containernetworking-plugins: the host-local IPAM plugin (/usr/lib/cni) that
 # tests/system/test_cni.py hands vswitch-cni's addressing to.
 PACKAGES=(
@@ -43,6 +44,7 @@ PACKAGES=(
     gcc libc6-dev python3-dev python3-venv
     clang libclang-rt-14-dev
     libvirt-daemon-system libvirt-clients
+    valgrind
     containernetworking-plugins
 )
 
@@ -70,7 +72,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup-test-env: installing ${missing[*]}"
     run "apt-get install" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc ethtool xdp-loader libvirtd virsh ovs-vswitchd ovsdb-server; do
+for tool in dpdk-testpmd stdbuf qemu-system-x86_64 busybox ip iperf3 tcpdump perf gcc ethtool xdp-loader libvirtd virsh ovs-vswitchd ovsdb-server valgrind callgrind_annotate; do
     command -v "$tool" >/dev/null || die "$tool is still missing after installing packages"
 done
 [ -x /usr/lib/cni/host-local ] || die "/usr/lib/cni/host-local is still missing after installing packages"
