@@ -236,6 +236,22 @@ def parse_fwd_cycles(text: str) -> tuple[int, int] | None:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
+def parse_generator_bursts(text: str) -> tuple[int, int, int] | None:
+    """(RX packets, RX bursts, TX-dropped) over both ports from `show fwd stats all` with --record-burst-stats.
+
+    A burst is one rx_burst call that returned frames or not (testpmd counts
+    empty polls too), so packets / bursts is how full the generator found its
+    receive rings: a loop where every poll finds a few frames costs more per
+    frame than one where polls find full bursts.
+    """
+    rx = [int(v) for v in re.findall(r"RX-packets: (\d+)\s+RX-dropped", text)]
+    bursts = [int(v) for v in re.findall(r"RX-bursts : (\d+)", text)]
+    dropped = [int(v) for v in re.findall(r"TX-dropped: (\d+)", text)]
+    if len(rx) < 2 or len(bursts) < 2:
+        return None
+    return sum(rx[:2]), sum(bursts[:2]), sum(dropped[:2])
+
+
 def cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU time of a process (all its threads) so far, from /proc/PID/stat."""
     if pid is None:
@@ -317,6 +333,10 @@ class System:
         """Called as the window opens; returns the counters that `cycles()` at its end is compared with."""
         return self.cycles()
 
+    def bursts(self) -> tuple[int, int] | None:
+        """Cumulative (packets, non-empty receive bursts) of the SUT's packet thread, if it reports them."""
+        return None
+
     def stop(self) -> None:
         raise NotImplementedError
 
@@ -385,6 +405,10 @@ class Vswitchd(System):
     def cycles(self) -> tuple[int, int] | None:
         pmds = self._call("pmd/stats")["pmds"]
         return (sum(p["busy_cycles"] for p in pmds), sum(p["packets"] for p in pmds))
+
+    def bursts(self) -> tuple[int, int] | None:
+        pmds = self._call("pmd/stats")["pmds"]
+        return (sum(p["packets"] for p in pmds), sum(p["bursts"] for p in pmds))
 
     def stop(self) -> None:
         stop_process(getattr(self, "proc", None), "vswitchd")
@@ -664,10 +688,19 @@ class Sample:
     # thread that had its core to itself is at 1.0; less means the host took it.
     sut_cpu_share: float | None = None
     generator_cpu_share: float | None = None
+    # How full the bursts were over the window: the SUT's frames per non-empty
+    # receive burst (vswitchd only), the generator's frames per rx_burst call
+    # (empty polls included), and frames the generator could not send (its
+    # TX ring full): together they say which side was waiting for the other.
+    sut_frames_per_burst: float | None = None
+    generator_frames_per_poll: float | None = None
+    generator_tx_dropped: int | None = None
     started_at: str = ""
     error: str | None = None
-    # --profile: where the system's time went over the window, [(percent, symbol)], hottest first.
+    # --profile: where the system's and the generator's time went over the window,
+    # [(percent, symbol)], hottest first.
     profile: list | None = None
+    generator_profile: list | None = None
 
 
 class Generator(TestPmd):
@@ -686,7 +719,7 @@ class Generator(TestPmd):
         if veth is not None:
             vdevs.append(af_xdp_vdev(len(vdevs), veth.gen_if))
         args = ["--forward-mode=mac", f"--eth-peer=0,{GEN_MAC[1]}", f"--eth-peer=1,{GEN_MAC[0]}",
-                "--nb-cores=1", "--record-core-cycles"]
+                "--nb-cores=1", "--record-core-cycles", "--record-burst-stats"]
         # Forwarding lcore on the generator core; the main lcore (the prompt,
         # busy only while answering a command) on the SUT core.
         super().__init__(vdevs, args, log_path=workdir / "generator.log", lcores=f"{gen_core},{sut_core}",
@@ -694,21 +727,34 @@ class Generator(TestPmd):
                          netns=veth.netns if veth else None)
 
 
-def profile_window(pid: int, seconds: float, workdir: Path, top: int = 15) -> list:
-    """Samples the process with `perf record` for the window; returns its hottest symbols.
+def profile_window(pids: list[int], seconds: float, workdir: Path, top: int = 15) -> list[list]:
+    """Samples each process with `perf record` over the same window; returns each one's hottest symbols.
 
     perf's cpu-clock sampling works where hardware counters do not (as in this VM).
     """
-    data = workdir / "perf.data"
-    subprocess.run(["perf", "record", "-q", "-o", str(data), "-p", str(pid), "--", "sleep", str(seconds)],
-                   capture_output=True, check=True, timeout=seconds + 30)
-    report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "symbol",
+    perfs = [subprocess.Popen(["perf", "record", "-q", "-o", str(workdir / f"perf-{pid}.data"), "-p", str(pid),
+                               "--", "sleep", str(seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for pid in pids]
+    for perf in perfs:
+        _, err = perf.communicate(timeout=seconds + 30)
+        if perf.returncode != 0:
+            raise RuntimeError(f"perf record failed: {err.decode(errors='replace').strip()}")
+    return [hottest_symbols(workdir / f"perf-{pid}.data", top) for pid in pids]
+
+
+def hottest_symbols(data: Path, top: int) -> list:
+    report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,symbol",
                              "-g", "none"], capture_output=True, text=True, check=True, timeout=120).stdout
     rows = []
     for line in report.splitlines():
+        # "  12.5%  librte_net_virtio.so.23.0  [.] virtio_recv_pkts_packed"
         parts = line.split()
-        if len(parts) >= 3 and parts[0].endswith("%") and not line.lstrip().startswith("#"):
-            rows.append((float(parts[0].rstrip("%")), parts[2]))
+        if len(parts) >= 4 and parts[0].endswith("%") and parts[2] in ("[.]", "[k]"):
+            symbol = parts[3]
+            if symbol.startswith("0x"):
+                # A stripped library (Debian's DPDK drivers): at least say which one.
+                symbol = f"{symbol} ({parts[1]})"
+            rows.append((float(parts[0].rstrip("%")), symbol))
     return rows[:top]
 
 
@@ -754,19 +800,32 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
 
         # Cycle counters are cumulative: read them around the window too.
         sut_before = system.start_window()
-        gen_before = parse_fwd_cycles(generator.cmd("show fwd stats all"))
+        bursts_before = system.bursts()
+        fwd_before = generator.cmd("show fwd stats all")
+        gen_before = parse_fwd_cycles(fwd_before)
         cpu_before = cpu_seconds(system.pid), cpu_seconds(generator.pid)
         t0 = time.monotonic()
         before = generator.port_stats()
         if args.profile:
-            sample.profile = profile_window(system.pid, args.window, workdir)
+            sample.profile, sample.generator_profile = profile_window([system.pid, generator.pid], args.window,
+                                                                      workdir)
         else:
             time.sleep(args.window)
         t1 = time.monotonic()
         after = generator.port_stats()
         cpu_after = cpu_seconds(system.pid), cpu_seconds(generator.pid)
-        gen_after = parse_fwd_cycles(generator.cmd("show fwd stats all"))
+        fwd_after = generator.cmd("show fwd stats all")
+        gen_after = parse_fwd_cycles(fwd_after)
         sut_after = system.cycles()
+        bursts_after = system.bursts()
+        if bursts_before and bursts_after and bursts_after[1] > bursts_before[1]:
+            sample.sut_frames_per_burst = round((bursts_after[0] - bursts_before[0]) /
+                                                (bursts_after[1] - bursts_before[1]), 2)
+        gen_bursts = parse_generator_bursts(fwd_before), parse_generator_bursts(fwd_after)
+        if None not in gen_bursts and gen_bursts[1][1] > gen_bursts[0][1]:
+            sample.generator_frames_per_poll = round((gen_bursts[1][0] - gen_bursts[0][0]) /
+                                                     (gen_bursts[1][1] - gen_bursts[0][1]), 2)
+            sample.generator_tx_dropped = gen_bursts[1][2] - gen_bursts[0][2]
 
         if set(after) != {0, 1}:
             raise RuntimeError(f"generator reported ports {sorted(after)}, expected 0 and 1")
@@ -843,6 +902,8 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
                 row["generator_cpu_share"] = median_or_none([s.generator_cpu_share for s in mine])
                 medians[(system, size)] = row["mpps_median"]
             rows.append(row)
+    best = {(r["system"], r["size"]): r["mpps_max"] for r in rows if "mpps_max" in r}
+    by_rep = {(s.system, s.size, s.rep): s.mpps for s in samples if s.mpps is not None}
     for row in rows:
         # Each path against the baseline of its topology on the same path.
         system, _, path = row["system"].partition("/")
@@ -850,6 +911,17 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
         base = medians.get((row["baseline"], row["size"]))
         mpps = row.get("mpps_median")
         row["ratio_to_baseline"] = (mpps / base) if (mpps is not None and base) else None
+        # A slow spell of the host only ever slows a sample down, so each
+        # system's best sample is its least disturbed one; and a spell spans
+        # neighbouring samples, so the two systems' samples of one repetition
+        # are compared with each other before taking the median.
+        base_best = best.get((row["baseline"], row["size"]))
+        row["ratio_best"] = row["mpps_max"] / base_best if ("mpps_max" in row and base_best) else None
+        paired = [by_rep[(row["system"], row["size"], rep)] / by_rep[(row["baseline"], row["size"], rep)]
+                  for rep in sorted({rep for (_, _, rep) in by_rep})
+                  if (row["system"], row["size"], rep) in by_rep and (row["baseline"], row["size"], rep) in by_rep]
+        row["ratio_paired_median"] = statistics.median(paired) if paired else None
+        row["ratio_paired_min"] = min(paired) if paired else None
     return rows
 
 
@@ -858,13 +930,14 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 
 def render_table(rows: list[dict]) -> str:
-    headers = ["system", "frame B", "Mpps", "min-max Mpps", "Gbit/s*", "x baseline",
+    headers = ["system", "frame B", "Mpps", "min-max Mpps", "Gbit/s*", "x baseline", "best", "paired",
                "SUT cyc/pkt", "gen cyc/pkt", "SUT CPU", "gen CPU", "status"]
     cells = [headers]
     for r in rows:
         cells.append([r["system"], str(r["size"]), fmt(r.get("mpps_median")),
                       "-" if "mpps_min" not in r else f"{r['mpps_min']:.2f}-{r['mpps_max']:.2f}",
-                      fmt(r.get("gbit_s_median")), fmt(r.get("ratio_to_baseline")),
+                      fmt(r.get("gbit_s_median")), fmt(r.get("ratio_to_baseline")), fmt(r.get("ratio_best")),
+                      fmt(r.get("ratio_paired_median")),
                       fmt(r.get("sut_cycles_per_packet"), 0), fmt(r.get("generator_cycles_per_packet"), 0),
                       fmt(r.get("sut_cpu_share")), fmt(r.get("generator_cpu_share")), r["status"]])
     widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
@@ -877,7 +950,10 @@ def render_table(rows: list[dict]) -> str:
         lines.append(f"! max/min over repetitions above {NOISY_SPREAD}x for: {', '.join(noisy)}. "
                      "The host was probably in a slow spell or busy: compare cycles/packet, "
                      "rerun on a quiet machine or with more --reps.")
-    lines.append("  x baseline: to " + ", ".join(f"{b} for {t}" for t, b in BASELINES.items()) + ".")
+    lines.append("  x baseline: median Mpps over the baseline's median, to "
+                 + ", ".join(f"{b} for {t}" for t, b in BASELINES.items()) + " (same path); "
+                 "best: best sample over the baseline's best; "
+                 "paired: median over repetitions of the ratio of the two systems' samples of that repetition.")
     lines.append("  CPU: CPU time of the process over the window / window (1.00 = one core all the time; "
                  "a busy poller below that lost its core to other work on the host).")
     lines.append(f"* Gbit/s counts {WIRE_OVERHEAD_BYTES} bytes of preamble + inter-frame gap per frame; "
@@ -1074,9 +1150,15 @@ def main(argv: list[str] | None = None) -> int:
                     samples.append(sample)
                     if sample.mpps is not None:
                         log(f"bench:   {sample.mpps:.2f} Mpps (SUT {fmt(sample.sut_cycles_per_packet, 0)}, "
-                            f"generator {fmt(sample.generator_cycles_per_packet, 0)} cycles/packet)")
-                    for percent, symbol in sample.profile or []:
-                        log(f"bench:     {percent:5.1f}%  {symbol}")
+                            f"generator {fmt(sample.generator_cycles_per_packet, 0)} cycles/packet; "
+                            f"frames per burst: SUT {fmt(sample.sut_frames_per_burst, 1)}, "
+                            f"generator {fmt(sample.generator_frames_per_poll, 1)}; "
+                            f"generator TX dropped {sample.generator_tx_dropped})")
+                    for who, profile in (("SUT", sample.profile), ("generator", sample.generator_profile)):
+                        if profile:
+                            log(f"bench:   {who} profile:")
+                        for percent, symbol in profile or []:
+                            log(f"bench:     {percent:5.1f}%  {symbol}")
     except KeyboardInterrupt:
         log("bench: interrupted; reporting the samples taken so far")
     finally:

@@ -74,16 +74,24 @@ def run_smoke(tmp_path, systems: list[str], *extra: str, paths: tuple[str, ...] 
     # Each system against the baseline of its topology on its own path.
     for baseline in {row["baseline"] for row in rows.values()}:
         assert rows[baseline]["ratio_to_baseline"] == pytest.approx(1.0), report
+        assert rows[baseline]["ratio_best"] == pytest.approx(1.0), report
+        assert rows[baseline]["ratio_paired_median"] == pytest.approx(1.0), report
+    for sample in result["samples"]:
+        # How full the bursts were: the generator always reports its polls; vswitchd its own bursts.
+        assert sample["generator_frames_per_poll"] > 0, f"{sample}\n{report}"
+        if sample["system"].split("/")[0] == "vswitchd":
+            assert 0 < sample["sut_frames_per_burst"] <= 32, f"{sample}\n{report}"
     assert len(result["samples"]) == len(labels), report
     assert result["machine"]["sut_core"] != result["machine"]["generator_core"]
     assert plot_out.read_bytes()[:8] == PNG_SIGNATURE, report
-    assert_nothing_left(scratch, report)
+    assert_nothing_left(scratch, proc.pid, report)
     return result, report, scratch
 
 
-def assert_nothing_left(scratch: Path, report: str) -> None:
+def assert_nothing_left(scratch: Path, bench_pid: int, report: str) -> None:
     """No file in the scratch directory, no process still using it (a testpmd,
-    vswitchd or OVS started by the benchmark), no namespace of the benchmark's."""
+    vswitchd or OVS started by the benchmark), no namespace of the benchmark's
+    (named after its PID: other benchmarks may run on the host meanwhile)."""
     assert list(scratch.iterdir()) == [], report
     leftovers = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
@@ -91,7 +99,7 @@ def assert_nothing_left(scratch: Path, report: str) -> None:
             leftovers.append((proc.info["pid"], proc.info["cmdline"]))
     assert leftovers == [], f"processes left running: {leftovers}"
     netns = Path("/run/netns")
-    left = [p.name for p in netns.iterdir() if p.name.startswith("vsb-")] if netns.is_dir() else []
+    left = [p.name for p in netns.iterdir() if p.name.startswith(f"vsb-{bench_pid}-")] if netns.is_dir() else []
     assert left == [], f"network namespaces left behind: {left}\n{report}"
 
 
@@ -108,6 +116,9 @@ def test_bench_smoke(tmp_path):
     assert {"vs_vring_enqueue_burst", "vs_vring_dequeue_burst"} & {sym for _, sym in vswitchd_profile}, report
     packed_profile = next(x for x in result["samples"] if x["system"] == "vswitchd/packed")["profile"]
     assert {"vs_packed_enqueue_burst", "vs_packed_dequeue_burst"} & {sym for _, sym in packed_profile}, report
+    # The generator was sampled over the same window: its time is in virtio-user's Rx/Tx functions.
+    generator_profile = next(x for x in result["samples"] if x["system"] == "vswitchd")["generator_profile"]
+    assert any("virtio" in sym or "virtqueue" in sym for _, sym in generator_profile), report
 
 
 def test_bench_smoke_veth(tmp_path):
