@@ -35,8 +35,8 @@ import os
 import struct
 
 from vswitch.native import ffi, lib
-from vswitch.ports.kernel import NETNS_DIR, KernelPort
-from vswitch.ports.registry import NETNS_KEY, Key, interface_name, queues_key, register
+from vswitch.ports.kernel import KernelPort
+from vswitch.ports.registry import NETNS_DIR, NETNS_KEY, Key, interface_name, queues_key, register
 
 log = logging.getLogger(__name__)
 

@@ -22,17 +22,14 @@ when the port opens it.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
-import threading
 
 from vswitch.native import ffi, lib
 from vswitch.ports.base import Port
+from vswitch.ports.registry import call_in_network_namespace
 
 log = logging.getLogger(__name__)
-
-NETNS_DIR = "/run/netns"   # where `ip netns add` keeps its namespaces
 
 
 class KernelPort(Port):
@@ -81,33 +78,9 @@ class KernelPort(Port):
     def _offloads(self) -> bool:
         return bool(self.kp.vnet_hdr)
 
-    def _run_in_helper_thread(self, fn, netns_fd: int = -1):
-        """fn(netns_fd) on a short-lived thread (it may setns), its result."""
-        result: list = []
-        helper = threading.Thread(target=lambda: result.append(fn(netns_fd)), name=f"open-{self.name}")
-        helper.start()
-        helper.join()
-        return result[0] if result else -errno.EIO
-
     def _open(self, opener, describe) -> None:
-        """Runs `opener(netns_fd)` (a C open call) on a helper thread.
-
-        The C side enters the namespace with setns(), which changes only the
-        calling thread; a short-lived thread keeps the event loop's thread
-        in the switch's own namespace whatever happens.
-        """
-        netns_fd = -1
-        if self.netns:
-            try:
-                # An absolute path (a CNI runtime's namespace file) is taken as it is by join().
-                netns_fd = os.open(os.path.join(NETNS_DIR, self.netns), os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise OSError(exc.errno, f"network namespace {self.netns}: {exc.strerror}") from None
-        try:
-            rc = self._run_in_helper_thread(opener, netns_fd)
-        finally:
-            if netns_fd >= 0:
-                os.close(netns_fd)
+        """Runs `opener(netns_fd)` (a C open call) in the port's namespace, on a helper thread."""
+        rc = call_in_network_namespace(self.netns, opener, f"open-{self.name}")
         if rc < 0:
             message = describe(-rc)   # before closing: it may read what the C side recorded
             self._close_native()

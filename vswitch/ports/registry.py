@@ -20,6 +20,7 @@ named in $VSWITCH_PORT_MODULES, comma-separated.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import grp
 import importlib
@@ -27,6 +28,7 @@ import os
 import pkgutil
 import pwd
 import re
+import threading
 from typing import Any, Callable
 
 from vswitch.native import lib
@@ -319,6 +321,32 @@ def network_namespace_path(path: str) -> str:
     if kind != CLONE_NEWNET:
         raise KeyProblem(f"{path} is not a network namespace")
     return path
+
+
+def call_in_network_namespace(netns: str | None, opener: Callable[[int], int], thread_name: str) -> int:
+    """Runs `opener(netns_fd)`, a C call that may enter the namespace with setns(), on a short-lived
+    thread, and returns its result (a negative errno on failure); netns_fd is -1 without `netns`.
+
+    setns() changes only the calling thread: a thread of its own keeps the
+    event loop's thread in the switch's own namespace whatever happens.
+    Raises OSError if the namespace cannot be opened.
+    """
+    netns_fd = -1
+    if netns:
+        try:
+            # An absolute path (a CNI runtime's namespace file) is taken as it is by join().
+            netns_fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise OSError(exc.errno, f"network namespace {netns}: {exc.strerror}") from None
+    result: list[int] = []
+    try:
+        helper = threading.Thread(target=lambda: result.append(opener(netns_fd)), name=thread_name)
+        helper.start()
+        helper.join()
+    finally:
+        if netns_fd >= 0:
+            os.close(netns_fd)
+    return result[0] if result else -errno.EIO
 
 
 def settings_check(check, problem):

@@ -19,11 +19,10 @@ import ipaddress
 import os
 import socket
 import struct
-import threading
 
 from vswitch.native import ffi, lib
 from vswitch.ports.base import Port
-from vswitch.ports.registry import NETNS_DIR, Key, KeyProblem, network_namespace, register
+from vswitch.ports.registry import Key, KeyProblem, call_in_network_namespace, network_namespace, register
 
 MAX_VNI = lib.VS_VXLAN_MAX_VNI
 MAX_REMOTES = lib.VS_VXLAN_MAX_REMOTES
@@ -159,24 +158,8 @@ class VxlanPort(Port):
         self._ready = True
         if rc < 0:
             raise OSError(-rc, f"vxlan port '{self.name}': {os.strerror(-rc)}")
-        netns_fd = -1
-        if self.netns:
-            try:
-                netns_fd = os.open(os.path.join(NETNS_DIR, self.netns), os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise OSError(exc.errno, f"network namespace {self.netns}: {exc.strerror}") from None
-        try:
-            # setns() changes only the calling thread: a short-lived one keeps
-            # the event loop's thread in the switch's own namespace.
-            result: list[int] = []
-            helper = threading.Thread(target=lambda: result.append(lib.vs_vxlan_port_open(self.vp, netns_fd)),
-                                      name=f"open-{self.name}")
-            helper.start()
-            helper.join()
-            rc = result[0] if result else -5
-        finally:
-            if netns_fd >= 0:
-                os.close(netns_fd)
+        rc = call_in_network_namespace(self.netns, lambda netns_fd: lib.vs_vxlan_port_open(self.vp, netns_fd),
+                                       f"open-{self.name}")
         if rc < 0:
             what = ffi.string(self.vp.error).decode(errors="replace")
             self._release()
