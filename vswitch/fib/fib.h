@@ -49,6 +49,11 @@ struct vs_fib_stats {
     uint64_t refused;            /* learns refused: the key's bucket held VS_FIB_MAX_CHAIN entries */
     uint64_t probes;             /* entries compared by vs_fib_lookup, for tests and tuning */
     uint64_t lock_wait_max;      /* longest wait for the lock, TSC cycles, by any thread (0 to restart) */
+    /* Contention between PMDs (README "Multi-core plan"): each is one add
+     * made while holding the lock, on a line the holder writes anyway. */
+    uint64_t lock_acquired;      /* times the lock was taken, by any thread */
+    uint64_t lock_contended;     /* of those, times another thread held it */
+    uint64_t lock_wait_cycles;   /* TSC cycles spent waiting in all of those */
     /* The most CPU time (the holder's own: time it was preempted left out)
      * one hold of the lock took in the control plane's long jobs (age,
      * flush, set_max, dump), in ns (0 to restart): the stall the design
