@@ -23,14 +23,15 @@ from tools import scale
 from vswitch.fib import MacTable
 from vswitch.native import ffi, lib
 
-# An average wait per acquisition above this much would mean PMDs queue behind
-# each other for a large part of every burst; a 2-core host where both threads
-# are preempted now and then stays far below it.
-MAX_AVG_WAIT_US = 5.0
+# The contended waits' median (the upper bound of its log2 bucket) must stay
+# below this.  A burst holds the lock for about a microsecond (32 lookups, or 32
+# learns); a wait past this many would mean the PMDs queue behind each other
+# for several bursts, which no preemption of a single thread explains.
+MAX_MEDIAN_WAIT_US = 20.0
 
 
 def args(**kw) -> argparse.Namespace:
-    base = {"warmup": 0.3, "window": 1.5, "core": 1, "pmd_sources": 1}
+    base = {"warmup": 0.3, "window": 2.0, "core": 1, "pmd_sources": 1}
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -47,23 +48,31 @@ def check_structure(row: dict) -> None:
 @pytest.mark.parametrize("sources", [1, 4096])
 def test_two_pmds_on_two_cores_share_the_mac_table_lock(sources):
     """1 source MAC per port (a lookup and a remembered learn per burst) and 4096
-    (a learn per frame, the longest hold of the lock per burst)."""
+    (a learn per frame, the longest hold of the lock per burst).  Printed too:
+    the figures over only the windows in which both PMD threads ran throughout
+    (none, on a host busy enough)."""
     one = scale.measure_pmds(1, args(pmd_sources=sources))
     two = scale.measure_pmds(2, args(pmd_sources=sources))
     for row in (one, two):
         check_structure(row)
+        c = row["clean"]
         print(f"{row['pmds']} PMD(s), {sources} source(s)/port, load {row['load_average']}: "
-              f"{row['mpps']} Mpps, {row['cycles_per_packet']} cycles/frame, "
+              f"{row['mpps']} Mpps; all: {row['cycles_per_packet']} cycles/frame, "
+              f"contended waits: median under {row['wait_median_us_max']} us, p99 under {row['wait_p99_us_max']} us, "
+              f"{row['waits_under_1us']} under 1 us, {row['waits_over_100us']} over 100 us; "
               f"{row['lock_acquired']} acquisitions ({row['contended_share']:.2%} contended), "
-              f"wait {row['wait_per_contended']} cycles per contended acquisition, "
-              f"{row['wait_per_packet']} per frame ({row['wait_share_of_busy']:.2%} of busy), "
-              f"longest {row['lock_wait_max_us']} us; "
+              f"{row['wait_per_packet']} wait cycles/frame, longest wait {row['lock_wait_max_us']} us; "
+              f"{row['clean_windows']}/{row['windows']} clean windows: {c['cycles_per_packet']} cycles/frame, "
+              f"{c['contended_share']} contended, {c['wait_per_contended']} cycles per contended wait, "
+              f"{c['wait_per_packet']} per frame ({c['wait_share_of_busy']} of busy); "
               + ", ".join(f"core {p['core']}: {p['cycles_per_packet']} cycles/frame, on CPU {p['on_cpu']:.0%}"
                           for p in row["per_pmd"]))
     assert one["lock_contended"] == 0, "one PMD and no control plane: nobody to wait for"
     assert len(two["per_pmd"]) == 2 and all(p["packets"] > 0 for p in two["per_pmd"])
-    avg_wait_us = two["lock_wait_cycles"] / two["lock_acquired"] * 1e6 / two["tsc_hz"]
-    assert avg_wait_us < MAX_AVG_WAIT_US, f"{avg_wait_us:.2f} us average wait per acquisition"
+    assert sum(two["wait_log2_cycles"]) == two["lock_contended"]
+    # Half the contended waits end within a burst's hold of the lock, however many
+    # waits a preempted holder drags out: the median, not the mean, is the design's.
+    assert two["wait_median_us_max"] < MAX_MEDIAN_WAIT_US, two["wait_log2_cycles"]
 
 
 def test_the_lock_counters_see_a_forced_wait():
@@ -99,6 +108,9 @@ def test_the_lock_counters_see_a_forced_wait():
         t.join(10)
         assert s.lock_acquired == 12 and s.lock_contended == 1
         assert s.lock_wait_cycles * 1e6 / pmd.tsc_hz >= 4000 and s.lock_wait_cycles == s.lock_wait_max
+        hist = scale.wait_histogram(fib)
+        assert sum(hist) == 1 and hist[s.lock_wait_cycles.bit_length() - 1] == 1
+        assert scale.wait_quantiles(hist, pmd.tsc_hz)["waits_over_100us"] == 1
         lib.vs_pmd_fini(pmd)
     finally:
         a.close()

@@ -95,10 +95,12 @@ def test_copy_mode_refuses_bad_sizes(closing):
 
 
 def callgrind(tmp_path, name: str, *args: str) -> tuple[int, dict[str, int]]:
-    """(instructions inside vs_pmd_poll_once, instructions per function) of one tools.pmd_cost run."""
+    """(instructions inside vs_pmd_poll_once, instructions per function) of one tools.pmd_cost run.
+    Collected in cffi's wrapper, the one entry from Python whatever -flto inlines into it or
+    renames (a .lto_priv suffix); a pattern matching the inner function too would toggle twice."""
     out = tmp_path / f"callgrind-{name}.out"
     run = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--toggle-collect=*vs_pmd_poll_once", f"--callgrind-out-file={out}",
+        ["valgrind", "--tool=callgrind", "--toggle-collect=_cffi_f_vs_pmd_poll_once*", f"--callgrind-out-file={out}",
          sys.executable, "-m", "tools.pmd_cost", "--passes", "200", *args],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -127,7 +129,7 @@ def test_the_stage_timer_costs_nothing_when_off(tmp_path):
     assert off.get("poll_pass_profiled", 0) == 0, off.get("poll_pass_profiled")
     frames = 201 * 32
     print(f"instructions per frame: profiling off {off_total / frames:.1f}, on {on_total / frames:.1f}")
-    assert off_total < on_total
+    assert 0 < off_total < on_total
 
 
 def test_the_copy_benchmark_copies_right_and_reports_every_point():

@@ -162,6 +162,8 @@ void vs_fib_lock(struct vs_fib *fib)
     fib->stats.lock_acquired++;
     fib->stats.lock_contended++;
     fib->stats.lock_wait_cycles += waited;
+    uint32_t bucket = 63 - (uint32_t)__builtin_clzll(waited | 1);
+    fib->stats.lock_wait_log2[bucket < VS_FIB_WAIT_BUCKETS ? bucket : VS_FIB_WAIT_BUCKETS - 1]++;
     if (waited > fib->stats.lock_wait_max) {
         fib->stats.lock_wait_max = waited;   /* we hold the lock: no other writer */
     }
