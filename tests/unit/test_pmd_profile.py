@@ -134,6 +134,7 @@ def test_the_stage_timer_costs_nothing_when_off(tmp_path):
 
 def test_the_copy_benchmark_copies_right_and_reports_every_point():
     rows = copy_bench.run([64, 1518, 9000], copies=2000, cold_copies=200, reps=2)
+    assert all(r["dst_offset"] == 0 for r in rows)
     assert [(r["size"], r["cache"], r["routine"]) for r in rows] == [
         (size, cache, routine) for size in (64, 1518, 9000) for cache in ("warm", "cold")
         for routine in ("memcpy", "copy_frame")]
@@ -147,6 +148,10 @@ def test_the_copy_benchmark_copies_right_and_reports_every_point():
         copy_bench.run_one(0, "memcpy", False, 10)
     with pytest.raises(OSError, match="Invalid argument"):
         copy_bench.run_one(lib.VS_COPY_MAX_SIZE + 1, "copy_frame", False, 10)
+    with pytest.raises(OSError, match="Invalid argument"):
+        copy_bench.run_one(64, "memcpy", False, 10, lib.VS_COPY_MAX_OFFSET + 1)
+    # The largest frame at the largest offset is copied whole (the routine checks it: -EIO).
+    assert copy_bench.run_one(lib.VS_COPY_MAX_SIZE, "copy_frame", False, 3, lib.VS_COPY_MAX_OFFSET)["copies"] == 3
     # A cold loop takes each buffer once: asked for more, it copies one per buffer.
     pool_buffers = lib.VS_COPY_POOL_BYTES // 12288
     assert copy_bench.run_one(64, "memcpy", True, pool_buffers + 5)["copies"] == pool_buffers
