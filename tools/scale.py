@@ -339,7 +339,8 @@ def wait_quantiles(hist: list[int], tsc_hz: int) -> dict:
     waits over 100 us (a holder or a waiter preempted: a time slice, not a burst)."""
     total = sum(hist)
     if not total:
-        return {"wait_median_us_max": 0.0, "wait_p99_us_max": 0.0, "waits_under_1us": None, "waits_over_100us": 0}
+        return {"wait_median_us_max": 0.0, "wait_p99_us_max": 0.0, "waits_under_1us": None, "waits_over_100us": 0,
+                "short_wait_cycles": [0, 0]}
 
     def upper_us(q: float) -> float:
         seen = 0
@@ -351,9 +352,14 @@ def wait_quantiles(hist: list[int], tsc_hz: int) -> dict:
 
     us = [(1 << (i + 1)) * 1e6 / tsc_hz for i in range(len(hist))]   # each bucket's upper bound
     under_1 = sum(n for n, u in zip(hist, us) if u <= 1.0)
-    over_100 = sum(n for i, n in enumerate(hist) if (1 << i) * 1e6 / tsc_hz >= 100)
+    long_ = [(1 << i) * 1e6 / tsc_hz >= 100 for i in range(len(hist))]
+    over_100 = sum(n for n, is_long in zip(hist, long_) if is_long)
+    # The cycles waited in the short waits alone (each bucket's count times its bounds):
+    # the lock's own cost, with the time slices of preempted threads left out.
+    short_low = sum(n << i for i, (n, is_long) in enumerate(zip(hist, long_)) if not is_long)
     return {"wait_median_us_max": upper_us(0.5), "wait_p99_us_max": upper_us(0.99),
-            "waits_under_1us": round(under_1 / total, 4), "waits_over_100us": over_100}
+            "waits_under_1us": round(under_1 / total, 4), "waits_over_100us": over_100,
+            "short_wait_cycles": [short_low, 2 * short_low]}
 
 
 def measure_pmds(n_pmds: int, args) -> dict:
@@ -413,6 +419,10 @@ def measure_pmds(n_pmds: int, args) -> dict:
     tsc_hz = runs[0].pmd.tsc_hz
     wait_max_us = round(st.lock_wait_max * 1e6 / tsc_hz, 1)
     hist = [b - a for a, b in zip(hist0, wait_histogram(fib))]
+    quantiles = wait_quantiles(hist, tsc_hz)
+    packets = totals["packets"]
+    quantiles["short_wait_per_packet"] = [round(c / packets, 2) for c in quantiles["short_wait_cycles"]] \
+        if packets else None
     for p in ports:
         p.close()
     fib.close()
@@ -420,7 +430,7 @@ def measure_pmds(n_pmds: int, args) -> dict:
             "per_pmd": pmds, "bursts": sum(p["bursts"] for p in pmds),
             "mpps": round((sum(last["packets"]) - sum(first["packets"])) / wall_s / 1e6, 2), **totals,
             "lock_wait_max_us": wait_max_us, "tsc_hz": tsc_hz, "wait_log2_cycles": hist,
-            **wait_quantiles(hist, tsc_hz),
+            **quantiles,
             "clean_windows": clean["windows"], "windows": clean["seen"],
             "clean": lock_figures(clean["acquired"], clean["contended"], clean["wait"], clean["packets"],
                                   clean["busy"])}
@@ -540,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows, ["pmds", "load_average", "mpps", "cycles_per_packet", "lock_acquired", "bursts",
                            "contended_share", "wait_per_contended", "wait_per_packet", "wait_share_of_busy",
                            "wait_median_us_max", "wait_p99_us_max", "waits_under_1us", "waits_over_100us",
+                           "short_wait_per_packet",
                            "lock_wait_max_us", "clean_windows", "windows"]))
         print("in the clean windows (every PMD ran throughout):")
         print(table([{"pmds": r["pmds"], **r["clean"]} for r in rows],
