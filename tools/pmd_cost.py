@@ -15,7 +15,8 @@ a shell shim.  Divide by the calls (passes + 1: a first pass learns the
 destination) or the frames (32 per pass, + 1).  `--monitor none` is the
 switch as it runs without captures or mirrors; `capture` adds an rx capture
 on the first port (drained every pass), `mirror` mirrors its received
-frames to a third null port.  README "Capture and mirroring" has the figures.
+frames to a third null port.  `--profile` runs the loop with the stage
+timer (tests/unit/test_pmd_profile.py: without it, none of that code runs).  README "Capture and mirroring" has the figures.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--passes", type=int, default=2000)
     p.add_argument("--monitor", choices=["none", "capture", "mirror"], default="none")
+    p.add_argument("--profile", action="store_true", help="time each stage (struct vs_pmd_profile)")
     args = p.parse_args()
     fib = MacTable(max_entries=1024)
     pmd = ffi.new("struct vs_pmd *")
@@ -62,6 +64,7 @@ def main() -> None:
             monitor.rx_mirrors[0], monitor.n_rx_mirrors = ports[2][1], 1
         ports[0][1].monitor = monitor
         keep.append(monitor)
+    pmd.profiling = int(args.profile)
     lib.vs_pmd_publish(pmd, table)
     # Unicast after the first pass: the destination is learned from a reply.
     frames = [bytes.fromhex("020000000002" "020000000001" "0800") + bytes(50) for _ in range(BURST)]

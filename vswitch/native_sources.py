@@ -29,6 +29,7 @@ HEADERS = [
     "ports/vxlan.h",
     "fib/fib.h",
     "pmd/pmd.h",
+    "pmd/copy_bench.h",
 ]
 SOURCES = [
     "vhost/virtqueue.c",
@@ -45,6 +46,7 @@ SOURCES = [
     "ports/vxlan.c",
     "pmd/offload.c",
     "pmd/capture.c",
+    "pmd/copy_bench.c",
 ]
 # Included by the .c files only (inline helpers, system headers).
 PRIVATE_HEADERS = ["vswitch.h", "vhost/ring_internal.h"]

@@ -27,6 +27,7 @@
 #include "ports/vxlan.h"
 #include "fib/fib.h"
 #include "pmd/pmd.h"
+#include "pmd/copy_bench.h"
 
 #define likely(x) __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)

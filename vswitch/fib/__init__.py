@@ -154,4 +154,7 @@ class MacTable:
         return {"entries": self._fib.n_entries, "max_entries": self._fib.max_entries,
                 "capacity": self._fib.capacity, "bytes_per_entry": BYTES_PER_ENTRY,
                 "aging_seconds": self._fib.aging_seconds, "learned": s.learned, "moved": s.moved,
-                "aged": s.aged, "evicted": s.evicted, "refused": s.refused, "lookups": s.lookups, "hits": s.hits}
+                "aged": s.aged, "evicted": s.evicted, "refused": s.refused, "lookups": s.lookups, "hits": s.hits,
+                # Contention between PMDs (README "Multi-core plan"); waits in TSC cycles.
+                "lock_acquired": s.lock_acquired, "lock_contended": s.lock_contended,
+                "lock_wait_cycles": s.lock_wait_cycles, "lock_wait_max_cycles": s.lock_wait_max}

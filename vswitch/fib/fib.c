@@ -150,6 +150,7 @@ void vs_fib_lock(struct vs_fib *fib)
 {
     uint32_t ticket = __atomic_fetch_add(&fib->lock_next, 1, __ATOMIC_RELAXED);
     if (likely(__atomic_load_n(&fib->lock_owner, __ATOMIC_ACQUIRE) == ticket)) {
+        fib->stats.lock_acquired++;   /* we hold the lock: no other writer */
         return;
     }
     /* Contended: time the wait, the stall a lock holder causes. */
@@ -158,6 +159,11 @@ void vs_fib_lock(struct vs_fib *fib)
         __builtin_ia32_pause();
     }
     uint64_t waited = vs_rdtsc() - start;
+    fib->stats.lock_acquired++;
+    fib->stats.lock_contended++;
+    fib->stats.lock_wait_cycles += waited;
+    uint32_t bucket = 63 - (uint32_t)__builtin_clzll(waited | 1);
+    fib->stats.lock_wait_log2[bucket < VS_FIB_WAIT_BUCKETS ? bucket : VS_FIB_WAIT_BUCKETS - 1]++;
     if (waited > fib->stats.lock_wait_max) {
         fib->stats.lock_wait_max = waited;   /* we hold the lock: no other writer */
     }

@@ -26,6 +26,7 @@
  * (tens of microseconds), however large the table. */
 #define VS_FIB_WORK_PER_LOCK 64
 #define VS_FIB_SCAN_PER_LOCK 8192
+#define VS_FIB_WAIT_BUCKETS 40   /* struct vs_fib_stats lock_wait_log2: up to 2^40 cycles, minutes */
 
 struct vs_fib_entry {
     uint64_t key;                /* MAC in the low 48 bits (first octet highest), VLAN above */
@@ -49,6 +50,16 @@ struct vs_fib_stats {
     uint64_t refused;            /* learns refused: the key's bucket held VS_FIB_MAX_CHAIN entries */
     uint64_t probes;             /* entries compared by vs_fib_lookup, for tests and tuning */
     uint64_t lock_wait_max;      /* longest wait for the lock, TSC cycles, by any thread (0 to restart) */
+    /* Contention between PMDs (README "Multi-core plan"): each is one add
+     * made while holding the lock, on a line the holder writes anyway. */
+    uint64_t lock_acquired;      /* times the lock was taken, by any thread */
+    uint64_t lock_contended;     /* of those, times another thread held it */
+    uint64_t lock_wait_cycles;   /* TSC cycles spent waiting in all of those */
+    /* Contended waits by length: [i] counts waits of 2^i to 2^(i+1) - 1 TSC
+     * cycles.  An average hides whether PMDs queue behind each other's
+     * bursts (short waits) or behind a holder the kernel preempted (a time
+     * slice): the two ends of this tell them apart. */
+    uint64_t lock_wait_log2[VS_FIB_WAIT_BUCKETS];
     /* The most CPU time (the holder's own: time it was preempted left out)
      * one hold of the lock took in the control plane's long jobs (age,
      * flush, set_max, dump), in ns (0 to restart): the stall the design

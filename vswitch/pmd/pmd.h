@@ -47,6 +47,29 @@ struct vs_pmd_stats {
     uint64_t max_gap_cycles;
 };
 
+/*
+ * Where a busy pass's cycles go, when vs_pmd.profiling is set (tools/scale.py
+ * --profile, README "The switch's own cost"): a TSC read at the end of each
+ * stage of each burst.  Profiling runs a second copy of the loop, compiled
+ * with the reads; the loop that runs otherwise has none (one test of the
+ * flag per pass: tests/unit/test_pmd_profile.py counts it with callgrind).
+ */
+#define VS_PMD_STAGE_RX 0        /* rx_burst: frames off the source port (vhost: its TX ring), empty polls too */
+#define VS_PMD_STAGE_HOOKS 1     /* capture, mirroring and policing of the received burst */
+#define VS_PMD_STAGE_LEARN 2     /* MAC copies, prefetch, the FIB lock (and its wait), learning and lookup */
+#define VS_PMD_STAGE_GROUP 3     /* grouping by output port, flooding */
+#define VS_PMD_STAGE_TX 4        /* MTU, offloads, tx_burst: buffers, the copy, used entries, notify */
+#define VS_PMD_STAGE_RX_DONE 5   /* rx_done: the source's buffers given back (vhost: its used ring) */
+#define VS_PMD_STAGE_VLAN 6      /* the VLAN path (some port has VLAN settings), learning to transmit */
+#define VS_PMD_STAGES 7
+
+struct vs_pmd_profile {
+    uint64_t cycles[VS_PMD_STAGES]; /* TSC cycles per stage, busy passes only */
+    uint64_t busy_cycles;        /* whole busy passes: the stages, the loop, the TSC reads */
+    uint64_t packets;            /* frames received in those passes */
+    uint64_t bursts;             /* non-empty receive bursts in those passes */
+};
+
 struct vs_pmd {
     struct vs_port_table *table; /* shared: vs_pmd_publish() */
     struct vs_fib *fib;
@@ -65,6 +88,8 @@ struct vs_pmd {
     struct vs_call_watch call_watch; /* its guest notifications, for vs_pmd_call_watchdog() */
     struct vs_pmd_stats stats;
     uint32_t gap_reset;          /* shared: set by the control plane to restart stats.max_gap_cycles */
+    uint32_t profiling;          /* shared: set to time each stage into profile */
+    struct vs_pmd_profile profile;
 };
 
 int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib);

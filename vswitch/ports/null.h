@@ -1,7 +1,7 @@
 /*
  * The null port: a port type with no device behind it, for tests and
  * benchmarks (like OVS's dummy netdev).  What the switch sends it is
- * counted and dropped; what it receives is only what a test queued into
+ * counted and dropped (in copy mode, copied first); what it receives is only what a test queued into
  * it with vs_null_port_inject().  It is also the smallest example of a
  * port type: its operations table (port.h) is all the PMD knows of it.
  *
@@ -44,12 +44,22 @@ struct vs_null_queue {
     uint32_t gen_next;                    /* generator: index of the next source MAC */
 };
 
+/* Copy mode's buffers: one per frame, like a guest's receive buffers of a page. */
+#define VS_NULL_SINK_STRIDE 4096
+
 struct vs_null_port {
     uint32_t nqueues;
     uint32_t offload_caps;                /* control: VS_OFFLOAD_* taken on transmit (default all) */
     int eventfd;                          /* written on inject: a sleeping PMD wakes on it */
     struct vs_null_gen gen;               /* control: set by vs_null_port_generate() before publishing */
     struct vs_null_queue queues[VS_NULL_MAX_QUEUES];
+    /* Copy mode (vs_null_port_copy_tx): every frame sent here is copied,
+     * after a virtio-net header, into the next of sink_slots buffers, by the
+     * routine that copies a frame into a guest's buffers (vs_vq_copy_frame):
+     * the switch's one copy, without a guest. */
+    uint8_t *sink;
+    uint32_t sink_slots;                  /* a power of two */
+    uint32_t sink_next;                   /* shared: atomic, as several PMDs may send here */
 };
 
 /* 0 or -errno (EINVAL: no queues or too many; ENOMEM).  vs_null_port_fini
@@ -67,5 +77,9 @@ int vs_null_port_inject(struct vs_null_port *np, uint32_t queue, const uint8_t *
  * VS_NULL_FRAME_MAX, or a multicast source). */
 int vs_null_port_generate(struct vs_null_port *np, const uint8_t *dst, uint64_t src_base, uint32_t n_src,
                           uint32_t len);
+
+/* Turns copy mode on with slots buffers (a power of two, at most 65536),
+ * before the port is published.  0, -EINVAL or -ENOMEM; freed by fini. */
+int vs_null_port_copy_tx(struct vs_null_port *np, uint32_t slots);
 
 const struct vs_port_ops *vs_null_port_ops(void);
