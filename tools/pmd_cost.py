@@ -4,13 +4,14 @@ Two null ports; each pass injects a burst of 32 frames into the first (from
 Python, not counted) and runs one vs_pmd_poll_once, which forwards them to
 the second.  Run under callgrind, collecting only inside vs_pmd_poll_once:
 
-    valgrind --tool=callgrind '--toggle-collect=*vs_pmd_poll_once' \\
+    valgrind --tool=callgrind '--toggle-collect=_cffi_f_vs_pmd_poll_once*' \\
         --callgrind-out-file=/tmp/cg.out "$(python3 -c 'import sys; print(sys.executable)')" \\
         -m tools.pmd_cost [--monitor none|capture|mirror]
     grep ^totals /tmp/cg.out                   # instructions (Ir)
 
-The pattern also matches cffi's wrapper (_cffi_f_vs_pmd_poll_once), into
-which -flto inlines the loop; valgrind must start the real interpreter, not
+The pattern names cffi's wrapper (_cffi_f_vs_pmd_poll_once, with or without
+an .lto_priv suffix), into which -flto inlines the loop, and only it (a
+pattern matching the wrapper and the function inside would toggle twice); valgrind must start the real interpreter, not
 a shell shim.  Divide by the calls (passes + 1: a first pass learns the
 destination) or the frames (32 per pass, + 1).  `--monitor none` is the
 switch as it runs without captures or mirrors; `capture` adds an rx capture

@@ -23,7 +23,7 @@ def instructions(tmp_path, monitor: str) -> tuple[int, dict[str, int]]:
     """(total instructions inside vs_pmd_poll_once, instructions per function) for one tools.pmd_cost run."""
     out = tmp_path / f"callgrind-{monitor}.out"
     run = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--toggle-collect=*vs_pmd_poll_once", f"--callgrind-out-file={out}",
+        ["valgrind", "--tool=callgrind", "--toggle-collect=_cffi_f_vs_pmd_poll_once*", f"--callgrind-out-file={out}",
          sys.executable, "-m", "tools.pmd_cost", "--passes", str(PASSES), "--monitor", monitor],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
