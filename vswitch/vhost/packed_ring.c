@@ -437,7 +437,7 @@ static inline enum rx_result enqueue_simple(struct vs_vhost_dev *dev, struct vs_
     fill_net_hdr(p, dev, pkt, 1);
     p += dev->hdr_len;
     for (uint32_t s = 0; s < pkt->nsegs; s++) {
-        memcpy(p, pkt->segs[s].addr, pkt->segs[s].len);
+        vs_copy(p, pkt->segs[s].addr, pkt->segs[s].len);
         p += pkt->segs[s].len;
     }
     if (unlikely(dev->log)) {
