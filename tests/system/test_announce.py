@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def test_announce_self_reaches_the_namespace_and_moves_the_fdb(tmp_path: Path, k
         assert ("guest_announce" in negotiated) == guest_announce, negotiated
 
         # The MAC behind the TAP port, as if the guest had moved there.
-        in_ns(netns, "python3", "-c", PLANT, ifname, GUEST_MAC)
+        in_ns(netns, sys.executable, "-c", PLANT, ifname, GUEST_MAC)
         deadline = time.monotonic() + 10
         while fdb(switch).get(GUEST_MAC) != "host":
             assert time.monotonic() < deadline, f"the planted frame was not learned: {fdb(switch)}"
