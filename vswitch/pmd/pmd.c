@@ -834,14 +834,31 @@ static __attribute__((noinline)) uint32_t police_burst(const struct vs_pmd *pmd,
     return pass;
 }
 
-static inline void forward(struct vs_pmd *pmd, const struct vs_port_table *t, struct vs_port *in,
-                           uint32_t queue, struct vs_pkt *pkts, uint32_t n, uint64_t *now)
+/* Captures, polices (if police) and forwards n frames received on in, or
+ * sent as if they had been; returns how many were forwarded. */
+static inline uint32_t switch_received(struct vs_pmd *pmd, const struct vs_port_table *t, struct vs_port *in,
+                                       uint32_t queue, struct vs_pkt *pkts, uint32_t n, uint64_t *now,
+                                       bool police)
 {
-    if (unlikely(t->n_vlan)) {
-        forward_burst_vlan(pmd, t, in, queue, pkts, n, pass_clock(now));
-    } else {
-        forward_burst(pmd, t, in, queue, pkts, n, pass_clock(now));
+    uint32_t pass = n;
+    const struct vs_monitor *monitor = __atomic_load_n(&in->monitor, __ATOMIC_ACQUIRE);
+    if (unlikely(monitor != NULL) && monitor_received(in, monitor, queue, pkts, n)) {
+        pass = 0;
     }
+    if (police) {
+        struct vs_police *pol = __atomic_load_n(&in->police, __ATOMIC_ACQUIRE);
+        if (unlikely(pol) && pass) {
+            pass = police_burst(pmd, in, pol, pkts, n);
+        }
+    }
+    if (unlikely(t->n_vlan)) {
+        if (pass) {
+            forward_burst_vlan(pmd, t, in, queue, pkts, pass, pass_clock(now));
+        }
+    } else if (likely(pass)) {
+        forward_burst(pmd, t, in, queue, pkts, pass, pass_clock(now));
+    }
+    return pass;
 }
 
 /*
@@ -851,7 +868,8 @@ static inline void forward(struct vs_pmd *pmd, const struct vs_port_table *t, st
  * the port's VLAN, flooded to every other port of that VLAN (tagged where
  * they take it tagged, never back into the port, captured and mirrored as
  * received there), and not policed, as it is the switch's frame, not the
- * guest's.  Several PMDs may poll queues of one port: the compare-and-swap
+ * guest's.  One frame per poll of a queue at most: more pending ones go
+ * out over the next polls.  Several PMDs may poll queues of one port: the compare-and-swap
  * gives each frame to one of them.
  */
 _Static_assert(offsetof(struct vs_port, announce) + sizeof(uint64_t) <= 64,
@@ -921,12 +939,10 @@ static __attribute__((noinline)) void announce(struct vs_pmd *pmd, const struct 
     memset(&pkt.vnet, 0, sizeof pkt.vnet);
     pkt.segs[0].addr = frame;
     pkt.segs[0].len = VS_RARP_FRAME_LEN;
-    const struct vs_monitor *monitor = __atomic_load_n(&in->monitor, __ATOMIC_ACQUIRE);
-    if (unlikely(monitor != NULL) && monitor_received(in, monitor, queue, &pkt, 1)) {
-        return;
+    /* Not on a mirror's output port, which takes nothing in (counted there). */
+    if (switch_received(pmd, t, in, queue, &pkt, 1, now, false)) {
+        __atomic_add_fetch(&in->stats.rarp_sent, 1, __ATOMIC_RELAXED);
     }
-    forward(pmd, t, in, queue, &pkt, 1, now);
-    __atomic_add_fetch(&in->stats.rarp_sent, 1, __ATOMIC_RELAXED);
 }
 
 static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
@@ -942,18 +958,7 @@ static uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t,
     }
     uint32_t n = ops->rx_burst(in, pq->queue, pkts, VS_BURST);
     if (n) {
-        uint32_t pass = n;
-        const struct vs_monitor *monitor = __atomic_load_n(&in->monitor, __ATOMIC_ACQUIRE);
-        if (unlikely(monitor != NULL) && monitor_received(in, monitor, pq->queue, pkts, n)) {
-            pass = 0;
-        }
-        struct vs_police *pol = __atomic_load_n(&in->police, __ATOMIC_ACQUIRE);
-        if (unlikely(pol) && pass) {
-            pass = police_burst(pmd, in, pol, pkts, n);
-        }
-        if (likely(pass)) {
-            forward(pmd, t, in, pq->queue, pkts, pass, now);
-        }
+        switch_received(pmd, t, in, pq->queue, pkts, n, now, true);
         if (ops->rx_done) {
             ops->rx_done(in, pq->queue, pkts, n);
         }
