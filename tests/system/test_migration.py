@@ -200,6 +200,8 @@ def test_live_migration_keeps_address_stream_and_moves_the_fdb(migration_rig, re
         # migration completed finds the guest's MAC behind `dst`.
         first_look = fdb(switch).get(GUEST_MAC)
         assert first_look == "dst", fdb(switch)
+        # ... and the switch sent the guest's RARP out of the other ports (the TAP port, here).
+        assert switch.port("dst")["stats"]["rarp_sent"] >= 1, switch.port("dst")["stats"]
         source.gone()
         destination.took_over()
         src_log = switch.port("src")["vhost"]["dirty_log"]
