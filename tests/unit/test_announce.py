@@ -189,3 +189,22 @@ def test_guest_announce_group_covers_exactly_its_bit_and_ctrl_vq_takes_it_along(
     assert protocol.FEATURE_GROUPS["ctrl_vq"] & GUEST_ANNOUNCE
     assert protocol.disabled_features({"guest_announce": False}) == GUEST_ANNOUNCE
     assert protocol.feature_names(GUEST_ANNOUNCE) == ["guest_announce"]
+
+
+def test_rarp_sent_is_a_prometheus_counter(tmp_path):
+    from tests.unit.test_metrics import free_port, samples, scrape
+
+    port = free_port()
+    with Vswitchd(tmp_path, ports=[vhost(tmp_path, "a"), vhost(tmp_path, "b")],
+                  extra={"metrics": {"listen": f"127.0.0.1:{port}"}}) as d:
+        a, b = d.connect_guests(["a", "b"])
+        for _ in range(2):
+            a.request(Request.SEND_RARP, GUEST_MAC + b"\0\0")
+            a.sync()
+            assert [f.data for f in b.receive(0, 1, timeout=5)] == [rarp(GUEST_MAC)]
+        wait_for(lambda: d.port("a")["stats"]["rarp_sent"] == 2, what="rarp_sent 2")
+        got = samples(scrape(f"http://127.0.0.1:{port}/metrics")[1])
+        assert got[("vswitch_port_rarp_sent_total", (("port", "a"), ("type", "vhost-user")))] == 2
+        assert got[("vswitch_port_rarp_sent_total", (("port", "b"), ("type", "vhost-user")))] == 0
+        for fe in (a, b):
+            fe.close()
