@@ -113,6 +113,25 @@ def test_announcement_of_a_mac_no_guest_can_have_is_refused(closing, bad):
     assert sw.received("b") == [] and sw.ports["a"].port.stats.rarp_sent == 0
 
 
+def test_announcement_is_captured_as_received_and_not_sent_from_a_mirror_output(closing):
+    from tests.unit.test_capture import frames_of, monitor
+    from vswitch.capture import Capture
+
+    sw = Switch(closing, {"a": ("guest", None), "b": ("guest", None), "out": ("guest", None)})
+    a, out = sw.ports["a"], sw.ports["out"]
+    rx_a = Capture("a", "rx")
+    a.port.monitor = ta = monitor(rx=[rx_a])
+    announce(a)
+    sw.pmd.poll()
+    assert frames_of(rx_a) == [rarp(GUEST_MAC)] and sw.received("b") == [rarp(GUEST_MAC)]
+    # A mirror's output port takes nothing in: not even the switch's frame for it.
+    out.port.monitor = to = monitor(mirror_output=True)
+    announce(out)
+    sw.pmd.poll()
+    assert sw.received("b") == [] and out.port.stats.rarp_sent == 0 and out.port.stats.mirror_output_dropped == 1
+    del ta, to
+
+
 # --- the daemon: SEND_RARP and the feature bit -------------------------------------------
 
 
