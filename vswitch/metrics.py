@@ -69,6 +69,8 @@ class SwitchCollector:
                          port_labels + ["direction", "reason"])
         not_captured = counter("port_capture_dropped", "Frames a capture of the port missed because its "
                                "reader was slow (they were forwarded all the same).", port_labels)
+        rarp_sent = counter("port_rarp_sent", "RARP frames the switch sent as if from the port, one per "
+                            "vhost-user SEND_RARP (a migrated guest without GUEST_ANNOUNCE).", port_labels)
         link = GaugeMetricFamily(f"{PREFIX}_port_link_up", "1 while the port's link is up.", labels=port_labels)
         queue_labels = port_labels + ["queue", "direction"]
         q_packets = counter("queue_packets", "Frames per queue and direction.", queue_labels)
@@ -94,6 +96,7 @@ class SwitchCollector:
             dropped.add_metric(ids + ["rx", "policing"], generic.police_dropped)
             dropped.add_metric(ids + ["rx", "mirror_output"], generic.mirror_output_dropped)
             not_captured.add_metric(ids, port.counters()["capture_dropped"])
+            rarp_sent.add_metric(ids, generic.rarp_sent)
             errors.add_metric(ids + ["tx", "bad_offload_header"], generic.tx_dropped_offload)
             errors.add_metric(ids + ["tx", "port"], s["tx_errors"] - generic.tx_dropped_offload)
             reasons = port.error_counts()
@@ -106,7 +109,7 @@ class SwitchCollector:
                 q_bytes.add_metric(qids, q["bytes"])
                 q_dropped.add_metric(qids, q["dropped"])
                 q_errors.add_metric(qids, q["errors"])
-        yield from (rx_packets, rx_bytes, tx_packets, tx_bytes, dropped, errors, not_captured, link,
+        yield from (rx_packets, rx_bytes, tx_packets, tx_bytes, dropped, errors, not_captured, rarp_sent, link,
                     q_packets, q_bytes, q_dropped, q_errors)
 
     def _pmds(self):

@@ -359,9 +359,17 @@ class Switch:
         return self.reclaimer.quiesce()
 
     def _on_rarp(self, port: Port, mac: str) -> None:
-        # A migrated guest announces itself (vhost-user SEND_RARP): its MAC now lives behind this port.
-        self.fib.learn(mac, port.port_no)
-        log.info("port '%s': RARP for %s", port.name, mac)
+        """A migrated guest's announcement (vhost-user SEND_RARP): a PMD sends a RARP
+        frame from its MAC as if the port had received it (pmd.h vs_port_announce), so
+        that this switch learns the MAC behind the port in the port's VLAN and every
+        other port of that VLAN, and what lies behind them, sees the frame."""
+        pending = lib.vs_port_announce(port.c, ffi.from_buffer("uint8_t[]", bytes.fromhex(mac.replace(":", ""))))
+        if pending < 0:
+            log.warning("port '%s': RARP for %s not sent: not a unicast MAC address", port.name, mac)
+            return
+        for pmd in self.pmds:
+            pmd.wake()
+        log.info("port '%s': RARP for %s (%d pending)", port.name, mac, pending)
 
     # Events.
 

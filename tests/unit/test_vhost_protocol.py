@@ -257,8 +257,8 @@ def test_virtio_numbers_have_one_definition():
     assert protocol.MAX_MEM_REGIONS == lib.VS_MAX_MEM_REGIONS
 
 
-# VIRTIO_NET_F_GUEST_ANNOUNCE: the guest would announce itself; the switch relies on SEND_RARP instead.
-NOT_OFFERED_FEATURE = 21
+# VIRTIO_NET_F_GUEST_UFO: Linux guests no longer use UFO, and the switch does not offer it.
+NOT_OFFERED_FEATURE = 10
 
 
 def test_offered_features():
@@ -266,6 +266,8 @@ def test_offered_features():
     for bit in (32, 15, 28, 29, 17, 22, 27, 30, protocol.VIRTIO_F_IN_ORDER, protocol.VIRTIO_F_RING_PACKED):
         assert offered & (1 << bit)
     assert offered & (1 << protocol.VHOST_F_LOG_ALL)      # live migration: dirty page logging
+    assert offered & (1 << 21)      # GUEST_ANNOUNCE: after a migration the guest sends its own GARPs
+    assert not offered & (1 << NOT_OFFERED_FEATURE)
     # Checksum and TCP segmentation offloads, both ways (the switch does them in
     # software for a destination that lacks them: vswitch/pmd/offload.c).
     for bit in (protocol.VIRTIO_NET_F_CSUM, protocol.VIRTIO_NET_F_GUEST_CSUM,

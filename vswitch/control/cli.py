@@ -153,6 +153,8 @@ def print_port_details(p: dict) -> None:
     if p.get("policing"):
         details.append(f"policing {policing_settings.describe(p['policing'])}")
     details += [f"{c} {p['stats'][c]} ({why})" for c, why in DROP_COUNTERS.items() if p["stats"].get(c)]
+    if p["stats"].get("rarp_sent"):
+        details.append(f"rarp_sent {p['stats']['rarp_sent']} (RARP frames sent for the guest on SEND_RARP)")
     if p.get("features"):
         details.append("turned off: " + " ".join(sorted(n for n, on in p["features"].items() if not on)))
     if details:

@@ -866,6 +866,120 @@ static __attribute__((noinline)) uint32_t police_burst(const struct vs_pmd *pmd,
     return pass;
 }
 
+/* Captures, polices (if police) and forwards n frames received on in, or
+ * sent as if they had been; returns how many were forwarded. */
+static inline __attribute__((always_inline))
+uint32_t switch_received(struct vs_pmd *pmd, const struct vs_port_table *t, struct vs_port *in, uint32_t queue,
+                         struct vs_pkt *pkts, uint32_t n, uint64_t *now, bool police,
+                         const bool prof, struct stage_clock *clk)
+{
+    uint32_t pass = n;
+    const struct vs_monitor *monitor = __atomic_load_n(&in->monitor, __ATOMIC_ACQUIRE);
+    if (unlikely(monitor != NULL) && monitor_received(in, monitor, queue, pkts, n)) {
+        pass = 0;
+    }
+    if (police) {
+        struct vs_police *pol = __atomic_load_n(&in->police, __ATOMIC_ACQUIRE);
+        if (unlikely(pol) && pass) {
+            pass = police_burst(pmd, in, pol, pkts, n);
+        }
+    }
+    stage_end(prof, clk, VS_PMD_STAGE_HOOKS);
+    if (unlikely(t->n_vlan)) {
+        if (pass) {
+            forward_burst_vlan(pmd, t, in, queue, pkts, pass, pass_clock(now));
+        }
+        stage_end(prof, clk, VS_PMD_STAGE_VLAN);
+    } else if (likely(pass)) {
+        forward_burst(pmd, t, in, queue, pkts, pass, pass_clock(now), prof, clk);
+    }
+    return pass;
+}
+
+/*
+ * Announcements (vs_port_announce).  Like DPDK's vhost library, which puts
+ * a RARP at the head of the guest's next dequeue burst, the frame enters
+ * the fast path as if the guest had sent it: it is learned on its port in
+ * the port's VLAN, flooded to every other port of that VLAN (tagged where
+ * they take it tagged, never back into the port, captured and mirrored as
+ * received there), and not policed, as it is the switch's frame, not the
+ * guest's.  One frame per poll of a queue at most: more pending ones go
+ * out over the next polls.  Several PMDs may poll queues of one port: the compare-and-swap
+ * gives each frame to one of them.
+ */
+_Static_assert(offsetof(struct vs_port, announce) + sizeof(uint64_t) <= 64,
+               "vs_port.announce on the struct's first cache line");
+
+#define ETHERTYPE_RARP 0x8035
+#define ARP_HRD_ETHER 1
+#define ETHERTYPE_IPV4 0x0800
+#define ARP_OP_REVREQUEST 3
+
+int vs_port_announce(struct vs_port *port, const uint8_t *mac)
+{
+    uint64_t key = mac_key(mac);
+    if ((mac[0] & 1) || !key) {
+        return -EINVAL;
+    }
+    uint64_t old = __atomic_load_n(&port->announce, __ATOMIC_ACQUIRE), next;
+    do {
+        uint64_t frames = old >> 16 == key ? (old & 0xffff) : 0;
+        next = key << 16 | (frames < 0xffff ? frames + 1 : frames);
+    } while (!__atomic_compare_exchange_n(&port->announce, &old, next, false, __ATOMIC_ACQ_REL,
+                                          __ATOMIC_ACQUIRE));
+    return (int)(next & 0xffff);
+}
+
+/* The frame QEMU's announce_self_create() and DPDK's rte_net_make_rarp_packet()
+ * send: a reverse request whose sender and target hardware addresses are the
+ * guest's, with no protocol addresses, zero-padded to VS_RARP_FRAME_LEN. */
+static void rarp_frame(uint8_t *f, uint64_t key)
+{
+    uint8_t mac[6];
+    for (int i = 0; i < 6; i++) {
+        mac[i] = (uint8_t)(key >> (40 - 8 * i));
+    }
+    memset(f, 0, VS_RARP_FRAME_LEN);
+    memset(f, 0xff, 6);
+    memcpy(f + 6, mac, 6);
+    f[12] = ETHERTYPE_RARP >> 8;
+    f[13] = ETHERTYPE_RARP & 0xff;
+    f[15] = ARP_HRD_ETHER;
+    f[16] = ETHERTYPE_IPV4 >> 8;
+    f[18] = 6;                   /* hardware address length */
+    f[19] = 4;                   /* protocol address length */
+    f[21] = ARP_OP_REVREQUEST;
+    memcpy(f + 22, mac, 6);      /* sender hardware address; sender IP 0 */
+    memcpy(f + 32, mac, 6);      /* target hardware address; target IP 0 */
+}
+
+static __attribute__((noinline)) void announce(struct vs_pmd *pmd, const struct vs_port_table *t,
+                                               struct vs_port *in, uint32_t queue, uint64_t *now)
+{
+    uint64_t a = __atomic_load_n(&in->announce, __ATOMIC_ACQUIRE), next;
+    do {
+        if (!a) {
+            return;              /* the PMD of another of its queues took it */
+        }
+        next = (a & 0xffff) > 1 ? a - 1 : 0;
+    } while (!__atomic_compare_exchange_n(&in->announce, &a, next, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+
+    uint8_t frame[VS_RARP_FRAME_LEN];
+    rarp_frame(frame, a >> 16);
+    struct vs_pkt pkt;
+    pkt.len = VS_RARP_FRAME_LEN;
+    pkt.nsegs = 1;
+    pkt.head = 0;
+    pkt.sub = 0;
+    memset(&pkt.vnet, 0, sizeof pkt.vnet);
+    pkt.segs[0].addr = frame;
+    pkt.segs[0].len = VS_RARP_FRAME_LEN;
+    /* Not on a mirror's output port, which takes nothing in (counted there). */
+    if (switch_received(pmd, t, in, queue, &pkt, 1, now, false, false, NULL)) {
+        __atomic_add_fetch(&in->stats.rarp_sent, 1, __ATOMIC_RELAXED);
+    }
+}
+
 static inline __attribute__((always_inline))
 uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t, const struct vs_pollq *pq, uint64_t *now,
                     const bool prof, struct stage_clock *clk)
@@ -874,28 +988,15 @@ uint32_t poll_queue(struct vs_pmd *pmd, const struct vs_port_table *t, const str
     const struct vs_port_ops *ops = in->ops;
     struct vs_pkt pkts[VS_BURST];
 
+    /* Ahead of the burst, as DPDK does: the MAC table moves before the guest's own frames are switched. */
+    if (unlikely(__atomic_load_n(&in->announce, __ATOMIC_RELAXED))) {
+        announce(pmd, t, in, pq->queue, now);
+    }
     stage_start(prof, clk);
     uint32_t n = ops->rx_burst(in, pq->queue, pkts, VS_BURST);
     stage_end(prof, clk, VS_PMD_STAGE_RX);
     if (n) {
-        uint32_t pass = n;
-        const struct vs_monitor *monitor = __atomic_load_n(&in->monitor, __ATOMIC_ACQUIRE);
-        if (unlikely(monitor != NULL) && monitor_received(in, monitor, pq->queue, pkts, n)) {
-            pass = 0;
-        }
-        struct vs_police *pol = __atomic_load_n(&in->police, __ATOMIC_ACQUIRE);
-        if (unlikely(pol) && pass) {
-            pass = police_burst(pmd, in, pol, pkts, n);
-        }
-        stage_end(prof, clk, VS_PMD_STAGE_HOOKS);
-        if (unlikely(t->n_vlan)) {
-            if (pass) {
-                forward_burst_vlan(pmd, t, in, pq->queue, pkts, pass, pass_clock(now));
-            }
-            stage_end(prof, clk, VS_PMD_STAGE_VLAN);
-        } else if (likely(pass)) {
-            forward_burst(pmd, t, in, pq->queue, pkts, pass, pass_clock(now), prof, clk);
-        }
+        switch_received(pmd, t, in, pq->queue, pkts, n, now, true, prof, clk);
         if (ops->rx_done) {
             ops->rx_done(in, pq->queue, pkts, n);
         }

@@ -100,6 +100,22 @@ void vs_pmd_stop(struct vs_pmd *pmd);
 void vs_pmd_run(struct vs_pmd *pmd);
 uint32_t vs_pmd_poll_once(struct vs_pmd *pmd);
 
+/* The RARP frame of an announcement: the shortest Ethernet frame (FCS left
+ * out), as QEMU's own announcement and DPDK's vhost library build it. */
+#define VS_RARP_FRAME_LEN 60
+
+/*
+ * A migrated guest's announcement (vhost-user SEND_RARP, sent by QEMU for a
+ * guest without VIRTIO_NET_F_GUEST_ANNOUNCE): asks the PMD that next polls
+ * one of the port's queues to send a RARP frame from mac (broadcast, EtherType
+ * 0x8035) as if the port had received it, so that it is learned and flooded
+ * like a frame of the guest's own.  A request for the MAC already pending
+ * adds a frame; another MAC replaces the pending one.  Returns the frames
+ * now pending, or -EINVAL for a multicast or all-zero MAC.  The caller wakes
+ * the PMDs: a sleeping one would see the request only when it wakes.
+ */
+int vs_port_announce(struct vs_port *port, const uint8_t *mac);
+
 /* The signal vs_pmd_call_watchdog() sends; its handler, installed by
  * vs_pmd_init(), does nothing (and without SA_RESTART, so a write fails). */
 int vs_pmd_watchdog_signal(void);

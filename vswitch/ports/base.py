@@ -107,11 +107,12 @@ class Port(abc.ABC):
         return old
 
     def counters(self) -> dict:
-        """stats() and the counters every port type has (VLAN and policing drops)."""
+        """stats() and the counters every port type has (VLAN and policing drops, announcements)."""
         return {**self.stats(), "vlan_dropped": self.c.stats.vlan_dropped,
                 "police_dropped": self.c.stats.police_dropped,
                 "capture_dropped": self.capture_dropped_before + sum(c.dropped for c in self.capture_rings),
-                "mirror_output_dropped": self.c.stats.mirror_output_dropped}
+                "mirror_output_dropped": self.c.stats.mirror_output_dropped,
+                "rarp_sent": self.c.stats.rarp_sent}
 
     def emit(self, kind: str, fields: dict) -> None:
         self._emit(kind, {"port": self.name, **fields})

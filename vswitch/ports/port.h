@@ -102,6 +102,7 @@ struct vs_port_stats {
     uint64_t vlan_dropped;       /* received frames with a VLAN the port does not carry, or tagged on an access port */
     uint64_t police_dropped;     /* received frames over the port's policing rate */
     uint64_t mirror_output_dropped; /* received on a mirror's output port, which takes no traffic */
+    uint64_t rarp_sent;          /* RARP frames the switch sent as if from this port (vs_port_announce) */
 };
 
 struct vs_port {
@@ -114,6 +115,12 @@ struct vs_port {
     struct vs_vlan *vlan;        /* shared: NULL, no VLAN settings (VLAN 0, tags carried untouched) */
     struct vs_police *police;    /* shared: NULL, no ingress policing */
     struct vs_monitor *monitor;  /* shared: NULL, neither captured nor mirrored (pmd/capture.h) */
+    /* shared: announcements still to send as if received on this port
+     * (vs_port_announce, pmd.h): the MAC in the top 48 bits, how many RARP
+     * frames in the low 16.  0, the usual case, costs the PMD one load and
+     * one branch per poll of a queue of the port, on a cache line it reads
+     * anyway (the struct's first 64 bytes). */
+    uint64_t announce;
     /* control: how many sub-destinations the port has (a tunnel's remote
      * endpoints), set before the port is published; 0: none.  The MAC table
      * then records which one a MAC was learned from (vs_pkt.sub on receive,

@@ -889,8 +889,11 @@ class VhostUserDevice:
 
     def _send_rarp(self, msg, value: int):
         mac = protocol.pack_u64(value)[:6]
-        self.rarp_mac = mac
         text = ":".join(f"{b:02x}" for b in mac)
+        if mac[0] & 1 or not any(mac):
+            # No guest has such a MAC; announcing it would teach every switch a broadcast source.
+            raise RequestRefused(f"SEND_RARP: {text} is not a unicast MAC address")
+        self.rarp_mac = mac
         log.info("vhost-user port '%s': SEND_RARP for %s", self.name, text)
         if self._on_rarp is not None:
             try:

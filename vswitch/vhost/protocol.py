@@ -145,6 +145,7 @@ VIRTIO_NET_F_HOST_TSO6 = lib.VIRTIO_NET_F_HOST_TSO6
 VIRTIO_NET_F_HOST_ECN = lib.VIRTIO_NET_F_HOST_ECN
 VIRTIO_NET_F_MRG_RXBUF = lib.VIRTIO_NET_F_MRG_RXBUF
 VIRTIO_NET_F_CTRL_VQ = lib.VIRTIO_NET_F_CTRL_VQ
+VIRTIO_NET_F_GUEST_ANNOUNCE = lib.VIRTIO_NET_F_GUEST_ANNOUNCE
 VIRTIO_NET_F_MQ = lib.VIRTIO_NET_F_MQ
 VHOST_F_LOG_ALL = lib.VHOST_F_LOG_ALL
 VHOST_VRING_F_LOG = lib.VHOST_VRING_F_LOG
@@ -176,6 +177,11 @@ def bits(*numbers: int) -> int:
 # guest, and sends VHOST_USER_NET_SET_MTU, only when this bit is negotiated.
 # LOG_ALL: live migration; while it is negotiated and SET_LOG_BASE gave a
 # log, every page the switch writes in guest memory is logged (dirty_log.h).
+# GUEST_ANNOUNCE: after a migration (or QMP announce-self) QEMU asks a guest
+# that negotiated it to send gratuitous ARPs itself, through its control
+# queue, which QEMU emulates; they are switched like any frame.  QEMU's
+# vhost-net passes the bit through (user_feature_bits) and sends SEND_RARP
+# only to a guest without it.
 OFFERED_FEATURES = bits(
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_CSUM,
@@ -191,6 +197,7 @@ OFFERED_FEATURES = bits(
     VIRTIO_RING_F_INDIRECT_DESC,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
     VIRTIO_NET_F_MQ,
     VIRTIO_F_ANY_LAYOUT,
     VIRTIO_F_IN_ORDER,
@@ -202,7 +209,8 @@ OFFERED_FEATURES = bits(
 
 # What a port's `features:` key may turn off, by name, and the bits each
 # covers.  A name takes with it what depends on its bits (virtio 5.1.3.1):
-# TSO and ECN need checksum offload, MQ needs the control queue.  Masking a
+# TSO and ECN need checksum offload, MQ and GUEST_ANNOUNCE need the control
+# queue.  Masking a
 # bit that is not offered is harmless, so `packed` may be turned off whether
 # packed rings are offered or not.
 FEATURE_GROUPS = {
@@ -212,12 +220,14 @@ FEATURE_GROUPS = {
     "tso": bits(VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN,
                 VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN),
     "mrg_rxbuf": bits(VIRTIO_NET_F_MRG_RXBUF),
-    "ctrl_vq": bits(VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ),
+    "ctrl_vq": bits(VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_NET_F_GUEST_ANNOUNCE),
     "mq": bits(VIRTIO_NET_F_MQ),
     "indirect": bits(VIRTIO_RING_F_INDIRECT_DESC),
     "event_idx": bits(VIRTIO_RING_F_EVENT_IDX),
     "in_order": bits(VIRTIO_F_IN_ORDER),
     "packed": bits(VIRTIO_F_RING_PACKED),
+    # Without it QEMU sends SEND_RARP and the switch announces the guest (pmd.h vs_port_announce).
+    "guest_announce": bits(VIRTIO_NET_F_GUEST_ANNOUNCE),
 }
 
 # Each feature bit's name, as `vswitchctl show` prints it.
@@ -227,6 +237,7 @@ FEATURE_NAMES = {
     VIRTIO_NET_F_GUEST_ECN: "guest_ecn", VIRTIO_NET_F_HOST_TSO4: "host_tso4",
     VIRTIO_NET_F_HOST_TSO6: "host_tso6", VIRTIO_NET_F_HOST_ECN: "host_ecn",
     VIRTIO_NET_F_MRG_RXBUF: "mrg_rxbuf", VIRTIO_NET_F_CTRL_VQ: "ctrl_vq", VIRTIO_NET_F_MQ: "mq",
+    VIRTIO_NET_F_GUEST_ANNOUNCE: "guest_announce",
     VHOST_F_LOG_ALL: "log_all", VIRTIO_F_ANY_LAYOUT: "any_layout",
     VIRTIO_RING_F_INDIRECT_DESC: "indirect_desc", VIRTIO_RING_F_EVENT_IDX: "event_idx",
     VHOST_USER_F_PROTOCOL_FEATURES: "protocol_features", VIRTIO_F_VERSION_1: "version_1",
@@ -274,7 +285,8 @@ class ProtocolFeature(enum.IntEnum):
 # LOG_SHMFD: the dirty log comes as a shared memory fd (SET_LOG_BASE); QEMU
 # refuses to migrate a guest whose back-end lacks it.  RARP: after a
 # migration QEMU sends SEND_RARP to the destination (a guest without
-# GUEST_ANNOUNCE), and the switch moves the guest's MAC to that port.
+# GUEST_ANNOUNCE), and the switch sends a RARP frame from the guest's MAC
+# out of the other ports of its VLAN, as if the guest had sent it.
 OFFERED_PROTOCOL_FEATURES = bits(
     ProtocolFeature.MQ,
     ProtocolFeature.LOG_SHMFD,

@@ -37,6 +37,7 @@
 #define VIRTIO_NET_F_HOST_ECN 13
 #define VIRTIO_NET_F_MRG_RXBUF 15
 #define VIRTIO_NET_F_CTRL_VQ 17
+#define VIRTIO_NET_F_GUEST_ANNOUNCE 21    /* the guest announces itself (GARPs) when the device asks; needs CTRL_VQ */
 #define VIRTIO_NET_F_MQ 22
 #define VHOST_F_LOG_ALL 26
 #define VIRTIO_F_ANY_LAYOUT 27
