@@ -107,9 +107,10 @@ def uffd_registered(start: int, length: int) -> bool:
 
 
 def region(server):
-    """The back-end's one mapped region: (mapping address, length, region start)."""
+    """The back-end's one mapped region, published or waiting for the ack: (mapping address, length, region start)."""
     def get():
-        r = server.backend.device._regions[0]
+        device = server.backend.device
+        r = (device._postcopy_pending or device._regions)[0]
         return r.address, len(r.mapping), r.region_address
     return server.loop.call(get)
 
@@ -199,11 +200,12 @@ def dequeue(server, index=1, max_=32) -> list[bytes]:
 
 
 def missing_page_under_next_frame(fe, payload: bytes):
-    """Posts a TX frame, then takes the page of its buffer out of the guest's memfd (as
-    a page not yet migrated): returns the page's guest-physical address and content."""
+    """Posts a TX frame, then takes the page of its descriptor out of the guest's memfd
+    (as a page not yet migrated): returns the page's guest-physical address and content.
+    The ring engine reads the descriptor in C, without the GIL, as the PMD thread does."""
     ring = fe.tx_ring(0)
     head = fe.send_frame(0, frame(mac(2), mac(1), payload))
-    gpa = ring._chains[head].addrs[0]
+    gpa = ring.desc_gpa + 16 * head
     page = gpa - gpa % mmap.PAGESIZE
     content = fe.mem.read(page, mmap.PAGESIZE)
     offset = page - fe.mem.gpa_base
