@@ -432,3 +432,20 @@ def test_the_postcopy_key_is_a_boolean_off_by_default(tmp_path):
     assert vm.info()["postcopy"] is True
     plain = VhostUserPort("vm2", 1, parse({"ports": [port]}).ports[0], lambda *a: None, lambda: None)
     assert not plain.backend.device.offered_protocol_features & PAGEFAULT
+
+
+def test_a_new_table_while_listening_is_answered_and_registered_too(make_server, frontends, ufds):
+    """QEMU resends its table if the guest's memory changes during postcopy: the same exchange."""
+    server = make_server()
+    fe = frontends(server.path)
+    postcopy_start(server, fe, ufds)
+    first, first_length, _ = region(server)
+    reply = fe.set_mem_table_postcopy()
+    fe.sync()
+    address, length, region_start = region(server)
+    assert reply[0].user_addr == region_start and address != first
+    assert uffd_registered(address, length)
+    assert server.postcopy()["registered_regions"] == 1
+    check_rings_running(server.dev, fe)
+    assert fe.postcopy_end() == 0
+    assert not uffd_registered(address, length)
