@@ -237,6 +237,57 @@ class VhostUserFrontend:
                 raise RequestFailed(f"{protocol.request_name(request)}: the back-end answered {ack}")
         return None
 
+    def recv_reply_with_fds(self, request: int) -> tuple[bytes, list[int]]:
+        """A reply and the fds that came with it (POSTCOPY_ADVISE's userfaultfd)."""
+        data, fds = b"", []
+        while len(data) < protocol.HEADER_SIZE or len(data) < protocol.HEADER_SIZE + protocol.HEADER.unpack_from(data)[2]:
+            want = (protocol.HEADER_SIZE - len(data) if len(data) < protocol.HEADER_SIZE
+                    else protocol.HEADER_SIZE + protocol.HEADER.unpack_from(data)[2] - len(data))
+            chunk, ancdata, _, _ = self.sock.recvmsg(want, socket.CMSG_SPACE(16))
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += [int.from_bytes(payload[i:i + 4], "little") for i in range(0, len(payload), 4)]
+            if not chunk:
+                raise BackendClosed(f"the back-end closed the connection while we waited for the reply to "
+                                    f"{protocol.request_name(request)}")
+            data += chunk
+        return protocol.parse_reply(int(request), data), fds
+
+    # -- postcopy, as QEMU's destination does it (hw/virtio/vhost-user.c)
+    def postcopy_advise(self) -> int:
+        """POSTCOPY_ADVISE; returns the userfaultfd the back-end sent (ours to close)."""
+        self.send_message(Request.POSTCOPY_ADVISE)
+        payload, fds = self.recv_reply_with_fds(Request.POSTCOPY_ADVISE)
+        if payload or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise RequestFailed(f"POSTCOPY_ADVISE: reply of {len(payload)} bytes with {len(fds)} fds")
+        return fds[0]
+
+    def postcopy_listen(self) -> None:
+        self.request(Request.POSTCOPY_LISTEN, need_reply=True)
+
+    def postcopy_end(self) -> int:
+        self.send_message(Request.POSTCOPY_END, flags=protocol.VERSION | protocol.FLAG_NEED_REPLY)
+        return protocol.U64.unpack(self.recv_reply(Request.POSTCOPY_END))[0]
+
+    def set_mem_table_postcopy(self, ack: int | None = 0) -> list[protocol.MemoryRegion]:
+        """SET_MEM_TABLE while postcopy listens: the back-end answers with its own
+        address of each region; then the acknowledgement (a SET_MEM_TABLE with a
+        u64), unless ack is None.  Returns the regions of the reply."""
+        sent = self.memory_regions()
+        payload = protocol.pack_memory_table(sent)
+        self.send_message(Request.SET_MEM_TABLE, payload, [self.mem.fd])
+        reply = self.recv_reply(Request.SET_MEM_TABLE)
+        if len(reply) != len(payload):
+            raise RequestFailed(f"SET_MEM_TABLE: postcopy reply of {len(reply)} bytes, {len(payload)} sent")
+        count = protocol.MEMORY_HEADER.unpack_from(reply)[0]
+        regions = [protocol.MemoryRegion(*protocol.MEMORY_REGION.unpack_from(
+            reply, protocol.MEMORY_HEADER.size + i * protocol.MEMORY_REGION.size)) for i in range(count)]
+        if ack is not None:
+            self.send_message(Request.SET_MEM_TABLE, protocol.pack_u64(ack))
+        return regions
+
     def get_u64(self, request: Request) -> int:
         return protocol.U64.unpack(self.request(request, reply=True))[0]
 
@@ -269,10 +320,15 @@ class VhostUserFrontend:
         long_hdr = self.features & bits(protocol.VIRTIO_F_VERSION_1, protocol.VIRTIO_NET_F_MRG_RXBUF)
         return NET_HDR_LEN_MRG if long_hdr else NET_HDR_LEN_LEGACY
 
-    def handshake(self, stop_before: Request | None = None) -> None:
+    def handshake(self, stop_before: Request | None = None, start_after: Request | None = None) -> None:
         """The whole setup a front-end performs, in QEMU's order.  With
-        stop_before, returns just before sending that request."""
+        stop_before, returns just before sending that request; with
+        start_after, skips every step up to and including that request."""
+        skipping = start_after is not None
         for request, step in self._steps():
+            if skipping:
+                skipping = request != start_after
+                continue
             if request == stop_before:
                 return
             step()

@@ -210,7 +210,8 @@ def test_the_message_table_has_one_row_per_request():
         Request.GET_FEATURES: protocol.Reply.U64, Request.GET_PROTOCOL_FEATURES: protocol.Reply.U64,
         Request.GET_QUEUE_NUM: protocol.Reply.U64, Request.GET_STATUS: protocol.Reply.U64,
         Request.GET_VRING_BASE: protocol.Reply.VRING_STATE, Request.GET_MAX_MEM_SLOTS: protocol.Reply.U64,
-        Request.SET_LOG_BASE: protocol.Reply.EMPTY}
+        Request.SET_LOG_BASE: protocol.Reply.EMPTY, Request.SET_MEM_TABLE: protocol.Reply.ACK_OR_MEMORY,
+        Request.POSTCOPY_ADVISE: protocol.Reply.FD, Request.POSTCOPY_END: protocol.Reply.U64}
     # What may change under the PMDs: memory, ring configuration and fds, and the device as a whole.
     assert {r for r, row in MESSAGES.items() if row.quiesce} == {
         Request.RESET_OWNER, Request.SET_MEM_TABLE, Request.SET_VRING_NUM, Request.SET_VRING_ADDR,

@@ -65,6 +65,9 @@ class VhostUserPort(Port):
             metavar="NAME=off,...", type_name="features"),
         Key("iommu", bool, "offer VIRTIO_F_ACCESS_PLATFORM: a guest behind a vIOMMU (QEMU iommu_platform=on) "
             "gives IOVAs, translated and checked through an IOTLB (default off)"),
+        Key("postcopy", bool, "offer VHOST_USER_PROTOCOL_F_PAGEFAULT: the guest may arrive by postcopy live "
+            "migration (guest memory registered with a userfaultfd; the PMD waits on pages not yet migrated; "
+            "no memory hotplug slots; default off)"),
         mtu_key("largest IP packet delivered to the guest (the front-end's NET_SET_MTU overrides it)"),
     )
 
@@ -86,13 +89,14 @@ class VhostUserPort(Port):
         self.max_memory = spec.get("max_memory", DEFAULT_MAX_MEMORY)
         self.features = spec.get("features") or {}
         self.iommu = bool(spec.get("iommu", False))
+        self.postcopy = bool(spec.get("postcopy", False))
         self.configured_mtu = spec.get("mtu", registry.DEFAULT_MTU)
         self.set_mtu(self.configured_mtu)
         self.backend = VhostUserBackend(name, spec["path"], spec.get("mode", "server"), self.queues,
                                         self.dev, quiesce, self._on_backend_event, reclaim=reclaim,
                                         max_memory=self.max_memory, access=self._socket_access(spec),
                                         disabled_features=protocol.disabled_features(self.features),
-                                        iommu=self.iommu)
+                                        iommu=self.iommu, postcopy=self.postcopy)
 
     @staticmethod
     def _socket_access(spec: dict) -> SocketAccess | None:
@@ -199,5 +203,6 @@ class VhostUserPort(Port):
         info = super().info()
         info.update({"mode": self.backend.mode, "path": self.spec["path"], "queues": self.queues,
                      "max_memory": self.max_memory, "features": self.features, "iommu": self.iommu,
+                     "postcopy": self.postcopy,
                      "vhost": self.backend.info(), "queue_stats": self.queue_stats()})
         return info

@@ -38,6 +38,7 @@ class VhostUserBackend:
     max_memory: the most bytes of guest memory the port maps.
     disabled_features: feature bits the port's config turned off.
     iommu:   offer VIRTIO_F_ACCESS_PLATFORM (vIOMMU; vhost/iotlb.py).
+    postcopy: offer PROTOCOL_F_PAGEFAULT (postcopy live migration; vhost/userfault.py).
     on_event(kind, fields): "connected" {}, "disconnected" {},
              "link" {"up": bool}, "queue" {"queue": vring, "enabled": bool},
              "rarp" {"mac": "aa:bb:cc:dd:ee:ff"}, "mtu" {"mtu": int or None}.
@@ -49,7 +50,8 @@ class VhostUserBackend:
                  loop: asyncio.AbstractEventLoop | None = None,
                  on_rarp: Callable[[bytes], None] | None = None,
                  reclaim: Reclaim | None = None, max_memory: int = DEFAULT_MAX_MEMORY,
-                 access: SocketAccess | None = None, disabled_features: int = 0, iommu: bool = False):
+                 access: SocketAccess | None = None, disabled_features: int = 0, iommu: bool = False,
+                 postcopy: bool = False):
         self.name = name
         self.dev = dev
         self._on_event = on_event
@@ -57,7 +59,7 @@ class VhostUserBackend:
         self._unwatch_faults: Callable[[], None] | None = None
         self.device = VhostUserDevice(name, queues, dev, quiesce, self._emit, on_rarp=on_rarp,
                                       reclaim=reclaim, max_memory=max_memory,
-                                      disabled_features=disabled_features, iommu=iommu)
+                                      disabled_features=disabled_features, iommu=iommu, postcopy=postcopy)
         self.connection = VhostUserConnection(name, path, mode, self.device, self._emit, loop=loop,
                                               access=access)
 

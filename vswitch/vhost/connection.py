@@ -108,6 +108,14 @@ class Device(Protocol):
 
     messages: dict[Request, MessageRule]    # the message table: requests missing there are refused
 
+    def rule_for(self, request: Request) -> MessageRule | None:
+        """The row a request is handled by now: its row in `messages`, or one the
+        device's state calls for (None: not supported).  May raise ProtocolError
+        when the device expects another message first."""
+
+    def reply_fds(self, rule: MessageRule, value) -> list[int]:
+        """The fds a reply carries (the device keeps them open)."""
+
     def handle(self, rule: MessageRule, msg: Message, body):
         """Runs a validated request; returns its reply's value (MessageRule)."""
 
@@ -422,9 +430,9 @@ class VhostUserConnection:
         header = msg.header
         payload = bytes(msg.buf[protocol.HEADER_SIZE:])
         try:
-            reply = None
+            reply, fds = None, []
             try:
-                reply = self._dispatch(msg, header, payload)
+                reply, fds = self._dispatch(msg, header, payload)
                 ok = True
             except RequestRefused as exc:
                 if not header.need_reply:
@@ -438,7 +446,7 @@ class VhostUserConnection:
             # Readiness first, so that a request's effects are visible once its reply arrives.
             self.device.request_done()
             if reply is not None:
-                self._reply(peer, header.request, reply)
+                self._reply(peer, header.request, reply, fds)
             elif header.need_reply:
                 # REPLY_ACK: only for requests that have no reply of their own.
                 self._reply(peer, header.request, protocol.pack_u64(0 if ok else 1))
@@ -455,23 +463,31 @@ class VhostUserConnection:
             return
         msg.close_fds()
 
-    def _dispatch(self, msg: Message, header: Header, payload: bytes) -> bytes | None:
-        """Validates a message against its row and runs it; returns the reply payload, if any."""
+    def _dispatch(self, msg: Message, header: Header, payload: bytes) -> tuple[bytes | None, list[int]]:
+        """Validates a message against its row and runs it; returns the reply payload, if any,
+        and the fds to send with it."""
         try:
             request = Request(header.request)
-            rule = self.device.messages[request]
-        except (ValueError, KeyError):
+        except ValueError:
             raise RequestRefused(f"{header.name}: not supported") from None
+        rule = self.device.rule_for(request)
+        if rule is None:
+            raise RequestRefused(f"{header.name}: not supported")
         if msg.fds and rule.fds is Fds.NONE:
             raise ProtocolError(f"{request.name}: {len(msg.fds)} unexpected file descriptors attached")
         body = protocol.parse_payload(rule, payload, len(msg.fds))
         log.debug("vhost-user port '%s': %s %s", self.name, request.name, body)
-        return protocol.encode_reply_value(rule, self.device.handle(rule, msg, body))
+        value = self.device.handle(rule, msg, body)
+        return protocol.encode_reply_value(rule, value), self.device.reply_fds(rule, value)
 
-    def _reply(self, peer: _Peer, request: int, payload: bytes) -> None:
+    def _reply(self, peer: _Peer, request: int, payload: bytes, fds: list[int] = ()) -> None:
         data = protocol.encode_reply(request, payload)
         try:
-            sent = peer.sock.send(data)
+            if fds:
+                sent = peer.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   b"".join(fd.to_bytes(_FD_SIZE, "little") for fd in fds))])
+            else:
+                sent = peer.sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:

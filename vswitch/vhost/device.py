@@ -53,11 +53,30 @@ PMDs, so the last page they log is in the bitmap before the reply.  The log
 pointer changes with one store and a replaced log is unmapped through
 `reclaim`, so neither SET_LOG_BASE nor SET_FEATURES waits for the PMDs.
 
+Postcopy (vhost-user.rst, "Migration"; only with `postcopy: true`, which
+offers PROTOCOL_F_PAGEFAULT).  POSTCOPY_ADVISE opens a userfaultfd and
+hands the front-end a copy.  POSTCOPY_LISTEN comes before any memory table
+(QEMU sends the table when the destination's device starts, after LISTEN;
+a table mapped earlier is refused, as DPDK does); while listening the
+dirty log is not used.  SET_MEM_TABLE then maps the regions without
+touching them and replies with the switch's address of each region; the
+front-end acknowledges with a SET_MEM_TABLE carrying a u64 0, and only then
+are the mappings registered with the userfaultfd and the table installed.
+Nothing but that acknowledgement is accepted in between (rule_for).  From
+then on a PMD that touches a page not yet migrated sleeps in the kernel
+until QEMU has placed the page and woken it: every port of that PMD stalls
+meanwhile (README, Live migration).  POSTCOPY_END, a disconnect and a
+reset unregister the mappings, which also wakes a PMD still asleep on one,
+and close the fd.  With PAGEFAULT the port does not offer
+CONFIGURE_MEM_SLOTS: QEMU's postcopy variant of ADD_MEM_REG ends with an
+acknowledgement whose request code is whatever it sent last.
+
 Threading: everything here runs on the daemon's asyncio loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import mmap
 import os
@@ -67,7 +86,7 @@ from typing import Callable, NoReturn
 
 from vswitch.config import DEFAULT_MAX_MEMORY
 from vswitch.native import ffi, lib
-from vswitch.vhost import guestmem, protocol
+from vswitch.vhost import guestmem, protocol, userfault
 from vswitch.vhost.iotlb import DeviceIotlb
 from vswitch.vhost.connection import Message, close_fds
 from vswitch.vhost.protocol import (
@@ -123,10 +142,16 @@ class _MemRegion:
     skip: int = 0
     slot: int = -1                    # in the guest memory fault registry (guestmem.c)
     dev: object = None                # the device a fault flags: kept alive as long as the mapping
+    uffd_length: int = 0              # postcopy: bytes from `address` registered with the userfaultfd
 
     @property
     def address(self) -> int:
         return int(ffi.cast("uintptr_t", self.buffer))
+
+    @property
+    def region_address(self) -> int:
+        """Where the region itself starts in the switch (what a postcopy SET_MEM_TABLE reply gives)."""
+        return self.address + self.skip
 
     def unmap(self) -> None:
         if self.slot >= 0:
@@ -242,13 +267,16 @@ class VhostUserDevice:
              offered, refused like any bit not offered.
     iommu:   offer VIRTIO_F_ACCESS_PLATFORM (the port's `iommu: true`): a guest
              behind a vIOMMU then gives IOVAs, translated through an IOTLB (iotlb.py).
+    postcopy: offer PROTOCOL_F_PAGEFAULT (the port's `postcopy: true`): the
+             guest may arrive by postcopy live migration (userfault.py).
     """
 
     messages: dict[Request, MessageRule]      # MESSAGES, set below the class
 
     def __init__(self, name: str, queues: int, dev, quiesce: Callable[[], None], emit: EventSink,
                  on_rarp: Callable[[bytes], None] | None = None, reclaim: Reclaim | None = None,
-                 max_memory: int = DEFAULT_MAX_MEMORY, disabled_features: int = 0, iommu: bool = False):
+                 max_memory: int = DEFAULT_MAX_MEMORY, disabled_features: int = 0, iommu: bool = False,
+                 postcopy: bool = False):
         if not 1 <= queues <= lib.VS_MAX_QUEUE_PAIRS:
             raise ValueError(f"vhost-user port '{name}': queues must be 1 to {lib.VS_MAX_QUEUE_PAIRS}, not {queues}")
         self.name = name
@@ -262,6 +290,14 @@ class VhostUserDevice:
         self.offered_features = protocol.OFFERED_FEATURES & ~disabled_features
         if iommu:
             self.offered_features |= 1 << protocol.VIRTIO_F_ACCESS_PLATFORM
+        self.postcopy = postcopy
+        self.offered_protocol_features = protocol.OFFERED_PROTOCOL_FEATURES
+        if postcopy:
+            self.offered_protocol_features |= 1 << ProtocolFeature.PAGEFAULT
+            self.offered_protocol_features &= ~(1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        self.postcopy_refused = 0     # POSTCOPY_* refused (not offered, out of order, no userfaultfd)
+        self.postcopy_listens = 0     # LISTENs and ENDs done, for `vswitchctl show`
+        self.postcopy_ends = 0
         self.memory_refused = 0       # SET_MEM_TABLE or ADD_MEM_REG over max_memory
         self.mem_reg_refused = 0      # ADD_MEM_REG / REM_MEM_REG refused (slots, overlap, unknown region, file)
         self.mem_regs_added = 0       # ADD_MEM_REG and REM_MEM_REG done, for `vswitchctl show`
@@ -285,6 +321,10 @@ class VhostUserDevice:
         self.log_fd = -1              # SET_LOG_FD: kept, never written (QEMU reads the bitmap itself)
         self._log: _DirtyLog | None = None
         self._iotlb: DeviceIotlb | None = None   # with ACCESS_PLATFORM negotiated
+        self._uffd = -1                           # postcopy: from ADVISE until END
+        self._postcopy_listening = False
+        # A postcopy SET_MEM_TABLE answered, waiting for the front-end's acknowledgement.
+        self._postcopy_pending: list[_MemRegion] | None = None
         self._regions: list[_MemRegion] = []
         self._memtable = None
         self._rings = [_Ring(i) for i in range(2 * self.queues)]
@@ -326,10 +366,18 @@ class VhostUserDevice:
             "rings_lost_memory": self.rings_lost_memory,
             "dirty_log": self._log_info(),
             "log_refused": self.log_refused,
+            "postcopy": self._postcopy_info(),
             **self.fault_counts,
             **({"iotlb": self._iotlb.info()} if self._iotlb is not None else {}),
             "rings": rings,
         }
+
+    def _postcopy_info(self) -> dict:
+        registered = [r for r in self._regions if r.uffd_length]
+        return {"enabled": self.postcopy, "advised": self._uffd >= 0, "listening": self._postcopy_listening,
+                "awaiting_ack": self._postcopy_pending is not None, "registered_regions": len(registered),
+                "registered_bytes": sum(r.uffd_length for r in registered), "listens": self.postcopy_listens,
+                "ends": self.postcopy_ends, "refused": self.postcopy_refused}
 
     def _log_info(self) -> dict:
         log_ = self._log
@@ -352,6 +400,21 @@ class VhostUserDevice:
         return bool(self.features & (1 << protocol.VHOST_USER_F_PROTOCOL_FEATURES))
 
     # ------------------------------------------------------------- messages
+
+    def rule_for(self, request: Request) -> MessageRule | None:
+        """The row a request is handled by: its row in MESSAGES, except right
+        after a postcopy SET_MEM_TABLE reply, when only the front-end's
+        acknowledgement (a SET_MEM_TABLE with a u64) may come."""
+        if self._postcopy_pending is not None:
+            if request is Request.SET_MEM_TABLE:
+                return POSTCOPY_MEM_TABLE_ACK
+            raise ProtocolError(f"{request.name}: the front-end must first acknowledge the postcopy memory "
+                                "table (a SET_MEM_TABLE with a u64 0)")
+        return self.messages.get(request)
+
+    def reply_fds(self, rule: MessageRule, value) -> list[int]:
+        """The fds a reply carries: the userfaultfd for POSTCOPY_ADVISE (the device keeps its own)."""
+        return [value] if rule.reply is Reply.FD else []
 
     def handle(self, rule: MessageRule, msg: Message, body):
         """Runs a validated request's handler; returns its reply value (see MessageRule)."""
@@ -379,6 +442,11 @@ class VhostUserDevice:
 
     def teardown(self) -> None:
         """Stops every ring, unmaps guest memory and forgets the session."""
+        # First: a PMD asleep on a page the front-end will now never send is woken.
+        self._postcopy_close()
+        if self._postcopy_pending is not None:
+            for region in self._postcopy_pending:   # mapped, never published: no PMD saw them
+                region.unmap()
         self._stop_rings([r for r in self._rings], close=True)
         self._update_link()
         self.dev.log = ffi.NULL
@@ -469,10 +537,10 @@ class VhostUserDevice:
             self._iotlb = None
 
     def _get_protocol_features(self, msg, body):
-        return protocol.OFFERED_PROTOCOL_FEATURES
+        return self.offered_protocol_features
 
     def _set_protocol_features(self, msg, features: int):
-        unknown = features & ~protocol.OFFERED_PROTOCOL_FEATURES
+        unknown = features & ~self.offered_protocol_features
         if unknown:
             raise RequestRefused(f"SET_PROTOCOL_FEATURES: protocol features {unknown:#x} were not offered")
         self.protocol_features = features
@@ -489,11 +557,17 @@ class VhostUserDevice:
         return self.queues
 
     def _set_mem_table(self, msg, table: MemoryTable):
+        if self._postcopy_listening:
+            return self._postcopy_mem_table(msg, table)
         if self._same_memory(table, msg.fds):
             # QEMU resends an unchanged table (e.g. after a device restart); keep the mappings.
             log.debug("vhost-user port '%s': SET_MEM_TABLE unchanged", self.name)
             return None
-        plans = [self._plan_region(i, region, fd) for i, (region, fd) in enumerate(zip(table.regions, msg.fds))]
+        self._install_table(self._map_table(table, msg.fds), table)
+
+    def _map_table(self, table: MemoryTable, fds: list[int]) -> list[_MemRegion]:
+        """Maps a table's regions (nothing published yet)."""
+        plans = [self._plan_region(i, region, fd) for i, (region, fd) in enumerate(zip(table.regions, fds))]
         total = sum(length for _, length in plans)
         if total > self.max_memory:
             self.memory_refused += 1
@@ -501,14 +575,17 @@ class VhostUserDevice:
                                  f"exceed the port's max_memory ({self.max_memory:#x} bytes); refused")
         new_regions = []
         try:
-            for i, ((start, length), region, fd) in enumerate(zip(plans, table.regions, msg.fds)):
+            for i, ((start, length), region, fd) in enumerate(zip(plans, table.regions, fds)):
                 new_regions.append(self._map_region(i, region, fd, start, length))
         except ProtocolError:
             for mapped in new_regions:
                 mapped.unmap()
             raise
-        memtable = _build_memtable(new_regions)
+        return new_regions
 
+    def _install_table(self, new_regions: list[_MemRegion], table: MemoryTable) -> None:
+        """Publishes mapped regions as the memory table; running rings move onto it."""
+        memtable = _build_memtable(new_regions)
         running = [r for r in self._rings if r.started]
         self._halt_rings(running, emit=False)
         lib.vs_vhost_dev_set_mem(self.dev, memtable)
@@ -523,6 +600,104 @@ class VhostUserDevice:
             self._start_ring(ring, Request.SET_MEM_TABLE, emit=False)
         for ring in self._rings:
             self._try_start(ring, Request.SET_MEM_TABLE)
+
+    # Postcopy (PROTOCOL_F_PAGEFAULT).
+
+    def _refuse_postcopy(self, request: Request, why: str) -> NoReturn:
+        self.postcopy_refused += 1
+        raise RequestRefused(f"{request.name}: {why}; refused")
+
+    def _require_pagefault(self, request: Request) -> None:
+        if not self.postcopy:
+            self._refuse_postcopy(request, "the port does not have `postcopy: true`")
+        if not self._has_protocol_feature(ProtocolFeature.PAGEFAULT):
+            self._refuse_postcopy(request, "PAGEFAULT was not negotiated")
+
+    def _postcopy_advise(self, msg, body):
+        request = Request.POSTCOPY_ADVISE
+        self._require_pagefault(request)
+        if self._uffd >= 0:
+            self._refuse_postcopy(request, "a postcopy migration was already advised")
+        try:
+            self._uffd = userfault.open_userfaultfd()
+        except OSError as exc:
+            self._refuse_postcopy(request, f"cannot open a userfaultfd: {exc.strerror or exc}")
+        log.info("vhost-user port '%s': POSTCOPY_ADVISE: userfaultfd opened for the front-end", self.name)
+        return self._uffd
+
+    def _postcopy_listen(self, msg, body):
+        request = Request.POSTCOPY_LISTEN
+        self._require_pagefault(request)
+        if self._uffd < 0:
+            self._refuse_postcopy(request, "no POSTCOPY_ADVISE before it")
+        if self._postcopy_listening:
+            self._refuse_postcopy(request, "already listening")
+        if self._regions:
+            # Pages of a table mapped before could be touched by then; QEMU sends its table after LISTEN.
+            self._refuse_postcopy(request, "guest memory is already mapped (the memory table must come after it)")
+        self._postcopy_listening = True
+        self.postcopy_listens += 1
+        self._update_log()
+        log.info("vhost-user port '%s': POSTCOPY_LISTEN: guest memory will be registered with the userfaultfd",
+                 self.name)
+
+    def _postcopy_mem_table(self, msg, table: MemoryTable) -> MemoryTable:
+        """Maps the regions, touching nothing, and answers where each one is in the switch."""
+        regions = self._map_table(table, msg.fds)
+        self._postcopy_pending = regions
+        log.info("vhost-user port '%s': postcopy memory table mapped, waiting for the front-end's "
+                 "acknowledgement: %s", self.name,
+                 ", ".join(f"gpa {r.desc.guest_phys_addr:#x} at {r.region_address:#x}" for r in regions))
+        return MemoryTable(tuple(dataclasses.replace(r.desc, user_addr=r.region_address) for r in regions))
+
+    def _postcopy_mem_table_ack(self, msg, value: int):
+        regions, self._postcopy_pending = self._postcopy_pending, None
+        try:
+            if value != 0:
+                raise ProtocolError(f"SET_MEM_TABLE: the front-end acknowledged the postcopy memory table "
+                                    f"with {value}, not 0")
+            for region in regions:
+                length = -(-len(region.mapping) // mmap.PAGESIZE) * mmap.PAGESIZE
+                try:
+                    userfault.register(self._uffd, region.address, length)
+                except OSError as exc:
+                    raise ProtocolError(f"SET_MEM_TABLE: cannot register {length:#x} bytes at "
+                                        f"{region.address:#x} with the userfaultfd: {exc.strerror}") from None
+                region.uffd_length = length
+        except ProtocolError:
+            for region in regions:           # unmapping ends a registration too
+                region.unmap()
+            raise
+        self._install_table(regions, MemoryTable(tuple(r.desc for r in regions)))
+        log.info("vhost-user port '%s': postcopy memory table acknowledged; %d regions registered with the "
+                 "userfaultfd", self.name, len(regions))
+
+    def _postcopy_end(self, msg, body):
+        request = Request.POSTCOPY_END
+        self._require_pagefault(request)
+        if not self._postcopy_listening:
+            self._refuse_postcopy(request, "no POSTCOPY_LISTEN before it")
+        self._postcopy_close()
+        self.postcopy_ends += 1
+        log.info("vhost-user port '%s': POSTCOPY_END: guest memory unregistered, userfaultfd closed", self.name)
+        return 0
+
+    def _postcopy_close(self) -> None:
+        """Unregisters guest memory from the userfaultfd (waking a PMD asleep on a
+        missing page) and closes it; the dirty log may be used again."""
+        for region in self._regions:
+            if region.uffd_length:
+                try:
+                    userfault.unregister(self._uffd, region.address, region.uffd_length)
+                except OSError as exc:
+                    log.warning("vhost-user port '%s': cannot unregister guest memory at %#x from the "
+                                "userfaultfd: %s", self.name, region.address, exc.strerror)
+                region.uffd_length = 0
+        close_fds([self._uffd])
+        self._uffd = -1
+        was_listening, self._postcopy_listening = self._postcopy_listening, False
+        if was_listening:
+            self._update_log()
 
     def _same_memory(self, table: MemoryTable, fds: list[int]) -> bool:
         """True if the table describes the regions already mapped, backed by the same files."""
@@ -689,6 +864,8 @@ class VhostUserDevice:
             self._refuse_log(f"{where}: LOG_SHMFD was not negotiated")
         if size == 0:
             self._refuse_log(f"{where}: the log is empty")
+        if self._postcopy_listening:
+            self._refuse_log(f"{where}: postcopy is listening (a destination does not log)")
         if self._memtable is None or not self._regions:
             self._refuse_log(f"{where}: no memory table yet, nothing to log")
         top = max(r.desc.guest_phys_addr + r.desc.size for r in self._regions)
@@ -742,7 +919,8 @@ class VhostUserDevice:
     def _update_log(self) -> None:
         """Points the C device at the log while LOG_ALL is negotiated and a log is mapped.
         A log that stops being used stays mapped: a PMD may still be marking it."""
-        logging_on = self._log is not None and self.features & (1 << protocol.VHOST_F_LOG_ALL)
+        logging_on = (self._log is not None and self.features & (1 << protocol.VHOST_F_LOG_ALL)
+                      and not self._postcopy_listening)
         self.dev.log = self._log.c if logging_on else ffi.NULL
 
     def _set_log_fd(self, msg, body):
@@ -1019,7 +1197,7 @@ MESSAGES: dict[Request, MessageRule] = {row.request: row for row in (
     _row(Request.SET_FEATURES,          Payload.U64,         Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._set_features),
     _row(Request.SET_OWNER,             Payload.NONE,        Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._set_owner),
     _row(Request.RESET_OWNER,           Payload.NONE,        Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._reset_owner),
-    _row(Request.SET_MEM_TABLE,         Payload.MEMORY,      Fds.PER_REGION, Reply.ACK,         True,    VhostUserDevice._set_mem_table),
+    _row(Request.SET_MEM_TABLE,         Payload.MEMORY,      Fds.PER_REGION, Reply.ACK_OR_MEMORY, True,  VhostUserDevice._set_mem_table),
     _row(Request.SET_LOG_BASE,          Payload.LOG,         Fds.ONE,        Reply.EMPTY,       False,   VhostUserDevice._set_log_base),
     _row(Request.SET_LOG_FD,            Payload.NONE,        Fds.ONE,        Reply.ACK,         False,   VhostUserDevice._set_log_fd),
     _row(Request.SET_VRING_NUM,         Payload.VRING_STATE, Fds.NONE,       Reply.ACK,         True,    VhostUserDevice._set_vring_num),
@@ -1042,5 +1220,13 @@ MESSAGES: dict[Request, MessageRule] = {row.request: row for row in (
     _row(Request.GET_MAX_MEM_SLOTS,     Payload.NONE,        Fds.NONE,       Reply.U64,         False,   VhostUserDevice._get_max_mem_slots),
     _row(Request.ADD_MEM_REG,           Payload.MEMORY_REGION, Fds.ONE,      Reply.ACK,         True,    VhostUserDevice._add_mem_reg),
     _row(Request.REM_MEM_REG,           Payload.MEMORY_REGION, Fds.AT_MOST_ONE, Reply.ACK,      True,    VhostUserDevice._rem_mem_reg),
+    _row(Request.POSTCOPY_ADVISE,       Payload.NONE,        Fds.NONE,       Reply.FD,          False,   VhostUserDevice._postcopy_advise),
+    _row(Request.POSTCOPY_LISTEN,       Payload.NONE,        Fds.NONE,       Reply.ACK,         False,   VhostUserDevice._postcopy_listen),
+    _row(Request.POSTCOPY_END,          Payload.NONE,        Fds.NONE,       Reply.U64,         False,   VhostUserDevice._postcopy_end),
 )}
 VhostUserDevice.messages = MESSAGES
+
+# The front-end's acknowledgement of a postcopy SET_MEM_TABLE reply (rule_for): it
+# installs the memory, so it waits for the PMDs like any memory table.
+POSTCOPY_MEM_TABLE_ACK = _row(Request.SET_MEM_TABLE, Payload.U64, Fds.NONE, Reply.ACK, True,
+                              VhostUserDevice._postcopy_mem_table_ack)

@@ -282,6 +282,8 @@ class ProtocolFeature(enum.IntEnum):
     STATUS = 16
 
 
+# PAGEFAULT (postcopy live migration, POSTCOPY_ADVISE/LISTEN/END) is offered
+# only by ports with `postcopy: true` (VhostUserDevice.offered_protocol_features).
 # LOG_SHMFD: the dirty log comes as a shared memory fd (SET_LOG_BASE); QEMU
 # refuses to migrate a guest whose back-end lacks it.  RARP: after a
 # migration QEMU sends SEND_RARP to the destination (a guest without
@@ -338,6 +340,9 @@ class Reply(enum.Enum):
     U64 = "u64"
     VRING_STATE = "vring state"
     EMPTY = "an empty reply, always (SET_LOG_BASE with LOG_SHMFD)"
+    FD = "an empty reply carrying one fd, always (POSTCOPY_ADVISE: the userfaultfd)"
+    ACK_OR_MEMORY = ("an ACK, or while postcopy listens the back-end's own memory table, always "
+                     "(SET_MEM_TABLE: the front-end acknowledges it with a SET_MEM_TABLE of a u64 0)")
 
 
 @dataclass(frozen=True)
@@ -559,6 +564,10 @@ def encode_reply_value(rule: MessageRule, value) -> bytes | None:
         return pack_u64(value)
     if rule.reply is Reply.VRING_STATE:
         return pack_vring_state(value.index, value.num)
+    if rule.reply is Reply.ACK_OR_MEMORY:
+        return None if value is None else pack_memory_table(value.regions)
+    if rule.reply is Reply.FD:
+        return b""                   # the fd goes with it (connection.py)
     if rule.reply is Reply.EMPTY:
         if value is not None:
             raise AssertionError(f"{rule.request.name}: the handler returned {value!r}, but its row says EMPTY")
