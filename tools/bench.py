@@ -8,11 +8,12 @@ Run from the repository root, as root, with hugepages reserved:
     python -m tools.bench --macs 2,1000,65536,1000000   # scale modes: tools/scale.py
     python -m tools.bench --ports 2,8,32,64
     python -m tools.bench --systems vswitchd,testpmd-io --sizes 64 --paths split,packed
+    python -m tools.bench --systems vswitchd-vxlan,ovs-dpdk-vxlan --sizes 64,1518
 
 Method
 ------
 Every system under test (SUT) is a two-port middle box between the two ports
-of one traffic generator, in one of two topologies:
+of one traffic generator, in one of three topologies:
 
     vhost-vhost (VM to VM):
     generator port 0 (virtio-user) <-> SUT port A ... SUT port B <-> generator port 1 (virtio-user)
@@ -20,6 +21,12 @@ of one traffic generator, in one of two topologies:
     vhost-veth (VM to NIC; a veth pair in a namespace of the benchmark's own stands in for the wire):
     generator port 0 (virtio-user) <-> SUT port A ... SUT port B on veth end 0
                                        veth end 1 <-> generator port 1 (DPDK net_af_xdp)
+
+    vxlan (VM to VM on two hosts; each host a network namespace of the benchmark's own,
+    a veth pair between them the underlay, MTU 1600 for 1518-byte frames + 50 bytes of VXLAN):
+    generator port 0 <-> switch A: vhost-user port, vxlan port (10.99.0.1, namespace host A)
+                                   ~ veth ~
+    generator port 1 <-> switch B: vhost-user port, vxlan port (10.99.0.2, namespace host B)
 
 * The generator is one `dpdk-testpmd` with two `net_virtio_user` ports in
   `mac` forwarding mode with `--eth-peer` set, so every frame it sends out of
@@ -45,6 +52,24 @@ of one traffic generator, in one of two topologies:
   - `vswitchd-af-packet`: the same with an `af-packet` port.
   - `testpmd-af-xdp`: `dpdk-testpmd` with `net_vhost` and `net_af_xdp` on veth end 0,
     `io` forwarding: DPDK's own path between a guest and a NIC.
+  vxlan (its ratios are to `ovs-dpdk-vxlan`; two switch instances per system,
+  both PMDs on the SUT core, each instance's control threads on the generator core):
+  - `vswitchd-vxlan`: two vswitchd, each a vhost-user port (server mode) and
+    a `vxlan` port whose sockets live in its host's namespace, where the
+    veth end holds the VTEP address (the kernel's UDP/IP stack carries the
+    datagrams, as vswitchd's vxlan port always does).
+  - `ovs-dpdk-vxlan`: two ovs-vswitchd-dpdk, each with its own ovsdb-server,
+    run directory and DPDK file prefix, run inside its host's namespace, set
+    up as OVS documents userspace tunnelling: a `br-int` (netdev) with a
+    `dpdkvhostuserclient` port and a `vxlan` port, a `br-phy` (netdev) that
+    holds the VTEP address on its internal port and the veth end as its
+    uplink (`--ovs-underlay`, see there; mtu_request 1600), `ovs/route/add`
+    and a static `tnl/arp/set` for the remote VTEP.
+  SUT cycles/packet here is both instances' busy cycles over the frames
+  that crossed the tunnel (both instances' received packets, summed, halved):
+  the cost of one frame through encapsulation and decapsulation. The two
+  PMDs share one core (this host has two), and the kernel's veth, IP and UDP
+  work runs in the sending PMD's system calls and softirqs on that core.
   The kernel's share of veth and AF_XDP work is done in the sending
   process's system calls and softirqs, so here cycles/packet from the
   packet threads undercount the whole cost; Mpps and the CPU columns are
@@ -111,11 +136,13 @@ from tests.support.testpmd import (TESTPMD, TestPmd, af_xdp_vdev, hugepages_free
                                    vhost_vdev, virtio_user_vdev)
 
 SYSTEMS = ("vswitchd", "testpmd-io", "testpmd-mac", "ovs-dpdk",
-           "vswitchd-af-xdp", "vswitchd-af-packet", "testpmd-af-xdp")
+           "vswitchd-af-xdp", "vswitchd-af-packet", "testpmd-af-xdp",
+           "vswitchd-vxlan", "ovs-dpdk-vxlan")
 # The two topologies (see Method) and the system each one's ratios are to.
 VHOST_VHOST = "vhost-vhost"
 VHOST_VETH = "vhost-veth"
-BASELINES = {VHOST_VHOST: "testpmd-io", VHOST_VETH: "testpmd-af-xdp"}
+VXLAN = "vxlan"
+BASELINES = {VHOST_VHOST: "testpmd-io", VHOST_VETH: "testpmd-af-xdp", VXLAN: "ovs-dpdk-vxlan"}
 DEFAULT_SIZES = (64, 512, 1518)
 FCS_BYTES = 4
 # Preamble (7) + start frame delimiter (1) + minimum inter-frame gap (12).
@@ -147,6 +174,17 @@ MAX_SOCKET_PATH = 107
 OVS_DPDK_BINARY = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk"
 OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 OVS_PACKAGE = "openvswitch-switch-dpdk"
+
+# The vxlan topology: both hosts' VTEP addresses, the VNI, and the underlay
+# MTU (a 1518-byte frame is 1514 bytes without FCS; in VXLAN it needs an IP
+# MTU of 1514 + 36 = 1550).
+VTEP_IPS = ("10.99.0.1", "10.99.0.2")
+VXLAN_VNI = 5001
+UNDERLAY_MTU = 1600
+# OVS's br-phy MACs, fixed so that each instance can be told the other's (tnl/arp/set).
+OVS_PHY_MACS = ("02:00:00:00:10:01", "02:00:00:00:10:02")
+# How an OVS-DPDK instance attaches to its veth end (--ovs-underlay).
+OVS_UNDERLAYS = ("af_packet", "af_xdp", "afxdp", "system")
 
 
 class Unavailable(Exception):
@@ -250,6 +288,12 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_of(pids: list[int]) -> float | None:
+    """CPU seconds of all the processes (both instances of a vxlan system)."""
+    times = [cpu_seconds(pid) for pid in pids]
+    return None if not times or None in times else sum(times)
+
+
 def cpu_share(before: float | None, after: float | None, seconds: float) -> float | None:
     if before is None or after is None:
         return None
@@ -284,13 +328,14 @@ class System:
     topology = VHOST_VHOST
     generator_is_server = False
 
-    def __init__(self, workdir: Path, gen_core: int, sut_core: int, veth: "VethPair | None" = None):
+    def __init__(self, workdir: Path, gen_core: int, sut_core: int, veth: "VethPair | VxlanHosts | None" = None):
         self.dir = workdir
         self.gen_core = gen_core
         self.sut_core = sut_core
         # vhost-veth: one socket, and the veth pair whose first end is the SUT's.
+        # vxlan: two sockets, and the two host namespaces.
         self.veth = veth
-        count = 2 if self.topology == VHOST_VHOST else 1
+        count = 1 if self.topology == VHOST_VETH else 2
         self.socket_paths = [workdir / name for name in ("a.sock", "b.sock")[:count]]
 
     @classmethod
@@ -312,6 +357,11 @@ class System:
     def pid(self) -> int | None:
         """The process whose CPU time is the SUT's (its packet thread's and the rest)."""
         return None
+
+    @property
+    def pids(self) -> list[int]:
+        """Every process of the SUT (two switch instances in the vxlan topology)."""
+        return [self.pid] if self.pid is not None else []
 
     def start_window(self) -> tuple[int, int] | None:
         """Called as the window opens; returns the counters that `cycles()` at its end is compared with."""
@@ -479,7 +529,18 @@ class OvsDpdk(System):
         return "; ".join(line.strip() for line in first if line.strip())
 
     def start(self) -> None:
-        run_dir = self.dir / "ovs"
+        self.start_ovsdb(self.dir / "ovs", f"vswitch-bench-ovs-{os.getpid()}")
+        # The bridge's default flow is NORMAL: MAC learning, like vswitchd.
+        self.vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev")
+        for i, path in enumerate(self.socket_paths):
+            self.add_vhost_port("br0", f"vhu{i}", path)
+        # unshare --net: the bridge's internal tap device is made in a
+        # namespace that disappears with the process.
+        self.start_vswitchd(["unshare", "--net"])
+        wait_for(self._ports_ready, 60, "ovs-vswitchd-dpdk start-up", self.vswitchd, self.log_path)
+
+    def start_ovsdb(self, run_dir: Path, prefix: str) -> None:
+        """A private ovsdb-server in run_dir, initialised with the DPDK settings (file prefix `prefix`)."""
         run_dir.mkdir()
         self.run_dir = run_dir
         # Every path OVS derives from these lives in run_dir: nothing touches
@@ -498,7 +559,6 @@ class OvsDpdk(System):
              "-vconsole:off"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for(self.db_socket.exists, 10, "ovsdb-server start-up", self.ovsdb, run_dir / "ovsdb-server.log")
-        prefix = f"vswitch-bench-ovs-{os.getpid()}"
         self.vsctl("init")
         self.vsctl("set", "Open_vSwitch", ".",
                    "other_config:dpdk-init=true",
@@ -508,25 +568,24 @@ class OvsDpdk(System):
                    # Pools sized for these two ports instead of one shared
                    # 256k-mbuf pool: hugepages are shared with the generator.
                    "other_config:per-port-memory=true")
-        # The bridge's default flow is NORMAL: MAC learning, like vswitchd.
-        self.vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev")
-        for i, path in enumerate(self.socket_paths):
-            self.vsctl("add-port", "br0", f"vhu{i}", "--", "set", "Interface", f"vhu{i}",
-                       "type=dpdkvhostuserclient", f"options:vhost-server-path={path}")
-        self.log_path = run_dir / "ovs-vswitchd.log"
-        # unshare --net: the bridge's internal tap device is made in a
-        # namespace that disappears with the process. taskset puts OVS's
-        # non-PMD threads on the generator core; the PMD pins itself.
+
+    def add_vhost_port(self, bridge: str, name: str, path: Path) -> None:
+        self.vsctl("add-port", bridge, name, "--", "set", "Interface", name,
+                   "type=dpdkvhostuserclient", f"options:vhost-server-path={path}")
+
+    def start_vswitchd(self, wrapper: list[str]) -> None:
+        """ovs-vswitchd-dpdk on the database, under `wrapper` (the command that gives it its namespace)."""
+        self.log_path = self.run_dir / "ovs-vswitchd.log"
+        # taskset puts OVS's non-PMD threads on the generator core; the PMD pins itself.
         self.vswitchd = subprocess.Popen(
-            ["taskset", "-c", str(self.gen_core), "unshare", "--net", OVS_DPDK_BINARY,
+            ["taskset", "-c", str(self.gen_core), *wrapper, OVS_DPDK_BINARY,
              f"unix:{self.db_socket}", "--disable-system", f"--unixctl={self.ctl_socket}",
-             f"--pidfile={run_dir / 'ovs-vswitchd.pid'}", f"--log-file={self.log_path}", "-vconsole:off"],
+             f"--pidfile={self.run_dir / 'ovs-vswitchd.pid'}", f"--log-file={self.log_path}", "-vconsole:off"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(self._ports_ready, 60, "ovs-vswitchd-dpdk start-up", self.vswitchd, self.log_path)
 
     @property
     def pid(self) -> int | None:
-        # taskset and unshare exec ovs-vswitchd: same PID.
+        # taskset, unshare and `ip netns exec` exec ovs-vswitchd: same PID.
         return self.vswitchd.pid if getattr(self, "vswitchd", None) else None
 
     def vsctl(self, *args: str) -> str:
@@ -602,8 +661,143 @@ class TestPmdAfXdp(TestPmdVhost):
         return super().vdevs() + [af_xdp_vdev(1, self.veth.sut_if)]
 
 
+class VxlanSystem(System):
+    """Two switch instances, one per host namespace, each a vhost-user port to one generator port
+    and a VXLAN tunnel to the other (the vxlan topology)."""
+
+    topology = VXLAN
+    # Whether the VTEP address goes on the veth end itself (a switch that uses
+    # the kernel's IP stack) or on a bridge of the switch's own (OVS's br-phy).
+    address_on_veth = True
+
+    def start(self) -> None:
+        self.instances = []
+        for i in (0, 1):
+            self.instances.append(self.make_instance(i))
+            self.instances[-1].start()
+
+    def make_instance(self, i: int) -> System:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return self.pids[0] if self.pids else None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p for inst in getattr(self, "instances", []) for p in inst.pids]
+
+    def start_window(self) -> tuple[int, int] | None:
+        return self._frames([inst.start_window() for inst in self.instances])
+
+    def cycles(self) -> tuple[int, int] | None:
+        return self._frames([inst.cycles() for inst in self.instances])
+
+    @staticmethod
+    def _frames(counters: list) -> tuple[int, int] | None:
+        # Each frame is received twice, once by each instance (from its guest
+        # or from the tunnel): busy cycles of both per frame end to end.
+        if any(c is None for c in counters):
+            return None
+        return sum(c[0] for c in counters), sum(c[1] for c in counters) // 2
+
+    def stop(self) -> None:
+        for inst in reversed(getattr(self, "instances", [])):
+            inst.stop()
+
+
+class VswitchdVxlan(VxlanSystem):
+    name = "vswitchd-vxlan"
+    check = Vswitchd.check
+    version = Vswitchd.version
+
+    def make_instance(self, i: int) -> System:
+        hosts = self.veth
+        workdir = self.dir / f"h{i}"
+        workdir.mkdir()
+        inst = Vswitchd(workdir, self.gen_core, self.sut_core)
+        inst.socket_paths = [self.socket_paths[i]]
+        vxlan = {"name": "vx", "type": "vxlan", "local_ip": VTEP_IPS[i], "remote": [VTEP_IPS[1 - i]],
+                 "vni": VXLAN_VNI, "netns": hosts.netns[i]}
+        inst.ports = lambda: [{"name": "vm", "type": "vhost-user", "path": str(self.socket_paths[i]),
+                               "mode": "server"}, vxlan]
+        return inst
+
+
+class OvsDpdkVxlanInstance(OvsDpdk):
+    """One host's OVS-DPDK, set up for userspace tunnelling as OVS's documentation does
+    (Documentation/howto/userspace-tunneling.rst): br-int with the guest's port and the
+    vxlan port, br-phy with the underlay port and the VTEP address."""
+
+    def __init__(self, workdir: Path, gen_core: int, sut_core: int, hosts: "VxlanHosts", index: int,
+                 socket_path: Path, underlay: str):
+        super().__init__(workdir, gen_core, sut_core, hosts)
+        self.index, self.underlay = index, underlay
+        self.socket_paths = [socket_path]
+
+    def start(self) -> None:
+        i, hosts = self.index, self.veth
+        self.start_ovsdb(self.dir / "ovs", f"vswitch-bench-ovs-{os.getpid()}-{i}")
+        self.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int", "datapath_type=netdev")
+        self.add_vhost_port("br-int", "vhu", self.socket_paths[0])
+        self.vsctl("add-port", "br-int", "vx", "--", "set", "Interface", "vx", "type=vxlan",
+                   f"options:local_ip={VTEP_IPS[i]}", f"options:remote_ip={VTEP_IPS[1 - i]}",
+                   f"options:key={VXLAN_VNI}")
+        self.vsctl("add-br", "br-phy", "--", "set", "bridge", "br-phy", "datapath_type=netdev",
+                   f"other_config:hwaddr={OVS_PHY_MACS[i]}", "--", "set", "Interface", "br-phy",
+                   f"mtu_request={UNDERLAY_MTU}")
+        # The uplink: the veth end, as a DPDK port on a vdev, or as OVS's own
+        # AF_XDP or AF_PACKET netdev (named as the interface, as those must be).
+        ifname = hosts.ifnames[i]
+        if self.underlay == "system":
+            port_name, options = ifname, []
+        elif self.underlay == "afxdp":
+            port_name, options = ifname, ["type=afxdp"]
+        else:
+            vdev = {"af_packet": "net_af_packet0", "af_xdp": "net_af_xdp0"}[self.underlay]
+            port_name, options = "phy", ["type=dpdk", f"options:dpdk-devargs={vdev},iface={ifname}"]
+        self.vsctl("add-port", "br-phy", port_name, "--", "set", "Interface", port_name,
+                   f"mtu_request={UNDERLAY_MTU}", *options)
+        self.phy_port = port_name
+        # In the host's namespace: br-int's and br-phy's internal ports (taps) are made there.
+        self.start_vswitchd(["ip", "netns", "exec", hosts.netns[i]])
+        wait_for(self._ports_ready, 60, "ovs-vswitchd-dpdk start-up", self.vswitchd, self.log_path)
+        ip = ["ip", "-n", hosts.netns[i]]
+        run([*ip, "addr", "add", f"{VTEP_IPS[i]}/24", "dev", "br-phy"])
+        run([*ip, "link", "set", "br-phy", "up"])
+        self.appctl("ovs/route/add", f"{VTEP_IPS[1 - i]}/24", "br-phy")
+        # Static: neither instance depends on ARP snooping having seen the other's reply.
+        self.appctl("tnl/arp/set", "br-phy", VTEP_IPS[1 - i], OVS_PHY_MACS[1 - i])
+
+    def _ports_ready(self) -> bool:
+        if not self.ctl_socket.exists():
+            return False
+        try:
+            ofports = [self.vsctl("get", "Interface", name, "ofport").strip()
+                       for name in ("vhu", "vx", self.phy_port)]
+        except RuntimeError:
+            return False
+        return all(p.isdigit() and int(p) > 0 for p in ofports)
+
+
+class OvsDpdkVxlan(VxlanSystem):
+    name = "ovs-dpdk-vxlan"
+    generator_is_server = True
+    address_on_veth = False
+    check = OvsDpdk.check
+    version = OvsDpdk.version
+    underlay = "af_packet"
+
+    def make_instance(self, i: int) -> System:
+        workdir = self.dir / f"h{i}"
+        workdir.mkdir()
+        return OvsDpdkVxlanInstance(workdir, self.gen_core, self.sut_core, self.veth, i, self.socket_paths[i],
+                                    self.underlay)
+
+
 SYSTEM_CLASSES: dict[str, type[System]] = {cls.name: cls for cls in (
-    Vswitchd, TestPmdIo, TestPmdMac, OvsDpdk, VswitchdAfXdp, VswitchdAfPacket, TestPmdAfXdp)}
+    Vswitchd, TestPmdIo, TestPmdMac, OvsDpdk, VswitchdAfXdp, VswitchdAfPacket, TestPmdAfXdp,
+    VswitchdVxlan, OvsDpdkVxlan)}
 
 
 class VethPair:
@@ -641,6 +835,47 @@ class VethPair:
 
     def remove(self) -> None:
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+
+
+class VxlanHosts:
+    """Two network namespaces of the benchmark's own ("hosts"), a veth pair between them (the underlay).
+
+    Both ends get UNDERLAY_MTU, and the VTEP addresses go on them when the
+    switch uses the kernel's IP stack (address_on_veth); OVS's userspace
+    tunnels want the address on their br-phy instead. Removing the
+    namespaces removes the pair.
+    """
+
+    ifnames = ("vsx0", "vsx1")
+    _count = 0
+
+    def __init__(self, address_on_veth: bool):
+        VxlanHosts._count += 1
+        self.address_on_veth = address_on_veth
+        self.netns = tuple(f"vsb-{os.getpid()}-x{VxlanHosts._count}{side}" for side in "ab")
+
+    def create(self) -> "VxlanHosts":
+        try:
+            for ns in self.netns:
+                run(["ip", "netns", "add", ns])
+                # No IPv6: the kernel sends nothing of its own (neighbour discovery, MLD) over the underlay.
+                for scope in ("all", "default"):
+                    run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.disable_ipv6=1"])
+                run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            run(["ip", "-n", self.netns[0], "link", "add", self.ifnames[0], "type", "veth", "peer", "name",
+                 self.ifnames[1], "netns", self.netns[1]])
+            for ns, ifname, addr in zip(self.netns, self.ifnames, VTEP_IPS):
+                run(["ip", "-n", ns, "link", "set", ifname, "mtu", str(UNDERLAY_MTU), "up"])
+                if self.address_on_veth:
+                    run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", ifname])
+        except Exception:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for ns in self.netns:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 # --------------------------------------------------------------------------
@@ -694,13 +929,14 @@ class Generator(TestPmd):
                          netns=veth.netns if veth else None)
 
 
-def profile_window(pid: int, seconds: float, workdir: Path, top: int = 15) -> list:
-    """Samples the process with `perf record` for the window; returns its hottest symbols.
+def profile_window(pids: list[int], seconds: float, workdir: Path, top: int = 15) -> list:
+    """Samples the processes with `perf record` for the window; returns their hottest symbols.
 
     perf's cpu-clock sampling works where hardware counters do not (as in this VM).
     """
     data = workdir / "perf.data"
-    subprocess.run(["perf", "record", "-q", "-o", str(data), "-p", str(pid), "--", "sleep", str(seconds)],
+    subprocess.run(["perf", "record", "-q", "-o", str(data), "-p", ",".join(map(str, pids)), "--", "sleep",
+                    str(seconds)],
                    capture_output=True, check=True, timeout=seconds + 30)
     report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "symbol",
                              "-g", "none"], capture_output=True, text=True, check=True, timeout=120).stdout
@@ -727,14 +963,21 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
     # Numbered rather than named (s<system>p<path>-<size>-r<rep>): the sockets inside must stay short.
     workdir = scratch / f"s{SYSTEMS.index(system_cls.name)}p{list(PATHS).index(path)}-{size}-r{rep + 1}"
     workdir.mkdir()
-    veth = VethPair() if system_cls.topology == VHOST_VETH else None
+    if system_cls.topology == VHOST_VETH:
+        veth = VethPair()
+    elif system_cls.topology == VXLAN:
+        veth = VxlanHosts(system_cls.address_on_veth)
+    else:
+        veth = None
     system = system_cls(workdir, args.gen_core, args.sut_core, veth)
+    if system_cls.topology == VXLAN and hasattr(system_cls, "underlay"):
+        system.underlay = args.ovs_underlay
     too_long = [str(p) for p in system.socket_paths if len(os.fsencode(p)) > MAX_SOCKET_PATH]
     if too_long:
         sample.error = f"socket path longer than {MAX_SOCKET_PATH} bytes: {too_long[0]} (set TMPDIR shorter)"
         return sample
     generator = Generator(system.socket_paths, system.generator_is_server, workdir, args.gen_core, args.sut_core,
-                          veth, path)
+                          veth if system_cls.topology == VHOST_VETH else None, path)
     try:
         if veth is not None:
             veth.create()
@@ -755,16 +998,16 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
         # Cycle counters are cumulative: read them around the window too.
         sut_before = system.start_window()
         gen_before = parse_fwd_cycles(generator.cmd("show fwd stats all"))
-        cpu_before = cpu_seconds(system.pid), cpu_seconds(generator.pid)
+        cpu_before = cpu_of(system.pids), cpu_seconds(generator.pid)
         t0 = time.monotonic()
         before = generator.port_stats()
         if args.profile:
-            sample.profile = profile_window(system.pid, args.window, workdir)
+            sample.profile = profile_window(system.pids, args.window, workdir)
         else:
             time.sleep(args.window)
         t1 = time.monotonic()
         after = generator.port_stats()
-        cpu_after = cpu_seconds(system.pid), cpu_seconds(generator.pid)
+        cpu_after = cpu_of(system.pids), cpu_seconds(generator.pid)
         gen_after = parse_fwd_cycles(generator.cmd("show fwd stats all"))
         sut_after = system.cycles()
 
@@ -952,7 +1195,7 @@ def parse_args(argv: list[str] | None = None):
                                        "(echo 1024 > /proc/sys/vm/nr_hugepages).")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help=f"comma-separated systems to measure (default all: {','.join(SYSTEMS)})")
-    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+    p.add_argument("--sizes", default=None,
                    help="comma-separated frame sizes in bytes, FCS included (default 64,512,1518)")
     p.add_argument("--paths", default="split",
                    help="comma-separated virtqueue paths of the generator's virtio-user ports: "
@@ -973,11 +1216,17 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--profile", action="store_true",
                    help="sample each system under test with perf (Debian package linux-perf) over the "
                         "window; the hottest symbols are printed and stored in the JSON")
+    p.add_argument("--ovs-underlay", choices=OVS_UNDERLAYS, default="af_packet",
+                   help="ovs-dpdk-vxlan: how each OVS attaches to its veth end: af_packet (DPDK "
+                        "net_af_packet, the default), af_xdp (DPDK net_af_xdp), afxdp (OVS's own AF_XDP "
+                        "netdev) or system (OVS's own AF_PACKET socket)")
     p.add_argument("--smoke", action="store_true",
-                   help="short run for the test suite: 64-byte frames, 1 rep, 1 s warm-up, 1 s window")
+                   help="short run for the test suite: 64-byte frames (unless --sizes says otherwise), "
+                        "1 rep, 1 s warm-up, 1 s window")
     args = p.parse_args(argv)
     if args.smoke:
-        args.sizes, args.reps, args.warmup, args.window = "64", 1, 1.0, 1.0
+        args.sizes, args.reps, args.warmup, args.window = args.sizes or "64", 1, 1.0, 1.0
+    args.sizes = args.sizes or ",".join(map(str, DEFAULT_SIZES))
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in args.systems if s not in SYSTEMS]
     if unknown or not args.systems:
@@ -1106,7 +1355,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "method": {
             "summary": __doc__.split("Method\n------\n", 1)[1].split("\nEvery process")[0].strip(),
-            "generator": "dpdk-testpmd, 2 x net_virtio_user (vhost-vhost) or net_virtio_user + "
+            "generator": "dpdk-testpmd, 2 x net_virtio_user (vhost-vhost, vxlan) or net_virtio_user + "
                          "net_af_xdp on a veth (vhost-veth), --forward-mode=mac with --eth-peer, "
                          f"interactive 'start tx_first {args.tx_first}'",
             "frame_size": f"Ethernet frame incl. {FCS_BYTES}-byte FCS; testpmd 'set txpkts <size - {FCS_BYTES}>'",
@@ -1120,6 +1369,7 @@ def main(argv: list[str] | None = None) -> int:
             "repetitions": args.reps,
             "interleaved": True,
             "smoke": args.smoke,
+            "ovs_underlay": args.ovs_underlay,
         },
         "machine": machine,
         "versions": versions,
