@@ -181,8 +181,11 @@ OVS_PACKAGE = "openvswitch-switch-dpdk"
 VTEP_IPS = ("10.99.0.1", "10.99.0.2")
 VXLAN_VNI = 5001
 UNDERLAY_MTU = 1600
-# OVS's br-phy MACs, fixed so that each instance can be told the other's (tnl/arp/set).
+# OVS's br-phy MACs and the veth ends' MACs, fixed so that each host can be
+# told the other's: static neighbour entries for both systems, since the
+# first frames of a closed loop lost while ARP resolves never come back.
 OVS_PHY_MACS = ("02:00:00:00:10:01", "02:00:00:00:10:02")
+VETH_MACS = ("02:00:00:00:20:01", "02:00:00:00:20:02")
 # How an OVS-DPDK instance attaches to its veth end (--ovs-underlay).
 OVS_UNDERLAYS = ("af_packet", "af_xdp", "afxdp", "system")
 
@@ -765,7 +768,13 @@ class OvsDpdkVxlanInstance(OvsDpdk):
         ip = ["ip", "-n", hosts.netns[i]]
         run([*ip, "addr", "add", f"{VTEP_IPS[i]}/24", "dev", "br-phy"])
         run([*ip, "link", "set", "br-phy", "up"])
-        self.appctl("ovs/route/add", f"{VTEP_IPS[1 - i]}/24", "br-phy")
+        # As OVS's howto says: add the tunnel route unless OVS has cached it
+        # from the kernel's table (it does, once it has seen br-phy's address).
+        subnet = VTEP_IPS[0].rsplit(".", 1)[0] + ".0/24"
+        try:
+            wait_for(lambda: f"{subnet} dev br-phy" in self.appctl("ovs/route/show"), 5, "OVS's cached route")
+        except RuntimeError:
+            self.appctl("ovs/route/add", f"{VTEP_IPS[1 - i]}/24", "br-phy")
         # Static: neither instance depends on ARP snooping having seen the other's reply.
         self.appctl("tnl/arp/set", "br-phy", VTEP_IPS[1 - i], OVS_PHY_MACS[1 - i])
 
@@ -864,10 +873,13 @@ class VxlanHosts:
                 run(["ip", "-n", ns, "link", "set", "lo", "up"])
             run(["ip", "-n", self.netns[0], "link", "add", self.ifnames[0], "type", "veth", "peer", "name",
                  self.ifnames[1], "netns", self.netns[1]])
-            for ns, ifname, addr in zip(self.netns, self.ifnames, VTEP_IPS):
-                run(["ip", "-n", ns, "link", "set", ifname, "mtu", str(UNDERLAY_MTU), "up"])
+            for i, (ns, ifname) in enumerate(zip(self.netns, self.ifnames)):
+                run(["ip", "-n", ns, "link", "set", ifname, "address", VETH_MACS[i], "mtu", str(UNDERLAY_MTU),
+                     "up"])
                 if self.address_on_veth:
-                    run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", ifname])
+                    run(["ip", "-n", ns, "addr", "add", f"{VTEP_IPS[i]}/24", "dev", ifname])
+                    run(["ip", "-n", ns, "neigh", "replace", VTEP_IPS[1 - i], "lladdr", VETH_MACS[1 - i],
+                         "dev", ifname, "nud", "permanent"])
         except Exception:
             self.remove()
             raise
