@@ -136,7 +136,7 @@ def test_bench_smoke_vxlan(tmp_path, require_tool):
     systems = ["vswitchd-vxlan", "ovs-dpdk-vxlan"]
     result, report, _ = run_smoke(tmp_path, systems, sizes=(64, 1518))
     assert {row["baseline"] for row in result["results"]} == {"ovs-dpdk-vxlan"}, report
-    assert result["method"]["ovs_underlay"] == "af_packet", report
+    assert result["method"]["ovs_underlay"] == "afxdp", report
     for sample in result["samples"]:
         # Each frame came back decapsulated, exactly as long as sent, and both
         # switches' packet threads did the work (both instances' busy cycles per frame).
