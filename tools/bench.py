@@ -748,6 +748,9 @@ class OvsDpdkVxlanInstance(OvsDpdk):
     def start(self) -> None:
         i, hosts = self.index, self.veth
         self.start_ovsdb(self.dir / "ovs", f"vswitch-bench-ovs-{os.getpid()}-{i}")
+        if getattr(self, "pmd_maxsleep", 0):
+            # OVS's load-based PMD sleep (0, never, by default), like vswitchd's idle sleep.
+            self.vsctl("set", "Open_vSwitch", ".", f"other_config:pmd-maxsleep={self.pmd_maxsleep}")
         self.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int", "datapath_type=netdev")
         self.add_vhost_port("br-int", "vhu", self.socket_paths[0])
         self.vsctl("add-port", "br-int", "vx", "--", "set", "Interface", "vx", "type=vxlan",
@@ -803,12 +806,15 @@ class OvsDpdkVxlan(VxlanSystem):
     check = OvsDpdk.check
     version = OvsDpdk.version
     underlay = OVS_UNDERLAYS[0]
+    pmd_maxsleep = 0
 
     def make_instance(self, i: int) -> System:
         workdir = self.dir / f"h{i}"
         workdir.mkdir()
-        return OvsDpdkVxlanInstance(workdir, self.gen_core, self.sut_core, self.veth, i, self.socket_paths[i],
+        inst = OvsDpdkVxlanInstance(workdir, self.gen_core, self.sut_core, self.veth, i, self.socket_paths[i],
                                     self.underlay)
+        inst.pmd_maxsleep = self.pmd_maxsleep
+        return inst
 
 
 SYSTEM_CLASSES: dict[str, type[System]] = {cls.name: cls for cls in (
@@ -991,6 +997,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
     system = system_cls(workdir, args.gen_core, args.sut_core, veth)
     if system_cls.topology == VXLAN and hasattr(system_cls, "underlay"):
         system.underlay = args.ovs_underlay
+        system.pmd_maxsleep = args.ovs_pmd_maxsleep
     too_long = [str(p) for p in system.socket_paths if len(os.fsencode(p)) > MAX_SOCKET_PATH]
     if too_long:
         sample.error = f"socket path longer than {MAX_SOCKET_PATH} bytes: {too_long[0]} (set TMPDIR shorter)"
@@ -1240,6 +1247,9 @@ def parse_args(argv: list[str] | None = None):
                         "netdev, the default), af_xdp (DPDK net_af_xdp), system (OVS's own AF_PACKET "
                         "socket) or af_packet (DPDK net_af_packet: at most 1518-byte frames on the "
                         "underlay in DPDK 22.11, so it fails here)")
+    p.add_argument("--ovs-pmd-maxsleep", type=int, default=0, metavar="US",
+                   help="ovs-dpdk-vxlan: OVS's other_config:pmd-maxsleep in microseconds (default 0: "
+                        "OVS's default, its PMDs never sleep)")
     p.add_argument("--smoke", action="store_true",
                    help="short run for the test suite: 64-byte frames (unless --sizes says otherwise), "
                         "1 rep, 1 s warm-up, 1 s window")
@@ -1390,6 +1400,7 @@ def main(argv: list[str] | None = None) -> int:
             "interleaved": True,
             "smoke": args.smoke,
             "ovs_underlay": args.ovs_underlay,
+            "ovs_pmd_maxsleep_us": args.ovs_pmd_maxsleep,
         },
         "machine": machine,
         "versions": versions,
