@@ -8,11 +8,12 @@ Run from the repository root, as root, with hugepages reserved:
     python -m tools.bench --macs 2,1000,65536,1000000   # scale modes: tools/scale.py
     python -m tools.bench --ports 2,8,32,64
     python -m tools.bench --systems vswitchd,testpmd-io --sizes 64 --paths split,packed
+    python -m tools.bench --systems vswitchd-vxlan,ovs-dpdk-vxlan --sizes 64,1518
 
 Method
 ------
 Every system under test (SUT) is a two-port middle box between the two ports
-of one traffic generator, in one of two topologies:
+of one traffic generator, in one of three topologies:
 
     vhost-vhost (VM to VM):
     generator port 0 (virtio-user) <-> SUT port A ... SUT port B <-> generator port 1 (virtio-user)
@@ -20,6 +21,12 @@ of one traffic generator, in one of two topologies:
     vhost-veth (VM to NIC; a veth pair in a namespace of the benchmark's own stands in for the wire):
     generator port 0 (virtio-user) <-> SUT port A ... SUT port B on veth end 0
                                        veth end 1 <-> generator port 1 (DPDK net_af_xdp)
+
+    vxlan (VM to VM on two hosts; each host a network namespace of the benchmark's own,
+    a veth pair between them the underlay, MTU 1600 for 1518-byte frames + 50 bytes of VXLAN):
+    generator port 0 <-> switch A: vhost-user port, vxlan port (10.99.0.1, namespace host A)
+                                   ~ veth ~
+    generator port 1 <-> switch B: vhost-user port, vxlan port (10.99.0.2, namespace host B)
 
 * The generator is one `dpdk-testpmd` with two `net_virtio_user` ports in
   `mac` forwarding mode with `--eth-peer` set, so every frame it sends out of
@@ -45,6 +52,26 @@ of one traffic generator, in one of two topologies:
   - `vswitchd-af-packet`: the same with an `af-packet` port.
   - `testpmd-af-xdp`: `dpdk-testpmd` with `net_vhost` and `net_af_xdp` on veth end 0,
     `io` forwarding: DPDK's own path between a guest and a NIC.
+  vxlan (its ratios are to `ovs-dpdk-vxlan`; two switch instances per system,
+  both PMDs on the SUT core, each instance's control threads on the generator core):
+  - `vswitchd-vxlan`: two vswitchd, each a vhost-user port (server mode) and
+    a `vxlan` port whose sockets live in its host's namespace, where the
+    veth end holds the VTEP address (the kernel's UDP/IP stack carries the
+    datagrams, as vswitchd's vxlan port always does).
+  - `ovs-dpdk-vxlan`: two ovs-vswitchd-dpdk, each with its own ovsdb-server,
+    run directory and DPDK file prefix, run inside its host's namespace, set
+    up as OVS documents userspace tunnelling: a `br-int` (netdev) with a
+    `dpdkvhostuserclient` port and a `vxlan` port, a `br-phy` (netdev) that
+    holds the VTEP address on its internal port and the veth end as its
+    uplink (`--ovs-underlay`, default `afxdp`: OVS's own AF_XDP netdev;
+    mtu_request 1600), `ovs/route/add` unless OVS has the route already,
+    and a static `tnl/arp/set` for the remote VTEP (vswitchd's hosts get
+    static neighbour entries likewise).
+  SUT cycles/packet here is both instances' busy cycles over the frames
+  that crossed the tunnel (both instances' received packets, summed, halved):
+  the cost of one frame through encapsulation and decapsulation. The two
+  PMDs share one core (this host has two), and the kernel's veth, IP and UDP
+  work runs in the sending PMD's system calls and softirqs on that core.
   The kernel's share of veth and AF_XDP work is done in the sending
   process's system calls and softirqs, so here cycles/packet from the
   packet threads undercount the whole cost; Mpps and the CPU columns are
@@ -111,11 +138,13 @@ from tests.support.testpmd import (TESTPMD, TestPmd, af_xdp_vdev, hugepages_free
                                    vhost_vdev, virtio_user_vdev)
 
 SYSTEMS = ("vswitchd", "testpmd-io", "testpmd-mac", "ovs-dpdk",
-           "vswitchd-af-xdp", "vswitchd-af-packet", "testpmd-af-xdp")
+           "vswitchd-af-xdp", "vswitchd-af-packet", "testpmd-af-xdp",
+           "vswitchd-vxlan", "ovs-dpdk-vxlan")
 # The two topologies (see Method) and the system each one's ratios are to.
 VHOST_VHOST = "vhost-vhost"
 VHOST_VETH = "vhost-veth"
-BASELINES = {VHOST_VHOST: "testpmd-io", VHOST_VETH: "testpmd-af-xdp"}
+VXLAN = "vxlan"
+BASELINES = {VHOST_VHOST: "testpmd-io", VHOST_VETH: "testpmd-af-xdp", VXLAN: "ovs-dpdk-vxlan"}
 DEFAULT_SIZES = (64, 512, 1518)
 FCS_BYTES = 4
 # Preamble (7) + start frame delimiter (1) + minimum inter-frame gap (12).
@@ -147,6 +176,25 @@ MAX_SOCKET_PATH = 107
 OVS_DPDK_BINARY = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk"
 OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 OVS_PACKAGE = "openvswitch-switch-dpdk"
+
+# The vxlan topology: both hosts' VTEP addresses, the VNI, and the underlay
+# MTU (a 1518-byte frame is 1514 bytes without FCS; in VXLAN it needs an IP
+# MTU of 1514 + 36 = 1550).
+VTEP_IPS = ("10.99.0.1", "10.99.0.2")
+VXLAN_VNI = 5001
+UNDERLAY_MTU = 1600
+# OVS's br-phy MACs and the veth ends' MACs, fixed so that each host can be
+# told the other's: static neighbour entries for both systems, since the
+# first frames of a closed loop lost while ARP resolves never come back.
+OVS_PHY_MACS = ("02:00:00:00:10:01", "02:00:00:00:10:02")
+VETH_MACS = ("02:00:00:00:20:01", "02:00:00:00:20:02")
+# How an OVS-DPDK instance attaches to its veth end (--ovs-underlay); the
+# default first. OVS's own AF_XDP netdev was the fastest that works here (one
+# trial each at 64 B, 2026-11-29, Debian 12's OVS 3.1 / DPDK 22.11): DPDK's
+# net_af_packet refuses the MTU of 1600 (its largest frame is 1518 bytes, so
+# 1518-byte frames in VXLAN cannot pass), net_af_xdp and the AF_PACKET socket
+# were slower.
+OVS_UNDERLAYS = ("afxdp", "af_xdp", "system", "af_packet")
 
 
 class Unavailable(Exception):
@@ -266,6 +314,12 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_of(pids: list[int]) -> float | None:
+    """CPU seconds of all the processes (both instances of a vxlan system)."""
+    times = [cpu_seconds(pid) for pid in pids]
+    return None if not times or None in times else sum(times)
+
+
 def cpu_share(before: float | None, after: float | None, seconds: float) -> float | None:
     if before is None or after is None:
         return None
@@ -300,13 +354,14 @@ class System:
     topology = VHOST_VHOST
     generator_is_server = False
 
-    def __init__(self, workdir: Path, gen_core: int, sut_core: int, veth: "VethPair | None" = None):
+    def __init__(self, workdir: Path, gen_core: int, sut_core: int, veth: "VethPair | VxlanHosts | None" = None):
         self.dir = workdir
         self.gen_core = gen_core
         self.sut_core = sut_core
         # vhost-veth: one socket, and the veth pair whose first end is the SUT's.
+        # vxlan: two sockets, and the two host namespaces.
         self.veth = veth
-        count = 2 if self.topology == VHOST_VHOST else 1
+        count = 1 if self.topology == VHOST_VETH else 2
         self.socket_paths = [workdir / name for name in ("a.sock", "b.sock")[:count]]
 
     @classmethod
@@ -328,6 +383,11 @@ class System:
     def pid(self) -> int | None:
         """The process whose CPU time is the SUT's (its packet thread's and the rest)."""
         return None
+
+    @property
+    def pids(self) -> list[int]:
+        """Every process of the SUT (two switch instances in the vxlan topology)."""
+        return [self.pid] if self.pid is not None else []
 
     def start_window(self) -> tuple[int, int] | None:
         """Called as the window opens; returns the counters that `cycles()` at its end is compared with."""
@@ -503,7 +563,18 @@ class OvsDpdk(System):
         return "; ".join(line.strip() for line in first if line.strip())
 
     def start(self) -> None:
-        run_dir = self.dir / "ovs"
+        self.start_ovsdb(self.dir / "ovs", f"vswitch-bench-ovs-{os.getpid()}")
+        # The bridge's default flow is NORMAL: MAC learning, like vswitchd.
+        self.vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev")
+        for i, path in enumerate(self.socket_paths):
+            self.add_vhost_port("br0", f"vhu{i}", path)
+        # unshare --net: the bridge's internal tap device is made in a
+        # namespace that disappears with the process.
+        self.start_vswitchd(["unshare", "--net"])
+        wait_for(self._ports_ready, 60, "ovs-vswitchd-dpdk start-up", self.vswitchd, self.log_path)
+
+    def start_ovsdb(self, run_dir: Path, prefix: str) -> None:
+        """A private ovsdb-server in run_dir, initialised with the DPDK settings (file prefix `prefix`)."""
         run_dir.mkdir()
         self.run_dir = run_dir
         # Every path OVS derives from these lives in run_dir: nothing touches
@@ -522,7 +593,6 @@ class OvsDpdk(System):
              "-vconsole:off"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for(self.db_socket.exists, 10, "ovsdb-server start-up", self.ovsdb, run_dir / "ovsdb-server.log")
-        prefix = f"vswitch-bench-ovs-{os.getpid()}"
         self.vsctl("init")
         self.vsctl("set", "Open_vSwitch", ".",
                    "other_config:dpdk-init=true",
@@ -532,25 +602,24 @@ class OvsDpdk(System):
                    # Pools sized for these two ports instead of one shared
                    # 256k-mbuf pool: hugepages are shared with the generator.
                    "other_config:per-port-memory=true")
-        # The bridge's default flow is NORMAL: MAC learning, like vswitchd.
-        self.vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev")
-        for i, path in enumerate(self.socket_paths):
-            self.vsctl("add-port", "br0", f"vhu{i}", "--", "set", "Interface", f"vhu{i}",
-                       "type=dpdkvhostuserclient", f"options:vhost-server-path={path}")
-        self.log_path = run_dir / "ovs-vswitchd.log"
-        # unshare --net: the bridge's internal tap device is made in a
-        # namespace that disappears with the process. taskset puts OVS's
-        # non-PMD threads on the generator core; the PMD pins itself.
+
+    def add_vhost_port(self, bridge: str, name: str, path: Path) -> None:
+        self.vsctl("add-port", bridge, name, "--", "set", "Interface", name,
+                   "type=dpdkvhostuserclient", f"options:vhost-server-path={path}")
+
+    def start_vswitchd(self, wrapper: list[str]) -> None:
+        """ovs-vswitchd-dpdk on the database, under `wrapper` (the command that gives it its namespace)."""
+        self.log_path = self.run_dir / "ovs-vswitchd.log"
+        # taskset puts OVS's non-PMD threads on the generator core; the PMD pins itself.
         self.vswitchd = subprocess.Popen(
-            ["taskset", "-c", str(self.gen_core), "unshare", "--net", OVS_DPDK_BINARY,
+            ["taskset", "-c", str(self.gen_core), *wrapper, OVS_DPDK_BINARY,
              f"unix:{self.db_socket}", "--disable-system", f"--unixctl={self.ctl_socket}",
-             f"--pidfile={run_dir / 'ovs-vswitchd.pid'}", f"--log-file={self.log_path}", "-vconsole:off"],
+             f"--pidfile={self.run_dir / 'ovs-vswitchd.pid'}", f"--log-file={self.log_path}", "-vconsole:off"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(self._ports_ready, 60, "ovs-vswitchd-dpdk start-up", self.vswitchd, self.log_path)
 
     @property
     def pid(self) -> int | None:
-        # taskset and unshare exec ovs-vswitchd: same PID.
+        # taskset, unshare and `ip netns exec` exec ovs-vswitchd: same PID.
         return self.vswitchd.pid if getattr(self, "vswitchd", None) else None
 
     def vsctl(self, *args: str) -> str:
@@ -626,8 +695,155 @@ class TestPmdAfXdp(TestPmdVhost):
         return super().vdevs() + [af_xdp_vdev(1, self.veth.sut_if)]
 
 
+class VxlanSystem(System):
+    """Two switch instances, one per host namespace, each a vhost-user port to one generator port
+    and a VXLAN tunnel to the other (the vxlan topology)."""
+
+    topology = VXLAN
+    # Whether the VTEP address goes on the veth end itself (a switch that uses
+    # the kernel's IP stack) or on a bridge of the switch's own (OVS's br-phy).
+    address_on_veth = True
+
+    def start(self) -> None:
+        self.instances = []
+        for i in (0, 1):
+            self.instances.append(self.make_instance(i))
+            self.instances[-1].start()
+
+    def make_instance(self, i: int) -> System:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return self.pids[0] if self.pids else None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p for inst in getattr(self, "instances", []) for p in inst.pids]
+
+    def start_window(self) -> tuple[int, int] | None:
+        return self._frames([inst.start_window() for inst in self.instances])
+
+    def cycles(self) -> tuple[int, int] | None:
+        return self._frames([inst.cycles() for inst in self.instances])
+
+    @staticmethod
+    def _frames(counters: list) -> tuple[int, int] | None:
+        # Each frame is received twice, once by each instance (from its guest
+        # or from the tunnel): busy cycles of both per frame end to end.
+        if any(c is None for c in counters):
+            return None
+        return sum(c[0] for c in counters), sum(c[1] for c in counters) // 2
+
+    def stop(self) -> None:
+        for inst in reversed(getattr(self, "instances", [])):
+            inst.stop()
+
+
+class VswitchdVxlan(VxlanSystem):
+    name = "vswitchd-vxlan"
+    check = Vswitchd.check
+    version = Vswitchd.version
+
+    def make_instance(self, i: int) -> System:
+        hosts = self.veth
+        workdir = self.dir / f"h{i}"
+        workdir.mkdir()
+        inst = Vswitchd(workdir, self.gen_core, self.sut_core)
+        inst.socket_paths = [self.socket_paths[i]]
+        vxlan = {"name": "vx", "type": "vxlan", "local_ip": VTEP_IPS[i], "remote": [VTEP_IPS[1 - i]],
+                 "vni": VXLAN_VNI, "netns": hosts.netns[i]}
+        inst.ports = lambda: [{"name": "vm", "type": "vhost-user", "path": str(self.socket_paths[i]),
+                               "mode": "server"}, vxlan]
+        return inst
+
+
+class OvsDpdkVxlanInstance(OvsDpdk):
+    """One host's OVS-DPDK, set up for userspace tunnelling as OVS's documentation does
+    (Documentation/howto/userspace-tunneling.rst): br-int with the guest's port and the
+    vxlan port, br-phy with the underlay port and the VTEP address."""
+
+    def __init__(self, workdir: Path, gen_core: int, sut_core: int, hosts: "VxlanHosts", index: int,
+                 socket_path: Path, underlay: str):
+        super().__init__(workdir, gen_core, sut_core, hosts)
+        self.index, self.underlay = index, underlay
+        self.socket_paths = [socket_path]
+
+    def start(self) -> None:
+        i, hosts = self.index, self.veth
+        self.start_ovsdb(self.dir / "ovs", f"vswitch-bench-ovs-{os.getpid()}-{i}")
+        if getattr(self, "pmd_maxsleep", 0):
+            # OVS's load-based PMD sleep (0, never, by default), like vswitchd's idle sleep.
+            self.vsctl("set", "Open_vSwitch", ".", f"other_config:pmd-maxsleep={self.pmd_maxsleep}")
+        self.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int", "datapath_type=netdev")
+        self.add_vhost_port("br-int", "vhu", self.socket_paths[0])
+        self.vsctl("add-port", "br-int", "vx", "--", "set", "Interface", "vx", "type=vxlan",
+                   f"options:local_ip={VTEP_IPS[i]}", f"options:remote_ip={VTEP_IPS[1 - i]}",
+                   f"options:key={VXLAN_VNI}")
+        self.vsctl("add-br", "br-phy", "--", "set", "bridge", "br-phy", "datapath_type=netdev",
+                   f"other_config:hwaddr={OVS_PHY_MACS[i]}", "--", "set", "Interface", "br-phy",
+                   f"mtu_request={UNDERLAY_MTU}")
+        # The uplink: the veth end, as a DPDK port on a vdev, or as OVS's own
+        # AF_XDP or AF_PACKET netdev (named as the interface, as those must be).
+        ifname = hosts.ifnames[i]
+        if self.underlay == "system":
+            port_name, options = ifname, []
+        elif self.underlay == "afxdp":
+            port_name, options = ifname, ["type=afxdp"]
+        else:
+            vdev = {"af_packet": "net_af_packet0", "af_xdp": "net_af_xdp0"}[self.underlay]
+            port_name, options = "phy", ["type=dpdk", f"options:dpdk-devargs={vdev},iface={ifname}"]
+        self.vsctl("add-port", "br-phy", port_name, "--", "set", "Interface", port_name,
+                   f"mtu_request={UNDERLAY_MTU}", *options)
+        self.phy_port = port_name
+        # In the host's namespace: br-int's and br-phy's internal ports (taps) are made there.
+        self.start_vswitchd(["ip", "netns", "exec", hosts.netns[i]])
+        wait_for(self._ports_ready, 60, "ovs-vswitchd-dpdk start-up", self.vswitchd, self.log_path)
+        ip = ["ip", "-n", hosts.netns[i]]
+        run([*ip, "addr", "add", f"{VTEP_IPS[i]}/24", "dev", "br-phy"])
+        run([*ip, "link", "set", "br-phy", "up"])
+        # As OVS's howto says: add the tunnel route unless OVS has cached it
+        # from the kernel's table (it does, once it has seen br-phy's address).
+        subnet = VTEP_IPS[0].rsplit(".", 1)[0] + ".0/24"
+        try:
+            wait_for(lambda: f"{subnet} dev br-phy" in self.appctl("ovs/route/show"), 5, "OVS's cached route")
+        except RuntimeError:
+            self.appctl("ovs/route/add", f"{VTEP_IPS[1 - i]}/24", "br-phy")
+        # Static: neither instance depends on ARP snooping having seen the other's reply.
+        self.appctl("tnl/arp/set", "br-phy", VTEP_IPS[1 - i], OVS_PHY_MACS[1 - i])
+
+    def _ports_ready(self) -> bool:
+        if not self.ctl_socket.exists():
+            return False
+        try:
+            ofports = [self.vsctl("get", "Interface", name, "ofport").strip()
+                       for name in ("vhu", "vx", self.phy_port)]
+        except RuntimeError:
+            return False
+        return all(p.isdigit() and int(p) > 0 for p in ofports)
+
+
+class OvsDpdkVxlan(VxlanSystem):
+    name = "ovs-dpdk-vxlan"
+    generator_is_server = True
+    address_on_veth = False
+    check = OvsDpdk.check
+    version = OvsDpdk.version
+    underlay = OVS_UNDERLAYS[0]
+    pmd_maxsleep = 0
+
+    def make_instance(self, i: int) -> System:
+        workdir = self.dir / f"h{i}"
+        workdir.mkdir()
+        inst = OvsDpdkVxlanInstance(workdir, self.gen_core, self.sut_core, self.veth, i, self.socket_paths[i],
+                                    self.underlay)
+        inst.pmd_maxsleep = self.pmd_maxsleep
+        return inst
+
+
 SYSTEM_CLASSES: dict[str, type[System]] = {cls.name: cls for cls in (
-    Vswitchd, TestPmdIo, TestPmdMac, OvsDpdk, VswitchdAfXdp, VswitchdAfPacket, TestPmdAfXdp)}
+    Vswitchd, TestPmdIo, TestPmdMac, OvsDpdk, VswitchdAfXdp, VswitchdAfPacket, TestPmdAfXdp,
+    VswitchdVxlan, OvsDpdkVxlan)}
 
 
 class VethPair:
@@ -665,6 +881,50 @@ class VethPair:
 
     def remove(self) -> None:
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+
+
+class VxlanHosts:
+    """Two network namespaces of the benchmark's own ("hosts"), a veth pair between them (the underlay).
+
+    Both ends get UNDERLAY_MTU, and the VTEP addresses go on them when the
+    switch uses the kernel's IP stack (address_on_veth); OVS's userspace
+    tunnels want the address on their br-phy instead. Removing the
+    namespaces removes the pair.
+    """
+
+    ifnames = ("vsx0", "vsx1")
+    _count = 0
+
+    def __init__(self, address_on_veth: bool):
+        VxlanHosts._count += 1
+        self.address_on_veth = address_on_veth
+        self.netns = tuple(f"vsb-{os.getpid()}-x{VxlanHosts._count}{side}" for side in "ab")
+
+    def create(self) -> "VxlanHosts":
+        try:
+            for ns in self.netns:
+                run(["ip", "netns", "add", ns])
+                # No IPv6: the kernel sends nothing of its own (neighbour discovery, MLD) over the underlay.
+                for scope in ("all", "default"):
+                    run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.disable_ipv6=1"])
+                run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            run(["ip", "-n", self.netns[0], "link", "add", self.ifnames[0], "type", "veth", "peer", "name",
+                 self.ifnames[1], "netns", self.netns[1]])
+            for i, (ns, ifname) in enumerate(zip(self.netns, self.ifnames)):
+                run(["ip", "-n", ns, "link", "set", ifname, "address", VETH_MACS[i], "mtu", str(UNDERLAY_MTU),
+                     "up"])
+                if self.address_on_veth:
+                    run(["ip", "-n", ns, "addr", "add", f"{VTEP_IPS[i]}/24", "dev", ifname])
+                    run(["ip", "-n", ns, "neigh", "replace", VTEP_IPS[1 - i], "lladdr", VETH_MACS[1 - i],
+                         "dev", ifname, "nud", "permanent"])
+        except Exception:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for ns in self.netns:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 # --------------------------------------------------------------------------
@@ -727,19 +987,21 @@ class Generator(TestPmd):
                          netns=veth.netns if veth else None)
 
 
-def profile_window(pids: list[int], seconds: float, workdir: Path, top: int = 15) -> list[list]:
-    """Samples each process with `perf record` over the same window; returns each one's hottest symbols.
+def profile_window(groups: list[list[int]], seconds: float, workdir: Path, top: int = 15) -> list[list]:
+    """Samples each group of processes (a system's, the generator's) with `perf record` over the same
+    window; returns each group's hottest symbols.
 
     perf's cpu-clock sampling works where hardware counters do not (as in this VM).
     """
-    perfs = [subprocess.Popen(["perf", "record", "-q", "-o", str(workdir / f"perf-{pid}.data"), "-p", str(pid),
-                               "--", "sleep", str(seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for pid in pids]
+    perfs = [subprocess.Popen(["perf", "record", "-q", "-o", str(workdir / f"perf-{i}.data"),
+                               "-p", ",".join(map(str, pids)), "--", "sleep", str(seconds)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i, pids in enumerate(groups)]
     for perf in perfs:
         _, err = perf.communicate(timeout=seconds + 30)
         if perf.returncode != 0:
             raise RuntimeError(f"perf record failed: {err.decode(errors='replace').strip()}")
-    return [hottest_symbols(workdir / f"perf-{pid}.data", top) for pid in pids]
+    return [hottest_symbols(workdir / f"perf-{i}.data", top) for i in range(len(groups))]
 
 
 def hottest_symbols(data: Path, top: int) -> list:
@@ -773,14 +1035,22 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
     # Numbered rather than named (s<system>p<path>-<size>-r<rep>): the sockets inside must stay short.
     workdir = scratch / f"s{SYSTEMS.index(system_cls.name)}p{list(PATHS).index(path)}-{size}-r{rep + 1}"
     workdir.mkdir()
-    veth = VethPair() if system_cls.topology == VHOST_VETH else None
+    if system_cls.topology == VHOST_VETH:
+        veth = VethPair()
+    elif system_cls.topology == VXLAN:
+        veth = VxlanHosts(system_cls.address_on_veth)
+    else:
+        veth = None
     system = system_cls(workdir, args.gen_core, args.sut_core, veth)
+    if system_cls.topology == VXLAN and hasattr(system_cls, "underlay"):
+        system.underlay = args.ovs_underlay
+        system.pmd_maxsleep = args.ovs_pmd_maxsleep
     too_long = [str(p) for p in system.socket_paths if len(os.fsencode(p)) > MAX_SOCKET_PATH]
     if too_long:
         sample.error = f"socket path longer than {MAX_SOCKET_PATH} bytes: {too_long[0]} (set TMPDIR shorter)"
         return sample
     generator = Generator(system.socket_paths, system.generator_is_server, workdir, args.gen_core, args.sut_core,
-                          veth, path)
+                          veth if system_cls.topology == VHOST_VETH else None, path)
     try:
         if veth is not None:
             veth.create()
@@ -803,17 +1073,17 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
         bursts_before = system.bursts()
         fwd_before = generator.cmd("show fwd stats all")
         gen_before = parse_fwd_cycles(fwd_before)
-        cpu_before = cpu_seconds(system.pid), cpu_seconds(generator.pid)
+        cpu_before = cpu_of(system.pids), cpu_seconds(generator.pid)
         t0 = time.monotonic()
         before = generator.port_stats()
         if args.profile:
-            sample.profile, sample.generator_profile = profile_window([system.pid, generator.pid], args.window,
+            sample.profile, sample.generator_profile = profile_window([system.pids, [generator.pid]], args.window,
                                                                       workdir)
         else:
             time.sleep(args.window)
         t1 = time.monotonic()
         after = generator.port_stats()
-        cpu_after = cpu_seconds(system.pid), cpu_seconds(generator.pid)
+        cpu_after = cpu_of(system.pids), cpu_seconds(generator.pid)
         fwd_after = generator.cmd("show fwd stats all")
         gen_after = parse_fwd_cycles(fwd_after)
         sut_after = system.cycles()
@@ -1028,7 +1298,7 @@ def parse_args(argv: list[str] | None = None):
                                        "(echo 1024 > /proc/sys/vm/nr_hugepages).")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help=f"comma-separated systems to measure (default all: {','.join(SYSTEMS)})")
-    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+    p.add_argument("--sizes", default=None,
                    help="comma-separated frame sizes in bytes, FCS included (default 64,512,1518)")
     p.add_argument("--paths", default="split",
                    help="comma-separated virtqueue paths of the generator's virtio-user ports: "
@@ -1049,11 +1319,21 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--profile", action="store_true",
                    help="sample each system under test with perf (Debian package linux-perf) over the "
                         "window; the hottest symbols are printed and stored in the JSON")
+    p.add_argument("--ovs-underlay", choices=OVS_UNDERLAYS, default=OVS_UNDERLAYS[0],
+                   help="ovs-dpdk-vxlan: how each OVS attaches to its veth end: afxdp (OVS's own AF_XDP "
+                        "netdev, the default), af_xdp (DPDK net_af_xdp), system (OVS's own AF_PACKET "
+                        "socket) or af_packet (DPDK net_af_packet: at most 1518-byte frames on the "
+                        "underlay in DPDK 22.11, so it fails here)")
+    p.add_argument("--ovs-pmd-maxsleep", type=int, default=0, metavar="US",
+                   help="ovs-dpdk-vxlan: OVS's other_config:pmd-maxsleep in microseconds (default 0: "
+                        "OVS's default, its PMDs never sleep)")
     p.add_argument("--smoke", action="store_true",
-                   help="short run for the test suite: 64-byte frames, 1 rep, 1 s warm-up, 1 s window")
+                   help="short run for the test suite: 64-byte frames (unless --sizes says otherwise), "
+                        "1 rep, 1 s warm-up, 1 s window")
     args = p.parse_args(argv)
     if args.smoke:
-        args.sizes, args.reps, args.warmup, args.window = "64", 1, 1.0, 1.0
+        args.sizes, args.reps, args.warmup, args.window = args.sizes or "64", 1, 1.0, 1.0
+    args.sizes = args.sizes or ",".join(map(str, DEFAULT_SIZES))
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in args.systems if s not in SYSTEMS]
     if unknown or not args.systems:
@@ -1188,7 +1468,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "method": {
             "summary": __doc__.split("Method\n------\n", 1)[1].split("\nEvery process")[0].strip(),
-            "generator": "dpdk-testpmd, 2 x net_virtio_user (vhost-vhost) or net_virtio_user + "
+            "generator": "dpdk-testpmd, 2 x net_virtio_user (vhost-vhost, vxlan) or net_virtio_user + "
                          "net_af_xdp on a veth (vhost-veth), --forward-mode=mac with --eth-peer, "
                          f"interactive 'start tx_first {args.tx_first}'",
             "frame_size": f"Ethernet frame incl. {FCS_BYTES}-byte FCS; testpmd 'set txpkts <size - {FCS_BYTES}>'",
@@ -1202,6 +1482,8 @@ def main(argv: list[str] | None = None) -> int:
             "repetitions": args.reps,
             "interleaved": True,
             "smoke": args.smoke,
+            "ovs_underlay": args.ovs_underlay,
+            "ovs_pmd_maxsleep_us": args.ovs_pmd_maxsleep,
         },
         "machine": machine,
         "versions": versions,
