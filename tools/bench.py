@@ -1094,7 +1094,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
         gen_bursts = parse_generator_bursts(fwd_before), parse_generator_bursts(fwd_after)
         if None not in gen_bursts and gen_bursts[1][1] > gen_bursts[0][1]:
             sample.generator_frames_per_poll = round((gen_bursts[1][0] - gen_bursts[0][0]) /
-                                                     (gen_bursts[1][1] - gen_bursts[0][1]), 2)
+                                                     (gen_bursts[1][1] - gen_bursts[0][1]), 4)
             sample.generator_tx_dropped = gen_bursts[1][2] - gen_bursts[0][2]
 
         if set(after) != {0, 1}:
