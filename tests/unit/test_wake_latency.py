@@ -69,9 +69,10 @@ def forward_times(poll_only: bool) -> tuple[list[float], int]:
             else:
                 while not asleep(pmd.pmd):
                     assert time.monotonic() < deadline, "the PMD never went to sleep"
+            data = frame(BROADCAST, mac(9), bytes([round_]) * 50)
             seen = rx.used_idx
             t0 = time.perf_counter_ns()
-            assert null.inject(frame(BROADCAST, mac(9), bytes([round_]) * 50)) == 0
+            assert null.inject(data) == 0
             give_up = t0 + int(FRAME_DEADLINE_S * 1e9)
             while rx.used_idx == seen:
                 if time.perf_counter_ns() > give_up:
@@ -92,8 +93,11 @@ def test_a_sleeping_pmd_is_woken_by_the_fd_and_forwards_within_a_wake_up_of_a_po
     sleeping, wakeups = forward_times(poll_only=False)
     polling, polling_wakeups = forward_times(poll_only=True)
     s50, p50 = statistics.median(sleeping), statistics.median(polling)
-    print(f"inject to guest ring, {ROUNDS} frames: sleeping PMD median {s50:.1f} us (max {max(sleeping):.1f}), "
-          f"polling PMD median {p50:.1f} us (max {max(polling):.1f}); the wake-up costs {s50 - p50:.1f} us here")
+    # A busy host only adds delay: the low percentiles are the closest to the wake-up's own price.
+    s10, p10 = sorted(sleeping)[ROUNDS // 10], sorted(polling)[ROUNDS // 10]
+    print(f"inject to guest ring, {ROUNDS} frames: sleeping PMD min / p10 / median {min(sleeping):.1f} / "
+          f"{s10:.1f} / {s50:.1f} us, polling PMD {min(polling):.1f} / {p10:.1f} / {p50:.1f} us; "
+          f"the wake-up costs {s10 - p10:.1f} us at p10 here")
     assert wakeups >= ROUNDS, f"only {wakeups} of {ROUNDS} sleeps ended on the port's fd"
     assert polling_wakeups == 0, "a poll_only PMD never sleeps, so no fd ends a sleep"
     assert s50 < MEDIAN_BOUND_US, f"a sleeping PMD took {s50:.0f} us at the median: a timer, not the fd?"
