@@ -116,7 +116,8 @@ class Result:
         if self.rtt_us:
             ordered = sorted(self.rtt_us)
             out.update({f"p{name}_us": round(percentile(ordered, q), 1)
-                        for name, q in (("50", 50), ("99", 99), ("99_9", 99.9))})
+                        for name, q in (("10", 10), ("50", 50), ("99", 99), ("99_9", 99.9))})
+            out["min_us"] = round(ordered[0], 1)
             out["max_us"] = round(ordered[-1], 1)
             out["mean_us"] = round(statistics.fmean(ordered), 1)
         return out
@@ -505,31 +506,32 @@ def markdown(rows: list[dict]) -> str:
 
 
 def report(paths: list[str]) -> str:
-    """One README table from several saved runs (--report): p50 and p99 of each run side by side."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    by = {}
-    for n, run in enumerate(runs):
-        for r in run["results"]:
-            by.setdefault((r["case"], r["load"], r["system"], r["rate"]), {})[n] = r
-    rates = sorted({k[3] for k in by})
-    keys = sorted({k[:3] for k in by}, key=lambda k: (CASES.index(k[0]), LOADS.index(k[1]),
-                  (VHOST_SYSTEMS if k[0] == "vhost" else TAP_SYSTEMS).index(k[2])))
-    head = ["case", "load", "system"]
-    for rate in rates:
-        head += [f"{rate}/s p50", f"{rate}/s p99", f"{rate}/s p99.9"]
-    lines = [f"runs: {', '.join(run['date'] for run in runs)}; each cell: " + " / ".join(f"run {n + 1}" for n in
-             range(len(runs))) + ", microseconds", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """One README table from several saved runs (--report): a row per case, load, system and run.
 
-    def cell(results: dict, key: str) -> str:
-        return " / ".join(f"{results[n][key]:.0f}" if n in results and results[n].get(key) is not None else "-"
-                          for n in range(len(runs)))
+    p10 is computed from the samples: on a busy host, other work only adds
+    delay, and the low percentiles are the closest to a system's own cost."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = {}
+    for n, run in enumerate(runs):
+        for r in run["samples_us"]:
+            rows.setdefault((r["case"], r["load"], r["system"]), {}).setdefault(n, {})[r["rate"]] = sorted(r["rtt_us"])
+    rates = sorted({rate for runs_ in rows.values() for by_rate in runs_.values() for rate in by_rate})
+    keys = sorted(rows, key=lambda k: (CASES.index(k[0]), LOADS.index(k[1]),
+                                       (VHOST_SYSTEMS if k[0] == "vhost" else TAP_SYSTEMS).index(k[2])))
+    head = ["case", "load", "system", "run"]
+    for rate in rates:
+        head += [f"{rate}/s p10", "p50", "p99", "p99.9"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in keys:
-        cells = list(k)
-        for rate in rates:
-            results = by.get((*k, rate), {})
-            cells += [cell(results, "p50_us"), cell(results, "p99_us"), cell(results, "p99_9_us")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for n in sorted(rows[k]):
+            cells = [*k, str(n + 1)]
+            for rate in rates:
+                x = rows[k][n].get(rate)
+                cells += ([f"{percentile(x, q):.0f}" for q in (10, 50, 99, 99.9)] if x else ["-"] * 4)
+            lines.append("| " + " | ".join(cells) + " |")
+    dates = ", ".join(f"run {n + 1}: {run['date']}, load average {run['machine'].get('load_average_at_start')}"
+                      f" at start, {run['machine'].get('load_average_at_end', '?')} at end" for n, run in enumerate(runs))
+    return dates + "\n\n" + "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> str | None:
@@ -557,6 +559,7 @@ def plot(rows: list[dict], path: Path, title: str) -> str | None:
         ax.set_xticks([x + width * (len(rates) - 1) / 2 for x in range(len(systems))])
         ax.set_xticklabels(systems, rotation=20, ha="right", fontsize=8)
         ax.set_title(f"{case}, {load}")
+        ax.set_yscale("log")   # a busy host puts milliseconds in the tails
         ax.set_ylabel("round trip, us (bar p50, whisker p99)")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -633,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="vsl-"))
     results: list[Result] = []
     started = datetime.datetime.now().astimezone()
+    machine = bench.machine_info(argparse.Namespace(gen_core=args.gen_core, sut_core=args.sut_core))
     try:
         for rate in args.rates:
             for load in args.loads:
@@ -658,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python3", "-m", "tools.latency", *(argv if argv is not None else sys.argv[1:])]),
         "date": started.isoformat(timespec="seconds"),
         "method": __doc__.split("Method\n------\n", 1)[1].split("\nEvery process")[0].strip(),
-        "machine": bench.machine_info(argparse.Namespace(gen_core=args.gen_core, sut_core=args.sut_core)),
+        "machine": machine,
         "results": rows,
         "samples_us": [{"case": r.case, "system": r.system, "rate": r.rate, "load": r.load, "rtt_us": r.rtt_us}
                        for r in results],

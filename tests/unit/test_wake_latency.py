@@ -53,6 +53,8 @@ def forward_times(poll_only: bool) -> tuple[list[float], int]:
 
     def run():
         os.sched_setaffinity(0, {cpus[-1]})
+        # For `perf sched timehist --tid`: which thread is the PMD.
+        print(f"PMD thread (poll_only={poll_only}): tid {threading.get_native_id()}")
         lib.vs_pmd_run(pmd.pmd)
 
     pmd.thread = threading.Thread(target=run, daemon=True)
