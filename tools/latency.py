@@ -37,13 +37,15 @@ Method
   background flow between two more ports of the same switch runs
   meanwhile.  vhost: two more front-ends, C and D; between round trips
   (never during one: the harness is one thread) C sends bursts of
-  LOAD_BURST 60-byte frames to D every LOAD_PERIOD_US, about 32,000
-  frames/s, and D's ring is drained; the switch is therefore never idle
+  LOAD_BURST 60-byte frames to D every LOAD_PERIOD_US, at most 32,000
+  frames/s (the harness's Python may manage fewer: `load_frames` in the
+  JSON counts what arrived), and D's ring is drained; the switch is therefore never idle
   for long when a round trip starts (a PMD that sleeps when idle stays
   awake), and frames of the flow may share its passes.  tap: two more
-  namespaces, C and D, and `ping -i 0.0002 -s 1000` from C to D (5,000
-  round trips/s, 10,000 frames/s of 1,042 bytes) for the whole
-  measurement, pinned to --gen-core like the measuring ping.
+  namespaces, C and D, and `ping -i 0.0002 -s 1000` from C to D (frames
+  of 1,042 bytes; ping may keep a faster pace than -i when replies come
+  back quickly: `load_frames` counts them) for the whole measurement,
+  pinned to --gen-core like the measuring ping.
 * A frame with no answer within 1 s counts as lost.  Reported: p50, p99,
   p99.9 and max of the round-trip times in microseconds, per case, system
   and rate.  p99.9 needs 1000 samples to mean anything: choose --seconds so
@@ -81,7 +83,7 @@ VHOST_SYSTEMS = ("vswitchd", "vswitchd-poll", "testpmd-io", "ovs-dpdk", "ovs-dpd
 TAP_SYSTEMS = ("vswitchd", "vswitchd-poll", "linux-bridge")
 DEFAULT_RATES = (10, 500)
 LOADS = ("idle", "busy")
-# The vhost case's background flow: a burst this big this often (about 32,000 frames/s).
+# The vhost case's background flow: a burst this big this often (at most 32,000 frames/s).
 LOAD_BURST = 8
 LOAD_PERIOD_US = 250
 MAC_C, MAC_D = "02:00:00:00:0a:03", "02:00:00:00:0a:04"
