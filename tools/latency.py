@@ -5,6 +5,7 @@ Run from the repository root, as root (also as `python -m tools.bench --latency 
     python -m tools.latency                                  # every case and system, 10 and 500 frames/s
     python -m tools.latency --cases vhost --systems vswitchd,testpmd-io --rates 10 --seconds 30
     python -m tools.latency --report run1.json run2.json      # one table of saved runs, side by side
+    python -m tools.latency --replot run1.json run1.png       # the plot of a saved run again
 
 Method
 ------
@@ -618,6 +619,12 @@ def main(argv: list[str] | None = None) -> int:
         # No measurement: a table of runs saved before (their JSON files).
         print(report(argv_list[1:]))
         return 0
+    if argv_list[:1] == ["--replot"] and len(argv_list) == 3:
+        # No measurement: the plot of a run saved before (JSON in, PNG out).
+        run = json.loads(Path(argv_list[1]).read_text())
+        made = plot(run["results"], Path(argv_list[2]), f"{run['command']}  ({run['date']})")
+        print(f"plot: {made}" if made else "plot: matplotlib not installed, none made")
+        return 0 if made else 1
     args = parse_args(argv)
     if os.geteuid() != 0:
         log("latency: must run as root (hugepages, namespaces, vhost-user sockets)")
