@@ -679,7 +679,10 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.json_out)
     path.parent.mkdir(parents=True, exist_ok=True)
     out["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    # Compact: every sample is kept (to 0.1 us), thousands of them a point.
+    for samples in out["samples_us"]:
+        samples["rtt_us"] = [round(x, 1) for x in samples["rtt_us"]]
+    path.write_text(json.dumps(out, separators=(",", ":")) + "\n")
     print(f"json: {path}")
     print(markdown(rows))
     if args.plot:
