@@ -425,11 +425,7 @@ class Vswitchd(System):
         # Short: the path must fit sockaddr_un like the vhost-user sockets.
         self.control_socket = str(self.dir / "ctl")
         self.log_path = self.dir / "vswitchd.log"
-        config = {
-            "control_socket": self.control_socket,
-            "pmd": {"cpus": [self.sut_core]},
-            "ports": self.ports(),
-        }
+        config = self.config()
         config_path = self.dir / "vswitchd.yaml"
         config_path.write_text(yaml.safe_dump(config))
         self._log = open(self.log_path, "ab")
@@ -441,6 +437,9 @@ class Vswitchd(System):
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         wait_for(lambda: all(p.exists() for p in self.socket_paths) and self._answers(), 30,
                  "vswitchd start-up", self.proc, self.log_path)
+
+    def config(self) -> dict:
+        return {"control_socket": self.control_socket, "pmd": {"cpus": [self.sut_core]}, "ports": self.ports()}
 
     def ports(self) -> list[dict]:
         return [{"name": f"vm{i}", "type": "vhost-user", "path": str(path), "mode": "server"}
@@ -632,7 +631,8 @@ class OvsDpdk(System):
         if not self.ctl_socket.exists():
             return False
         try:
-            ofports = [self.vsctl("get", "Interface", f"vhu{i}", "ofport").strip() for i in range(2)]
+            ofports = [self.vsctl("get", "Interface", f"vhu{i}", "ofport").strip()
+                       for i in range(len(self.socket_paths))]
         except RuntimeError:
             return False
         return all(p.isdigit() and int(p) > 0 for p in ofports)

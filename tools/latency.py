@@ -4,6 +4,8 @@ Run from the repository root, as root (also as `python -m tools.bench --latency 
 
     python -m tools.latency                                  # every case and system, 10 and 500 frames/s
     python -m tools.latency --cases vhost --systems vswitchd,testpmd-io --rates 10 --seconds 30
+    python -m tools.latency --report run1.json run2.json      # one table of saved runs, side by side
+    python -m tools.latency --replot run1.json run1.png       # the plot of a saved run again
 
 Method
 ------
@@ -19,16 +21,32 @@ Method
   guest's kick.  The harness (Python) adds its own fixed cost to every
   system alike; compare systems within one run.
   Systems: `vswitchd` (its PMD sleeps when idle, woken by kicks),
-  `testpmd-io` (DPDK's vhost PMD, always polling), `ovs-dpdk` (OVS-DPDK,
-  always polling) and `ovs-dpdk-sleep` (OVS-DPDK with
-  other_config:pmd-maxsleep, its PMD sleeps when idle).  Started as the
-  throughput benchmark starts them (tools/bench.py), with the SUT's packet
-  thread on --sut-core and this process on --gen-core.
+  `vswitchd-poll` (the same with `pmd: {sleep: false}`: always polling,
+  the case a sleeping PMD is measured against), `testpmd-io` (DPDK's vhost
+  PMD, always polling), `ovs-dpdk` (OVS-DPDK, always polling) and
+  `ovs-dpdk-sleep` (OVS-DPDK with other_config:pmd-maxsleep, its PMD
+  sleeps when idle).  Started as the throughput benchmark starts them
+  (tools/bench.py), with the SUT's packet thread on --sut-core and this
+  process on --gen-core.
 * `tap` case (host to host stack): two network namespaces of the tool's
   own, each behind a port of the system, `ping -i 1/rate` from one to the
   other (iputils ping, per-reply times in microseconds).  Systems:
-  `vswitchd` (two TAP ports, each created inside its namespace) and
-  `linux-bridge` (a bridge in a third namespace, a veth pair to each).
+  `vswitchd` (two TAP ports, each created inside its namespace),
+  `vswitchd-poll` (the same, `pmd: {sleep: false}`) and `linux-bridge` (a
+  bridge in a namespace of its own, a veth pair to each).
+* Load (--loads): `idle`, the switch carries nothing else; `busy`, a
+  background flow between two more ports of the same switch runs
+  meanwhile.  vhost: two more front-ends, C and D; between round trips
+  (never during one: the harness is one thread) C sends bursts of
+  LOAD_BURST 60-byte frames to D every LOAD_PERIOD_US, at most 32,000
+  frames/s (the harness's Python may manage fewer: `load_frames` in the
+  JSON counts what arrived), and D's ring is drained; the switch is therefore never idle
+  for long when a round trip starts (a PMD that sleeps when idle stays
+  awake), and frames of the flow may share its passes.  tap: two more
+  namespaces, C and D, and `ping -i 0.0002 -s 1000` from C to D (frames
+  of 1,042 bytes; ping may keep a faster pace than -i when replies come
+  back quickly: `load_frames` counts them) for the whole measurement,
+  pinned to --gen-core like the measuring ping.
 * A frame with no answer within 1 s counts as lost.  Reported: p50, p99,
   p99.9 and max of the round-trip times in microseconds, per case, system
   and rate.  p99.9 needs 1000 samples to mean anything: choose --seconds so
@@ -62,16 +80,21 @@ if str(REPO) not in sys.path:
 from tools import bench  # noqa: E402
 
 CASES = ("vhost", "tap")
-VHOST_SYSTEMS = ("vswitchd", "testpmd-io", "ovs-dpdk", "ovs-dpdk-sleep")
-TAP_SYSTEMS = ("vswitchd", "linux-bridge")
+VHOST_SYSTEMS = ("vswitchd", "vswitchd-poll", "testpmd-io", "ovs-dpdk", "ovs-dpdk-sleep")
+TAP_SYSTEMS = ("vswitchd", "vswitchd-poll", "linux-bridge")
 DEFAULT_RATES = (10, 500)
+LOADS = ("idle", "busy")
+# The vhost case's background flow: a burst this big this often (at most 32,000 frames/s).
+LOAD_BURST = 8
+LOAD_PERIOD_US = 250
+MAC_C, MAC_D = "02:00:00:00:0a:03", "02:00:00:00:0a:04"
 LOST_AFTER_S = 1.0
 # OVS's idle PMD sleeps up to this long (other_config:pmd-maxsleep, microseconds).
 OVS_MAX_SLEEP_US = 1000
 MAC_A, MAC_B = "02:00:00:00:0a:01", "02:00:00:00:0a:02"
 ETHERTYPE_EXPERIMENTAL = 0x88B5
 FRAME_BYTES = 60
-TAP_ADDRESSES = ("10.77.0.1", "10.77.0.2")
+TAP_ADDRESSES = ("10.77.0.1", "10.77.0.2", "10.77.0.3", "10.77.0.4")
 
 
 def log(message: str) -> None:
@@ -83,18 +106,21 @@ class Result:
     case: str
     system: str
     rate: int
+    load: str = "idle"
     sent: int = 0
     lost: int = 0
+    load_frames: int | None = None     # frames of the background flow that arrived
     rtt_us: list = field(default_factory=list, repr=False)
     error: str | None = None
 
     def summary(self) -> dict:
-        out = {"case": self.case, "system": self.system, "rate": self.rate, "sent": self.sent,
-               "lost": self.lost, "error": self.error}
+        out = {"case": self.case, "system": self.system, "rate": self.rate, "load": self.load, "sent": self.sent,
+               "lost": self.lost, "load_frames": self.load_frames, "error": self.error}
         if self.rtt_us:
             ordered = sorted(self.rtt_us)
             out.update({f"p{name}_us": round(percentile(ordered, q), 1)
-                        for name, q in (("50", 50), ("99", 99), ("99_9", 99.9))})
+                        for name, q in (("10", 10), ("50", 50), ("99", 99), ("99_9", 99.9))})
+            out["min_us"] = round(ordered[0], 1)
             out["max_us"] = round(ordered[-1], 1)
             out["mean_us"] = round(statistics.fmean(ordered), 1)
         return out
@@ -120,7 +146,18 @@ class OvsDpdkSleep(bench.OvsDpdk):
         self.vsctl("set", "Open_vSwitch", ".", f"other_config:pmd-maxsleep={OVS_MAX_SLEEP_US}")
 
 
-VHOST_SYSTEM_CLASSES = {"vswitchd": bench.Vswitchd, "testpmd-io": bench.TestPmdIo,
+class VswitchdPoll(bench.Vswitchd):
+    """vswitchd whose PMD never sleeps (pmd.sleep: false): the always-polling case."""
+
+    name = "vswitchd-poll"
+
+    def config(self) -> dict:
+        config = super().config()
+        config["pmd"]["sleep"] = False
+        return config
+
+
+VHOST_SYSTEM_CLASSES = {"vswitchd": bench.Vswitchd, "vswitchd-poll": VswitchdPoll, "testpmd-io": bench.TestPmdIo,
                         "ovs-dpdk": bench.OvsDpdk, "ovs-dpdk-sleep": OvsDpdkSleep}
 
 
@@ -173,39 +210,98 @@ class Guest:
         self.fe.close()
 
 
-def measure_vhost(system_cls, rate: int, seconds: float, args, scratch: Path) -> Result:
-    result = Result("vhost", system_cls.name, rate)
-    workdir = scratch / f"vhost-{system_cls.name}-{rate}"
+class BackgroundFlow:
+    """The vhost case's load: guest C sends bursts to guest D, D's ring is drained; run between round trips."""
+
+    def __init__(self, c: Guest, d: Guest):
+        self.c, self.d = c, d
+        self.frame = ethernet(MAC_D, MAC_C, 0)
+        self.period_ns = LOAD_PERIOD_US * 1000
+        self.next_ns = 0
+        self.sent = 0
+        self.received = 0
+
+    def step(self) -> None:
+        """Sends the next burst if it is due, and drains D."""
+        now = time.perf_counter_ns()
+        if now >= self.next_ns:
+            tx = self.c.tx
+            tx.get_used()
+            # A ring the switch has not emptied yet takes no more: the flow slows down, it never blocks.
+            for _ in range(min(LOAD_BURST, tx.free_count() - 1)):
+                tx.post_tx(self.frame)
+                self.sent += 1
+            self.c.fe.kick(tx.index)
+            self.next_ns = now + self.period_ns
+        rx = self.d.rx
+        if rx.used_idx != rx.last_used_idx:
+            frames = rx.read_rx_frames()
+            self.received += len(frames)
+            rx.post_rx(len(frames))
+            self.d.fe.kick(rx.index)
+
+
+def learn(x: Guest, y: Guest, mac_x: str, mac_y: str, what: str) -> None:
+    """Until a frame from each reached the other: the switch has learned both MACs."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        now = time.perf_counter_ns()
+        x.send(ethernet(mac_y, mac_x, 0))
+        y.send(ethernet(mac_x, mac_y, 0))
+        if y.wait_frame(now + 50_000_000) is not None and x.wait_frame(now + 50_000_000) is not None:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"no frame came back through the system within 20 s ({what})")
+
+
+def drain(guest: Guest) -> None:
+    rx = guest.rx
+    if rx.used_idx != rx.last_used_idx:
+        rx.post_rx(len(rx.read_rx_frames()))
+        guest.fe.kick(rx.index)
+
+
+def measure_vhost(system_cls, rate: int, seconds: float, args, scratch: Path, load: str = "idle") -> Result:
+    result = Result("vhost", system_cls.name, rate, load)
+    workdir = scratch / f"vhost-{system_cls.name}-{rate}-{load}"
     workdir.mkdir()
     system = system_cls(workdir, args.gen_core, args.sut_core)
+    if load == "busy":
+        system.socket_paths += [workdir / "c.sock", workdir / "d.sock"]
     guests: list[Guest] = []
     try:
         guests = [Guest(path, system_cls.generator_is_server) for path in system.socket_paths]
         system.start()
         for guest in guests:
             guest.connect()
-        a, b = guests
-        # Both MACs learned (and the links up) before the clock starts.
-        warm_deadline = time.monotonic() + 20
-        while time.monotonic() < warm_deadline:
-            if ping_pong(a, b, 0) is not None:
-                break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("no frame came back through the system within 20 s")
+        a, b = guests[:2]
+        # Every MAC learned (and the links up) before the clock starts.
+        learn(a, b, MAC_A, MAC_B, "A and B")
+        flow = None
+        if load == "busy":
+            c, d = guests[2:]
+            learn(c, d, MAC_C, MAC_D, "C and D")
+            flow = BackgroundFlow(c, d)
+        time.sleep(0.05)
+        for guest in guests:
+            drain(guest)   # late answers of the learning rounds, frames flooded before every MAC was learned
         interval_ns = int(1e9 / rate)
         start = time.perf_counter_ns()
         for seq in range(1, int(rate * seconds) + 1):
-            wait_until(start + seq * interval_ns)
+            wait_until(start + seq * interval_ns, flow)
             result.sent += 1
             rtt = ping_pong(a, b, seq)
             if rtt is None:
                 result.lost += 1
             else:
                 result.rtt_us.append(rtt / 1000)
+        if flow is not None:
+            result.load_frames = flow.received
+            if flow.received < flow.sent // 2:
+                raise RuntimeError(f"the background flow did not get through: {flow.received} of {flow.sent}")
     except Exception as exc:  # noqa: BLE001 - one failed measurement must not end the run
         result.error = f"{type(exc).__name__}: {exc}"
-        log(f"latency: vhost {system_cls.name} {rate}/s failed: {result.error}")
+        log(f"latency: vhost {system_cls.name} {rate}/s {load} failed: {result.error}")
     finally:
         for guest in guests:
             guest.close()
@@ -230,8 +326,13 @@ def ping_pong(a: Guest, b: Guest, seq: int) -> int | None:
     return t1 - t0
 
 
-def wait_until(when_ns: int) -> None:
-    """Sleeps until when_ns (perf_counter), spinning the last 200 us for a punctual start."""
+def wait_until(when_ns: int, flow: BackgroundFlow | None = None) -> None:
+    """Sleeps until when_ns (perf_counter), spinning the last 200 us for a punctual start;
+    with a background flow, runs it instead of sleeping."""
+    if flow is not None:
+        while time.perf_counter_ns() < when_ns:
+            flow.step()
+        return
     left = when_ns - time.perf_counter_ns()
     if left > 300_000:
         time.sleep((left - 200_000) / 1e9)
@@ -271,8 +372,8 @@ def configure_address(netns: str, ifname: str, address: str) -> None:
 class TapVswitchd:
     name = "vswitchd"
 
-    def __init__(self, workdir: Path, args, netns: list[str]):
-        self.sut = bench.Vswitchd(workdir, args.gen_core, args.sut_core)
+    def __init__(self, workdir: Path, args, netns: list[str], poll: bool = False):
+        self.sut = (VswitchdPoll if poll else bench.Vswitchd)(workdir, args.gen_core, args.sut_core)
         self.netns = netns
         self.sut.ports = lambda: [{"name": f"tap{i}", "type": "tap", "ifname": "eth0", "netns": ns}
                                   for i, ns in enumerate(netns)]
@@ -311,33 +412,55 @@ class LinuxBridge:
 PING_TIME = re.compile(r"icmp_seq=(\d+) .*time=([\d.]+) ms")
 
 
-def measure_tap(system_name: str, rate: int, seconds: float, args, scratch: Path) -> Result:
-    result = Result("tap", system_name, rate)
-    workdir = scratch / f"tap-{system_name}-{rate}"
+def measure_tap(system_name: str, rate: int, seconds: float, args, scratch: Path, load: str = "idle") -> Result:
+    result = Result("tap", system_name, rate, load)
+    workdir = scratch / f"tap-{system_name}-{rate}-{load}"
     workdir.mkdir()
     namespaces = Namespaces(f"{len(list(scratch.iterdir()))}")
     system = None
+    background = None
     try:
-        pair = [namespaces.add("a"), namespaces.add("b")]
-        system = (TapVswitchd(workdir, args, pair) if system_name == "vswitchd"
-                  else LinuxBridge(workdir, args, pair, namespaces))
+        pair = [namespaces.add(role) for role in ("abcd" if load == "busy" else "ab")]
+        if system_name == "linux-bridge":
+            system = LinuxBridge(workdir, args, pair, namespaces)
+        else:
+            system = TapVswitchd(workdir, args, pair, poll=system_name == "vswitchd-poll")
         system.start()
-        ping = ["ip", "netns", "exec", pair[0], "taskset", "-c", str(args.gen_core), "ping", "-n"]
+
+        def pinger(ns: str) -> list[str]:
+            return ["ip", "netns", "exec", ns, "taskset", "-c", str(args.gen_core), "ping", "-n"]
+
+        ping = pinger(pair[0])
         # Until the first reply: addresses resolved, MACs learned.
-        deadline = time.monotonic() + 20
-        while subprocess.run([*ping, "-c", "1", "-W", "1", TAP_ADDRESSES[1]], capture_output=True).returncode:
-            if time.monotonic() > deadline:
-                raise RuntimeError("no ping reply through the system within 20 s")
+        for ns, target in ((pair[0], TAP_ADDRESSES[1]), *(((pair[2], TAP_ADDRESSES[3]),) if load == "busy" else ())):
+            deadline = time.monotonic() + 20
+            while subprocess.run([*pinger(ns), "-c", "1", "-W", "1", target], capture_output=True).returncode:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no ping reply through the system within 20 s ({ns} to {target})")
+        if load == "busy":
+            background = subprocess.Popen([*pinger(pair[2]), "-q", "-i", "0.0002", "-s", "1000", TAP_ADDRESSES[3]],
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          start_new_session=True)
+            time.sleep(0.2)
         count = int(rate * seconds)
         done = subprocess.run([*ping, "-c", str(count), "-i", f"{1 / rate:.4f}", "-W", str(int(LOST_AFTER_S)),
                                TAP_ADDRESSES[1]], capture_output=True, text=True, timeout=seconds * 2 + 30)
         times = [float(t) * 1000 for _, t in PING_TIME.findall(done.stdout)]
         result.sent, result.rtt_us = count, times
         result.lost = count - len(times)
+        if background is not None:
+            background.send_signal(signal.SIGINT)   # ping prints its summary on SIGINT
+            summary = background.communicate(timeout=10)[0]
+            received = re.search(r"(\d+) received", summary)
+            result.load_frames = 2 * int(received.group(1)) if received else 0
+            if not result.load_frames:
+                raise RuntimeError(f"the background ping got no reply: {summary.strip()[-200:]}")
     except Exception as exc:  # noqa: BLE001
         result.error = f"{type(exc).__name__}: {exc}"
-        log(f"latency: tap {system_name} {rate}/s failed: {result.error}")
+        log(f"latency: tap {system_name} {rate}/s {load} failed: {result.error}")
     finally:
+        if background is not None:
+            bench.stop_process(background, "background ping")
         if system is not None:
             system.stop()
         namespaces.remove()
@@ -350,16 +473,103 @@ def measure_tap(system_name: str, rate: int, seconds: float, args, scratch: Path
 # --------------------------------------------------------------------------
 
 def render(rows: list[dict]) -> str:
-    headers = ["case", "system", "frames/s", "sent", "lost", "p50 us", "p99 us", "p99.9 us", "max us", "status"]
+    headers = ["case", "system", "frames/s", "load", "sent", "lost", "p50 us", "p99 us", "p99.9 us", "max us",
+               "status"]
     cells = [headers]
     for r in rows:
-        cells.append([r["case"], r["system"], str(r["rate"]), str(r["sent"]), str(r["lost"]),
+        cells.append([r["case"], r["system"], str(r["rate"]), r["load"], str(r["sent"]), str(r["lost"]),
                       *(bench.fmt(r.get(k), 1) for k in ("p50_us", "p99_us", "p99_9_us", "max_us")),
                       r["error"] or "ok"])
     widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results as a README table: one row per case, system and load, a column group per rate."""
+    rates = sorted({r["rate"] for r in rows})
+    keys = sorted({(r["case"], r["system"], r["load"]) for r in rows},
+                  key=lambda k: (CASES.index(k[0]), LOADS.index(k[2]),
+                                 (VHOST_SYSTEMS if k[0] == "vhost" else TAP_SYSTEMS).index(k[1])))
+    by = {(r["case"], r["system"], r["load"], r["rate"]): r for r in rows}
+    head = ["case", "load", "system"] + [f"{rate}/s p50 / p99 / p99.9" for rate in rates]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case, system, load in keys:
+        cells = [case, load, system]
+        for rate in rates:
+            r = by.get((case, system, load, rate))
+            if r is None or r.get("p50_us") is None:
+                cells.append((r or {}).get("error") or "")
+            else:
+                lost = f" ({r['lost']} lost)" if r["lost"] else ""
+                cells.append(f"{r['p50_us']:.0f} / {r['p99_us']:.0f} / {r['p99_9_us']:.0f}{lost}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(paths: list[str]) -> str:
+    """One README table from several saved runs (--report): a row per case, load, system and run.
+
+    p10 is computed from the samples: on a busy host, other work only adds
+    delay, and the low percentiles are the closest to a system's own cost."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = {}
+    for n, run in enumerate(runs):
+        for r in run["samples_us"]:
+            rows.setdefault((r["case"], r["load"], r["system"]), {}).setdefault(n, {})[r["rate"]] = sorted(r["rtt_us"])
+    rates = sorted({rate for runs_ in rows.values() for by_rate in runs_.values() for rate in by_rate})
+    keys = sorted(rows, key=lambda k: (CASES.index(k[0]), LOADS.index(k[1]),
+                                       (VHOST_SYSTEMS if k[0] == "vhost" else TAP_SYSTEMS).index(k[2])))
+    head = ["case", "load", "system", "run"]
+    for rate in rates:
+        head += [f"{rate}/s p10", "p50", "p99", "p99.9"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in keys:
+        for n in sorted(rows[k]):
+            cells = [*k, str(n + 1)]
+            for rate in rates:
+                x = rows[k][n].get(rate)
+                cells += ([f"{percentile(x, q):.0f}" for q in (10, 50, 99, 99.9)] if x else ["-"] * 4)
+            lines.append("| " + " | ".join(cells) + " |")
+    dates = ", ".join(f"run {n + 1}: {run['date']}, load average {run['machine'].get('load_average_at_start')}"
+                      f" at start, {run['machine'].get('load_average_at_end', '?')} at end" for n, run in enumerate(runs))
+    return dates + "\n\n" + "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> str | None:
+    """p50 bars with p99 whiskers, a panel per case and load; None if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = sorted({(r["case"], r["load"]) for r in rows}, key=lambda k: (CASES.index(k[0]), LOADS.index(k[1])))
+    rates = sorted({r["rate"] for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (case, load) in zip(axes[0], panels):
+        systems = [s for s in (VHOST_SYSTEMS if case == "vhost" else TAP_SYSTEMS)
+                   if any(r["system"] == s and r["case"] == case for r in rows)]
+        width = 0.8 / max(1, len(rates))
+        for i, rate in enumerate(rates):
+            got = [next((r for r in rows if (r["case"], r["system"], r["load"], r["rate"]) == (case, s, load, rate)
+                         and r.get("p50_us") is not None), None) for s in systems]
+            p50 = [g["p50_us"] if g else 0 for g in got]
+            p99 = [g["p99_us"] - g["p50_us"] if g else 0 for g in got]
+            ax.bar([x + i * width for x in range(len(systems))], p50, width, yerr=[[0] * len(p99), p99],
+                   capsize=3, label=f"{rate} frames/s")
+        ax.set_xticks([x + width * (len(rates) - 1) / 2 for x in range(len(systems))])
+        ax.set_xticklabels(systems, rotation=20, ha="right", fontsize=8)
+        ax.set_title(f"{case}, {load}")
+        ax.set_yscale("log")   # a busy host puts milliseconds in the tails
+        ax.set_ylabel("round trip, us (bar p50, whisker p99)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -370,7 +580,11 @@ def parse_args(argv: list[str] | None = None):
                         f"tap {','.join(TAP_SYSTEMS)}); a system a case does not have is skipped there")
     p.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)),
                    help="comma-separated frames per second (default 10,500)")
+    p.add_argument("--loads", default=",".join(LOADS),
+                   help="comma-separated: idle (nothing else through the switch), busy (a background flow "
+                        "between two more ports; see Method) (default idle,busy)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds per measurement (default 20)")
+    p.add_argument("--plot", default=None, help="also plot p50/p99 to this PNG (needs matplotlib)")
     p.add_argument("--gen-core", type=int, default=0, help="core of this process and the pinger (default 0)")
     p.add_argument("--sut-core", type=int, default=1, help="the system's packet thread core (default 1)")
     p.add_argument("--json-out", default="results/latency.json", help="JSON results (default results/latency.json)")
@@ -381,6 +595,9 @@ def parse_args(argv: list[str] | None = None):
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if not args.cases or any(c not in CASES for c in args.cases):
         p.error(f"--cases: choose from {', '.join(CASES)}")
+    args.loads = [x.strip() for x in args.loads.split(",") if x.strip()]
+    if not args.loads or any(x not in LOADS for x in args.loads):
+        p.error(f"--loads: choose from {', '.join(LOADS)}")
     known = set(VHOST_SYSTEMS) | set(TAP_SYSTEMS)
     args.systems = [s.strip() for s in args.systems.split(",")] if args.systems else sorted(known)
     if any(s not in known for s in args.systems):
@@ -397,6 +614,17 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv_list = sys.argv[1:] if argv is None else argv
+    if argv_list[:1] == ["--report"]:
+        # No measurement: a table of runs saved before (their JSON files).
+        print(report(argv_list[1:]))
+        return 0
+    if argv_list[:1] == ["--replot"] and len(argv_list) == 3:
+        # No measurement: the plot of a run saved before (JSON in, PNG out).
+        run = json.loads(Path(argv_list[1]).read_text())
+        made = plot(run["results"], Path(argv_list[2]), f"{run['command']}  ({run['date']})")
+        print(f"plot: {made}" if made else "plot: matplotlib not installed, none made")
+        return 0 if made else 1
     args = parse_args(argv)
     if os.geteuid() != 0:
         log("latency: must run as root (hugepages, namespaces, vhost-user sockets)")
@@ -417,18 +645,21 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="vsl-"))
     results: list[Result] = []
     started = datetime.datetime.now().astimezone()
+    machine = bench.machine_info(argparse.Namespace(gen_core=args.gen_core, sut_core=args.sut_core))
     try:
         for rate in args.rates:
-            for case, name in plan:
-                if f"{case}/{name}" in unavailable:
-                    results.append(Result(case, name, rate, error=f"unavailable: {unavailable[f'{case}/{name}']}"))
-                    continue
-                log(f"latency: {case} {name} at {rate} frames/s for {args.seconds:g} s ...")
-                if case == "vhost":
-                    result = measure_vhost(VHOST_SYSTEM_CLASSES[name], rate, args.seconds, args, scratch)
-                else:
-                    result = measure_tap(name, rate, args.seconds, args, scratch)
-                results.append(result)
+            for load in args.loads:
+                for case, name in plan:
+                    if f"{case}/{name}" in unavailable:
+                        results.append(Result(case, name, rate, load,
+                                              error=f"unavailable: {unavailable[f'{case}/{name}']}"))
+                        continue
+                    log(f"latency: {case} {name} at {rate} frames/s, {load}, for {args.seconds:g} s ...")
+                    if case == "vhost":
+                        result = measure_vhost(VHOST_SYSTEM_CLASSES[name], rate, args.seconds, args, scratch, load)
+                    else:
+                        result = measure_tap(name, rate, args.seconds, args, scratch, load)
+                    results.append(result)
     except KeyboardInterrupt:
         log("latency: interrupted; reporting what was measured")
     finally:
@@ -440,14 +671,23 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python3", "-m", "tools.latency", *(argv if argv is not None else sys.argv[1:])]),
         "date": started.isoformat(timespec="seconds"),
         "method": __doc__.split("Method\n------\n", 1)[1].split("\nEvery process")[0].strip(),
-        "machine": bench.machine_info(argparse.Namespace(gen_core=args.gen_core, sut_core=args.sut_core)),
+        "machine": machine,
         "results": rows,
-        "samples_us": [{"case": r.case, "system": r.system, "rate": r.rate, "rtt_us": r.rtt_us} for r in results],
+        "samples_us": [{"case": r.case, "system": r.system, "rate": r.rate, "load": r.load, "rtt_us": r.rtt_us}
+                       for r in results],
     }
     path = Path(args.json_out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    out["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    # Compact: every sample is kept (to 0.1 us), thousands of them a point.
+    for samples in out["samples_us"]:
+        samples["rtt_us"] = [round(x, 1) for x in samples["rtt_us"]]
+    path.write_text(json.dumps(out, separators=(",", ":")) + "\n")
     print(f"json: {path}")
+    print(markdown(rows))
+    if args.plot:
+        made = plot(rows, Path(args.plot), f"{out['command']}  ({out['date']})")
+        print(f"plot: {made}" if made else "plot: matplotlib not installed, none made")
     return 0 if all(r.error is None and r.rtt_us for r in results) else 1
 
 

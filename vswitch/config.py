@@ -52,6 +52,7 @@ class Config:
     fdb_max_entries: int = DEFAULT_MAX_ENTRIES
     fdb_static: list[dict] = field(default_factory=list)
     pmd_cpus: list[int] = field(default_factory=list)
+    pmd_sleep: bool = True                # False: the PMDs poll when idle instead of sleeping
     metrics_listen: str | None = None     # "HOST:PORT" of the Prometheus endpoint, or None
     # Switch-wide values of port keys (socket_owner, socket_group, socket_mode) for ports that set none.
     port_defaults: dict = field(default_factory=dict)
@@ -70,6 +71,8 @@ class Config:
             data["fdb"]["static"] = [dict(e) for e in self.fdb_static]
         if self.pmd_cpus:
             data["pmd"] = {"cpus": list(self.pmd_cpus)}
+        if not self.pmd_sleep:
+            data.setdefault("pmd", {})["sleep"] = False
         if self.metrics_listen:
             data["metrics"] = {"listen": self.metrics_listen}
         data.update(self.port_defaults)
@@ -211,7 +214,18 @@ def parse(data, source: str = "<config>") -> Config:
         static = []
 
     pmd = data.get("pmd", {}) or {}
-    cpus = pmd.get("cpus", []) if isinstance(pmd, dict) else None
+    if not isinstance(pmd, dict):
+        problems.append(f"{source}: pmd: must be a mapping (cpus, sleep)")
+        pmd = {}
+    for key in pmd:
+        if key not in ("cpus", "sleep"):
+            problems.append(f"{source}: pmd: unknown key '{key}'")
+    sleep = pmd.get("sleep", True)
+    if not isinstance(sleep, bool):
+        problems.append(f"{source}: pmd.sleep: {sleep!r} must be true or false")
+    else:
+        cfg.pmd_sleep = sleep
+    cpus = pmd.get("cpus", [])
     ncpu = os.cpu_count() or 1
     if not isinstance(cpus, list) or not all(_is_int(c) and 0 <= c < ncpu for c in cpus) \
             or len(set(cpus)) != len(cpus):

@@ -77,3 +77,14 @@ def test_missing_file(tmp_path):
 
 def test_top_level_must_be_a_mapping():
     assert "top level must be a mapping" in problems(["a"])[0]
+
+
+def test_pmd_sleep_is_a_boolean_and_pmd_keys_are_checked(tmp_path):
+    assert parse({}).pmd_sleep is True
+    cfg = parse({"pmd": {"sleep": False}})
+    assert cfg.pmd_sleep is False and cfg.to_yaml_data()["pmd"] == {"sleep": False}
+    assert parse(cfg.to_yaml_data()).pmd_sleep is False
+    found = "\n".join(problems({"pmd": {"sleep": "no", "spin": 1}}))
+    assert "x.yaml: pmd.sleep: 'no' must be true or false" in found
+    assert "x.yaml: pmd: unknown key 'spin'" in found
+    assert "pmd: must be a mapping" in "\n".join(problems({"pmd": [1]}))

@@ -41,3 +41,21 @@ def test_idle_guests_cost_under_2_percent_and_the_first_frame_is_prompt(tmp_path
         assert stats["kick_wakeups"] >= 1 and stats["sleeps"] >= 1
         for fe in guests:
             fe.close()
+
+
+def test_pmd_sleep_false_keeps_the_idle_pmd_polling(tmp_path):
+    """`pmd: {sleep: false}`: the always-polling case the latency benchmark compares with."""
+    ports = [{"name": f"vm{i}", "type": "vhost-user", "path": str(tmp_path / f"vm{i}.sock")} for i in range(2)]
+    with Vswitchd(tmp_path, ports=ports, extra={"pmd": {"sleep": False}}) as d:
+        guests = d.connect_guests(["vm0", "vm1"])
+        guests[0].send_frame(0, frame(BROADCAST, mac(1)))
+        assert len(guests[1].receive(0, 1, timeout=2)) == 1
+        before = d.ctl("pmd-stats")["pmds"][0]
+        time.sleep(0.5)   # 500 times the linger before an idle PMD sleeps
+        after = d.ctl("pmd-stats")["pmds"][0]
+        assert after["poll_only"] and after["sleeps"] == before["sleeps"] == 0, after
+        assert after["loops"] - before["loops"] > 1000, "the PMD should have kept polling"
+        guests[0].send_frame(0, frame(BROADCAST, mac(1)))
+        assert len(guests[1].receive(0, 1, timeout=2)) == 1
+        for fe in guests:
+            fe.close()

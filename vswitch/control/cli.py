@@ -204,7 +204,8 @@ def print_pmd_stats(result: dict) -> None:
         print(f"  packets: {p['packets']}  bursts: {p['bursts']}  packets/burst: {p['packets_per_burst']}")
         print(f"  busy cycles: {p['busy_cycles']} ({p['busy_percent']}%)  idle cycles: {p['idle_cycles']}")
         print(f"  cycles/packet (busy): {p['cycles_per_packet']}")
-        print(f"  sleeps: {p['sleeps']} (woken by a guest: {p['kick_wakeups']})")
+        never = " (never sleeps: pmd.sleep false)" if p.get("poll_only") else ""
+        print(f"  sleeps: {p['sleeps']} (woken by a guest: {p['kick_wakeups']}){never}")
         print(f"  longest gap between passes: {p['max_gap_us']} us")
         print(f"  unicast: {p['unicast']}  flooded: {p['flooded']}  dropped (same port): {p['dropped_same_port']}")
 

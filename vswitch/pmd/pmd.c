@@ -15,6 +15,7 @@
  *
  * Idle passes back off into a sleep on wakefd, so that an idle switch does
  * not burn a core; vs_pmd_quiesce() writes wakefd to cut the sleep short.
+ * A PMD set to poll_only never sleeps: it spends a core to save the wake-up.
  * The epoch counter, bumped at the top of every pass, is how the control
  * plane knows the PMD no longer holds pointers it read before a change.
  */
@@ -1158,6 +1159,7 @@ void vs_pmd_run(struct vs_pmd *pmd)
         } else {
             pmd->stats.idle_cycles += cycles;
             if (++pmd->idle_passes > IDLE_PASSES_BEFORE_SLEEP &&
+                !__atomic_load_n(&pmd->poll_only, __ATOMIC_RELAXED) &&
                 t0 + cycles - pmd->last_work_tsc > pmd->linger_cycles) {
                 idle_sleep(pmd);
                 pmd->idle_passes = 0;

@@ -84,6 +84,7 @@ struct vs_pmd {
     uint64_t last_work_tsc;      /* when a pass last moved packets */
     uint64_t linger_cycles;      /* after traffic, poll through gaps this long before sleeping */
     uint32_t sleep_us;           /* current backoff */
+    uint32_t poll_only;          /* shared: never sleep when idle (pmd.sleep: false), a core for the lowest latency */
     unsigned long thread;        /* pthread_t of vs_pmd_run's thread, valid while running */
     struct vs_call_watch call_watch; /* its guest notifications, for vs_pmd_call_watchdog() */
     struct vs_pmd_stats stats;
