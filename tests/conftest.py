@@ -108,6 +108,15 @@ def require_tool_fixture():
     return require_tool
 
 
+@pytest.fixture
+def closing():
+    """closing(thing): thing.close() after the test, last added first."""
+    things = []
+    yield things.append
+    for t in reversed(things):
+        t.close()
+
+
 _netns_ids = itertools.count()
 
 

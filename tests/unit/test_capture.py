@@ -18,14 +18,6 @@ from vswitch.native import ffi, lib
 from vswitch.ports import vlan
 
 
-@pytest.fixture
-def closing():
-    things = []
-    yield things.append
-    for t in reversed(things):
-        t.close()
-
-
 def ports(closing, n: int) -> list[NullPort]:
     out = [NullPort(i) for i in range(n)]
     for p in out:

@@ -8,15 +8,9 @@ cost" has the figures."""
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import IN_CI
-from tests.support.daemon import REPO
+from tests.support.callgrind import pmd_instructions
 from tests.unit.test_port_ops import NullPort
 from tools import copy_bench
 from tools.scale import STAGES
@@ -24,14 +18,6 @@ from vswitch.fib import MacTable
 from vswitch.native import ffi, lib
 
 PASSES = 300
-
-
-@pytest.fixture
-def closing():
-    things = []
-    yield things.append
-    for t in reversed(things):
-        t.close()
 
 
 def two_generators(closing, length: int, copy: bool):
@@ -94,37 +80,11 @@ def test_copy_mode_refuses_bad_sizes(closing):
     assert lib.vs_null_port_copy_tx(p.np, 8) == 0 and p.np.sink_slots == 8
 
 
-def callgrind(tmp_path, name: str, *args: str) -> tuple[int, dict[str, int]]:
-    """(instructions inside vs_pmd_poll_once, instructions per function) of one tools.pmd_cost run.
-    Collected in cffi's wrapper, the one entry from Python whatever -flto inlines into it or
-    renames (a .lto_priv suffix); a pattern matching the inner function too would toggle twice."""
-    out = tmp_path / f"callgrind-{name}.out"
-    run = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--toggle-collect=_cffi_f_vs_pmd_poll_once*", f"--callgrind-out-file={out}",
-         sys.executable, "-m", "tools.pmd_cost", "--passes", "200", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    total = int(re.search(r"^totals: (\d+)", out.read_text(), re.M).group(1))
-    report = subprocess.run(["callgrind_annotate", "--inclusive=no", str(out)], capture_output=True, text=True,
-                            check=True).stdout
-    per_function: dict[str, int] = {}
-    for line in report.splitlines():
-        m = re.match(r"\s*([\d,]+)\s+(?:\([^)]*\)\s+)?\S*:(\S+)", line)
-        if m:
-            fn = m.group(2).split(".")[0]
-            per_function[fn] = per_function.get(fn, 0) + int(m.group(1).replace(",", ""))
-    return total, per_function
-
-
 def test_the_stage_timer_costs_nothing_when_off(tmp_path):
     """Without profiling, no instruction of the timed copy of the loop runs (the
     loop that does run was compiled without the TSC reads)."""
-    if shutil.which("valgrind") is None:
-        if IN_CI:
-            pytest.fail("valgrind is missing although the test command installs it")
-        pytest.skip("valgrind not found (Debian package valgrind); run tools/setup-test-env.sh")
-    off_total, off = callgrind(tmp_path, "off")
-    on_total, on = callgrind(tmp_path, "on", "--profile")
+    off_total, off = pmd_instructions(tmp_path, "off", "--passes", "200")
+    on_total, on = pmd_instructions(tmp_path, "on", "--passes", "200", "--profile")
     assert on.get("poll_pass_profiled", 0) > 0, sorted(on)
     assert off.get("poll_pass_profiled", 0) == 0, off.get("poll_pass_profiled")
     frames = 201 * 32

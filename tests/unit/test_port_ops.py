@@ -93,14 +93,6 @@ class Pmd:
         self.fib.close()
 
 
-@pytest.fixture
-def closing():
-    things = []
-    yield things.append
-    for t in reversed(things):
-        t.close()
-
-
 def null_stats(port: NullPort, queue: int = 0) -> dict:
     s = port.np.queues[queue].stats
     return {k: getattr(s, k) for k in ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes")}

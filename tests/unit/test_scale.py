@@ -17,7 +17,6 @@ the test fails if too few are clean.
 
 from __future__ import annotations
 
-import pathlib
 import threading
 import time
 
@@ -26,7 +25,7 @@ import pytest
 
 from tests.unit.test_port_ops import NullPort
 from vswitch.config import ConfigError, parse
-from vswitch.fib import BYTES_PER_ENTRY, MAX_ENTRIES, FibError, MacTable, capacity_for, parse_mac
+from vswitch.fib import BYTES_PER_ENTRY, MAX_ENTRIES, FibError, MacTable, capacity_for
 from vswitch.native import ffi, lib
 
 DEADLINE = 10.0
@@ -88,14 +87,6 @@ class GeneratorPmd:
 
 def generate(port: NullPort, dst: int, src_base: int, n_src: int, length: int = 64) -> None:
     assert lib.vs_null_port_generate(port.np, dst.to_bytes(6, "big"), src_base, n_src, length) == 0
-
-
-@pytest.fixture
-def closing():
-    things = []
-    yield things.append
-    for t in reversed(things):
-        t.close()
 
 
 def fill(fib: MacTable, n: int, last_seen: int) -> None:
