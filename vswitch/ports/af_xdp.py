@@ -36,7 +36,8 @@ import struct
 
 from vswitch.native import ffi, lib
 from vswitch.ports.kernel import KernelPort
-from vswitch.ports.registry import NETNS_DIR, NETNS_KEY, Key, interface_name, queues_key, register
+from vswitch.ports.registry import (NETNS_DIR, NETNS_KEY, Key, call_in_network_namespace, interface_name,
+                                    queues_key, register)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class AfXdpPort(KernelPort):
 
     def _close_native(self) -> None:
         # On a helper thread: vs_xsk_close enters the sockets' namespace (af_xdp.h).
-        self._run_in_helper_thread(lambda _: lib.vs_xsk_close(self.kp))
+        call_in_network_namespace(None, lambda _: lib.vs_xsk_close(self.kp), f"close-{self.name}")
 
     def _offloads(self) -> bool:
         return False   # offload_caps 0: the PMD completes checksums and segments TSO first
