@@ -26,7 +26,6 @@ from tests.support.daemon import Vswitchd
 from tests.support.frames import BROADCAST, frame, mac, wait_for
 from tests.support.frontend import DRIVER_FEATURES, VhostUserFrontend
 from tests.unit.test_port_ops import null_stats
-from tests.unit.test_port_ops import closing  # noqa: F401 (a fixture)
 from tests.unit.test_vlan import ACCESS10, ACCESS20, Switch
 from vswitch.native import ffi, lib
 from vswitch.vhost import protocol
