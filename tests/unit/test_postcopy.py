@@ -22,7 +22,8 @@ import time
 import pytest
 
 from tests.support.frames import frame, mac
-from tests.support.frontend import DRIVER_PROTOCOL_FEATURES, BackendClosed, RequestFailed, VhostUserFrontend
+from tests.support.frontend import DRIVER_PROTOCOL_FEATURES, BackendClosed, RequestFailed
+from tests.support.vhost_servers import frontend_factory, harness_factory
 from tests.unit.test_vhost_protocol import Harness, check_rings_running, loop_thread  # noqa: F401 (fixture)
 from vswitch.native import ffi, lib
 from vswitch.vhost import protocol, userfault
@@ -55,30 +56,12 @@ class PostcopyHarness(Harness):
 
 @pytest.fixture
 def make_server(loop_thread, tmp_path):
-    made = []
-
-    def make(postcopy=True):
-        h = PostcopyHarness(loop_thread, tmp_path / f"vhost{len(made)}.sock", postcopy)
-        h.start()
-        made.append(h)
-        return h
-    yield make
-    for h in made:
-        h.stop()
+    yield from harness_factory(PostcopyHarness, loop_thread, tmp_path)
 
 
 @pytest.fixture
 def frontends():
-    made = []
-
-    def make(path, **kw):
-        kw.setdefault("protocol_features", POSTCOPY_FEATURES)
-        fe = VhostUserFrontend(path, uva_offset=UVA_OFFSET, **kw)
-        made.append(fe)
-        return fe.connect()
-    yield make
-    for fe in made:
-        fe.close()
+    yield from frontend_factory(UVA_OFFSET, protocol_features=POSTCOPY_FEATURES)
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import os
 import pytest
 
 from tests.support.frames import frame, mac
-from tests.support.frontend import RequestFailed, VhostUserFrontend
+from tests.support.frontend import RequestFailed
+from tests.support.vhost_servers import frontend_factory, harness_factory
 from tests.unit.test_vhost_protocol import Harness, loop_thread  # noqa: F401 (fixture)
 from vswitch.native import ffi, lib
 from vswitch.vhost import protocol
@@ -36,29 +37,12 @@ class IommuHarness(Harness):
 
 @pytest.fixture
 def make_server(loop_thread, tmp_path):
-    made = []
-
-    def make(iommu=True):
-        h = IommuHarness(loop_thread, tmp_path / f"vhost{len(made)}.sock", iommu)
-        h.start()
-        made.append(h)
-        return h
-    yield make
-    for h in made:
-        h.stop()
+    yield from harness_factory(IommuHarness, loop_thread, tmp_path)
 
 
 @pytest.fixture
 def frontends():
-    made = []
-
-    def make(path, **kw):
-        fe = VhostUserFrontend(path, uva_offset=UVA_OFFSET, **kw)
-        made.append(fe)
-        return fe.connect()
-    yield make
-    for fe in made:
-        fe.close()
+    yield from frontend_factory(UVA_OFFSET)
 
 
 def started(server, index) -> bool:
