@@ -96,6 +96,21 @@ def _whole_number(section: dict, key: str, default: int, low: int, high: int, wh
     return value
 
 
+def _section(data: dict, name: str, keys: tuple[str, ...], shown: str, where: str, problems: list[str]) -> dict:
+    """data[name] as a mapping ({} if absent or empty); a non-mapping or a key not in `keys` is noted as a problem.
+
+    `shown` is the hint in the non-mapping problem, e.g. "(cpus, sleep)".
+    """
+    section = data.get(name, {}) or {}
+    if not isinstance(section, dict):
+        problems.append(f"{where}: {name}: must be a mapping {shown}")
+        return {}
+    for key in section:
+        if key not in keys:
+            problems.append(f"{where}: {name}: unknown key '{key}'")
+    return section
+
+
 def parse_listen(listen) -> tuple[str, int]:
     """"HOST:PORT" (an IPv4 address or a name, or [IPv6]:PORT) -> (host, port); ValueError says what is wrong."""
     if not isinstance(listen, str) or ":" not in listen:
@@ -196,13 +211,8 @@ def parse(data, source: str = "<config>") -> Config:
     else:
         cfg.persist = persist
 
-    fdb = data.get("fdb", {}) or {}
-    if not isinstance(fdb, dict):
-        problems.append(f"{source}: fdb: must be a mapping (aging_seconds, max_entries)")
-        fdb = {}
-    for key in fdb:
-        if key not in ("aging_seconds", "max_entries", "static"):
-            problems.append(f"{source}: fdb: unknown key '{key}'")
+    fdb = _section(data, "fdb", ("aging_seconds", "max_entries", "static"), "(aging_seconds, max_entries)",
+                   source, problems)
     cfg.fdb_aging_seconds = _whole_number(fdb, "aging_seconds", DEFAULT_AGING_SECONDS, 1, 10**6,
                                           f"{source}: fdb.", problems)
     cfg.fdb_max_entries = _whole_number(fdb, "max_entries", DEFAULT_MAX_ENTRIES, 1, MAX_ENTRIES,
@@ -213,13 +223,7 @@ def parse(data, source: str = "<config>") -> Config:
         problems.append(f"{source}: fdb.static: must be a list of {{mac, port}}")
         static = []
 
-    pmd = data.get("pmd", {}) or {}
-    if not isinstance(pmd, dict):
-        problems.append(f"{source}: pmd: must be a mapping (cpus, sleep)")
-        pmd = {}
-    for key in pmd:
-        if key not in ("cpus", "sleep"):
-            problems.append(f"{source}: pmd: unknown key '{key}'")
+    pmd = _section(data, "pmd", ("cpus", "sleep"), "(cpus, sleep)", source, problems)
     sleep = pmd.get("sleep", True)
     if not isinstance(sleep, bool):
         problems.append(f"{source}: pmd.sleep: {sleep!r} must be true or false")
