@@ -474,6 +474,18 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def series(name: str, values: str, unit: str, measure, args, meta: dict, out: Path, columns: list[str]) -> list[dict]:
+    """Runs measure(value, args) for each of the comma-separated `values`, writes OUT/NAME.json
+    and prints the rows' table of `columns`; returns the rows."""
+    rows = []
+    for value in (int(x) for x in values.split(",")):
+        log(f"{name} {value}{unit} ...")
+        rows.append(measure(value, args))
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+    print(table(rows, columns))
+    return rows
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m tools.scale", description=__doc__.split("\n")[0])
     p.add_argument("--macs", help="comma-separated active source MAC counts, e.g. 2,1000,65536,1000000")
@@ -534,24 +546,16 @@ def main(argv: list[str] | None = None) -> int:
                            "mpps",
                            "swap_us_median", "swap_us_max", "swap_pmd_max_gap_us"]))
     if args.profile:
-        rows = []
-        for size in (int(x) for x in args.profile.split(",")):
-            log(f"profile {size} B ...")
-            rows.append(measure_profile(size, args))
-        (out / "profile.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
-        print(table(rows, ["frame", "copy", "cycles_per_packet_min", "profiled_busy", "rx", "hooks", "learn_lookup",
-                           "group", "tx", "rx_done", "loop", "frames_per_burst"]))
+        series("profile", args.profile, " B", measure_profile, args, meta, out,
+               ["frame", "copy", "cycles_per_packet_min", "profiled_busy", "rx", "hooks", "learn_lookup",
+                "group", "tx", "rx_done", "loop", "frames_per_burst"])
     if args.pmds:
-        rows = []
-        for n in (int(x) for x in args.pmds.split(",")):
-            log(f"pmds {n} ...")
-            rows.append(measure_pmds(n, args))
-        (out / "pmds.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
-        print(table(rows, ["pmds", "load_average", "mpps", "cycles_per_packet", "lock_acquired", "bursts",
-                           "contended_share", "wait_per_contended", "wait_per_packet", "wait_share_of_busy",
-                           "wait_median_us_max", "wait_p99_us_max", "waits_under_1us", "waits_over_100us",
-                           "short_wait_per_packet",
-                           "lock_wait_max_us", "clean_windows", "windows"]))
+        rows = series("pmds", args.pmds, "", measure_pmds, args, meta, out,
+                      ["pmds", "load_average", "mpps", "cycles_per_packet", "lock_acquired", "bursts",
+                       "contended_share", "wait_per_contended", "wait_per_packet", "wait_share_of_busy",
+                       "wait_median_us_max", "wait_p99_us_max", "waits_under_1us", "waits_over_100us",
+                       "short_wait_per_packet",
+                       "lock_wait_max_us", "clean_windows", "windows"])
         print("in the clean windows (every PMD ran throughout):")
         print(table([{"pmds": r["pmds"], **r["clean"]} for r in rows],
                     ["pmds", "cycles_per_packet", "lock_acquired", "contended_share", "wait_per_contended",
