@@ -18,10 +18,9 @@ import time
 
 import pytest
 
-from tests.unit.test_port_ops import NullPort
+from tests.support.null_pmd import two_null_ports
 from tools import scale
-from vswitch.fib import MacTable
-from vswitch.native import ffi, lib
+from vswitch.native import lib
 
 # The contended waits' median (the upper bound of its log2 bucket) must stay
 # below this.  A burst holds the lock for about a microsecond (32 lookups, or 32
@@ -75,44 +74,30 @@ def test_two_pmds_on_two_cores_share_the_mac_table_lock(sources):
     assert two["wait_median_us_max"] < MAX_MEDIAN_WAIT_US, two["wait_log2_cycles"]
 
 
-def test_the_lock_counters_see_a_forced_wait():
+def test_the_lock_counters_see_a_forced_wait(closing):
     """The counters can fail: a hold of 5 ms by another thread shows as one contended
     acquisition that waited at least 4 ms, and every acquisition is counted."""
-    fib = MacTable(max_entries=1024)
-    a, b = NullPort(0), NullPort(1)
-    try:
-        assert lib.vs_null_port_generate(a.np, (2).to_bytes(6, "big"), 0x020000000001, 1, 64) == 0
-        pmd = ffi.new("struct vs_pmd *")
-        assert lib.vs_pmd_init(pmd, fib.c) == 0
-        table = ffi.new("struct vs_port_table *")
-        for i, p in enumerate((a, b)):
-            table.ports[i] = p.port
-            table.live[i] = i
-        table.n_live, table.poll[0].port, table.n_poll = 2, a.port, 1
-        lib.vs_pmd_publish(pmd, table)
-        s = fib.c.stats
-        for _ in range(10):
-            lib.vs_pmd_poll_once(pmd)
-        assert (s.lock_acquired, s.lock_contended, s.lock_wait_cycles) == (10, 0, 0)
-        assert fib.stats()["lock_acquired"] == 10
-        # Hold the lock with one ticket while the PMD's pass waits behind it on another thread.
-        lib.vs_fib_lock(fib.c)
-        t = threading.Thread(target=lib.vs_pmd_poll_once, args=(pmd,))
-        t.start()
-        deadline = time.monotonic() + 10
-        while fib.c.lock_next - fib.c.lock_owner < 2:   # the PMD has drawn its ticket and waits
-            assert time.monotonic() < deadline, "the PMD's pass never asked for the lock"
-            time.sleep(0.0001)
-        time.sleep(0.005)
-        lib.vs_fib_unlock(fib.c)
-        t.join(10)
-        assert s.lock_acquired == 12 and s.lock_contended == 1
-        assert s.lock_wait_cycles * 1e6 / pmd.tsc_hz >= 4000 and s.lock_wait_cycles == s.lock_wait_max
-        hist = scale.wait_histogram(fib)
-        assert sum(hist) == 1 and hist[s.lock_wait_cycles.bit_length() - 1] == 1
-        assert scale.wait_quantiles(hist, pmd.tsc_hz)["waits_over_100us"] == 1
-        lib.vs_pmd_fini(pmd)
-    finally:
-        a.close()
-        b.close()
-        fib.close()
+    a, _, run = two_null_ports(closing, polled=1)
+    fib, pmd = run.fib, run.pmd
+    assert lib.vs_null_port_generate(a.np, (2).to_bytes(6, "big"), 0x020000000001, 1, 64) == 0
+    s = fib.c.stats
+    for _ in range(10):
+        lib.vs_pmd_poll_once(pmd)
+    assert (s.lock_acquired, s.lock_contended, s.lock_wait_cycles) == (10, 0, 0)
+    assert fib.stats()["lock_acquired"] == 10
+    # Hold the lock with one ticket while the PMD's pass waits behind it on another thread.
+    lib.vs_fib_lock(fib.c)
+    t = threading.Thread(target=lib.vs_pmd_poll_once, args=(pmd,))
+    t.start()
+    deadline = time.monotonic() + 10
+    while fib.c.lock_next - fib.c.lock_owner < 2:   # the PMD has drawn its ticket and waits
+        assert time.monotonic() < deadline, "the PMD's pass never asked for the lock"
+        time.sleep(0.0001)
+    time.sleep(0.005)
+    lib.vs_fib_unlock(fib.c)
+    t.join(10)
+    assert s.lock_acquired == 12 and s.lock_contended == 1
+    assert s.lock_wait_cycles * 1e6 / pmd.tsc_hz >= 4000 and s.lock_wait_cycles == s.lock_wait_max
+    hist = scale.wait_histogram(fib)
+    assert sum(hist) == 1 and hist[s.lock_wait_cycles.bit_length() - 1] == 1
+    assert scale.wait_quantiles(hist, pmd.tsc_hz)["waits_over_100us"] == 1

@@ -11,58 +11,42 @@ from __future__ import annotations
 import pytest
 
 from tests.support.callgrind import pmd_instructions
+from tests.support.null_pmd import two_null_ports
 from tests.unit.test_port_ops import NullPort
 from tools import copy_bench
 from tools.scale import STAGES
-from vswitch.fib import MacTable
 from vswitch.native import ffi, lib
 
 PASSES = 300
 
 
 def two_generators(closing, length: int, copy: bool):
-    a, b = NullPort(0), NullPort(1)
-    closing(a)
-    closing(b)
+    a, b, pmd = two_null_ports(closing)
     for port, dst, src in ((a, 0x020000000002, 0x020000000001), (b, 0x020000000001, 0x020000000002)):
         assert lib.vs_null_port_generate(port.np, dst.to_bytes(6, "big"), src, 1, length) == 0
         if copy:
             assert lib.vs_null_port_copy_tx(port.np, 64) == 0
-    fib = MacTable(max_entries=1024)
-    closing(fib)
-    pmd = ffi.new("struct vs_pmd *")
-    assert lib.vs_pmd_init(pmd, fib.c) == 0
-    table = ffi.new("struct vs_port_table *")
-    for i, p in enumerate((a, b)):
-        table.ports[i] = p.port
-        table.live[i] = i
-        table.poll[i].port = p.port
-    table.n_live = table.n_poll = 2
-    lib.vs_pmd_publish(pmd, table)
-    return a, b, pmd, table
+    return a, b, pmd.pmd
 
 
 def test_the_stage_timer_accounts_for_every_busy_pass_and_only_when_on(closing):
-    a, b, pmd, table = two_generators(closing, 1518, copy=True)
-    try:
-        for _ in range(PASSES):
-            assert lib.vs_pmd_poll_once(pmd) == 2 * lib.VS_BURST
-        assert pmd.profile.packets == 0 and pmd.profile.busy_cycles == 0
-        assert all(pmd.profile.cycles[i] == 0 for i in range(lib.VS_PMD_STAGES))
-        pmd.profiling = 1
-        for _ in range(PASSES):
-            assert lib.vs_pmd_poll_once(pmd) == 2 * lib.VS_BURST
-        prof = pmd.profile
-        stages = {name: prof.cycles[i] for name, i in STAGES}
-        assert prof.packets == PASSES * 2 * lib.VS_BURST and prof.bursts == PASSES * 2
-        for name in ("rx", "learn_lookup", "group", "tx", "rx_done"):
-            assert stages[name] > 0, stages
-        assert stages["vlan"] == 0, "no port has VLAN settings: the plain path ran"
-        assert sum(stages.values()) <= prof.busy_cycles, (stages, prof.busy_cycles)
-        print({k: round(v / prof.packets, 1) for k, v in stages.items()},
-              f"busy {prof.busy_cycles / prof.packets:.1f} cycles/frame")
-    finally:
-        lib.vs_pmd_fini(pmd)
+    a, b, pmd = two_generators(closing, 1518, copy=True)
+    for _ in range(PASSES):
+        assert lib.vs_pmd_poll_once(pmd) == 2 * lib.VS_BURST
+    assert pmd.profile.packets == 0 and pmd.profile.busy_cycles == 0
+    assert all(pmd.profile.cycles[i] == 0 for i in range(lib.VS_PMD_STAGES))
+    pmd.profiling = 1
+    for _ in range(PASSES):
+        assert lib.vs_pmd_poll_once(pmd) == 2 * lib.VS_BURST
+    prof = pmd.profile
+    stages = {name: prof.cycles[i] for name, i in STAGES}
+    assert prof.packets == PASSES * 2 * lib.VS_BURST and prof.bursts == PASSES * 2
+    for name in ("rx", "learn_lookup", "group", "tx", "rx_done"):
+        assert stages[name] > 0, stages
+    assert stages["vlan"] == 0, "no port has VLAN settings: the plain path ran"
+    assert sum(stages.values()) <= prof.busy_cycles, (stages, prof.busy_cycles)
+    print({k: round(v / prof.packets, 1) for k, v in stages.items()},
+          f"busy {prof.busy_cycles / prof.packets:.1f} cycles/frame")
     # Every frame was forwarded and, in copy mode, copied whole after a 12-byte header.
     for src, dst in ((a, b), (b, a)):
         assert dst.np.queues[0].stats.tx_packets == 2 * PASSES * lib.VS_BURST
