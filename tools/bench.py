@@ -393,9 +393,10 @@ class System:
         """Called as the window opens; returns the counters that `cycles()` at its end is compared with."""
         return self.cycles()
 
-    def bursts(self) -> tuple[int, int] | None:
-        """Cumulative (packets, non-empty receive bursts) of the SUT's packet thread, if it reports them."""
-        return None
+    def window_edge(self, start: bool) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """The SUT's counters at the window's start or end: (busy cycles, packets) as start_window()
+        or cycles() return them, and cumulative (packets, non-empty receive bursts) if it reports them."""
+        return (self.start_window() if start else self.cycles()), None
 
     def stop(self) -> None:
         raise NotImplementedError
@@ -461,13 +462,18 @@ class Vswitchd(System):
         from vswitch.control.cli import call
         return call(self.control_socket, command, timeout=5)
 
-    def cycles(self) -> tuple[int, int] | None:
+    def _pmd_counters(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(busy cycles, packets) and (packets, non-empty bursts) over the PMDs, from one pmd/stats read."""
         pmds = self._call("pmd/stats")["pmds"]
-        return (sum(p["busy_cycles"] for p in pmds), sum(p["packets"] for p in pmds))
+        packets = sum(p["packets"] for p in pmds)
+        return (sum(p["busy_cycles"] for p in pmds), packets), (packets, sum(p["bursts"] for p in pmds))
 
-    def bursts(self) -> tuple[int, int] | None:
-        pmds = self._call("pmd/stats")["pmds"]
-        return (sum(p["packets"] for p in pmds), sum(p["bursts"] for p in pmds))
+    def cycles(self) -> tuple[int, int] | None:
+        return self._pmd_counters()[0]
+
+    def window_edge(self, start: bool) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        # start_window() is cycles() here: one read gives both, and they count the same frames.
+        return self._pmd_counters()
 
     def stop(self) -> None:
         stop_process(getattr(self, "proc", None), "vswitchd")
@@ -1069,8 +1075,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
         time.sleep(args.warmup)
 
         # Cycle counters are cumulative: read them around the window too.
-        sut_before = system.start_window()
-        bursts_before = system.bursts()
+        sut_before, bursts_before = system.window_edge(start=True)
         fwd_before = generator.cmd("show fwd stats all")
         gen_before = parse_fwd_cycles(fwd_before)
         cpu_before = cpu_of(system.pids), cpu_seconds(generator.pid)
@@ -1086,8 +1091,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
         cpu_after = cpu_of(system.pids), cpu_seconds(generator.pid)
         fwd_after = generator.cmd("show fwd stats all")
         gen_after = parse_fwd_cycles(fwd_after)
-        sut_after = system.cycles()
-        bursts_after = system.bursts()
+        sut_after, bursts_after = system.window_edge(start=False)
         if bursts_before and bursts_after and bursts_after[1] > bursts_before[1]:
             sample.sut_frames_per_burst = round((bursts_after[0] - bursts_before[0]) /
                                                 (bursts_after[1] - bursts_before[1]), 2)
