@@ -1,7 +1,7 @@
 """Fixture bodies shared by the vhost-user unit tests that start several back-ends.
 
-Each test module keeps its own fixture (its harness class and front-end
-defaults differ) and delegates to these with `yield from`, so that the
+Each test module keeps its own fixture (its harness class, socket names and
+front-end defaults differ) and delegates to these with `yield from`, so that the
 bookkeeping (one socket per server, everything stopped or closed at the end)
 is written once.
 """
@@ -11,13 +11,16 @@ from __future__ import annotations
 from tests.support.frontend import VhostUserFrontend
 
 
-def harness_factory(harness_cls, loop_thread, tmp_path):
-    """Yields make(**kw): a started harness_cls on a new socket per call; all are stopped after the test."""
+def harness_factory(harness_cls, loop_thread, tmp_path, default_name: str | None = None):
+    """Yields make(name=None, start=True, **kw): a harness_cls(loop_thread, tmp_path / name, **kw),
+    started unless start=False; without a name, default_name or else a new vhostN.sock per call.
+    All are stopped after the test."""
     made = []
 
-    def make(**kw):
-        h = harness_cls(loop_thread, tmp_path / f"vhost{len(made)}.sock", **kw)
-        h.start()
+    def make(name: str | None = None, start: bool = True, **kw):
+        h = harness_cls(loop_thread, tmp_path / (name or default_name or f"vhost{len(made)}.sock"), **kw)
+        if start:
+            h.start()
         made.append(h)
         return h
     yield make

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from tests.support.frontend import BackendClosed, RequestFailed, VhostUserFrontend
+from tests.support.vhost_servers import harness_factory
 from tests.support.virtio_driver import GuestMemory
 from vswitch import native_sources
 from vswitch.native import ffi, lib
@@ -114,17 +115,8 @@ def loop_thread():
 
 @pytest.fixture
 def make_harness(loop_thread, tmp_path):
-    made = []
-
-    def make(mode="server", queues=1, name="vhost.sock", start=True):
-        h = Harness(loop_thread, tmp_path / name, mode, queues)
-        if start:
-            h.start()
-        made.append(h)
-        return h
-    yield make
-    for h in made:
-        h.stop()
+    """make(mode="server", queues=1, name="vhost.sock", start=True): a Harness; all stopped after the test."""
+    yield from harness_factory(Harness, loop_thread, tmp_path, default_name="vhost.sock")
 
 
 @pytest.fixture
