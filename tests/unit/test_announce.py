@@ -25,7 +25,7 @@ import pytest
 from tests.support.daemon import Vswitchd
 from tests.support.frames import BROADCAST, frame, mac, wait_for
 from tests.support.frontend import DRIVER_FEATURES, VhostUserFrontend
-from tests.unit.test_port_ops import null_stats
+from tests.support.null_pmd import null_stats
 from tests.unit.test_vlan import ACCESS10, ACCESS20, Switch
 from vswitch.native import ffi, lib
 from vswitch.vhost import protocol

@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from tests.support.frames import BROADCAST, frame, mac
-from tests.unit.test_port_ops import NullPort, Pmd, null_stats
+from tests.support.null_pmd import NullPort, Pmd, null_stats
 from vswitch.capture import Capture, CaptureProblem, build_monitor, check_mirror, check_mirrors
 from vswitch.native import ffi, lib
 from vswitch.ports import vlan

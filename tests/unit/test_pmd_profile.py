@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.callgrind import pmd_instructions
 from tests.support.null_pmd import two_null_ports
-from tests.unit.test_port_ops import NullPort
+from tests.support.null_pmd import NullPort
 from tools import copy_bench
 from tools.scale import STAGES
 from vswitch.native import ffi, lib

@@ -23,7 +23,7 @@ import time
 import psutil
 import pytest
 
-from tests.unit.test_port_ops import NullPort
+from tests.support.null_pmd import NullPort
 from vswitch.config import ConfigError, parse
 from vswitch.fib import BYTES_PER_ENTRY, MAX_ENTRIES, FibError, MacTable, capacity_for
 from vswitch.native import ffi, lib

@@ -16,7 +16,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Dot1Q, Ether
 
 from tests.support.frames import BROADCAST, frame, mac
-from tests.unit.test_port_ops import NullPort, Pmd, null_stats
+from tests.support.null_pmd import NullPort, Pmd, null_stats
 from tests.unit.test_ring_engine import Guest
 from vswitch.native import ffi, lib
 from vswitch.ports import vlan as vlan_settings

@@ -23,7 +23,7 @@ import threading
 import time
 
 from tests.support.frames import BROADCAST, frame, mac
-from tests.unit.test_port_ops import NullPort, Pmd
+from tests.support.null_pmd import NullPort, Pmd
 from tests.unit.test_ring_engine import Guest
 from vswitch.native import lib
 
