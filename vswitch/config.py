@@ -96,14 +96,11 @@ def _whole_number(section: dict, key: str, default: int, low: int, high: int, wh
     return value
 
 
-def _section(data: dict, name: str, keys: tuple[str, ...], shown: str, where: str, problems: list[str]) -> dict:
-    """data[name] as a mapping ({} if absent or empty); a non-mapping or a key not in `keys` is noted as a problem.
-
-    `shown` is the hint in the non-mapping problem, e.g. "(cpus, sleep)".
-    """
+def _section(data: dict, name: str, keys: tuple[str, ...], where: str, problems: list[str]) -> dict:
+    """data[name] as a mapping ({} if absent or empty); a non-mapping or a key not in `keys` is noted as a problem."""
     section = data.get(name, {}) or {}
     if not isinstance(section, dict):
-        problems.append(f"{where}: {name}: must be a mapping {shown}")
+        problems.append(f"{where}: {name}: must be a mapping ({', '.join(keys)})")
         return {}
     for key in section:
         if key not in keys:
@@ -211,8 +208,7 @@ def parse(data, source: str = "<config>") -> Config:
     else:
         cfg.persist = persist
 
-    fdb = _section(data, "fdb", ("aging_seconds", "max_entries", "static"), "(aging_seconds, max_entries)",
-                   source, problems)
+    fdb = _section(data, "fdb", ("aging_seconds", "max_entries", "static"), source, problems)
     cfg.fdb_aging_seconds = _whole_number(fdb, "aging_seconds", DEFAULT_AGING_SECONDS, 1, 10**6,
                                           f"{source}: fdb.", problems)
     cfg.fdb_max_entries = _whole_number(fdb, "max_entries", DEFAULT_MAX_ENTRIES, 1, MAX_ENTRIES,
@@ -223,7 +219,7 @@ def parse(data, source: str = "<config>") -> Config:
         problems.append(f"{source}: fdb.static: must be a list of {{mac, port}}")
         static = []
 
-    pmd = _section(data, "pmd", ("cpus", "sleep"), "(cpus, sleep)", source, problems)
+    pmd = _section(data, "pmd", ("cpus", "sleep"), source, problems)
     sleep = pmd.get("sleep", True)
     if not isinstance(sleep, bool):
         problems.append(f"{source}: pmd.sleep: {sleep!r} must be true or false")

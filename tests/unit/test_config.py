@@ -88,3 +88,8 @@ def test_pmd_sleep_is_a_boolean_and_pmd_keys_are_checked(tmp_path):
     assert "x.yaml: pmd.sleep: 'no' must be true or false" in found
     assert "x.yaml: pmd: unknown key 'spin'" in found
     assert "pmd: must be a mapping" in "\n".join(problems({"pmd": [1]}))
+
+
+def test_a_section_that_is_not_a_mapping_names_every_key_it_takes():
+    assert "x.yaml: fdb: must be a mapping (aging_seconds, max_entries, static)" in problems({"fdb": [1]})
+    assert "x.yaml: pmd: must be a mapping (cpus, sleep)" in problems({"pmd": 3})
