@@ -22,7 +22,7 @@ import time
 import pytest
 
 from tests.support.frames import frame, mac
-from tests.support.frontend import DRIVER_PROTOCOL_FEATURES, BackendClosed, RequestFailed
+from tests.support.frontend import DRIVER_PROTOCOL_FEATURES, RequestFailed
 from tests.support.vhost_servers import frontend_factory, harness_factory
 from tests.unit.test_vhost_protocol import Harness, check_rings_running, loop_thread  # noqa: F401 (fixture)
 from vswitch.native import ffi, lib
