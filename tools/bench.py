@@ -1402,8 +1402,10 @@ def parse_args(argv: list[str] | None = None):
                         "reported as unavailable)")
     p.add_argument("--keep-logs", action="store_true", help="keep every measurement's logs and print where")
     p.add_argument("--profile", action="store_true",
-                   help="sample each system under test with perf (Debian package linux-perf) over the "
-                        "window; the hottest symbols are printed and stored in the JSON")
+                   help="sample each system under test and the generator with perf (Debian package "
+                        "linux-perf) over the window; the hottest functions are printed (with their share "
+                        "of the loop's cycles per frame) and stored in the JSON; a stripped DPDK library's "
+                        "addresses are added up by function and named from its static archive")
     p.add_argument("--ovs-underlay", choices=OVS_UNDERLAYS, default=OVS_UNDERLAYS[0],
                    help="ovs-dpdk-vxlan: how each OVS attaches to its veth end: afxdp (OVS's own AF_XDP "
                         "netdev, the default), af_xdp (DPDK net_af_xdp), system (OVS's own AF_PACKET "
@@ -1519,11 +1521,13 @@ def main(argv: list[str] | None = None) -> int:
                             f"frames per burst: SUT {fmt(sample.sut_frames_per_burst, 1)}, "
                             f"generator {fmt(sample.generator_frames_per_poll, 1)}; "
                             f"generator TX dropped {sample.generator_tx_dropped})")
-                    for who, profile in (("SUT", sample.profile), ("generator", sample.generator_profile)):
+                    for who, profile, cycles in (("SUT", sample.profile, sample.sut_cycles_per_packet),
+                                                 ("generator", sample.generator_profile,
+                                                  sample.generator_cycles_per_packet)):
                         if profile:
-                            log(f"bench:   {who} profile:")
+                            log(f"bench:   {who} profile (share of samples, cycles per frame):")
                         for percent, symbol in profile or []:
-                            log(f"bench:     {percent:5.1f}%  {symbol}")
+                            log(f"bench:     {percent:5.1f}%  {fmt(cycles and percent / 100 * cycles, 0):>5}  {symbol}")
     except KeyboardInterrupt:
         log("bench: interrupted; reporting the samples taken so far")
     finally:
