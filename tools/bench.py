@@ -1013,17 +1013,102 @@ def profile_window(groups: list[list[int]], seconds: float, workdir: Path, top: 
 def hottest_symbols(data: Path, top: int) -> list:
     report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,symbol",
                              "-g", "none"], capture_output=True, text=True, check=True, timeout=120).stdout
+    return by_function(parse_perf_report(report), dso_paths(data))[:top]
+
+
+def parse_perf_report(report: str) -> list:
+    """`perf report --sort dso,symbol` rows as (percent, dso, symbol), every row."""
     rows = []
     for line in report.splitlines():
         # "  12.5%  librte_net_virtio.so.23.0  [.] virtio_recv_pkts_packed"
         parts = line.split()
         if len(parts) >= 4 and parts[0].endswith("%") and parts[2] in ("[.]", "[k]"):
-            symbol = parts[3]
-            if symbol.startswith("0x"):
-                # A stripped library (Debian's DPDK drivers): at least say which one.
-                symbol = f"{symbol} ({parts[1]})"
-            rows.append((float(parts[0].rstrip("%")), symbol))
-    return rows[:top]
+            rows.append((float(parts[0].rstrip("%")), parts[1], parts[3]))
+    return rows
+
+
+def dso_paths(data: Path) -> dict:
+    """The sampled DSOs' full paths by base name (perf report names them by base name)."""
+    out = subprocess.run(["perf", "buildid-list", "-i", str(data), "--with-hits"], capture_output=True, text=True,
+                         timeout=60).stdout
+    paths = {}
+    for line in out.splitlines():
+        parts = line.split(maxsplit=1)
+        if len(parts) == 2 and parts[1].startswith("/"):
+            paths.setdefault(Path(parts[1]).name, Path(parts[1]))
+    return paths
+
+
+def by_function(rows: list, paths: dict) -> list:
+    """Adds up a stripped DSO's unresolved addresses by the function that holds them, hottest first.
+
+    Debian strips DPDK, so perf names only addresses there; the DSO's .eh_frame still bounds every
+    function (function_table), and a sibling static archive, when installed, names them.
+    """
+    tables = {}
+    totals: dict[str, float] = {}
+    for percent, dso, symbol in rows:
+        if symbol.startswith("0x"):
+            if dso not in tables:
+                tables[dso] = function_table(paths[dso]) if dso in paths else []
+            symbol = function_at(tables[dso], int(symbol, 16)) or symbol
+            symbol = f"{symbol} ({dso})"
+        totals[symbol] = totals.get(symbol, 0.0) + percent
+    return sorted(((round(pct, 2), sym) for sym, pct in totals.items()), key=lambda r: -r[0])
+
+
+def function_at(table: list, address: int) -> str | None:
+    for start, end, name in table:
+        if start <= address < end:
+            return name
+    return None
+
+
+def function_table(dso: Path) -> list:
+    """[(start, end, name)] of a (stripped) ELF file's functions, from its call-frame records.
+
+    A function is named by the symbol of the same size in the static archive built from the same
+    objects (DPDK builds its .so from its .a's objects); several of one size are told apart by
+    their object file, the one of the nearest functions named without doubt; no archive, or no
+    symbol of that size: `fn@<start>`.
+    """
+    frames = subprocess.run(["readelf", "--debug-dump=frames", str(dso)], capture_output=True, text=True,
+                            timeout=60).stdout
+    ranges = sorted({(int(a, 16), int(b, 16))
+                     for a, b in re.findall(r"FDE cie=\S+ pc=([0-9a-f]+)\.\.([0-9a-f]+)", frames)})
+    by_size: dict[int, list] = {}
+    archive = static_archive(dso)
+    if archive is not None:
+        member = ""
+        listing = subprocess.run(["nm", "-S", "--defined-only", str(archive)], capture_output=True, text=True,
+                                 timeout=60).stdout
+        for line in listing.splitlines():
+            parts = line.split()
+            if len(parts) == 1 and parts[0].endswith(":"):
+                member = parts[0][:-1]
+            elif len(parts) == 4 and parts[2] in ("t", "T", "W"):
+                by_size.setdefault(int(parts[1], 16), []).append((parts[3], member))
+    candidates = [by_size.get(end - start, []) for start, end in ranges]
+    sure = [c[0][1] if len({name for name, _ in c}) == 1 else None for c in candidates]
+    table = []
+    for i, ((start, end), cands) in enumerate(zip(ranges, candidates)):
+        names = sorted({name for name, _ in cands})
+        if len(names) > 1:
+            near = [sure[j] for j in sorted(range(len(sure)), key=lambda j: abs(j - i)) if sure[j]][:2]
+            chosen = sorted({name for name, obj in cands if obj in near})
+            names = chosen if len(chosen) == 1 else names
+        table.append((start, end, "|".join(names) if names else f"fn@{start:#x}"))
+    return table
+
+
+def static_archive(dso: Path) -> Path | None:
+    """libfoo.a next to libfoo.so (Debian installs DPDK's drivers' archives under the multiarch dir)."""
+    stem = dso.resolve().name.split(".so")[0]
+    for folder in (dso.resolve().parent, dso.resolve().parent.parent.parent, Path("/usr/lib/x86_64-linux-gnu")):
+        candidate = folder / f"{stem}.a"
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def label(system: str, path: str) -> str:
@@ -1321,8 +1406,10 @@ def parse_args(argv: list[str] | None = None):
                         "reported as unavailable)")
     p.add_argument("--keep-logs", action="store_true", help="keep every measurement's logs and print where")
     p.add_argument("--profile", action="store_true",
-                   help="sample each system under test with perf (Debian package linux-perf) over the "
-                        "window; the hottest symbols are printed and stored in the JSON")
+                   help="sample each system under test and the generator with perf (Debian package "
+                        "linux-perf) over the window; the hottest functions are printed (with their share "
+                        "of the loop's cycles per frame) and stored in the JSON; a stripped DPDK library's "
+                        "addresses are added up by function and named from its static archive")
     p.add_argument("--ovs-underlay", choices=OVS_UNDERLAYS, default=OVS_UNDERLAYS[0],
                    help="ovs-dpdk-vxlan: how each OVS attaches to its veth end: afxdp (OVS's own AF_XDP "
                         "netdev, the default), af_xdp (DPDK net_af_xdp), system (OVS's own AF_PACKET "
@@ -1438,11 +1525,13 @@ def main(argv: list[str] | None = None) -> int:
                             f"frames per burst: SUT {fmt(sample.sut_frames_per_burst, 1)}, "
                             f"generator {fmt(sample.generator_frames_per_poll, 1)}; "
                             f"generator TX dropped {sample.generator_tx_dropped})")
-                    for who, profile in (("SUT", sample.profile), ("generator", sample.generator_profile)):
+                    for who, profile, cycles in (("SUT", sample.profile, sample.sut_cycles_per_packet),
+                                                 ("generator", sample.generator_profile,
+                                                  sample.generator_cycles_per_packet)):
                         if profile:
-                            log(f"bench:   {who} profile:")
+                            log(f"bench:   {who} profile (share of samples, cycles per frame):")
                         for percent, symbol in profile or []:
-                            log(f"bench:     {percent:5.1f}%  {symbol}")
+                            log(f"bench:     {percent:5.1f}%  {fmt(cycles and percent / 100 * cycles, 0):>5}  {symbol}")
     except KeyboardInterrupt:
         log("bench: interrupted; reporting the samples taken so far")
     finally:

@@ -9,6 +9,8 @@ a missing bound fails fast instead of hanging.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import struct
 
@@ -16,7 +18,7 @@ import pytest
 
 from tests.support.child import in_child
 from tests.support.frames import frame, mac
-from tests.support.virtio_driver import (PACKED_START_BASE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_INDIRECT,
+from tests.support.virtio_driver import (PAGE, PACKED_START_BASE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_INDIRECT,
                                          VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_USED, VIRTQ_DESC_F_WRITE,
                                          VIRTQ_EVENT_F_DESC, VIRTQ_EVENT_F_DISABLE, VIRTQ_EVENT_F_ENABLE)
 from tests.unit.test_ring_engine import Guest, make_rig  # noqa: F401  (make_rig is a fixture)
@@ -182,6 +184,64 @@ def test_a_burst_appears_to_the_driver_at_once(make_rig):
     assert len(used_slots(b.rx[0])) == 3
     # The PMD's burst is published as one: three entries, notified once.
     assert b.vring(0).stats.bursts == 1
+
+
+# --- The receive buffer's virtio-net header -----------------------------------------
+
+def rx_buffer_across_a_page(g: Guest, header: bytes) -> tuple[int, int]:
+    """Posts one receive buffer whose virtio-net header ends a page and whose
+    frame starts the next; returns (the buffer's address, the header page's
+    address)."""
+    mem, hdr_len = g.mem, g.dev.hdr_len
+    page = mem.alloc(3 * PAGE, PAGE)
+    buf = page + PAGE - hdr_len
+    mem.write(buf, header)
+    real_alloc = mem.alloc
+    mem.alloc = lambda length, align=16: buf  # post_rx's one piece
+    try:
+        g.rx[0].post_rx(1)
+    finally:
+        mem.alloc = real_alloc
+    return buf, page
+
+
+def expected_header(hdr_len: int) -> bytes:
+    """No offload, one buffer: what the device writes in front of a frame."""
+    return bytes(10) + (b"\x01\x00" if hdr_len == 12 else b"")
+
+
+@pytest.mark.parametrize("features", [PACKED, PACKED & ~F_MRG, F_V1 | F_MRG, F_V1, F_MRG, 0],
+                         ids=["packed", "packed-no-mrg", "split", "split-no-mrg", "legacy-mrg", "legacy"])
+@in_child()
+def test_a_header_that_already_holds_the_values_is_not_written(make_rig, features):
+    """The driver reads the header's cache line back (num_buffers on receive,
+    its own header fields when it sends the buffer on): writing the same
+    values again would pull the line into our core on every frame and make
+    the driver miss on it (README "Throughput per virtio path").  The header's
+    page is read-only here, so a write would kill the child."""
+    rig, a, b = two_guests(make_rig, features=features)
+    hdr_len = b.dev.hdr_len
+    buf, page = rx_buffer_across_a_page(b, expected_header(hdr_len))
+    host = ctypes.addressof(ctypes.c_char.from_buffer(b.mem.mm)) + (page - b.mem.gpa_base)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(host), PAGE, mmap.PROT_READ) == 0, os.strerror(ctypes.get_errno())
+    f = frame(mac(2), mac(1), bytes(range(100)))
+    a.tx[0].post_tx(f)
+    assert rig.poll() == 1
+    assert b.mem.read(buf, hdr_len + len(f)) == expected_header(hdr_len) + f
+    assert b.vring(0).stats.packets == 1
+
+
+@pytest.mark.parametrize("features", [PACKED, PACKED & ~F_MRG, F_V1 | F_MRG, F_V1 & ~F_MRG],
+                         ids=["packed", "packed-no-mrg", "split", "split-no-mrg"])
+def test_a_header_with_other_values_is_rewritten(make_rig, features):
+    rig, a, b = two_guests(make_rig, features=features)
+    hdr_len = b.dev.hdr_len
+    buf, _page = rx_buffer_across_a_page(b, bytes([0xa5]) * hdr_len)
+    f = frame(mac(2), mac(1), bytes(range(100)))
+    a.tx[0].post_tx(f)
+    assert rig.poll() == 1
+    assert b.mem.read(buf, hdr_len + len(f)) == expected_header(hdr_len) + f
 
 
 # --- Event suppression -------------------------------------------------------------
