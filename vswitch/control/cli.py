@@ -162,6 +162,10 @@ def print_port_details(p: dict) -> None:
     if p.get("remotes") is not None:
         remotes = ", ".join(f"{r['remote']} (rx {r['rx_packets']}, tx {r['tx_packets']})" for r in p["remotes"])
         print(f"  vni {p['vni']} from {p['local_ip']}:{p['dst_port']} to {remotes}")
+        if "rx_polls" in p["stats"]:
+            s = p["stats"]
+            print(f"  recvmmsg calls {s['rx_polls']} (found nothing: {s['rx_empty_polls']}), "
+                  f"bursts that skipped the socket while backing off {s['rx_polls_skipped']}")
     vhost = p.get("vhost")
     if vhost and "offered_feature_names" in vhost:
         print(f"  offered: {' '.join(vhost['offered_feature_names'])}")

@@ -52,6 +52,18 @@ static uint64_t measure_tsc_hz(void)
     return ns ? (t1 - t0) * 1000000000ULL / ns : 1000000000ULL;
 }
 
+uint64_t vs_tsc_hz(void)
+{
+    /* Measured once per process: every PMD and port uses the same rate. */
+    static uint64_t hz;
+    uint64_t v = __atomic_load_n(&hz, __ATOMIC_RELAXED);
+    if (!v) {
+        v = measure_tsc_hz();
+        __atomic_store_n(&hz, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
 static void interrupt_only(int sig)
 {
     (void)sig;
@@ -79,7 +91,7 @@ int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib)
     pmd->fib = fib;
     pmd->max_sleep_us = 1000;
     pmd->max_notify_sleep_ms = 100;
-    pmd->tsc_hz = measure_tsc_hz();
+    pmd->tsc_hz = vs_tsc_hz();
     pmd->linger_cycles = pmd->tsc_hz / 1000000 * LINGER_US;
     pmd->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (pmd->wakefd < 0) {

@@ -93,6 +93,8 @@ struct vs_pmd {
     struct vs_pmd_profile profile;
 };
 
+/* TSC ticks per second, measured at the first call. */
+uint64_t vs_tsc_hz(void);
 int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib);
 void vs_pmd_fini(struct vs_pmd *pmd);
 void vs_pmd_publish(struct vs_pmd *pmd, struct vs_port_table *table);
