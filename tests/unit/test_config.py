@@ -88,3 +88,7 @@ def test_pmd_sleep_is_a_boolean_and_pmd_keys_are_checked(tmp_path):
     assert "x.yaml: pmd.sleep: 'no' must be true or false" in found
     assert "x.yaml: pmd: unknown key 'spin'" in found
     assert "pmd: must be a mapping" in "\n".join(problems({"pmd": [1]}))
+    assert parse({}).pmd_yield is False
+    cfg = parse({"pmd": {"yield": True}})
+    assert cfg.pmd_yield is True and parse(cfg.to_yaml_data()).pmd_yield is True
+    assert "x.yaml: pmd.yield: 1 must be true or false" in "\n".join(problems({"pmd": {"yield": 1}}))

@@ -210,6 +210,8 @@ def print_pmd_stats(result: dict) -> None:
         print(f"  cycles/packet (busy): {p['cycles_per_packet']}")
         never = " (never sleeps: pmd.sleep false)" if p.get("poll_only") else ""
         print(f"  sleeps: {p['sleeps']} (woken by a guest: {p['kick_wakeups']}){never}")
+        if p.get("yield"):
+            print(f"  yields after light passes: {p['yields']} (pmd.yield true)")
         print(f"  longest gap between passes: {p['max_gap_us']} us")
         print(f"  unicast: {p['unicast']}  flooded: {p['flooded']}  dropped (same port): {p['dropped_same_port']}")
 

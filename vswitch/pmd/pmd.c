@@ -16,6 +16,8 @@
  * Idle passes back off into a sleep on wakefd, so that an idle switch does
  * not burn a core; vs_pmd_quiesce() writes wakefd to cut the sleep short.
  * A PMD set to poll_only never sleeps: it spends a core to save the wake-up.
+ * A PMD set to yield_light gives its CPU away after every pass that moved
+ * less than half a burst, for threads that share its CPU (pmd.yield).
  * The epoch counter, bumped at the top of every pass, is how the control
  * plane knows the PMD no longer holds pointers it read before a change.
  */
@@ -23,6 +25,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <time.h>
@@ -1163,6 +1166,13 @@ void vs_pmd_run(struct vs_pmd *pmd)
         uint32_t n = vs_pmd_poll_once(pmd);
         uint64_t cycles = vs_rdtsc() - t0;
         pmd->stats.loops++;
+        /* A thread that shares our CPU (another switch's PMD, say, holding
+         * the frames we wait for) runs now, not at the end of our time
+         * slice; alone on the CPU, the call returns at once. */
+        if (n < VS_BURST / 2 && __atomic_load_n(&pmd->yield_light, __ATOMIC_RELAXED)) {
+            sched_yield();
+            pmd->stats.yields++;
+        }
         if (n) {
             pmd->stats.busy_cycles += cycles;
             pmd->idle_passes = 0;
