@@ -440,7 +440,10 @@ class Vswitchd(System):
                  "vswitchd start-up", self.proc, self.log_path)
 
     def config(self) -> dict:
-        return {"control_socket": self.control_socket, "pmd": {"cpus": [self.sut_core]}, "ports": self.ports()}
+        pmd = {"cpus": [self.sut_core]}
+        if getattr(self, "pmd_yield", False):
+            pmd["yield"] = True
+        return {"control_socket": self.control_socket, "pmd": pmd, "ports": self.ports()}
 
     def ports(self) -> list[dict]:
         return [{"name": f"vm{i}", "type": "vhost-user", "path": str(path), "mode": "server"}
@@ -757,6 +760,7 @@ class VswitchdVxlan(VxlanSystem):
         workdir.mkdir()
         inst = Vswitchd(workdir, self.gen_core, self.sut_core)
         inst.socket_paths = [self.socket_paths[i]]
+        inst.pmd_yield = getattr(self, "pmd_yield", False)
         vxlan = {"name": "vx", "type": "vxlan", "local_ip": VTEP_IPS[i], "remote": [VTEP_IPS[1 - i]],
                  "vni": VXLAN_VNI, "netns": hosts.netns[i]}
         inst.ports = lambda: [{"name": "vm", "type": "vhost-user", "path": str(self.socket_paths[i]),
@@ -1133,6 +1137,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
     else:
         veth = None
     system = system_cls(workdir, args.gen_core, args.sut_core, veth)
+    system.pmd_yield = args.vswitchd_pmd_yield
     if system_cls.topology == VXLAN and hasattr(system_cls, "underlay"):
         system.underlay = args.ovs_underlay
         system.pmd_maxsleep = args.ovs_pmd_maxsleep
@@ -1418,6 +1423,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--ovs-pmd-maxsleep", type=int, default=0, metavar="US",
                    help="ovs-dpdk-vxlan: OVS's other_config:pmd-maxsleep in microseconds (default 0: "
                         "OVS's default, its PMDs never sleep)")
+    p.add_argument("--vswitchd-pmd-yield", action="store_true",
+                   help="vswitchd systems: pmd.yield true (a PMD yields its CPU after a pass that moved under "
+                        "half a burst; off by default, like OVS's pmd-maxsleep)")
     p.add_argument("--smoke", action="store_true",
                    help="short run for the test suite: 64-byte frames (unless --sizes says otherwise), "
                         "1 rep, 1 s warm-up, 1 s window")
@@ -1577,6 +1585,7 @@ def main(argv: list[str] | None = None) -> int:
             "smoke": args.smoke,
             "ovs_underlay": args.ovs_underlay,
             "ovs_pmd_maxsleep_us": args.ovs_pmd_maxsleep,
+            "vswitchd_pmd_yield": args.vswitchd_pmd_yield,
         },
         "machine": machine,
         "versions": versions,

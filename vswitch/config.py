@@ -53,6 +53,7 @@ class Config:
     fdb_static: list[dict] = field(default_factory=list)
     pmd_cpus: list[int] = field(default_factory=list)
     pmd_sleep: bool = True                # False: the PMDs poll when idle instead of sleeping
+    pmd_yield: bool = False               # True: a PMD yields its CPU after a pass with under half a burst
     metrics_listen: str | None = None     # "HOST:PORT" of the Prometheus endpoint, or None
     # Switch-wide values of port keys (socket_owner, socket_group, socket_mode) for ports that set none.
     port_defaults: dict = field(default_factory=dict)
@@ -73,6 +74,8 @@ class Config:
             data["pmd"] = {"cpus": list(self.pmd_cpus)}
         if not self.pmd_sleep:
             data.setdefault("pmd", {})["sleep"] = False
+        if self.pmd_yield:
+            data.setdefault("pmd", {})["yield"] = True
         if self.metrics_listen:
             data["metrics"] = {"listen": self.metrics_listen}
         data.update(self.port_defaults)
@@ -219,12 +222,17 @@ def parse(data, source: str = "<config>") -> Config:
         problems.append(f"{source}: fdb.static: must be a list of {{mac, port}}")
         static = []
 
-    pmd = _section(data, "pmd", ("cpus", "sleep"), source, problems)
+    pmd = _section(data, "pmd", ("cpus", "sleep", "yield"), source, problems)
     sleep = pmd.get("sleep", True)
     if not isinstance(sleep, bool):
         problems.append(f"{source}: pmd.sleep: {sleep!r} must be true or false")
     else:
         cfg.pmd_sleep = sleep
+    pmd_yield = pmd.get("yield", False)
+    if not isinstance(pmd_yield, bool):
+        problems.append(f"{source}: pmd.yield: {pmd_yield!r} must be true or false")
+    else:
+        cfg.pmd_yield = pmd_yield
     cpus = pmd.get("cpus", [])
     ncpu = os.cpu_count() or 1
     if not isinstance(cpus, list) or not all(_is_int(c) and 0 <= c < ncpu for c in cpus) \

@@ -34,7 +34,7 @@ from vswitch.switch import Switch, SwitchError
 log = logging.getLogger(__name__)
 
 RESTART_ONLY = {"control_socket": "control_socket", "control_group": "control_group", "pmd_cpus": "pmd.cpus",
-                "pmd_sleep": "pmd.sleep",
+                "pmd_sleep": "pmd.sleep", "pmd_yield": "pmd.yield",
                 "metrics_listen": "metrics.listen"}
 
 

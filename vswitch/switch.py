@@ -48,7 +48,8 @@ class Switch:
         self.config = dataclasses.replace(config, ports=[], fdb_static=[], mirrors=[])
         self.fib = MacTable(config.fdb_max_entries, config.fdb_aging_seconds)
         cpus = config.pmd_cpus or [None]
-        self.pmds = [PmdThread(i, self.fib, cpu, poll_only=not config.pmd_sleep) for i, cpu in enumerate(cpus)]
+        self.pmds = [PmdThread(i, self.fib, cpu, poll_only=not config.pmd_sleep,
+                               yield_light=config.pmd_yield) for i, cpu in enumerate(cpus)]
         self._call_watchdog = CallWatchdog(self.pmds)
         self.reclaimer = Reclaimer(self.pmds)
         self.ports: dict[str, Port] = {}

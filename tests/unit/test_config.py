@@ -88,8 +88,12 @@ def test_pmd_sleep_is_a_boolean_and_pmd_keys_are_checked(tmp_path):
     assert "x.yaml: pmd.sleep: 'no' must be true or false" in found
     assert "x.yaml: pmd: unknown key 'spin'" in found
     assert "pmd: must be a mapping" in "\n".join(problems({"pmd": [1]}))
+    assert parse({}).pmd_yield is False
+    cfg = parse({"pmd": {"yield": True}})
+    assert cfg.pmd_yield is True and parse(cfg.to_yaml_data()).pmd_yield is True
+    assert "x.yaml: pmd.yield: 1 must be true or false" in "\n".join(problems({"pmd": {"yield": 1}}))
 
 
 def test_a_section_that_is_not_a_mapping_names_every_key_it_takes():
     assert "x.yaml: fdb: must be a mapping (aging_seconds, max_entries, static)" in problems({"fdb": [1]})
-    assert "x.yaml: pmd: must be a mapping (cpus, sleep)" in problems({"pmd": 3})
+    assert "x.yaml: pmd: must be a mapping (cpus, sleep, yield)" in problems({"pmd": 3})

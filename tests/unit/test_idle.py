@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import psutil
@@ -59,3 +60,38 @@ def test_pmd_sleep_false_keeps_the_idle_pmd_polling(tmp_path):
         assert len(guests[1].receive(0, 1, timeout=2)) == 1
         for fe in guests:
             fe.close()
+
+
+def _shares(tmp_path, pmd: dict, seconds: float = 2.0) -> tuple[float, float, dict]:
+    """CPU seconds of an idle, never-sleeping vswitchd and of a busy loop
+    pinned to the same CPU, over the same window; and the PMD's stats."""
+    tmp_path.mkdir()
+    cpu = max(psutil.Process().cpu_affinity())
+    ports = [{"name": "vm0", "type": "vhost-user", "path": str(tmp_path / "vm0.sock")}]
+    with Vswitchd(tmp_path, ports=ports, extra={"pmd": {"cpus": [cpu], "sleep": False, **pmd}}) as d:
+        spinner = psutil.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", "while True: pass"])
+        try:
+            switch = psutil.Process(d.proc.pid)
+            time.sleep(0.3)
+            s0, w0 = sum(spinner.cpu_times()[:2]), sum(switch.cpu_times()[:2])
+            time.sleep(seconds)
+            s1, w1 = sum(spinner.cpu_times()[:2]), sum(switch.cpu_times()[:2])
+        finally:
+            spinner.kill()
+            spinner.wait()
+        return s1 - s0, w1 - w0, d.ctl("pmd-stats")["pmds"][0]
+
+
+def test_pmd_yield_gives_the_cpu_to_a_thread_that_shares_it(tmp_path):
+    """`pmd: {yield: true}`: after each light pass the PMD calls sched_yield(),
+    so another busy thread on its CPU gets most of it, where without it the
+    two split the CPU about evenly (the case of two switches' PMDs on one
+    CPU, tools/bench.py's vxlan topology)."""
+    spin, switch, stats = _shares(tmp_path / "yield", {"yield": True})
+    print(f"yield: busy loop {spin:.2f} s, vswitchd {switch:.2f} s CPU")
+    assert stats["yield"] and stats["yields"] > 1000, stats
+    assert spin > 3 * switch, (spin, switch)
+    spin, switch, stats = _shares(tmp_path / "spin", {})
+    print(f"no yield: busy loop {spin:.2f} s, vswitchd {switch:.2f} s CPU")
+    assert not stats["yield"] and stats["yields"] == 0, stats
+    assert switch > spin / 3, (spin, switch)

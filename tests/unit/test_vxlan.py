@@ -5,8 +5,10 @@ tunnel's remote endpoints are UDP sockets of this test on loopback addresses
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
+import time
 
 import pytest
 
@@ -278,6 +280,11 @@ def test_add_port_from_vswitchctl(tmp_path):
         assert out.returncode == 0, out.stderr
         info = d.port("vx")
         assert (info["vni"], info["dst_port"], info["vni_map"]) == (7, port, {"10": 1010})
+        # The idle port's receive backs off; show says how often it called recvmmsg.
+        wait_for(lambda: d.port("vx")["stats"]["rx_polls_skipped"] > 0, what="an idle poll skipped")
+        stats = d.port("vx")["stats"]
+        assert 0 < stats["rx_polls"] == stats["rx_empty_polls"]
+        assert "recvmmsg calls" in d.ctl_raw("show").stdout
         for args, error in [
             (("--local-ip", "127.0.0.1", "--remote", "127.0.0.2", "--vni", "99999999"),
              "port 'vy': vni: 99999999 must be a whole number from 0 to 16777215"),
@@ -355,3 +362,118 @@ def test_random_datagrams_are_taken_or_refused_with_a_reason():
             assert off in (4, 8) and len(data) - off >= 14 and sub[0] == 1
             reasons.add(off)
     assert reasons == {lib.VS_VXLAN_MALFORMED, lib.VS_VXLAN_WRONG_VNI, 4, 8}
+
+
+class OpenPort:
+    """A vxlan port's C side opened on 127.0.0.1 (one remote, 127.0.0.2), its
+    receive called as a PMD would, without a switch around it."""
+
+    def __init__(self):
+        self.dst_port = free_udp_port()
+        self.vp = vxlan_port(remotes=("127.0.0.2",))
+        self.vp.local_addr = _addr("127.0.0.1")
+        self.vp.dst_port = self.dst_port
+        assert lib.vs_vxlan_port_init(self.vp) == 0
+        assert lib.vs_vxlan_port_open(self.vp, -1) == 0, ffi.string(self.vp.error)
+        self.port = ffi.new("struct vs_port *")
+        self.port.priv = self.vp
+        self.ops = lib.vs_vxlan_port_ops()
+        self.pkts = ffi.new("struct vs_pkt[]", lib.VS_BURST)
+        self.remote = Remote("127.0.0.2", self.dst_port)
+
+    def rx(self) -> int:
+        return self.ops.rx_burst(self.port, 0, self.pkts, lib.VS_BURST)
+
+    def readable(self) -> bool:
+        return bool(select.select([self.vp.rx_fd], [], [], 2)[0])
+
+    def close(self):
+        self.remote.close()
+        lib.vs_vxlan_port_fini(self.vp)
+
+
+@pytest.fixture
+def open_port():
+    p = OpenPort()
+    yield p
+    p.close()
+
+
+def test_empty_receives_back_off_instead_of_a_system_call_each(open_port):
+    """Polls of an empty socket are mostly skipped: few recvmmsg calls per
+    thousands of empty bursts, all of them counted."""
+    p = open_port
+    # A cap of 1 ms, so that the Python loop's own pace cannot decide the outcome.
+    p.vp.rx_backoff_max_cycles = lib.vs_tsc_hz() // 1000
+    n = 5000
+    start = time.monotonic()
+    assert sum(p.rx() for _ in range(n)) == 0
+    elapsed = time.monotonic() - start
+    s = p.vp.stats
+    assert s.rx_polls + s.rx_polls_skipped == n
+    assert s.rx_empty_polls == s.rx_polls
+    # Doubling from 1/8 us reaches 1 ms in 13 steps; then one call a millisecond.
+    assert s.rx_polls <= 14 + elapsed * 1000 * 1.1, (s.rx_polls, elapsed)
+    assert s.rx_polls < n // 10
+
+
+def test_a_datagram_after_a_long_idle_is_taken_by_the_next_burst(open_port):
+    """The backoff is a time, not a number of passes: once its cap has gone by,
+    the next burst calls recvmmsg, however long the socket was idle."""
+    p = open_port
+    for _ in range(2000):
+        p.rx()
+    assert p.vp.stats.rx_polls_skipped > 0
+    assert p.vp.rx_backoff_cycles == p.vp.rx_backoff_max_cycles
+    assert p.vp.rx_backoff_max_cycles * 1e9 // lib.vs_tsc_hz() <= lib.VS_VXLAN_RX_BACKOFF_MAX_NS
+    time.sleep(0.05)
+    inner = frame(BROADCAST, mac(1))
+    p.remote.send(inner)
+    assert p.readable()
+    polls = p.vp.stats.rx_polls
+    assert p.rx() == 1
+    assert p.vp.stats.rx_polls == polls + 1
+    assert bytes(ffi.buffer(p.pkts[0].segs[0].addr, p.pkts[0].len)) == inner
+    # A datagram resets the backoff: the next empty burst polls again.
+    assert p.vp.rx_backoff_cycles == 0
+    assert p.rx() == 0 and p.vp.stats.rx_polls == polls + 2
+
+
+def test_a_datagram_during_the_backoff_waits_at_most_its_cap(open_port):
+    """Polled back to back while backing off at its cap, a datagram is taken
+    within the cap of becoming readable (measured on the TSC around the loop)."""
+    p = open_port
+    hz = lib.vs_tsc_hz()
+    waits = []
+    inner = frame(BROADCAST, mac(1))
+    for _ in range(20):
+        for _ in range(500):
+            p.rx()
+        assert p.vp.rx_backoff_cycles == p.vp.rx_backoff_max_cycles
+        p.remote.send(inner)
+        # The datagram is in the socket once select says so; from there the
+        # wait is the rest of the backoff (the loop's own calls add little).
+        assert p.readable()
+        t0 = time.perf_counter()
+        calls = 0
+        while not p.rx():
+            calls += 1
+            assert calls < 10_000_000
+        waits.append(time.perf_counter() - t0)
+    cap = p.vp.rx_backoff_max_cycles / hz
+    # The median, since a preemption of this process can stretch any one wait.
+    waits.sort()
+    assert waits[len(waits) // 2] <= cap + 50e-6, (waits, cap)
+
+
+def test_a_sleep_ends_the_backoff(open_port):
+    """After the PMD's sleep (idle_disarm), the first burst polls the socket."""
+    p = open_port
+    for _ in range(200):
+        p.rx()
+    assert p.vp.rx_backoff_cycles > 0
+    assert p.ops.idle_arm(p.port, 0) == p.vp.rx_fd
+    p.ops.idle_disarm(p.port, 0, 0)
+    polls = p.vp.stats.rx_polls
+    p.rx()
+    assert p.vp.stats.rx_polls == polls + 1

@@ -162,6 +162,10 @@ def print_port_details(p: dict) -> None:
     if p.get("remotes") is not None:
         remotes = ", ".join(f"{r['remote']} (rx {r['rx_packets']}, tx {r['tx_packets']})" for r in p["remotes"])
         print(f"  vni {p['vni']} from {p['local_ip']}:{p['dst_port']} to {remotes}")
+        if "rx_polls" in p["stats"]:
+            s = p["stats"]
+            print(f"  recvmmsg calls {s['rx_polls']} (found nothing: {s['rx_empty_polls']}), "
+                  f"bursts that skipped the socket while backing off {s['rx_polls_skipped']}")
     vhost = p.get("vhost")
     if vhost and "offered_feature_names" in vhost:
         print(f"  offered: {' '.join(vhost['offered_feature_names'])}")
@@ -206,6 +210,8 @@ def print_pmd_stats(result: dict) -> None:
         print(f"  cycles/packet (busy): {p['cycles_per_packet']}")
         never = " (never sleeps: pmd.sleep false)" if p.get("poll_only") else ""
         print(f"  sleeps: {p['sleeps']} (woken by a guest: {p['kick_wakeups']}){never}")
+        if p.get("yield"):
+            print(f"  yields after light passes: {p['yields']} (pmd.yield true)")
         print(f"  longest gap between passes: {p['max_gap_us']} us")
         print(f"  unicast: {p['unicast']}  flooded: {p['flooded']}  dropped (same port): {p['dropped_same_port']}")
 

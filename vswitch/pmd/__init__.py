@@ -41,7 +41,7 @@ RECLAIM_WARN_SECONDS = 2.0
 
 
 class PmdThread:
-    def __init__(self, index: int, fib, cpu: int | None = None, poll_only: bool = False):
+    def __init__(self, index: int, fib, cpu: int | None = None, poll_only: bool = False, yield_light: bool = False):
         self.index = index
         self.cpu = cpu
         self.c = ffi.new("struct vs_pmd *")
@@ -49,6 +49,7 @@ class PmdThread:
         if rc != 0:
             raise OSError(-rc, f"PMD {index}: cannot create its wake-up eventfd or install its watchdog signal handler")
         self.c.poll_only = poll_only
+        self.c.yield_light = yield_light
         self._thread: threading.Thread | None = None
         # The published table and every port it points to stay referenced here.
         self._table = None
@@ -126,7 +127,7 @@ class PmdThread:
             "busy_percent": round(100.0 * busy / (busy + idle), 1) if busy + idle else 0.0,
             "cycles_per_packet": round(busy / s.packets, 1) if s.packets else 0.0,
             "packets_per_burst": round(s.packets / s.bursts, 1) if s.bursts else 0.0,
-            "poll_only": bool(self.c.poll_only), "sleeps": s.sleeps, "kick_wakeups": s.kick_wakeups, "flooded": s.flooded, "unicast": s.unicast,
+            "poll_only": bool(self.c.poll_only), "sleeps": s.sleeps, "yield": bool(self.c.yield_light), "yields": s.yields, "kick_wakeups": s.kick_wakeups, "flooded": s.flooded, "unicast": s.unicast,
             "dropped_same_port": s.dropped_same_port, "calls_blocked": self.c.call_watch.blocked,
             "max_gap_us": round(s.max_gap_cycles * 1e6 / self.c.tsc_hz, 1) if self.c.tsc_hz else 0.0,
             "rx_queues": [{"port": port.name, "queue": queue} for port, queue in self._polls],

@@ -16,6 +16,8 @@
  * Idle passes back off into a sleep on wakefd, so that an idle switch does
  * not burn a core; vs_pmd_quiesce() writes wakefd to cut the sleep short.
  * A PMD set to poll_only never sleeps: it spends a core to save the wake-up.
+ * A PMD set to yield_light gives its CPU away after every pass that moved
+ * less than half a burst, for threads that share its CPU (pmd.yield).
  * The epoch counter, bumped at the top of every pass, is how the control
  * plane knows the PMD no longer holds pointers it read before a change.
  */
@@ -23,6 +25,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <time.h>
@@ -52,6 +55,18 @@ static uint64_t measure_tsc_hz(void)
     return ns ? (t1 - t0) * 1000000000ULL / ns : 1000000000ULL;
 }
 
+uint64_t vs_tsc_hz(void)
+{
+    /* Measured once per process: every PMD and port uses the same rate. */
+    static uint64_t hz;
+    uint64_t v = __atomic_load_n(&hz, __ATOMIC_RELAXED);
+    if (!v) {
+        v = measure_tsc_hz();
+        __atomic_store_n(&hz, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
 static void interrupt_only(int sig)
 {
     (void)sig;
@@ -79,7 +94,7 @@ int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib)
     pmd->fib = fib;
     pmd->max_sleep_us = 1000;
     pmd->max_notify_sleep_ms = 100;
-    pmd->tsc_hz = measure_tsc_hz();
+    pmd->tsc_hz = vs_tsc_hz();
     pmd->linger_cycles = pmd->tsc_hz / 1000000 * LINGER_US;
     pmd->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (pmd->wakefd < 0) {
@@ -1151,6 +1166,13 @@ void vs_pmd_run(struct vs_pmd *pmd)
         uint32_t n = vs_pmd_poll_once(pmd);
         uint64_t cycles = vs_rdtsc() - t0;
         pmd->stats.loops++;
+        /* A thread that shares our CPU (another switch's PMD, say, holding
+         * the frames we wait for) runs now, not at the end of our time
+         * slice; alone on the CPU, the call returns at once. */
+        if (n < VS_BURST / 2 && __atomic_load_n(&pmd->yield_light, __ATOMIC_RELAXED)) {
+            sched_yield();
+            pmd->stats.yields++;
+        }
         if (n) {
             pmd->stats.busy_cycles += cycles;
             pmd->idle_passes = 0;

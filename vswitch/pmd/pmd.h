@@ -36,6 +36,7 @@ struct vs_pmd_stats {
     uint64_t busy_cycles;        /* TSC cycles in passes that moved packets */
     uint64_t idle_cycles;        /* TSC cycles in passes that moved none */
     uint64_t sleeps;             /* times the thread went to sleep */
+    uint64_t yields;             /* sched_yield() calls after light passes (pmd.yield) */
     uint64_t kick_wakeups;       /* port fds that ended a sleep (a guest's kick, a kernel port's frame) */
     uint64_t flooded;            /* frames flooded (unknown, broadcast, multicast) */
     uint64_t unicast;            /* frames sent to one learned port */
@@ -85,6 +86,7 @@ struct vs_pmd {
     uint64_t linger_cycles;      /* after traffic, poll through gaps this long before sleeping */
     uint32_t sleep_us;           /* current backoff */
     uint32_t poll_only;          /* shared: never sleep when idle (pmd.sleep: false), a core for the lowest latency */
+    uint32_t yield_light;        /* shared: sched_yield() after a pass that moved under half a burst (pmd.yield) */
     unsigned long thread;        /* pthread_t of vs_pmd_run's thread, valid while running */
     struct vs_call_watch call_watch; /* its guest notifications, for vs_pmd_call_watchdog() */
     struct vs_pmd_stats stats;
@@ -93,6 +95,8 @@ struct vs_pmd {
     struct vs_pmd_profile profile;
 };
 
+/* TSC ticks per second, measured at the first call. */
+uint64_t vs_tsc_hz(void);
 int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib);
 void vs_pmd_fini(struct vs_pmd *pmd);
 void vs_pmd_publish(struct vs_pmd *pmd, struct vs_port_table *table);

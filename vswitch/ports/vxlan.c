@@ -27,6 +27,11 @@
 int vs_vxlan_port_init(struct vs_vxlan_port *vp)
 {
     vp->rx_fd = vp->tx_fd = -1;
+    uint64_t hz = vs_tsc_hz();
+    vp->rx_backoff_max_cycles = hz / 1000000 * VS_VXLAN_RX_BACKOFF_MAX_NS / 1000;
+    vp->rx_backoff_min_cycles = hz / 8000000;
+    vp->rx_backoff_cycles = 0;
+    vp->rx_next_poll_tsc = 0;
     vp->rx_bufs = malloc((size_t)VS_BURST * VS_VXLAN_RX_BUF);
     return vp->rx_bufs ? 0 : -ENOMEM;
 }
@@ -421,6 +426,17 @@ static uint32_t vxlan_rx_burst(struct vs_port *port, uint32_t queue, struct vs_p
     if (max > VS_BURST) {
         max = VS_BURST;
     }
+    /* An empty recvmmsg is a system call for nothing, and most polls of an
+     * idle or lightly loaded tunnel are empty: after one, the socket is left
+     * alone for a while that doubles up to rx_backoff_max_cycles. */
+    uint64_t now = 0;
+    if (vp->rx_backoff_cycles) {
+        now = vs_rdtsc();
+        if (now < vp->rx_next_poll_tsc) {
+            vp->stats.rx_polls_skipped++;
+            return 0;
+        }
+    }
     for (uint32_t i = 0; i < max; i++) {
         iov[i] = (struct iovec){ .iov_base = vp->rx_bufs + (size_t)i * VS_VXLAN_RX_BUF,
                                  .iov_len = VS_VXLAN_RX_BUF };
@@ -431,12 +447,18 @@ static uint32_t vxlan_rx_burst(struct vs_port *port, uint32_t queue, struct vs_p
         msgs[i].msg_hdr.msg_iovlen = 1;
     }
     int r = recvmmsg(vp->rx_fd, msgs, max, MSG_DONTWAIT, NULL);
+    vp->stats.rx_polls++;
     if (r <= 0) {
         if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
             vp->stats.rx_errors++;
         }
+        vp->stats.rx_empty_polls++;
+        uint64_t b = vp->rx_backoff_cycles ? vp->rx_backoff_cycles * 2 : vp->rx_backoff_min_cycles;
+        vp->rx_backoff_cycles = b < vp->rx_backoff_max_cycles ? b : vp->rx_backoff_max_cycles;
+        vp->rx_next_poll_tsc = (now ? now : vs_rdtsc()) + vp->rx_backoff_cycles;
         return 0;
     }
+    vp->rx_backoff_cycles = 0;
     uint32_t got = 0;
     uint64_t bytes = 0;
     for (int i = 0; i < r; i++) {
@@ -474,6 +496,15 @@ static int vxlan_idle_arm(struct vs_port *port, uint32_t queue)
     return vp->rx_fd >= 0 ? vp->rx_fd : VS_IDLE_NOTHING;
 }
 
+/* A sleep ends when the socket turns readable (or on a timeout): the next
+ * pass looks at once, whatever the backoff said. */
+static void vxlan_idle_disarm(struct vs_port *port, uint32_t queue, int woke)
+{
+    struct vs_vxlan_port *vp = port->priv;
+    vp->rx_backoff_cycles = 0;
+    vp->rx_next_poll_tsc = 0;
+}
+
 static int vxlan_link_state(struct vs_port *port)
 {
     return 1;
@@ -487,6 +518,7 @@ static const struct vs_port_ops vxlan_ops = {
      * into MTU-sized frames by offload.c before it is encapsulated. */
     .offload_caps = NULL,
     .idle_arm = vxlan_idle_arm,
+    .idle_disarm = vxlan_idle_disarm,
     .link_state = vxlan_link_state,
 };
 

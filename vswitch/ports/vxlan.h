@@ -32,6 +32,10 @@
 #define VS_VXLAN_MAX_VNI 16777215
 #define VS_VXLAN_SRC_PORT_MIN 49152      /* RFC 7348 5: source ports from the dynamic range */
 #define VS_VXLAN_SRC_PORT_MASK 16383
+/* An empty receive backs off: the socket is left alone for 1/8 us, then
+ * twice as long after each further empty one, up to this cap, which is the
+ * most a datagram can wait for a busy-polling PMD to look. */
+#define VS_VXLAN_RX_BACKOFF_MAX_NS 8000
 
 /* Why vs_vxlan_decap refused a datagram. */
 #define VS_VXLAN_UNKNOWN_REMOTE -1       /* its source address is none of the remotes */
@@ -45,6 +49,9 @@ struct vs_vxlan_stats {
     uint64_t rx_wrong_vni;               /* datagrams dropped: a VNI this port does not carry */
     uint64_t rx_malformed;               /* datagrams dropped: short, truncated, or the I flag clear */
     uint64_t rx_errors;                  /* recvmmsg failures other than "nothing to read" */
+    uint64_t rx_polls;                   /* recvmmsg calls */
+    uint64_t rx_empty_polls;             /* of those, the ones that found the socket empty */
+    uint64_t rx_polls_skipped;           /* receive bursts that left the socket alone (backing off) */
     uint64_t tx_packets;                 /* datagrams sent (one per remote a frame went to): atomic */
     uint64_t tx_bytes;                   /* their inner frames' bytes: atomic */
     uint64_t tx_errors;                  /* datagrams the kernel refused (no route, full buffer): atomic */
@@ -71,6 +78,11 @@ struct vs_vxlan_port {
     uint32_t map_vni[VS_VXLAN_MAX_VNI_MAP];
     uint32_t route_mtu;                  /* the smallest MTU of the routes to the remotes, found by open */
     uint8_t *rx_bufs;                    /* VS_BURST buffers of VS_VXLAN_RX_BUF bytes */
+    /* Receive backoff, kept by the one PMD that polls the port. */
+    uint64_t rx_next_poll_tsc;           /* no recvmmsg before this TSC */
+    uint64_t rx_backoff_cycles;          /* the current backoff; 0 after a datagram */
+    uint64_t rx_backoff_min_cycles;      /* the first backoff, set by init */
+    uint64_t rx_backoff_max_cycles;      /* its cap (VS_VXLAN_RX_BACKOFF_MAX_NS), set by init; 0: no backoff */
     char error[128];                     /* what failed in vs_vxlan_port_open */
     struct vs_vxlan_stats stats;
 };

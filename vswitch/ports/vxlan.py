@@ -201,7 +201,8 @@ class VxlanPort(Port):
                 "tx_dropped": self.c.stats.tx_dropped_down + self.c.stats.tx_dropped_mtu,
                 "tx_errors": s.tx_errors + self.c.stats.tx_dropped_offload,
                 "rx_unknown_remote": s.rx_unknown_remote, "rx_wrong_vni": s.rx_wrong_vni,
-                "rx_malformed": s.rx_malformed, "tx_dropped_mtu": self.c.stats.tx_dropped_mtu}
+                "rx_malformed": s.rx_malformed, "tx_dropped_mtu": self.c.stats.tx_dropped_mtu,
+                "rx_polls": s.rx_polls, "rx_empty_polls": s.rx_empty_polls, "rx_polls_skipped": s.rx_polls_skipped}
 
     def error_counts(self) -> dict[str, int]:
         s = self.vp.stats
