@@ -132,17 +132,13 @@ class Rig:
 
 
 @pytest.fixture
-def make_rig():
-    rigs = []
-
+def make_rig(closing):
+    """make_rig(*guests, **kw): a Rig, closed after the test."""
     def make(*guests, **kw):
         rig = Rig(*guests, **kw)
-        rigs.append(rig)
+        closing(rig)
         return rig
-
-    yield make
-    for r in rigs:
-        r.close()
+    return make
 
 
 def two_guests(make_rig, **kw):
