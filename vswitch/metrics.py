@@ -72,6 +72,12 @@ class SwitchCollector:
         rarp_sent = counter("port_rarp_sent", "RARP frames the switch sent as if from the port, one per "
                             "vhost-user SEND_RARP (a migrated guest without GUEST_ANNOUNCE).", port_labels)
         link = GaugeMetricFamily(f"{PREFIX}_port_link_up", "1 while the port's link is up.", labels=port_labels)
+        # Ports that poll a kernel socket of their own (vxlan) and back off when it is empty.
+        polls = {key: counter(f"port_{key}", doc, port_labels) for key, doc in (
+            ("rx_polls", "Receive calls the port made on its socket."),
+            ("rx_empty_polls", "Receive calls that found nothing."),
+            ("rx_polls_skipped", "Receive bursts that skipped the socket while backing off after an empty "
+                                 "call."))}
         queue_labels = port_labels + ["queue", "direction"]
         q_packets = counter("queue_packets", "Frames per queue and direction.", queue_labels)
         q_bytes = counter("queue_bytes", "Bytes per queue and direction.", queue_labels)
@@ -97,6 +103,9 @@ class SwitchCollector:
             dropped.add_metric(ids + ["rx", "mirror_output"], generic.mirror_output_dropped)
             not_captured.add_metric(ids, port.counters()["capture_dropped"])
             rarp_sent.add_metric(ids, generic.rarp_sent)
+            for key, family in polls.items():
+                if key in s:
+                    family.add_metric(ids, s[key])
             errors.add_metric(ids + ["tx", "bad_offload_header"], generic.tx_dropped_offload)
             errors.add_metric(ids + ["tx", "port"], s["tx_errors"] - generic.tx_dropped_offload)
             reasons = port.error_counts()
@@ -110,7 +119,7 @@ class SwitchCollector:
                 q_dropped.add_metric(qids, q["dropped"])
                 q_errors.add_metric(qids, q["errors"])
         yield from (rx_packets, rx_bytes, tx_packets, tx_bytes, dropped, errors, not_captured, rarp_sent, link,
-                    q_packets, q_bytes, q_dropped, q_errors)
+                    q_packets, q_bytes, q_dropped, q_errors, *polls.values())
 
     def _pmds(self):
         labels = ["pmd", "cpu"]
@@ -126,6 +135,8 @@ class SwitchCollector:
                                           labels=labels),
             "kick_wakeups": CounterMetricFamily(f"{PREFIX}_pmd_kick_wakeups", "Sleeps ended by a port's "
                                                 "notification.", labels=labels),
+            "yields": CounterMetricFamily(f"{PREFIX}_pmd_yields", "Times the thread gave up its CPU after a "
+                                          "light pass (pmd.yield).", labels=labels),
         }
         max_gap = GaugeMetricFamily(f"{PREFIX}_pmd_max_gap_seconds", "Longest time between two passes of "
                                     "the PMD loop, sleeps left out, since start or `pmd-stats --reset-gap`.",

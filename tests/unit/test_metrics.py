@@ -142,3 +142,30 @@ def test_rows_counting_both_directions_become_two():
     assert rows == [{"queue": 1, "direction": "rx", "packets": 5, "bytes": 300, "dropped": 1, "errors": 0},
                     {"queue": 1, "direction": "tx", "packets": 7, "bytes": 420, "dropped": 0, "errors": 2},
                     {"queue": 0, "direction": "rx", "packets": 1, "bytes": 60, "dropped": 0, "errors": 0}]
+
+
+def test_vxlan_polls_and_pmd_yields_are_scraped(tmp_path):
+    """The VXLAN port's receive-poll counters and the PMD's yields, each between two readings of the
+    control socket taken around the scrape (the PMD never sleeps here, so they move all the time)."""
+    port = free_port()
+    vx = {"name": "vx", "type": "vxlan", "local_ip": "127.0.0.1", "remote": ["127.0.0.2"], "vni": 5,
+          "dst_port": free_udp_port()}
+    extra = {"metrics": {"listen": f"127.0.0.1:{port}"}, "pmd": {"sleep": False, "yield": True}}
+    with Vswitchd(tmp_path, ports=[vx], extra=extra) as d:
+        wait_for(lambda: d.port("vx")["stats"]["rx_polls_skipped"] > 0, what="the port's receive backoff")
+        before_port, before_pmd = d.port("vx")["stats"], d.ctl("pmd-stats")["pmds"][0]
+        got = samples(scrape(f"http://127.0.0.1:{port}/metrics")[1])
+        after_port, after_pmd = d.port("vx")["stats"], d.ctl("pmd-stats")["pmds"][0]
+    ids = (("port", "vx"), ("type", "vxlan"))
+    for key in ("rx_polls", "rx_empty_polls", "rx_polls_skipped"):
+        assert before_port[key] <= got[(f"vswitch_port_{key}_total", ids)] <= after_port[key], key
+    pmd = next(labels for name, labels in got if name == "vswitch_pmd_yields_total")
+    assert 0 < before_pmd["yields"] <= got[("vswitch_pmd_yields_total", pmd)] <= after_pmd["yields"]
+    # Ports without receive polls of their own have no such series.
+    assert all(dict(labels)["type"] == "vxlan" for name, labels in got if name == "vswitch_port_rx_polls_total")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
