@@ -203,7 +203,109 @@ class RxFrame:
     heads: list[int]                    # descriptor heads it came in
 
 
-class SplitQueue:
+class DriverQueue:
+    """What a well-behaved driver does the same on split and packed rings:
+    build headers, post TX frames and RX buffers (through the layout's own
+    `_post`), and read used entries back (through its `_pop_used`, which
+    yields (id, len, data) with the received bytes of RX chains)."""
+
+    hdr_len: int
+    mem: "GuestMemory"
+
+    def net_header(self, *, num_buffers: int = 0, flags: int = 0, gso_type: int = 0) -> bytes:
+        hdr = NET_HDR.pack(flags, gso_type, 0, 0, 0, 0)
+        if self.hdr_len == NET_HDR_LEN_MRG:
+            hdr += U16.pack(num_buffers)
+        return hdr
+
+    def post_tx(self, frame: bytes, *, segments: int = 1, header_separate: bool = False,
+                indirect: bool = False, header: bytes | None = None) -> int:
+        """Makes one frame available for the device to read (a TX chain).
+
+        segments: how many descriptors the header+frame bytes are split into
+        (nearly equal pieces); header_separate: the virtio-net header gets its
+        own descriptor, before those; indirect: the chain lives in an
+        indirect table that a single ring descriptor points to.
+        Returns the head descriptor index (split) or buffer id (packed)."""
+        hdr = self.net_header() if header is None else header
+        pieces_data: list[bytes] = []
+        if header_separate:
+            pieces_data.append(hdr)
+            body = frame
+        else:
+            body = hdr + frame
+        segments = max(1, min(segments, max(len(body), 1)))
+        step = -(-len(body) // segments) if body else 0
+        for s in range(segments):
+            pieces_data.append(body[s * step:(s + 1) * step])
+        buffers, pieces = [], []
+        for data in pieces_data:
+            gpa = self.mem.alloc(max(len(data), 1), 8)
+            self.mem.write(gpa, data)
+            buffers.append(gpa)
+            pieces.append((gpa, len(data), 0))
+        return self._post(pieces, buffers, "tx", indirect)
+
+    def post_rx(self, count: int = 1, size: int = 2048, *, segments: int = 1,
+                indirect: bool = False) -> list[int]:
+        """Makes `count` receive buffers of `size` bytes available, each one a
+        chain of `segments` writable descriptors.  Returns their heads
+        (split) or buffer ids (packed)."""
+        heads = []
+        for _ in range(count):
+            piece = -(-size // segments)
+            buffers, pieces = [], []
+            for _s in range(segments):
+                gpa = self.mem.alloc(piece, 8)
+                buffers.append(gpa)
+                pieces.append((gpa, piece, VIRTQ_DESC_F_WRITE))
+            heads.append(self._post(pieces, buffers, "rx", indirect))
+        return heads
+
+    def get_used(self) -> list[tuple[int, int]]:
+        """New used entries (id, len) since the last call; their descriptors
+        and buffers are reclaimed.  Entries naming an unknown head are
+        returned too (a buggy device), but reclaim nothing."""
+        out = []
+        for id_, length, _chain in self._pop_used():
+            out.append((id_, length))
+        return out
+
+    def _read_rx_chain(self, chain: "Chain | PackedChain", length: int) -> bytes:
+        out = bytearray()
+        for addr, size in zip(chain.addrs, chain.lengths):
+            take = min(size, length - len(out))
+            if take <= 0:
+                break
+            out += self.mem.read(addr, take)
+        return bytes(out)
+
+    def read_rx_frames(self) -> list[RxFrame]:
+        """Reads received frames from the used ring, joining mergeable buffers
+        (num_buffers in the header of a frame's first buffer).  Only whole
+        frames are returned; a frame whose later buffers are not used yet
+        stays pending for the next call."""
+        frames = []
+        pending = getattr(self, "_rx_pending", [])
+        pending.extend(self._pop_used())
+        while pending:
+            id_, _length, data = pending[0]
+            data = data or b""
+            num_buffers = 1
+            if self.hdr_len == NET_HDR_LEN_MRG and len(data) >= self.hdr_len:
+                num_buffers = max(1, U16.unpack_from(data, 10)[0])
+            if len(pending) < num_buffers:
+                break
+            parts = pending[:num_buffers]
+            del pending[:num_buffers]
+            joined = b"".join((p[2] or b"") for p in parts)
+            frames.append(RxFrame(joined[:self.hdr_len], joined[self.hdr_len:], num_buffers,
+                                  [p[0] for p in parts]))
+        self._rx_pending = pending
+        return frames
+
+
+class SplitQueue(DriverQueue):
     """One split virtqueue: its rings live in `mem`, laid out with the
     alignment virtio 1.x requires (desc 16, avail 2, used 4).
 
@@ -333,55 +435,6 @@ class SplitQueue:
         self.publish_raw(chain.head)
         return chain.head
 
-    def net_header(self, *, num_buffers: int = 0, flags: int = 0, gso_type: int = 0) -> bytes:
-        hdr = NET_HDR.pack(flags, gso_type, 0, 0, 0, 0)
-        if self.hdr_len == NET_HDR_LEN_MRG:
-            hdr += U16.pack(num_buffers)
-        return hdr
-
-    def post_tx(self, frame: bytes, *, segments: int = 1, header_separate: bool = False,
-                indirect: bool = False, header: bytes | None = None) -> int:
-        """Makes one frame available for the device to read (a TX chain).
-
-        segments: how many descriptors the header+frame bytes are split into
-        (nearly equal pieces); header_separate: the virtio-net header gets its
-        own descriptor, before those; indirect: the chain lives in an
-        indirect table that a single ring descriptor points to.
-        Returns the head descriptor index."""
-        hdr = self.net_header() if header is None else header
-        pieces_data: list[bytes] = []
-        if header_separate:
-            pieces_data.append(hdr)
-            body = frame
-        else:
-            body = hdr + frame
-        segments = max(1, min(segments, max(len(body), 1)))
-        step = -(-len(body) // segments) if body else 0
-        for s in range(segments):
-            pieces_data.append(body[s * step:(s + 1) * step])
-        buffers, pieces = [], []
-        for data in pieces_data:
-            gpa = self.mem.alloc(max(len(data), 1), 8)
-            self.mem.write(gpa, data)
-            buffers.append(gpa)
-            pieces.append((gpa, len(data), 0))
-        return self._post(pieces, buffers, "tx", indirect)
-
-    def post_rx(self, count: int = 1, size: int = 2048, *, segments: int = 1,
-                indirect: bool = False) -> list[int]:
-        """Makes `count` receive buffers of `size` bytes available, each one a
-        chain of `segments` writable descriptors.  Returns their heads."""
-        heads = []
-        for _ in range(count):
-            piece = -(-size // segments)
-            buffers, pieces = [], []
-            for _s in range(segments):
-                gpa = self.mem.alloc(piece, 8)
-                buffers.append(gpa)
-                pieces.append((gpa, piece, VIRTQ_DESC_F_WRITE))
-            heads.append(self._post(pieces, buffers, "rx", indirect))
-        return heads
-
     def _post(self, pieces: list[tuple[int, int, int]], buffers: list[int], kind: str, indirect: bool) -> int:
         if indirect:
             table = [(addr, length, flags | (VIRTQ_DESC_F_NEXT if n < len(pieces) - 1 else 0),
@@ -399,15 +452,6 @@ class SplitQueue:
         chain.addrs = [p[0] for p in pieces]
         return self._make_available(chain)
 
-    def get_used(self) -> list[tuple[int, int]]:
-        """New used entries (id, len) since the last call; their descriptors
-        and buffers are reclaimed.  Entries naming an unknown head are
-        returned too (a buggy device), but reclaim nothing."""
-        out = []
-        for id_, length, _chain in self._pop_used():
-            out.append((id_, length))
-        return out
-
     def _pop_used(self):
         used_idx = self.used_idx
         entries = []
@@ -424,43 +468,10 @@ class SplitQueue:
             entries.append((id_, length, data))
         return entries
 
-    def _read_rx_chain(self, chain: Chain, length: int) -> bytes:
-        out = bytearray()
-        for addr, size in zip(chain.addrs, chain.lengths):
-            take = min(size, length - len(out))
-            if take <= 0:
-                break
-            out += self.mem.read(addr, take)
-        return bytes(out)
-
     def _reclaim(self, chain: Chain) -> None:
         for gpa in chain.buffers:
             self.mem.free(gpa)
         self._free_descs.extend(chain.descs)
-
-    def read_rx_frames(self) -> list[RxFrame]:
-        """Reads received frames from the used ring, joining mergeable buffers
-        (num_buffers in the header of a frame's first buffer).  Only whole
-        frames are returned; a frame whose later buffers are not used yet
-        stays pending for the next call."""
-        frames = []
-        pending = getattr(self, "_rx_pending", [])
-        pending.extend(self._pop_used())
-        while pending:
-            id_, _length, data = pending[0]
-            data = data or b""
-            num_buffers = 1
-            if self.hdr_len == NET_HDR_LEN_MRG and len(data) >= self.hdr_len:
-                num_buffers = max(1, U16.unpack_from(data, 10)[0])
-            if len(pending) < num_buffers:
-                break
-            parts = pending[:num_buffers]
-            del pending[:num_buffers]
-            joined = b"".join((p[2] or b"") for p in parts)
-            frames.append(RxFrame(joined[:self.hdr_len], joined[self.hdr_len:], num_buffers,
-                                  [p[0] for p in parts]))
-        self._rx_pending = pending
-        return frames
 
 
 # --- Packed virtqueues (virtio 1.1, section 2.8) ------------------------------
@@ -485,7 +496,7 @@ class PackedChain:
     addrs: list[int] = field(default_factory=list)
 
 
-class PackedQueue:
+class PackedQueue(DriverQueue):
     """One packed virtqueue: a descriptor ring and the driver and device event
     suppression structures, in `mem`.  The same well-behaved API as
     SplitQueue (post_tx, post_rx, get_used, read_rx_frames), plus raw
@@ -599,52 +610,10 @@ class PackedQueue:
         return self.mem.read_u16(self.device_event_gpa + 2), self.mem.read_u16(self.device_event_gpa)
 
     # -- well-behaved driver
-    def net_header(self, *, num_buffers: int = 0, flags: int = 0, gso_type: int = 0) -> bytes:
-        hdr = NET_HDR.pack(flags, gso_type, 0, 0, 0, 0)
-        if self.hdr_len == NET_HDR_LEN_MRG:
-            hdr += U16.pack(num_buffers)
-        return hdr
-
     def _take_id(self) -> int:
         if not self._free_ids:
             raise RuntimeError(f"queue {self.index}: no free buffer id")
         return self._free_ids.pop(0)
-
-    def post_tx(self, frame: bytes, *, segments: int = 1, header_separate: bool = False,
-                indirect: bool = False, header: bytes | None = None) -> int:
-        """Makes one frame available (see SplitQueue.post_tx); returns its buffer id."""
-        hdr = self.net_header() if header is None else header
-        pieces_data: list[bytes] = []
-        if header_separate:
-            pieces_data.append(hdr)
-            body = frame
-        else:
-            body = hdr + frame
-        segments = max(1, min(segments, max(len(body), 1)))
-        step = -(-len(body) // segments) if body else 0
-        for s in range(segments):
-            pieces_data.append(body[s * step:(s + 1) * step])
-        buffers, pieces = [], []
-        for data in pieces_data:
-            gpa = self.mem.alloc(max(len(data), 1), 8)
-            self.mem.write(gpa, data)
-            buffers.append(gpa)
-            pieces.append((gpa, len(data), 0))
-        return self._post(pieces, buffers, "tx", indirect)
-
-    def post_rx(self, count: int = 1, size: int = 2048, *, segments: int = 1,
-                indirect: bool = False) -> list[int]:
-        """Makes `count` receive buffers available; returns their ids."""
-        ids = []
-        for _ in range(count):
-            piece = -(-size // segments)
-            buffers, pieces = [], []
-            for _s in range(segments):
-                gpa = self.mem.alloc(piece, 8)
-                buffers.append(gpa)
-                pieces.append((gpa, piece, VIRTQ_DESC_F_WRITE))
-            ids.append(self._post(pieces, buffers, "rx", indirect))
-        return ids
 
     def _post(self, pieces: list[tuple[int, int, int]], buffers: list[int], kind: str, indirect: bool) -> int:
         id_ = self._take_id()
@@ -702,12 +671,3 @@ class PackedQueue:
             self.next_used -= self.size
             self.used_wrap ^= 1
 
-    def get_used(self) -> list[tuple[int, int]]:
-        """New used entries (id, len) since the last call; buffers reclaimed."""
-        return [(id_, length) for id_, length, _data in self._pop_used()]
-
-    _read_rx_chain = SplitQueue._read_rx_chain
-
-    def read_rx_frames(self) -> list[RxFrame]:
-        """Received frames, mergeable buffers joined (see SplitQueue.read_rx_frames)."""
-        return SplitQueue.read_rx_frames(self)
