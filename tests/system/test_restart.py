@@ -95,15 +95,7 @@ def test_testpmd_resumes_after_switch_crash(tmp_path):
     guest = setup.guest()
     switch = Vswitchd(tmp_path, ports=setup.ports)
     try:
-        # virtio-user blocks in accept() until the switch connects.
-        guest.spawn()
-        switch.start()
-        guest.wait_ready()
-        wait_links_up(switch, ["vm1", "vm2"])
-        guest.start(tx_first=TX_FIRST)
-        time.sleep(2)
-        before_crash = switch_stats(switch)
-        assert all(before_crash[n]["tx_packets"] > MIN_RX for n in ("vm1", "vm2")), before_crash
+        start_forwarding(guest, switch)
 
         # Mid-flight: frames in the rings, used entries being written.  No frame is lost with
         # the switch: one it had taken but not returned is still in the guest's TX ring, and the
@@ -123,21 +115,9 @@ def test_testpmd_resumes_after_switch_crash(tmp_path):
         assert resumed_rings(switch, "vm1") > 0 and resumed_rings(switch, "vm2") > 0
         assert "resuming from the used index" in switch.log()
 
-        # Counters consistent: a fresh loop through the restarted switch loses nothing.  First
-        # the frames still in the guest's RX rings are read and dropped, so the loop starts empty.
+        # Counters consistent: a fresh loop through the restarted switch loses nothing.
         guest.stop()
-        guest.cmd("set fwd rxonly")
-        guest.start()
-        time.sleep(0.5)
-        guest.stop()
-        guest.cmd("set fwd mac")
-        before = settle(lambda: switch_stats(switch))
-        guest.clear_port_stats()
-        fwd, nic = run_loop(guest)
-        check_guest(fwd, nic)
-        check_switch(setup, switch, nic, before)
-        assert_rings_healthy(switch, ["vm1", "vm2"])
-        assert guest.quit() == 0
+        exact_loop(setup, guest, switch)
     finally:
         setup.close()
         switch.stop()
@@ -152,36 +132,47 @@ def test_testpmd_packed_reconnects_after_switch_crash(tmp_path):
     guest = setup.guest()
     switch = Vswitchd(tmp_path, ports=setup.ports)
     try:
-        guest.spawn()
-        switch.start()
-        guest.wait_ready()
-        wait_links_up(switch, ["vm1", "vm2"])
-        guest.start(tx_first=TX_FIRST)
-        time.sleep(2)
-        before_crash = switch_stats(switch)
-        assert all(before_crash[n]["tx_packets"] > MIN_RX for n in ("vm1", "vm2")), before_crash
+        start_forwarding(guest, switch)
 
         switch.kill()
         switch.start()
         wait_links_up(switch, ["vm1", "vm2"])
         guest.stop()
-        # Whatever is still in the guest's receive rings is read and dropped, so the loop starts empty.
-        guest.cmd("set fwd rxonly")
-        guest.start()
-        time.sleep(0.5)
-        guest.stop()
-        guest.cmd("set fwd mac")
-        before = settle(lambda: switch_stats(switch))
-        guest.clear_port_stats()
-        fwd, nic = run_loop(guest)
-        check_guest(fwd, nic)
-        check_switch(setup, switch, nic, before)
-        assert_rings_healthy(switch, ["vm1", "vm2"])
-        assert guest.quit() == 0
+        exact_loop(setup, guest, switch)
     finally:
         setup.close()
         switch.stop()
         print_logs(setup, switch)
+
+
+def start_forwarding(guest, switch: Vswitchd) -> None:
+    """Starts the guest (virtio-user blocks in accept() until the switch connects) and the switch,
+    and lets the guest's loop run until both ports have forwarded plenty."""
+    guest.spawn()
+    switch.start()
+    guest.wait_ready()
+    wait_links_up(switch, ["vm1", "vm2"])
+    guest.start(tx_first=TX_FIRST)
+    time.sleep(2)
+    before_crash = switch_stats(switch)
+    assert all(before_crash[n]["tx_packets"] > MIN_RX for n in ("vm1", "vm2")), before_crash
+
+
+def exact_loop(setup, guest, switch: Vswitchd) -> None:
+    """Drops what is left in the guest's receive rings (rxonly for a moment) so that a fresh loop
+    starts empty, runs it, and checks both sides' counters are exact."""
+    guest.cmd("set fwd rxonly")
+    guest.start()
+    time.sleep(0.5)
+    guest.stop()
+    guest.cmd("set fwd mac")
+    before = settle(lambda: switch_stats(switch))
+    guest.clear_port_stats()
+    fwd, nic = run_loop(guest)
+    check_guest(fwd, nic)
+    check_switch(setup, switch, nic, before)
+    assert_rings_healthy(switch, ["vm1", "vm2"])
+    assert guest.quit() == 0
 
 
 def wait_links_up(switch: Vswitchd, names: list[str], timeout: float = 30.0) -> None:
