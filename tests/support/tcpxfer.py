@@ -3,6 +3,9 @@ namespaces (`ip netns exec NS python -m tests.support.tcpxfer ...`).
 
     tcpxfer.py serve PORT            # accept one connection, print "<bytes> <sha256> <seconds>"
     tcpxfer.py send HOST PORT BYTES [TIMEOUT]  # send BYTES pseudo-random bytes, print "<bytes> <sha256> <seconds>"
+
+`namespace_to_guest` and `guest_to_namespace` run both ends against a QEMU
+guest of tools/vmkit (busybox `nc` in the guest) and check the checksums.
 """
 
 from __future__ import annotations
@@ -44,6 +47,46 @@ def send(host: str, port: int, nbytes: int, timeout: float = 60.0) -> None:
         s.shutdown(socket.SHUT_WR)
         s.recv(1)   # wait for the peer to close: everything arrived
     print(sent, digest.hexdigest(), f"{time.monotonic() - start:.3f}", flush=True)
+
+
+def namespace_to_guest(guest, netns: str, guest_ip: str, nbytes: int, port: int = 5001,
+                       timeout: float = 300.0) -> tuple[int, float]:
+    """Sends nbytes from the namespace to the guest; returns (bytes, seconds) once the guest has
+    them all with the right SHA-256."""
+    from tests.support.netns import python_in_ns
+    guest.run(f"nc -l -p {port} < /dev/null > /tmp/in & sleep 0")
+    time.sleep(1)
+    sender = python_in_ns(netns, "-m", "tests.support.tcpxfer", "send", guest_ip, str(port), str(nbytes),
+                          str(timeout))
+    out, err = sender.communicate(timeout=timeout + 60)
+    assert sender.returncode == 0, err
+    sent, digest, seconds = out.split()
+    # The sender is done once its kernel has the bytes (busybox nc closes its side at once): the
+    # tail may still be on its way, resent after drops, so the guest waits for all of it.
+    text = guest.run(f"for i in $(seq 120); do [ $(wc -c < /tmp/in) -ge {nbytes} ] && break; sleep 1; done; "
+                     "wc -c < /tmp/in; sha256sum /tmp/in; rm /tmp/in", timeout=180)
+    assert str(nbytes) in text and digest in text, f"guest got: {text}"
+    return int(sent), float(seconds)
+
+
+def guest_to_namespace(guest, netns: str, ns_ip: str, nbytes: int, port: int = 5002) -> tuple[int, float]:
+    """Sends nbytes (a multiple of 64 KiB) of random data from the guest to the namespace; returns
+    (bytes, seconds) once the namespace has them all with the right SHA-256."""
+    import re
+    from tests.support.netns import python_in_ns
+    receiver = python_in_ns(netns, "-m", "tests.support.tcpxfer", "serve", str(port))
+    try:
+        assert receiver.stdout.readline().strip() == "listening"
+        text = guest.run(f"dd if=/dev/urandom of=/tmp/out bs=65536 count={nbytes // 65536} 2>/dev/null; "
+                         "sha256sum /tmp/out", timeout=120)
+        digest = re.search(r"([0-9a-f]{64})", text).group(1)
+        guest.run(f"nc {ns_ip} {port} < /tmp/out; rm /tmp/out", timeout=300)
+        got, got_digest, seconds = receiver.stdout.readline().split()
+    finally:
+        receiver.kill()
+        receiver.communicate()
+    assert (int(got), got_digest) == (nbytes, digest)
+    return int(got), float(seconds)
 
 
 if __name__ == "__main__":

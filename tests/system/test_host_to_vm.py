@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.daemon import Vswitchd
 from tests.support.frames import wait_for
-from tests.support.netns import in_ns, python_in_ns
+from tests.support import tcpxfer
+from tests.support.netns import in_ns
 from tests.system.test_qemu_guests import BOOT_TIMEOUT, diagnostics, kit, wait_links  # noqa: F401 (fixtures)
 from tools import vmkit
 from vswitch.vhost import protocol
@@ -97,30 +96,10 @@ def test_ping_and_tcp_both_ways(host_and_vm, request):
         assert features & (1 << bit), f"the guest did not negotiate feature bit {bit}: {features:#x}"
 
     # Namespace -> guest.
-    guest.run("nc -l -p 5001 < /dev/null > /tmp/in & sleep 0")
-    time.sleep(1)
-    sender = python_in_ns(netns, "-m", "tests.support.tcpxfer", "send", GUEST_IP, "5001", str(TRANSFER_BYTES))
-    out, err = sender.communicate(timeout=300)
-    assert sender.returncode == 0, err
-    sent, digest, seconds = out.split()
-    record(request, "namespace->guest", int(sent), float(seconds))
-    text = guest.run("sleep 1; wc -c < /tmp/in; sha256sum /tmp/in; rm /tmp/in", timeout=60)
-    assert str(TRANSFER_BYTES) in text and digest in text, f"guest got: {text}"
-
-    # Guest -> namespace.
-    receiver = python_in_ns(netns, "-m", "tests.support.tcpxfer", "serve", "5002")
-    try:
-        assert receiver.stdout.readline().strip() == "listening"
-        text = guest.run(f"dd if=/dev/urandom of=/tmp/out bs=65536 count={TRANSFER_BYTES // 65536} 2>/dev/null; "
-                         "sha256sum /tmp/out", timeout=120)
-        digest = re.search(r"([0-9a-f]{64})", text).group(1)
-        guest.run(f"nc {NS_IP} 5002 < /tmp/out; rm /tmp/out", timeout=300)
-        got, got_digest, seconds = receiver.stdout.readline().split()
-    finally:
-        receiver.kill()
-        receiver.communicate()
-    assert (int(got), got_digest) == (TRANSFER_BYTES, digest)
-    record(request, "guest->namespace", int(got), float(seconds))
+    sent, seconds = tcpxfer.namespace_to_guest(guest, netns, GUEST_IP, TRANSFER_BYTES)
+    record(request, "namespace->guest", sent, seconds)
+    got, seconds = tcpxfer.guest_to_namespace(guest, netns, NS_IP, TRANSFER_BYTES)
+    record(request, "guest->namespace", got, seconds)
 
     stats = switch.port("host")["stats"]
     assert stats["rx_errors"] == stats["tx_errors"] == 0

@@ -14,14 +14,13 @@ then pings both ways and moves a TCP stream each way, checked by SHA-256.
 from __future__ import annotations
 
 import contextlib
-import re
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.daemon import Vswitchd
-from tests.support.netns import in_ns, python_in_ns
+from tests.support import tcpxfer
+from tests.support.netns import in_ns
 from tests.system.test_qemu_guests import BOOT_TIMEOUT, diagnostics, kit, wait_links  # noqa: F401 (fixtures)
 from tools import vmkit
 from vswitch.vhost import protocol
@@ -82,34 +81,9 @@ def test_guest_behind_a_viommu_pings_and_moves_tcp(viommu_guest):
     print(f"IOTLB after the pings: {iotlb}")
     assert iotlb["updates"] > 0 and iotlb["misses_sent"] > 0
 
-    # Namespace -> guest.
-    guest.run("nc -l -p 5001 < /dev/null > /tmp/in & sleep 0")
-    time.sleep(1)
-    sender = python_in_ns(netns, "-m", "tests.support.tcpxfer", "send", GUEST_IP, "5001", str(TRANSFER_BYTES),
-                         str(SEND_TIMEOUT))
-    out, err = sender.communicate(timeout=SEND_TIMEOUT + 60)
-    assert sender.returncode == 0, err
-    sent, digest, seconds = out.split()
+    sent, seconds = tcpxfer.namespace_to_guest(guest, netns, GUEST_IP, TRANSFER_BYTES, timeout=SEND_TIMEOUT)
     print(f"namespace->guest: {sent} bytes in {seconds} s")
-    # The sender is done once its kernel has the bytes (busybox nc closes its side at once): the
-    # tail may still be on its way, resent after drops, so the guest waits for all of it.
-    text = guest.run(f"for i in $(seq 120); do [ $(wc -c < /tmp/in) -ge {TRANSFER_BYTES} ] && break; sleep 1; done; "
-                     "wc -c < /tmp/in; sha256sum /tmp/in; rm /tmp/in", timeout=180)
-    assert str(TRANSFER_BYTES) in text and digest in text, f"guest got: {text}"
-
-    # Guest -> namespace.
-    receiver = python_in_ns(netns, "-m", "tests.support.tcpxfer", "serve", "5002")
-    try:
-        assert receiver.stdout.readline().strip() == "listening"
-        text = guest.run(f"dd if=/dev/urandom of=/tmp/out bs=65536 count={TRANSFER_BYTES // 65536} 2>/dev/null; "
-                         "sha256sum /tmp/out", timeout=120)
-        digest = re.search(r"([0-9a-f]{64})", text).group(1)
-        guest.run(f"nc {NS_IP} 5002 < /tmp/out; rm /tmp/out", timeout=300)
-        got, got_digest, seconds = receiver.stdout.readline().split()
-    finally:
-        receiver.kill()
-        receiver.communicate()
-    assert (int(got), got_digest) == (TRANSFER_BYTES, digest)
+    got, seconds = tcpxfer.guest_to_namespace(guest, netns, NS_IP, TRANSFER_BYTES)
     print(f"guest->namespace: {got} bytes in {seconds} s")
 
     iotlb = switch.port("vm")["vhost"]["iotlb"]
