@@ -117,6 +117,13 @@ def test_tunnel_over_af_xdp_to_a_linux_vxlan_device(tmp_path):
             assert xdp_prog_id(h1, ifname) == 0
             assert list((tmp_path / "af-xdp").iterdir()) == []
 
+            # The same from the command line (--underlay af-xdp:IF), and the tunnel works again.
+            out = d.ctl_raw("add-port", "vx", "--type", "vxlan", "--local-ip", H1, "--remote", H2, "--vni", str(VNI),
+                            "--netns", h1, "--underlay", f"af-xdp:{ifname}")
+            assert out.returncode == 0, out.stderr
+            assert d.port("vx")["underlay"]["interface"] == ifname and xdp_prog_id(h1, ifname) != 0
+            ping_until(g1, G2, timeout=20)
+
 
 def test_killed_switch_leaves_a_program_the_next_start_removes(tmp_path):
     with hosts() as (h1, h2, g1, g2):
