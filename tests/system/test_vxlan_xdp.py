@@ -27,6 +27,7 @@ from tests.support.frames import wait_for
 pytestmark = pytest.mark.system
 
 STRANGER = "10.99.0.3"     # a second address on h2: not a remote of the tunnel
+NOBODY = "10.99.0.77"      # a remote on the underlay's subnet that answers no ARP: never resolved
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +38,8 @@ def _tools(require_tool, tmp_path, monkeypatch):
     monkeypatch.setenv("VSWITCH_AF_XDP_DIR", str(tmp_path / "af-xdp"))
 
 
-def xdp_spec(h1: str) -> dict:
-    return {"name": "vx", "type": "vxlan", "local_ip": H1, "remote": [H2], "vni": VNI, "netns": h1,
+def xdp_spec(h1: str, *more_remotes: str) -> dict:
+    return {"name": "vx", "type": "vxlan", "local_ip": H1, "remote": [H2, *more_remotes], "vni": VNI, "netns": h1,
             "underlay": {"type": "af-xdp", "interface": unique("vxu", 1)}}
 
 
@@ -71,7 +72,7 @@ def test_tunnel_over_af_xdp_to_a_linux_vxlan_device(tmp_path):
     with hosts() as (h1, h2, g1, g2):
         linux_vtep(h2, g2)
         ifname = unique("vxu", 1)
-        with Vswitchd(tmp_path, ports=[xdp_spec(h1), tap_spec("g1", g1, 1)]) as d:
+        with Vswitchd(tmp_path, ports=[xdp_spec(h1, NOBODY), tap_spec("g1", g1, 1)]) as d:
             wait_link(g1, unique("vxt", 1))
             configure(g1, unique("vxt", 1), G1)
             ping_until(g1, G2, timeout=20)
@@ -87,7 +88,10 @@ def test_tunnel_over_af_xdp_to_a_linux_vxlan_device(tmp_path):
             assert under["xdp_program"]["id"] == xdp_prog_id(h1, ifname) != 0
             stats = info["stats"]
             assert stats["rx_packets"] > 1000 and stats["tx_packets"] > 1000
-            assert stats["tx_no_neighbour"] == 0
+            # The remote nobody answers ARP for: its copies of floods are counted, not sent.
+            assert info["remotes"][1]["next_hop_mac"] is None and info["remotes"][1]["tx_packets"] == 0
+            assert "not resolved" in info["remotes"][1]["unresolved"]
+            assert stats["tx_no_neighbour"] >= 1
             # The kernel resolved H2 by ARP (passed by the XDP program), nobody set it.
             neigh = in_ns(h1, "ip", "neigh", "show", H2, "dev", ifname).stdout
             assert h2_mac in neigh and "PERMANENT" not in neigh
@@ -97,6 +101,8 @@ def test_tunnel_over_af_xdp_to_a_linux_vxlan_device(tmp_path):
             text = d.ctl_raw("show").stdout
             print(text)
             assert f"underlay af-xdp on {ifname}" in text and f"{H2} via {h2_mac}" in text, text
+            assert f"{NOBODY} via unresolved: next hop {NOBODY} not resolved yet" in text, text
+            assert "tx_no_neighbour" in text, text
 
             # Hostile datagrams, each dropped and counted by reason.
             in_ns(h2, "ip", "addr", "add", f"{STRANGER}/24", "dev", unique("vxu", 2))

@@ -520,7 +520,9 @@ static void xsk_tx(struct vs_port *port, struct vs_vxlan_port *vp, struct vs_pkt
             bytes += pkt->len;
         }
     }
-    vs_xsk_tx_end(xp, 0, room, used, bytes);
+    if (need) {
+        vs_xsk_tx_end(xp, 0, room, used, bytes);   /* only after a vs_xsk_tx_begin: it drops the lock */
+    }
     __atomic_add_fetch(&vp->stats.tx_packets, used, __ATOMIC_RELAXED);
     __atomic_add_fetch(&vp->stats.tx_bytes, bytes, __ATOMIC_RELAXED);
     if (unlikely(need > room)) {

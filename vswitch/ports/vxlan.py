@@ -357,10 +357,11 @@ class VxlanPort(Port):
 
     def stats(self) -> dict:
         s = self.vp.stats
-        dropped_rx = s.rx_unknown_remote + s.rx_wrong_vni + s.rx_malformed
+        dropped_rx = s.rx_unknown_remote + s.rx_wrong_vni + s.rx_malformed + s.rx_fragments
         return {"rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes, "rx_dropped": dropped_rx,
                 "rx_errors": s.rx_errors, "tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes,
-                "tx_dropped": self.c.stats.tx_dropped_down + self.c.stats.tx_dropped_mtu,
+                "tx_dropped": self.c.stats.tx_dropped_down + self.c.stats.tx_dropped_mtu + s.tx_no_neighbour +
+                s.tx_ring_full,
                 "tx_errors": s.tx_errors + self.c.stats.tx_dropped_offload,
                 "rx_unknown_remote": s.rx_unknown_remote, "rx_wrong_vni": s.rx_wrong_vni,
                 "rx_malformed": s.rx_malformed, "tx_dropped_mtu": self.c.stats.tx_dropped_mtu,
