@@ -354,16 +354,18 @@ void vs_vxlan_set_next_hop(struct vs_vxlan_port *vp, uint32_t remote, const uint
     __atomic_store_n(&r->outer_cur, next, __ATOMIC_RELEASE);
 }
 
-/* Writes remote's Ethernet + IPv4 header for an IPv4 payload of ip_payload bytes; 0, or -1 if unresolved. */
-static inline int write_eth_ip(const struct vs_vxlan_port *vp, uint32_t remote, uint32_t ip_payload,
-                               uint16_t ip_id, uint8_t *out)
+/* The remote's current Ethernet + IPv4 template, NULL if its next hop is not resolved. */
+static inline const uint8_t *template_of(const struct vs_vxlan_port *vp, uint32_t remote)
 {
     const struct vs_vxlan_remote *r = &vp->remotes[remote];
     uint32_t cur = __atomic_load_n(&r->outer_cur, __ATOMIC_ACQUIRE);
-    if (unlikely(cur >= VS_VXLAN_NO_TEMPLATE)) {
-        return -1;
-    }
-    memcpy(out, r->outer[cur], VS_VXLAN_ETH_IP_HLEN);
+    return cur < VS_VXLAN_NO_TEMPLATE ? r->outer[cur] : NULL;
+}
+
+/* Writes a template's Ethernet + IPv4 header for an IPv4 payload of ip_payload bytes. */
+static inline void write_eth_ip(const uint8_t *template, uint32_t ip_payload, uint16_t ip_id, uint8_t *out)
+{
+    memcpy(out, template, VS_VXLAN_ETH_IP_HLEN);
     uint8_t *ip = out + ETH_HLEN;
     uint32_t total = 20 + ip_payload;
     /* The template's checksum covers length and id 0: add them (RFC 1624). */
@@ -377,7 +379,6 @@ static inline int write_eth_ip(const struct vs_vxlan_port *vp, uint32_t remote, 
     ip[5] = (uint8_t)ip_id;
     ip[10] = (uint8_t)(~sum >> 8);
     ip[11] = (uint8_t)~sum;
-    return 0;
 }
 
 int vs_vxlan_outer_header(const struct vs_vxlan_port *vp, uint32_t remote, const struct vs_pkt *pkt,
@@ -386,9 +387,11 @@ int vs_vxlan_outer_header(const struct vs_vxlan_port *vp, uint32_t remote, const
     uint8_t udp[VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN];
     vs_vxlan_encap_header(vp, pkt, udp, strip_tag);
     uint32_t udp_len = (uint32_t)udp[4] << 8 | udp[5];
-    if (write_eth_ip(vp, remote, udp_len, ip_id, out) < 0) {
+    const uint8_t *template = template_of(vp, remote);
+    if (!template) {
         return -1;
     }
+    write_eth_ip(template, udp_len, ip_id, out);
     memcpy(out + VS_VXLAN_ETH_IP_HLEN, udp, sizeof udp);
     return 0;
 }
@@ -456,7 +459,7 @@ static inline void copy_frame(uint8_t *out, const struct vs_pkt *pkt, int strip_
 /* Whether remote has a template (its next hop's MAC is known). */
 static inline bool resolved(const struct vs_vxlan_port *vp, uint32_t remote)
 {
-    return __atomic_load_n(&vp->remotes[remote].outer_cur, __ATOMIC_RELAXED) < VS_VXLAN_NO_TEMPLATE;
+    return template_of(vp, remote) != NULL;
 }
 
 static void xsk_tx(struct vs_port *port, struct vs_vxlan_port *vp, struct vs_pkt **pkts, uint32_t n)
@@ -506,13 +509,14 @@ static void xsk_tx(struct vs_port *port, struct vs_vxlan_port *vp, struct vs_pkt
         bool one = sub != VS_SUB_ALL && sub <= vp->n_remotes;
         uint32_t first = one ? sub - 1 : 0, last = one ? sub : vp->n_remotes;
         for (uint32_t r = first; r < last && used < room; r++) {
-            uint8_t *out = vs_xsk_tx_frame(xp, 0, used, VS_VXLAN_OUTER_HLEN + inner);
-            /* A remote that lost its template since the count: its frame is given back unused. */
-            if (unlikely(write_eth_ip(vp, r, VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN + inner,
-                                      (uint16_t)(ip_id + used), out) < 0)) {
-                xp->queues[0].tx_free_n++;
+            /* A remote that lost its template since the count is skipped (its
+             * descriptor stays unused and vs_xsk_tx_end gives it back). */
+            const uint8_t *template = template_of(vp, r);
+            if (unlikely(!template)) {
                 continue;
             }
+            uint8_t *out = vs_xsk_tx_frame(xp, 0, used, VS_VXLAN_OUTER_HLEN + inner);
+            write_eth_ip(template, VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN + inner, (uint16_t)(ip_id + used), out);
             memcpy(out + VS_VXLAN_ETH_IP_HLEN, udp, sizeof udp);
             copy_frame(out + VS_VXLAN_OUTER_HLEN, pkt, strip_tag);
             __atomic_add_fetch(&vp->remotes[r].tx_packets, 1, __ATOMIC_RELAXED);
