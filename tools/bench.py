@@ -57,7 +57,8 @@ of one traffic generator, in one of three topologies:
   - `vswitchd-vxlan`: two vswitchd, each a vhost-user port (server mode) and
     a `vxlan` port whose sockets live in its host's namespace, where the
     veth end holds the VTEP address (the kernel's UDP/IP stack carries the
-    datagrams, as vswitchd's vxlan port always does).
+    datagrams; with --vswitchd-vxlan-underlay af-xdp an XDP socket on the
+    veth end does, the kernel keeping the address).
   - `ovs-dpdk-vxlan`: two ovs-vswitchd-dpdk, each with its own ovsdb-server,
     run directory and DPDK file prefix, run inside its host's namespace, set
     up as OVS documents userspace tunnelling: a `br-int` (netdev) with a
