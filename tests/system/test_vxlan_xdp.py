@@ -58,11 +58,11 @@ def linux_vtep(h2: str, g2: str) -> None:
     behind_bridge(h2, g2, dev)
 
 
-def hostile(ns: str, source: str, payload_hex: str, size_pad: int = 0) -> None:
-    """One UDP datagram from source (an address of ns) to the tunnel's address and port."""
+def hostile(ns: str, source: str, payload_hex: str, size_pad: int = 0, port: int = 4789) -> None:
+    """One UDP datagram from source (an address of ns) to the tunnel's address and port (or another)."""
     script = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
               f"s.bind(('{source}', 0)); "
-              f"s.sendto(bytes.fromhex('{payload_hex}') + b'z' * {size_pad}, ('{H1}', 4789))")
+              f"s.sendto(bytes.fromhex('{payload_hex}') + b'z' * {size_pad}, ('{H1}', {port}))")
     proc = python_in_ns(ns, "-c", script)
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
@@ -117,6 +117,19 @@ def test_tunnel_over_af_xdp_to_a_linux_vxlan_device(tmp_path):
             # ARP and ping to the VTEP's own address still reach h1's kernel.
             in_ns(h2, "ip", "neigh", "flush", "dev", unique("vxu", 2))
             in_ns(h2, "ping", "-c", "1", "-W", "2", H1)
+            # So does UDP to another port of the same address (the program takes only dst_port's).
+            server = python_in_ns(h1, "-c", "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                                  f"s.bind(('{H1}', 5555)); s.settimeout(10); print('ready', flush=True); "
+                                  "print(s.recv(100).decode())")
+            try:
+                assert server.stdout.readline().strip() == "ready"
+                hostile(h2, H2, b"to the kernel".hex(), port=5555)
+                out, err = server.communicate(timeout=15)
+                assert server.returncode == 0 and out.strip() == "to the kernel", err
+            finally:
+                if server.poll() is None:
+                    server.kill()
+                    server.wait()
 
             # Deleting the port takes its XDP program off the interface.
             assert d.ctl_raw("del-port", "vx").returncode == 0
