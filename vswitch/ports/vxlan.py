@@ -160,7 +160,7 @@ def parse_vni_map(text: str) -> dict[int, int]:
 class VxlanPort(Port):
     type = "vxlan"
     c_ops = lib.vs_vxlan_port_ops()
-    help = "VXLAN tunnel (RFC 7348) to one or more remote VTEPs over the kernel's IPv4 stack"
+    help = "VXLAN tunnel (RFC 7348) to one or more remote VTEPs over the kernel's IPv4 stack or an AF_XDP socket"
     keys = (
         Key("local_ip", str, "IPv4 address the tunnel's datagrams leave from and arrive at", required=True,
             check=ipv4_address, metavar="ADDR"),
