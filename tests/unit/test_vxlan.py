@@ -89,7 +89,8 @@ class Pkt:
 def encap(vp, data: bytes, cuts=()):
     out = ffi.new("uint8_t[16]")
     strip = ffi.new("int *")
-    lib.vs_vxlan_encap_header(vp, Pkt(data, cuts).pkt, out, strip)
+    frame_pkt = Pkt(data, cuts)        # kept: its buffer must outlive the call
+    lib.vs_vxlan_encap_header(vp, frame_pkt.pkt, out, strip)
     return bytes(out), strip[0]
 
 
@@ -148,7 +149,8 @@ def xdp_vxlan_port(**kw):
 def outer(vp, remote: int, data: bytes, ip_id: int = 0x1234):
     out = ffi.new("uint8_t[50]")
     strip = ffi.new("int *")
-    rc = lib.vs_vxlan_outer_header(vp, remote, Pkt(data).pkt, ip_id, out, strip)
+    frame_pkt = Pkt(data)              # kept: its buffer must outlive the call
+    rc = lib.vs_vxlan_outer_header(vp, remote, frame_pkt.pkt, ip_id, out, strip)
     return (bytes(out), strip[0]) if rc == 0 else None
 
 
