@@ -57,7 +57,8 @@ of one traffic generator, in one of three topologies:
   - `vswitchd-vxlan`: two vswitchd, each a vhost-user port (server mode) and
     a `vxlan` port whose sockets live in its host's namespace, where the
     veth end holds the VTEP address (the kernel's UDP/IP stack carries the
-    datagrams, as vswitchd's vxlan port always does).
+    datagrams; with --vswitchd-vxlan-underlay af-xdp an XDP socket on the
+    veth end does, the kernel keeping the address).
   - `ovs-dpdk-vxlan`: two ovs-vswitchd-dpdk, each with its own ovsdb-server,
     run directory and DPDK file prefix, run inside its host's namespace, set
     up as OVS documents userspace tunnelling: a `br-int` (netdev) with a
@@ -763,6 +764,9 @@ class VswitchdVxlan(VxlanSystem):
         inst.pmd_yield = getattr(self, "pmd_yield", False)
         vxlan = {"name": "vx", "type": "vxlan", "local_ip": VTEP_IPS[i], "remote": [VTEP_IPS[1 - i]],
                  "vni": VXLAN_VNI, "netns": hosts.netns[i]}
+        if getattr(self, "vxlan_underlay", "socket") == "af-xdp":
+            # The datagrams through an XDP socket on the host's veth end (README "Several hosts").
+            vxlan["underlay"] = {"type": "af-xdp", "interface": hosts.ifnames[i]}
         inst.ports = lambda: [{"name": "vm", "type": "vhost-user", "path": str(self.socket_paths[i]),
                                "mode": "server"}, vxlan]
         return inst
@@ -1138,6 +1142,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
         veth = None
     system = system_cls(workdir, args.gen_core, args.sut_core, veth)
     system.pmd_yield = args.vswitchd_pmd_yield
+    system.vxlan_underlay = args.vswitchd_vxlan_underlay
     if system_cls.topology == VXLAN and hasattr(system_cls, "underlay"):
         system.underlay = args.ovs_underlay
         system.pmd_maxsleep = args.ovs_pmd_maxsleep
@@ -1426,6 +1431,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--vswitchd-pmd-yield", action="store_true",
                    help="vswitchd systems: pmd.yield true (a PMD yields its CPU after a pass that moved under "
                         "half a burst; off by default, like OVS's pmd-maxsleep)")
+    p.add_argument("--vswitchd-vxlan-underlay", choices=("socket", "af-xdp"), default="socket",
+                   help="vswitchd-vxlan: the vxlan ports' underlay: socket (the kernel's UDP/IP stack, the "
+                        "default) or af-xdp (an XDP socket on each host's veth end)")
     p.add_argument("--smoke", action="store_true",
                    help="short run for the test suite: 64-byte frames (unless --sizes says otherwise), "
                         "1 rep, 1 s warm-up, 1 s window")
@@ -1586,6 +1594,7 @@ def main(argv: list[str] | None = None) -> int:
             "ovs_underlay": args.ovs_underlay,
             "ovs_pmd_maxsleep_us": args.ovs_pmd_maxsleep,
             "vswitchd_pmd_yield": args.vswitchd_pmd_yield,
+            "vswitchd_vxlan_underlay": args.vswitchd_vxlan_underlay,
         },
         "machine": machine,
         "versions": versions,

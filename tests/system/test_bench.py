@@ -160,3 +160,16 @@ def test_bench_smoke_vxlan(tmp_path, require_tool):
         assert abs(sample["mean_rx_frame_bytes"] - (sample["size"] - 4)) <= 0.5, report
         assert sample["sut_cycles_per_packet"] > 0, report
         assert sample["rx_packets"] > 1000, report
+
+
+def test_bench_smoke_vxlan_af_xdp_underlay(tmp_path, require_tool):
+    """--vswitchd-vxlan-underlay af-xdp: vswitchd-vxlan's tunnel through XDP sockets on the
+    hosts' veth ends; each frame still comes back decapsulated and as long as sent."""
+    require_tool(OVS_DPDK_BINARY, "openvswitch-switch-dpdk")
+    require_tool("xdp-loader", "xdp-tools")
+    systems = ["vswitchd-vxlan", "ovs-dpdk-vxlan"]
+    result, report, _ = run_smoke(tmp_path, systems, "--vswitchd-vxlan-underlay", "af-xdp", sizes=(64, 1518))
+    assert result["method"]["vswitchd_vxlan_underlay"] == "af-xdp", report
+    for sample in result["samples"]:
+        assert abs(sample["mean_rx_frame_bytes"] - (sample["size"] - 4)) <= 0.5, report
+        assert sample["rx_packets"] > 1000, report

@@ -89,7 +89,8 @@ class Pkt:
 def encap(vp, data: bytes, cuts=()):
     out = ffi.new("uint8_t[16]")
     strip = ffi.new("int *")
-    lib.vs_vxlan_encap_header(vp, Pkt(data, cuts).pkt, out, strip)
+    frame_pkt = Pkt(data, cuts)        # kept: its buffer must outlive the call
+    lib.vs_vxlan_encap_header(vp, frame_pkt.pkt, out, strip)
     return bytes(out), strip[0]
 
 
@@ -124,6 +125,133 @@ def test_encap_of_a_mapped_vlan_strips_the_tag_and_takes_its_vni():
     assert strip == 0 and struct.unpack("!I", hdr[12:16])[0] >> 8 == VNI
 
 
+# --- the AF_XDP underlay's outer headers (vs_vxlan_outer_header, vs_vxlan_parse_outer) ----
+
+SRC_MAC = bytes.fromhex("020000000a01")
+HOP_MAC = bytes.fromhex("020000000b02")
+
+
+def ip_checksum_ok(header: bytes) -> bool:
+    total = sum(struct.unpack("!10H", header))
+    while total >> 16:
+        total = (total & 0xffff) + (total >> 16)
+    return total == 0xffff
+
+
+def xdp_vxlan_port(**kw):
+    vp = vxlan_port(**kw)
+    vp.src_mac = list(SRC_MAC)
+    for i in range(vp.n_remotes):
+        vp.remotes[i].outer_cur = lib.VS_VXLAN_NO_TEMPLATE
+    return vp
+
+
+def outer(vp, remote: int, data: bytes, ip_id: int = 0x1234):
+    out = ffi.new("uint8_t[50]")
+    strip = ffi.new("int *")
+    frame_pkt = Pkt(data)              # kept: its buffer must outlive the call
+    rc = lib.vs_vxlan_outer_header(vp, remote, frame_pkt.pkt, ip_id, out, strip)
+    return (bytes(out), strip[0]) if rc == 0 else None
+
+
+def test_outer_header_from_the_remotes_template():
+    vp = xdp_vxlan_port()
+    data = tcp_frame(1234)
+    # No next hop MAC yet: nothing is written, the caller counts tx_no_neighbour.
+    assert outer(vp, 0, data) is None
+    lib.vs_vxlan_set_next_hop(vp, 0, HOP_MAC)
+    hdr, strip = outer(vp, 0, data, ip_id=0xfffe)
+    assert strip == 0 and hdr[:14] == HOP_MAC + SRC_MAC + b"\x08\x00"
+    ver, tos, total, ident, frag, ttl, proto = struct.unpack("!BBHHHBB", hdr[14:24])
+    assert (ver, tos, total, ident, frag, ttl, proto) == (0x45, 0, 20 + 16 + len(data), 0xfffe, 0, 64, 17)
+    assert hdr[26:30] == socket.inet_aton("10.0.0.1") and hdr[30:34] == socket.inet_aton("10.0.0.2")
+    assert ip_checksum_ok(hdr[14:34])
+    # UDP + VXLAN: the socket path's 16 bytes, the same source port hash.
+    assert hdr[34:] == encap(vp, data)[0]
+    # Every length and id keeps the checksum right (the template's is patched per datagram).
+    for ident in (0, 1, 0x8000, 0xffff):
+        for size in (14, 60, 1450, 4000):
+            assert ip_checksum_ok(outer(vp, 0, frame(BROADCAST, mac(1), payload=b"x" * size), ident)[0][14:34])
+    # The other remote has its own template; a lost neighbour takes the template away.
+    assert outer(vp, 1, data) is None
+    lib.vs_vxlan_set_next_hop(vp, 1, bytes.fromhex("020000000c03"))
+    assert outer(vp, 1, data)[0][:6] == bytes.fromhex("020000000c03")
+    assert outer(vp, 1, data)[0][30:34] == socket.inet_aton("10.0.0.3")
+    lib.vs_vxlan_set_next_hop(vp, 1, ffi.NULL)
+    assert outer(vp, 1, data) is None and outer(vp, 0, data) is not None
+
+
+def test_outer_header_of_a_mapped_vlan():
+    vp = xdp_vxlan_port(vni_map={10: 1010})
+    lib.vs_vxlan_set_next_hop(vp, 0, HOP_MAC)
+    plain = frame(BROADCAST, mac(1))
+    tagged = plain[:12] + struct.pack("!HH", 0x8100, 10) + plain[12:]
+    hdr, strip = outer(vp, 0, tagged)
+    assert strip == 1 and struct.unpack("!H", hdr[16:18])[0] == 20 + 16 + len(plain)
+    assert struct.unpack("!I", hdr[46:50])[0] >> 8 == 1010
+
+
+def parse_outer(vp, frame_bytes: bytes):
+    buf = ffi.new("uint8_t[]", frame_bytes)
+    sub = ffi.new("uint16_t *")
+    inner_len = ffi.new("uint32_t *")
+    off = lib.vs_vxlan_parse_outer(vp, buf, len(frame_bytes), sub, inner_len)
+    if off < 0:
+        return off, None, None
+    return off, sub[0], bytes(ffi.buffer(buf, len(frame_bytes)))[off:off + inner_len[0]]
+
+
+def datagram(inner: bytes, src="10.0.0.2", dst="10.0.0.1", dport=4789, vni=VNI, ihl=5, frag=0,
+             total_extra=0, udp_extra=0) -> bytes:
+    """An outer Ethernet + IPv4 + UDP + VXLAN frame around inner, as a remote would send it."""
+    payload = vxlan_header(vni) + inner
+    udp = struct.pack("!HHHH", 50000, dport, 8 + len(payload) + udp_extra, 0) + payload
+    options = b"\x00" * (4 * (ihl - 5))
+    total = 4 * ihl + len(udp) + total_extra
+    ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 7, frag, 64, 17, 0, socket.inet_aton(src),
+                     socket.inet_aton(dst))
+    return SRC_MAC + HOP_MAC + b"\x08\x00" + ip + options + udp
+
+
+def test_parse_outer_takes_the_tunnels_datagrams():
+    vp = xdp_vxlan_port()
+    inner = frame(BROADCAST, mac(1))
+    assert parse_outer(vp, datagram(inner)) == (50, 1, inner)
+    assert parse_outer(vp, datagram(inner, src="10.0.0.3")) == (50, 2, inner)
+    # Ethernet padding after the datagram is not part of the inner frame.
+    assert parse_outer(vp, datagram(inner) + bytes(10)) == (50, 1, inner)
+    # What vs_vxlan_outer_header writes, this takes (the two ends of one tunnel).
+    lib.vs_vxlan_set_next_hop(vp, 0, HOP_MAC)
+    hdr, _ = outer(vp, 0, inner)
+    mirror = xdp_vxlan_port(remotes=("10.0.0.1",))
+    mirror.local_addr = _addr("10.0.0.2")
+    assert parse_outer(mirror, hdr + inner) == (50, 1, inner)
+
+
+def test_parse_outer_of_a_mapped_vni_pushes_the_vlan_tag():
+    vp = xdp_vxlan_port(vni_map={20: 1020})
+    inner = frame(BROADCAST, mac(1))
+    assert parse_outer(vp, datagram(inner, vni=1020)) == \
+        (46, 1, inner[:12] + struct.pack("!HH", 0x8100, 20) + inner[12:])
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (datagram(frame(BROADCAST, mac(1)))[:41], "MALFORMED"),                        # a runt: no whole UDP header
+    (datagram(frame(BROADCAST, mac(1)))[:60], "MALFORMED"),                        # cut: shorter than IPv4 says
+    (datagram(b"\x00" * 10), "MALFORMED"),                                         # no room for an inner frame
+    (datagram(frame(BROADCAST, mac(1)), udp_extra=4), "MALFORMED"),               # UDP and IPv4 lengths disagree
+    (datagram(frame(BROADCAST, mac(1)), ihl=6), "MALFORMED"),                     # IPv4 options
+    (datagram(frame(BROADCAST, mac(1)), dport=4790), "MALFORMED"),                # not the tunnel's port
+    (datagram(frame(BROADCAST, mac(1)), dst="10.0.0.9"), "MALFORMED"),            # not the tunnel's address
+    (datagram(frame(BROADCAST, mac(1)), frag=0x2000), "FRAGMENT"),                # MF: a first fragment
+    (datagram(frame(BROADCAST, mac(1)), frag=0x0010), "FRAGMENT"),                # a later fragment
+    (datagram(frame(BROADCAST, mac(1)), vni=VNI + 1), "WRONG_VNI"),
+    (datagram(frame(BROADCAST, mac(1)), src="10.0.0.9"), "UNKNOWN_REMOTE"),
+])
+def test_parse_outer_refuses_with_a_reason(bad, reason):
+    assert parse_outer(xdp_vxlan_port(), bad)[0] == getattr(lib, f"VS_VXLAN_{reason}")
+
+
 # --- config and command line ------------------------------------------------------
 
 def vx(**extra) -> dict:
@@ -134,6 +262,16 @@ def test_config_defaults_and_forms():
     [port] = parse({"ports": [vx(remote="10.0.0.2, 10.0.0.3", vni_map={"10": 1010, 20: "1020"})]}).ports
     assert port["remote"] == ["10.0.0.2", "10.0.0.3"] and port["dst_port"] == 4789
     assert port["vni_map"] == {10: 1010, 20: 1020}
+    assert "underlay" not in port
+    [port] = parse({"ports": [vx(underlay={"type": "af-xdp", "interface": "veth0"})]}).ports
+    assert port["underlay"] == {"type": "af-xdp", "interface": "veth0", "mode": "auto"}
+
+
+def test_underlay_from_the_command_line():
+    from vswitch.ports.vxlan import parse_underlay
+    assert parse_underlay("socket") == {"type": "socket"}
+    assert parse_underlay("af-xdp:veth0") == {"type": "af-xdp", "interface": "veth0", "mode": "auto"}
+    assert parse_underlay("af-xdp:veth0,mode=generic")["mode"] == "generic"
 
 
 @pytest.mark.parametrize("extra, problem", [
@@ -150,6 +288,11 @@ def test_config_defaults_and_forms():
     ({"vni_map": {10: 7, 20: 7}}, "two VLANs map to the same VNI"),
     ({"vni_map": {10: 10}}, "vni_map: VNI 10 is the port's vni already"),
     ({"colour": 1}, "unknown key 'colour' for a vxlan port"),
+    ({"underlay": {"type": "dpdk"}}, "underlay: type 'dpdk' must be one of: socket, af-xdp"),
+    ({"underlay": {"type": "af-xdp"}}, "underlay: underlay type af-xdp needs interface"),
+    ({"underlay": {"type": "af-xdp", "interface": "veth0", "mode": "fast"}}, "mode 'fast' must be one of"),
+    ({"underlay": {"type": "af-xdp", "interface": "a b"}}, "underlay: interface: 'a b' is not an interface name"),
+    ({"underlay": {"type": "socket", "interface": "veth0"}}, "unknown key 'interface' for underlay type socket"),
 ])
 def test_bad_vxlan_keys_are_one_clear_line(extra, problem):
     with pytest.raises(ConfigError) as exc:

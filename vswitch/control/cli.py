@@ -144,6 +144,9 @@ DROP_COUNTERS = {
     "rx_unknown_remote": "datagrams from an address that is not a remote",
     "rx_wrong_vni": "datagrams with a VNI the port does not carry",
     "rx_malformed": "malformed VXLAN datagrams",
+    "rx_fragments": "outer IPv4 fragments (the AF_XDP underlay reassembles none)",
+    "tx_no_neighbour": "datagrams not sent: the next hop's MAC towards the remote is not known yet",
+    "tx_ring_full": "datagrams dropped: the underlay's TX ring or UMEM was full",
 }
 
 
@@ -162,7 +165,17 @@ def print_port_details(p: dict) -> None:
     if p.get("remotes") is not None:
         remotes = ", ".join(f"{r['remote']} (rx {r['rx_packets']}, tx {r['tx_packets']})" for r in p["remotes"])
         print(f"  vni {p['vni']} from {p['local_ip']}:{p['dst_port']} to {remotes}")
-        if "rx_polls" in p["stats"]:
+        under = p.get("underlay") or {}
+        if under.get("type") == "af-xdp":
+            u = under["stats"]
+            hops = ", ".join(f"{r['remote']} via {r['next_hop_mac'] or 'unresolved: ' + r.get('unresolved', '')}"
+                             for r in p["remotes"])
+            print(f"  underlay af-xdp on {under['interface']}: {under['mode']}, {under['copy']}, "
+                  f"XDP program {under['xdp_program']['id']}; next hops: {hops}")
+            print(f"  underlay rx {u['rx_packets']} tx {u['tx_packets']}  "
+                  f"fill ring empty {u['kernel_rx_fill_ring_empty_descs']}  rx ring full {u['kernel_rx_ring_full']}  "
+                  f"tx ring full {u['tx_ring_full']}  tx kicks {u['tx_kicks']}  fill wake-ups {u['fill_wakeups']}")
+        elif "rx_polls" in p["stats"]:
             s = p["stats"]
             print(f"  recvmmsg calls {s['rx_polls']} (found nothing: {s['rx_empty_polls']}), "
                   f"bursts that skipped the socket while backing off {s['rx_polls_skipped']}")

@@ -22,13 +22,19 @@
  * The XDP program is libxdp's default XSK program, attached by libxdp
  * (through its dispatcher where the kernel allows: it needs BTF and a BPF
  * filesystem) when the first socket is created and detached when the
- * last is deleted.
+ * last is deleted.  A port that wants only one UDP destination (udp_port
+ * set: a VXLAN underlay) gets instead a program of our own, a few
+ * hand-written BPF instructions (filter_program below) loaded with
+ * libbpf, also taken with dlsym; its sockets are created without libxdp's
+ * program and put in the program's map.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <linux/bpf.h>
 #include <linux/ethtool.h>
 #include <linux/if_link.h>
 #include <linux/if_xdp.h>
@@ -48,6 +54,8 @@
 #if __has_include(<xdp/xsk.h>) && __has_include(<xdp/libxdp.h>) && __has_include(<bpf/libbpf.h>) && \
     !defined(VS_WITHOUT_XSK_HEADERS)
 #define VS_HAVE_XSK_HEADERS 1
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
 #include <xdp/libxdp.h>
 #include <xdp/xsk.h>
 #endif
@@ -57,6 +65,7 @@
 /* --- libxdp, loaded at run time ------------------------------------------- */
 
 #define LIBXDP_DEFAULT "libxdp.so.1"
+#define LIBBPF_DEFAULT "libbpf.so.1"
 
 /* One pointer per libxdp function used, typed from libxdp's own header. */
 #define LIBXDP_FUNCTIONS(X)                 \
@@ -75,12 +84,24 @@
     X(xdp_multiprog__detach)                \
     X(xdp_program__name)                    \
     X(xdp_program__id)                      \
-    X(xdp_program__detach)
+    X(xdp_program__detach)                  \
+    X(xsk_socket__update_xskmap)
+
+/* And libbpf's, for the UDP filter program (libxdp depends on libbpf, so it is there). */
+#define LIBBPF_FUNCTIONS(X)                 \
+    X(bpf_prog_load)                        \
+    X(bpf_map_create)                       \
+    X(bpf_xdp_attach)                       \
+    X(bpf_xdp_detach)                       \
+    X(bpf_xdp_query_id)                     \
+    X(bpf_obj_get_info_by_fd)
 
 #define DECLARE_POINTER(fn) __typeof__(fn) *fn;
 static struct {
     void *handle;
+    void *bpf_handle;
     LIBXDP_FUNCTIONS(DECLARE_POINTER)
+    LIBBPF_FUNCTIONS(DECLARE_POINTER)
 } xdp;
 
 static char libxdp_error[256];
@@ -108,7 +129,17 @@ int vs_xsk_load_libxdp(void)
         return -ELIBACC;                                                                  \
     }
     LIBXDP_FUNCTIONS(TAKE_POINTER)
-    xdp.handle = handle;
+    void *libxdp_handle = handle;
+    name = LIBBPF_DEFAULT;
+    handle = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+    if (!handle) {
+        snprintf(libxdp_error, sizeof libxdp_error, "%s", dlerror());
+        dlclose(libxdp_handle);
+        return -ELIBACC;
+    }
+    LIBBPF_FUNCTIONS(TAKE_POINTER)
+    xdp.bpf_handle = handle;
+    xdp.handle = libxdp_handle;
     libxdp_error[0] = 0;
     return 0;
 }
@@ -137,6 +168,7 @@ void vs_xsk_init(struct vs_xsk_port *xp)
     xp->link_fd = -1;
     xp->ioctl_fd = -1;
     xp->netns_fd = -1;
+    xp->filter_prog_fd = xp->filter_map_fd = -1;
     for (uint32_t q = 0; q < VS_XSK_MAX_QUEUES; q++) {
         xp->queues[q].fd = -1;
     }
@@ -294,7 +326,7 @@ static int create_sockets(struct vs_xsk_port *xp, const char *ifname, uint32_t m
     struct xsk_socket_config cfg = {
         .rx_size = VS_XSK_RX_FRAMES,
         .tx_size = VS_XSK_TX_FRAMES,
-        .libxdp_flags = 0,
+        .libxdp_flags = xp->udp_port ? XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD : 0,
         .xdp_flags = mode == VS_XSK_MODE_NATIVE ? XDP_FLAGS_DRV_MODE : XDP_FLAGS_SKB_MODE,
         .bind_flags = XDP_USE_NEED_WAKEUP | (zero_copy ? XDP_ZEROCOPY : XDP_COPY),
     };
@@ -309,6 +341,10 @@ static int create_sockets(struct vs_xsk_port *xp, const char *ifname, uint32_t m
             rc = rc < 0 ? rc : -rc;
         } else {
             xp->queues[q].fd = xdp.xsk_socket__fd(r->xsk);
+            if (xp->udp_port) {
+                rc = xdp.xsk_socket__update_xskmap(r->xsk, xp->filter_map_fd);
+                rc = rc < 0 ? rc : -rc;
+            }
         }
     }
     if (rc) {
@@ -316,6 +352,129 @@ static int create_sockets(struct vs_xsk_port *xp, const char *ifname, uint32_t m
         delete_umems(xp);
     }
     return rc;
+}
+
+/* --- the UDP filter program (udp_port set) ---------------------------------- */
+
+#define INSN(c, d, s, o, i) ((struct bpf_insn){ .code = (c), .dst_reg = (d), .src_reg = (s), .off = (o), .imm = (i) })
+#define LDX(size, d, s, o) INSN(BPF_LDX | BPF_MEM | (size), d, s, o, 0)
+#define JNE_K(d, imm, target, pc) INSN(BPF_JMP | BPF_JNE | BPF_K, d, 0, (target) - (pc) - 1, imm)
+#define FILTER_PASS 21                    /* the index of the instructions that pass a frame on */
+#define FILTER_LEN 23
+
+/*
+ * XDP_REDIRECT to the socket of the frame's queue for IPv4/UDP frames to
+ * udp_addr:udp_port, XDP_PASS for everything else, so the kernel keeps
+ * answering ARP and ICMP for the address and resolving its neighbours.
+ * Multi-byte fields are compared as the CPU loads them from the frame:
+ * udp_addr is kept in network order, and htons(udp_port) is what a 16-bit
+ * load of the port gives on this (little-endian) host.
+ */
+static void filter_program(const struct vs_xsk_port *xp, struct bpf_insn *p)
+{
+    struct bpf_insn prog[FILTER_LEN] = {
+        /* r2 = data, r3 = data_end (struct xdp_md); the verifier wants the
+         * 42 bytes of Ethernet + IPv4 + UDP headers checked before any load. */
+        LDX(BPF_W, BPF_REG_2, BPF_REG_1, 0),
+        LDX(BPF_W, BPF_REG_3, BPF_REG_1, 4),
+        INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_4, BPF_REG_2, 0, 0),
+        INSN(BPF_ALU64 | BPF_ADD | BPF_K, BPF_REG_4, 0, 0, 42),
+        INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, FILTER_PASS - 4 - 1, 0),
+        /* Ethertype IPv4 (0x0800, loaded byte-swapped); no VLAN tag. */
+        LDX(BPF_H, BPF_REG_5, BPF_REG_2, 12),
+        JNE_K(BPF_REG_5, 0x0008, FILTER_PASS, 6),
+        /* Version 4 with a 20-byte header (IHL 5): the UDP header is at 34. */
+        LDX(BPF_B, BPF_REG_5, BPF_REG_2, 14),
+        JNE_K(BPF_REG_5, 0x45, FILTER_PASS, 8),
+        /* Protocol UDP. */
+        LDX(BPF_B, BPF_REG_5, BPF_REG_2, 23),
+        JNE_K(BPF_REG_5, 17, FILTER_PASS, 10),
+        /* Destination address: the tunnel's local address (a 32-bit compare). */
+        LDX(BPF_W, BPF_REG_5, BPF_REG_2, 30),
+        INSN(BPF_JMP32 | BPF_JNE | BPF_K, BPF_REG_5, 0, FILTER_PASS - 12 - 1, (int32_t)xp->udp_addr),
+        /* UDP destination port: the tunnel's. */
+        LDX(BPF_H, BPF_REG_5, BPF_REG_2, 36),
+        JNE_K(BPF_REG_5, htons((uint16_t)xp->udp_port), FILTER_PASS, 14),
+        /* bpf_redirect_map(xsks, ctx->rx_queue_index, XDP_PASS): a queue
+         * without a socket (none yet, or the switch is gone) passes the
+         * frame to the kernel instead of dropping it. */
+        LDX(BPF_W, BPF_REG_2, BPF_REG_1, 16),
+        INSN(BPF_LD | BPF_DW | BPF_IMM, BPF_REG_1, BPF_PSEUDO_MAP_FD, 0, xp->filter_map_fd),
+        INSN(0, 0, 0, 0, 0),
+        INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_3, 0, 0, XDP_PASS),
+        INSN(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_redirect_map),
+        INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+        /* FILTER_PASS: not the tunnel's, the kernel's. */
+        INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, XDP_PASS),
+        INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+    };
+    memcpy(p, prog, sizeof prog);
+}
+
+static int filter_load(struct vs_xsk_port *xp)
+{
+    xp->filter_map_fd = xdp.bpf_map_create(BPF_MAP_TYPE_XSKMAP, "vs_xsks", sizeof(uint32_t), sizeof(uint32_t),
+                                           VS_XSK_MAX_QUEUES, NULL);
+    if (xp->filter_map_fd < 0) {
+        return xp->filter_map_fd;
+    }
+    struct bpf_insn prog[FILTER_LEN];
+    filter_program(xp, prog);
+    xp->filter_prog_fd = xdp.bpf_prog_load(BPF_PROG_TYPE_XDP, "vs_udp_xsk", "GPL", prog, FILTER_LEN, NULL);
+    if (xp->filter_prog_fd < 0) {
+        return xp->filter_prog_fd;
+    }
+    struct bpf_prog_info info;
+    memset(&info, 0, sizeof info);
+    uint32_t len = sizeof info;
+    if (xdp.bpf_obj_get_info_by_fd(xp->filter_prog_fd, &info, &len) == 0) {
+        xp->prog_id = info.id;
+    }
+    return 0;
+}
+
+static int filter_attach(struct vs_xsk_port *xp, uint32_t mode)
+{
+    uint32_t flags = (mode == VS_XSK_MODE_NATIVE ? XDP_FLAGS_DRV_MODE : XDP_FLAGS_SKB_MODE) |
+                     XDP_FLAGS_UPDATE_IF_NOEXIST;
+    int rc = xdp.bpf_xdp_attach(xp->ifindex, xp->filter_prog_fd, flags, NULL);
+    if (rc == 0) {
+        xp->filter_flags = flags & ~XDP_FLAGS_UPDATE_IF_NOEXIST;
+    }
+    return rc;
+}
+
+/* Detaches our program, and only ours (XDP_FLAGS_REPLACE with its fd). */
+static void filter_detach(struct vs_xsk_port *xp)
+{
+    if (xp->filter_flags && xp->filter_prog_fd >= 0) {
+        LIBBPF_OPTS(bpf_xdp_attach_opts, opts, .old_prog_fd = xp->filter_prog_fd);
+        (void)xdp.bpf_xdp_detach(xp->ifindex, xp->filter_flags, &opts);
+    }
+    xp->filter_flags = 0;
+}
+
+static void filter_close(struct vs_xsk_port *xp)
+{
+    if (xp->filter_prog_fd >= 0) {
+        close(xp->filter_prog_fd);
+    }
+    if (xp->filter_map_fd >= 0) {
+        close(xp->filter_map_fd);
+    }
+    xp->filter_prog_fd = xp->filter_map_fd = -1;
+}
+
+/* A filter program a killed switch left: in either mode, detached if it is stale_id. */
+static void filter_remove_stale(struct vs_xsk_port *xp, uint32_t stale_id)
+{
+    static const uint32_t modes[] = { XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE };
+    for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) {
+        uint32_t id = 0;
+        if (xdp.bpf_xdp_query_id(xp->ifindex, (int)modes[i], &id) == 0 && id == stale_id) {
+            (void)xdp.bpf_xdp_detach(xp->ifindex, modes[i], NULL);
+        }
+    }
 }
 
 /* Errors that say "not in this mode", after which the next mode is tried. */
@@ -347,12 +506,24 @@ static int attach(struct vs_xsk_port *xp, const char *ifname, uint32_t mode, uin
     }
     int err = -EINVAL;
     for (int i = 0; i < n; i++) {
-        int rc = create_sockets(xp, ifname, tries[i].mode, tries[i].zero_copy);
+        int rc = xp->udp_port ? filter_attach(xp, tries[i].mode) : 0;
+        if (rc == 0) {
+            rc = create_sockets(xp, ifname, tries[i].mode, tries[i].zero_copy);
+            if (rc && xp->udp_port) {
+                filter_detach(xp);
+            }
+        }
         /* A socket the last try bound and closed frees its queue in
          * deferred work (EBUSY until then): give that up to half a second. */
         for (int wait = 0; i > 0 && rc == -EBUSY && wait < 50; wait++) {
             usleep(10000);
-            rc = create_sockets(xp, ifname, tries[i].mode, tries[i].zero_copy);
+            rc = xp->udp_port ? filter_attach(xp, tries[i].mode) : 0;
+            if (rc == 0) {
+                rc = create_sockets(xp, ifname, tries[i].mode, tries[i].zero_copy);
+                if (rc && xp->udp_port) {
+                    filter_detach(xp);
+                }
+            }
         }
         if (rc == 0) {
             xp->mode = tries[i].mode;
@@ -363,6 +534,7 @@ static int attach(struct vs_xsk_port *xp, const char *ifname, uint32_t mode, uin
         }
         if (rc == -EBUSY || rc == -EEXIST) {
             xp->failure = VS_XSK_FAIL_PROGRAM_BUSY;
+            xp->prog_id = 0;
             look_at_program(xp, false);
             return rc;
         }
@@ -418,7 +590,18 @@ static int open_in_netns(struct vs_xsk_port *xp, const char *ifname, uint32_t mo
         return -EINVAL;
     }
     if (stale_prog_id) {
-        remove_stale_program(xp, stale_prog_id);
+        if (xp->udp_port) {
+            filter_remove_stale(xp, stale_prog_id);
+        } else {
+            remove_stale_program(xp, stale_prog_id);
+        }
+    }
+    if (xp->udp_port) {
+        int rc = filter_load(xp);
+        if (rc) {
+            xp->failure = VS_XSK_FAIL_FILTER;
+            return rc;
+        }
     }
     int rc = attach(xp, ifname, mode, zero_copy);
     if (rc) {
@@ -429,7 +612,9 @@ static int open_in_netns(struct vs_xsk_port *xp, const char *ifname, uint32_t mo
     if (getsockopt(xp->queues[0].fd, SOL_XDP, XDP_OPTIONS, &opts, &len) == 0) {
         xp->zero_copy = (opts.flags & XDP_OPTIONS_ZEROCOPY) != 0;
     }
-    look_at_program(xp, true);
+    if (!xp->udp_port) {
+        look_at_program(xp, true);
+    }
     for (uint32_t q = 0; q < xp->nqueues; q++) {
         post_frames(&xp->queues[q]);
     }
@@ -466,12 +651,15 @@ void vs_xsk_close(struct vs_xsk_port *xp)
     if (vs_enter_netns(xp->netns_fd, &saved) == 0) {
         if (xdp.handle) {
             delete_sockets(xp);
+            filter_detach(xp);
         }
         vs_leave_netns(saved);
     }
     if (xdp.handle) {
         delete_sockets(xp);   /* only if entering the namespace failed */
+        filter_detach(xp);
         delete_umems(xp);
+        filter_close(xp);
     }
     if (xp->link_fd >= 0) {
         close(xp->link_fd);
@@ -558,9 +746,8 @@ static inline void recycle_rx(struct vs_xsk_rings *r)
     r->rx_held = 0;
 }
 
-static uint32_t xsk_rx_burst(struct vs_port *port, uint32_t queue, struct vs_pkt *pkts, uint32_t max)
+uint32_t vs_xsk_rx(struct vs_xsk_port *xp, uint32_t queue, struct vs_pkt *pkts, uint32_t max)
 {
-    struct vs_xsk_port *xp = port->priv;
     if (unlikely(queue >= xp->nqueues || __atomic_load_n(&xp->fault, __ATOMIC_ACQUIRE))) {
         return 0;
     }
@@ -605,10 +792,19 @@ static uint32_t xsk_rx_burst(struct vs_port *port, uint32_t queue, struct vs_pkt
     return got;
 }
 
+void vs_xsk_rx_done(struct vs_xsk_port *xp, uint32_t queue)
+{
+    recycle_rx(xp->queues[queue].rings);
+}
+
+static uint32_t xsk_rx_burst(struct vs_port *port, uint32_t queue, struct vs_pkt *pkts, uint32_t max)
+{
+    return vs_xsk_rx(port->priv, queue, pkts, max);
+}
+
 static void xsk_rx_done(struct vs_port *port, uint32_t queue, struct vs_pkt *pkts, uint32_t n)
 {
-    struct vs_xsk_port *xp = port->priv;
-    recycle_rx(xp->queues[queue].rings);
+    vs_xsk_rx_done(port->priv, queue);
 }
 
 /* Frames the kernel has sent are free again. */
@@ -655,27 +851,19 @@ static void xsk_tx_burst(struct vs_port *port, uint32_t queue_hint, struct vs_pk
                          uint32_t unicast)
 {
     struct vs_xsk_port *xp = port->priv;
-    struct vs_xsk_queue *xq = &xp->queues[queue_hint % xp->nqueues];
+    uint32_t queue = queue_hint % xp->nqueues;
+    struct vs_xsk_queue *xq = &xp->queues[queue];
     if (unlikely(__atomic_load_n(&xp->fault, __ATOMIC_ACQUIRE))) {
         __atomic_add_fetch(&port->stats.tx_dropped_down, n, __ATOMIC_RELAXED);
         return;
     }
-    vs_spin_lock(&xq->tx_lock);
-    struct vs_xsk_rings *r = xq->rings;
-    reclaim_completed(xq);
     /* Frames too big for a UMEM frame are errors; the rest go as far as there is room. */
     uint32_t fit = 0;
     for (uint32_t i = 0; i < n; i++) {
         fit += pkts[i]->len <= VS_XSK_FRAME_SIZE;
     }
+    uint32_t room = vs_xsk_tx_begin(xp, queue, fit);
     xq->stats.tx_errors += n - fit;
-    uint32_t room = fit < xq->tx_free_n ? fit : xq->tx_free_n;
-    room = xsk_prod_nb_free(&r->tx, room) < room ? xsk_prod_nb_free(&r->tx, room) : room;
-    uint32_t idx = 0;
-    if (room && xsk_ring_prod__reserve(&r->tx, room, &idx) != room) {
-        room = 0;
-    }
-    xq->stats.tx_ring_full += fit - room;
     uint32_t sent = 0;
     uint64_t bytes = 0;
     for (uint32_t i = 0; i < n && sent < room; i++) {
@@ -683,21 +871,54 @@ static void xsk_tx_burst(struct vs_port *port, uint32_t queue_hint, struct vs_pk
         if (pkt->len > VS_XSK_FRAME_SIZE) {
             continue;
         }
-        uint64_t addr = xq->tx_free[--xq->tx_free_n];
-        uint8_t *p = xsk_umem__get_data(xq->area, addr);
+        uint8_t *p = vs_xsk_tx_frame(xp, queue, sent, pkt->len);
         for (uint32_t s = 0; s < pkt->nsegs; s++) {
             memcpy(p, pkt->segs[s].addr, pkt->segs[s].len);
             p += pkt->segs[s].len;
         }
-        struct xdp_desc *d = xsk_ring_prod__tx_desc(&r->tx, idx + sent);
-        d->addr = addr;
-        d->len = pkt->len;
         sent++;
         bytes += pkt->len;
     }
-    if (sent) {
-        xsk_ring_prod__submit(&r->tx, sent);
-        xq->stats.tx_packets += sent;
+    vs_xsk_tx_end(xp, queue, room, sent, bytes);
+}
+
+uint32_t vs_xsk_tx_begin(struct vs_xsk_port *xp, uint32_t queue, uint32_t n)
+{
+    struct vs_xsk_queue *xq = &xp->queues[queue];
+    vs_spin_lock(&xq->tx_lock);
+    struct vs_xsk_rings *r = xq->rings;
+    reclaim_completed(xq);
+    uint32_t room = n < xq->tx_free_n ? n : xq->tx_free_n;
+    room = xsk_prod_nb_free(&r->tx, room) < room ? xsk_prod_nb_free(&r->tx, room) : room;
+    uint32_t idx = 0;
+    if (room && xsk_ring_prod__reserve(&r->tx, room, &idx) != room) {
+        room = 0;
+    }
+    xq->tx_idx = idx;
+    xq->stats.tx_ring_full += n - room;
+    return room;
+}
+
+uint8_t *vs_xsk_tx_frame(struct vs_xsk_port *xp, uint32_t queue, uint32_t i, uint32_t len)
+{
+    struct vs_xsk_queue *xq = &xp->queues[queue];
+    uint64_t addr = xq->tx_free[--xq->tx_free_n];
+    struct xdp_desc *d = xsk_ring_prod__tx_desc(&xq->rings->tx, xq->tx_idx + i);
+    d->addr = addr;
+    d->len = len;
+    return xsk_umem__get_data(xq->area, addr);
+}
+
+void vs_xsk_tx_end(struct vs_xsk_port *xp, uint32_t queue, uint32_t reserved, uint32_t used, uint64_t bytes)
+{
+    struct vs_xsk_queue *xq = &xp->queues[queue];
+    struct vs_xsk_rings *r = xq->rings;
+    /* Descriptors reserved and not used are given back, as libxdp's
+     * xsk_ring_prod__cancel does (not in every libxdp version). */
+    r->tx.cached_prod -= reserved - used;
+    if (used) {
+        xsk_ring_prod__submit(&r->tx, used);
+        xq->stats.tx_packets += used;
         xq->stats.tx_bytes += bytes;
     }
     kick_tx(xp, xq);
@@ -710,9 +931,8 @@ static void xsk_tx_burst(struct vs_port *port, uint32_t queue_hint, struct vs_pk
  * ring (kick_tx gave up on EAGAIN) are kicked once more, so none waits for
  * a transmit that may not come.  A sender holding the lock kicks anyway.
  */
-static int xsk_idle_arm(struct vs_port *port, uint32_t queue)
+int vs_xsk_idle_arm(struct vs_xsk_port *xp, uint32_t queue)
 {
-    struct vs_xsk_port *xp = port->priv;
     if (queue >= xp->nqueues || __atomic_load_n(&xp->fault, __ATOMIC_RELAXED)) {
         return VS_IDLE_NOTHING;
     }
@@ -726,10 +946,32 @@ static int xsk_idle_arm(struct vs_port *port, uint32_t queue)
     return xq->fd;
 }
 
+int vs_xsk_idle_pending(struct vs_xsk_port *xp, uint32_t queue)
+{
+    return xsk_cons_nb_avail(&xp->queues[queue].rings->rx, 1) > 0;
+}
+
+static int xsk_idle_arm(struct vs_port *port, uint32_t queue)
+{
+    return vs_xsk_idle_arm(port->priv, queue);
+}
+
 static int xsk_idle_pending(struct vs_port *port, uint32_t queue)
 {
-    struct vs_xsk_port *xp = port->priv;
-    return xsk_cons_nb_avail(&xp->queues[queue].rings->rx, 1) > 0;
+    return vs_xsk_idle_pending(port->priv, queue);
+}
+
+int vs_xsk_interface_mac(struct vs_xsk_port *xp, uint8_t *mac)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_ifindex = xp->ifindex;
+    if (xp->ioctl_fd < 0 || ioctl(xp->ioctl_fd, SIOCGIFNAME, &ifr) < 0 ||
+        ioctl(xp->ioctl_fd, SIOCGIFHWADDR, &ifr) < 0) {
+        return xp->ioctl_fd < 0 ? -EBADF : -errno;
+    }
+    memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
+    return 0;
 }
 
 static int xsk_link_state(struct vs_port *port)
@@ -772,6 +1014,7 @@ void vs_xsk_init(struct vs_xsk_port *xp)
 {
     memset(xp, 0, sizeof *xp);
     xp->link_fd = xp->ioctl_fd = xp->netns_fd = -1;
+    xp->filter_prog_fd = xp->filter_map_fd = -1;
     for (uint32_t q = 0; q < VS_XSK_MAX_QUEUES; q++) {
         xp->queues[q].fd = -1;
     }
@@ -797,6 +1040,45 @@ int vs_xsk_kernel_stats(struct vs_xsk_port *xp, uint32_t queue, struct vs_xsk_ke
 {
     memset(out, 0, sizeof *out);
     return -EINVAL;
+}
+
+/* Never called: no port opens. */
+uint32_t vs_xsk_rx(struct vs_xsk_port *xp, uint32_t queue, struct vs_pkt *pkts, uint32_t max)
+{
+    return 0;
+}
+
+void vs_xsk_rx_done(struct vs_xsk_port *xp, uint32_t queue)
+{
+}
+
+uint32_t vs_xsk_tx_begin(struct vs_xsk_port *xp, uint32_t queue, uint32_t n)
+{
+    return 0;
+}
+
+uint8_t *vs_xsk_tx_frame(struct vs_xsk_port *xp, uint32_t queue, uint32_t i, uint32_t len)
+{
+    return NULL;
+}
+
+void vs_xsk_tx_end(struct vs_xsk_port *xp, uint32_t queue, uint32_t reserved, uint32_t used, uint64_t bytes)
+{
+}
+
+int vs_xsk_idle_arm(struct vs_xsk_port *xp, uint32_t queue)
+{
+    return VS_IDLE_NOTHING;
+}
+
+int vs_xsk_idle_pending(struct vs_xsk_port *xp, uint32_t queue)
+{
+    return 0;
+}
+
+int vs_xsk_interface_mac(struct vs_xsk_port *xp, uint8_t *mac)
+{
+    return -ENOTSUP;
 }
 
 /* Never published: vs_xsk_open always fails. */

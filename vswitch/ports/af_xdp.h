@@ -35,7 +35,8 @@ enum vs_xsk_failure {
     VS_XSK_FAIL_NATIVE = 4,               /* mode native, and the driver has no native XDP */
     VS_XSK_FAIL_ZERO_COPY = 5,            /* zero_copy on, and the driver cannot */
     VS_XSK_FAIL_PROGRAM_BUSY = 6,         /* another XDP program without libxdp's dispatcher */
-    VS_XSK_FAIL_SOCKET = 7                /* anything else while creating the UMEM or a socket */
+    VS_XSK_FAIL_SOCKET = 7,               /* anything else while creating the UMEM or a socket */
+    VS_XSK_FAIL_FILTER = 8                /* the UDP filter program or its map (libbpf) failed to load */
 };
 
 /* Counters per queue, from the switch's point of view (rx: from the kernel). */
@@ -70,6 +71,7 @@ struct vs_xsk_queue {
     int fd;                               /* the XDP socket: the PMD may sleep on it */
     int tx_lock;                          /* spinlock: transmits from several PMD threads */
     uint32_t tx_free_n;                   /* TX frames not in flight, in tx_free */
+    uint32_t tx_idx;                      /* the first descriptor vs_xsk_tx_begin reserved (under tx_lock) */
     uint64_t tx_free[VS_XSK_TX_FRAMES];   /* their UMEM addresses */
     struct vs_xsk_stats stats;
 };
@@ -89,6 +91,16 @@ struct vs_xsk_port {
     int fault_errno;
     int netns_fd;                         /* the sockets' namespace: libxdp detaches in it on close */
     char busy_prog[32];                   /* VS_XSK_FAIL_PROGRAM_BUSY: the program in the way */
+    /* Set before vs_xsk_open to take only IPv4/UDP frames to udp_addr:udp_port
+     * (a VXLAN underlay, vxlan.h): af_xdp.c loads its own small XDP program
+     * that redirects those to the sockets and passes everything else (ARP,
+     * ICMP, other traffic) to the kernel.  udp_port 0: libxdp's default
+     * program, which takes every frame. */
+    uint32_t udp_addr;                    /* network byte order */
+    uint32_t udp_port;                    /* host byte order */
+    int filter_prog_fd;                   /* the filter program and its XSKMAP, -1 if none */
+    int filter_map_fd;
+    uint32_t filter_flags;                /* the XDP_FLAGS_* it was attached with */
     struct vs_xsk_queue queues[VS_XSK_MAX_QUEUES];
 };
 
@@ -110,5 +122,24 @@ int vs_xsk_kernel_stats(struct vs_xsk_port *xp, uint32_t queue, struct vs_xsk_ke
 /* 0 if libxdp is (or can be) loaded, else -errno with vs_xsk_libxdp_error() saying why. */
 int vs_xsk_load_libxdp(void);
 const char *vs_xsk_libxdp_error(void);
+
+/* The packet path, shared with vxlan.c's AF_XDP underlay.  vs_xsk_rx
+ * hands up to max received frames to pkts in place (raw, with their
+ * Ethernet header); they stay the caller's until vs_xsk_rx_done (or the
+ * next vs_xsk_rx, which gives back what it was not told about).  Transmit:
+ * vs_xsk_tx_begin takes the queue's lock and reserves up to n descriptors
+ * (the number got, maybe 0), vs_xsk_tx_frame gives the i-th one a free UMEM
+ * frame of len bytes (at most VS_XSK_FRAME_SIZE) to write into, and
+ * vs_xsk_tx_end sends the first `used` of them (the rest are given back),
+ * kicks the kernel if it asks and drops the lock. */
+uint32_t vs_xsk_rx(struct vs_xsk_port *xp, uint32_t queue, struct vs_pkt *pkts, uint32_t max);
+void vs_xsk_rx_done(struct vs_xsk_port *xp, uint32_t queue);
+uint32_t vs_xsk_tx_begin(struct vs_xsk_port *xp, uint32_t queue, uint32_t n);
+uint8_t *vs_xsk_tx_frame(struct vs_xsk_port *xp, uint32_t queue, uint32_t i, uint32_t len);
+void vs_xsk_tx_end(struct vs_xsk_port *xp, uint32_t queue, uint32_t reserved, uint32_t used, uint64_t bytes);
+int vs_xsk_idle_arm(struct vs_xsk_port *xp, uint32_t queue);
+int vs_xsk_idle_pending(struct vs_xsk_port *xp, uint32_t queue);
+/* The interface's MAC address into mac[6]: 0 or -errno. */
+int vs_xsk_interface_mac(struct vs_xsk_port *xp, uint8_t *mac);
 
 const struct vs_port_ops *vs_af_xdp_port_ops(void);

@@ -79,8 +79,7 @@ class AfXdpPort(KernelPort):
         super().__init__(name, port_no, spec, emit)
         self.mode: str = spec.get("mode", "auto")
         self.zero_copy: str = spec.get("zero_copy", "auto")
-        self._record_fd = -1
-        self._record_path: str | None = None
+        self._record: InterfaceRecord | None = None
 
     # --- KernelPort's hooks -------------------------------------------------
 
@@ -142,70 +141,22 @@ class AfXdpPort(KernelPort):
         self._drop_record()
 
     def _describe_failure(self, err: int) -> str:
-        where = f" in network namespace {self.netns}" if self.netns else ""
-        failure = self.kp.failure
-        if failure == lib.VS_XSK_FAIL_LIBXDP and err == errno.ENOTSUP:
-            return f"af-xdp ports are not available: {ffi.string(lib.vs_xsk_libxdp_error()).decode()}"
-        if failure == lib.VS_XSK_FAIL_LIBXDP:
-            return (f"af-xdp ports need libxdp, which cannot be loaded ({ffi.string(lib.vs_xsk_libxdp_error()).decode()}); "
-                    f"install it with: apt-get install libxdp1")
-        if failure == lib.VS_XSK_FAIL_NO_INTERFACE:
-            return f"interface {self.ifname} does not exist{where}"
-        if failure == lib.VS_XSK_FAIL_CHANNELS:
-            return (f"interface {self.ifname} has {self.kp.channels} channel(s), fewer than queues: {self.queues} "
-                    f"(ethtool -L {self.ifname} combined {self.queues}, or fewer queues)")
-        if failure == lib.VS_XSK_FAIL_NATIVE:
-            return (f"interface {self.ifname} has no native XDP support ({os.strerror(err)}); "
-                    f"use mode: generic or auto")
-        if failure == lib.VS_XSK_FAIL_ZERO_COPY:
-            return (f"interface {self.ifname} does not offer AF_XDP zero-copy ({os.strerror(err)}); "
-                    f"use zero_copy: auto or off")
-        if failure == lib.VS_XSK_FAIL_PROGRAM_BUSY:
-            prog = ffi.string(self.kp.busy_prog).decode() or "another XDP program"
-            return (f"interface {self.ifname} already runs XDP program '{prog}' outside libxdp's dispatcher "
-                    f"({dispatcher_missing_reason()}); unload it (xdp-loader unload {self.ifname} --all) "
-                    f"or load it through libxdp")
-        return f"cannot attach AF_XDP sockets to interface {self.ifname}{where}: {os.strerror(err)}"
+        return describe_failure(self.kp, self.ifname, self.netns, err)
 
     # --- the record of an attached interface (module docstring) ----------------
 
-    def _netns_inode(self) -> int:
-        path = os.path.join(NETNS_DIR, self.netns) if self.netns else "/proc/self/ns/net"
-        return os.stat(path).st_ino
-
     def _take_record(self) -> int:
         """Takes the interface's record; the id of a program a dead switch left, or 0."""
-        directory = record_dir()
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        path = os.path.join(directory, f"{self._netns_inode()}-{self.ifname}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            record = _read_record(fd)
-            os.close(fd)
-            raise OSError(errno.EBUSY, f"interface {self.ifname} is already attached by an af-xdp port "
-                                       f"(vswitchd pid {record.get('pid', '?')})") from None
-        self._record_fd, self._record_path = fd, path
-        return int(_read_record(fd).get("prog_id", 0) or 0)
+        self._record = InterfaceRecord(self.netns, self.ifname)
+        return self._record.take()
 
     def _write_record(self) -> None:
-        record = {"pid": os.getpid(), "port": self.name, "ifname": self.ifname, "netns": self.netns,
-                  "ifindex": self.kp.ifindex, "prog_id": self.kp.prog_id}
-        os.ftruncate(self._record_fd, 0)
-        os.pwrite(self._record_fd, (json.dumps(record) + "\n").encode(), 0)
+        self._record.write({"port": self.name, "ifindex": self.kp.ifindex, "prog_id": self.kp.prog_id})
 
     def _drop_record(self) -> None:
-        if self._record_fd < 0:
-            return
-        # Emptied first: one who opened the file before the unlink finds nothing to remove.
-        os.ftruncate(self._record_fd, 0)
-        try:
-            os.unlink(self._record_path)
-        except FileNotFoundError:
-            pass
-        os.close(self._record_fd)
-        self._record_fd, self._record_path = -1, None
+        if self._record is not None:
+            self._record.drop()
+            self._record = None
 
     # --- what show prints --------------------------------------------------------
 
@@ -248,6 +199,81 @@ class AfXdpPort(KernelPort):
             "queue_stats": self.queue_stats(),
         })
         return info
+
+
+def describe_failure(kp, ifname: str, netns: str | None, err: int) -> str:
+    """One line for a failed vs_xsk_open of kp on ifname."""
+    where = f" in network namespace {netns}" if netns else ""
+    failure = kp.failure
+    if failure == lib.VS_XSK_FAIL_LIBXDP and err == errno.ENOTSUP:
+        return f"af-xdp ports are not available: {ffi.string(lib.vs_xsk_libxdp_error()).decode()}"
+    if failure == lib.VS_XSK_FAIL_LIBXDP:
+        return (f"af-xdp ports need libxdp, which cannot be loaded ({ffi.string(lib.vs_xsk_libxdp_error()).decode()}); "
+                f"install it with: apt-get install libxdp1")
+    if failure == lib.VS_XSK_FAIL_NO_INTERFACE:
+        return f"interface {ifname} does not exist{where}"
+    if failure == lib.VS_XSK_FAIL_CHANNELS:
+        return (f"interface {ifname} has {kp.channels} channel(s), fewer than queues: {kp.nqueues} "
+                f"(ethtool -L {ifname} combined {kp.nqueues}, or fewer queues)")
+    if failure == lib.VS_XSK_FAIL_NATIVE:
+        return (f"interface {ifname} has no native XDP support ({os.strerror(err)}); "
+                f"use mode: generic or auto")
+    if failure == lib.VS_XSK_FAIL_ZERO_COPY:
+        return (f"interface {ifname} does not offer AF_XDP zero-copy ({os.strerror(err)}); "
+                f"use zero_copy: auto or off")
+    if failure == lib.VS_XSK_FAIL_PROGRAM_BUSY:
+        prog = ffi.string(kp.busy_prog).decode() or "another XDP program"
+        return (f"interface {ifname} already runs XDP program '{prog}' outside libxdp's dispatcher "
+                f"({dispatcher_missing_reason()}); unload it (xdp-loader unload {ifname} --all) "
+                f"or load it through libxdp")
+    if failure == lib.VS_XSK_FAIL_FILTER:
+        return f"cannot load the UDP filter XDP program for interface {ifname}{where}: {os.strerror(err)}"
+    return f"cannot attach AF_XDP sockets to interface {ifname}{where}: {os.strerror(err)}"
+
+
+class InterfaceRecord:
+    """The record of an attached interface (module docstring), held with flock() while attached."""
+
+    def __init__(self, netns: str | None, ifname: str):
+        self.netns, self.ifname = netns, ifname
+        self.fd, self.path = -1, None
+
+    def _netns_inode(self) -> int:
+        path = os.path.join(NETNS_DIR, self.netns) if self.netns else "/proc/self/ns/net"
+        return os.stat(path).st_ino
+
+    def take(self) -> int:
+        """Takes the record; the id of a program a dead switch left, or 0."""
+        directory = record_dir()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        path = os.path.join(directory, f"{self._netns_inode()}-{self.ifname}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            record = _read_record(fd)
+            os.close(fd)
+            raise OSError(errno.EBUSY, f"interface {self.ifname} is already attached by an af-xdp port "
+                                       f"(vswitchd pid {record.get('pid', '?')})") from None
+        self.fd, self.path = fd, path
+        return int(_read_record(fd).get("prog_id", 0) or 0)
+
+    def write(self, fields: dict) -> None:
+        record = {"pid": os.getpid(), "ifname": self.ifname, "netns": self.netns, **fields}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(record) + "\n").encode(), 0)
+
+    def drop(self) -> None:
+        if self.fd < 0:
+            return
+        # Emptied first: one who opened the file before the unlink finds nothing to remove.
+        os.ftruncate(self.fd, 0)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd, self.path = -1, None
 
 
 def _read_record(fd: int) -> dict:

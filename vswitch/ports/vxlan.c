@@ -6,6 +6,13 @@
  * UDP + VXLAN header followed by the frame's segments, so the kernel's copy
  * is the only one.  Several PMDs may transmit at once: everything the
  * transmit side writes is on its stack, or an atomic counter.
+ *
+ * With the AF_XDP underlay (vp->xsk) the same headers are checked and
+ * written, only the I/O differs: a burst is the XDP socket's received
+ * frames, each checked from its outer Ethernet header on
+ * (vs_vxlan_parse_outer) and handed to the PMD in place; a transmit copies
+ * each inner frame once into a UMEM frame behind the remote's template and
+ * the 16 bytes of UDP + VXLAN header (af_xdp.c's vs_xsk_tx_*).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -32,6 +39,13 @@ int vs_vxlan_port_init(struct vs_vxlan_port *vp)
     vp->rx_backoff_min_cycles = hz / 8000000;
     vp->rx_backoff_cycles = 0;
     vp->rx_next_poll_tsc = 0;
+    for (uint32_t i = 0; i < VS_VXLAN_MAX_REMOTES; i++) {
+        vp->remotes[i].outer_cur = VS_VXLAN_NO_TEMPLATE;
+    }
+    if (vp->xsk) {
+        vp->rx_bufs = NULL;
+        return 0;
+    }
     vp->rx_bufs = malloc((size_t)VS_BURST * VS_VXLAN_RX_BUF);
     return vp->rx_bufs ? 0 : -ENOMEM;
 }
@@ -135,7 +149,8 @@ int vs_vxlan_port_open(struct vs_vxlan_port *vp, int netns_fd)
         snprintf(vp->error, sizeof vp->error, "enter the network namespace");
         return rc;
     }
-    rc = open_sockets(vp);
+    /* The AF_XDP underlay needs no socket: its XDP socket is opened by the control plane. */
+    rc = vp->xsk ? 0 : open_sockets(vp);
     if (rc == 0) {
         vp->route_mtu = route_mtu(vp);
     }
@@ -291,6 +306,273 @@ void vs_vxlan_encap_header(const struct vs_vxlan_port *vp, const struct vs_pkt *
     out[14] = (uint8_t)vni;
 }
 
+/* --- the AF_XDP underlay's outer headers ------------------------------------ */
+
+static uint16_t ip_checksum(const uint8_t *h, uint32_t len)
+{
+    uint32_t sum = 0;
+    for (uint32_t i = 0; i + 1 < len; i += 2) {
+        sum += (uint32_t)h[i] << 8 | h[i + 1];
+    }
+    while (sum >> 16) {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    return (uint16_t)~sum;
+}
+
+void vs_vxlan_set_next_hop(struct vs_vxlan_port *vp, uint32_t remote, const uint8_t *next_hop)
+{
+    struct vs_vxlan_remote *r = &vp->remotes[remote];
+    if (!next_hop) {
+        __atomic_store_n(&r->outer_cur, VS_VXLAN_NO_TEMPLATE, __ATOMIC_RELEASE);
+        memset(r->next_hop_mac, 0, sizeof r->next_hop_mac);
+        return;
+    }
+    uint32_t cur = __atomic_load_n(&r->outer_cur, __ATOMIC_RELAXED);
+    if (cur != VS_VXLAN_NO_TEMPLATE && memcmp(r->next_hop_mac, next_hop, 6) == 0 &&
+        memcmp(r->outer[cur] + 6, vp->src_mac, 6) == 0) {
+        return;   /* unchanged: the template in use stays */
+    }
+    uint32_t next = cur == 0 ? 1 : 0;
+    uint8_t *h = r->outer[next];
+    memcpy(h, next_hop, 6);
+    memcpy(h + 6, vp->src_mac, 6);
+    h[12] = 0x08;
+    h[13] = 0x00;
+    uint8_t *ip = h + ETH_HLEN;
+    memset(ip, 0, 20);
+    ip[0] = 0x45;
+    ip[8] = 64;                          /* TTL, as Linux's vxlan device by default */
+    ip[9] = 17;
+    /* No DF, as the socket path (IP_PMTUDISC_DONT): the switch drops what is too long itself. */
+    memcpy(ip + 12, &vp->local_addr, 4);
+    memcpy(ip + 16, &r->addr, 4);
+    uint16_t sum = ip_checksum(ip, 20);  /* over total length and id 0: each datagram adds its own */
+    ip[10] = (uint8_t)(sum >> 8);
+    ip[11] = (uint8_t)sum;
+    memcpy(r->next_hop_mac, next_hop, 6);
+    __atomic_store_n(&r->outer_cur, next, __ATOMIC_RELEASE);
+}
+
+/* The remote's current Ethernet + IPv4 template, NULL if its next hop is not resolved. */
+static inline const uint8_t *template_of(const struct vs_vxlan_port *vp, uint32_t remote)
+{
+    const struct vs_vxlan_remote *r = &vp->remotes[remote];
+    uint32_t cur = __atomic_load_n(&r->outer_cur, __ATOMIC_ACQUIRE);
+    return cur < VS_VXLAN_NO_TEMPLATE ? r->outer[cur] : NULL;
+}
+
+/* Writes a template's Ethernet + IPv4 header for an IPv4 payload of ip_payload bytes. */
+static inline void write_eth_ip(const uint8_t *template, uint32_t ip_payload, uint16_t ip_id, uint8_t *out)
+{
+    memcpy(out, template, VS_VXLAN_ETH_IP_HLEN);
+    uint8_t *ip = out + ETH_HLEN;
+    uint32_t total = 20 + ip_payload;
+    /* The template's checksum covers length and id 0: add them (RFC 1624). */
+    uint32_t sum = (uint16_t)~((uint32_t)ip[10] << 8 | ip[11]);
+    sum += total + ip_id;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    ip[2] = (uint8_t)(total >> 8);
+    ip[3] = (uint8_t)total;
+    ip[4] = (uint8_t)(ip_id >> 8);
+    ip[5] = (uint8_t)ip_id;
+    ip[10] = (uint8_t)(~sum >> 8);
+    ip[11] = (uint8_t)~sum;
+}
+
+int vs_vxlan_outer_header(const struct vs_vxlan_port *vp, uint32_t remote, const struct vs_pkt *pkt,
+                          uint16_t ip_id, uint8_t *out, int *strip_tag)
+{
+    uint8_t udp[VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN];
+    vs_vxlan_encap_header(vp, pkt, udp, strip_tag);
+    uint32_t udp_len = (uint32_t)udp[4] << 8 | udp[5];
+    const uint8_t *template = template_of(vp, remote);
+    if (!template) {
+        return -1;
+    }
+    write_eth_ip(template, udp_len, ip_id, out);
+    memcpy(out + VS_VXLAN_ETH_IP_HLEN, udp, sizeof udp);
+    return 0;
+}
+
+int vs_vxlan_parse_outer(const struct vs_vxlan_port *vp, uint8_t *frame, uint32_t len, uint16_t *sub,
+                         uint32_t *inner_len)
+{
+    if (len < VS_VXLAN_ETH_IP_HLEN + VS_VXLAN_UDP_HLEN) {
+        return VS_VXLAN_MALFORMED;
+    }
+    const uint8_t *ip = frame + ETH_HLEN;
+    /* The XDP program let only IPv4/UDP with IHL 5 to local_addr:dst_port
+     * through; checked again, since a frame's bytes are all this sees. */
+    uint16_t dport = (uint16_t)(ip[22] << 8 | ip[23]);
+    if (frame[12] != 0x08 || frame[13] != 0x00 || ip[0] != 0x45 || ip[9] != 17 ||
+        memcmp(ip + 16, &vp->local_addr, 4) != 0 || dport != vp->dst_port) {
+        return VS_VXLAN_MALFORMED;
+    }
+    if ((ip[6] & 0x3f) || ip[7]) {       /* MF set or a fragment offset */
+        return VS_VXLAN_FRAGMENT;
+    }
+    uint32_t total = (uint32_t)ip[2] << 8 | ip[3];
+    uint32_t udp_len = (uint32_t)ip[24] << 8 | ip[25];
+    /* Ethernet may pad a short frame: the IPv4 length says where it ends. */
+    if (total > len - ETH_HLEN || udp_len != total - 20 || udp_len < VS_VXLAN_UDP_HLEN) {
+        return VS_VXLAN_MALFORMED;
+    }
+    uint32_t from;
+    memcpy(&from, ip + 12, 4);
+    uint8_t *payload = frame + VS_VXLAN_ETH_IP_HLEN + VS_VXLAN_UDP_HLEN;
+    uint32_t payload_len = udp_len - VS_VXLAN_UDP_HLEN;
+    int off = vs_vxlan_decap(vp, from, payload, payload_len, sub);
+    if (off < 0) {
+        return off;
+    }
+    *inner_len = payload_len - (uint32_t)off;
+    return VS_VXLAN_ETH_IP_HLEN + VS_VXLAN_UDP_HLEN + off;
+}
+
+/* Copies pkt's frame to out without bytes [12, 16) if strip_tag. */
+static inline void copy_frame(uint8_t *out, const struct vs_pkt *pkt, int strip_tag)
+{
+    uint32_t off = 0;
+    for (uint32_t s = 0; s < pkt->nsegs; s++) {
+        const uint8_t *p = pkt->segs[s].addr;
+        uint32_t start = off, end = off + pkt->segs[s].len;
+        off = end;
+        if (!strip_tag || end <= MAC_BYTES || start >= MAC_BYTES + VLAN_HLEN) {
+            memcpy(out, p, end - start);
+            out += end - start;
+            continue;
+        }
+        if (start < MAC_BYTES) {
+            memcpy(out, p, MAC_BYTES - start);
+            out += MAC_BYTES - start;
+        }
+        if (end > MAC_BYTES + VLAN_HLEN) {
+            uint32_t from = start > MAC_BYTES + VLAN_HLEN ? start : MAC_BYTES + VLAN_HLEN;
+            memcpy(out, p + (from - start), end - from);
+            out += end - from;
+        }
+    }
+}
+
+/* Whether remote has a template (its next hop's MAC is known). */
+static inline bool resolved(const struct vs_vxlan_port *vp, uint32_t remote)
+{
+    return template_of(vp, remote) != NULL;
+}
+
+static void xsk_tx(struct vs_port *port, struct vs_vxlan_port *vp, struct vs_pkt **pkts, uint32_t n)
+{
+    struct vs_xsk_port *xp = vp->xsk;
+    if (unlikely(__atomic_load_n(&xp->fault, __ATOMIC_ACQUIRE))) {
+        __atomic_add_fetch(&port->stats.tx_dropped_down, n, __ATOMIC_RELAXED);
+        return;
+    }
+    uint32_t max = __atomic_load_n(&port->max_frame, __ATOMIC_RELAXED);
+    uint64_t too_big = 0, no_neighbour = 0;
+    /* First how many datagrams: one per resolved remote a frame goes to. */
+    uint32_t need = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct vs_pkt *pkt = pkts[i];
+        if (unlikely((max && pkt->len > max) || pkt->len + VS_VXLAN_OUTER_HLEN > VS_XSK_FRAME_SIZE)) {
+            too_big++;
+            continue;
+        }
+        uint32_t sub = pkt->sub;
+        if (sub != VS_SUB_ALL && sub <= vp->n_remotes) {
+            bool ok = resolved(vp, sub - 1);
+            need += ok;
+            no_neighbour += !ok;
+            continue;
+        }
+        for (uint32_t r = 0; r < vp->n_remotes; r++) {
+            bool ok = resolved(vp, r);
+            need += ok;
+            no_neighbour += !ok;
+        }
+    }
+    uint32_t room = need ? vs_xsk_tx_begin(xp, 0, need) : 0;
+    uint16_t ip_id = room ? __atomic_fetch_add(&vp->ip_id, (uint16_t)room, __ATOMIC_RELAXED) : 0;
+    uint32_t used = 0;
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < n && used < room; i++) {
+        const struct vs_pkt *pkt = pkts[i];
+        if (unlikely((max && pkt->len > max) || pkt->len + VS_VXLAN_OUTER_HLEN > VS_XSK_FRAME_SIZE)) {
+            continue;
+        }
+        uint8_t udp[VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN];
+        int strip_tag;
+        vs_vxlan_encap_header(vp, pkt, udp, &strip_tag);
+        uint32_t inner = pkt->len - (strip_tag ? VLAN_HLEN : 0);
+        uint32_t sub = pkt->sub;
+        bool one = sub != VS_SUB_ALL && sub <= vp->n_remotes;
+        uint32_t first = one ? sub - 1 : 0, last = one ? sub : vp->n_remotes;
+        for (uint32_t r = first; r < last && used < room; r++) {
+            /* A remote that lost its template since the count is skipped (its
+             * descriptor stays unused and vs_xsk_tx_end gives it back). */
+            const uint8_t *template = template_of(vp, r);
+            if (unlikely(!template)) {
+                continue;
+            }
+            uint8_t *out = vs_xsk_tx_frame(xp, 0, used, VS_VXLAN_OUTER_HLEN + inner);
+            write_eth_ip(template, VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN + inner, (uint16_t)(ip_id + used), out);
+            memcpy(out + VS_VXLAN_ETH_IP_HLEN, udp, sizeof udp);
+            copy_frame(out + VS_VXLAN_OUTER_HLEN, pkt, strip_tag);
+            __atomic_add_fetch(&vp->remotes[r].tx_packets, 1, __ATOMIC_RELAXED);
+            used++;
+            bytes += pkt->len;
+        }
+    }
+    if (need) {
+        vs_xsk_tx_end(xp, 0, room, used, bytes);   /* only after a vs_xsk_tx_begin: it drops the lock */
+    }
+    __atomic_add_fetch(&vp->stats.tx_packets, used, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&vp->stats.tx_bytes, bytes, __ATOMIC_RELAXED);
+    if (unlikely(need > room)) {
+        __atomic_add_fetch(&vp->stats.tx_ring_full, need - room, __ATOMIC_RELAXED);
+    }
+    if (unlikely(no_neighbour)) {
+        __atomic_add_fetch(&vp->stats.tx_no_neighbour, no_neighbour, __ATOMIC_RELAXED);
+    }
+    if (unlikely(too_big)) {
+        __atomic_add_fetch(&port->stats.tx_dropped_mtu, too_big, __ATOMIC_RELAXED);
+    }
+}
+
+static uint32_t xsk_rx(struct vs_vxlan_port *vp, struct vs_pkt *pkts, uint32_t max)
+{
+    uint32_t n = vs_xsk_rx(vp->xsk, 0, pkts, max);
+    uint32_t got = 0;
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *frame = pkts[i].segs[0].addr;
+        uint16_t sub = 0;
+        uint32_t inner_len = 0;
+        int off = vs_vxlan_parse_outer(vp, frame, pkts[i].len, &sub, &inner_len);
+        if (unlikely(off < 0)) {
+            vp->stats.rx_unknown_remote += off == VS_VXLAN_UNKNOWN_REMOTE;
+            vp->stats.rx_malformed += off == VS_VXLAN_MALFORMED;
+            vp->stats.rx_wrong_vni += off == VS_VXLAN_WRONG_VNI;
+            vp->stats.rx_fragments += off == VS_VXLAN_FRAGMENT;
+            continue;
+        }
+        struct vs_pkt *pkt = &pkts[got++];
+        pkt->len = inner_len;
+        pkt->nsegs = 1;
+        pkt->head = 0;
+        pkt->sub = sub;
+        memset(&pkt->vnet, 0, sizeof pkt->vnet);
+        pkt->segs[0].addr = frame + off;
+        pkt->segs[0].len = inner_len;
+        vp->remotes[sub - 1].rx_packets++;
+        bytes += inner_len;
+    }
+    vp->stats.rx_packets += got;
+    vp->stats.rx_bytes += bytes;
+    return got;
+}
+
 /* iov = the header, then the frame's segments without bytes [12, 16) if
  * strip_tag; the number of iovecs. */
 static uint32_t frame_iov(struct iovec *iov, uint8_t *hdr, const struct vs_pkt *pkt, int strip_tag)
@@ -385,6 +667,10 @@ static void vxlan_tx_burst(struct vs_port *port, uint32_t queue_hint, struct vs_
                            uint32_t unicast)
 {
     struct vs_vxlan_port *vp = port->priv;
+    if (vp->xsk) {
+        xsk_tx(port, vp, pkts, n);
+        return;
+    }
     struct tx_batch b;
     uint8_t hdr[VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN];
     uint32_t max = __atomic_load_n(&port->max_frame, __ATOMIC_RELAXED);
@@ -425,6 +711,9 @@ static uint32_t vxlan_rx_burst(struct vs_port *port, uint32_t queue, struct vs_p
     struct sockaddr_in from[VS_BURST];
     if (max > VS_BURST) {
         max = VS_BURST;
+    }
+    if (vp->xsk) {
+        return xsk_rx(vp, pkts, max);
     }
     /* An empty recvmmsg is a system call for nothing, and most polls of an
      * idle or lightly loaded tunnel are empty: after one, the socket is left
@@ -490,9 +779,26 @@ static uint32_t vxlan_rx_burst(struct vs_port *port, uint32_t queue, struct vs_p
     return got;
 }
 
+static void vxlan_rx_done(struct vs_port *port, uint32_t queue, struct vs_pkt *pkts, uint32_t n)
+{
+    struct vs_vxlan_port *vp = port->priv;
+    if (vp->xsk) {
+        vs_xsk_rx_done(vp->xsk, 0);
+    }
+}
+
+static int vxlan_idle_pending(struct vs_port *port, uint32_t queue)
+{
+    struct vs_vxlan_port *vp = port->priv;
+    return vp->xsk ? vs_xsk_idle_pending(vp->xsk, 0) : 0;
+}
+
 static int vxlan_idle_arm(struct vs_port *port, uint32_t queue)
 {
     struct vs_vxlan_port *vp = port->priv;
+    if (vp->xsk) {
+        return vs_xsk_idle_arm(vp->xsk, 0);
+    }
     return vp->rx_fd >= 0 ? vp->rx_fd : VS_IDLE_NOTHING;
 }
 
@@ -507,18 +813,21 @@ static void vxlan_idle_disarm(struct vs_port *port, uint32_t queue, int woke)
 
 static int vxlan_link_state(struct vs_port *port)
 {
-    return 1;
+    struct vs_vxlan_port *vp = port->priv;
+    return vp->xsk ? vs_xsk_link_state(vp->xsk) : 1;
 }
 
 static const struct vs_port_ops vxlan_ops = {
     .name = "vxlan",
     .rx_burst = vxlan_rx_burst,
+    .rx_done = vxlan_rx_done,
     .tx_burst = vxlan_tx_burst,
     /* No offloads: a partial checksum or a TSO frame is completed or cut
      * into MTU-sized frames by offload.c before it is encapsulated. */
     .offload_caps = NULL,
     .idle_arm = vxlan_idle_arm,
     .idle_disarm = vxlan_idle_disarm,
+    .idle_pending = vxlan_idle_pending,
     .link_state = vxlan_link_state,
 };
 
