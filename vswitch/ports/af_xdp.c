@@ -380,9 +380,9 @@ static void filter_program(const struct vs_xsk_port *xp, struct bpf_insn *p)
         INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_4, BPF_REG_2, 0, 0),
         INSN(BPF_ALU64 | BPF_ADD | BPF_K, BPF_REG_4, 0, 0, 42),
         INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, FILTER_PASS - 4 - 1, 0),
-        /* Ethertype IPv4 (0x0800, loaded byte-swapped); no VLAN tag. */
+        /* Ethertype IPv4 (loads are host-order, so compare with the network-order value); no VLAN tag. */
         LDX(BPF_H, BPF_REG_5, BPF_REG_2, 12),
-        JNE_K(BPF_REG_5, 0x0008, FILTER_PASS, 6),
+        JNE_K(BPF_REG_5, htons(0x0800), FILTER_PASS, 6),
         /* Version 4 with a 20-byte header (IHL 5): the UDP header is at 34. */
         LDX(BPF_B, BPF_REG_5, BPF_REG_2, 14),
         JNE_K(BPF_REG_5, 0x45, FILTER_PASS, 8),
