@@ -199,8 +199,9 @@ def run(path: str, size: int, passes: int) -> list[int]:
     return times
 
 
-def callgrind(path: str, size: int, passes: int, out_dir: str) -> dict[str, float]:
-    """Instructions per frame of the pass and of each side, for one configuration."""
+def callgrind(path: str, size: int, passes: int, out_dir: str) -> dict:
+    """Instructions per frame of the pass and of each side, for one configuration,
+    and under "functions" each function's own instructions (any object file)."""
     out = os.path.join(out_dir, f"cg-{path}-{size}.out")
     subprocess.run(["valgrind", "--tool=callgrind", "--toggle-collect=_cffi_f_vs_pmd_poll_once*",
                     f"--callgrind-out-file={out}", sys.executable, "-m", "tools.ring_cost", "--path", path,
@@ -209,19 +210,24 @@ def callgrind(path: str, size: int, passes: int, out_dir: str) -> dict[str, floa
     frames = passes * BURST + 1
     with open(out) as f:
         total = int(re.search(r"^totals: (\d+)", f.read(), re.M).group(1))
-    report = subprocess.run(["callgrind_annotate", "--inclusive=yes", out], check=True, capture_output=True,
-                            text=True).stdout
-    per_fn: dict[str, int] = {}
-    for line in report.splitlines():
-        # A function inlined from several files is listed once per file, and
-        # once as a whole: the latter is the line naming the object file.
-        m = re.match(r"\s*([\d,]+)\s+(?:\([^)]*\)\s+)?\S*:(\S+) \[\S*_native[^]]*\]$", line)
-        if m:
-            fn = m.group(2).split(".")[0]
-            per_fn[fn] = per_fn.get(fn, 0) + int(m.group(1).replace(",", ""))
-    result = {"pass": total / frames}
+
+    def per_function(inclusive: str, objects: str) -> dict[str, int]:
+        report = subprocess.run(["callgrind_annotate", f"--inclusive={inclusive}", out], check=True,
+                                capture_output=True, text=True).stdout
+        counts: dict[str, int] = {}
+        for line in report.splitlines():
+            # A function inlined from several files is listed once per file, and
+            # once as a whole: the latter is the line naming the object file.
+            m = re.match(r"\s*([\d,]+)\s+(?:\([^)]*\)\s+)?\S*:(\S+) \[(\S+)\]$", line)
+            if m and re.search(objects, m.group(3)):
+                fn = m.group(2).split(".")[0]
+                counts[fn] = counts.get(fn, 0) + int(m.group(1).replace(",", ""))
+        return counts
+
+    inclusive = per_function("yes", "_native")
+    result: dict = {"pass": total / frames, "functions": per_function("no", ".")}
     for side, fns in SIDES.items():
-        result[side] = sum(per_fn.get(fn, 0) for fn in fns) / frames
+        result[side] = sum(inclusive.get(fn, 0) for fn in fns) / frames
     return result
 
 
