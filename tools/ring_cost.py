@@ -16,6 +16,11 @@ Python and not counted; only vs_pmd_poll_once is:
         --callgrind-out-file=/tmp/cg.out "$(python3 -c 'import sys; print(sys.executable)')" \\
         -m tools.ring_cost --path packed --size 1518
 
+`--time split,packed --sizes 64,1518 --passes 20000` runs the same rig without
+valgrind and prints the nanoseconds per frame of vs_pmd_poll_once over the
+passes (fastest, 10th percentile, median): on a shared host only the fastest
+passes are comparable between runs, so alternate the builds you compare.
+
 `--matrix` prints, per path and frame size, the instructions per frame of the
 whole pass and of its two ring sides (callgrind_annotate's inclusive counts):
 *dequeue* is taking frames off the source guest's TX ring and returning them
@@ -35,8 +40,8 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 import statistics
+import sys
 import tempfile
 import time
 
