@@ -682,8 +682,8 @@ static enum rx_result enqueue_one(struct vs_vhost_dev *dev, struct vs_vring *vr,
         have += cap;
     }
 
-    uint8_t hdr[12] = { 0 };  /* fill_net_hdr compares before it writes */
-    fill_net_hdr(hdr, dev, pkt, nbufs);
+    uint8_t hdr[12];
+    build_net_hdr(hdr, dev, pkt, nbufs);
     copy_frame(segs, hdr, dev->hdr_len, pkt);
     if (unlikely(dev->log)) {
         vs_dirty_log_segs(dev, segs, need);
