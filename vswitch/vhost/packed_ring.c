@@ -237,6 +237,13 @@ static int walk_chain(const struct vs_vhost_dev *dev, const struct vs_vring *vr,
     return err;
 }
 
+/* The len, id and flags of a descriptor as one word, whatever the
+ * compiler's aliasing rules (the fuzz build does not pass -fno-strict-aliasing). */
+typedef uint64_t __attribute__((may_alias)) used_word;
+_Static_assert(offsetof(struct vring_packed_desc, len) == 8 && offsetof(struct vring_packed_desc, id) == 12 &&
+               offsetof(struct vring_packed_desc, flags) == 14, "len, id, flags: one 8-byte word");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "virtio rings are little-endian; so must the host be");
+
 /*
  * Writes a used entry in the next used slot and moves on by the chain's
  * count.  The flags of a burst's first entry wait for publish_used, so the
@@ -255,10 +262,10 @@ static inline void put_used(struct vs_vring *vr, uint16_t id, uint32_t len, uint
         pr->batch_flags = flags;
     } else {
         /* len, id and flags in one aligned 8-byte store (the ring is 16-byte
-         * aligned; built with -fno-strict-aliasing): the driver cannot see the
-         * flags before the id and length, as virtio requires. */
+         * aligned; the ring is little-endian, as is this host): the driver
+         * cannot see the flags before the id and length, as virtio requires. */
         uint64_t word = len | (uint64_t)id << 32 | (uint64_t)flags << 48;
-        __atomic_store_n((uint64_t *)&d->len, word, __ATOMIC_RELEASE);
+        __atomic_store_n((used_word *)&d->len, word, __ATOMIC_RELEASE);
     }
     pr->batch_count++;
     advance(&pr->used_idx, &pr->used_wrap, count, vr->size);
