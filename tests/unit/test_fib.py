@@ -246,6 +246,23 @@ def test_bucket_hash_is_siphash13_of_the_key():
         assert lib.vs_fib_hash(fib, key) == siphash(k0, k1, key.to_bytes(8, "little"), 1, 3)
 
 
+def test_a_burst_of_keys_is_hashed_as_one_key_at_a_time():
+    # vs_fib_buckets_of hashes a burst in vector registers: every length up
+    # to a burst and past it (the vector loop's remainder), each against the
+    # reference SipHash-1-3.
+    rng = random.Random(14)
+    fib = fib_with_key(rng.getrandbits(64), rng.getrandbits(64), capacity=65536)
+    k0, k1 = fib.hash_key[0], fib.hash_key[1]
+    for n in list(range(0, 34)) + [64]:
+        keys = [rng.getrandbits(60) for _ in range(n)]
+        out = ffi.new("uint32_t[]", n + 1)
+        out[n] = 0xDEADBEEF
+        lib.vs_fib_buckets_of(fib, ffi.new("uint64_t[]", keys), n, out)
+        want = [siphash(k0, k1, k.to_bytes(8, "little"), 1, 3) & fib.bucket_mask for k in keys]
+        assert list(out[0:n]) == want
+        assert out[n] == 0xDEADBEEF   # nothing written past n
+
+
 def test_each_table_gets_its_own_random_key():
     # A new key per start: what collides in one run says nothing about the next.
     keys = [key(mac_n(i)) for i in range(64)]
