@@ -240,25 +240,9 @@ static uint64_t job_step(struct vs_fib *fib, uint64_t held_since)
     return job_begin(fib);
 }
 
-/* The entry for key, or NONE; *probes is the number of entries compared
- * (on a miss, the bucket's length).  Never more than VS_FIB_MAX_CHAIN. */
-static inline uint32_t find_in_bucket(const struct vs_fib *fib, uint32_t bucket, uint64_t key, uint32_t *probes)
-{
-    uint32_t i = fib->buckets[bucket], n = 0;
-    while (i != NONE) {
-        n++;
-        if (fib->entries[i].key == key) {
-            break;
-        }
-        i = fib->entries[i].hash_next;
-    }
-    *probes = n;
-    return i;
-}
-
 static inline uint32_t find_counted(const struct vs_fib *fib, uint64_t key, uint32_t *probes)
 {
-    return find_in_bucket(fib, bucket_of(fib, key), key, probes);
+    return vs_fib_find_in_bucket(fib, bucket_of(fib, key), key, probes);
 }
 
 static uint32_t find(const struct vs_fib *fib, uint64_t key)
@@ -388,7 +372,7 @@ int vs_fib_learn_sub_bucket(struct vs_fib *fib, uint64_t key, uint32_t bucket, u
                             uint64_t now)
 {
     uint32_t chain_len;
-    uint32_t i = find_in_bucket(fib, bucket, key, &chain_len);
+    uint32_t i = vs_fib_find_in_bucket(fib, bucket, key, &chain_len);
     if (likely(i != NONE)) {
         struct vs_fib_entry *e = &fib->entries[i];
         if (e->flags & VS_FIB_F_STATIC) {

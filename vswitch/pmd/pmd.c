@@ -261,8 +261,13 @@ static inline int learn_and_lookup(struct vs_fib *fib, struct fib_memo *m, const
         uint64_t src = src_key != NO_KEY ? src_key : mac_key(hdr + 6) | vkey;
         if (src != m->src || in_sub != m->src_sub) {
             /* Many sources in a burst: a known one, refreshed, keeps the remembered destination. */
-            int changed = src_bucket != NO_BUCKET ? vs_fib_learn_sub_bucket(fib, src, src_bucket, in_port, in_sub, now)
-                                                  : vs_fib_learn_sub(fib, src, in_port, in_sub, now);
+            int changed;
+            if (src_bucket != NO_BUCKET) {
+                changed = !vs_fib_learn_is_noop(fib, src, src_bucket, in_port, in_sub, now) &&
+                          vs_fib_learn_sub_bucket(fib, src, src_bucket, in_port, in_sub, now);
+            } else {
+                changed = vs_fib_learn_sub(fib, src, in_port, in_sub, now);
+            }
             if (changed) {
                 m->dst = ~0ULL;
             }
