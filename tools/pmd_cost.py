@@ -27,7 +27,8 @@ learns all N; then --passes passes are counted, every frame a known source.
 The PMD's clock is held (struct vs_pmd clock_sec) in the second the sources
 were learned in, or with `--refresh` in the next one, so that every frame's
 source is refreshed once (counted passes at most one cycle of the sources).
-Frames counted: printed; divide the total by them.
+Frames counted: printed; divide the total by them.  `--no-avx2`: the
+burst's sources hashed one at a time, as on a CPU without AVX2.
 """
 
 from __future__ import annotations
@@ -87,9 +88,12 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=2000)
     p.add_argument("--macs", type=int, help="the MAC table's cost with this many active sources")
     p.add_argument("--refresh", action="store_true", help="--macs: count passes in the second after the learning")
+    p.add_argument("--no-avx2", action="store_true", help="hash a burst's sources one at a time (vs_fib_use_avx2 0)")
     p.add_argument("--monitor", choices=["none", "capture", "mirror"], default="none")
     p.add_argument("--profile", action="store_true", help="time each stage (struct vs_pmd_profile)")
     args = p.parse_args()
+    if args.no_avx2:
+        lib.vs_fib_use_avx2 = 0
     if args.macs:
         mac_cost(args.macs, args.passes, args.refresh)
         return

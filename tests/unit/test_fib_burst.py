@@ -63,14 +63,21 @@ def test_known_sources_that_appear_on_another_port_move_in_the_same_second(closi
     assert (fib.port_count[0], fib.port_count[1]) == (0, 64)
 
 
-def test_a_thousand_known_sources_cost_under_1_55x_the_instructions_of_two(tmp_path):
+def has_avx2() -> bool:
+    return "avx2" in open("/proc/cpuinfo").read().split()
+
+
+def test_a_thousand_known_sources_cost_at_most_1_55x_the_instructions_of_two(tmp_path):
     # Instructions inside vs_pmd_poll_once per frame (tools/pmd_cost.py --macs,
     # deterministic under callgrind), every frame a source known in this
-    # second; the same 64 frames a pass in both runs.  Two sources cost the
-    # table one learn a burst (the memo), a thousand one per frame.  On this
-    # host (AVX2) 1.41x; before the burst was hashed together and the known
-    # source checked inline, 1.70x.
+    # second; the same 64 frames a pass in every run.  Two sources cost the
+    # table one learn a burst (the memo), a thousand one per frame.  Before
+    # the burst was hashed together and the known source checked inline:
+    # 1.70x.  On this host: 1.43x with AVX2, 1.67x hashing one at a time.
     passes = "300"
     two, _ = pmd_instructions(tmp_path, "2", "--macs", "2", "--passes", passes)
-    many, per_function = pmd_instructions(tmp_path, "1000", "--macs", "1000", "--passes", passes)
-    assert many / two < 1.55, (many / two, per_function)
+    scalar, per_function = pmd_instructions(tmp_path, "scalar", "--macs", "1000", "--passes", passes, "--no-avx2")
+    assert scalar / two < 1.69, (scalar / two, per_function)
+    if has_avx2():
+        many, per_function = pmd_instructions(tmp_path, "1000", "--macs", "1000", "--passes", passes)
+        assert many / two < 1.55, (many / two, per_function)
