@@ -18,6 +18,17 @@ switch as it runs without captures or mirrors; `capture` adds an rx capture
 on the first port (drained every pass), `mirror` mirrors its received
 frames to a third null port.  `--profile` runs the loop with the stage
 timer (tests/unit/test_pmd_profile.py: without it, none of that code runs).  README "Capture and mirroring" has the figures.
+
+`--macs N` is the MAC table's cost instead (README "Latency and scale"):
+two null ports in generator mode as `tools.scale --macs` runs them, each
+cycling half of N source MACs to the first MAC of the other, every pass
+polling both (64 frames).  A PMD thread (vs_pmd_run, not counted) first
+learns all N; then --passes passes are counted, every frame a known source.
+The PMD's clock is held (struct vs_pmd clock_sec) in the second the sources
+were learned in, or with `--refresh` in the next one, so that every frame's
+source is refreshed once (counted passes at most one cycle of the sources).
+Frames counted: printed; divide the total by them.  `--no-avx2`: the
+burst's sources hashed one at a time, as on a CPU without AVX2.
 """
 
 from __future__ import annotations
@@ -38,12 +49,54 @@ def null_port(port_no: int):
     return np, port
 
 
+def mac_cost(n_macs: int, passes: int, refresh: bool) -> None:
+    """--macs: learn n_macs sources with a PMD thread, then count passes of vs_pmd_poll_once."""
+    import time
+
+    from vswitch.fib import capacity_for
+    from tools.scale import NullPort, PmdRun
+
+    half = max(1, n_macs // 2)
+    fib = MacTable(max_entries=min(capacity_for(2 * n_macs), lib.VS_FIB_MAX_CAPACITY))
+    a, b = NullPort(0), NullPort(1)
+    base_a, base_b = 0x020000000000, 0x020100000000
+    a.generate(dst=base_b, src_base=base_a, n_src=half)
+    b.generate(dst=base_a, src_base=base_b, n_src=n_macs - half if n_macs > 1 else 1)
+    start = 1_000_000
+    run = PmdRun(fib, [a, b], core=0)
+    run.pmd.clock_sec = start
+    while fib.c.n_entries < n_macs:
+        time.sleep(0.05)
+    run.close()
+    pmd = ffi.new("struct vs_pmd *")
+    assert lib.vs_pmd_init(pmd, fib.c) == 0
+    pmd.clock_sec = start + 1 if refresh else start
+    lib.vs_pmd_publish(pmd, run.table)
+    frames = 0
+    for _ in range(passes):
+        frames += lib.vs_pmd_poll_once(pmd)
+    print(f"macs {n_macs}: {fib.c.n_entries} entries, {frames} frames counted in {passes} passes, "
+          f"refresh {refresh}, learned {fib.c.stats.learned}")
+    lib.vs_pmd_fini(pmd)
+    for port in (a, b):
+        port.close()
+    fib.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--passes", type=int, default=2000)
+    p.add_argument("--macs", type=int, help="the MAC table's cost with this many active sources")
+    p.add_argument("--refresh", action="store_true", help="--macs: count passes in the second after the learning")
+    p.add_argument("--no-avx2", action="store_true", help="hash a burst's sources one at a time (vs_fib_use_avx2 0)")
     p.add_argument("--monitor", choices=["none", "capture", "mirror"], default="none")
     p.add_argument("--profile", action="store_true", help="time each stage (struct vs_pmd_profile)")
     args = p.parse_args()
+    if args.no_avx2:
+        lib.vs_fib_use_avx2 = 0
+    if args.macs:
+        mac_cost(args.macs, args.passes, args.refresh)
+        return
     fib = MacTable(max_entries=1024)
     pmd = ffi.new("struct vs_pmd *")
     assert lib.vs_pmd_init(pmd, fib.c) == 0

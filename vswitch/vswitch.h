@@ -63,4 +63,40 @@ static inline uint64_t vs_rdtsc(void)
     return __builtin_ia32_rdtsc();
 }
 
+/* The entry for key in bucket, or VS_FIB_NONE; *probes is the number of
+ * entries compared (on a miss, the bucket's length, never more than
+ * VS_FIB_MAX_CHAIN).  Here, not in fib.c, so that the PMD's check for a
+ * known source inlines it.  The caller holds the table's lock. */
+static inline uint32_t vs_fib_find_in_bucket(const struct vs_fib *fib, uint32_t bucket, uint64_t key,
+                                             uint32_t *probes)
+{
+    uint32_t i = fib->buckets[bucket], n = 0;
+    while (i != VS_FIB_NONE) {
+        n++;
+        if (fib->entries[i].key == key) {
+            break;
+        }
+        i = fib->entries[i].hash_next;
+    }
+    *probes = n;
+    return i;
+}
+
+/* Whether vs_fib_learn_sub_bucket(fib, key, bucket, port_no, sub, now)
+ * would change nothing: key is static, or known behind port_no and sub and
+ * already seen in second now.  Most frames of many sources are that, and
+ * this answers them without a call or a store.  The caller holds the lock. */
+static inline bool vs_fib_learn_is_noop(const struct vs_fib *fib, uint64_t key, uint32_t bucket,
+                                        uint32_t port_no, uint16_t sub, uint64_t now)
+{
+    uint32_t probes;
+    uint32_t i = vs_fib_find_in_bucket(fib, bucket, key, &probes);
+    if (i == VS_FIB_NONE) {
+        return false;
+    }
+    const struct vs_fib_entry *e = &fib->entries[i];
+    return (e->flags & VS_FIB_F_STATIC) ||
+           (e->port_no == port_no && e->sub == sub && e->last_seen == now);
+}
+
 #endif

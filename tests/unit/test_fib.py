@@ -246,6 +246,37 @@ def test_bucket_hash_is_siphash13_of_the_key():
         assert lib.vs_fib_hash(fib, key) == siphash(k0, k1, key.to_bytes(8, "little"), 1, 3)
 
 
+@pytest.fixture(params=["one at a time", "avx2"])
+def hash_path(request):
+    """vs_fib_buckets_of's two ways; AVX2 only where the CPU has it."""
+    saved = lib.vs_fib_use_avx2
+    if request.param == "avx2":
+        if "avx2" not in open("/proc/cpuinfo").read().split():
+            pytest.skip("this CPU has no AVX2")
+        lib.vs_fib_use_avx2 = 1
+    else:
+        lib.vs_fib_use_avx2 = 0
+    yield request.param
+    lib.vs_fib_use_avx2 = saved
+
+
+def test_a_burst_of_keys_is_hashed_as_one_key_at_a_time(hash_path):
+    # vs_fib_buckets_of may hash a burst in vector registers: every length
+    # up to a burst and past it (the vector loop's remainder), each against
+    # the reference SipHash-1-3.
+    rng = random.Random(14)
+    fib = fib_with_key(rng.getrandbits(64), rng.getrandbits(64), capacity=65536)
+    k0, k1 = fib.hash_key[0], fib.hash_key[1]
+    for n in list(range(0, 34)) + [64]:
+        keys = [rng.getrandbits(60) for _ in range(n)]
+        out = ffi.new("uint32_t[]", n + 1)
+        out[n] = 0xDEADBEEF
+        lib.vs_fib_buckets_of(fib, ffi.new("uint64_t[]", keys), n, out)
+        want = [siphash(k0, k1, k.to_bytes(8, "little"), 1, 3) & fib.bucket_mask for k in keys]
+        assert list(out[0:n]) == want
+        assert out[n] == 0xDEADBEEF   # nothing written past n
+
+
 def test_each_table_gets_its_own_random_key():
     # A new key per start: what collides in one run says nothing about the next.
     keys = [key(mac_n(i)) for i in range(64)]

@@ -129,5 +129,13 @@ int vs_fib_lookup(struct vs_fib *fib, uint64_t key);
  * table misses the cache on both, and these overlap the misses. */
 uint32_t vs_fib_prefetch_bucket(const struct vs_fib *fib, uint64_t key);
 void vs_fib_prefetch_entry(const struct vs_fib *fib, uint32_t bucket);
+/* Without the lock: the buckets of n keys, as vs_fib_prefetch_bucket
+ * returns them one at a time (and starts loading each bucket head), with
+ * the keys hashed several at once: for a burst of many sources. */
+void vs_fib_buckets_of(const struct vs_fib *fib, const uint64_t *keys, uint32_t n, uint32_t *buckets);
+/* vs_fib_buckets_of hashes four keys per instruction with AVX2: 1 where the
+ * CPU has it, 0 one key at a time, -1 (the start) to ask the CPU at the first
+ * call.  Tests set it to run both ways. */
+extern int vs_fib_use_avx2;
 /* As vs_fib_lookup; *sub is the entry's sub-destination (0 on a miss). */
 int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub);

@@ -232,25 +232,42 @@ struct fib_memo {
     uint16_t src_sub;
     uint16_t dst_sub;
     int dst_port;
+    /* Lookups answered by the memo, added to the table's stats once per
+     * burst (memo_stats) rather than stored to them per frame. */
+    uint32_t lookups;
+    uint32_t hits;
 };
 
 #define FIB_MEMO_INIT { .src = ~0ULL, .dst = ~0ULL, .dst_port = VS_FIB_NO_PORT }
+#define NO_KEY (~0ULL)
+
+static inline void memo_stats(struct vs_fib *fib, const struct fib_memo *m)
+{
+    fib->stats.lookups += m->lookups;
+    fib->stats.hits += m->hits;
+}
 
 #define NO_BUCKET UINT32_MAX
 
 /* Learns hdr's source on in_port (and its sub-destination in_sub) and returns
  * the port of its destination (VS_FIB_NO_PORT: flood), its sub in *dest_sub.
- * src_bucket: the source's bucket if prefetch_sources found it, else NO_BUCKET. */
+ * src_bucket: the source's bucket if prefetch_sources found it, else NO_BUCKET;
+ * src_key: the source's key if prefetch_sources made it, else NO_KEY. */
 static inline int learn_and_lookup(struct vs_fib *fib, struct fib_memo *m, const uint8_t *hdr,
                                    uint64_t vkey, uint32_t in_port, uint16_t in_sub, uint64_t now,
-                                   uint16_t *dest_sub, uint32_t src_bucket)
+                                   uint16_t *dest_sub, uint32_t src_bucket, uint64_t src_key)
 {
     if (likely(!(hdr[6] & 1))) {
-        uint64_t src = mac_key(hdr + 6) | vkey;
+        uint64_t src = src_key != NO_KEY ? src_key : mac_key(hdr + 6) | vkey;
         if (src != m->src || in_sub != m->src_sub) {
             /* Many sources in a burst: a known one, refreshed, keeps the remembered destination. */
-            int changed = src_bucket != NO_BUCKET ? vs_fib_learn_sub_bucket(fib, src, src_bucket, in_port, in_sub, now)
-                                                  : vs_fib_learn_sub(fib, src, in_port, in_sub, now);
+            int changed;
+            if (src_bucket != NO_BUCKET) {
+                changed = !vs_fib_learn_is_noop(fib, src, src_bucket, in_port, in_sub, now) &&
+                          vs_fib_learn_sub_bucket(fib, src, src_bucket, in_port, in_sub, now);
+            } else {
+                changed = vs_fib_learn_sub(fib, src, in_port, in_sub, now);
+            }
             if (changed) {
                 m->dst = ~0ULL;
             }
@@ -267,8 +284,8 @@ static inline int learn_and_lookup(struct vs_fib *fib, struct fib_memo *m, const
         m->dst = dst;
         m->dst_port = vs_fib_lookup_sub(fib, dst, &m->dst_sub);
     } else {
-        fib->stats.lookups++;
-        fib->stats.hits += m->dst_port != VS_FIB_NO_PORT;
+        m->lookups++;
+        m->hits += m->dst_port != VS_FIB_NO_PORT;
     }
     *dest_sub = m->dst_sub;
     return m->dst_port;
@@ -359,28 +376,37 @@ static void send_group(struct vs_port *out, uint32_t queue_hint, struct out_grou
  * before the lock, so that they overlap.  A source repeated from the frame
  * before costs nothing, so the few-flow case stays as it was. */
 static void prefetch_sources(const struct vs_fib *fib, const uint8_t (*macs)[12], uint32_t n,
-                             uint32_t *src_bucket)
+                             uint32_t *src_bucket, uint64_t *src_key)
 {
+    uint64_t keys[VS_BURST];
+    uint8_t at[VS_BURST];
     uint32_t nb = 0;
     uint64_t prev = ~0ULL;
     for (uint32_t i = 0; i < n; i++) {
         src_bucket[i] = NO_BUCKET;
+        src_key[i] = NO_KEY;
         if (!(macs[i][6] & 1)) {
             uint64_t src = mac_key(macs[i] + 6);
+            src_key[i] = src;
             if (src != prev) {
-                src_bucket[i] = vs_fib_prefetch_bucket(fib, src);
+                keys[nb] = src;
+                at[nb++] = (uint8_t)i;
                 prev = src;
-                nb++;
             }
         }
     }
     if (nb < 2) {
+        if (nb) {
+            src_bucket[at[0]] = vs_fib_prefetch_bucket(fib, keys[0]);
+        }
         return;   /* one source: the memo and the cache have it */
     }
-    for (uint32_t i = 0; i < n; i++) {
-        if (src_bucket[i] != NO_BUCKET) {
-            vs_fib_prefetch_entry(fib, src_bucket[i]);
-        }
+    /* Many sources: hashed together, several keys per instruction. */
+    uint32_t buckets[VS_BURST];
+    vs_fib_buckets_of(fib, keys, nb, buckets);
+    for (uint32_t j = 0; j < nb; j++) {
+        src_bucket[at[j]] = buckets[j];
+        vs_fib_prefetch_entry(fib, buckets[j]);
     }
 }
 
@@ -426,13 +452,15 @@ void forward_burst(struct vs_pmd *pmd, const struct vs_port_table *t, struct vs_
         eth_addrs(&pkts[i], macs[i]);
     }
     uint32_t src_bucket[VS_BURST];
-    prefetch_sources(fib, macs, n, src_bucket);
+    uint64_t src_key[VS_BURST];
+    prefetch_sources(fib, macs, n, src_bucket, src_key);
     struct fib_memo memo = FIB_MEMO_INIT;
     vs_fib_lock(fib);
     for (uint32_t i = 0; i < n; i++) {
         dest[i] = learn_and_lookup(fib, &memo, macs[i], 0, in->port_no, in_subs ? pkts[i].sub : 0, now,
-                                   &dest_sub[i], src_bucket[i]);
+                                   &dest_sub[i], src_bucket[i], src_key[i]);
     }
+    memo_stats(fib, &memo);
     vs_fib_unlock(fib);
     stage_end(prof, clk, VS_PMD_STAGE_LEARN);
 
@@ -702,8 +730,9 @@ static __attribute__((noinline)) void forward_burst_vlan(struct vs_pmd *pmd, con
         }
         keep |= 1u << i;
         dest[i] = learn_and_lookup(fib, &memo, hdr, (uint64_t)cls[i].vid << 48, in->port_no,
-                                   in_subs ? pkts[i].sub : 0, now, &dest_sub[i], NO_BUCKET);
+                                   in_subs ? pkts[i].sub : 0, now, &dest_sub[i], NO_BUCKET, NO_KEY);
     }
+    memo_stats(fib, &memo);
     vs_fib_unlock(fib);
     if (unlikely(dropped)) {
         __atomic_add_fetch(&in->stats.vlan_dropped, dropped, __ATOMIC_RELAXED);
@@ -1033,7 +1062,8 @@ static inline __attribute__((always_inline)) uint32_t poll_pass(struct vs_pmd *p
         memset(&clk, 0, sizeof clk);
         t0 = vs_rdtsc();
     }
-    uint64_t now = 0;  /* read once per pass, and only by a pass that moves packets */
+    /* The clock is read once per pass, and only by a pass that moves packets. */
+    uint64_t now = pmd->clock_sec;
     uint32_t total = 0, bursts = 0;
     for (uint32_t i = 0; i < t->n_poll; i++) {
         uint32_t n = poll_queue(pmd, t, &t->poll[i], &now, prof, &clk);

@@ -93,6 +93,10 @@ struct vs_pmd {
     uint32_t gap_reset;          /* shared: set by the control plane to restart stats.max_gap_cycles */
     uint32_t profiling;          /* shared: set to time each stage into profile */
     struct vs_pmd_profile profile;
+    /* Tests and tools/pmd_cost.py: nonzero, the time in seconds every pass
+     * uses instead of the clock, so that runs under valgrind (slow) see the
+     * table's once-a-second refreshes where they choose. */
+    uint64_t clock_sec;
 };
 
 /* TSC ticks per second, measured at the first call. */
