@@ -147,9 +147,14 @@ class PmdRun:
     def max_gap_us(self) -> float:
         return self.pmd.stats.max_gap_cycles * 1e6 / self.pmd.tsc_hz
 
+    def stop(self) -> None:
+        """Stops the thread after its current pass; the counters stay readable until close()."""
+        if self.thread.is_alive():
+            lib.vs_pmd_stop(self.pmd)
+            self.thread.join(10)
+
     def close(self) -> None:
-        lib.vs_pmd_stop(self.pmd)
-        self.thread.join(10)
+        self.stop()
         lib.vs_pmd_fini(self.pmd)
 
 
@@ -288,6 +293,9 @@ def measure_profile(size: int, args) -> dict:
                 time.sleep(args.warmup)
                 before = profile_counters(run)
                 time.sleep(args.window)
+                # Read the end once the thread has stopped: mid-pass, a pass's stages are counted
+                # before its busy cycles, and the loop's share would come out negative.
+                run.stop()
                 profiled.append(stage_breakdown(before, profile_counters(run)))
             finally:
                 run.close()

@@ -276,6 +276,12 @@ def test_the_gap_counter_sees_a_stall_and_restarts_on_request(closing):
     closing(pmd)
     pmd.start()
     lib.vs_fib_lock(fib.c)
+    # The hold counts from the moment the PMD queues for the lock (a second ticket handed out):
+    # on a busy host the PMD may not run for a while after the lock is taken.
+    deadline = time.monotonic() + DEADLINE
+    while fib.c.lock_next == fib.c.lock_owner + 1:
+        assert time.monotonic() < deadline, "the PMD never waited for the lock"
+        time.sleep(0.0005)
     time.sleep(0.005)
     lib.vs_fib_unlock(fib.c)
     time.sleep(0.05)
