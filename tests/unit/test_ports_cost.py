@@ -35,7 +35,7 @@ def test_flood_instructions_per_delivered_copy_fall_from_8_to_64_ports(tmp_path)
     # per copy = F / (N-1) + C, which falls as the ports grow.  If it does
     # not fall from 8 ports to 64, a copy does work that grows with the port
     # count (a walk of the port table per copy, say).  On this host: 62.1 at
-    # 8 ports, 46.5 at 32, 44.2 at 64 (F about 141, C about 42).
+    # 8 ports, 46.5 at 32, 44.2 at 64 (F about 140, C about 42).
     eight, eight_fn = per_frame(tmp_path, 8, "flood", 20)
     many, many_fn = per_frame(tmp_path, 64, "flood", 3)
     per_copy_8, per_copy_64 = eight / 7, many / 63
