@@ -29,6 +29,16 @@ were learned in, or with `--refresh` in the next one, so that every frame's
 source is refreshed once (counted passes at most one cycle of the sources).
 Frames counted: printed; divide the total by them.  `--no-avx2`: the
 burst's sources hashed one at a time, as on a CPU without AVX2.
+
+`--ports N [--mode unicast|flood]` is the port count's cost instead
+(README "Latency and scale"): N null ports in generator mode as
+`tools.scale --ports` runs them (its measure_ports), each sending 32 frames
+a burst from its own MAC to the next port's MAC (unicast) or to the
+broadcast address (flood: each frame sent to the N-1 other ports), every
+pass polling all N (32 N frames).  A PMD thread (not counted) first learns
+every port's MAC, with the clock held as for --macs; then --passes passes
+are counted.  Frames received and copies delivered (what the null ports
+were sent) are printed: divide the total by them.
 """
 
 from __future__ import annotations
@@ -63,8 +73,7 @@ def mac_cost(n_macs: int, passes: int, refresh: bool) -> None:
     a.generate(dst=base_b, src_base=base_a, n_src=half)
     b.generate(dst=base_a, src_base=base_b, n_src=n_macs - half if n_macs > 1 else 1)
     start = 1_000_000
-    run = PmdRun(fib, [a, b], core=0)
-    run.pmd.clock_sec = start
+    run = PmdRun(fib, [a, b], core=0, clock_sec=start)
     while fib.c.n_entries < n_macs:
         time.sleep(0.05)
     run.close()
@@ -83,10 +92,48 @@ def mac_cost(n_macs: int, passes: int, refresh: bool) -> None:
     fib.close()
 
 
+def ports_cost(n_ports: int, mode: str, passes: int) -> None:
+    """--ports: learn every port's MAC with a PMD thread, then count passes of vs_pmd_poll_once."""
+    import time
+
+    from tools.scale import PmdRun, ports_generating
+
+    fib = MacTable(max_entries=8192)
+    ports = ports_generating(n_ports, mode)
+    start = 1_000_000
+    run = PmdRun(fib, ports, core=0, clock_sec=start)
+    while fib.c.n_entries < n_ports:
+        time.sleep(0.05)
+    run.close()
+    learned = fib.c.stats.learned
+    pmd = ffi.new("struct vs_pmd *")
+    assert lib.vs_pmd_init(pmd, fib.c) == 0
+    pmd.clock_sec = start
+    lib.vs_pmd_publish(pmd, run.table)
+    sent0 = sum(p.np.queues[0].stats.tx_packets for p in ports)
+    frames = 0
+    for _ in range(passes):
+        frames += lib.vs_pmd_poll_once(pmd)
+    copies = sum(p.np.queues[0].stats.tx_packets for p in ports) - sent0
+    assert frames == passes * n_ports * BURST, (frames, passes, n_ports)
+    assert copies == frames * (n_ports - 1 if mode == "flood" else 1), (copies, frames)
+    assert fib.c.stats.learned == learned, "a counted pass learned: a destination was unknown"
+    print(f"ports {n_ports} {mode}: {frames} frames received, {copies} copies delivered in {passes} passes, "
+          f"{fib.c.n_entries} entries, learned {fib.c.stats.learned}, flooded {pmd.stats.flooded}, "
+          f"unicast {pmd.stats.unicast}")
+    lib.vs_pmd_fini(pmd)
+    for port in ports:
+        port.close()
+    fib.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--passes", type=int, default=2000)
     p.add_argument("--macs", type=int, help="the MAC table's cost with this many active sources")
+    p.add_argument("--ports", type=int, help="the cost with this many null ports, all polled")
+    p.add_argument("--mode", choices=["unicast", "flood"], default="unicast",
+                   help="--ports: to the next port's MAC, or to the broadcast address")
     p.add_argument("--refresh", action="store_true", help="--macs: count passes in the second after the learning")
     p.add_argument("--no-avx2", action="store_true", help="hash a burst's sources one at a time (vs_fib_use_avx2 0)")
     p.add_argument("--monitor", choices=["none", "capture", "mirror"], default="none")
@@ -96,6 +143,9 @@ def main() -> None:
         lib.vs_fib_use_avx2 = 0
     if args.macs:
         mac_cost(args.macs, args.passes, args.refresh)
+        return
+    if args.ports:
+        ports_cost(args.ports, args.mode, args.passes)
         return
     fib = MacTable(max_entries=1024)
     pmd = ffi.new("struct vs_pmd *")

@@ -112,11 +112,12 @@ class PmdRun:
     """One PMD thread over the ports (polling `poll`, default all), pinned to core; stopped by close()."""
 
     def __init__(self, fib: MacTable, ports: list[NullPort], core: int, poll: list[NullPort] | None = None,
-                 profiling: bool = False):
+                 profiling: bool = False, clock_sec: int = 0):
         self.pmd = ffi.new("struct vs_pmd *")
         if lib.vs_pmd_init(self.pmd, fib.c) != 0:
             raise OSError("cannot set up the PMD")
         self.pmd.profiling = int(profiling)
+        self.pmd.clock_sec = clock_sec     # 0: the real clock; else held there (tools/pmd_cost.py)
         self.table = port_table(ports, poll)
         lib.vs_pmd_publish(self.pmd, self.table)
         self.core = core
@@ -221,12 +222,18 @@ def swap_times(run: PmdRun, ports: list[NullPort], swaps: int) -> dict:
             "swap_pmd_max_gap_us": round(run.max_gap_us(), 1)}
 
 
-def measure_ports(n_ports: int, mode: str, args) -> dict:
-    fib = MacTable(max_entries=8192)
+def ports_generating(n_ports: int, mode: str) -> list[NullPort]:
+    """N null ports, each generating from its own MAC to the next port's (unicast) or to all (flood)."""
     ports = [NullPort(i) for i in range(n_ports)]
     mac = [0x020000000000 | (i + 1) for i in range(n_ports)]
     for i, p in enumerate(ports):
         p.generate(dst=BROADCAST if mode == "flood" else mac[(i + 1) % n_ports], src_base=mac[i], n_src=1)
+    return ports
+
+
+def measure_ports(n_ports: int, mode: str, args) -> dict:
+    fib = MacTable(max_entries=8192)
+    ports = ports_generating(n_ports, mode)
     samples, swaps = [], {}
     try:
         for rep in range(args.reps):
