@@ -59,7 +59,7 @@ _Static_assert(VS_MAX_POLL >= VS_MAX_PORTS * VS_MAX_PORT_QUEUES, "a poll slot fo
  * IDLE_YIELDS_BEFORE_SLEEP empty passes instead of lingering, since its
  * polling would only take turns with that thread by whole time slices. */
 #define PREEMPTED_US 50
-#define SHARED_WINDOW_MS 100
+#define SHARED_WINDOW_MS 1000
 
 /* TSC ticks per second, measured against CLOCK_MONOTONIC over a few ms. */
 static uint64_t measure_tsc_hz(void)
