@@ -95,3 +95,82 @@ def test_pmd_yield_gives_the_cpu_to_a_thread_that_shares_it(tmp_path):
     print(f"no yield: busy loop {spin:.2f} s, vswitchd {switch:.2f} s CPU")
     assert not stats["yield"] and stats["yields"] == 0, stats
     assert switch > spin / 3, (spin, switch)
+
+
+def test_pmd_yield_sleeps_after_a_few_yields_that_ran_no_other_thread(tmp_path):
+    """`pmd: {yield: true}`: the scheduler (EEVDF) lets sched_yield() hand the
+    CPU only to a thread it owes time, so a PMD whose yields came back at once
+    sleeps on its queues after 8 such empty passes, not after 256 passes and
+    a millisecond of polling (two switches' PMDs on one CPU would otherwise
+    take turns by whole time slices: tools/bench.py's vxlan topology). Both
+    guests connected, no traffic: every pass is empty."""
+    cpu = max(psutil.Process().cpu_affinity())
+    ports = [{"name": f"vm{i}", "type": "vhost-user", "path": str(tmp_path / f"vm{i}.sock")} for i in range(2)]
+    with Vswitchd(tmp_path, ports=ports, extra={"pmd": {"cpus": [cpu], "yield": True}}) as d:
+        guests = d.connect_guests(["vm0", "vm1"])
+        guests[0].send_frame(0, frame(BROADCAST, mac(1)))
+        assert len(guests[1].receive(0, 1, timeout=2)) == 1
+        time.sleep(0.5)
+        before = d.ctl("pmd-stats")["pmds"][0]
+        time.sleep(2)
+        after = d.ctl("pmd-stats")["pmds"][0]
+        # The first frame after a sleep is still taken promptly.
+        guests[0].send_frame(0, frame(BROADCAST, mac(2)))
+        assert len(guests[1].receive(0, 1, timeout=2)) == 1
+        for fe in guests:
+            fe.close()
+    loops, sleeps = after["loops"] - before["loops"], after["sleeps"] - before["sleeps"]
+    yield_sleeps = after["yield_sleeps"] - before["yield_sleeps"]
+    print(f"{loops} passes, {sleeps} sleeps, {yield_sleeps} after yields in vain")
+    # Without the rule every sleep follows more than 256 empty passes.
+    assert yield_sleeps > 0 and sleeps > 0 and loops / sleeps < 100, (loops, sleeps, yield_sleeps)
+
+
+def test_pmd_without_yield_sleeps_only_after_256_empty_passes(tmp_path):
+    """Without pmd.yield nothing changes: a sleep follows more than 256 empty passes."""
+    cpu = max(psutil.Process().cpu_affinity())
+    ports = [{"name": f"vm{i}", "type": "vhost-user", "path": str(tmp_path / f"vm{i}.sock")} for i in range(2)]
+    with Vswitchd(tmp_path, ports=ports, extra={"pmd": {"cpus": [cpu]}}) as d:
+        guests = d.connect_guests(["vm0", "vm1"])
+        time.sleep(0.5)
+        before = d.ctl("pmd-stats")["pmds"][0]
+        time.sleep(2)
+        after = d.ctl("pmd-stats")["pmds"][0]
+        for fe in guests:
+            fe.close()
+    loops, sleeps = after["loops"] - before["loops"], after["sleeps"] - before["sleeps"]
+    assert after["yield_sleeps"] == 0 and sleeps > 0 and loops / sleeps > 256, (loops, sleeps)
+
+
+def test_pmd_held_off_its_cpu_sleeps_after_a_few_empty_passes(tmp_path):
+    """A PMD (no pmd.yield) that a busy loop pinned to its CPU holds off the
+    CPU sleeps after a few empty passes (`shared_sleeps`) instead of after
+    256 passes and a millisecond of polling: polling would only take turns
+    with that thread by whole time slices (two switches' PMDs on one CPU,
+    tools/bench.py's vxlan topology)."""
+    cpu = max(psutil.Process().cpu_affinity())
+    ports = [{"name": f"vm{i}", "type": "vhost-user", "path": str(tmp_path / f"vm{i}.sock")} for i in range(2)]
+    with Vswitchd(tmp_path, ports=ports, extra={"pmd": {"cpus": [cpu]}}) as d:
+        guests = d.connect_guests(["vm0", "vm1"])
+        spinner = psutil.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.5)
+            before = d.ctl("pmd-stats")["pmds"][0]
+            # Frames every 20 ms, so the PMD keeps waking and sleeping with the spinner on its CPU.
+            for i in range(100):
+                guests[0].send_frame(0, frame(BROADCAST, mac(1)))
+                assert len(guests[1].receive(0, 1, timeout=2)) == 1
+                guests[1].post_rx(0, 1)
+                time.sleep(0.02)
+            after = d.ctl("pmd-stats")["pmds"][0]
+        finally:
+            spinner.kill()
+            spinner.wait()
+        for fe in guests:
+            fe.close()
+    loops, sleeps = after["loops"] - before["loops"], after["sleeps"] - before["sleeps"]
+    shared = after["shared_sleeps"] - before["shared_sleeps"]
+    print(f"{loops} passes, {sleeps} sleeps, {shared} early (CPU shared)")
+    # Without the rule every sleep follows 1 ms of polling after each frame
+    # (about 13,000 passes per sleep here, none early; with it 1,700, most early).
+    assert sleeps > 0 and shared > sleeps / 2, (loops, sleeps, shared)

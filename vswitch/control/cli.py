@@ -222,9 +222,11 @@ def print_pmd_stats(result: dict) -> None:
         print(f"  busy cycles: {p['busy_cycles']} ({p['busy_percent']}%)  idle cycles: {p['idle_cycles']}")
         print(f"  cycles/packet (busy): {p['cycles_per_packet']}")
         never = " (never sleeps: pmd.sleep false)" if p.get("poll_only") else ""
-        print(f"  sleeps: {p['sleeps']} (woken by a guest: {p['kick_wakeups']}){never}")
+        print(f"  sleeps: {p['sleeps']} (woken by a guest: {p['kick_wakeups']}; early, the CPU shared: "
+              f"{p.get('shared_sleeps', 0)}){never}")
         if p.get("yield"):
-            print(f"  yields after light passes: {p['yields']} (pmd.yield true)")
+            print(f"  yields after light passes: {p['yields']} (pmd.yield true), "
+                  f"sleeps after yields that ran no other thread: {p.get('yield_sleeps', 0)}")
         print(f"  longest gap between passes: {p['max_gap_us']} us")
         print(f"  unicast: {p['unicast']}  flooded: {p['flooded']}  dropped (same port): {p['dropped_same_port']}")
 

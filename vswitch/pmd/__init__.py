@@ -127,7 +127,7 @@ class PmdThread:
             "busy_percent": round(100.0 * busy / (busy + idle), 1) if busy + idle else 0.0,
             "cycles_per_packet": round(busy / s.packets, 1) if s.packets else 0.0,
             "packets_per_burst": round(s.packets / s.bursts, 1) if s.bursts else 0.0,
-            "poll_only": bool(self.c.poll_only), "sleeps": s.sleeps, "yield": bool(self.c.yield_light), "yields": s.yields, "kick_wakeups": s.kick_wakeups, "flooded": s.flooded, "unicast": s.unicast,
+            "poll_only": bool(self.c.poll_only), "sleeps": s.sleeps, "yield": bool(self.c.yield_light), "yields": s.yields, "yield_sleeps": s.yield_sleeps, "shared_sleeps": s.shared_sleeps, "kick_wakeups": s.kick_wakeups, "flooded": s.flooded, "unicast": s.unicast,
             "dropped_same_port": s.dropped_same_port, "calls_blocked": self.c.call_watch.blocked,
             "max_gap_us": round(s.max_gap_cycles * 1e6 / self.c.tsc_hz, 1) if self.c.tsc_hz else 0.0,
             "rx_queues": [{"port": port.name, "queue": queue} for port, queue in self._polls],

@@ -17,7 +17,10 @@
  * not burn a core; vs_pmd_quiesce() writes wakefd to cut the sleep short.
  * A PMD set to poll_only never sleeps: it spends a core to save the wake-up.
  * A PMD set to yield_light gives its CPU away after every pass that moved
- * less than half a burst, for threads that share its CPU (pmd.yield).
+ * less than half a burst, for threads that share its CPU (pmd.yield), and
+ * sleeps at once when its yields run no other thread.  Any PMD that finds
+ * itself held off its CPU sleeps after a few empty passes, not after the
+ * linger.
  * The epoch counter, bumped at the top of every pass, is how the control
  * plane knows the PMD no longer holds pointers it read before a change.
  */
@@ -41,6 +44,22 @@ _Static_assert(VS_MAX_POLL >= VS_MAX_PORTS * VS_MAX_PORT_QUEUES, "a poll slot fo
  * them would make it kick (a syscall) and wait for us to wake.  So after
  * traffic the PMD keeps polling for this long before it may sleep. */
 #define LINGER_US 1000
+/* A sched_yield() that comes back sooner than this ran no other thread. */
+#define YIELD_HANDOVER_NS 3000
+/* With pmd.yield, empty passes in a row whose yields ran no other thread
+ * before the PMD sleeps.  The scheduler (EEVDF) lets a yield hand the CPU
+ * only to a thread it owes time: two PMDs on one CPU otherwise take turns
+ * by whole time slices (milliseconds) while the frames each waits for sit
+ * with the other.  Sleeping on the queues' fds hands the CPU over at once
+ * and the frames' arrival wakes us. */
+#define IDLE_YIELDS_BEFORE_SLEEP 8
+/* A PMD that was held off its CPU this long between two passes, or in an
+ * empty one, shares the CPU with a thread that wants it (another switch's
+ * PMD, say); for SHARED_WINDOW_MS after that it sleeps after
+ * IDLE_YIELDS_BEFORE_SLEEP empty passes instead of lingering, since its
+ * polling would only take turns with that thread by whole time slices. */
+#define PREEMPTED_US 50
+#define SHARED_WINDOW_MS 1000
 
 /* TSC ticks per second, measured against CLOCK_MONOTONIC over a few ms. */
 static uint64_t measure_tsc_hz(void)
@@ -96,6 +115,9 @@ int vs_pmd_init(struct vs_pmd *pmd, struct vs_fib *fib)
     pmd->max_notify_sleep_ms = 100;
     pmd->tsc_hz = vs_tsc_hz();
     pmd->linger_cycles = pmd->tsc_hz / 1000000 * LINGER_US;
+    pmd->yield_handover_cycles = pmd->tsc_hz / 1000000 * YIELD_HANDOVER_NS / 1000;
+    pmd->preempted_cycles = pmd->tsc_hz / 1000000 * PREEMPTED_US;
+    pmd->shared_window_cycles = pmd->tsc_hz / 1000 * SHARED_WINDOW_MS;
     pmd->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (pmd->wakefd < 0) {
         return -errno;
@@ -1189,6 +1211,7 @@ void vs_pmd_run(struct vs_pmd *pmd)
     vs_vring_watch_calls(&pmd->call_watch);
     __atomic_store_n(&pmd->running, 1, __ATOMIC_SEQ_CST);
     uint64_t last_pass_tsc = 0;   /* 0: no pass since start, a sleep or a gap_reset */
+    uint64_t last_end_tsc = 0;    /* end of the last pass's bookkeeping; 0 after a sleep */
     while (!__atomic_load_n(&pmd->stop, __ATOMIC_ACQUIRE)) {
         __atomic_add_fetch(&pmd->epoch, 1, __ATOMIC_SEQ_CST);
         uint64_t t0 = vs_rdtsc();
@@ -1196,28 +1219,46 @@ void vs_pmd_run(struct vs_pmd *pmd)
         uint32_t n = vs_pmd_poll_once(pmd);
         uint64_t cycles = vs_rdtsc() - t0;
         pmd->stats.loops++;
+        if ((last_end_tsc && t0 - last_end_tsc > pmd->preempted_cycles) ||
+            (n == 0 && cycles > pmd->preempted_cycles)) {
+            pmd->shared_until_tsc = t0 + cycles + pmd->shared_window_cycles;
+        }
         /* A thread that shares our CPU (another switch's PMD, say, holding
          * the frames we wait for) runs now, not at the end of our time
          * slice; alone on the CPU, the call returns at once. */
         if (n < VS_BURST / 2 && __atomic_load_n(&pmd->yield_light, __ATOMIC_RELAXED)) {
+            uint64_t y0 = vs_rdtsc();
             sched_yield();
             pmd->stats.yields++;
+            pmd->idle_yields = n == 0 && vs_rdtsc() - y0 < pmd->yield_handover_cycles ? pmd->idle_yields + 1 : 0;
         }
         if (n) {
             pmd->stats.busy_cycles += cycles;
             pmd->idle_passes = 0;
+            pmd->idle_yields = 0;
             pmd->sleep_us = 0;
             pmd->last_work_tsc = t0 + cycles;
         } else {
             pmd->stats.idle_cycles += cycles;
-            if (++pmd->idle_passes > IDLE_PASSES_BEFORE_SLEEP &&
-                !__atomic_load_n(&pmd->poll_only, __ATOMIC_RELAXED) &&
-                t0 + cycles - pmd->last_work_tsc > pmd->linger_cycles) {
+            bool yielded_in_vain = pmd->idle_yields >= IDLE_YIELDS_BEFORE_SLEEP;
+            ++pmd->idle_passes;
+            bool shared = !yielded_in_vain && pmd->idle_passes >= IDLE_YIELDS_BEFORE_SLEEP &&
+                          t0 < pmd->shared_until_tsc;
+            if ((yielded_in_vain || shared ||
+                 (pmd->idle_passes > IDLE_PASSES_BEFORE_SLEEP &&
+                  t0 + cycles - pmd->last_work_tsc > pmd->linger_cycles)) &&
+                !__atomic_load_n(&pmd->poll_only, __ATOMIC_RELAXED)) {
+                pmd->stats.yield_sleeps += yielded_in_vain;
+                pmd->stats.shared_sleeps += shared;
                 idle_sleep(pmd);
                 pmd->idle_passes = 0;
+                pmd->idle_yields = 0;
                 last_pass_tsc = 0;   /* a sleep is not a stall */
+                last_end_tsc = 0;    /* nor a preemption */
+                continue;
             }
         }
+        last_end_tsc = vs_rdtsc();
     }
     __atomic_add_fetch(&pmd->epoch, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pmd->running, 0, __ATOMIC_SEQ_CST);

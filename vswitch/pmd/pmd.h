@@ -37,6 +37,8 @@ struct vs_pmd_stats {
     uint64_t idle_cycles;        /* TSC cycles in passes that moved none */
     uint64_t sleeps;             /* times the thread went to sleep */
     uint64_t yields;             /* sched_yield() calls after light passes (pmd.yield) */
+    uint64_t yield_sleeps;       /* sleeps after empty passes whose yields ran no other thread (pmd.yield) */
+    uint64_t shared_sleeps;      /* early sleeps after empty passes on a CPU another thread was found to want */
     uint64_t kick_wakeups;       /* port fds that ended a sleep (a guest's kick, a kernel port's frame) */
     uint64_t flooded;            /* frames flooded (unknown, broadcast, multicast) */
     uint64_t unicast;            /* frames sent to one learned port */
@@ -81,6 +83,11 @@ struct vs_pmd {
     uint32_t max_sleep_us;       /* longest sleep when some queue cannot wake us */
     uint32_t max_notify_sleep_ms; /* longest sleep when every queue can wake us */
     uint32_t idle_passes;        /* consecutive empty passes */
+    uint32_t idle_yields;        /* consecutive empty passes whose sched_yield() ran no other thread */
+    uint64_t yield_handover_cycles; /* a sched_yield() shorter than this ran no other thread */
+    uint64_t preempted_cycles;   /* held off the CPU longer than this: it is shared */
+    uint64_t shared_window_cycles; /* how long after that the PMD sleeps early */
+    uint64_t shared_until_tsc;   /* sleep early until then */
     uint64_t tsc_hz;             /* TSC ticks per second, measured at init */
     uint64_t last_work_tsc;      /* when a pass last moved packets */
     uint64_t linger_cycles;      /* after traffic, poll through gaps this long before sleeping */
