@@ -18,9 +18,10 @@
  * A PMD set to poll_only never sleeps: it spends a core to save the wake-up.
  * A PMD set to yield_light gives its CPU away after every pass that moved
  * less than half a burst, for threads that share its CPU (pmd.yield), and
- * sleeps at once when its yields run no other thread.  Any PMD that finds
- * itself held off its CPU sleeps after a few empty passes, not after the
- * linger.
+ * sleeps at once when its yields run no other thread, or after a few empty
+ * passes, not after the linger, once it finds itself held off its CPU.
+ * Without pmd.yield a PMD keeps the linger: on a CPU of its own, or one
+ * shared only now and then, an early sleep would make the guests kick.
  * The epoch counter, bumped at the top of every pass, is how the control
  * plane knows the PMD no longer holds pointers it read before a change.
  */
@@ -53,11 +54,11 @@ _Static_assert(VS_MAX_POLL >= VS_MAX_PORTS * VS_MAX_PORT_QUEUES, "a poll slot fo
  * with the other.  Sleeping on the queues' fds hands the CPU over at once
  * and the frames' arrival wakes us. */
 #define IDLE_YIELDS_BEFORE_SLEEP 8
-/* A PMD that was held off its CPU this long between two passes, or in an
- * empty one, shares the CPU with a thread that wants it (another switch's
- * PMD, say); for SHARED_WINDOW_MS after that it sleeps after
- * IDLE_YIELDS_BEFORE_SLEEP empty passes instead of lingering, since its
- * polling would only take turns with that thread by whole time slices. */
+/* A PMD with pmd.yield that was held off its CPU this long between two
+ * passes, or in an empty one, shares the CPU with a thread that wants it
+ * (another switch's PMD, say); for SHARED_WINDOW_MS after that it sleeps
+ * after IDLE_YIELDS_BEFORE_SLEEP empty passes instead of lingering, since
+ * its polling would only take turns with that thread by whole time slices. */
 #define PREEMPTED_US 50
 #define SHARED_WINDOW_MS 1000
 
@@ -1229,8 +1230,13 @@ void vs_pmd_run(struct vs_pmd *pmd)
         if (n < VS_BURST / 2 && __atomic_load_n(&pmd->yield_light, __ATOMIC_RELAXED)) {
             uint64_t y0 = vs_rdtsc();
             sched_yield();
+            uint64_t yielded = vs_rdtsc() - y0;
             pmd->stats.yields++;
-            pmd->idle_yields = n == 0 && vs_rdtsc() - y0 < pmd->yield_handover_cycles ? pmd->idle_yields + 1 : 0;
+            pmd->idle_yields = n == 0 && yielded < pmd->yield_handover_cycles ? pmd->idle_yields + 1 : 0;
+            if (yielded > pmd->preempted_cycles) {
+                /* The yield ran a thread that wanted this CPU: it is shared. */
+                pmd->shared_until_tsc = y0 + yielded + pmd->shared_window_cycles;
+            }
         }
         if (n) {
             pmd->stats.busy_cycles += cycles;
@@ -1243,7 +1249,7 @@ void vs_pmd_run(struct vs_pmd *pmd)
             bool yielded_in_vain = pmd->idle_yields >= IDLE_YIELDS_BEFORE_SLEEP;
             ++pmd->idle_passes;
             bool shared = !yielded_in_vain && pmd->idle_passes >= IDLE_YIELDS_BEFORE_SLEEP &&
-                          t0 < pmd->shared_until_tsc;
+                          t0 < pmd->shared_until_tsc && __atomic_load_n(&pmd->yield_light, __ATOMIC_RELAXED);
             if ((yielded_in_vain || shared ||
                  (pmd->idle_passes > IDLE_PASSES_BEFORE_SLEEP &&
                   t0 + cycles - pmd->last_work_tsc > pmd->linger_cycles)) &&
