@@ -137,6 +137,10 @@ class SwitchCollector:
                                                 "notification.", labels=labels),
             "yields": CounterMetricFamily(f"{PREFIX}_pmd_yields", "Times the thread gave up its CPU after a "
                                           "light pass (pmd.yield).", labels=labels),
+            "yield_sleeps": CounterMetricFamily(f"{PREFIX}_pmd_yield_sleeps", "Sleeps after empty passes whose "
+                                                "yields ran no other thread (pmd.yield).", labels=labels),
+            "shared_sleeps": CounterMetricFamily(f"{PREFIX}_pmd_shared_sleeps", "Early sleeps after empty passes "
+                                                 "on a CPU another thread wants (pmd.yield).", labels=labels),
         }
         max_gap = GaugeMetricFamily(f"{PREFIX}_pmd_max_gap_seconds", "Longest time between two passes of "
                                     "the PMD loop, sleeps left out, since start or `pmd-stats --reset-gap`.",

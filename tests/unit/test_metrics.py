@@ -161,6 +161,8 @@ def test_vxlan_polls_and_pmd_yields_are_scraped(tmp_path):
         assert before_port[key] <= got[(f"vswitch_port_{key}_total", ids)] <= after_port[key], key
     pmd = next(labels for name, labels in got if name == "vswitch_pmd_yields_total")
     assert 0 < before_pmd["yields"] <= got[("vswitch_pmd_yields_total", pmd)] <= after_pmd["yields"]
+    for key in ("yield_sleeps", "shared_sleeps"):
+        assert before_pmd[key] <= got[(f"vswitch_pmd_{key}_total", pmd)] <= after_pmd[key], key
     # Ports without receive polls of their own have no such series.
     assert all(dict(labels)["type"] == "vxlan" for name, labels in got if name == "vswitch_port_rx_polls_total")
 
