@@ -63,15 +63,9 @@ def mac_cost(n_macs: int, passes: int, refresh: bool) -> None:
     """--macs: learn n_macs sources with a PMD thread, then count passes of vs_pmd_poll_once."""
     import time
 
-    from vswitch.fib import capacity_for
-    from tools.scale import NullPort, PmdRun
+    from tools.scale import PmdRun, macs_generating
 
-    half = max(1, n_macs // 2)
-    fib = MacTable(max_entries=min(capacity_for(2 * n_macs), lib.VS_FIB_MAX_CAPACITY))
-    a, b = NullPort(0), NullPort(1)
-    base_a, base_b = 0x020000000000, 0x020100000000
-    a.generate(dst=base_b, src_base=base_a, n_src=half)
-    b.generate(dst=base_a, src_base=base_b, n_src=n_macs - half if n_macs > 1 else 1)
+    fib, a, b = macs_generating(n_macs)
     start = 1_000_000
     run = PmdRun(fib, [a, b], core=0, clock_sec=start)
     while fib.c.n_entries < n_macs:

@@ -179,13 +179,20 @@ def min_of(samples: list[dict], key: str) -> float | None:
     return round(min(values), 1) if values else None
 
 
-def measure_macs(n_macs: int, args) -> dict:
+def macs_generating(n_macs: int) -> tuple[MacTable, NullPort, NullPort]:
+    """A table for n_macs active sources and two null ports generating frames to each other,
+    half of the sources on each."""
     half = max(1, n_macs // 2)
     fib = MacTable(max_entries=min(capacity_for(2 * n_macs), lib.VS_FIB_MAX_CAPACITY))
     a, b = NullPort(0), NullPort(1)
     base_a, base_b = 0x020000000000, 0x020100000000
     a.generate(dst=base_b, src_base=base_a, n_src=half)
     b.generate(dst=base_a, src_base=base_b, n_src=n_macs - half if n_macs > 1 else 1)
+    return fib, a, b
+
+
+def measure_macs(n_macs: int, args) -> dict:
+    fib, a, b = macs_generating(n_macs)
     samples = []
     try:
         for _ in range(args.reps):
