@@ -103,6 +103,19 @@ of one traffic generator, in one of three topologies:
   every size, interleaved (the system order rotates each repetition), and
   the table reports the median with min and max. Cycles per packet show
   whether a slow sample was a slow spell (the generator's cycles go up too).
+* What the slow spells are: the hypervisor places this VM's two vCPUs on
+  physical cores that share a cache or on cores that do not, and keeps a
+  placement for tens of seconds while both are busy. A cache line then takes
+  about 110 or about 480 ns (sometimes 880) to go from one core to the other
+  and back (`python -m tools.core_rtt --busy`), and every line the generator
+  and the SUT hand each other costs that much more. So just before each
+  window opens and just after it closes, with both busy, a probe
+  (vswitch/pmd/core_probe.c, two SCHED_FIFO threads on the two cores handing
+  one line back and forth, 1-9 ms) measures the round trip. The run's probes
+  split into a near and a far regime at their largest jump (1.8x or more;
+  none: one regime); a sample is near or far when both its probes agree,
+  mixed otherwise. The `near` and `far` columns compare two systems within
+  one regime: median Mpps of the row's near (far) samples over the baseline's.
 * A system that cannot be started is reported as unavailable with the
   reason, in the table and the JSON; it is never silently dropped.
 
@@ -135,6 +148,7 @@ if str(REPO) not in sys.path:
     # `python tools/bench.py` works as well as `python -m tools.bench`.
     sys.path.insert(0, str(REPO))
 
+from tools.core_rtt import probe as core_probe, regime_of, regime_split  # noqa: E402
 from tests.support.testpmd import (TESTPMD, TestPmd, af_xdp_vdev, hugepages_free,  # noqa: E402
                                    vhost_vdev, virtio_user_vdev)
 
@@ -970,6 +984,12 @@ class Sample:
     generator_frames_per_poll: float | None = None
     generator_tx_dropped: int | None = None
     started_at: str = ""
+    # Nanoseconds a cache line took from the generator's core to the SUT's
+    # and back, probed just before the window opened and just after it
+    # closed (tools/core_rtt.py): which placement of the two vCPUs the
+    # host had the sample run in.
+    core_rtt_ns_before: float | None = None
+    core_rtt_ns_after: float | None = None
     error: str | None = None
     # --profile: where the system's and the generator's time went over the window,
     # [(percent, symbol)], hottest first.
@@ -1119,6 +1139,18 @@ def static_archive(dso: Path) -> Path | None:
     return None
 
 
+def core_rtt(args) -> float | None:
+    """The generator core <-> SUT core cache-line round trip now, or None (said once) if it cannot be probed."""
+    if getattr(args, "core_probe_error", None):
+        return None
+    try:
+        return core_probe(args.gen_core, args.sut_core)
+    except OSError as exc:
+        args.core_probe_error = str(exc)
+        log(f"bench: no core-to-core probe ({exc}); samples are not sorted by placement")
+        return None
+
+
 def label(system: str, path: str) -> str:
     """A system on a virtqueue path, as rows name it: `vswitchd`, `vswitchd/packed`."""
     return system if path == "split" else f"{system}/{path}"
@@ -1169,6 +1201,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
         generator.start(tx_first=args.tx_first)
         time.sleep(args.warmup)
 
+        sample.core_rtt_ns_before = core_rtt(args)
         # Cycle counters are cumulative: read them around the window too.
         sut_before, bursts_before = system.window_edge(start=True)
         fwd_before = generator.cmd("show fwd stats all")
@@ -1187,6 +1220,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
         fwd_after = generator.cmd("show fwd stats all")
         gen_after = parse_fwd_cycles(fwd_after)
         sut_after, bursts_after = system.window_edge(start=False)
+        sample.core_rtt_ns_after = core_rtt(args)
         if bursts_before and bursts_after and bursts_after[1] > bursts_before[1]:
             sample.sut_frames_per_burst = round((bursts_after[0] - bursts_before[0]) /
                                                 (bursts_after[1] - bursts_before[1]), 2)
@@ -1249,6 +1283,7 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
     """One row per (system, size): medians, min/max, Gbit/s, ratio to the baseline."""
     rows = []
     medians: dict[tuple[str, int], float] = {}
+    split = regime_split([ns for s in samples for ns in (s.core_rtt_ns_before, s.core_rtt_ns_after)])
     for system in systems:
         for size in sizes:
             mine = [s for s in samples if s.system == system and s.size == size]
@@ -1270,6 +1305,11 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
                 row["sut_cpu_share"] = median_or_none([s.sut_cpu_share for s in mine])
                 row["generator_cpu_share"] = median_or_none([s.generator_cpu_share for s in mine])
                 medians[(system, size)] = row["mpps_median"]
+                regimes = [sample_regime(s, split) for s in mine if s.mpps is not None]
+                row["regimes"] = {r: regimes.count(r) for r in ("near", "far", "mixed") if r in regimes}
+                for r in ("near", "far"):
+                    row[f"mpps_median_{r}"] = median_or_none([s.mpps for s, g in zip(
+                        [s for s in mine if s.mpps is not None], regimes) if g == r])
             rows.append(row)
     best = {(r["system"], r["size"]): r["mpps_max"] for r in rows if "mpps_max" in r}
     by_rep = {(s.system, s.size, s.rep): s.mpps for s in samples if s.mpps is not None}
@@ -1291,7 +1331,20 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
                   if (row["system"], row["size"], rep) in by_rep and (row["baseline"], row["size"], rep) in by_rep]
         row["ratio_paired_median"] = statistics.median(paired) if paired else None
         row["ratio_paired_min"] = min(paired) if paired else None
+        # The two systems' samples taken in the same placement of the vCPUs.
+        base_row = next((r for r in rows if r["system"] == row["baseline"] and r["size"] == row["size"]), {})
+        for r in ("near", "far"):
+            mine, theirs = row.get(f"mpps_median_{r}"), base_row.get(f"mpps_median_{r}")
+            row[f"ratio_{r}"] = mine / theirs if (mine is not None and theirs) else None
     return rows
+
+
+def sample_regime(sample: Sample, split: float | None) -> str | None:
+    """near / far when both probes of the sample agree, mixed when the placement changed, None unprobed."""
+    ends = {regime_of(sample.core_rtt_ns_before, split), regime_of(sample.core_rtt_ns_after, split)}
+    if None in ends:
+        return None
+    return ends.pop() if len(ends) == 1 else "mixed"
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
@@ -1300,13 +1353,14 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 def render_table(rows: list[dict]) -> str:
     headers = ["system", "frame B", "Mpps", "min-max Mpps", "Gbit/s*", "x baseline", "best", "paired",
-               "SUT cyc/pkt", "gen cyc/pkt", "SUT CPU", "gen CPU", "status"]
+               "near", "far", "samples n/f/m", "SUT cyc/pkt", "gen cyc/pkt", "SUT CPU", "gen CPU", "status"]
     cells = [headers]
     for r in rows:
         cells.append([r["system"], str(r["size"]), fmt(r.get("mpps_median")),
                       "-" if "mpps_min" not in r else f"{r['mpps_min']:.2f}-{r['mpps_max']:.2f}",
                       fmt(r.get("gbit_s_median")), fmt(r.get("ratio_to_baseline")), fmt(r.get("ratio_best")),
-                      fmt(r.get("ratio_paired_median")),
+                      fmt(r.get("ratio_paired_median")), fmt(r.get("ratio_near")), fmt(r.get("ratio_far")),
+                      "/".join(str(r.get("regimes", {}).get(g, 0)) for g in ("near", "far", "mixed")),
                       fmt(r.get("sut_cycles_per_packet"), 0), fmt(r.get("generator_cycles_per_packet"), 0),
                       fmt(r.get("sut_cpu_share")), fmt(r.get("generator_cpu_share")), r["status"]])
     widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
@@ -1322,7 +1376,10 @@ def render_table(rows: list[dict]) -> str:
     lines.append("  x baseline: median Mpps over the baseline's median, to "
                  + ", ".join(f"{b} for {t}" for t, b in BASELINES.items()) + " (same path); "
                  "best: best sample over the baseline's best; "
-                 "paired: median over repetitions of the ratio of the two systems' samples of that repetition.")
+                 "paired: median over repetitions of the ratio of the two systems' samples of that repetition; "
+                 "near, far: median Mpps over the baseline's median among the samples both of whose core-to-core "
+                 "probes (before and after the window) found the vCPUs near (sharing a cache) or far; samples n/f/m: "
+                 "how many were near, far, or mixed (the placement changed during the sample).")
     lines.append("  CPU: CPU time of the process over the window / window (1.00 = one core all the time; "
                  "a busy poller below that lost its core to other work on the host).")
     lines.append(f"* Gbit/s counts {WIRE_OVERHEAD_BYTES} bytes of preamble + inter-frame gap per frame; "
@@ -1586,6 +1643,9 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": "median Mpps / median Mpps of the row's baseline (DPDK testpmd on the same "
                      f"topology: {BASELINES}) at the same frame size",
             "cpu_share": "process CPU time (utime+stime, /proc/PID/stat) over the window / window length",
+            "regimes": "core_rtt_ns_before/after: the generator core <-> SUT core cache-line round trip just "
+                       "before and after the window (tools/core_rtt.py); ratio_near/ratio_far: median Mpps of "
+                       "the samples both of whose probes fell in that regime over the baseline's",
             "warmup_seconds": args.warmup,
             "window_seconds": args.window,
             "repetitions": args.reps,

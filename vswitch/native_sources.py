@@ -30,6 +30,7 @@ HEADERS = [
     "fib/fib.h",
     "pmd/pmd.h",
     "pmd/copy_bench.h",
+    "pmd/core_probe.h",
 ]
 SOURCES = [
     "vhost/virtqueue.c",
@@ -47,6 +48,7 @@ SOURCES = [
     "pmd/offload.c",
     "pmd/capture.c",
     "pmd/copy_bench.c",
+    "pmd/core_probe.c",
 ]
 # Included by the .c files only (inline helpers, system headers).
 PRIVATE_HEADERS = ["vswitch.h", "vhost/ring_internal.h"]

@@ -28,6 +28,7 @@
 #include "fib/fib.h"
 #include "pmd/pmd.h"
 #include "pmd/copy_bench.h"
+#include "pmd/core_probe.h"
 
 #define likely(x) __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)

@@ -85,6 +85,11 @@ def run_smoke(tmp_path, systems: list[str], *extra: str, paths: tuple[str, ...] 
         assert sample["generator_frames_per_poll"] > 0, f"{sample}\n{report}"
         if sample["system"].split("/")[0] == "vswitchd":
             assert 0 < sample["sut_frames_per_burst"] <= 32, f"{sample}\n{report}"
+        # The cores' placement was probed around every window (root: the probe runs SCHED_FIFO).
+        for edge in ("core_rtt_ns_before", "core_rtt_ns_after"):
+            assert 10 < sample[edge] < 100_000, f"{sample}\n{report}"
+    for row in rows.values():
+        assert sum(row["regimes"].values()) == row["samples"], f"{row}\n{report}"
     assert len(result["samples"]) == len(labels) * len(sizes), report
     assert result["machine"]["sut_core"] != result["machine"]["generator_core"]
     assert plot_out.read_bytes()[:8] == PNG_SIGNATURE, report

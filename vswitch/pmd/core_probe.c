@@ -1,0 +1,157 @@
+/*
+ * The core-to-core probe (core_probe.h).  A round trip is: core A writes an
+ * odd number to the shared line, core B sees it and writes the next even
+ * one, core A sees that.  Each batch is timed as a whole, so the clock reads
+ * are not part of the figure.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "vswitch.h"
+
+struct probe_run {
+    struct vs_core_probe *p;
+    _Alignas(64) _Atomic uint64_t line;
+    _Alignas(64) _Atomic int failed;     /* set by either side on a timeout; ends both */
+    int rc_b;
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static int enter_core(int cpu, int realtime)
+{
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    int rc = pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+    if (rc != 0) {
+        return -rc;
+    }
+    if (realtime) {
+        struct sched_param sp = { .sched_priority = 1 };
+        rc = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp);
+        if (rc != 0) {
+            return -rc;
+        }
+    }
+    return 0;
+}
+
+/* Spins until the line holds `want`; the clock is read every 4096 spins
+ * only, so that the wait itself stays a tight loop. */
+static int wait_for(struct probe_run *r, uint64_t want, uint64_t deadline)
+{
+    for (uint32_t spins = 0; atomic_load_explicit(&r->line, memory_order_acquire) != want; spins++) {
+        if ((spins & 4095) == 4095 && (atomic_load_explicit(&r->failed, memory_order_relaxed) || now_ns() > deadline)) {
+            atomic_store_explicit(&r->failed, 1, memory_order_relaxed);
+            return -ETIMEDOUT;
+        }
+    }
+    return 0;
+}
+
+static void *answer(void *arg)
+{
+    struct probe_run *r = arg;
+    struct vs_core_probe *p = r->p;
+    r->rc_b = enter_core(p->cpu_b, p->realtime);
+    if (r->rc_b != 0) {
+        atomic_store_explicit(&r->failed, 1, memory_order_relaxed);
+        return NULL;
+    }
+    uint64_t total = (uint64_t)p->round_trips * p->batches;
+    uint64_t deadline = now_ns() + (uint64_t)p->timeout_ms * 1000000u;
+    for (uint64_t i = 0; i < total; i++) {
+        if (wait_for(r, 2 * i + 1, deadline) != 0) {
+            r->rc_b = -ETIMEDOUT;
+            return NULL;
+        }
+        atomic_store_explicit(&r->line, 2 * i + 2, memory_order_release);
+    }
+    return NULL;
+}
+
+struct start_args {
+    struct probe_run *r;
+    int rc;
+};
+
+static void *start(void *arg)
+{
+    struct start_args *s = arg;
+    struct probe_run *r = s->r;
+    struct vs_core_probe *p = r->p;
+    s->rc = enter_core(p->cpu_a, p->realtime);
+    if (s->rc != 0) {
+        atomic_store_explicit(&r->failed, 1, memory_order_relaxed);
+        return NULL;
+    }
+    uint64_t deadline = now_ns() + (uint64_t)p->timeout_ms * 1000000u;
+    uint64_t i = 0;
+    for (uint32_t b = 0; b < p->batches; b++) {
+        uint64_t t0 = now_ns();
+        for (uint32_t k = 0; k < p->round_trips; k++, i++) {
+            atomic_store_explicit(&r->line, 2 * i + 1, memory_order_release);
+            if (wait_for(r, 2 * i + 2, deadline) != 0) {
+                s->rc = -ETIMEDOUT;
+                return NULL;
+            }
+        }
+        p->ns[b] = (double)(now_ns() - t0) / p->round_trips;
+    }
+    return NULL;
+}
+
+int vs_core_probe_run(struct vs_core_probe *p)
+{
+    if (p->round_trips == 0 || p->round_trips > 1000000 || p->batches == 0 ||
+        p->batches > VS_CORE_PROBE_MAX_BATCHES || p->cpu_a < 0 || p->cpu_b < 0 || p->cpu_a == p->cpu_b ||
+        p->cpu_a >= CPU_SETSIZE || p->cpu_b >= CPU_SETSIZE || p->timeout_ms == 0) {
+        return -EINVAL;
+    }
+    struct probe_run *r = aligned_alloc(64, sizeof *r);
+    if (r == NULL) {
+        return -ENOMEM;
+    }
+    memset(r, 0, sizeof *r);
+    r->p = p;
+    struct start_args s = { .r = r };
+    /* Both sides on threads of their own: the caller's thread keeps its
+     * cores and scheduling policy. */
+    pthread_t ta, tb;
+    int rc = pthread_create(&tb, NULL, answer, r);
+    if (rc != 0) {
+        free(r);
+        return -rc;
+    }
+    rc = pthread_create(&ta, NULL, start, &s);
+    if (rc != 0) {
+        atomic_store_explicit(&r->failed, 1, memory_order_relaxed);
+        pthread_join(tb, NULL);
+        free(r);
+        return -rc;
+    }
+    pthread_join(ta, NULL);
+    pthread_join(tb, NULL);
+    /* The side that failed first says why (a core this process may not
+     * use: EINVAL; realtime refused: EPERM); the other only saw it stop. */
+    if (s.rc != 0 && s.rc != -ETIMEDOUT) {
+        rc = s.rc;
+    } else if (r->rc_b != 0 && r->rc_b != -ETIMEDOUT) {
+        rc = r->rc_b;
+    } else {
+        rc = s.rc != 0 ? s.rc : r->rc_b;
+    }
+    free(r);
+    return rc;
+}
