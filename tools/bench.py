@@ -1307,9 +1307,11 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
                 medians[(system, size)] = row["mpps_median"]
                 regimes = [sample_regime(s, split) for s in mine if s.mpps is not None]
                 row["regimes"] = {r: regimes.count(r) for r in ("near", "far", "mixed") if r in regimes}
+                measured = [s for s in mine if s.mpps is not None]
                 for r in ("near", "far"):
-                    row[f"mpps_median_{r}"] = median_or_none([s.mpps for s, g in zip(
-                        [s for s in mine if s.mpps is not None], regimes) if g == r])
+                    row[f"mpps_median_{r}"] = median_or_none([s.mpps for s, g in zip(measured, regimes) if g == r])
+                    row[f"generator_cycles_per_packet_{r}"] = median_or_none(
+                        [s.generator_cycles_per_packet for s, g in zip(measured, regimes) if g == r])
             rows.append(row)
     best = {(r["system"], r["size"]): r["mpps_max"] for r in rows if "mpps_max" in r}
     by_rep = {(s.system, s.size, s.rep): s.mpps for s in samples if s.mpps is not None}
