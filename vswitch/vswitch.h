@@ -83,21 +83,25 @@ static inline uint32_t vs_fib_find_in_bucket(const struct vs_fib *fib, uint32_t 
     return i;
 }
 
-/* Whether vs_fib_learn_sub_bucket(fib, key, bucket, port_no, sub, now)
- * would change nothing: key is static, or known behind port_no and sub and
- * already seen in second now.  Most frames of many sources are that, and
- * this answers them without a call or a store.  The caller holds the lock. */
-static inline bool vs_fib_learn_is_noop(const struct vs_fib *fib, uint64_t key, uint32_t bucket,
-                                        uint32_t port_no, uint16_t sub, uint64_t now)
+/* What vs_fib_learn_at(fib, key, bucket, entry, port_no, sub, now) needs:
+ * key's entry in bucket, or VS_FIB_NONE; or VS_FIB_NOOP if that learn would
+ * change nothing (key is static, or known behind port_no and sub and
+ * already seen in second now).  Most frames of many sources are a no-op,
+ * and this answers them without a call or a store; a known source the
+ * learn must change (moved, or seen in a new second) walks its bucket once.
+ * The caller holds the lock until the learn. */
+static inline uint32_t vs_fib_learn_check(const struct vs_fib *fib, uint64_t key, uint32_t bucket,
+                                          uint32_t port_no, uint16_t sub, uint64_t now)
 {
     uint32_t probes;
     uint32_t i = vs_fib_find_in_bucket(fib, bucket, key, &probes);
     if (i == VS_FIB_NONE) {
-        return false;
+        return i;
     }
     const struct vs_fib_entry *e = &fib->entries[i];
-    return (e->flags & VS_FIB_F_STATIC) ||
-           (e->port_no == port_no && e->sub == sub && e->last_seen == now);
+    bool noop = (e->flags & VS_FIB_F_STATIC) ||
+                (e->port_no == port_no && e->sub == sub && e->last_seen == now);
+    return noop ? VS_FIB_NOOP : i;
 }
 
 #endif

@@ -381,11 +381,11 @@ int vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_
     return vs_fib_learn_sub_bucket(fib, key, bucket_of(fib, key), port_no, sub, now);
 }
 
-int vs_fib_learn_sub_bucket(struct vs_fib *fib, uint64_t key, uint32_t bucket, uint32_t port_no, uint16_t sub,
-                            uint64_t now)
+/* The learn once key's bucket is walked: i is key's entry, or NONE and the
+ * bucket holds chain_len entries. */
+static inline int learn(struct vs_fib *fib, uint64_t key, uint32_t i, uint32_t chain_len, uint32_t port_no,
+                        uint16_t sub, uint64_t now)
 {
-    uint32_t chain_len;
-    uint32_t i = vs_fib_find_in_bucket(fib, bucket, key, &chain_len);
     if (likely(i != NONE)) {
         struct vs_fib_entry *e = &fib->entries[i];
         if (e->flags & VS_FIB_F_STATIC) {
@@ -426,6 +426,26 @@ int vs_fib_learn_sub_bucket(struct vs_fib *fib, uint64_t key, uint32_t bucket, u
         return 1;
     }
     return 0;
+}
+
+int vs_fib_learn_sub_bucket(struct vs_fib *fib, uint64_t key, uint32_t bucket, uint32_t port_no, uint16_t sub,
+                            uint64_t now)
+{
+    uint32_t chain_len;
+    uint32_t i = vs_fib_find_in_bucket(fib, bucket, key, &chain_len);
+    return learn(fib, key, i, chain_len, port_no, sub, now);
+}
+
+int vs_fib_learn_at(struct vs_fib *fib, uint64_t key, uint32_t bucket, uint32_t entry, uint32_t port_no,
+                    uint16_t sub, uint64_t now)
+{
+    uint32_t chain_len = 0;
+    if (entry == NONE) {
+        /* A new key: the bucket is walked again to count it, since counting
+         * in vs_fib_learn_check would cost every known source more. */
+        vs_fib_find_in_bucket(fib, bucket, key, &chain_len);
+    }
+    return learn(fib, key, entry, chain_len, port_no, sub, now);
 }
 
 int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub)

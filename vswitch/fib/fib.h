@@ -16,6 +16,7 @@
  */
 
 #define VS_FIB_NONE 4294967295   /* "no entry" in chains and lists */
+#define VS_FIB_NOOP 4294967294   /* vs_fib_learn_check: the learn would change nothing */
 #define VS_FIB_NO_PORT -1
 #define VS_FIB_F_STATIC 1
 #define VS_FIB_MAX_CHAIN 12      /* per bucket; random keys fill a full table past it once in 10^9 */
@@ -122,6 +123,11 @@ int vs_fib_learn_sub(struct vs_fib *fib, uint64_t key, uint32_t port_no, uint16_
 /* As vs_fib_learn_sub, with key's bucket already known (vs_fib_prefetch_bucket). */
 int vs_fib_learn_sub_bucket(struct vs_fib *fib, uint64_t key, uint32_t bucket, uint32_t port_no, uint16_t sub,
                             uint64_t now);
+/* As vs_fib_learn_sub_bucket, with the bucket already walked under this
+ * hold of the lock (vs_fib_learn_check): entry is key's entry there, or
+ * VS_FIB_NONE (then the bucket is walked again, to count it). */
+int vs_fib_learn_at(struct vs_fib *fib, uint64_t key, uint32_t bucket, uint32_t entry, uint32_t port_no,
+                    uint16_t sub, uint64_t now);
 int vs_fib_lookup(struct vs_fib *fib, uint64_t key);
 /* Without the lock: starts loading key's bucket head into the cache and
  * returns the bucket; vs_fib_prefetch_entry then starts loading the first

@@ -286,8 +286,9 @@ static inline int learn_and_lookup(struct vs_fib *fib, struct fib_memo *m, const
             /* Many sources in a burst: a known one, refreshed, keeps the remembered destination. */
             int changed;
             if (src_bucket != NO_BUCKET) {
-                changed = !vs_fib_learn_is_noop(fib, src, src_bucket, in_port, in_sub, now) &&
-                          vs_fib_learn_sub_bucket(fib, src, src_bucket, in_port, in_sub, now);
+                uint32_t entry = vs_fib_learn_check(fib, src, src_bucket, in_port, in_sub, now);
+                changed = entry != VS_FIB_NOOP &&
+                          vs_fib_learn_at(fib, src, src_bucket, entry, in_port, in_sub, now);
             } else {
                 changed = vs_fib_learn_sub(fib, src, in_port, in_sub, now);
             }

@@ -362,12 +362,18 @@ static inline const uint8_t *template_of(const struct vs_vxlan_port *vp, uint32_
     return cur < VS_VXLAN_NO_TEMPLATE ? r->outer[cur] : NULL;
 }
 
-/* Writes a template's Ethernet + IPv4 header for an IPv4 payload of ip_payload bytes. */
-static inline void write_eth_ip(const uint8_t *template, uint32_t ip_payload, uint16_t ip_id, uint8_t *out)
+/*
+ * Writes the outer Ethernet, IPv4, UDP and VXLAN headers of a datagram from
+ * the remote's template and its UDP + VXLAN header udp (vs_vxlan_encap_header,
+ * whose UDP length gives the IPv4 one).  The transmit path (xsk_tx) and
+ * vs_vxlan_outer_header both write with this, so what the tests check is
+ * what goes out.
+ */
+static inline void write_outer(const uint8_t *template, const uint8_t *udp, uint16_t ip_id, uint8_t *out)
 {
     memcpy(out, template, VS_VXLAN_ETH_IP_HLEN);
     uint8_t *ip = out + ETH_HLEN;
-    uint32_t total = 20 + ip_payload;
+    uint32_t total = 20 + ((uint32_t)udp[4] << 8 | udp[5]);
     /* The template's checksum covers length and id 0: add them (RFC 1624). */
     uint32_t sum = (uint16_t)~((uint32_t)ip[10] << 8 | ip[11]);
     sum += total + ip_id;
@@ -379,6 +385,7 @@ static inline void write_eth_ip(const uint8_t *template, uint32_t ip_payload, ui
     ip[5] = (uint8_t)ip_id;
     ip[10] = (uint8_t)(~sum >> 8);
     ip[11] = (uint8_t)~sum;
+    memcpy(out + VS_VXLAN_ETH_IP_HLEN, udp, VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN);
 }
 
 int vs_vxlan_outer_header(const struct vs_vxlan_port *vp, uint32_t remote, const struct vs_pkt *pkt,
@@ -386,13 +393,11 @@ int vs_vxlan_outer_header(const struct vs_vxlan_port *vp, uint32_t remote, const
 {
     uint8_t udp[VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN];
     vs_vxlan_encap_header(vp, pkt, udp, strip_tag);
-    uint32_t udp_len = (uint32_t)udp[4] << 8 | udp[5];
     const uint8_t *template = template_of(vp, remote);
     if (!template) {
         return -1;
     }
-    write_eth_ip(template, udp_len, ip_id, out);
-    memcpy(out + VS_VXLAN_ETH_IP_HLEN, udp, sizeof udp);
+    write_outer(template, udp, ip_id, out);
     return 0;
 }
 
@@ -431,29 +436,57 @@ int vs_vxlan_parse_outer(const struct vs_vxlan_port *vp, uint8_t *frame, uint32_
     return VS_VXLAN_ETH_IP_HLEN + VS_VXLAN_UDP_HLEN + off;
 }
 
-/* Copies pkt's frame to out without bytes [12, 16) if strip_tag. */
-static inline void copy_frame(uint8_t *out, const struct vs_pkt *pkt, int strip_tag)
+/*
+ * Calls piece(ctx, bytes, len) for each run of the frame's bytes in order,
+ * leaving out bytes [12, 16) if strip_tag: the one walk of a frame's
+ * segments both transmits use, the sockets to make iovecs for the kernel,
+ * the AF_XDP underlay to copy into a UMEM frame.  Always inlined, so that
+ * piece is inlined too and the copy costs what a walk of its own would.
+ */
+typedef void frame_piece_fn(void *ctx, uint8_t *bytes, uint32_t len);
+
+static inline __attribute__((always_inline)) void frame_walk(const struct vs_pkt *pkt, int strip_tag,
+                                                             frame_piece_fn *piece, void *ctx)
 {
     uint32_t off = 0;
+    uint32_t skip_from = strip_tag ? MAC_BYTES : UINT32_MAX, skip_to = MAC_BYTES + VLAN_HLEN;
     for (uint32_t s = 0; s < pkt->nsegs; s++) {
-        const uint8_t *p = pkt->segs[s].addr;
+        uint8_t *p = pkt->segs[s].addr;
         uint32_t start = off, end = off + pkt->segs[s].len;
         off = end;
-        if (!strip_tag || end <= MAC_BYTES || start >= MAC_BYTES + VLAN_HLEN) {
-            memcpy(out, p, end - start);
-            out += end - start;
+        if (end <= skip_from || start >= skip_to) {
+            if (end > start) {
+                piece(ctx, p, end - start);
+            }
             continue;
         }
-        if (start < MAC_BYTES) {
-            memcpy(out, p, MAC_BYTES - start);
-            out += MAC_BYTES - start;
+        if (start < skip_from) {
+            piece(ctx, p, skip_from - start);
         }
-        if (end > MAC_BYTES + VLAN_HLEN) {
-            uint32_t from = start > MAC_BYTES + VLAN_HLEN ? start : MAC_BYTES + VLAN_HLEN;
-            memcpy(out, p + (from - start), end - from);
-            out += end - from;
+        if (end > skip_to) {
+            piece(ctx, p + (skip_to - start), end - skip_to);
         }
     }
+}
+
+/* frame_walk's piece for the AF_XDP underlay: ctx is the write pointer. */
+static inline void copy_piece(void *ctx, uint8_t *bytes, uint32_t len)
+{
+    uint8_t **out = ctx;
+    memcpy(*out, bytes, len);
+    *out += len;
+}
+
+/* frame_walk's piece for the sockets: ctx is the iovecs so far. */
+struct iov_list {
+    struct iovec *iov;
+    uint32_t n;
+};
+
+static inline void iov_piece(void *ctx, uint8_t *bytes, uint32_t len)
+{
+    struct iov_list *l = ctx;
+    l->iov[l->n++] = (struct iovec){ .iov_base = bytes, .iov_len = len };
 }
 
 /* Whether remote has a template (its next hop's MAC is known). */
@@ -462,7 +495,11 @@ static inline bool resolved(const struct vs_vxlan_port *vp, uint32_t remote)
     return template_of(vp, remote) != NULL;
 }
 
-static void xsk_tx(struct vs_port *port, struct vs_vxlan_port *vp, struct vs_pkt **pkts, uint32_t n)
+/* The most frames the switch hands a port at once (a burst, or what
+ * vs_offload_fit makes of one): xsk_tx takes more in turns of this many. */
+#define XSK_TX_MAX VS_OFFLOAD_MAX_OUT
+
+static void xsk_tx_some(struct vs_port *port, struct vs_vxlan_port *vp, struct vs_pkt **pkts, uint32_t n)
 {
     struct vs_xsk_port *xp = vp->xsk;
     if (unlikely(__atomic_load_n(&xp->fault, __ATOMIC_ACQUIRE))) {
@@ -471,14 +508,17 @@ static void xsk_tx(struct vs_port *port, struct vs_vxlan_port *vp, struct vs_pkt
     }
     uint32_t max = __atomic_load_n(&port->max_frame, __ATOMIC_RELAXED);
     uint64_t too_big = 0, no_neighbour = 0;
-    /* First how many datagrams: one per resolved remote a frame goes to. */
-    uint32_t need = 0;
+    /* First the frames that fit, and how many datagrams: one per resolved
+     * remote a frame goes to. */
+    const struct vs_pkt *fit[XSK_TX_MAX];
+    uint32_t n_fit = 0, need = 0;
     for (uint32_t i = 0; i < n; i++) {
         const struct vs_pkt *pkt = pkts[i];
         if (unlikely((max && pkt->len > max) || pkt->len + VS_VXLAN_OUTER_HLEN > VS_XSK_FRAME_SIZE)) {
             too_big++;
             continue;
         }
+        fit[n_fit++] = pkt;
         uint32_t sub = pkt->sub;
         if (sub != VS_SUB_ALL && sub <= vp->n_remotes) {
             bool ok = resolved(vp, sub - 1);
@@ -496,11 +536,8 @@ static void xsk_tx(struct vs_port *port, struct vs_vxlan_port *vp, struct vs_pkt
     uint16_t ip_id = room ? __atomic_fetch_add(&vp->ip_id, (uint16_t)room, __ATOMIC_RELAXED) : 0;
     uint32_t used = 0;
     uint64_t bytes = 0;
-    for (uint32_t i = 0; i < n && used < room; i++) {
-        const struct vs_pkt *pkt = pkts[i];
-        if (unlikely((max && pkt->len > max) || pkt->len + VS_VXLAN_OUTER_HLEN > VS_XSK_FRAME_SIZE)) {
-            continue;
-        }
+    for (uint32_t i = 0; i < n_fit && used < room; i++) {
+        const struct vs_pkt *pkt = fit[i];
         uint8_t udp[VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN];
         int strip_tag;
         vs_vxlan_encap_header(vp, pkt, udp, &strip_tag);
@@ -516,9 +553,9 @@ static void xsk_tx(struct vs_port *port, struct vs_vxlan_port *vp, struct vs_pkt
                 continue;
             }
             uint8_t *out = vs_xsk_tx_frame(xp, 0, used, VS_VXLAN_OUTER_HLEN + inner);
-            write_eth_ip(template, VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN + inner, (uint16_t)(ip_id + used), out);
-            memcpy(out + VS_VXLAN_ETH_IP_HLEN, udp, sizeof udp);
-            copy_frame(out + VS_VXLAN_OUTER_HLEN, pkt, strip_tag);
+            write_outer(template, udp, (uint16_t)(ip_id + used), out);
+            out += VS_VXLAN_OUTER_HLEN;
+            frame_walk(pkt, strip_tag, copy_piece, &out);
             __atomic_add_fetch(&vp->remotes[r].tx_packets, 1, __ATOMIC_RELAXED);
             used++;
             bytes += pkt->len;
@@ -538,6 +575,14 @@ static void xsk_tx(struct vs_port *port, struct vs_vxlan_port *vp, struct vs_pkt
     if (unlikely(too_big)) {
         __atomic_add_fetch(&port->stats.tx_dropped_mtu, too_big, __ATOMIC_RELAXED);
     }
+}
+
+static void xsk_tx(struct vs_port *port, struct vs_vxlan_port *vp, struct vs_pkt **pkts, uint32_t n)
+{
+    for (; n > XSK_TX_MAX; pkts += XSK_TX_MAX, n -= XSK_TX_MAX) {
+        xsk_tx_some(port, vp, pkts, XSK_TX_MAX);
+    }
+    xsk_tx_some(port, vp, pkts, n);
 }
 
 static uint32_t xsk_rx(struct vs_vxlan_port *vp, struct vs_pkt *pkts, uint32_t max)
@@ -571,33 +616,6 @@ static uint32_t xsk_rx(struct vs_vxlan_port *vp, struct vs_pkt *pkts, uint32_t m
     vp->stats.rx_packets += got;
     vp->stats.rx_bytes += bytes;
     return got;
-}
-
-/* iov = the header, then the frame's segments without bytes [12, 16) if
- * strip_tag; the number of iovecs. */
-static uint32_t frame_iov(struct iovec *iov, uint8_t *hdr, const struct vs_pkt *pkt, int strip_tag)
-{
-    uint32_t n = 0, off = 0;
-    iov[n++] = (struct iovec){ .iov_base = hdr, .iov_len = VS_VXLAN_UDP_HLEN + VS_VXLAN_HLEN };
-    uint32_t skip_from = strip_tag ? MAC_BYTES : UINT32_MAX, skip_to = MAC_BYTES + VLAN_HLEN;
-    for (uint32_t s = 0; s < pkt->nsegs; s++) {
-        uint8_t *p = pkt->segs[s].addr;
-        uint32_t start = off, end = off + pkt->segs[s].len;
-        off = end;
-        if (end <= skip_from || start >= skip_to) {
-            if (end > start) {
-                iov[n++] = (struct iovec){ .iov_base = p, .iov_len = end - start };
-            }
-            continue;
-        }
-        if (start < skip_from) {
-            iov[n++] = (struct iovec){ .iov_base = p, .iov_len = skip_from - start };
-        }
-        if (end > skip_to) {
-            iov[n++] = (struct iovec){ .iov_base = p + (skip_to - start), .iov_len = end - skip_to };
-        }
-    }
-    return n;
 }
 
 struct tx_batch {
@@ -657,7 +675,10 @@ static void add(struct vs_vxlan_port *vp, struct tx_batch *b, const struct vs_pk
     b->msgs[i].msg_hdr.msg_name = &b->to[i];
     b->msgs[i].msg_hdr.msg_namelen = sizeof b->to[i];
     b->msgs[i].msg_hdr.msg_iov = b->iov[i];
-    b->msgs[i].msg_hdr.msg_iovlen = frame_iov(b->iov[i], b->hdrs[i], pkt, strip_tag);
+    struct iov_list l = { .iov = b->iov[i], .n = 0 };
+    iov_piece(&l, b->hdrs[i], sizeof b->hdrs[i]);
+    frame_walk(pkt, strip_tag, iov_piece, &l);
+    b->msgs[i].msg_hdr.msg_iovlen = l.n;
     if (b->n == TX_BATCH) {
         flush(vp, b);
     }
