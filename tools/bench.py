@@ -1324,13 +1324,13 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
                 row["sut_cpu_share"] = median_or_none([s.sut_cpu_share for s in mine])
                 row["generator_cpu_share"] = median_or_none([s.generator_cpu_share for s in mine])
                 medians[(system, size)] = row["mpps_median"]
-                regimes = [sample_regime(s, split) for s in mine if s.mpps is not None]
+                by_regime = [(s, sample_regime(s, split)) for s in mine if s.mpps is not None]
+                regimes = [g for _, g in by_regime]
                 row["regimes"] = {r: regimes.count(r) for r in ("near", "far", "mixed") if r in regimes}
-                measured = [s for s in mine if s.mpps is not None]
                 for r in ("near", "far"):
-                    row[f"mpps_median_{r}"] = median_or_none([s.mpps for s, g in zip(measured, regimes) if g == r])
+                    row[f"mpps_median_{r}"] = median_or_none([s.mpps for s, g in by_regime if g == r])
                     row[f"generator_cycles_per_packet_{r}"] = median_or_none(
-                        [s.generator_cycles_per_packet for s, g in zip(measured, regimes) if g == r])
+                        [s.generator_cycles_per_packet for s, g in by_regime if g == r])
             rows.append(row)
     best = {(r["system"], r["size"]): r["mpps_max"] for r in rows if "mpps_max" in r}
     by_rep = {(s.system, s.size, s.rep): s.mpps for s in samples if s.mpps is not None}
@@ -1355,8 +1355,8 @@ def summarise(systems: list[str], sizes: list[int], samples: list[Sample],
         # The two systems' samples taken in the same placement of the vCPUs.
         base_row = next((r for r in rows if r["system"] == row["baseline"] and r["size"] == row["size"]), {})
         for r in ("near", "far"):
-            mine, theirs = row.get(f"mpps_median_{r}"), base_row.get(f"mpps_median_{r}")
-            row[f"ratio_{r}"] = mine / theirs if (mine is not None and theirs) else None
+            ours, theirs = row.get(f"mpps_median_{r}"), base_row.get(f"mpps_median_{r}")
+            row[f"ratio_{r}"] = ours / theirs if (ours is not None and theirs) else None
     return rows
 
 
