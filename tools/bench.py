@@ -136,6 +136,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -187,6 +188,14 @@ PATHS = {
 }
 # Enough mbufs for 2 x 32 x 32 frames in flight plus both ports' rings.
 GEN_MBUFS = 32768
+# The generator's per-core mbuf cache: DPDK's maximum, not testpmd's 250. With
+# 250 the cache spills into the pool's shared ring (a FIFO through all 32768
+# mbufs, so every mbuf comes back cold) whenever the generator frees and
+# allocates in large swings, which it does when the middle box keeps up with
+# it: its cost per frame then measured its own allocator, not the middle box
+# (README "Performance", "The generator's mbuf cache"). Set for every system
+# alike; --generator-args=--mbcache=250 measures with testpmd's default.
+GEN_MBCACHE = 512
 
 # Repetitions of one system and size further apart than this are flagged under the table.
 NOISY_SPREAD = 1.25
@@ -1012,13 +1021,14 @@ class Generator(TestPmd):
     __test__ = False
 
     def __init__(self, sockets: list[Path], server: bool, workdir: Path, gen_core: int, sut_core: int,
-                 veth: VethPair | None = None, path: str = "split"):
+                 veth: VethPair | None = None, path: str = "split", extra_args: list[str] = ()):
         vdevs = [virtio_user_vdev(i, sock, mac=GEN_MAC[i], server=server or None, **PATHS[path])
                  for i, sock in enumerate(sockets)]
         if veth is not None:
             vdevs.append(af_xdp_vdev(len(vdevs), veth.gen_if))
         args = ["--forward-mode=mac", f"--eth-peer=0,{GEN_MAC[1]}", f"--eth-peer=1,{GEN_MAC[0]}",
-                "--nb-cores=1", "--record-core-cycles", "--record-burst-stats"]
+                "--nb-cores=1", "--record-core-cycles", "--record-burst-stats", f"--mbcache={GEN_MBCACHE}",
+                *extra_args]
         # Forwarding lcore on the generator core; the main lcore (the prompt,
         # busy only while answering a command) on the SUT core.
         super().__init__(vdevs, args, log_path=workdir / "generator.log", lcores=f"{gen_core},{sut_core}",
@@ -1203,7 +1213,7 @@ def measure(system_cls: type[System], size: int, rep: int, args, scratch: Path, 
         sample.error = f"socket path longer than {MAX_SOCKET_PATH} bytes: {too_long[0]} (set TMPDIR shorter)"
         return sample
     generator = Generator(system.socket_paths, system.generator_is_server, workdir, args.gen_core, args.sut_core,
-                          veth if system_cls.topology == VHOST_VETH else None, path)
+                          veth if system_cls.topology == VHOST_VETH else None, path, args.generator_args)
     try:
         if veth is not None:
             veth.create()
@@ -1487,6 +1497,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--sut-core", type=int, default=1, help="system-under-test PMD core (default 1)")
     p.add_argument("--tx-first", type=int, default=TX_FIRST_BURSTS,
                    help=f"bursts per port that seed the loop (default {TX_FIRST_BURSTS})")
+    p.add_argument("--generator-args", default="", metavar="ARGS",
+                   help="extra testpmd options for the generator, one string, the same for every system, "
+                        f"after the benchmark's own (so --mbcache=250 overrides its --mbcache={GEN_MBCACHE}); "
+                        "stored in the JSON")
     p.add_argument("--json-out", default="results/bench.json", help="JSON results (default results/bench.json)")
     p.add_argument("--plot-out", default="results/bench.png", help="PNG plot (default results/bench.png)")
     p.add_argument("--install", action="store_true",
@@ -1547,6 +1561,10 @@ def parse_args(argv: list[str] | None = None):
         p.error(f"--gen-core and --sut-core must be two different CPUs below {ncpu}")
     if args.reps < 1 or args.warmup < 0 or args.window <= 0:
         p.error("--reps must be >= 1, --warmup >= 0 and --window > 0")
+    try:
+        args.generator_args = shlex.split(args.generator_args)
+    except ValueError as exc:
+        p.error(f"--generator-args: {exc}")
     if args.regime_tries < 1 or args.regime_split_ns <= 0:
         p.error("--regime-tries must be >= 1 and --regime-split-ns > 0")
     return args
@@ -1670,6 +1688,7 @@ def main(argv: list[str] | None = None) -> int:
             "generator": "dpdk-testpmd, 2 x net_virtio_user (vhost-vhost, vxlan) or net_virtio_user + "
                          "net_af_xdp on a veth (vhost-veth), --forward-mode=mac with --eth-peer, "
                          f"interactive 'start tx_first {args.tx_first}'",
+            "generator_args": [f"--mbcache={GEN_MBCACHE}", *args.generator_args],
             "frame_size": f"Ethernet frame incl. {FCS_BYTES}-byte FCS; testpmd 'set txpkts <size - {FCS_BYTES}>'",
             "gbit_s": f"Mpps x (frame size + {WIRE_OVERHEAD_BYTES} bytes preamble/SFD/IFG) x 8",
             "mpps": "sum over both generator ports of RX-packets delta / window",
