@@ -35,6 +35,9 @@ of one traffic generator, in one of three topologies:
   interactive `start tx_first 32` (32 bursts of 32 frames per port); from
   then on a fixed population of frames loops generator -> SUT -> generator.
   The sum of the generator's Rx over both ports is the SUT's forwarding rate.
+  Its per-core mbuf cache is 512 (`--mbcache`, DPDK's maximum; testpmd's
+  default 250 spills into the pool's shared ring when the SUT keeps up, see
+  GEN_MBCACHE); `--generator-args` adds testpmd options after these.
 * The systems, each started fresh for every measurement:
   - `vswitchd`: this project, two vhost-user ports in server mode, MAC
     learning on (the default, as users run it), `pmd: {cpus: [SUT core]}`.
