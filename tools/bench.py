@@ -147,6 +147,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -1024,7 +1025,7 @@ class Generator(TestPmd):
     __test__ = False
 
     def __init__(self, sockets: list[Path], server: bool, workdir: Path, gen_core: int, sut_core: int,
-                 veth: VethPair | None = None, path: str = "split", extra_args: list[str] = ()):
+                 veth: VethPair | None = None, path: str = "split", extra_args: Sequence[str] = ()):
         vdevs = [virtio_user_vdev(i, sock, mac=GEN_MAC[i], server=server or None, **PATHS[path])
                  for i, sock in enumerate(sockets)]
         if veth is not None:
