@@ -200,6 +200,9 @@ GEN_MBUFS = 32768
 # (README "Performance", "The generator's mbuf cache"). Set for every system
 # alike; --generator-args=--mbcache=250 measures with testpmd's default.
 GEN_MBCACHE = 512
+# The generator's tuning options, the same for every system: its argv and the
+# JSON's method.generator_args both come from this list, so they cannot differ.
+GEN_TUNING_ARGS = (f"--mbcache={GEN_MBCACHE}",)
 
 # Repetitions of one system and size further apart than this are flagged under the table.
 NOISY_SPREAD = 1.25
@@ -1031,8 +1034,8 @@ class Generator(TestPmd):
         if veth is not None:
             vdevs.append(af_xdp_vdev(len(vdevs), veth.gen_if))
         args = ["--forward-mode=mac", f"--eth-peer=0,{GEN_MAC[1]}", f"--eth-peer=1,{GEN_MAC[0]}",
-                "--nb-cores=1", "--record-core-cycles", "--record-burst-stats", f"--mbcache={GEN_MBCACHE}",
-                *extra_args]
+                "--nb-cores=1", "--record-core-cycles", "--record-burst-stats",
+                *GEN_TUNING_ARGS, *extra_args]
         # Forwarding lcore on the generator core; the main lcore (the prompt,
         # busy only while answering a command) on the SUT core.
         super().__init__(vdevs, args, log_path=workdir / "generator.log", lcores=f"{gen_core},{sut_core}",
@@ -1692,7 +1695,7 @@ def main(argv: list[str] | None = None) -> int:
             "generator": "dpdk-testpmd, 2 x net_virtio_user (vhost-vhost, vxlan) or net_virtio_user + "
                          "net_af_xdp on a veth (vhost-veth), --forward-mode=mac with --eth-peer, "
                          f"interactive 'start tx_first {args.tx_first}'",
-            "generator_args": [f"--mbcache={GEN_MBCACHE}", *args.generator_args],
+            "generator_args": [*GEN_TUNING_ARGS, *args.generator_args],
             "frame_size": f"Ethernet frame incl. {FCS_BYTES}-byte FCS; testpmd 'set txpkts <size - {FCS_BYTES}>'",
             "gbit_s": f"Mpps x (frame size + {WIRE_OVERHEAD_BYTES} bytes preamble/SFD/IFG) x 8",
             "mpps": "sum over both generator ports of RX-packets delta / window",
