@@ -579,6 +579,203 @@ def test_random_descriptors_never_crash(make_rig, seed):
         assert pk.avail_idx < 16 and pk.used_idx < 16 and not g.vring(index).broken
 
 
+# --- Four descriptors at a time ------------------------------------------------------
+#
+# Both directions take a line of four one-descriptor chains at once.  Whatever
+# a line holds, the outcome must be the one-by-one path's: the frames in ring
+# order, each refused chain counted and returned in its place.
+
+def line_frames(n: int) -> list[bytes]:
+    return [frame(mac(2), mac(1), bytes([i]) * (46 + i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("in_order", [False, True])
+@pytest.mark.parametrize("ring_size", [4, 8, 256])
+def test_lines_of_four_go_through_in_order_and_wrap(make_rig, ring_size, in_order):
+    """Full lines both ways, many laps of small rings: the ring of 4 is one line."""
+    rig, a, b = two_guests(make_rig, ring_size=ring_size, features=PACKED | (F_IN_ORDER if in_order else 0))
+    sent, got = [], []
+    for lap in range(12):
+        b.rx[0].post_rx(4)
+        frames = [frame(mac(2), mac(1), bytes([lap, k]) * (30 + lap)) for k in range(4)]
+        ids = [a.tx[0].post_tx(f) for f in frames]
+        sent += frames
+        assert rig.poll() == 4
+        assert [i for i, _ in a.tx[0].get_used()] == ids
+        rx = b.rx[0].read_rx_frames()
+        assert [x.num_buffers for x in rx] == [1] * 4
+        got += [x.data for x in rx]
+    assert got == sent
+    for g, q, index in ((a, a.tx[0], 1), (b, b.rx[0], 0)):
+        pk = g.vring(index).pk
+        assert (pk.avail_idx, pk.avail_wrap) == (q.next_avail, q.avail_wrap)
+        assert (pk.used_idx, pk.used_wrap) == (q.next_used, q.used_wrap)
+
+
+def test_a_line_of_receive_buffers_gets_each_its_own_used_entry_and_length(make_rig):
+    rig, a, b = two_guests(make_rig)
+    ids = b.rx[0].post_rx(4)
+    frames = line_frames(4)
+    for f in frames:
+        a.tx[0].post_tx(f)
+    rig.poll()
+    assert used_slots(b.rx[0]) == [0, 1, 2, 3]
+    entries = [b.rx[0].read_desc(slot)[1:3] for slot in range(4)]
+    assert entries == [(12 + len(f), i) for f, i in zip(frames, ids)]
+    assert [x.data for x in b.rx[0].read_rx_frames()] == frames
+    assert b.vring(0).stats.bursts == 1 and b.vring(0).stats.bytes == sum(map(len, frames))
+
+
+TX_LINE_CASES = {
+    # case: (reason counted, or None for a good chain the batch leaves to the one-by-one path)
+    "bad_id": lib.VS_VQ_ERR_BAD_ID,
+    "runt": lib.VS_VQ_ERR_NO_READABLE,
+    "too_long": lib.VS_VQ_ERR_TOO_LONG,
+    "outside": lib.VS_VQ_ERR_ADDR,
+    "writable": lib.VS_VQ_ERR_WRITE_IN_TX,
+    "chained": None,
+    "indirect": None,
+}
+
+
+@pytest.mark.parametrize("position", range(4))
+@pytest.mark.parametrize("case", sorted(TX_LINE_CASES))
+@in_child()
+def test_an_odd_tx_chain_inside_a_line_is_handled_as_alone(make_rig, case, position):
+    rig, a, b = two_guests(make_rig, ring_size=128)
+    b.rx[0].post_rx(8)
+    q = a.tx[0]
+    frames = line_frames(8)
+    expected_used, delivered = [], []
+    for k, f in enumerate(frames):
+        if k != position:
+            expected_used.append((q.post_tx(f), 0))
+            delivered.append(f)
+            continue
+        if case == "chained":
+            expected_used.append((q.post_tx(f, segments=2), 0))
+            delivered.append(f)
+            continue
+        if case == "indirect":
+            expected_used.append((q.post_tx(f, indirect=True), 0))
+            delivered.append(f)
+            continue
+        gpa, length = good_buffer(a)
+        ident = 128 + BAD_ID if case == "bad_id" else 100
+        q.publish_raw([{
+            "bad_id": (gpa, length, ident, 0),
+            "runt": (gpa, 12 + 10, ident, 0),
+            "too_long": (a.mem.gpa_base, 70000, ident, 0),
+            "outside": (0xdead0000000, 64, ident, 0),
+            "writable": (gpa, length, ident, VIRTQ_DESC_F_WRITE),
+        }[case]])
+        expected_used.append((ident, 0))
+    rig.poll()
+    assert [x.data for x in b.rx[0].read_rx_frames()] == delivered
+    assert q.get_used() == expected_used
+    reason = TX_LINE_CASES[case]
+    assert a.vring(1).stats.errors == (reason is not None)
+    if reason is not None:
+        assert errors(a, 1, reason) == 1
+    assert a.vring(1).stats.packets == len(delivered)
+    assert a.vring(1).pk.used_idx == 8 + (case == "chained")
+
+
+@pytest.mark.parametrize("position", range(4))
+@in_child()
+def test_an_odd_tx_chain_inside_a_line_in_order_goes_back_in_the_batch(make_rig, position):
+    """With IN_ORDER the refused chain is returned inside the burst's one used
+    entry, which names the burst's last buffer."""
+    rig, a, b = two_guests(make_rig, ring_size=128, features=PACKED | F_IN_ORDER)
+    b.rx[0].post_rx(8)
+    q = a.tx[0]
+    delivered, last = [], None
+    for k, f in enumerate(line_frames(8)):
+        if k == position:
+            gpa, length = good_buffer(a)
+            q.publish_raw([(gpa, length, 128 + BAD_ID, 0)])
+            continue
+        last = q.post_tx(f)
+        delivered.append(f)
+    rig.poll()
+    assert [x.data for x in b.rx[0].read_rx_frames()] == delivered
+    assert errors(a, 1, lib.VS_VQ_ERR_BAD_ID) == 1
+    assert used_slots(q) == [0] and q._used_entry() == (last, 0)
+    assert a.vring(1).pk.used_idx == 8
+
+
+@pytest.mark.parametrize("position", range(4))
+@in_child()
+def test_a_line_not_all_available_is_taken_up_to_the_gap(make_rig, position):
+    """One slot of the line still carries last lap's flags: the device takes
+    the chains before it, and the rest once the driver makes it available."""
+    rig, a, b = two_guests(make_rig, ring_size=128)
+    b.rx[0].post_rx(8)
+    q = a.tx[0]
+    frames = line_frames(8)
+    gpa, length = good_buffer(a, b"late" * 12)
+    for k, f in enumerate(frames):
+        if k == position:
+            q.publish_raw([(gpa, length, 100, 0)], wrap=q.avail_wrap ^ 1)
+        else:
+            q.post_tx(f)
+    rig.poll()
+    assert a.vring(1).pk.avail_idx == position
+    assert [x.data for x in b.rx[0].read_rx_frames()] == frames[:position]
+    q.write_desc(position, gpa, length, 100, q.avail_flags())
+    rig.poll()
+    late = frame(mac(2), mac(1), b"late" * 12)
+    assert [x.data for x in b.rx[0].read_rx_frames()] == [late] + frames[position + 1:]
+    assert a.vring(1).stats.errors == 0 and a.vring(1).pk.avail_idx == 8
+
+
+RX_LINE_CASES = {
+    "read_only": lib.VS_VQ_ERR_NO_WRITABLE,
+    "outside": lib.VS_VQ_ERR_ADDR,
+    "bad_id": lib.VS_VQ_ERR_BAD_ID,
+    "small": None,      # with mergeable buffers the frame takes this one and the next
+    "chained": None,
+}
+
+
+@pytest.mark.parametrize("position", range(4))
+@pytest.mark.parametrize("case", sorted(RX_LINE_CASES))
+@in_child()
+def test_an_odd_rx_buffer_inside_a_line_is_handled_as_alone(make_rig, case, position):
+    rig, a, b = two_guests(make_rig, ring_size=64)
+    q = b.rx[0]
+    for k in range(9):
+        if k != position:
+            q.post_rx(1)
+        elif case == "small":
+            q.post_rx(1, size=32)
+        elif case == "chained":
+            q.post_rx(1, segments=2)
+        else:
+            buf = b.mem.alloc(2048)
+            q.publish_raw([{
+                "read_only": (buf, 2048, 9, 0),
+                "outside": (0xdead0000000, 2048, 9, VIRTQ_DESC_F_WRITE),
+                "bad_id": (buf, 2048, 64 + 9, VIRTQ_DESC_F_WRITE),
+            }[case]])
+    frames = line_frames(8)
+    for f in frames:
+        a.tx[0].post_tx(f)
+    rig.poll()
+    got = q.read_rx_frames()
+    reason = RX_LINE_CASES[case]
+    if reason is None:
+        assert [x.data for x in got] == frames
+        assert [x.num_buffers for x in got] == [2 if (k == position and case == "small") else 1 for k in range(8)]
+        assert b.vring(0).stats.errors == 0
+        return
+    # The bad buffer comes back empty in its place; the frame it was meant for is dropped.
+    assert [x.data for x in got if x.data] == frames[:position] + frames[position + 1:]
+    assert [x.heads for x in got if not x.data] == [[9 if case != "bad_id" else 64 + 9]]
+    assert errors(b, 0, reason) == 1
+    assert b.vring(0).stats.dropped == 1 and b.vring(0).stats.packets == 7
+
+
 # --- Over vhost-user ------------------------------------------------------------------
 
 from tests.support.frames import BROADCAST, wait_for  # noqa: E402

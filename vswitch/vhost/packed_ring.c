@@ -23,6 +23,16 @@
  * them in ring order; receive buffers keep one entry each, for their
  * lengths.  Notifications follow the driver's event structure (enable,
  * disable, or with EVENT_IDX a descriptor offset and wrap), once per burst.
+ *
+ * Both directions take descriptors four at a time where they can: four
+ * one-descriptor chains filling one 64-byte line of the ring (batch_*).  The
+ * line's flags are checked at once, and on receive its four used entries
+ * are written back to back, after the four copies: the driver polls that
+ * line for the burst's first used entry, and one store per frame between
+ * copies handed the line back and forth between its core and ours up to
+ * four times.  Anything a batch cannot take whole (a chain, an indirect
+ * table, a short buffer, a bad id, a line not all available) falls to the
+ * one-chain paths, which check and count it as before.
  */
 #include "vswitch.h"
 #include "vhost/ring_internal.h"
@@ -66,6 +76,41 @@ static inline struct vring_packed_desc read_pdesc_after(const struct vring_packe
     const volatile struct vring_packed_desc *vd = &table[idx];
     struct vring_packed_desc d = { .addr = vd->addr, .len = vd->len, .id = vd->id, .flags = flags };
     return d;
+}
+
+/* Descriptors in one 64-byte line of the ring; the ring is 16-byte aligned. */
+#define BATCH 4u
+_Static_assert(BATCH * sizeof(struct vring_packed_desc) == 64, "a batch is one cache line");
+
+/* The AVAIL and USED bits of a descriptor available in lap `wrap`. */
+static inline uint16_t avail_bits(bool wrap)
+{
+    return wrap ? VIRTQ_DESC_F_AVAIL : VIRTQ_DESC_F_USED;
+}
+
+/* Whether a batch may start at idx: the line's first slot, and the ring does not wrap inside it. */
+static inline bool batch_fits(uint16_t idx, uint32_t size)
+{
+    return !(idx & (BATCH - 1)) && (uint32_t)idx + BATCH <= size;
+}
+
+/*
+ * Whether the four descriptors from idx are all available and all of one
+ * kind: one buffer each (no NEXT, no INDIRECT), writable or not as `want`
+ * says.  One test for the line; the rest of each descriptor is read after
+ * it (acquire), and its flags are these.
+ */
+static inline bool batch_avail(const struct vring_packed_desc *ring, uint16_t idx, uint16_t want)
+{
+    const uint16_t mask = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED | VIRTQ_DESC_F_NEXT |
+                          VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE;
+    const struct vring_packed_desc *line = &ring[idx];
+    uint16_t diff = (__atomic_load_n(&line[0].flags, __ATOMIC_RELAXED) ^ want) |
+                    (__atomic_load_n(&line[1].flags, __ATOMIC_RELAXED) ^ want) |
+                    (__atomic_load_n(&line[2].flags, __ATOMIC_RELAXED) ^ want) |
+                    (__atomic_load_n(&line[3].flags, __ATOMIC_RELAXED) ^ want);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return !(diff & mask);
 }
 
 int vs_packed_setup(struct vs_vhost_dev *dev, struct vs_vring *vr, uint32_t size,
@@ -271,6 +316,34 @@ static inline void put_used(struct vs_vring *vr, uint16_t id, uint32_t len, uint
     advance(&pr->used_idx, &pr->used_wrap, count, vr->size);
 }
 
+/* Four one-descriptor used entries, as put_used writes them, back to back
+ * in one line of the ring: the used side stands at a line's start (batch_fits). */
+static inline void put_used_batch(struct vs_vring *vr, const uint16_t *ids, const uint32_t *lens)
+{
+    struct vs_packed_ring *pr = &vr->pk;
+    uint16_t slot = pr->used_idx;
+    struct vring_packed_desc *d = &pr->desc[slot];
+    uint16_t flags = (uint16_t)(-(uint16_t)pr->used_wrap & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED));
+    uint64_t word[BATCH];
+    for (uint32_t i = 0; i < BATCH; i++) {
+        word[i] = lens[i] | (uint64_t)ids[i] << 32 | (uint64_t)flags << 48;
+    }
+    if (pr->batch_count == 0) {
+        /* The burst's first entry: id and length only, its flags wait for publish_used_quietly. */
+        __atomic_store_n(&d[0].id, ids[0], __ATOMIC_RELAXED);
+        __atomic_store_n(&d[0].len, lens[0], __ATOMIC_RELAXED);
+        pr->batch_slot = slot;
+        pr->batch_flags = flags;
+    } else {
+        __atomic_store_n((used_word *)&d[0].len, word[0], __ATOMIC_RELEASE);
+    }
+    __atomic_store_n((used_word *)&d[1].len, word[1], __ATOMIC_RELEASE);
+    __atomic_store_n((used_word *)&d[2].len, word[2], __ATOMIC_RELEASE);
+    __atomic_store_n((used_word *)&d[3].len, word[3], __ATOMIC_RELEASE);
+    pr->batch_count += BATCH;
+    advance(&pr->used_idx, &pr->used_wrap, BATCH, vr->size);
+}
+
 /* virtio 2.7.7.2 (and 2.8.21.3): notify if the event offset lies in (old, new]. */
 static inline bool need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
 {
@@ -325,17 +398,12 @@ static bool publish_used_quietly(const struct vs_vhost_dev *dev, struct vs_vring
     return want_notify(dev, vr);
 }
 
-/*
- * The common case, checked first: one readable descriptor (header and
- * frame together) inside one region.  Anything else, including every
- * malformed chain, takes walk_chain().
- */
-static inline bool dequeue_simple(const struct vs_vhost_dev *dev, const struct vring_packed_desc *d,
-                                  uint32_t size, struct vs_pkt *pkt)
+/* The frame of a one-buffer chain (flags checked by the caller): its
+ * length, id and address checked, its header captured. */
+static inline bool take_one_buffer(const struct vs_vhost_dev *dev, const struct vring_packed_desc *d,
+                                   uint32_t hdr_len, uint32_t size, struct vs_pkt *pkt)
 {
-    uint32_t hdr_len = dev->hdr_len;
-    if (d->flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE) ||
-        d->len < hdr_len + 14 || d->len > VS_MAX_FRAME + hdr_len || d->id >= size) {
+    if (d->len < hdr_len + 14 || d->len > VS_MAX_FRAME + hdr_len || d->id >= size) {
         return false;
     }
     uint8_t *p = buf_to_hva_range(dev, d->addr, d->len, VS_IOTLB_ACCESS_RO);
@@ -354,6 +422,47 @@ static inline bool dequeue_simple(const struct vs_vhost_dev *dev, const struct v
     return true;
 }
 
+/*
+ * The common case, checked first: one readable descriptor (header and
+ * frame together) inside one region.  Anything else, including every
+ * malformed chain, takes walk_chain().
+ */
+static inline bool dequeue_simple(const struct vs_vhost_dev *dev, const struct vring_packed_desc *d,
+                                  uint32_t size, struct vs_pkt *pkt)
+{
+    if (d->flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE)) {
+        return false;
+    }
+    return take_one_buffer(dev, d, dev->hdr_len, size, pkt);
+}
+
+/*
+ * Four one-descriptor chains from idx (batch_fits), each taken as
+ * dequeue_simple takes one, their ids in ids.  Returns their frames' bytes,
+ * or 0 if any of them is not such a chain: then nothing is taken (pkts may
+ * be overwritten).
+ */
+static inline uint32_t dequeue_batch(const struct vs_vhost_dev *dev, const struct vring_packed_desc *ring,
+                                     uint16_t idx, bool wrap, uint32_t size, struct vs_pkt *pkts, uint16_t *ids)
+{
+    uint16_t flags = avail_bits(wrap);
+    if (!batch_avail(ring, idx, flags)) {
+        return 0;
+    }
+    uint32_t hdr_len = dev->hdr_len;
+    uint32_t bytes = 0;
+#pragma GCC unroll 4
+    for (uint32_t i = 0; i < BATCH; i++) {
+        struct vring_packed_desc d = read_pdesc_after(ring, idx + i, flags);
+        if (unlikely(!take_one_buffer(dev, &d, hdr_len, size, &pkts[i]))) {
+            return 0;
+        }
+        ids[i] = d.id;
+        bytes += d.len;
+    }
+    return bytes - BATCH * hdr_len;
+}
+
 uint32_t vs_packed_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
                                  struct vs_pkt *pkts, uint32_t max)
 {
@@ -368,7 +477,26 @@ uint32_t vs_packed_dequeue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
     uint32_t size = vr->size;
     uint16_t idx = pr->avail_idx;
     uint8_t wrap = pr->avail_wrap;
+    bool in_order = dev->features & (1ULL << VIRTIO_F_IN_ORDER);
     for (uint32_t i = 0; i < n; i++) {
+        uint16_t ids[BATCH];
+        uint32_t batch_bytes;
+        if (i + BATCH <= n && batch_fits(idx, size) &&
+            (batch_bytes = dequeue_batch(dev, ring, idx, wrap, size, &pkts[got], ids))) {
+            if (in_order) {
+                /* Returned as one used entry anyway (vs_packed_dequeue_done): its last id and count. */
+                pr->pending[npending++] = (struct vs_packed_chain){ .id = ids[BATCH - 1], .count = BATCH };
+            } else {
+                for (uint32_t k = 0; k < BATCH; k++) {
+                    pr->pending[npending++] = (struct vs_packed_chain){ .id = ids[k], .count = 1 };
+                }
+            }
+            bytes += batch_bytes;
+            got += BATCH;
+            i += BATCH - 1;
+            advance(&idx, &wrap, BATCH, size);
+            continue;
+        }
         uint16_t flags = __atomic_load_n(&ring[idx].flags, __ATOMIC_ACQUIRE);
         if (!desc_is_avail(flags, wrap)) {
             break;
@@ -488,6 +616,59 @@ static inline enum rx_result enqueue_simple(struct vs_vhost_dev *dev, struct vs_
     return RX_DELIVERED;
 }
 
+/*
+ * Four frames into the four one-descriptor buffers from the ring's next
+ * available slot (batch_fits), each as enqueue_simple puts one.  Returns
+ * the frames' bytes, or 0 if any buffer is not such a buffer or is too
+ * small: then nothing is written.  Their used entries go in after the four
+ * copies, back to back.
+ */
+static inline uint32_t enqueue_batch(struct vs_vhost_dev *dev, struct vs_vring *vr, struct vs_pkt *const *pkts)
+{
+    struct vs_packed_ring *pr = &vr->pk;
+    uint16_t idx = pr->avail_idx;
+    uint16_t flags = avail_bits(pr->avail_wrap);
+    /* A receive ring returns each buffer as it takes it, so its used side
+     * stands where its avail side does, and the used entries fill this line. */
+    if (unlikely(pr->used_idx != idx) || !batch_avail(pr->desc, idx, flags | VIRTQ_DESC_F_WRITE)) {
+        return 0;
+    }
+    uint32_t hdr_len = dev->hdr_len;
+    uint32_t size = vr->size;
+    uint16_t ids[BATCH];
+    uint32_t needs[BATCH];
+    uint8_t *bufs[BATCH];
+    for (uint32_t i = 0; i < BATCH; i++) {
+        struct vring_packed_desc d = read_pdesc_after(pr->desc, idx + i, flags);
+        needs[i] = hdr_len + pkts[i]->len;
+        ids[i] = d.id;
+        if (d.len < needs[i] || d.id >= size) {
+            return 0;
+        }
+        bufs[i] = buf_to_hva_range(dev, d.addr, needs[i], VS_IOTLB_ACCESS_WO);
+        if (unlikely(!bufs[i])) {
+            return 0;
+        }
+    }
+    uint32_t bytes = needs[0] + needs[1] + needs[2] + needs[3] - BATCH * hdr_len;
+    for (uint32_t i = 0; i < BATCH; i++) {
+        const struct vs_pkt *pkt = pkts[i];
+        uint8_t *p = bufs[i];
+        fill_net_hdr(p, dev, pkt, 1);
+        p += hdr_len;
+        for (uint32_t s = 0; s < pkt->nsegs; s++) {
+            vs_copy(p, pkt->segs[s].addr, pkt->segs[s].len);
+            p += pkt->segs[s].len;
+        }
+        if (unlikely(dev->log)) {
+            vs_dirty_log_hva(dev, bufs[i], needs[i]);
+        }
+    }
+    advance(&pr->avail_idx, &pr->avail_wrap, BATCH, size);
+    put_used_batch(vr, ids, needs);
+    return bytes;
+}
+
 /* Finds guest buffers for one frame, copies it, and writes the used entries. */
 static enum rx_result enqueue_one(struct vs_vhost_dev *dev, struct vs_vring *vr,
                                   const struct vs_pkt *pkt, bool mergeable)
@@ -572,6 +753,14 @@ uint32_t vs_packed_enqueue_burst(struct vs_vhost_dev *dev, struct vs_vring *vr,
     }
     uint32_t i;
     for (i = 0; i < n; i++) {
+        uint32_t batch_bytes;
+        if (i + BATCH <= n && batch_fits(vr->pk.avail_idx, vr->size) &&
+            (batch_bytes = enqueue_batch(dev, vr, &pkts[i]))) {
+            bytes += batch_bytes;
+            delivered += BATCH;
+            i += BATCH - 1;
+            continue;
+        }
         enum rx_result r = enqueue_simple(dev, vr, pkts[i]);
         if (r == RX_NOT_SIMPLE) {
             r = enqueue_one(dev, vr, pkts[i], mergeable);

@@ -22,9 +22,10 @@ struct vring_packed_desc_event {
     uint16_t flags;              /* VIRTQ_EVENT_F_* */
 };
 
-/* A chain taken from a guest's TX ring and not yet returned. */
+/* A chain taken from a guest's TX ring and not yet returned; with
+ * VIRTIO_F_IN_ORDER also a run of chains that go back as one used entry. */
 struct vs_packed_chain {
-    uint16_t id;                 /* buffer id to return */
+    uint16_t id;                 /* buffer id to return (a run's last) */
     uint16_t count;              /* descriptors it took in the ring */
 };
 
