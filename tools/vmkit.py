@@ -774,6 +774,13 @@ class Guest:
         what we type, the echo holds "A B" and only the real output "A_B".
         Output not ending in a newline runs into the end marker's line and is
         kept. With check=True a non-zero exit status raises VmkitError.
+
+        Start a program that outlives the command in a subshell, "(cmd &)",
+        not as a job of the console shell ("cmd &"): busybox ash 1.35 reading
+        a line with echo off (the plain read this console uses) exits when one
+        of its jobs ends meanwhile, and a command typed at that moment is lost
+        (reproduced with the host's busybox under a pty; "(cmd &)" survives).
+        PID 1 reaps the subshell's orphan.
         """
         marker_id = f"{os.getpid()}x{next(self._marker_ids)}"
         with self._output_lock:

@@ -54,7 +54,8 @@ def namespace_to_guest(guest, netns: str, guest_ip: str, nbytes: int, port: int 
     """Sends nbytes from the namespace to the guest; returns (bytes, seconds) once the guest has
     them all with the right SHA-256."""
     from tests.support.netns import python_in_ns
-    guest.run(f"nc -l -p {port} < /dev/null > /tmp/in & sleep 0")
+    # A subshell's job, reaped by PID 1: not a job of the console shell (tools/vmkit.py Guest.run).
+    guest.run(f"(nc -l -p {port} < /dev/null > /tmp/in &)")
     time.sleep(1)
     sender = python_in_ns(netns, "-m", "tests.support.tcpxfer", "send", guest_ip, str(port), str(nbytes),
                           str(timeout))

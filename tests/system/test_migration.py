@@ -194,7 +194,8 @@ def test_live_migration_keeps_address_stream_and_moves_the_fdb(migration_rig, re
 
     # The console ignores the modem lines: the destination's serial port may not carry the source's
     # carrier state over, and a carrier drop would hang up the console shell (PID 1).
-    source.run("stty clocal -hupcl; nc -l -p 5001 </dev/null >/tmp/in & sleep 0")
+    # nc in a subshell: not a job of the console shell, which could exit when it ends (tools/vmkit.py Guest.run).
+    source.run("stty clocal -hupcl; (nc -l -p 5001 </dev/null >/tmp/in &)")
     time.sleep(0.5)
     pinger = python_in_ns(netns, "-m", "tests.support.migration_traffic", "ping", GUEST_IP, str(PING_INTERVAL_MS))
     sender = python_in_ns(netns, "-m", "tests.support.migration_traffic", "send", GUEST_IP, "5001",
