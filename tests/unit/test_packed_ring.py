@@ -627,7 +627,7 @@ def test_a_line_of_receive_buffers_gets_each_its_own_used_entry_and_length(make_
 
 
 TX_LINE_CASES = {
-    # case: (reason counted, or None for a good chain the batch leaves to the one-by-one path)
+    # case: the reason counted, or None for a good chain the batch leaves to the one-by-one path
     "bad_id": lib.VS_VQ_ERR_BAD_ID,
     "runt": lib.VS_VQ_ERR_NO_READABLE,
     "too_long": lib.VS_VQ_ERR_TOO_LONG,
