@@ -37,10 +37,22 @@
 #include "vswitch.h"
 #include "vhost/ring_internal.h"
 
+/* The AVAIL and USED bits of a descriptor available in lap `wrap`. */
+static inline uint16_t avail_bits(bool wrap)
+{
+    return wrap ? VIRTQ_DESC_F_AVAIL : VIRTQ_DESC_F_USED;
+}
+
+/* The AVAIL and USED bits of a descriptor the device has used in lap `wrap`: both equal to it. */
+static inline uint16_t used_bits(bool wrap)
+{
+    return (uint16_t)(-(uint16_t)wrap & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED));
+}
+
 /* Available in lap `wrap`: AVAIL equal to the wrap counter, USED not (one compare). */
 static inline bool desc_is_avail(uint16_t flags, bool wrap)
 {
-    return (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) == (wrap ? VIRTQ_DESC_F_AVAIL : VIRTQ_DESC_F_USED);
+    return (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) == avail_bits(wrap);
 }
 
 /*
@@ -81,12 +93,6 @@ static inline struct vring_packed_desc read_pdesc_after(const struct vring_packe
 /* Descriptors in one 64-byte line of the ring; the ring is 16-byte aligned. */
 #define BATCH 4u
 _Static_assert(BATCH * sizeof(struct vring_packed_desc) == 64, "a batch is one cache line");
-
-/* The AVAIL and USED bits of a descriptor available in lap `wrap`. */
-static inline uint16_t avail_bits(bool wrap)
-{
-    return wrap ? VIRTQ_DESC_F_AVAIL : VIRTQ_DESC_F_USED;
-}
 
 /* Whether a batch may start at idx: the line's first slot, and the ring does not wrap inside it. */
 static inline bool batch_fits(uint16_t idx, uint32_t size)
@@ -299,7 +305,7 @@ static inline void put_used(struct vs_vring *vr, uint16_t id, uint32_t len, uint
 {
     struct vs_packed_ring *pr = &vr->pk;
     struct vring_packed_desc *d = &pr->desc[pr->used_idx];
-    uint16_t flags = (uint16_t)(-(uint16_t)pr->used_wrap & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED));
+    uint16_t flags = used_bits(pr->used_wrap);
     if (pr->batch_count == 0) {
         __atomic_store_n(&d->id, id, __ATOMIC_RELAXED);
         __atomic_store_n(&d->len, len, __ATOMIC_RELAXED);
@@ -323,7 +329,7 @@ static inline void put_used_batch(struct vs_vring *vr, const uint16_t *ids, cons
     struct vs_packed_ring *pr = &vr->pk;
     uint16_t slot = pr->used_idx;
     struct vring_packed_desc *d = &pr->desc[slot];
-    uint16_t flags = (uint16_t)(-(uint16_t)pr->used_wrap & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED));
+    uint16_t flags = used_bits(pr->used_wrap);
     uint64_t word[BATCH];
     for (uint32_t i = 0; i < BATCH; i++) {
         word[i] = lens[i] | (uint64_t)ids[i] << 32 | (uint64_t)flags << 48;
@@ -602,15 +608,7 @@ static inline enum rx_result enqueue_simple(struct vs_vhost_dev *dev, struct vs_
     if (unlikely(!p)) {
         return RX_NOT_SIMPLE;
     }
-    fill_net_hdr(p, dev, pkt, 1);
-    p += dev->hdr_len;
-    for (uint32_t s = 0; s < pkt->nsegs; s++) {
-        vs_copy(p, pkt->segs[s].addr, pkt->segs[s].len);
-        p += pkt->segs[s].len;
-    }
-    if (unlikely(dev->log)) {
-        vs_dirty_log_hva(dev, p - need, need);  /* p has moved past the header and the frame */
-    }
+    put_frame_in_buffer(dev, p, pkt, need);
     advance(&pr->avail_idx, &pr->avail_wrap, 1, vr->size);
     put_used(vr, d.id, need, 1);
     return RX_DELIVERED;
@@ -652,17 +650,7 @@ static inline uint32_t enqueue_batch(struct vs_vhost_dev *dev, struct vs_vring *
     }
     uint32_t bytes = needs[0] + needs[1] + needs[2] + needs[3] - BATCH * hdr_len;
     for (uint32_t i = 0; i < BATCH; i++) {
-        const struct vs_pkt *pkt = pkts[i];
-        uint8_t *p = bufs[i];
-        fill_net_hdr(p, dev, pkt, 1);
-        p += hdr_len;
-        for (uint32_t s = 0; s < pkt->nsegs; s++) {
-            vs_copy(p, pkt->segs[s].addr, pkt->segs[s].len);
-            p += pkt->segs[s].len;
-        }
-        if (unlikely(dev->log)) {
-            vs_dirty_log_hva(dev, bufs[i], needs[i]);
-        }
+        put_frame_in_buffer(dev, bufs[i], pkts[i], needs[i]);
     }
     advance(&pr->avail_idx, &pr->avail_wrap, BATCH, size);
     put_used_batch(vr, ids, needs);

@@ -206,6 +206,27 @@ static inline void fill_net_hdr(uint8_t *hdr, const struct vs_vhost_dev *dev, co
     }
 }
 
+/*
+ * A frame into one guest buffer already found whole and writable: its
+ * header (fill_net_hdr, one buffer) and then its segments, and the bytes
+ * marked dirty while a migration logs them.  `need` is the header and the
+ * frame, the buffer's size at least.  Every one-buffer receive path of
+ * both engines goes through here, so they copy the same way.
+ */
+static inline void put_frame_in_buffer(const struct vs_vhost_dev *dev, uint8_t *buf,
+                                       const struct vs_pkt *pkt, uint32_t need)
+{
+    fill_net_hdr(buf, dev, pkt, 1);
+    uint8_t *p = buf + dev->hdr_len;
+    for (uint32_t s = 0; s < pkt->nsegs; s++) {
+        vs_copy(p, pkt->segs[s].addr, pkt->segs[s].len);
+        p += pkt->segs[s].len;
+    }
+    if (unlikely(dev->log)) {
+        vs_dirty_log_hva(dev, p - need, need);  /* p, not buf: buf need not stay in a register */
+    }
+}
+
 enum rx_result { RX_DELIVERED, RX_RING_EMPTY, RX_TOO_SMALL, RX_BAD_CHAIN, RX_BROKEN, RX_NOT_SIMPLE };
 
 /* Helpers of virtqueue.c (see there). */

@@ -618,15 +618,7 @@ static inline enum rx_result enqueue_simple(struct vs_vhost_dev *dev, struct vs_
     if (unlikely(!p)) {
         return RX_NOT_SIMPLE;
     }
-    fill_net_hdr(p, dev, pkt, 1);
-    p += dev->hdr_len;
-    for (uint32_t s = 0; s < pkt->nsegs; s++) {
-        vs_copy(p, pkt->segs[s].addr, pkt->segs[s].len);
-        p += pkt->segs[s].len;
-    }
-    if (unlikely(dev->log)) {
-        vs_dirty_log_hva(dev, p - need, need);  /* p has moved past the header and the frame */
-    }
+    put_frame_in_buffer(dev, p, pkt, need);
     vr->last_avail_idx++;
     put_used(vr, head, need);
     return RX_DELIVERED;
