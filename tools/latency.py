@@ -21,7 +21,11 @@ Method
   guest's kick.  The harness (Python) adds its own fixed cost to every
   system alike; compare systems within one run.
   Systems: `vswitchd` (its PMD sleeps when idle, woken by kicks),
-  `vswitchd-poll` (the same with `pmd: {sleep: false}`: always polling,
+  `vswitchd-cpu-qos` (the same with `pmd: {cpu_resume_latency_us: 0}`:
+  the PMD still sleeps, but its idle CPU polls instead of halting, so the
+  wake-up leaves out the CPU's or the hypervisor's own; see
+  vswitch/pmd/cpu_wake.py), `vswitchd-poll` (the same with
+  `pmd: {sleep: false}`: always polling,
   the case a sleeping PMD is measured against), `testpmd-io` (DPDK's vhost
   PMD, always polling), `ovs-dpdk` (OVS-DPDK, always polling) and
   `ovs-dpdk-sleep` (OVS-DPDK with other_config:pmd-maxsleep, its PMD
@@ -32,7 +36,7 @@ Method
   own, each behind a port of the system, `ping -i 1/rate` from one to the
   other (iputils ping, per-reply times in microseconds).  Systems:
   `vswitchd` (two TAP ports, each created inside its namespace),
-  `vswitchd-poll` (the same, `pmd: {sleep: false}`) and `linux-bridge` (a
+  `vswitchd-cpu-qos` and `vswitchd-poll` (the same, as above) and `linux-bridge` (a
   bridge in a namespace of its own, a veth pair to each).
 * Load (--loads): `idle`, the switch carries nothing else; `busy`, a
   background flow between two more ports of the same switch runs
@@ -80,8 +84,8 @@ if str(REPO) not in sys.path:
 from tools import bench  # noqa: E402
 
 CASES = ("vhost", "tap")
-VHOST_SYSTEMS = ("vswitchd", "vswitchd-poll", "testpmd-io", "ovs-dpdk", "ovs-dpdk-sleep")
-TAP_SYSTEMS = ("vswitchd", "vswitchd-poll", "linux-bridge")
+VHOST_SYSTEMS = ("vswitchd", "vswitchd-cpu-qos", "vswitchd-poll", "testpmd-io", "ovs-dpdk", "ovs-dpdk-sleep")
+TAP_SYSTEMS = ("vswitchd", "vswitchd-cpu-qos", "vswitchd-poll", "linux-bridge")
 DEFAULT_RATES = (10, 500)
 LOADS = ("idle", "busy")
 # The vhost case's background flow: a burst this big this often (at most 32,000 frames/s).
@@ -157,7 +161,20 @@ class VswitchdPoll(bench.Vswitchd):
         return config
 
 
-VHOST_SYSTEM_CLASSES = {"vswitchd": bench.Vswitchd, "vswitchd-poll": VswitchdPoll, "testpmd-io": bench.TestPmdIo,
+class VswitchdCpuQos(bench.Vswitchd):
+    """vswitchd whose PMD sleeps, its CPU kept to idle states it leaves at once
+    (pmd.cpu_resume_latency_us: 0): the wake-up without the hardware's or hypervisor's part."""
+
+    name = "vswitchd-cpu-qos"
+
+    def config(self) -> dict:
+        config = super().config()
+        config["pmd"]["cpu_resume_latency_us"] = 0
+        return config
+
+
+VSWITCHD_CLASSES = {"vswitchd": bench.Vswitchd, "vswitchd-cpu-qos": VswitchdCpuQos, "vswitchd-poll": VswitchdPoll}
+VHOST_SYSTEM_CLASSES = {**VSWITCHD_CLASSES, "testpmd-io": bench.TestPmdIo,
                         "ovs-dpdk": bench.OvsDpdk, "ovs-dpdk-sleep": OvsDpdkSleep}
 
 
@@ -372,8 +389,8 @@ def configure_address(netns: str, ifname: str, address: str) -> None:
 class TapVswitchd:
     name = "vswitchd"
 
-    def __init__(self, workdir: Path, args, netns: list[str], poll: bool = False):
-        self.sut = (VswitchdPoll if poll else bench.Vswitchd)(workdir, args.gen_core, args.sut_core)
+    def __init__(self, workdir: Path, args, netns: list[str], system_name: str = "vswitchd"):
+        self.sut = VSWITCHD_CLASSES[system_name](workdir, args.gen_core, args.sut_core)
         self.netns = netns
         self.sut.ports = lambda: [{"name": f"tap{i}", "type": "tap", "ifname": "eth0", "netns": ns}
                                   for i, ns in enumerate(netns)]
@@ -424,7 +441,7 @@ def measure_tap(system_name: str, rate: int, seconds: float, args, scratch: Path
         if system_name == "linux-bridge":
             system = LinuxBridge(workdir, args, pair, namespaces)
         else:
-            system = TapVswitchd(workdir, args, pair, poll=system_name == "vswitchd-poll")
+            system = TapVswitchd(workdir, args, pair, system_name)
         system.start()
 
         def pinger(ns: str) -> list[str]:

@@ -54,6 +54,8 @@ class Config:
     pmd_cpus: list[int] = field(default_factory=list)
     pmd_sleep: bool = True                # False: the PMDs poll when idle instead of sleeping
     pmd_yield: bool = False               # True: a PMD yields its CPU after a pass with under half a burst
+    # Microseconds the PMD CPUs may take to leave an idle state (vswitch/pmd/cpu_wake.py); None: the host's.
+    pmd_cpu_resume_latency_us: int | None = None
     metrics_listen: str | None = None     # "HOST:PORT" of the Prometheus endpoint, or None
     # Switch-wide values of port keys (socket_owner, socket_group, socket_mode) for ports that set none.
     port_defaults: dict = field(default_factory=dict)
@@ -76,6 +78,8 @@ class Config:
             data.setdefault("pmd", {})["sleep"] = False
         if self.pmd_yield:
             data.setdefault("pmd", {})["yield"] = True
+        if self.pmd_cpu_resume_latency_us is not None:
+            data.setdefault("pmd", {})["cpu_resume_latency_us"] = self.pmd_cpu_resume_latency_us
         if self.metrics_listen:
             data["metrics"] = {"listen": self.metrics_listen}
         data.update(self.port_defaults)
@@ -83,6 +87,10 @@ class Config:
         if self.mirrors:
             data["mirrors"] = [dict(m, select=list(m["select"])) for m in self.mirrors]
         return data
+
+
+# One second: a bound above it keeps no idle state out that a CPU has.
+MAX_CPU_RESUME_LATENCY_US = 1_000_000
 
 
 def _is_int(v) -> bool:
@@ -222,7 +230,7 @@ def parse(data, source: str = "<config>") -> Config:
         problems.append(f"{source}: fdb.static: must be a list of {{mac, port}}")
         static = []
 
-    pmd = _section(data, "pmd", ("cpus", "sleep", "yield"), source, problems)
+    pmd = _section(data, "pmd", ("cpus", "sleep", "yield", "cpu_resume_latency_us"), source, problems)
     sleep = pmd.get("sleep", True)
     if not isinstance(sleep, bool):
         problems.append(f"{source}: pmd.sleep: {sleep!r} must be true or false")
@@ -240,6 +248,15 @@ def parse(data, source: str = "<config>") -> Config:
         problems.append(f"{source}: pmd.cpus: {cpus!r} must be a list of distinct CPU numbers below {ncpu}")
     else:
         cfg.pmd_cpus = cpus
+    resume = pmd.get("cpu_resume_latency_us")
+    if resume is not None:
+        if not _is_int(resume) or not 0 <= resume <= MAX_CPU_RESUME_LATENCY_US:
+            problems.append(f"{source}: pmd.cpu_resume_latency_us: {resume!r} must be microseconds from 0 "
+                            f"(no idle state but polling) to {MAX_CPU_RESUME_LATENCY_US}")
+        elif not pmd.get("cpus"):
+            problems.append(f"{source}: pmd.cpu_resume_latency_us needs pmd.cpus: it applies to the PMDs' own CPUs")
+        else:
+            cfg.pmd_cpu_resume_latency_us = resume
 
     for name, key in SWITCH_WIDE_PORT_KEYS.items():
         if data.get(name) is not None:

@@ -19,6 +19,7 @@ import sys
 from vswitch import __version__, service
 from vswitch.config import ConfigError, load, save
 from vswitch.fib import FibError
+from vswitch.pmd.cpu_wake import CpuResumeLatency
 from vswitch.reload import reload, summary
 from vswitch.control.server import ControlServer
 from vswitch.switch import Switch, SwitchError
@@ -28,6 +29,8 @@ log = logging.getLogger("vswitchd")
 DEFAULT_CONFIG = "configs/default.yaml"
 # The runtime directory of the default config; created like OVS creates its own.
 RUN_DIR = "/run/vswitch"
+# Beside the control socket: the PMD CPUs' resume latencies before this switch set them (vswitch/pmd/cpu_wake.py).
+CPU_WAKE_STATE_SUFFIX = ".cpu-resume-latency.json"
 
 
 def parse_args(argv=None):
@@ -91,6 +94,18 @@ async def run(args) -> int:
         make_run_dir(RUN_DIR, cfg.port_defaults)
     control_path = args.control_socket or os.environ.get("VSWITCH_SOCKET") or cfg.control_socket
 
+    if cfg.pmd_cpu_resume_latency_us is None:
+        return await serve(args, cfg, control_path)
+    cpu_wake = CpuResumeLatency(cfg.pmd_cpus, cfg.pmd_cpu_resume_latency_us, control_path + CPU_WAKE_STATE_SUFFIX)
+    cpu_wake.hold()
+    try:
+        return await serve(args, cfg, control_path)
+    finally:
+        cpu_wake.release()
+
+
+async def serve(args, cfg, control_path: str) -> int:
+    """Runs the switch on `cfg` until SIGTERM or SIGINT; the exit status."""
     switch = Switch(cfg)
     switch.start()
     control = ControlServer(switch, control_path, cfg.control_group)

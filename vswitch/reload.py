@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RESTART_ONLY = {"control_socket": "control_socket", "control_group": "control_group", "pmd_cpus": "pmd.cpus",
                 "pmd_sleep": "pmd.sleep", "pmd_yield": "pmd.yield",
+                "pmd_cpu_resume_latency_us": "pmd.cpu_resume_latency_us",
                 "metrics_listen": "metrics.listen"}
 
 

@@ -25,10 +25,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_latency_smoke(tmp_path):
     json_out = tmp_path / "latency.json"
+    resume_latency = Path("/sys/devices/system/cpu/cpu1/power/pm_qos_resume_latency_us")   # the SUT core's
+    resume_before = resume_latency.read_text()
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     argv = [sys.executable, "-m", "tools.bench", "--latency", "--smoke", "--rates", "20", "--loads", "idle,busy",
-            "--systems", "vswitchd,vswitchd-poll,testpmd-io,linux-bridge", "--json-out", str(json_out),
+            "--systems", "vswitchd,vswitchd-cpu-qos,vswitchd-poll,testpmd-io,linux-bridge", "--json-out", str(json_out),
             "--plot", str(tmp_path / "latency.png")]
     done = subprocess.run(argv, cwd=REPO, env=dict(os.environ, TMPDIR=str(scratch)), capture_output=True,
                           text=True, timeout=600)
@@ -36,8 +38,9 @@ def test_latency_smoke(tmp_path):
     print(report)
     assert done.returncode == 0, report
     rows = json.loads(json_out.read_text())["results"]
-    systems = {("vhost", "vswitchd"), ("vhost", "vswitchd-poll"), ("vhost", "testpmd-io"),
-               ("tap", "vswitchd"), ("tap", "vswitchd-poll"), ("tap", "linux-bridge")}
+    systems = {("vhost", "vswitchd"), ("vhost", "vswitchd-cpu-qos"), ("vhost", "vswitchd-poll"),
+               ("vhost", "testpmd-io"), ("tap", "vswitchd"), ("tap", "vswitchd-cpu-qos"), ("tap", "vswitchd-poll"),
+               ("tap", "linux-bridge")}
     assert {(r["case"], r["system"], r["load"]) for r in rows} == {
         (case, system, load) for case, system in systems for load in ("idle", "busy")}, report
     for r in rows:
@@ -54,6 +57,7 @@ def test_latency_smoke(tmp_path):
     if "matplotlib not installed" not in done.stdout:
         assert (tmp_path / "latency.png").stat().st_size > 0
     assert list(scratch.iterdir()) == [], report
+    assert resume_latency.read_text() == resume_before, "vswitchd-cpu-qos should have put the SUT core's value back"
     left = [p.name for p in Path("/run/netns").iterdir() if p.name.startswith("vsl-")]
     assert left == [], f"namespaces left behind: {left}"
     leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])

@@ -96,4 +96,4 @@ def test_pmd_sleep_is_a_boolean_and_pmd_keys_are_checked(tmp_path):
 
 def test_a_section_that_is_not_a_mapping_names_every_key_it_takes():
     assert "x.yaml: fdb: must be a mapping (aging_seconds, max_entries, static)" in problems({"fdb": [1]})
-    assert "x.yaml: pmd: must be a mapping (cpus, sleep, yield)" in problems({"pmd": 3})
+    assert "x.yaml: pmd: must be a mapping (cpus, sleep, yield, cpu_resume_latency_us)" in problems({"pmd": 3})

@@ -227,6 +227,10 @@ def print_pmd_stats(result: dict) -> None:
         if p.get("yield"):
             print(f"  yields after light passes: {p['yields']} (pmd.yield true), "
                   f"sleeps after yields that ran no other thread: {p.get('yield_sleeps', 0)}")
+        resume = p.get("cpu_resume_latency")
+        if resume is not None:
+            bound = {"0": "none", "n/a": "0 us: its idle CPU polls"}.get(resume, f"{resume} us")
+            print(f"  cpu {cpu} idle states (pm_qos_resume_latency_us): left within {bound}")
         print(f"  longest gap between passes: {p['max_gap_us']} us")
         print(f"  unicast: {p['unicast']}  flooded: {p['flooded']}  dropped (same port): {p['dropped_same_port']}")
 

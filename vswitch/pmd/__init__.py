@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vswitch.native import ffi, lib
+from vswitch.pmd import cpu_wake
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class PmdThread:
             "dropped_same_port": s.dropped_same_port, "calls_blocked": self.c.call_watch.blocked,
             "max_gap_us": round(s.max_gap_cycles * 1e6 / self.c.tsc_hz, 1) if self.c.tsc_hz else 0.0,
             "rx_queues": [{"port": port.name, "queue": queue} for port, queue in self._polls],
+            "cpu_resume_latency": None if self.cpu is None else cpu_wake.current(self.cpu),
         }
 
 
