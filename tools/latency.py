@@ -178,6 +178,12 @@ VHOST_SYSTEM_CLASSES = {**VSWITCHD_CLASSES, "testpmd-io": bench.TestPmdIo,
                         "ovs-dpdk": bench.OvsDpdk, "ovs-dpdk-sleep": OvsDpdkSleep}
 
 
+def workdir_name(case: str, system: str, rate: int, load: str) -> str:
+    """Short, because the vhost-user sockets live in it (a UNIX socket path
+    has at most 107 bytes), and the scratch directory may be deep (pytest's)."""
+    return f"{case[0]}{rate}{load[0]}-{system}"
+
+
 def ethernet(dst: str, src: str, seq: int) -> bytes:
     header = bytes.fromhex(dst.replace(":", "")) + bytes.fromhex(src.replace(":", ""))
     payload = seq.to_bytes(8, "little")
@@ -280,7 +286,7 @@ def drain(guest: Guest) -> None:
 
 def measure_vhost(system_cls, rate: int, seconds: float, args, scratch: Path, load: str = "idle") -> Result:
     result = Result("vhost", system_cls.name, rate, load)
-    workdir = scratch / f"vhost-{system_cls.name}-{rate}-{load}"
+    workdir = scratch / workdir_name("vhost", system_cls.name, rate, load)
     workdir.mkdir()
     system = system_cls(workdir, args.gen_core, args.sut_core)
     if load == "busy":
@@ -431,7 +437,7 @@ PING_TIME = re.compile(r"icmp_seq=(\d+) .*time=([\d.]+) ms")
 
 def measure_tap(system_name: str, rate: int, seconds: float, args, scratch: Path, load: str = "idle") -> Result:
     result = Result("tap", system_name, rate, load)
-    workdir = scratch / f"tap-{system_name}-{rate}-{load}"
+    workdir = scratch / workdir_name("tap", system_name, rate, load)
     workdir.mkdir()
     namespaces = Namespaces(f"{len(list(scratch.iterdir()))}")
     system = None
