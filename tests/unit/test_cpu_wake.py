@@ -121,11 +121,17 @@ def test_the_bound_round_trips_through_the_config():
 # --- the daemon, on this host's own CPU attributes ---
 
 
-def real_attribute(cpu: int) -> str:
+@pytest.fixture
+def pmd_cpu():
+    """This host's last CPU of ours and its real attribute, put back as it was after the test."""
+    cpu = max(psutil.Process().cpu_affinity())
     path = attribute(cpu)
     if os.geteuid() != 0 or not os.access(path, os.W_OK):
         pytest.skip(f"needs root and a writable {path} (a kernel with CPU PM QoS, sysfs mounted read-write)")
-    return path
+    original = open(path).read().strip()
+    yield cpu, path, original
+    with open(path, "w") as f:
+        f.write(original)
 
 
 def poll_entries(cpu: int) -> int | None:
@@ -139,60 +145,41 @@ def poll_entries(cpu: int) -> int | None:
         return None
 
 
-def test_the_daemon_holds_its_pmd_cpu_and_puts_it_back_even_after_kill_9(tmp_path):
-    cpu = max(psutil.Process().cpu_affinity())
-    path = real_attribute(cpu)
-    original = open(path).read().strip()
-    extra = {"pmd": {"cpus": [cpu], "cpu_resume_latency_us": 0}}
-    try:
-        d = Vswitchd(tmp_path, ports=[], extra=extra).start()
-        assert open(path).read().strip() == STRICT, d.log()
-        assert d.ctl("pmd-stats")["pmds"][0]["cpu_resume_latency"] == STRICT
-        assert f"cpu {cpu} idle states (pm_qos_resume_latency_us): left within 0 us: its idle CPU polls" \
-            in d.ctl_raw("pmd-stats", check=True).stdout
-        polls = poll_entries(cpu)
-        time.sleep(0.5)   # the PMD sleeps: its CPU idles, and may only poll
-        if polls is not None:
-            assert poll_entries(cpu) > polls, "the CPU's idle loop should have polled"
-        d.kill()          # SIGKILL: no chance to put the value back
-        assert open(path).read().strip() == STRICT
-        d.start()         # the same config, so the same state file
-        assert open(path).read().strip() == STRICT
-        assert d.stop() == 0, d.log()
-        assert open(path).read().strip() == original, "the value from before the first switch"
-        assert not os.path.exists(d.control_socket + ".cpu-resume-latency.json")
-    finally:
-        with open(path, "w") as f:
-            f.write(original)
+def test_the_daemon_holds_its_pmd_cpu_and_puts_it_back_even_after_kill_9(tmp_path, pmd_cpu):
+    cpu, path, original = pmd_cpu
+    d = Vswitchd(tmp_path, ports=[], extra={"pmd": {"cpus": [cpu], "cpu_resume_latency_us": 0}}).start()
+    assert open(path).read().strip() == STRICT, d.log()
+    assert d.ctl("pmd-stats")["pmds"][0]["cpu_resume_latency"] == STRICT
+    assert f"cpu {cpu} idle states (pm_qos_resume_latency_us): left within 0 us: its idle CPU polls" \
+        in d.ctl_raw("pmd-stats", check=True).stdout
+    polls = poll_entries(cpu)
+    time.sleep(0.5)   # the PMD sleeps: its CPU idles, and may only poll
+    if polls is not None:
+        assert poll_entries(cpu) > polls, "the CPU's idle loop should have polled"
+    d.kill()          # SIGKILL: no chance to put the value back
+    assert open(path).read().strip() == STRICT
+    d.start()         # the same config, so the same state file
+    assert open(path).read().strip() == STRICT
+    assert d.stop() == 0, d.log()
+    assert open(path).read().strip() == original, "the value from before the first switch"
+    assert not os.path.exists(d.control_socket + ".cpu-resume-latency.json")
 
 
-def test_the_daemon_without_the_key_leaves_the_cpus_alone(tmp_path):
-    cpu = max(psutil.Process().cpu_affinity())
-    path = real_attribute(cpu)
-    original = open(path).read().strip()
-    try:
-        with open(path, "w") as f:
-            f.write("123")
-        with Vswitchd(tmp_path, ports=[], extra={"pmd": {"cpus": [cpu]}}):
-            assert open(path).read().strip() == "123"
+def test_the_daemon_without_the_key_leaves_the_cpus_alone(tmp_path, pmd_cpu):
+    cpu, path, _ = pmd_cpu
+    with open(path, "w") as f:
+        f.write("123")
+    with Vswitchd(tmp_path, ports=[], extra={"pmd": {"cpus": [cpu]}}):
         assert open(path).read().strip() == "123"
-    finally:
-        with open(path, "w") as f:
-            f.write(original)
+    assert open(path).read().strip() == "123"
 
 
-def test_a_reload_reports_the_key_needs_a_restart(tmp_path):
-    cpu = max(psutil.Process().cpu_affinity())
-    path = real_attribute(cpu)
-    original = open(path).read().strip()
-    try:
-        with Vswitchd(tmp_path, ports=[], extra={"pmd": {"cpus": [cpu], "cpu_resume_latency_us": 0}}) as d:
-            data = yaml.safe_load(open(d.config_path))
-            data["pmd"]["cpu_resume_latency_us"] = 50
-            d.config_path.write_text(yaml.safe_dump(data))
-            result = d.ctl("reload")
-            assert "pmd.cpu_resume_latency_us" in json.dumps(result), result
-            assert open(path).read().strip() == STRICT, "a reload does not apply it"
-    finally:
-        with open(path, "w") as f:
-            f.write(original)
+def test_a_reload_reports_the_key_needs_a_restart(tmp_path, pmd_cpu):
+    cpu, path, _ = pmd_cpu
+    with Vswitchd(tmp_path, ports=[], extra={"pmd": {"cpus": [cpu], "cpu_resume_latency_us": 0}}) as d:
+        data = yaml.safe_load(open(d.config_path))
+        data["pmd"]["cpu_resume_latency_us"] = 50
+        d.config_path.write_text(yaml.safe_dump(data))
+        result = d.ctl("reload")
+        assert "pmd.cpu_resume_latency_us" in json.dumps(result), result
+        assert open(path).read().strip() == STRICT, "a reload does not apply it"
