@@ -66,6 +66,18 @@ def test_a_switch_killed_while_holding_leaves_the_true_originals_to_the_next(tmp
     assert not os.path.exists(state)
 
 
+def test_a_cpu_the_killed_switch_held_and_this_one_does_not_is_put_back(tmp_path):
+    root = fake_cpus(tmp_path / "sys", {1: "0", 2: "40"})
+    state = str(tmp_path / "state.json")
+    CpuResumeLatency([1], 0, state, root).hold()           # killed: never released
+    second = CpuResumeLatency([2], 0, state, root)        # pmd.cpus changed meanwhile
+    second.hold()
+    assert (read(root, 1), read(root, 2)) == ("0", STRICT)
+    assert json.load(open(state)) == {"2": "40"}
+    second.release()
+    assert (read(root, 1), read(root, 2)) == ("0", "40")
+
+
 def test_a_cpu_that_cannot_be_set_is_logged_and_the_others_are_set(tmp_path, caplog):
     root = fake_cpus(tmp_path / "sys", {0: "0"})
     held = CpuResumeLatency([0, 7], 0, str(tmp_path / "state.json"), root)

@@ -63,6 +63,9 @@ class CpuResumeLatency:
         """Sets every PMD CPU's bound; a CPU whose attribute cannot be written
         is logged in one line and left as it was (the switch runs without it)."""
         left = self._left_by_an_earlier_run()
+        for cpu, value in left.items():
+            if cpu not in self.cpus:    # the config changed since that run: this switch will not hold it
+                self._write(cpu, value)
         for cpu in self.cpus:
             path = attribute(cpu, self.root)
             try:
@@ -83,16 +86,20 @@ class CpuResumeLatency:
     def release(self) -> None:
         """Puts back what hold() found, then forgets the state file."""
         for cpu, value in self.originals.items():
-            try:
-                with open(attribute(cpu, self.root), "w") as f:
-                    f.write(value)
-            except OSError as exc:
-                log.warning("pmd.cpu_resume_latency_us: cannot restore CPU %d to %s: %s", cpu, value, exc.strerror)
+            self._write(cpu, value)
         self.originals = {}
         try:
             os.unlink(self.state_path)
         except FileNotFoundError:
             pass
+
+    def _write(self, cpu: int, value: str) -> None:
+        """Puts a value found before back."""
+        try:
+            with open(attribute(cpu, self.root), "w") as f:
+                f.write(value)
+        except OSError as exc:
+            log.warning("pmd.cpu_resume_latency_us: cannot restore CPU %d to %s: %s", cpu, value, exc.strerror)
 
     def _left_by_an_earlier_run(self) -> dict[int, str]:
         """The originals a switch killed before release() wrote down, if any."""
