@@ -27,8 +27,8 @@ learns all N; then --passes passes are counted, every frame a known source.
 The PMD's clock is held (struct vs_pmd clock_sec) in the second the sources
 were learned in, or with `--refresh` in the next one, so that every frame's
 source is refreshed once (counted passes at most one cycle of the sources).
-Frames counted: printed; divide the total by them.  `--no-avx2`: the
-burst's sources hashed one at a time, as on a CPU without AVX2.
+Frames counted: printed; divide the total by them.  `--siphash`: the
+table hashes with SipHash-1-3, as on a CPU without AES-NI.
 
 `--ports N [--mode unicast|flood]` is the port count's cost instead
 (README "Latency and scale"): N null ports in generator mode as
@@ -59,13 +59,15 @@ def null_port(port_no: int):
     return np, port
 
 
-def mac_cost(n_macs: int, passes: int, refresh: bool) -> None:
+def mac_cost(n_macs: int, passes: int, refresh: bool, siphash: bool) -> None:
     """--macs: learn n_macs sources with a PMD thread, then count passes of vs_pmd_poll_once."""
     import time
 
     from tools.scale import PmdRun, macs_generating
 
     fib, a, b = macs_generating(n_macs)
+    if siphash:
+        fib.c.hash_aes = 0     # while empty
     start = 1_000_000
     run = PmdRun(fib, [a, b], core=0, clock_sec=start)
     while fib.c.n_entries < n_macs:
@@ -129,14 +131,12 @@ def main() -> None:
     p.add_argument("--mode", choices=["unicast", "flood"], default="unicast",
                    help="--ports: to the next port's MAC, or to the broadcast address")
     p.add_argument("--refresh", action="store_true", help="--macs: count passes in the second after the learning")
-    p.add_argument("--no-avx2", action="store_true", help="hash a burst's sources one at a time (vs_fib_use_avx2 0)")
+    p.add_argument("--siphash", action="store_true", help="--macs: hash with SipHash-1-3, as without AES-NI")
     p.add_argument("--monitor", choices=["none", "capture", "mirror"], default="none")
     p.add_argument("--profile", action="store_true", help="time each stage (struct vs_pmd_profile)")
     args = p.parse_args()
-    if args.no_avx2:
-        lib.vs_fib_use_avx2 = 0
     if args.macs:
-        mac_cost(args.macs, args.passes, args.refresh)
+        mac_cost(args.macs, args.passes, args.refresh, args.siphash)
         return
     if args.ports:
         ports_cost(args.ports, args.mode, args.passes)

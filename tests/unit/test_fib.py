@@ -227,9 +227,11 @@ def test_reference_siphash_matches_published_vectors():
         assert siphash(*VECTOR_KEY, bytes(range(n)), 1, 3) == want
 
 
-def fib_with_key(k0: int, k1: int, capacity: int = 64):
+def fib_with_key(k0: int, k1: int, capacity: int = 64, aes: bool = False):
+    """A table hashing with SipHash-1-3 under key (k0, k1), or with AES rounds (the rest of its key random)."""
     fib = lib.vs_fib_create(capacity, capacity, 300)
     assert fib != ffi.NULL
+    fib.hash_aes = int(aes)
     fib.hash_key[0] = k0
     fib.hash_key[1] = k1
     return ffi.gc(fib, lib.vs_fib_destroy)
@@ -246,34 +248,132 @@ def test_bucket_hash_is_siphash13_of_the_key():
         assert lib.vs_fib_hash(fib, key) == siphash(k0, k1, key.to_bytes(8, "little"), 1, 3)
 
 
-@pytest.fixture(params=["one at a time", "avx2"])
-def hash_path(request):
-    """vs_fib_buckets_of's two ways; AVX2 only where the CPU has it."""
-    saved = lib.vs_fib_use_avx2
-    if request.param == "avx2":
-        if "avx2" not in open("/proc/cpuinfo").read().split():
-            pytest.skip("this CPU has no AVX2")
-        lib.vs_fib_use_avx2 = 1
-    else:
-        lib.vs_fib_use_avx2 = 0
-    yield request.param
-    lib.vs_fib_use_avx2 = saved
+# --- AES rounds, from FIPS-197, as the reference for the AES-NI hash --------
+
+def _aes_sbox() -> list[int]:
+    """FIPS-197 5.1.1: the multiplicative inverse in GF(2^8), then the affine map."""
+    def mul(a, b):
+        r = 0
+        while b:
+            if b & 1:
+                r ^= a
+            a = ((a << 1) ^ 0x11B) if a & 0x80 else a << 1
+            b >>= 1
+        return r
+    box = []
+    for x in range(256):
+        inv = next((y for y in range(1, 256) if mul(x, y) == 1), 0)
+        b = inv
+        for shift in (1, 2, 3, 4):
+            b ^= ((inv << shift) | (inv >> (8 - shift))) & 0xFF
+        box.append(b ^ 0x63)
+    return box
 
 
-def test_a_burst_of_keys_is_hashed_as_one_key_at_a_time(hash_path):
-    # vs_fib_buckets_of may hash a burst in vector registers: every length
-    # up to a burst and past it (the vector loop's remainder), each against
-    # the reference SipHash-1-3.
+SBOX = _aes_sbox()
+
+
+def _xtime(a: int) -> int:
+    return ((a << 1) ^ 0x1B) & 0xFF if a & 0x80 else a << 1
+
+
+def aes_round(state: bytes, round_key: bytes, last: bool = False) -> bytes:
+    """One AES encryption round on 16 bytes (column-major, as in memory): AESENC, or AESENCLAST."""
+    s = [SBOX[b] for b in state]                                     # SubBytes
+    s = [s[(i + 4 * (i % 4)) % 16] for i in range(16)]               # ShiftRows: row r moves left by r
+    if not last:                                                     # MixColumns
+        out = []
+        for c in range(4):
+            a = s[4 * c:4 * c + 4]
+            t = a[0] ^ a[1] ^ a[2] ^ a[3]
+            out += [a[i] ^ t ^ _xtime(a[i] ^ a[(i + 1) % 4]) for i in range(4)]
+        s = out
+    return bytes(x ^ k for x, k in zip(s, round_key))
+
+
+def aes128_encrypt(key: bytes, block: bytes) -> bytes:
+    """FIPS-197 AES-128, to check aes_round against the standard's own example."""
+    words = [key[4 * i:4 * i + 4] for i in range(4)]
+    rcon = 1
+    for i in range(4, 44):
+        t = words[i - 1]
+        if i % 4 == 0:
+            t = bytes([SBOX[t[1]] ^ rcon, SBOX[t[2]], SBOX[t[3]], SBOX[t[0]]])
+            rcon = _xtime(rcon)
+        words.append(bytes(a ^ b for a, b in zip(words[i - 4], t)))
+    keys = [b"".join(words[4 * r:4 * r + 4]) for r in range(11)]
+    state = bytes(a ^ b for a, b in zip(block, keys[0]))
+    for r in range(1, 10):
+        state = aes_round(state, keys[r])
+    return aes_round(state, keys[10], last=True)
+
+
+def aes3_hash(key_words: list[int], msg: int) -> int:
+    """fib.c aes3_u64: the message XOR round key 0, three AESENC rounds, the low 8 bytes."""
+    rk = [b"".join(w.to_bytes(8, "little") for w in key_words[2 * r:2 * r + 2]) for r in range(4)]
+    state = bytes(a ^ b for a, b in zip(msg.to_bytes(16, "little"), rk[0]))
+    for r in (1, 2, 3):
+        state = aes_round(state, rk[r])
+    return int.from_bytes(state[:8], "little")
+
+
+def test_reference_aes_matches_fips_197():
+    # FIPS-197 Appendix B: the cipher example.
+    out = aes128_encrypt(bytes.fromhex("2b7e151628aed2a6abf7158809cf4f3c"),
+                         bytes.fromhex("3243f6a8885a308d313198a2e0370734"))
+    assert out == bytes.fromhex("3925841d02dc09fbdc118597196a0b32")
+
+
+def has_aes() -> bool:
+    return "aes" in open("/proc/cpuinfo").read().split()
+
+
+def test_bucket_hash_is_three_aes_rounds_of_the_key():
+    if not has_aes():
+        pytest.skip("this CPU has no AES-NI (the table hashes with SipHash-1-3 there)")
+    fib = fib_with_key(0, 0, aes=True)
+    rng = random.Random(9)
+    for _ in range(100):
+        words = [rng.getrandbits(64) for _ in range(8)]
+        for i, w in enumerate(words):
+            fib.hash_key[i] = w
+        key = rng.getrandbits(60)
+        assert lib.vs_fib_hash(fib, key) == aes3_hash(words, key)
+
+
+def test_a_new_table_hashes_with_aes_where_the_cpu_has_it():
+    t = MacTable(max_entries=16)
+    try:
+        assert t.c.hash_aes == int(has_aes())
+    finally:
+        t.close()
+
+
+@pytest.fixture(params=["siphash", "aes"])
+def hash_kind(request):
+    """The table's two hashes; AES only where the CPU has it."""
+    if request.param == "aes" and not has_aes():
+        pytest.skip("this CPU has no AES-NI")
+    return request.param
+
+
+def test_a_burst_of_keys_is_hashed_as_one_key_at_a_time(hash_kind):
+    # vs_fib_buckets_of hashes a burst in one loop: every length up to a
+    # burst and past it, each against the reference hash of one key.
     rng = random.Random(14)
-    fib = fib_with_key(rng.getrandbits(64), rng.getrandbits(64), capacity=65536)
-    k0, k1 = fib.hash_key[0], fib.hash_key[1]
+    fib = fib_with_key(rng.getrandbits(64), rng.getrandbits(64), capacity=65536, aes=hash_kind == "aes")
+    words = [fib.hash_key[i] for i in range(8)]
     for n in list(range(0, 34)) + [64]:
         keys = [rng.getrandbits(60) for _ in range(n)]
         out = ffi.new("uint32_t[]", n + 1)
         out[n] = 0xDEADBEEF
         lib.vs_fib_buckets_of(fib, ffi.new("uint64_t[]", keys), n, out)
-        want = [siphash(k0, k1, k.to_bytes(8, "little"), 1, 3) & fib.bucket_mask for k in keys]
+        if hash_kind == "aes":
+            want = [aes3_hash(words, k) & fib.bucket_mask for k in keys]
+        else:
+            want = [siphash(words[0], words[1], k.to_bytes(8, "little"), 1, 3) & fib.bucket_mask for k in keys]
         assert list(out[0:n]) == want
+        assert [lib.vs_fib_hash(fib, k) & fib.bucket_mask for k in keys] == want
         assert out[n] == 0xDEADBEEF   # nothing written past n
 
 
@@ -284,7 +384,7 @@ def test_each_table_gets_its_own_random_key():
     try:
         a, b = ([lib.vs_fib_hash(t.c, k) for k in keys] for t in tables)
         assert a != b
-        assert (tables[0].c.hash_key[0], tables[0].c.hash_key[1]) != (tables[1].c.hash_key[0], tables[1].c.hash_key[1])
+        assert list(tables[0].c.hash_key) != list(tables[1].c.hash_key)
         buckets = [[h & t.c.bucket_mask for h in hs] for t, hs in zip(tables, (a, b))]
         assert buckets[0] != buckets[1]
     finally:

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <sys/random.h>
 #include <time.h>
+#include <wmmintrin.h>
 
 #include "vswitch.h"
 
@@ -33,13 +34,19 @@ uint64_t vs_fib_key(const uint8_t *mac, uint16_t vlan)
 }
 
 /*
- * SipHash-1-3 (Aumasson and Bernstein) of one 8-byte message, the key as
- * little-endian bytes.  Why keyed: any hash an attacker can compute lets a
- * guest send source MACs that all land in one bucket (an unkeyed multiply
- * put 8000 of them in one chain and made each lookup 30 to 40 times slower).
- * Why SipHash: a PRF built for short inputs; 1-3 rounds, as in Rust's and
- * Python's hash tables, are a few tens of cycles for 8 bytes.  Written out,
- * not taken from a library, so that the PMD's calls inline it.
+ * The bucket hash is keyed: any hash an attacker can compute lets a guest
+ * send source MACs that all land in one bucket (an unkeyed multiply put
+ * 8000 of them in one chain and made each lookup 30 to 40 times slower).
+ * A burst of many sources spends most of its table work hashing, so where
+ * the CPU has AES-NI the hash is three AES rounds under four random round
+ * keys, as Go's runtime hashes its maps' 8-byte keys: about 7 instructions
+ * a key.  Three rounds diffuse every input bit over the whole block
+ * twice, the output never leaves the switch, and the chain bound
+ * (VS_FIB_MAX_CHAIN) caps what a collision found anyway could cost.
+ * Without AES-NI, SipHash-1-3 (a PRF built for short inputs, as Rust's
+ * and Python's hash tables use): about 75 instructions a key.  Both are
+ * written out, not taken from a library, so that the burst loop inlines
+ * them.
  */
 #define SIPROUND(v0, v1, v2, v3) do {                                             \
         v0 += v1; v1 = rotl64(v1, 13); v1 ^= v0; v0 = rotl64(v0, 32);             \
@@ -53,6 +60,7 @@ static inline uint64_t rotl64(uint64_t x, int b)
     return (x << b) | (x >> (64 - b));
 }
 
+/* SipHash-1-3 (Aumasson and Bernstein) of one 8-byte message, the key as little-endian bytes. */
 static inline uint64_t siphash13_u64(const uint64_t key[2], uint64_t m)
 {
     uint64_t v0 = key[0] ^ 0x736f6d6570736575ULL, v1 = key[1] ^ 0x646f72616e646f6dULL;
@@ -71,68 +79,82 @@ static inline uint64_t siphash13_u64(const uint64_t key[2], uint64_t m)
     return v0 ^ v1 ^ v2 ^ v3;
 }
 
+/* The message in the low 8 bytes of a block XORed with round key 0, then
+ * AESENC (ShiftRows, SubBytes, MixColumns, XOR the round key) under round
+ * keys 1, 2 and 3; the hash is the block's low 8 bytes. */
+struct aes3_keys {
+    __m128i k[4];
+};
+
+__attribute__((target("aes")))
+static inline struct aes3_keys aes3_load(const uint64_t key[8])
+{
+    struct aes3_keys r;
+    for (int i = 0; i < 4; i++) {
+        r.k[i] = _mm_loadu_si128((const __m128i *)&key[2 * i]);
+    }
+    return r;
+}
+
+__attribute__((target("aes")))
+static inline uint64_t aes3_u64(const struct aes3_keys *rk, uint64_t m)
+{
+    __m128i x = _mm_xor_si128(_mm_cvtsi64_si128((long long)m), rk->k[0]);
+    x = _mm_aesenc_si128(x, rk->k[1]);
+    x = _mm_aesenc_si128(x, rk->k[2]);
+    x = _mm_aesenc_si128(x, rk->k[3]);
+    return (uint64_t)_mm_cvtsi128_si64(x);
+}
+
+__attribute__((target("aes")))
+static uint64_t aes3_one(const uint64_t key[8], uint64_t m)
+{
+    struct aes3_keys rk = aes3_load(key);
+    return aes3_u64(&rk, m);
+}
+
 uint64_t vs_fib_hash(const struct vs_fib *fib, uint64_t key)
 {
-    return siphash13_u64(fib->hash_key, key);
+    return fib->hash_aes ? aes3_one(fib->hash_key, key) : siphash13_u64(fib->hash_key, key);
 }
 
 static inline uint32_t bucket_of(const struct vs_fib *fib, uint64_t key)
 {
-    return (uint32_t)siphash13_u64(fib->hash_key, key) & fib->bucket_mask;
+    return (uint32_t)vs_fib_hash(fib, key) & fib->bucket_mask;
 }
 
-/*
- * SipHash-1-3 of many keys, the same as one at a time.  A burst of many
- * sources spends most of its table work here, and the keys are
- * independent, so with AVX2 the loop runs four keys per instruction (GCC
- * vectorizes it): 33 instructions a key instead of about 75.  Without
- * AVX2, one key at a time: two 64-bit lanes of SSE need about 81 (rotates
- * take three instructions there), no gain.
- */
-__attribute__((target("avx2")))
-static void siphash13_many_avx2(const uint64_t key[2], const uint64_t *restrict keys, uint32_t n,
-                                uint64_t *restrict out)
+/* The keys are independent, so the CPU overlaps their AES rounds. */
+__attribute__((target("aes")))
+static void aes3_buckets_of(const struct vs_fib *fib, const uint64_t *keys, uint32_t n, uint32_t *buckets)
 {
-    const uint64_t k[2] = {key[0], key[1]};
+    const struct aes3_keys rk = aes3_load(fib->hash_key);
+    const uint32_t mask = fib->bucket_mask;
+    uint32_t *heads = fib->buckets;
     for (uint32_t i = 0; i < n; i++) {
-        out[i] = siphash13_u64(k, keys[i]);
+        uint32_t b = (uint32_t)aes3_u64(&rk, keys[i]) & mask;
+        __builtin_prefetch(&heads[b]);
+        buckets[i] = b;
     }
 }
-
-int vs_fib_use_avx2 = -1;
 
 void vs_fib_buckets_of(const struct vs_fib *fib, const uint64_t *keys, uint32_t n, uint32_t *buckets)
 {
-    int avx2 = __atomic_load_n(&vs_fib_use_avx2, __ATOMIC_RELAXED);
-    if (unlikely(avx2 < 0)) {
-        avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
-        __atomic_store_n(&vs_fib_use_avx2, avx2, __ATOMIC_RELAXED);
-    }
-    if (!avx2) {
-        for (uint32_t i = 0; i < n; i++) {
-            buckets[i] = vs_fib_prefetch_bucket(fib, keys[i]);
-        }
+    if (fib->hash_aes) {
+        aes3_buckets_of(fib, keys, n, buckets);
         return;
     }
-    uint64_t h[VS_BURST];
-    for (uint32_t done = 0; done < n; done += VS_BURST) {
-        uint32_t m = n - done < VS_BURST ? n - done : VS_BURST;
-        siphash13_many_avx2(fib->hash_key, keys + done, m, h);
-        for (uint32_t i = 0; i < m; i++) {
-            uint32_t b = (uint32_t)h[i] & fib->bucket_mask;
-            __builtin_prefetch(&fib->buckets[b]);
-            buckets[done + i] = b;
-        }
+    for (uint32_t i = 0; i < n; i++) {
+        buckets[i] = (uint32_t)siphash13_u64(fib->hash_key, keys[i]) & fib->bucket_mask;
+        __builtin_prefetch(&fib->buckets[buckets[i]]);
     }
 }
 
 /* A fresh key per table, so collisions found in one run say nothing about the next. */
-static bool random_key(uint64_t key[2])
+static bool random_key(uint8_t *p, size_t size)
 {
-    uint8_t *p = (uint8_t *)key;
     size_t got = 0;
-    while (got < 2 * sizeof key[0]) {
-        ssize_t n = getrandom(p + got, 2 * sizeof key[0] - got, 0);
+    while (got < size) {
+        ssize_t n = getrandom(p + got, size - got, 0);
         if (n < 0 && errno != EINTR) {
             return false;
         }
@@ -157,10 +179,11 @@ struct vs_fib *vs_fib_create(uint32_t capacity, uint32_t max_entries, uint32_t a
     fib->buckets = malloc(nbuckets * sizeof *fib->buckets);
     /* calloc maps a large array untouched: memory is used as entries are. */
     fib->entries = calloc(capacity, sizeof *fib->entries);
-    if (!fib->buckets || !fib->entries || !random_key(fib->hash_key)) {
+    if (!fib->buckets || !fib->entries || !random_key((uint8_t *)fib->hash_key, sizeof fib->hash_key)) {
         vs_fib_destroy(fib);
         return NULL;
     }
+    fib->hash_aes = __builtin_cpu_supports("aes") ? 1 : 0;
     fib->capacity = capacity;
     fib->max_entries = max_entries;
     fib->aging_seconds = aging_seconds;

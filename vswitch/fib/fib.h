@@ -9,8 +9,10 @@
  * most dynamic entries gives up its least recently seen one, so that one
  * port flooding random source MACs cannot push out the other ports' entries.
  *
- * Buckets are chosen by SipHash-1-3 under a random key drawn when the table
- * is created, so MACs that collide cannot be computed offline, and a bucket
+ * Buckets are chosen by a keyed hash under a random key drawn when the
+ * table is created (three AES rounds where the CPU has AES-NI, else
+ * SipHash-1-3; fib.c says why), so MACs that collide cannot be computed
+ * offline, and a bucket
  * holds at most VS_FIB_MAX_CHAIN entries: a learn into a full bucket is
  * refused and counted, so no lookup ever compares more than that.
  */
@@ -76,7 +78,9 @@ struct vs_fib {
     uint32_t n_entries;
     uint32_t aging_seconds;
     uint32_t bucket_mask;
-    uint64_t hash_key[2];        /* SipHash key, from getrandom() at creation (tests set it while empty) */
+    /* The bucket hash and its key, both chosen at creation (tests change them while empty). */
+    uint32_t hash_aes;           /* 1: three AES rounds (the CPU has AES-NI); 0: SipHash-1-3 */
+    uint64_t hash_key[8];        /* from getrandom(): AES's four round keys, or SipHash's key in [0] and [1] */
     uint32_t *buckets;
     struct vs_fib_entry *entries;
     uint32_t free_head;          /* entries freed since creation; NONE: take next_fresh */
@@ -139,9 +143,5 @@ void vs_fib_prefetch_entry(const struct vs_fib *fib, uint32_t bucket);
  * returns them one at a time (and starts loading each bucket head), with
  * the keys hashed several at once: for a burst of many sources. */
 void vs_fib_buckets_of(const struct vs_fib *fib, const uint64_t *keys, uint32_t n, uint32_t *buckets);
-/* vs_fib_buckets_of hashes four keys per instruction with AVX2: 1 where the
- * CPU has it, 0 one key at a time, -1 (the start) to ask the CPU at the first
- * call.  Tests set it to run both ways. */
-extern int vs_fib_use_avx2;
 /* As vs_fib_lookup; *sub is the entry's sub-destination (0 on a miss). */
 int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub);

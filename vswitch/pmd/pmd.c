@@ -398,39 +398,36 @@ static void send_group(struct vs_port *out, uint32_t queue_hint, struct out_grou
 /* A burst of many sources in a large table would miss the cache twice per
  * frame (bucket, entry) one after the other: start all those loads first,
  * before the lock, so that they overlap.  A source repeated from the frame
- * before costs nothing, so the few-flow case stays as it was. */
+ * before costs nothing, so the few-flow case stays as it was; with many,
+ * every frame's source is hashed, repeats too (a hash is cheaper than
+ * keeping a list of the distinct ones). */
 static void prefetch_sources(const struct vs_fib *fib, const uint8_t (*macs)[12], uint32_t n,
                              uint32_t *src_bucket, uint64_t *src_key)
 {
-    uint64_t keys[VS_BURST];
-    uint8_t at[VS_BURST];
-    uint32_t nb = 0;
-    uint64_t prev = ~0ULL;
+    uint32_t distinct = 0, first = 0;
+    uint64_t prev = NO_KEY;
     for (uint32_t i = 0; i < n; i++) {
         src_bucket[i] = NO_BUCKET;
-        src_key[i] = NO_KEY;
+        uint64_t src = NO_KEY;
         if (!(macs[i][6] & 1)) {
-            uint64_t src = mac_key(macs[i] + 6);
-            src_key[i] = src;
+            src = mac_key(macs[i] + 6);
             if (src != prev) {
-                keys[nb] = src;
-                at[nb++] = (uint8_t)i;
+                first = distinct++ ? first : i;
                 prev = src;
             }
         }
+        src_key[i] = src;
     }
-    if (nb < 2) {
-        if (nb) {
-            src_bucket[at[0]] = vs_fib_prefetch_bucket(fib, keys[0]);
+    if (distinct < 2) {
+        if (distinct) {
+            src_bucket[first] = vs_fib_prefetch_bucket(fib, src_key[first]);
         }
         return;   /* one source: the memo and the cache have it */
     }
-    /* Many sources: hashed together, several keys per instruction. */
-    uint32_t buckets[VS_BURST];
-    vs_fib_buckets_of(fib, keys, nb, buckets);
-    for (uint32_t j = 0; j < nb; j++) {
-        src_bucket[at[j]] = buckets[j];
-        vs_fib_prefetch_entry(fib, buckets[j]);
+    /* Many sources: hashed together (a multicast frame's NO_KEY too, unused). */
+    vs_fib_buckets_of(fib, src_key, n, src_bucket);
+    for (uint32_t i = 0; i < n; i++) {
+        vs_fib_prefetch_entry(fib, src_bucket[i]);
     }
 }
 
