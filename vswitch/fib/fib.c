@@ -169,8 +169,8 @@ static bool random_key(uint8_t *p, size_t size)
  * miss each, and with 4 KiB pages a TLB miss each too (a page walk before
  * the miss itself).  So an array of 2 MiB or more is mapped on a 2 MiB
  * boundary and offered to transparent huge pages, as DPDK puts its tables
- * in huge pages: at a million MACs this took the PMD from about 3.1x to
- * NNN the cycles a frame of two MACs (README "Latency and scale").  Only a
+ * in huge pages: at a million MACs this took the PMD from 3.0-3.2x to
+ * 2.65-2.84x the cycles a frame of two MACs (README "Latency and scale").  Only a
  * hint: without THP the pages stay small.  As with calloc, pages never
  * touched take no memory.
  */

@@ -35,11 +35,16 @@ def attribute(cpu: int, root: str = SYSFS_CPU) -> str:
     return os.path.join(root, f"cpu{cpu}", "power", "pm_qos_resume_latency_us")
 
 
+def read_bound(cpu: int, root: str = SYSFS_CPU) -> str:
+    """The CPU's bound as the kernel shows it ("0": none; "n/a": polling only); OSError if it has none."""
+    with open(attribute(cpu, root)) as f:
+        return f.read().strip()
+
+
 def current(cpu: int, root: str = SYSFS_CPU) -> str | None:
-    """The CPU's bound as the kernel shows it ("0": none; "n/a": polling only), or None if it has none to show."""
+    """As read_bound, or None if the CPU has no bound to show (for pmd-stats)."""
     try:
-        with open(attribute(cpu, root)) as f:
-            return f.read().strip()
+        return read_bound(cpu, root)
     except OSError:
         return None
 
@@ -69,9 +74,7 @@ class CpuResumeLatency:
         for cpu in self.cpus:
             path = attribute(cpu, self.root)
             try:
-                with open(path) as f:
-                    found = f.read().strip()
-                original = left.get(cpu, found)
+                original = left.get(cpu, read_bound(cpu, self.root))
                 with open(path, "w") as f:
                     f.write(kernel_value(self.us))
             except OSError as exc:
