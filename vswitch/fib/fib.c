@@ -170,9 +170,9 @@ static bool random_key(uint8_t *p, size_t size)
  * the miss itself).  So an array of 2 MiB or more is mapped on a 2 MiB
  * boundary and offered to transparent huge pages, as DPDK puts its tables
  * in huge pages: at a million MACs this took the PMD from 3.0-3.2x to
- * 2.65-2.84x the cycles a frame of two MACs (README "Latency and scale").  Only a
- * hint: without THP the pages stay small.  As with calloc, pages never
- * touched take no memory.
+ * 2.65-2.84x the cycles a frame of two MACs (README "Latency and
+ * scale").  Only a hint: without THP the pages stay small.  As with
+ * calloc, pages never touched take no memory.
  */
 #define HUGE_PAGE ((size_t)2 << 20)
 
@@ -195,9 +195,7 @@ static void *table_alloc(size_t size)
     if (a > p) {
         munmap(p, (size_t)(a - p));
     }
-    if (p + HUGE_PAGE > a) {
-        munmap(a + len, (size_t)(p + HUGE_PAGE - a));
-    }
+    munmap(a + len, (size_t)(p + HUGE_PAGE - a));   /* a < p + HUGE_PAGE: never empty */
     madvise(a, len, MADV_HUGEPAGE);
     return a;
 }

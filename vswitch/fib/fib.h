@@ -12,9 +12,9 @@
  * Buckets are chosen by a keyed hash under a random key drawn when the
  * table is created (three AES rounds where the CPU has AES-NI, else
  * SipHash-1-3; fib.c says why), so MACs that collide cannot be computed
- * offline, and a bucket
- * holds at most VS_FIB_MAX_CHAIN entries: a learn into a full bucket is
- * refused and counted, so no lookup ever compares more than that.
+ * offline, and a bucket holds at most VS_FIB_MAX_CHAIN entries: a learn
+ * into a full bucket is refused and counted, so no lookup ever compares
+ * more than that.
  */
 
 #define VS_FIB_NONE 4294967295   /* "no entry" in chains and lists */
@@ -140,8 +140,8 @@ int vs_fib_lookup(struct vs_fib *fib, uint64_t key);
 uint32_t vs_fib_prefetch_bucket(const struct vs_fib *fib, uint64_t key);
 void vs_fib_prefetch_entry(const struct vs_fib *fib, uint32_t bucket);
 /* Without the lock: the buckets of n keys, as vs_fib_prefetch_bucket
- * returns them one at a time (and starts loading each bucket head), with
- * the keys hashed several at once: for a burst of many sources. */
+ * returns them one at a time (and starts loading each bucket head), in one
+ * loop whose hashes the CPU overlaps: for a burst of many sources. */
 void vs_fib_buckets_of(const struct vs_fib *fib, const uint64_t *keys, uint32_t n, uint32_t *buckets);
 /* As vs_fib_lookup; *sub is the entry's sub-destination (0 on a miss). */
 int vs_fib_lookup_sub(struct vs_fib *fib, uint64_t key, uint16_t *sub);

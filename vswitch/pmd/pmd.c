@@ -412,7 +412,9 @@ static void prefetch_sources(const struct vs_fib *fib, const uint8_t (*macs)[12]
         if (!(macs[i][6] & 1)) {
             src = mac_key(macs[i] + 6);
             if (src != prev) {
-                first = distinct++ ? first : i;
+                if (distinct++ == 0) {
+                    first = i;
+                }
                 prev = src;
             }
         }
