@@ -28,6 +28,7 @@ import subprocess
 
 import pytest
 
+from tests.support.daemon import Vswitchd
 from tests.support.testpmd import hugepages_free
 
 IN_CI = bool(os.environ.get("CI"))
@@ -65,6 +66,15 @@ def require_hugepages(pages: int = DPDK_MIN_HUGEPAGES) -> None:
     if free < pages:
         pytest.skip(f"needs {pages} free hugepages, /proc/meminfo HugePages_Free is {free}: "
                     f"echo 1024 > /proc/sys/vm/nr_hugepages as root, or run tools/setup-test-env.sh")
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_outlives_its_test():
+    """Stops a vswitchd the test left running: one whose test failed before
+    its stop() would otherwise run on, holding its CPU settings and sockets."""
+    yield
+    for d in list(Vswitchd.started):
+        d.stop(timeout=5)
 
 
 @pytest.fixture(autouse=True)

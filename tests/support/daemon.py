@@ -20,7 +20,12 @@ class Vswitchd:
 
     >>> with Vswitchd(tmp_path, ports=[{"name": "vm1", "type": "vhost-user", "path": ...}]) as d:
     ...     d.ctl("show")
+
+    A daemon a test leaves running (an assertion failed before its stop)
+    is stopped after the test by tests/conftest.py, from `started`.
     """
+
+    started: set["Vswitchd"] = set()
 
     def __init__(self, tmp_path, ports: list[dict], fdb: dict | None = None, extra: dict | None = None,
                  log_level: str = "debug"):
@@ -47,6 +52,7 @@ class Vswitchd:
             [sys.executable, "-m", "vswitch.daemon", "--config", str(self.config_path),
              "--log-level", self.log_level, *self.extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        Vswitchd.started.add(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -72,8 +78,8 @@ class Vswitchd:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-        rc = self.proc.returncode
-        return rc
+        Vswitchd.started.discard(self)
+        return self.proc.returncode
 
     def kill(self) -> int | None:
         """SIGKILL by PID, as a crash would end it: no cleanup runs.  start() may follow."""
@@ -83,6 +89,7 @@ class Vswitchd:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+        Vswitchd.started.discard(self)
         return self.proc.returncode
 
     def log(self) -> str:
