@@ -71,9 +71,11 @@ def require_hugepages(pages: int = DPDK_MIN_HUGEPAGES) -> None:
 @pytest.fixture(autouse=True)
 def _no_daemon_outlives_its_test():
     """Stops a vswitchd the test left running: one whose test failed before
-    its stop() would otherwise run on, holding its CPU settings and sockets."""
+    its stop() would otherwise run on, holding its CPU settings and sockets.
+    Daemons of wider fixtures (a module's) are set up before this, and kept."""
+    before = set(Vswitchd.started)
     yield
-    for d in list(Vswitchd.started):
+    for d in Vswitchd.started - before:
         d.stop(timeout=5)
 
 
