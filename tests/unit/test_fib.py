@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from tests.support.cpu import cpu_has
 from vswitch.fib import FibError, MacTable, format_mac, parse_mac
 from vswitch.native import ffi, lib
 
@@ -324,12 +325,8 @@ def test_reference_aes_matches_fips_197():
     assert out == bytes.fromhex("3925841d02dc09fbdc118597196a0b32")
 
 
-def has_aes() -> bool:
-    return "aes" in open("/proc/cpuinfo").read().split()
-
-
 def test_bucket_hash_is_three_aes_rounds_of_the_key():
-    if not has_aes():
+    if not cpu_has("aes"):
         pytest.skip("this CPU has no AES-NI (the table hashes with SipHash-1-3 there)")
     fib = fib_with_key(0, 0, aes=True)
     rng = random.Random(9)
@@ -344,7 +341,7 @@ def test_bucket_hash_is_three_aes_rounds_of_the_key():
 def test_a_new_table_hashes_with_aes_where_the_cpu_has_it():
     t = MacTable(max_entries=16)
     try:
-        assert t.c.hash_aes == int(has_aes())
+        assert t.c.hash_aes == int(cpu_has("aes"))
     finally:
         t.close()
 
@@ -352,7 +349,7 @@ def test_a_new_table_hashes_with_aes_where_the_cpu_has_it():
 @pytest.fixture(params=["siphash", "aes"])
 def hash_kind(request):
     """The table's two hashes; AES only where the CPU has it."""
-    if request.param == "aes" and not has_aes():
+    if request.param == "aes" and not cpu_has("aes"):
         pytest.skip("this CPU has no AES-NI")
     return request.param
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 
 from tests.support.callgrind import pmd_instructions
+from tests.support.cpu import cpu_has
 from tests.support.null_pmd import two_null_ports
 from vswitch.native import ffi, lib
 
@@ -101,10 +102,6 @@ def test_a_burst_of_sources_in_one_bucket_is_held_to_the_chain_bound(closing):
     assert (fib.port_count[0], fib.port_count[1]) == (0, lib.VS_FIB_MAX_CHAIN)
 
 
-def has_aes() -> bool:
-    return "aes" in open("/proc/cpuinfo").read().split()
-
-
 def test_a_thousand_known_sources_cost_at_most_1_33x_the_instructions_of_two(tmp_path):
     # Instructions inside vs_pmd_poll_once per frame (tools/pmd_cost.py --macs,
     # deterministic under callgrind), every frame a source known in this
@@ -118,7 +115,7 @@ def test_a_thousand_known_sources_cost_at_most_1_33x_the_instructions_of_two(tmp
     two, _ = pmd_instructions(tmp_path, "2", "--macs", "2", "--passes", passes)
     scalar, per_function = pmd_instructions(tmp_path, "scalar", "--macs", "1000", "--passes", passes, "--siphash")
     assert scalar / two < 1.76, (scalar / two, per_function)
-    if has_aes():
+    if cpu_has("aes"):
         many, per_function = pmd_instructions(tmp_path, "1000", "--macs", "1000", "--passes", passes)
         assert many / two < 1.33, (many / two, per_function)
 
@@ -135,6 +132,6 @@ def test_a_refresh_walks_the_bucket_once(tmp_path):
     scalar, per_function = pmd_instructions(tmp_path, "scalar", "--macs", "1000", "--passes", passes,
                                             "--refresh", "--siphash")
     assert scalar / two < 1.95, (scalar / two, per_function)
-    if has_aes():
+    if cpu_has("aes"):
         many, per_function = pmd_instructions(tmp_path, "1000", "--macs", "1000", "--passes", passes, "--refresh")
         assert many / two < 1.53, (many / two, per_function)

@@ -144,6 +144,7 @@ void vs_fib_buckets_of(const struct vs_fib *fib, const uint64_t *keys, uint32_t 
         aes3_buckets_of(fib, keys, n, buckets);
         return;
     }
+    /* vs_fib_prefetch_bucket's work, with the choice of hash made once for the loop. */
     for (uint32_t i = 0; i < n; i++) {
         buckets[i] = (uint32_t)siphash13_u64(fib->hash_key, keys[i]) & fib->bucket_mask;
         __builtin_prefetch(&fib->buckets[buckets[i]]);

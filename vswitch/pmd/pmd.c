@@ -404,7 +404,7 @@ static void send_group(struct vs_port *out, uint32_t queue_hint, struct out_grou
 static void prefetch_sources(const struct vs_fib *fib, const uint8_t (*macs)[12], uint32_t n,
                              uint32_t *src_bucket, uint64_t *src_key)
 {
-    uint32_t distinct = 0, first = 0;
+    uint32_t runs = 0, first = 0;   /* runs: stretches of frames in a row with one source */
     uint64_t prev = NO_KEY;
     for (uint32_t i = 0; i < n; i++) {
         src_bucket[i] = NO_BUCKET;
@@ -412,7 +412,7 @@ static void prefetch_sources(const struct vs_fib *fib, const uint8_t (*macs)[12]
         if (!(macs[i][6] & 1)) {
             src = mac_key(macs[i] + 6);
             if (src != prev) {
-                if (distinct++ == 0) {
+                if (runs++ == 0) {
                     first = i;
                 }
                 prev = src;
@@ -420,8 +420,8 @@ static void prefetch_sources(const struct vs_fib *fib, const uint8_t (*macs)[12]
         }
         src_key[i] = src;
     }
-    if (distinct < 2) {
-        if (distinct) {
+    if (runs < 2) {
+        if (runs) {
             src_bucket[first] = vs_fib_prefetch_bucket(fib, src_key[first]);
         }
         return;   /* one source: the memo and the cache have it */
