@@ -100,7 +100,7 @@ static inline uint32_t vs_fib_learn_check(const struct vs_fib *fib, uint64_t key
     }
     const struct vs_fib_entry *e = &fib->entries[i];
     bool noop = (e->flags & VS_FIB_F_STATIC) ||
-                (e->port_no == port_no && e->sub == sub && e->last_seen == now);
+                (e->port_no == port_no && e->sub == sub && e->last_seen == (uint32_t)now);
     return noop ? VS_FIB_NOOP : i;
 }
 

@@ -171,7 +171,8 @@ def test_struct_sizes_match_the_header():
     # The header is the one declaration: cffi and the compiler must agree on it.
     assert ffi.sizeof("struct virtq_desc") == 16
     assert ffi.sizeof("struct virtq_used_elem") == 8
-    assert ffi.offsetof("struct vs_fib_entry", "port_no") == 16
+    assert ffi.offsetof("struct vs_fib_entry", "port_no") == 24
+    assert ffi.sizeof("struct vs_fib_entry") == 32   # as fib.c's _Static_assert says
 
 
 def test_control_plane_learn_moves_an_entry(table):

@@ -109,7 +109,7 @@ def test_the_table_takes_four_million_entries_and_memory_as_used():
     assert parse({"fdb": {"max_entries": 4194304}}).fdb_max_entries == 4_194_304
     with pytest.raises(ConfigError, match="max_entries"):
         parse({"fdb": {"max_entries": 4194305}})
-    assert BYTES_PER_ENTRY == 48
+    assert BYTES_PER_ENTRY == 40
     assert capacity_for(8192) == 1 << 16 and capacity_for(1_000_000) == 1 << 20
 
     rss0 = psutil.Process().memory_info().rss
@@ -117,7 +117,7 @@ def test_the_table_takes_four_million_entries_and_memory_as_used():
     try:
         assert t.capacity == MAX_ENTRIES
         # The bucket heads (8 bytes per entry) are written at creation; the entries
-        # (40 bytes each) only as they are used.
+        # (32 bytes each) only as they are used.
         grown = psutil.Process().memory_info().rss - rss0
         assert grown < 48 << 20, f"{grown >> 20} MiB resident for an empty table"
         fill(t, 100_000, 1000)

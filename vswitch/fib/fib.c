@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <time.h>
@@ -182,10 +183,21 @@ static size_t huge_round(size_t size)
     return (size + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
 }
 
+_Static_assert(sizeof(struct vs_fib_entry) == 32, "an entry is half a cache line");
+_Static_assert(VS_MAX_PORTS <= 65536, "vs_fib_entry.port_no is 16 bits");
+
+#define CACHE_LINE 64
+
+/* Zeroed and aligned to a cache line, so that no entry straddles two. */
 static void *table_alloc(size_t size)
 {
     if (size < HUGE_PAGE) {
-        return calloc(1, size);
+        size_t len = (size + CACHE_LINE - 1) & ~(size_t)(CACHE_LINE - 1);
+        void *p = aligned_alloc(CACHE_LINE, len);
+        if (p) {
+            memset(p, 0, len);
+        }
+        return p;
     }
     size_t len = huge_round(size);
     uint8_t *p = mmap(NULL, len + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -428,7 +440,7 @@ static uint32_t insert(struct vs_fib *fib, uint64_t key, uint32_t chain_len, uin
     struct vs_fib_entry *e = &fib->entries[i];
     uint32_t b = bucket_of(fib, key);
     *e = (struct vs_fib_entry){
-        .key = key, .last_seen = now, .port_no = port_no, .flags = flags,
+        .key = key, .last_seen = (uint32_t)now, .port_no = (uint16_t)port_no, .flags = (uint8_t)flags,
         .hash_next = fib->buckets[b], .lru_prev = NONE, .lru_next = NONE, .in_use = 1,
     };
     fib->buckets[b] = i;
@@ -463,24 +475,24 @@ static inline int learn(struct vs_fib *fib, uint64_t key, uint32_t i, uint32_t c
         if (unlikely(e->port_no != port_no)) {
             lru_unlink(fib, i);
             fib->port_count[e->port_no]--;
-            e->port_no = port_no;
+            e->port_no = (uint16_t)port_no;
             e->sub = sub;
             fib->port_count[port_no]++;
-            e->last_seen = now;
+            e->last_seen = (uint32_t)now;
             lru_append(fib, i);
             fib->stats.moved++;
             return 1;
         } else if (unlikely(e->sub != sub)) {
             /* Behind another remote of the same tunnel port: moved too. */
             e->sub = sub;
-            e->last_seen = now;
+            e->last_seen = (uint32_t)now;
             lru_unlink(fib, i);
             lru_append(fib, i);
             fib->stats.moved++;
             return 1;
-        } else if (e->last_seen != now) {
+        } else if (e->last_seen != (uint32_t)now) {
             /* Refresh at most once a second: the list moves are not free. */
-            e->last_seen = now;
+            e->last_seen = (uint32_t)now;
             lru_unlink(fib, i);
             lru_append(fib, i);
         }
@@ -639,7 +651,7 @@ uint32_t vs_fib_age_some(struct vs_fib *fib, uint64_t now, uint32_t budget)
     for (uint32_t p = 0; p < VS_MAX_PORTS && aged < budget; p++) {
         /* Lists are oldest first: stop at the first entry still fresh. */
         while (aged < budget && fib->lru_head[p] != NONE &&
-               fib->entries[fib->lru_head[p]].last_seen + fib->aging_seconds <= now) {
+               (uint64_t)fib->entries[fib->lru_head[p]].last_seen + fib->aging_seconds <= now) {
             remove_entry(fib, fib->lru_head[p]);
             aged++;
             fib->stats.aged++;

@@ -31,16 +31,18 @@
 #define VS_FIB_SCAN_PER_LOCK 8192
 #define VS_FIB_WAIT_BUCKETS 40   /* struct vs_fib_stats lock_wait_log2: up to 2^40 cycles, minutes */
 
+/* 32 bytes, so that an entry never straddles two cache lines (the array is
+ * aligned to a line): one miss per entry at a million MACs, not one and a half. */
 struct vs_fib_entry {
     uint64_t key;                /* MAC in the low 48 bits (first octet highest), VLAN above */
-    uint64_t last_seen;          /* seconds, vs_now_sec() */
-    uint32_t port_no;
-    uint32_t flags;              /* VS_FIB_F_STATIC */
+    uint32_t last_seen;          /* seconds, vs_now_sec() (boot-time seconds fit 32 bits for 136 years) */
     uint32_t hash_next;          /* bucket chain */
     uint32_t lru_prev;           /* per-port list, oldest first; free list uses lru_next */
     uint32_t lru_next;
-    uint16_t in_use;
+    uint16_t port_no;            /* below VS_MAX_PORTS */
     uint16_t sub;                /* the port's sub-destination behind which the MAC is (port.h subs); 0: none */
+    uint8_t flags;               /* VS_FIB_F_STATIC */
+    uint8_t in_use;
 };
 
 struct vs_fib_stats {
