@@ -16,6 +16,13 @@ Method
   (60 without FCS) addressed to guest B and kicks; B busy-polls its RX ring
   and sends the frame straight back, MACs swapped; A busy-polls its RX
   ring.  The round trip, A's send to A's receive, crosses the system twice.
+  The transit is the same round trip without the harness's Python at
+  either end: from each frame's publication in the sender's ring (after
+  it was written, just before the kick) to the moment the receiver's ring
+  shows it, the two legs added, as a TWAMP sender subtracts the
+  reflector's turnaround.  About 200 us of every round trip is that
+  Python, and its jitter, not the system's, is most of the round trip's
+  spread; the transit leaves it out.
   The next frame leaves at the next tick of the rate: at 10 frames/s a
   system that sleeps when idle sleeps between frames and must wake on the
   guest's kick.  The harness (Python) adds its own fixed cost to every
@@ -53,7 +60,7 @@ Method
   pinned to --gen-core like the measuring ping.
 * A frame with no answer within 1 s counts as lost.  Reported: p50, p99,
   p99.9 and max of the round-trip times in microseconds, per case, system
-  and rate.  p99.9 needs 1000 samples to mean anything: choose --seconds so
+  and rate, and in the vhost case p10, p50 and p99 of the transit.  p99.9 needs 1000 samples to mean anything: choose --seconds so
   that rate x seconds is at least that.
 
 Every process is started by this tool and stopped by its PID, namespaces
@@ -115,6 +122,7 @@ class Result:
     lost: int = 0
     load_frames: int | None = None     # frames of the background flow that arrived
     rtt_us: list = field(default_factory=list, repr=False)
+    transit_us: list = field(default_factory=list, repr=False)   # vhost only: ping_pong
     error: str | None = None
 
     def summary(self) -> dict:
@@ -127,6 +135,10 @@ class Result:
             out["min_us"] = round(ordered[0], 1)
             out["max_us"] = round(ordered[-1], 1)
             out["mean_us"] = round(statistics.fmean(ordered), 1)
+        if self.transit_us:
+            ordered = sorted(self.transit_us)
+            out.update({f"transit_p{name}_us": round(percentile(ordered, q), 1)
+                        for name, q in (("10", 10), ("50", 50), ("99", 99))})
         return out
 
 
@@ -213,17 +225,25 @@ class Guest:
         self.rx = self.fe.rx_ring(0)
         self.tx = self.fe.tx_ring(0)
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes) -> int:
+        """Sends frame and kicks; returns the moment it was made available
+        (perf_counter ns), taken after the Python work of writing it."""
         self.tx.get_used()
-        self.tx.post_tx(frame)
+        head = self.tx.post_tx(frame, publish=False)
+        published_ns = time.perf_counter_ns()
+        self.tx.publish_raw(head)
         self.fe.kick(self.tx.index)
+        return published_ns
 
     def wait_frame(self, deadline_ns: int) -> bytes | None:
-        """Busy-polls the RX ring until a frame arrives (its bytes) or the deadline passes (None)."""
+        """Busy-polls the RX ring until a frame arrives (its bytes) or the
+        deadline passes (None); self.arrived_ns is when the ring showed it,
+        before the Python work of reading it."""
         rx = self.rx
         while rx.used_idx == rx.last_used_idx:
             if time.perf_counter_ns() > deadline_ns:
                 return None
+        self.arrived_ns = time.perf_counter_ns()
         frames = rx.read_rx_frames()
         rx.post_rx(len(frames))
         self.fe.kick(rx.index)
@@ -313,11 +333,12 @@ def measure_vhost(system_cls, rate: int, seconds: float, args, scratch: Path, lo
         for seq in range(1, int(rate * seconds) + 1):
             wait_until(start + seq * interval_ns, flow)
             result.sent += 1
-            rtt = ping_pong(a, b, seq)
-            if rtt is None:
+            times = ping_pong(a, b, seq)
+            if times is None:
                 result.lost += 1
             else:
-                result.rtt_us.append(rtt / 1000)
+                result.rtt_us.append(times[0] / 1000)
+                result.transit_us.append(times[1] / 1000)
         if flow is not None:
             result.load_frames = flow.received
             if flow.received < flow.sent // 2:
@@ -333,20 +354,24 @@ def measure_vhost(system_cls, rate: int, seconds: float, args, scratch: Path, lo
     return result
 
 
-def ping_pong(a: Guest, b: Guest, seq: int) -> int | None:
-    """One frame A -> B -> A; returns the round trip in nanoseconds, or None if it was lost."""
+def ping_pong(a: Guest, b: Guest, seq: int) -> tuple[int, int] | None:
+    """One frame A -> B -> A; returns the round trip and the transit (both
+    in nanoseconds), or None if it was lost.  The transit is the time the
+    two frames spent between being made available and showing in the
+    receiver's ring: the round trip without the harness's Python at either
+    end, as a TWAMP sender subtracts its reflector's turnaround."""
     t0 = time.perf_counter_ns()
     deadline = t0 + int(LOST_AFTER_S * 1e9)
-    a.send(ethernet(MAC_B, MAC_A, seq))
+    out_ns = a.send(ethernet(MAC_B, MAC_A, seq))
     got = b.wait_frame(deadline)
     if got is None:
         return None
-    b.send(ethernet(MAC_A, MAC_B, seq))
+    back_ns = b.send(ethernet(MAC_A, MAC_B, seq))
     back = a.wait_frame(deadline)
     t1 = time.perf_counter_ns()
     if back is None or int.from_bytes(back[14:22], "little") != seq:
         return None
-    return t1 - t0
+    return t1 - t0, (b.arrived_ns - out_ns) + (a.arrived_ns - back_ns)
 
 
 def wait_until(when_ns: int, flow: BackgroundFlow | None = None) -> None:
@@ -497,11 +522,12 @@ def measure_tap(system_name: str, rate: int, seconds: float, args, scratch: Path
 
 def render(rows: list[dict]) -> str:
     headers = ["case", "system", "frames/s", "load", "sent", "lost", "p50 us", "p99 us", "p99.9 us", "max us",
-               "status"]
+               "transit p50", "transit p99", "status"]
     cells = [headers]
     for r in rows:
         cells.append([r["case"], r["system"], str(r["rate"]), r["load"], str(r["sent"]), str(r["lost"]),
-                      *(bench.fmt(r.get(k), 1) for k in ("p50_us", "p99_us", "p99_9_us", "max_us")),
+                      *(bench.fmt(r.get(k), 1) for k in ("p50_us", "p99_us", "p99_9_us", "max_us",
+                                                         "transit_p50_us", "transit_p99_us")),
                       r["error"] or "ok"])
     widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
@@ -526,7 +552,8 @@ def markdown(rows: list[dict]) -> str:
                 cells.append((r or {}).get("error") or "")
             else:
                 lost = f" ({r['lost']} lost)" if r["lost"] else ""
-                cells.append(f"{r['p50_us']:.0f} / {r['p99_us']:.0f} / {r['p99_9_us']:.0f}{lost}")
+                transit = f", transit {r['transit_p50_us']:.0f}" if r.get("transit_p50_us") is not None else ""
+                cells.append(f"{r['p50_us']:.0f} / {r['p99_us']:.0f} / {r['p99_9_us']:.0f}{transit}{lost}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -696,8 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         "method": __doc__.split("Method\n------\n", 1)[1].split("\nEvery process")[0].strip(),
         "machine": machine,
         "results": rows,
-        "samples_us": [{"case": r.case, "system": r.system, "rate": r.rate, "load": r.load, "rtt_us": r.rtt_us}
-                       for r in results],
+        "samples_us": [{"case": r.case, "system": r.system, "rate": r.rate, "load": r.load, "rtt_us": r.rtt_us,
+                        "transit_us": r.transit_us} for r in results],
     }
     path = Path(args.json_out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -705,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     # Compact: every sample is kept (to 0.1 us), thousands of them a point.
     for samples in out["samples_us"]:
         samples["rtt_us"] = [round(x, 1) for x in samples["rtt_us"]]
+        samples["transit_us"] = [round(x, 1) for x in samples["transit_us"]]
     path.write_text(json.dumps(out, separators=(",", ":")) + "\n")
     print(f"json: {path}")
     print(markdown(rows))

@@ -219,13 +219,15 @@ class DriverQueue:
         return hdr
 
     def post_tx(self, frame: bytes, *, segments: int = 1, header_separate: bool = False,
-                indirect: bool = False, header: bytes | None = None) -> int:
+                indirect: bool = False, header: bytes | None = None, publish: bool = True) -> int:
         """Makes one frame available for the device to read (a TX chain).
 
         segments: how many descriptors the header+frame bytes are split into
         (nearly equal pieces); header_separate: the virtio-net header gets its
         own descriptor, before those; indirect: the chain lives in an
-        indirect table that a single ring descriptor points to.
+        indirect table that a single ring descriptor points to; publish
+        False (split rings only): the chain is written but not made
+        available, for publish_raw(head) later (a timed send).
         Returns the head descriptor index (split) or buffer id (packed)."""
         hdr = self.net_header() if header is None else header
         pieces_data: list[bytes] = []
@@ -244,7 +246,7 @@ class DriverQueue:
             self.mem.write(gpa, data)
             buffers.append(gpa)
             pieces.append((gpa, len(data), 0))
-        return self._post(pieces, buffers, "tx", indirect)
+        return self._post(pieces, buffers, "tx", indirect, publish)
 
     def post_rx(self, count: int = 1, size: int = 2048, *, segments: int = 1,
                 indirect: bool = False) -> list[int]:
@@ -430,12 +432,14 @@ class SplitQueue(DriverQueue):
             self.write_desc(i, addr, length, flags | (0 if last else VIRTQ_DESC_F_NEXT),
                             0 if last else descs[pos + 1])
 
-    def _make_available(self, chain: Chain) -> int:
+    def _make_available(self, chain: Chain, publish: bool = True) -> int:
         self._chains[chain.head] = chain
-        self.publish_raw(chain.head)
+        if publish:
+            self.publish_raw(chain.head)
         return chain.head
 
-    def _post(self, pieces: list[tuple[int, int, int]], buffers: list[int], kind: str, indirect: bool) -> int:
+    def _post(self, pieces: list[tuple[int, int, int]], buffers: list[int], kind: str, indirect: bool,
+              publish: bool = True) -> int:
         if indirect:
             table = [(addr, length, flags | (VIRTQ_DESC_F_NEXT if n < len(pieces) - 1 else 0),
                       n + 1 if n < len(pieces) - 1 else 0)
@@ -450,7 +454,7 @@ class SplitQueue(DriverQueue):
             chain = Chain(descs[0], descs, buffers, kind)
         chain.lengths = [p[1] for p in pieces]
         chain.addrs = [p[0] for p in pieces]
-        return self._make_available(chain)
+        return self._make_available(chain, publish)
 
     def _pop_used(self):
         used_idx = self.used_idx
@@ -615,7 +619,10 @@ class PackedQueue(DriverQueue):
             raise RuntimeError(f"queue {self.index}: no free buffer id")
         return self._free_ids.pop(0)
 
-    def _post(self, pieces: list[tuple[int, int, int]], buffers: list[int], kind: str, indirect: bool) -> int:
+    def _post(self, pieces: list[tuple[int, int, int]], buffers: list[int], kind: str, indirect: bool,
+              publish: bool = True) -> int:
+        if not publish:
+            raise NotImplementedError("a packed ring's chain is available as soon as it is written")
         id_ = self._take_id()
         if indirect:
             table_gpa = self.write_indirect_table([(a, n, 0, f) for a, n, f in pieces])
