@@ -211,6 +211,7 @@ class Guest:
         from tests.support.frontend import VhostUserFrontend
         self.fe = VhostUserFrontend(path, timeout=30)
         self.server = server
+        self.arrived_ns = 0          # when wait_frame last saw a frame in the RX ring
         if server:
             self.fe.listen()
 

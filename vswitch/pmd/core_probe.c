@@ -2,15 +2,19 @@
  * The core-to-core probe (core_probe.h).  A round trip is: core A writes an
  * odd number to the shared line, core B sees it and writes the next even
  * one, core A sees that.  Each batch is timed as a whole, so the clock reads
- * are not part of the figure.
+ * are not part of the figure.  Below it, the wake-up probe, which shares its
+ * way of pinning threads and reading the clock.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "vswitch.h"
 
@@ -152,6 +156,138 @@ int vs_core_probe_run(struct vs_core_probe *p)
     } else {
         rc = s.rc != 0 ? s.rc : r->rc_b;
     }
+    free(r);
+    return rc;
+}
+
+/* The wake-up probe (core_probe.h struct vs_wake_probe). */
+struct wake_run {
+    struct vs_wake_probe *p;
+    int efd;
+    _Alignas(64) _Atomic uint64_t sent_ns;   /* the waker's clock just before its write */
+    _Alignas(64) _Atomic uint32_t answered;  /* wake-ups the sleeper has timed */
+    _Atomic int failed;                      /* set by either side; ends both */
+    int rc_sleeper;
+    int rc_waker;
+};
+
+static void *sleep_and_time(void *arg)
+{
+    struct wake_run *r = arg;
+    struct vs_wake_probe *p = r->p;
+    int rc = enter_core(p->cpu_sleeper, 0);
+    for (uint32_t i = 0; rc == 0 && i < p->wakes; i++) {
+        struct pollfd fd = { .fd = r->efd, .events = POLLIN };
+        struct timespec limit = { .tv_sec = p->timeout_ms / 1000, .tv_nsec = (p->timeout_ms % 1000) * 1000000L };
+        int n = ppoll(&fd, 1, &limit, NULL);
+        uint64_t woke = now_ns();
+        uint64_t count;
+        if (n < 0) {
+            rc = -errno;
+        } else if (n == 0 || atomic_load_explicit(&r->failed, memory_order_relaxed)) {
+            rc = -ETIMEDOUT;
+        } else if (read(r->efd, &count, sizeof count) != (ssize_t)sizeof count) {
+            rc = -errno;
+        } else {
+            p->ns[i] = (uint32_t)(woke - atomic_load_explicit(&r->sent_ns, memory_order_acquire));
+            atomic_store_explicit(&r->answered, i + 1, memory_order_release);
+        }
+    }
+    if (rc != 0) {
+        atomic_store_explicit(&r->failed, 1, memory_order_relaxed);
+    }
+    r->rc_sleeper = rc;
+    return NULL;
+}
+
+/* Waits until `due`: asleep while more than 200 us are left, so that this
+ * thread is awake and spinning when it writes. */
+static void wait_until_ns(uint64_t due)
+{
+    uint64_t left = due - now_ns();
+    if ((int64_t)left > 300000) {
+        uint64_t nap = left - 200000;
+        struct timespec ts = { .tv_sec = nap / 1000000000u, .tv_nsec = nap % 1000000000u };
+        nanosleep(&ts, NULL);
+    }
+    while (now_ns() < due) {
+    }
+}
+
+static void *wake_and_wait(void *arg)
+{
+    struct wake_run *r = arg;
+    struct vs_wake_probe *p = r->p;
+    uint64_t one = 1;
+    int rc = enter_core(p->cpu_waker, 0);
+    for (uint32_t i = 0; rc == 0 && i < p->wakes; i++) {
+        wait_until_ns(now_ns() + (uint64_t)p->gap_us * 1000u);
+        atomic_store_explicit(&r->sent_ns, now_ns(), memory_order_release);
+        if (write(r->efd, &one, sizeof one) != (ssize_t)sizeof one) {
+            rc = -errno;
+            break;
+        }
+        uint64_t deadline = now_ns() + (uint64_t)p->timeout_ms * 1000000u;
+        while (atomic_load_explicit(&r->answered, memory_order_acquire) != i + 1) {
+            if (atomic_load_explicit(&r->failed, memory_order_relaxed) || now_ns() > deadline) {
+                rc = -ETIMEDOUT;
+                break;
+            }
+        }
+    }
+    if (rc != 0) {
+        /* The sleeper may be in ppoll(): woken, it sees the failure and stops. */
+        atomic_store_explicit(&r->failed, 1, memory_order_relaxed);
+        ssize_t w = write(r->efd, &one, sizeof one);
+        (void)w;
+    }
+    r->rc_waker = rc;
+    return NULL;
+}
+
+int vs_wake_probe_run(struct vs_wake_probe *p)
+{
+    if (p->wakes == 0 || p->wakes > VS_WAKE_PROBE_MAX || p->gap_us == 0 || p->gap_us > 10000000 ||
+        p->cpu_waker < 0 || p->cpu_sleeper < 0 || p->cpu_waker == p->cpu_sleeper ||
+        p->cpu_waker >= CPU_SETSIZE || p->cpu_sleeper >= CPU_SETSIZE || p->timeout_ms == 0) {
+        return -EINVAL;
+    }
+    struct wake_run *r = aligned_alloc(64, sizeof *r);
+    if (r == NULL) {
+        return -ENOMEM;
+    }
+    memset(r, 0, sizeof *r);
+    r->p = p;
+    r->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (r->efd < 0) {
+        int rc = -errno;
+        free(r);
+        return rc;
+    }
+    pthread_t ts, tw;
+    int rc = pthread_create(&ts, NULL, sleep_and_time, r);
+    if (rc == 0) {
+        rc = pthread_create(&tw, NULL, wake_and_wait, r);
+        if (rc != 0) {
+            atomic_store_explicit(&r->failed, 1, memory_order_relaxed);
+            uint64_t one = 1;
+            ssize_t w = write(r->efd, &one, sizeof one);
+            (void)w;
+        } else {
+            pthread_join(tw, NULL);
+        }
+        pthread_join(ts, NULL);
+        rc = -rc;
+        /* As vs_core_probe_run: the side that failed first says why. */
+        if (rc == 0) {
+            rc = r->rc_waker != 0 && r->rc_waker != -ETIMEDOUT ? r->rc_waker
+               : r->rc_sleeper != 0 && r->rc_sleeper != -ETIMEDOUT ? r->rc_sleeper
+               : r->rc_waker != 0 ? r->rc_waker : r->rc_sleeper;
+        }
+    } else {
+        rc = -rc;
+    }
+    close(r->efd);
     free(r);
     return rc;
 }

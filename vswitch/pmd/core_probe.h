@@ -27,3 +27,28 @@ struct vs_core_probe {
 /* 0, -EINVAL (bad settings or a core this process may not use), -EPERM
  * (realtime asked for and refused), -ETIMEDOUT, or another -errno. */
 int vs_core_probe_run(struct vs_core_probe *p);
+
+/*
+ * How long the kernel takes to wake a thread blocked in ppoll() on an
+ * eventfd from another core (tools/wake_floor.py, README "Latency and
+ * scale"): the floor under a sleeping PMD's latency, since a guest's kick
+ * wakes the PMD the same way.  A sleeper thread on cpu_sleeper blocks; a
+ * waker thread on cpu_waker waits gap_us (asleep, then spinning its last
+ * 200 us so that its own wake-up is left out), reads the clock and writes
+ * the eventfd, then spins until the sleeper has answered, as a guest
+ * spins on its ring; the sleeper reads the clock as ppoll() returns.
+ */
+#define VS_WAKE_PROBE_MAX 10000
+
+struct vs_wake_probe {
+    int32_t cpu_waker;
+    int32_t cpu_sleeper;
+    uint32_t wakes;              /* 1 .. VS_WAKE_PROBE_MAX */
+    uint32_t gap_us;             /* idle time before each wake-up, 1 .. 10,000,000 */
+    uint32_t timeout_ms;         /* give up if a wake-up does not come within this */
+    uint32_t ns[VS_WAKE_PROBE_MAX];  /* out: each wake-up, clock read to clock read, nanoseconds */
+};
+
+/* 0, -EINVAL (bad settings or a core this process may not use),
+ * -ETIMEDOUT, or another -errno. */
+int vs_wake_probe_run(struct vs_wake_probe *p);
