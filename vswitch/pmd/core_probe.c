@@ -116,11 +116,16 @@ static void *start(void *arg)
     return NULL;
 }
 
+/* Both probes need two different cores that a cpu_set_t can name. */
+static bool two_cores(int32_t a, int32_t b)
+{
+    return a >= 0 && b >= 0 && a != b && a < CPU_SETSIZE && b < CPU_SETSIZE;
+}
+
 int vs_core_probe_run(struct vs_core_probe *p)
 {
     if (p->round_trips == 0 || p->round_trips > 1000000 || p->batches == 0 ||
-        p->batches > VS_CORE_PROBE_MAX_BATCHES || p->cpu_a < 0 || p->cpu_b < 0 || p->cpu_a == p->cpu_b ||
-        p->cpu_a >= CPU_SETSIZE || p->cpu_b >= CPU_SETSIZE || p->timeout_ms == 0) {
+        p->batches > VS_CORE_PROBE_MAX_BATCHES || !two_cores(p->cpu_a, p->cpu_b) || p->timeout_ms == 0) {
         return -EINVAL;
     }
     struct probe_run *r = aligned_alloc(64, sizeof *r);
@@ -248,8 +253,7 @@ static void *wake_and_wait(void *arg)
 int vs_wake_probe_run(struct vs_wake_probe *p)
 {
     if (p->wakes == 0 || p->wakes > VS_WAKE_PROBE_MAX || p->gap_us == 0 || p->gap_us > 10000000 ||
-        p->cpu_waker < 0 || p->cpu_sleeper < 0 || p->cpu_waker == p->cpu_sleeper ||
-        p->cpu_waker >= CPU_SETSIZE || p->cpu_sleeper >= CPU_SETSIZE || p->timeout_ms == 0) {
+        !two_cores(p->cpu_waker, p->cpu_sleeper) || p->timeout_ms == 0) {
         return -EINVAL;
     }
     struct wake_run *r = aligned_alloc(64, sizeof *r);
