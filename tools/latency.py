@@ -60,8 +60,9 @@ Method
   pinned to --gen-core like the measuring ping.
 * A frame with no answer within 1 s counts as lost.  Reported: p50, p99,
   p99.9 and max of the round-trip times in microseconds, per case, system
-  and rate, and in the vhost case p10, p50 and p99 of the transit.  p99.9 needs 1000 samples to mean anything: choose --seconds so
-  that rate x seconds is at least that.
+  and rate, and in the vhost case p10, p50 and p99 of the transit.  p99.9
+  needs 1000 samples to mean anything: choose --seconds so that rate x
+  seconds is at least that.
 
 Every process is started by this tool and stopped by its PID, namespaces
 are removed, on failure and on Ctrl-C too.
