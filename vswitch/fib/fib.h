@@ -31,8 +31,8 @@
 #define VS_FIB_SCAN_PER_LOCK 8192
 #define VS_FIB_WAIT_BUCKETS 40   /* struct vs_fib_stats lock_wait_log2: up to 2^40 cycles, minutes */
 
-/* 32 bytes, so that an entry never straddles two cache lines (the array is
- * aligned to a line): one miss per entry at a million MACs, not one and a half. */
+/* 32 bytes, and the array aligned to a cache line, so that reading an entry
+ * never takes two lines (a 40-byte entry did half the time). */
 struct vs_fib_entry {
     uint64_t key;                /* MAC in the low 48 bits (first octet highest), VLAN above */
     uint32_t last_seen;          /* seconds, vs_now_sec() (boot-time seconds fit 32 bits for 136 years) */
