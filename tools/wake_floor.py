@@ -33,14 +33,9 @@ import statistics
 import sys
 import tempfile
 
+from tools.latency import percentile
 from vswitch.native import ffi, lib
 from vswitch.pmd import cpu_wake
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    """Nearest-rank percentile of sorted values."""
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(min(rank, len(ordered))) - 1]
 
 
 def measure(count: int, gap_ms: float, cpu: int, waker_cpu: int) -> list[float]:
@@ -93,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
               "cpu_resume_latency": bound,
               **{f"p{q}_us": round(percentile(wakes, q), 1) for q in (10, 50, 90, 99)},
               "mean_us": round(statistics.fmean(wakes), 1), "wakes_us": [round(w, 1) for w in wakes]}
-    idle = {"n/a": "polling idle only", "0": "any idle state"}.get(bound, f"idle states left within {bound} us")
+    idle = {cpu_wake.STRICT: "polling idle only", "0": "any idle state"}.get(bound,
+                                                                           f"idle states left within {bound} us")
     print(f"wake-up of CPU {args.cpu} from CPU {args.waker_cpu} after {args.gap_ms:g} ms idle "
           f"({idle}), {args.count} wakes: "
           f"p10 {result['p10_us']} us, p50 {result['p50_us']}, p90 {result['p90_us']}, p99 {result['p99_us']}")

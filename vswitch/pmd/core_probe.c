@@ -116,6 +116,20 @@ static void *start(void *arg)
     return NULL;
 }
 
+/* Of two threads' results, the one that says why: a side that failed on
+ * its own (a core this process may not use: EINVAL; realtime refused:
+ * EPERM) rather than one that only saw the other stop (ETIMEDOUT). */
+static int first_cause(int a, int b)
+{
+    if (a != 0 && a != -ETIMEDOUT) {
+        return a;
+    }
+    if (b != 0 && b != -ETIMEDOUT) {
+        return b;
+    }
+    return a != 0 ? a : b;
+}
+
 /* Both probes need two different cores that a cpu_set_t can name. */
 static bool two_cores(int32_t a, int32_t b)
 {
@@ -152,15 +166,7 @@ int vs_core_probe_run(struct vs_core_probe *p)
     }
     pthread_join(ta, NULL);
     pthread_join(tb, NULL);
-    /* The side that failed first says why (a core this process may not
-     * use: EINVAL; realtime refused: EPERM); the other only saw it stop. */
-    if (s.rc != 0 && s.rc != -ETIMEDOUT) {
-        rc = s.rc;
-    } else if (r->rc_b != 0 && r->rc_b != -ETIMEDOUT) {
-        rc = r->rc_b;
-    } else {
-        rc = s.rc != 0 ? s.rc : r->rc_b;
-    }
+    rc = first_cause(s.rc, r->rc_b);
     free(r);
     return rc;
 }
@@ -175,6 +181,15 @@ struct wake_run {
     int rc_sleeper;
     int rc_waker;
 };
+
+/* Ends the run: the sleeper, maybe in ppoll(), is woken and sees it. */
+static void stop_both(struct wake_run *r)
+{
+    atomic_store_explicit(&r->failed, 1, memory_order_relaxed);
+    uint64_t one = 1;
+    ssize_t w = write(r->efd, &one, sizeof one);
+    (void)w;
+}
 
 static void *sleep_and_time(void *arg)
 {
@@ -241,10 +256,7 @@ static void *wake_and_wait(void *arg)
         }
     }
     if (rc != 0) {
-        /* The sleeper may be in ppoll(): woken, it sees the failure and stops. */
-        atomic_store_explicit(&r->failed, 1, memory_order_relaxed);
-        ssize_t w = write(r->efd, &one, sizeof one);
-        (void)w;
+        stop_both(r);
     }
     r->rc_waker = rc;
     return NULL;
@@ -273,21 +285,12 @@ int vs_wake_probe_run(struct vs_wake_probe *p)
     if (rc == 0) {
         rc = pthread_create(&tw, NULL, wake_and_wait, r);
         if (rc != 0) {
-            atomic_store_explicit(&r->failed, 1, memory_order_relaxed);
-            uint64_t one = 1;
-            ssize_t w = write(r->efd, &one, sizeof one);
-            (void)w;
+            stop_both(r);
         } else {
             pthread_join(tw, NULL);
         }
         pthread_join(ts, NULL);
-        rc = -rc;
-        /* As vs_core_probe_run: the side that failed first says why. */
-        if (rc == 0) {
-            rc = r->rc_waker != 0 && r->rc_waker != -ETIMEDOUT ? r->rc_waker
-               : r->rc_sleeper != 0 && r->rc_sleeper != -ETIMEDOUT ? r->rc_sleeper
-               : r->rc_waker != 0 ? r->rc_waker : r->rc_sleeper;
-        }
+        rc = rc != 0 ? -rc : first_cause(r->rc_waker, r->rc_sleeper);
     } else {
         rc = -rc;
     }
